@@ -1,0 +1,47 @@
+"""stress: GPU-batched stress testing for cross-margin derivatives exchanges, on JAX.
+
+The public API (SPEC section 4)::
+
+    import stress
+    snap = stress.load_snapshot("path/to/snapshot")
+    scen = stress.load_scenarios("scenarios/default.toml", snap)
+    res = stress.run(snap, scen)          # res.accounts, res.scenarios, res.summary
+    pnl = stress.pnl_matrix(snap, scen)   # accounts x scenarios equity change, USD
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import InputError as InputError
+
+__all__ = ["InputError", "load_snapshot", "load_scenarios", "run", "pnl_matrix", "Result", "Snapshot", "Scenarios"]
+__version__ = "0.1.0"
+
+# Imported lazily so that `stress --help` and error paths do not pay for importing JAX.
+_LAZY = {
+    "load_snapshot": ("io", "load_snapshot"),
+    "load_scenarios": ("scenarios", "load_scenarios"),
+    "run": ("engine", "run"),
+    "pnl_matrix": ("engine", "pnl_matrix"),
+    "Result": ("engine", "Result"),
+    "Snapshot": ("snapshot", "Snapshot"),
+    "Scenarios": ("scenarios", "Scenarios"),
+}
+
+if TYPE_CHECKING:
+    from .engine import Result, pnl_matrix, run
+    from .io import load_snapshot
+    from .scenarios import Scenarios, load_scenarios
+    from .snapshot import Snapshot
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'stress' has no attribute {name!r}")

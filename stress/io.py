@@ -1,0 +1,470 @@
+"""Loading and validating a snapshot folder (SPEC section 1).
+
+Everything a user can get wrong is checked here, once, with vectorised checks over whole
+columns, and reported as one ``InputError`` naming the file, the row and the column. Jitted
+code downstream never sees strings and never validates.
+
+Row references: in a CSV file the header is line 1, so the first data row is "line 2" (files
+with line breaks inside quoted fields are not supported); in a Parquet file rows are counted
+from 1 ("row 1" is the first row).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from datetime import date, datetime, time, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import margin as _margin
+from .errors import InputError
+from .snapshot import FUTURE, KIND_CODES, OPTION, PERPETUAL, Instruments, Market, Snapshot
+
+TABLES = ("assets", "instruments", "balances", "positions")
+YEAR_DAYS = 365.0
+MAX_IV = 5.0  # above this an implied vol is most likely given in percent
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+class _Table:
+    """One table file, read with every cell it needs as text or number, plus row labels."""
+
+    def __init__(self, path: Path, data: pa.Table):
+        self.path = path
+        self.name = path.name
+        self.data = data
+        self.is_csv = path.suffix == ".csv"
+
+    def __len__(self) -> int:
+        return self.data.num_rows
+
+    def row(self, i: int) -> str:
+        return f"line {i + 2}" if self.is_csv else f"row {i + 1}"
+
+    def error(self, i: int | None, column: str | None, message: str) -> InputError:
+        return InputError(self.name, None if i is None else self.row(int(i)), column, message)
+
+    def has(self, column: str) -> bool:
+        return column in self.data.column_names
+
+    def raw(self, column: str) -> pa.ChunkedArray:
+        return self.data.column(column)
+
+    def strings(self, column: str, required: bool = True) -> np.ndarray:
+        """Column as an object array of stripped strings; None where empty."""
+        if not self.has(column):
+            return np.full(len(self), None, dtype=object)
+        col = self.raw(column)
+        if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+            col = pc.cast(col, pa.string())
+        col = pc.utf8_trim_whitespace(col)
+        values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
+        empty = pd.isna(values) | (values == "")
+        values[empty] = None
+        if required and empty.any():
+            raise self.error(np.flatnonzero(empty)[0], column, "missing value")
+        return values
+
+    def numbers(self, column: str, required: bool = True) -> np.ndarray:
+        """Column as float64; NaN where empty (only allowed when not required)."""
+        if not self.has(column):
+            return np.full(len(self), np.nan)
+        col = self.raw(column)
+        if pa.types.is_floating(col.type) or pa.types.is_integer(col.type):
+            values = col.to_numpy(zero_copy_only=False).astype(np.float64)
+            missing = np.asarray(col.is_null().to_numpy(zero_copy_only=False))
+            values[missing] = np.nan
+            if np.isnan(values[~missing]).any():
+                bad = np.flatnonzero(np.isnan(values) & ~missing)[0]
+                raise self.error(bad, column, "NaN is not a valid value")
+        else:
+            text = self.strings(column, required=False)
+            missing = pd.isna(text)
+            values = pd.to_numeric(pd.Series(text, dtype=object), errors="coerce").to_numpy(
+                dtype=np.float64, na_value=np.nan
+            )
+            bad = np.isnan(values) & ~missing
+            if bad.any():
+                i = np.flatnonzero(bad)[0]
+                raise self.error(i, column, f"{text[i]!r} is not a number")
+        if np.isinf(values).any():
+            raise self.error(np.flatnonzero(np.isinf(values))[0], column, "infinite value")
+        if required and missing.any():
+            raise self.error(np.flatnonzero(missing)[0], column, "missing value")
+        return np.array(values, dtype=np.float64)  # a writable copy
+
+    def check(self, bad: np.ndarray, column: str, message: str) -> None:
+        """Raise for the first row where ``bad`` holds."""
+        if bad.any():
+            raise self.error(np.flatnonzero(bad)[0], column, message)
+
+
+def _read_table(folder: Path, name: str, required: tuple[str, ...]) -> _Table:
+    csv, parquet = folder / f"{name}.csv", folder / f"{name}.parquet"
+    if csv.exists() and parquet.exists():
+        raise InputError(str(folder), None, None, f"both {name}.csv and {name}.parquet exist")
+    if csv.exists():
+        path = csv
+        try:
+            from pyarrow import csv as pacsv
+
+            # Everything as text first: number parsing happens in ``numbers`` so that a bad
+            # cell is reported with its line instead of a parser message.
+            names = pacsv.read_csv(path, read_options=pacsv.ReadOptions(skip_rows_after_names=0)).column_names
+            data = pacsv.read_csv(
+                path,
+                convert_options=pacsv.ConvertOptions(
+                    column_types={c: pa.string() for c in names},
+                    strings_can_be_null=True,
+                ),
+            )
+        except pa.ArrowInvalid as exc:
+            raise InputError(path.name, None, None, f"not a readable CSV table: {exc}") from None
+    elif parquet.exists():
+        path = parquet
+        try:
+            import pyarrow.parquet as pq
+
+            data = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(path.name, None, None, f"not a readable Parquet file: {exc}") from None
+    else:
+        raise InputError(f"{name}.csv", None, None, f"missing table: {folder} has no {name}.csv or {name}.parquet")
+    table = _Table(path, data)
+    for column in required:
+        if not table.has(column):
+            raise InputError(path.name, None, column, "missing column")
+    return table
+
+
+def _unique(table: _Table, values: np.ndarray, column: str) -> None:
+    dup = pd.Series(values).duplicated().to_numpy()
+    if dup.any():
+        i = np.flatnonzero(dup)[0]
+        raise table.error(i, column, f"duplicate id {values[i]!r}")
+
+
+def _index_of(table: _Table, values: np.ndarray, known: np.ndarray, column: str, what: str) -> np.ndarray:
+    """Map each value to its index in ``known``; an unknown value is an input error."""
+    idx = pd.Index(known).get_indexer(values)
+    table.check(idx < 0, column, f"unknown {what} {values[np.flatnonzero(idx < 0)[0]]!r}" if (idx < 0).any() else "")
+    return idx.astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# exchange.toml
+
+
+def _as_utc(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    if isinstance(value, date):
+        return datetime.combine(value, time(0), tzinfo=timezone.utc)
+    if isinstance(value, str):
+        ts = pd.to_datetime(value, utc=True, errors="coerce")
+        return None if pd.isna(ts) else ts.to_pydatetime()
+    return None
+
+
+def read_toml(path: Path) -> dict:
+    """Parse a TOML file; a file that is not TOML is an input error naming the line."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise InputError(path.name, None, None, f"file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise InputError(path.name, None, None, "not a TOML file (not UTF-8 text)") from None
+    except tomllib.TOMLDecodeError as exc:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+        row = f"line {m.group(1)}" if m else None
+        col = m.group(2) if m else None
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise InputError(path.name, row, col, f"not valid TOML: {msg}") from None
+
+
+def _number(file: str, key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(file, None, key, f"{value!r} is not a finite number")
+    return float(value)
+
+
+# --------------------------------------------------------------------------------------------
+# Deribit instrument names
+
+_MONTHS = {m: i + 1 for i, m in enumerate("JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split())}
+_DERIBIT = re.compile(
+    r"^(?P<base>[A-Z0-9]+?)(?:_(?P<quote>[A-Z0-9]+))?-"
+    r"(?:(?P<perp>PERPETUAL)|(?P<day>\d{1,2})(?P<mon>[A-Z]{3})(?P<yy>\d{2})"
+    r"(?:-(?P<strike>\d+(?:d\d+)?)-(?P<cp>[CP]))?)$"
+)
+# USD face value of one inverse future or perpetual contract, as Deribit defines them.
+DERIBIT_FACE_USD = {"BTC": 10.0, "ETH": 1.0}
+
+
+def parse_deribit_name(name: str) -> dict | None:
+    """Terms implied by a Deribit-style instrument name, or None if it is not one.
+
+    ``BTC-PERPETUAL`` and ``BTC-27DEC26`` are inverse (settled in BTC) with a USD face value
+    per contract (10 for BTC, 1 for ETH); ``BTC-27DEC26-100000-C`` is an inverse option on 1
+    BTC. ``X_USDC-...`` names are Deribit's linear USDC-settled instruments, taken here on 1 coin
+    per contract. Expiry is 08:00 UTC on the named day.
+    """
+    m = _DERIBIT.match(name)
+    if m is None:
+        return None
+    base, quote = m["base"], m["quote"]
+    terms: dict[str, Any] = {"underlying": base, "settlement": quote or base}
+    if m["perp"]:
+        terms["kind"] = "perpetual"
+    else:
+        month = _MONTHS.get(m["mon"])
+        if month is None:
+            return None
+        try:
+            terms["expiry"] = datetime(2000 + int(m["yy"]), month, int(m["day"]), 8, tzinfo=timezone.utc)
+        except ValueError:
+            return None
+        terms["kind"] = "option" if m["cp"] else "future"
+        if m["cp"]:
+            terms["strike"] = float(m["strike"].replace("d", "."))
+            terms["option_type"] = "call" if m["cp"] == "C" else "put"
+    if terms["kind"] == "option" or quote:
+        terms["contract_size"] = 1.0
+    elif base in DERIBIT_FACE_USD:
+        terms["contract_size"] = DERIBIT_FACE_USD[base]
+    return terms
+
+
+# --------------------------------------------------------------------------------------------
+# The snapshot
+
+
+def load_snapshot(path: str | Path) -> Snapshot:
+    """Load and validate a snapshot folder (SPEC section 1).
+
+    Args:
+      path: a folder with ``exchange.toml`` and the tables ``assets``, ``instruments``,
+        ``balances`` and ``positions``, each as ``.csv`` or ``.parquet``.
+
+    Returns:
+      A ``Snapshot``. Accounts are sorted by id and positions by (account, instrument), so the
+      result does not depend on the row order of any file.
+
+    Raises:
+      InputError: naming the file, row and column of the first problem found.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(str(folder), None, None, "snapshot folder not found")
+
+    cfg = read_toml(folder / "exchange.toml")
+    file = "exchange.toml"
+    if "as_of" not in cfg:
+        raise InputError(file, None, "as_of", "missing key")
+    as_of = _as_utc(cfg["as_of"])
+    if as_of is None:
+        raise InputError(file, None, "as_of", f"{cfg['as_of']!r} is not a date-time")
+    rate = _number(file, "rate", cfg.get("rate", 0.0))
+    fund_cfg = cfg.get("insurance_fund", {})
+    if not isinstance(fund_cfg, dict):
+        raise InputError(file, None, "insurance_fund", "must be a table of asset = amount")
+    for key in ("margin", "liquidation", "limits"):
+        if not isinstance(cfg.get(key, {}), dict):
+            raise InputError(file, None, key, "must be a table")
+
+    # assets
+    at = _read_table(folder, "assets", ("asset", "price", "haircut"))
+    assets = at.strings("asset")
+    _unique(at, assets, "asset")
+    price = at.numbers("price")
+    at.check(price <= 0, "price", "price must be > 0")
+    haircut = at.numbers("haircut")
+    at.check((haircut < 0) | (haircut >= 1), "haircut", "haircut must be in [0, 1)")
+    asset_names = tuple(str(a) for a in assets)
+
+    fund = np.zeros(len(assets))
+    for name, amount in fund_cfg.items():
+        if name not in asset_names:
+            raise InputError(file, None, f"insurance_fund.{name}", f"unknown asset {name!r}")
+        fund[asset_names.index(name)] = _number(file, f"insurance_fund.{name}", amount)
+
+    instruments, instrument_ids = _load_instruments(folder, asset_names, as_of)
+    params = _margin.params_from_config(
+        cfg.get("margin", {}), instruments, haircut, _instrument_rates(folder, instrument_ids)
+    )
+
+    # balances and positions
+    bt = _read_table(folder, "balances", ("account_id", "asset", "amount"))
+    b_acc = bt.strings("account_id")
+    b_asset = _index_of(bt, bt.strings("asset"), np.array(asset_names, dtype=object), "asset", "asset")
+    b_amt = bt.numbers("amount")
+
+    pt = _read_table(folder, "positions", ("account_id", "instrument_id", "quantity"))
+    p_acc = pt.strings("account_id")
+    p_inst = _index_of(pt, pt.strings("instrument_id"), instrument_ids, "instrument_id", "instrument")
+    p_qty = pt.numbers("quantity")
+    pt.check(p_qty == 0, "quantity", "quantity must be non-zero")
+    p_entry = pt.numbers("entry_price", required=False)
+    pt.check(p_entry <= 0, "entry_price", "entry_price must be > 0")
+
+    account_ids = np.unique(np.concatenate([b_acc, p_acc]).astype(str)).astype(object)
+    b_idx = np.searchsorted(account_ids, b_acc.astype(str)).astype(np.int32)
+    p_idx = np.searchsorted(account_ids, p_acc.astype(str)).astype(np.int32)
+
+    key_b = b_idx.astype(np.int64) * len(asset_names) + b_asset
+    _unique(bt, key_b, "asset") if False else None
+    dup = pd.Series(key_b).duplicated().to_numpy()
+    bt.check(dup, "asset", "duplicate balance: this account already has a row for this asset")
+    balances = np.zeros((len(account_ids), len(asset_names)))
+    balances[b_idx, b_asset] = b_amt
+
+    key_p = p_idx.astype(np.int64) * len(instrument_ids) + p_inst
+    dup = pd.Series(key_p).duplicated().to_numpy()
+    pt.check(dup, "instrument_id", "duplicate position: this account already has a row for this instrument")
+    order = np.argsort(key_p, kind="stable")
+
+    return Snapshot(
+        as_of=as_of,
+        assets=asset_names,
+        instrument_ids=instrument_ids,
+        account_ids=account_ids,
+        market=Market(price=price, rate=np.float64(rate)),
+        instruments=instruments,
+        params=params,
+        balances=balances,
+        pos_account=p_idx[order],
+        pos_instrument=p_inst[order],
+        pos_quantity=p_qty[order],
+        pos_entry_price=p_entry[order],
+        insurance_fund=fund,
+        margin_config=dict(cfg.get("margin", {})),
+        liquidation_config=dict(cfg.get("liquidation", {})),
+        limits=dict(cfg.get("limits", {})),
+        source=str(folder),
+    )
+
+
+def _instrument_rates(folder: Path, instrument_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The optional per-instrument ``im_rate`` and ``mm_rate`` columns (NaN where empty)."""
+    t = _read_table(folder, "instruments", ("instrument_id",))
+    im = t.numbers("im_rate", required=False)
+    mm = t.numbers("mm_rate", required=False)
+    t.check(im < 0, "im_rate", "im_rate must be >= 0")
+    t.check(mm < 0, "mm_rate", "mm_rate must be >= 0")
+    # instruments are kept in file order, so these line up with instrument_ids
+    return im, mm
+
+
+def _load_instruments(folder: Path, assets: tuple[str, ...], as_of: datetime) -> tuple[Instruments, np.ndarray]:
+    t = _read_table(folder, "instruments", ("instrument_id",))
+    ids = t.strings("instrument_id")
+    _unique(t, ids, "instrument_id")
+    n = len(ids)
+
+    cols = {c: t.strings(c, required=False) for c in ("kind", "underlying", "settlement", "option_type")}
+    contract_size = t.numbers("contract_size", required=False)
+    strike = t.numbers("strike", required=False)
+    mark = t.numbers("mark_price", required=False)
+    iv = t.numbers("mark_iv", required=False)
+    expiry_ts = _expiries(t)
+
+    # Fill what a Deribit-style name implies, only where the row leaves it empty.
+    parsed = [parse_deribit_name(str(i)) for i in ids]
+    for i, terms in enumerate(parsed):
+        if terms is None:
+            continue
+        for c in ("kind", "underlying", "settlement", "option_type"):
+            if cols[c][i] is None and c in terms:
+                cols[c][i] = terms[c]
+        if np.isnan(contract_size[i]) and "contract_size" in terms:
+            contract_size[i] = terms["contract_size"]
+        if np.isnan(strike[i]) and "strike" in terms:
+            strike[i] = terms["strike"]
+        if pd.isna(expiry_ts[i]) and "expiry" in terms:
+            expiry_ts[i] = pd.Timestamp(terms["expiry"])
+
+    kind_text = cols["kind"]
+    t.check(pd.isna(kind_text), "kind", "missing value (and the instrument_id is not a Deribit-style name)")
+    kind_lower = np.array([k.lower() for k in kind_text], dtype=object)
+    known_kind = np.isin(kind_lower, list(KIND_CODES))
+    if not known_kind.all():
+        i = np.flatnonzero(~known_kind)[0]
+        raise t.error(i, "kind", f"unknown kind {kind_text[i]!r} (expected future, perpetual or option)")
+    kind = np.array([KIND_CODES[k] for k in kind_lower], dtype=np.int32)
+    is_opt, is_perp = kind == OPTION, kind == PERPETUAL
+
+    names = np.array(assets, dtype=object)
+    for c in ("underlying", "settlement"):
+        t.check(pd.isna(cols[c]), c, "missing value")
+    underlying = _index_of(t, cols["underlying"], names, "underlying", "asset")
+    settlement = _index_of(t, cols["settlement"], names, "settlement", "asset")
+
+    t.check(np.isnan(contract_size), "contract_size", "missing value")
+    t.check(contract_size <= 0, "contract_size", "contract_size must be > 0")
+
+    needs_expiry = ~is_perp
+    t.check(needs_expiry & pd.isna(expiry_ts), "expiry", "missing value")
+    as_of_ts = pd.Timestamp(as_of)
+    years = np.full(n, np.inf)
+    has = needs_expiry
+    delta = (pd.DatetimeIndex(expiry_ts[has]) - as_of_ts).total_seconds().to_numpy()
+    years[has] = delta / (YEAR_DAYS * 86400.0)
+    t.check(has & (years <= 0), "expiry", f"instrument has expired (expiry <= as_of {as_of.isoformat()})")
+
+    t.check(is_opt & np.isnan(strike), "strike", "missing value")
+    t.check(is_opt & (strike <= 0), "strike", "strike must be > 0")
+    opt_type = np.array([None if v is None else v.lower() for v in cols["option_type"]], dtype=object)
+    t.check(is_opt & pd.isna(opt_type), "option_type", "missing value")
+    bad_type = is_opt & ~np.isin(opt_type, ["call", "put"])
+    if bad_type.any():
+        i = np.flatnonzero(bad_type)[0]
+        raise t.error(i, "option_type", f"{cols['option_type'][i]!r} is not call or put")
+
+    t.check(~is_opt & np.isnan(mark), "mark_price", "missing value")
+    t.check(~is_opt & (mark <= 0), "mark_price", "mark_price must be > 0")
+    t.check(is_opt & np.isnan(iv), "mark_iv", "missing value")
+    t.check(is_opt & (iv <= 0), "mark_iv", "mark_iv must be > 0")
+    t.check(is_opt & (iv > MAX_IV), "mark_iv", f"mark_iv above {MAX_IV:g}: give it as a decimal (0.55 for 55%), not in percent")
+
+    inst = Instruments(
+        kind=kind,
+        underlying=underlying,
+        settlement=settlement,
+        inverse=underlying == settlement,
+        contract_size=contract_size,
+        strike=np.where(is_opt, strike, 0.0),
+        expiry=years,
+        is_call=is_opt & (opt_type == "call"),
+        mark=np.where(is_opt, 0.0, mark),
+        iv=np.where(is_opt, iv, 0.0),
+    )
+    return inst, ids
+
+
+def _expiries(t: _Table) -> np.ndarray:
+    """The ``expiry`` column as an object array of UTC Timestamps (NaT where empty)."""
+    n = len(t)
+    if not t.has("expiry"):
+        return np.array([pd.NaT] * n, dtype=object)
+    col = t.raw("expiry")
+    if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+        ts = pd.to_datetime(col.to_pandas(), utc=True)
+        return np.array(list(ts), dtype=object)
+    text = t.strings("expiry", required=False)
+    ts = pd.to_datetime(pd.Series(text, dtype=object), utc=True, errors="coerce", format="ISO8601")
+    bad = ts.isna().to_numpy() & ~pd.isna(text)
+    if bad.any():
+        i = np.flatnonzero(bad)[0]
+        raise t.error(i, "expiry", f"{text[i]!r} is not a date-time")
+    return np.array(list(ts), dtype=object)

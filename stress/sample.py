@@ -1,0 +1,303 @@
+"""The built-in sample exchange: deterministic, synthetic, shaped like a real crypto venue.
+
+- Assets: USDC, USDT, BTC, ETH, SOL, with haircuts on the volatile ones.
+- Instruments: Deribit-style inverse BTC/ETH perpetuals, dated futures and option chains
+  (named only: their terms are parsed from the name), linear USDC perpetuals and options, and
+  a USDT-margined linear perpetual given with explicit columns.
+- Accounts: many small directional traders with power-law sizes and leverage, option writers
+  (covered calls, cash-secured puts), basis traders (long coins, short perpetual) and a few
+  market makers who take the other side of all net flow and delta-hedge with the perpetuals.
+- The book is matched: every instrument's quantities sum to zero.
+
+Everything is vectorised numpy driven by one seeded generator, so a given (accounts, seed)
+always yields the same files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+AS_OF = "2026-11-23T08:00:00Z"
+ASSETS = pd.DataFrame(
+    {
+        "asset": ["USDC", "USDT", "BTC", "ETH", "SOL"],
+        "price": [1.0, 0.9995, 90_000.0, 3_000.0, 140.0],
+        "haircut": [0.0, 0.02, 0.05, 0.08, 0.15],
+    }
+)
+_PRICE = dict(zip(ASSETS.asset, ASSETS.price))
+_EXPIRIES = {"27NOV26": 4 / 365, "25DEC26": 32 / 365, "26MAR27": 123 / 365}
+
+
+def _instruments() -> pd.DataFrame:
+    rows = []
+
+    def add(instrument_id, **kw):
+        rows.append({"instrument_id": instrument_id, **kw})
+
+    # Inverse (Deribit): named only, marks given.
+    add("BTC-PERPETUAL", mark_price=90_045.0)
+    add("ETH-PERPETUAL", mark_price=3_001.2)
+    for code, basis in (("27NOV26", 1.0004), ("25DEC26", 1.0045), ("26MAR27", 1.018)):
+        add(f"BTC-{code}", mark_price=round(90_000 * basis, 1))
+        add(f"ETH-{code}", mark_price=round(3_000 * basis, 2))
+    for under, strikes, atm in (
+        ("BTC", range(70_000, 120_001, 5_000), 0.52),
+        ("ETH", range(2_200, 4_001, 200), 0.68),
+    ):
+        S = _PRICE[under]
+        for code in ("25DEC26", "26MAR27"):
+            for K in strikes:
+                m = np.log(K / S)
+                iv = atm + 0.25 * m * m - 0.08 * m + (0.02 if code == "26MAR27" else 0.0)
+                for cp in "CP":
+                    add(f"{under}-{code}-{K}-{cp}", mark_iv=round(iv, 4))
+    # Linear USDC (Deribit naming, 1 coin per contract).
+    add("BTC_USDC-PERPETUAL", mark_price=90_040.0)
+    add("ETH_USDC-PERPETUAL", mark_price=3_001.0)
+    add("SOL_USDC-PERPETUAL", mark_price=140.05, im_rate=0.04, mm_rate=0.02)
+    for K in (80_000, 90_000, 100_000):
+        for cp in "CP":
+            m = np.log(K / 90_000)
+            add(f"BTC_USDC-25DEC26-{K}-{cp}", mark_iv=round(0.52 + 0.25 * m * m - 0.08 * m, 4))
+    # Linear USDT perpetual with explicit terms (0.001 BTC per contract).
+    add(
+        "BTCUSDT",
+        kind="perpetual",
+        underlying="BTC",
+        settlement="USDT",
+        contract_size=0.001,
+        mark_price=90_030.0,
+    )
+    df = pd.DataFrame(rows)
+    for c in ("kind", "underlying", "settlement", "expiry", "strike", "option_type", "contract_size", "im_rate", "mm_rate"):
+        if c not in df:
+            df[c] = np.nan
+    return df[
+        ["instrument_id", "kind", "underlying", "settlement", "contract_size", "expiry", "strike",
+         "option_type", "mark_price", "mark_iv", "im_rate", "mm_rate"]
+    ]
+
+
+def _terms(instruments: pd.DataFrame) -> pd.DataFrame:
+    """Resolved terms of each instrument (through the same name parser the loader uses)."""
+    from .io import parse_deribit_name
+
+    out = []
+    for row in instruments.itertuples():
+        t = parse_deribit_name(row.instrument_id) or {}
+        kind = t.get("kind", row.kind)
+        under = t.get("underlying", row.underlying)
+        settle = t.get("settlement", row.settlement)
+        cs = t.get("contract_size", row.contract_size)
+        years = {"perpetual": np.inf}.get(kind)
+        if years is None:
+            code = row.instrument_id.split("-")[1]
+            years = _EXPIRIES[code]
+        out.append(
+            {
+                "kind": kind,
+                "underlying": under,
+                "inverse": under == settle,
+                "cs": float(cs),
+                "strike": t.get("strike", np.nan),
+                "call": t.get("option_type") == "call",
+                "years": years,
+                "mark": row.mark_price,
+                "iv": row.mark_iv,
+            }
+        )
+    return pd.DataFrame(out)
+
+
+def _delta_coins(terms: pd.DataFrame) -> np.ndarray:
+    """USD delta per contract in coins of the underlying (for hedging the sample's books)."""
+    from math import erf, log, sqrt
+
+    S = terms.underlying.map(_PRICE).to_numpy()
+    d = np.empty(len(terms))
+    for i, t in enumerate(terms.itertuples()):
+        if t.kind == "option":
+            d1 = (log(S[i] / t.strike) + 0.5 * t.iv**2 * t.years) / (t.iv * sqrt(t.years))
+            nd1 = 0.5 * (1 + erf(d1 / sqrt(2)))
+            d[i] = t.cs * (nd1 if t.call else nd1 - 1)
+        elif t.inverse:
+            d[i] = t.cs / t.mark
+        else:
+            d[i] = t.cs * t.mark / S[i]
+    return d
+
+
+def _notional_per_contract(terms: pd.DataFrame) -> np.ndarray:
+    S = terms.underlying.map(_PRICE).to_numpy()
+    return np.where(terms.inverse & (terms.kind != "option"), terms.cs, terms.cs * S)
+
+
+def _lot(terms: pd.DataFrame) -> np.ndarray:
+    """Quantity step per instrument: whole contracts, 0.1 option, 0.001 linear coin."""
+    return np.where(terms.kind == "option", 0.1, np.where(terms.cs < 1, 1.0, np.where(terms.inverse, 1.0, 0.001)))
+
+
+def generate(accounts: int = 10_000, seed: int = 7) -> dict[str, pd.DataFrame | dict]:
+    """Build the sample exchange's tables (not yet written).
+
+    Returns:
+      A dict with DataFrames ``assets``, ``instruments``, ``balances``, ``positions`` and the
+      ``exchange`` settings.
+    """
+    if accounts < 20:
+        raise ValueError("the sample exchange needs at least 20 accounts")
+    rng = np.random.default_rng(seed)
+    inst = _instruments()
+    terms = _terms(inst)
+    I = len(inst)
+    notional_pc = _notional_per_contract(terms)
+    lot = _lot(terms)
+    delta_pc = _delta_coins(terms)
+    is_opt = (terms.kind == "option").to_numpy()
+    under = terms.underlying.to_numpy()
+
+    n_mm = max(3, accounts // 2500)
+    n_basis = max(2, accounts // 200)
+    n_writer = max(3, accounts // 20)
+    n_dir = accounts - n_mm - n_basis - n_writer
+    ids = np.array([f"acct-{i:07d}" for i in range(accounts)], dtype=object)
+    role = np.repeat(["directional", "writer", "basis", "mm"], [n_dir, n_writer, n_basis, n_mm])
+    rng.shuffle(role)
+    dir_ix, wri_ix = np.flatnonzero(role == "directional"), np.flatnonzero(role == "writer")
+    bas_ix, mm_ix = np.flatnonzero(role == "basis"), np.flatnonzero(role == "mm")
+
+    # Directional traders: 1-3 positions, popular instruments first, power-law notionals.
+    popularity = np.where(is_opt, 0.15, 1.0)
+    popularity[inst.instrument_id.str.contains("PERPETUAL|BTCUSDT").to_numpy()] = 6.0
+    popularity /= popularity.sum()
+    k = rng.choice([1, 2, 3], size=n_dir, p=[0.6, 0.3, 0.1])
+    acc = np.repeat(dir_ix, k)
+    ins = rng.choice(I, size=len(acc), p=popularity)
+    usd = np.minimum(2_000.0 * (rng.pareto(1.4, len(acc)) + 1.0), 5e6)
+    side = np.where(is_opt[ins], np.where(rng.random(len(acc)) < 0.8, 1.0, -1.0), rng.choice([-1.0, 1.0], len(acc)))
+    qty = side * usd / notional_pc[ins]
+    lev = np.clip(rng.lognormal(np.log(4.0), 0.8, n_dir), 1.0, 40.0)
+    dir_pos = pd.DataFrame({"a": acc, "i": ins, "q": qty})
+
+    # Option writers: short one or two OTM options, covered by coins or cash.
+    k = rng.choice([1, 2], size=n_writer, p=[0.7, 0.3])
+    acc = np.repeat(wri_ix, k)
+    opt_ids = np.flatnonzero(is_opt)
+    S_opt = terms.underlying.map(_PRICE).to_numpy()
+    otm = opt_ids[np.where(terms.call.to_numpy()[opt_ids], terms.strike.to_numpy()[opt_ids] >= S_opt[opt_ids], terms.strike.to_numpy()[opt_ids] <= S_opt[opt_ids])]
+    ins = rng.choice(otm, size=len(acc))
+    usd = np.minimum(10_000.0 * (rng.pareto(1.6, len(acc)) + 1.0), 3e6)
+    wri_pos = pd.DataFrame({"a": acc, "i": ins, "q": -usd / notional_pc[ins]})
+
+    pos = pd.concat([dir_pos, wri_pos]).groupby(["a", "i"], as_index=False)["q"].sum()
+    pos["q"] = np.round(pos.q / lot[pos.i]) * lot[pos.i]
+    pos["q"] = np.where(pos.q == 0, np.sign(rng.random(len(pos)) - 0.5) * lot[pos.i], pos.q)
+
+    # Market makers take the other side of all net flow, split by Dirichlet weights.
+    net = np.bincount(pos.i, weights=pos.q, minlength=I)
+    share = rng.dirichlet(np.ones(n_mm), size=I)  # [I, n_mm]
+    mm_q = np.round(-net[:, None] * share / lot[:, None]) * lot[:, None]
+    mm_q[:, 0] += -net - mm_q.sum(1)  # exact remainder to the first market maker
+    mm_pos = pd.DataFrame({"a": np.tile(mm_ix, I), "i": np.repeat(np.arange(I), n_mm), "q": mm_q.ravel()})
+
+    # They delta-hedge per underlying with its perpetual; basis traders take the other side.
+    hedge_inst = {u: int(np.flatnonzero(inst.instrument_id == name)[0]) for u, name in
+                  (("BTC", "BTC-PERPETUAL"), ("ETH", "ETH-PERPETUAL"), ("SOL", "SOL_USDC-PERPETUAL"))}
+    mm_delta = pd.DataFrame({"a": mm_pos.a, "u": under[mm_pos.i], "d": mm_pos.q * delta_pc[mm_pos.i]})
+    mm_delta = mm_delta.groupby(["a", "u"], as_index=False)["d"].sum()
+    h_i = mm_delta.u.map(hedge_inst).to_numpy()
+    h_q = np.round(-mm_delta.d / delta_pc[h_i] / lot[h_i]) * lot[h_i]
+    hedges = pd.DataFrame({"a": mm_delta.a, "i": h_i, "q": h_q})
+    mm_pos = pd.concat([mm_pos, hedges]).groupby(["a", "i"], as_index=False)["q"].sum()
+
+    hedge_net = np.bincount(hedges.i, weights=hedges.q, minlength=I)
+    bas_share = rng.dirichlet(np.ones(n_basis), size=I)
+    bq = np.round(-hedge_net[:, None] * bas_share / lot[:, None]) * lot[:, None]
+    bq[:, 0] += -hedge_net - bq.sum(1)
+    bas_pos = pd.DataFrame({"a": np.tile(bas_ix, I), "i": np.repeat(np.arange(I), n_basis), "q": bq.ravel()})
+
+    pos = pd.concat([pos, mm_pos, bas_pos])
+    pos["q"] = np.round(pos.q.to_numpy(), 6)
+    pos = pos[pos.q != 0].sort_values(["a", "i"]).reset_index(drop=True)
+
+    # Collateral: directional traders post notional / leverage; writers cover; makers and
+    # basis traders hold coins against their short perpetuals plus a USDC cushion.
+    gross = np.bincount(pos.a, weights=np.abs(pos.q) * notional_pc[pos.i], minlength=accounts)
+    delta = pd.DataFrame({"a": pos.a, "u": under[pos.i], "d": pos.q * delta_pc[pos.i]})
+    delta = delta.groupby(["a", "u"])["d"].sum()
+    bal = {a: np.zeros(accounts) for a in ASSETS.asset}
+    lev_all = np.ones(accounts)
+    lev_all[dir_ix] = lev
+    cash = gross / lev_all
+    pick = rng.choice(["USDC", "USDT", "BTC", "ETH"], size=accounts, p=[0.55, 0.15, 0.2, 0.1])
+    for a in ("USDC", "USDT", "BTC", "ETH"):
+        m = np.isin(np.arange(accounts), dir_ix) & (pick == a)
+        bal[a][m] += cash[m] / _PRICE[a]
+    for (a, u), d in delta.items():
+        if role[a] in ("writer", "basis", "mm") and d < 0:
+            bal[u][a] += -d * (1.0 if role[a] != "writer" else rng.uniform(0.3, 1.0))
+    cushion = np.where(role == "mm", 0.08, np.where(role == "basis", 0.05, np.where(role == "writer", 0.25, 0.0)))
+    bal["USDC"] += cushion * gross
+    balances = pd.DataFrame(
+        {"account_id": np.repeat(ids, len(bal)), "asset": np.tile(list(bal), accounts),
+         "amount": np.stack([bal[a] for a in bal], axis=1).ravel()}
+    )
+    balances = balances[balances.amount != 0].copy()
+    # Round to the cent / satoshi-ish so the CSV is exact and readable.
+    balances["amount"] = np.round(balances.amount, 8)
+
+    marks = np.where(is_opt, np.nan, terms.mark.to_numpy())
+    entry = marks[pos.i] * np.exp(rng.normal(0.0, 0.06, len(pos)))
+    positions = pd.DataFrame(
+        {"account_id": ids[pos.a], "instrument_id": inst.instrument_id.to_numpy()[pos.i],
+         "quantity": pos.q.to_numpy(), "entry_price": np.round(entry, 2)}
+    )
+    exchange = {
+        "as_of": AS_OF,
+        "rate": 0.0,
+        "insurance_fund": {"USDC": round(2_500.0 * accounts, 2), "BTC": round(0.015 * accounts, 4)},
+    }
+    return {"assets": ASSETS.copy(), "instruments": inst, "balances": balances, "positions": positions, "exchange": exchange}
+
+
+def write(folder: str | Path, accounts: int = 10_000, seed: int = 7, fmt: str = "csv") -> Path:
+    """Write the sample exchange as a snapshot folder (``fmt``: ``csv`` or ``parquet``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tables = generate(accounts, seed)
+    write_snapshot(folder, tables, fmt)
+    return folder
+
+
+def write_snapshot(folder: Path, tables: dict, fmt: str = "csv") -> None:
+    """Write snapshot tables and ``exchange.toml`` into ``folder``."""
+    ex = tables["exchange"]
+    fund = ", ".join(f"{k} = {float(v)!r}" for k, v in ex["insurance_fund"].items())
+    lines = [
+        "# Sample exchange written by `stress generate sample`",
+        f"as_of = {ex['as_of']}",
+        f"rate = {float(ex.get('rate', 0.0))!r}",
+        f"insurance_fund = {{ {fund} }}",
+        "",
+        "[margin]",
+        'model = "standard"',
+        "future_im_rate = 0.02",
+        "future_mm_rate = 0.01",
+        "option_im_rate = 0.15",
+        "option_im_floor = 0.10",
+        "option_mm_rate = 0.075",
+        "",
+        "[liquidation]",
+        "",
+    ]
+    (folder / "exchange.toml").write_text("\n".join(lines))
+    for name in ("assets", "instruments", "balances", "positions"):
+        df = tables[name]
+        if fmt == "parquet":
+            df.to_parquet(folder / f"{name}.parquet", index=False)
+        else:
+            df.to_csv(folder / f"{name}.csv", index=False)
