@@ -418,7 +418,8 @@ def _load_instruments(folder: Path, assets: tuple[str, ...], as_of: datetime) ->
     as_of_ts = pd.Timestamp(as_of)
     years = np.full(n, np.inf)
     has = needs_expiry
-    delta = (pd.DatetimeIndex(expiry_ts[has]) - as_of_ts).total_seconds().to_numpy()
+    exp = pd.to_datetime(pd.Series(expiry_ts[has], dtype=object), utc=True)
+    delta = (exp - as_of_ts).dt.total_seconds().to_numpy(dtype=np.float64)
     years[has] = delta / (YEAR_DAYS * 86400.0)
     t.check(has & (years <= 0), "expiry", f"instrument has expired (expiry <= as_of {as_of.isoformat()})")
 

@@ -113,22 +113,26 @@ def _terms(instruments: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _delta_coins(terms: pd.DataFrame) -> np.ndarray:
-    """USD delta per contract in coins of the underlying (for hedging the sample's books)."""
-    from math import erf, log, sqrt
+def _greeks(terms: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per contract: USD delta in coins of the underlying, and option value in USD (0 for
+    futures). Used only to hedge and collateralise the sample's books."""
+    from math import erf, exp, log, sqrt
 
+    N = lambda x: 0.5 * (1 + erf(x / sqrt(2)))
     S = terms.underlying.map(_PRICE).to_numpy()
-    d = np.empty(len(terms))
+    delta, value = np.zeros(len(terms)), np.zeros(len(terms))
     for i, t in enumerate(terms.itertuples()):
         if t.kind == "option":
-            d1 = (log(S[i] / t.strike) + 0.5 * t.iv**2 * t.years) / (t.iv * sqrt(t.years))
-            nd1 = 0.5 * (1 + erf(d1 / sqrt(2)))
-            d[i] = t.cs * (nd1 if t.call else nd1 - 1)
+            sd = t.iv * sqrt(t.years)
+            d1 = (log(S[i] / t.strike) + 0.5 * sd * sd) / sd
+            call = S[i] * N(d1) - t.strike * N(d1 - sd)
+            delta[i] = t.cs * (N(d1) if t.call else N(d1) - 1)
+            value[i] = t.cs * (call if t.call else call - S[i] + t.strike)
         elif t.inverse:
-            d[i] = t.cs / t.mark
+            delta[i] = t.cs / t.mark
         else:
-            d[i] = t.cs * t.mark / S[i]
-    return d
+            delta[i] = t.cs * t.mark / S[i]
+    return delta, value
 
 
 def _notional_per_contract(terms: pd.DataFrame) -> np.ndarray:
@@ -156,7 +160,7 @@ def generate(accounts: int = 10_000, seed: int = 7) -> dict[str, pd.DataFrame | 
     I = len(inst)
     notional_pc = _notional_per_contract(terms)
     lot = _lot(terms)
-    delta_pc = _delta_coins(terms)
+    delta_pc, premium_pc = _greeks(terms)
     is_opt = (terms.kind == "option").to_numpy()
     under = terms.underlying.to_numpy()
 
@@ -242,6 +246,24 @@ def generate(accounts: int = 10_000, seed: int = 7) -> dict[str, pd.DataFrame | 
             bal[u][a] += -d * (1.0 if role[a] != "writer" else rng.uniform(0.3, 1.0))
     cushion = np.where(role == "mm", 0.08, np.where(role == "basis", 0.05, np.where(role == "writer", 0.25, 0.0)))
     bal["USDC"] += cushion * gross
+    # Top up collateral to a multiple of an initial-margin estimate (2% of futures notional,
+    # rates from the instruments table where given; 15% of underlying plus premium per short
+    # option), as an exchange admits no position without margin. A few directional accounts
+    # (0.3%) are left between margin and zero, as a snapshot catches some mid-liquidation.
+    rate = inst.im_rate.fillna(0.02).to_numpy()
+    per_contract = np.where(is_opt, 0.15 * S_opt * terms.cs.to_numpy() + premium_pc, rate * notional_pc)
+    weight = np.where(is_opt[pos.i], np.maximum(-pos.q, 0), np.abs(pos.q))
+    im = np.bincount(pos.a, weights=weight * per_contract[pos.i], minlength=accounts)
+    value_now = np.bincount(pos.a, weights=np.where(is_opt[pos.i], pos.q * premium_pc[pos.i], 0.0), minlength=accounts)
+    haircut = dict(zip(ASSETS.asset, ASSETS.haircut))
+    coll = sum(bal[a] * _PRICE[a] * (1 - haircut[a]) for a in bal) + value_now
+    cover = np.clip(rng.lognormal(np.log(1.8), 0.5, accounts), 1.1, 20.0)
+    stressed = np.isin(np.arange(accounts), dir_ix) & (rng.random(accounts) < 0.003)
+    cover[stressed] = rng.uniform(0.3, 0.95, stressed.sum())
+    top_up = np.where(stressed, 0.0, np.maximum(cover * im - coll, 0.0))
+    for a in ("USDC", "USDT", "BTC", "ETH"):
+        m = pick == a
+        bal[a][m] += top_up[m] / (_PRICE[a] * (1 - haircut[a]))
     balances = pd.DataFrame(
         {"account_id": np.repeat(ids, len(bal)), "asset": np.tile(list(bal), accounts),
          "amount": np.stack([bal[a] for a in bal], axis=1).ravel()}
@@ -275,6 +297,8 @@ def write(folder: str | Path, accounts: int = 10_000, seed: int = 7, fmt: str = 
 
 def write_snapshot(folder: Path, tables: dict, fmt: str = "csv") -> None:
     """Write snapshot tables and ``exchange.toml`` into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     ex = tables["exchange"]
     fund = ", ".join(f"{k} = {float(v)!r}" for k, v in ex["insurance_fund"].items())
     lines = [

@@ -1,0 +1,46 @@
+"""Shared fixtures: a small sample exchange on disk and a builder for hand-made snapshots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stress import sample
+
+
+@pytest.fixture(scope="session")
+def sample_tables() -> dict:
+    """The sample exchange's tables, 400 accounts (deterministic)."""
+    return sample.generate(accounts=400, seed=11)
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory, sample_tables) -> Path:
+    """The 400-account sample exchange written as CSV files."""
+    folder = tmp_path_factory.mktemp("sample_csv")
+    sample.write_snapshot(folder, sample_tables, "csv")
+    return folder
+
+
+def write_snapshot(folder: Path, *, assets, instruments, balances, positions, exchange_toml: str, fmt="csv") -> Path:
+    """Write hand-made tables (lists of dicts or DataFrames) and an exchange.toml text."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "exchange.toml").write_text(exchange_toml)
+    for name, rows in (("assets", assets), ("instruments", instruments), ("balances", balances), ("positions", positions)):
+        df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+        if fmt == "csv":
+            df.to_csv(folder / f"{name}.csv", index=False)
+        else:
+            df.to_parquet(folder / f"{name}.parquet", index=False)
+    return folder
+
+
+EXCHANGE_TOML = """\
+as_of = 2026-11-23T08:00:00Z
+rate = 0.0
+insurance_fund = { USDC = 1000000.0, BTC = 10.0 }
+[margin]
+[liquidation]
+"""

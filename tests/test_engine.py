@@ -1,0 +1,168 @@
+"""Engine invariants: conservation, and results independent of chunking, row order, format."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import stress
+from stress import engine, sample
+from stress.scenarios import Scenarios, default_path
+
+ACCOUNT_COLS = ["equity", "collateral_value", "initial_margin", "maintenance_margin", "pnl_worst", "shortfall_worst"]
+SCEN_COLS = ["pnl_total", "shortfall_total", "bad_debt", "insurance_fund_after", "socialized_loss"]
+
+
+@pytest.fixture(scope="module")
+def snap(sample_dir):
+    return stress.load_snapshot(sample_dir)
+
+
+@pytest.fixture(scope="module")
+def scen(snap):
+    return stress.load_scenarios(default_path(), snap)
+
+
+@pytest.fixture(scope="module")
+def base_result(snap, scen):
+    return stress.run(snap, scen)
+
+
+def random_scenarios(snap, n, seed=0, kind="montecarlo"):
+    rng = np.random.default_rng(seed)
+    A = snap.n_assets
+    vol = np.array([0.0 if a in ("USDC", "USDT") else 0.25 for a in snap.assets])
+    spot = np.exp(rng.standard_t(4, size=(n, A)) * vol * 0.5)
+    return Scenarios(tuple(f"mc-{i}" for i in range(n)), (kind,) * n, spot, rng.normal(0, 0.05, (n, A)), np.zeros(n))
+
+
+def assert_same(a, b, rtol=1e-9):
+    pd.testing.assert_series_equal(a.accounts.account_id, b.accounts.account_id)
+    for c in ACCOUNT_COLS:
+        np.testing.assert_allclose(a.accounts[c], b.accounts[c], rtol=rtol, atol=1e-9, err_msg=c)
+    assert (a.accounts.scenario_worst == b.accounts.scenario_worst).all()
+    gross = a.scenarios.pnl_gross.to_numpy() + 1.0
+    for c in SCEN_COLS:
+        np.testing.assert_allclose(a.scenarios[c], b.scenarios[c], rtol=0, atol=1e-9 * gross.max(), err_msg=c)
+    assert (a.scenarios.accounts_liquidatable == b.scenarios.accounts_liquidatable).all()
+
+
+def test_sample_book_is_matched(snap):
+    net = np.bincount(snap.pos_instrument, weights=snap.pos_quantity, minlength=len(snap.instrument_ids))
+    np.testing.assert_allclose(net, 0.0, atol=1e-9)
+
+
+def test_exchange_pnl_is_zero_sum_with_stablecoin_collateral(sample_tables, tmp_path, scen):
+    # Derivatives are zero-sum: with every long matched by a short and collateral only in a
+    # stablecoin that does not move, exchange-wide P&L is 0 in every scenario.
+    t = dict(sample_tables)
+    price = t["assets"].set_index("asset").price
+    b = t["balances"].copy()
+    b["amount"] = b.amount * b.asset.map(price).to_numpy()
+    b["asset"] = "USDC"
+    t["balances"] = b.groupby(["account_id", "asset"], as_index=False).amount.sum()
+    sample.write_snapshot(tmp_path, t)
+    snap = stress.load_snapshot(tmp_path)
+    sc = stress.load_scenarios(default_path(), snap)
+    keep = sc.spot_mult[:, snap.asset_index("USDC")] == 1.0
+    res = stress.run(snap, sc)
+    assert keep.sum() >= 8 and res.scenarios.pnl_gross[keep].min() > 0
+    np.testing.assert_allclose(res.scenarios.pnl_total[keep], 0.0, atol=1e-9 * res.scenarios.pnl_gross.max())
+
+
+def test_exchange_pnl_equals_collateral_revaluation(snap, scen, base_result):
+    # With a matched book, position P&L cancels in every asset, so exchange P&L is exactly the
+    # revaluation of the accounts' balances: sum_a B_a * (P'_a - P_a).
+    B = snap.balances.sum(axis=0)
+    P = np.asarray(snap.market.price)
+    expected = (scen.spot_mult * P - P) @ B
+    gross = base_result.scenarios.pnl_gross.max()
+    np.testing.assert_allclose(base_result.scenarios.pnl_total, expected, rtol=0, atol=1e-9 * gross)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_results_do_not_depend_on_chunk_size(snap, scen, base_result, chunk):
+    assert_same(base_result, stress.run(snap, scen, chunk_size=chunk))
+
+
+def test_results_do_not_depend_on_row_order(sample_tables, tmp_path, base_result, scen):
+    rng = np.random.default_rng(3)
+    t = {k: (v.sample(frac=1.0, random_state=rng) if isinstance(v, pd.DataFrame) else v) for k, v in sample_tables.items()}
+    sample.write_snapshot(tmp_path, t)
+    snap = stress.load_snapshot(tmp_path)
+    assert_same(base_result, stress.run(snap, stress.load_scenarios(default_path(), snap)))
+
+
+def test_results_do_not_depend_on_file_format(sample_tables, tmp_path, base_result):
+    sample.write_snapshot(tmp_path, sample_tables, "parquet")
+    snap = stress.load_snapshot(tmp_path)
+    assert_same(base_result, stress.run(snap, stress.load_scenarios(default_path(), snap)))
+
+
+def test_float32_agrees_with_float64(snap, scen, base_result):
+    r32 = stress.run(snap, scen, dtype="float32")
+    scale = np.abs(base_result.accounts.equity).max()
+    for c in ACCOUNT_COLS:
+        np.testing.assert_allclose(r32.accounts[c], base_result.accounts[c], rtol=1e-4, atol=1e-5 * scale, err_msg=c)
+    gross = base_result.scenarios.pnl_gross.max()
+    np.testing.assert_allclose(r32.scenarios.bad_debt, base_result.scenarios.bad_debt, rtol=1e-4, atol=1e-5 * gross)
+    assert r32.summary["dtype"] == "float32"
+
+
+def test_pnl_matrix_agrees_with_run(snap, scen, base_result):
+    pnl = stress.pnl_matrix(snap, scen, chunk_size=50)
+    assert list(pnl.columns) == list(scen.names) and list(pnl.index) == list(snap.account_ids)
+    np.testing.assert_allclose(pnl.min(axis=1), base_result.accounts.pnl_worst, rtol=1e-12, atol=1e-9)
+    assert (pnl.idxmin(axis=1).to_numpy() == base_result.accounts.scenario_worst.to_numpy()).all()
+    np.testing.assert_allclose(pnl.sum(axis=0), base_result.scenarios.pnl_total, rtol=0, atol=1e-9 * base_result.scenarios.pnl_gross.max())
+
+
+def test_random_scenario_statistics_use_documented_estimators(snap):
+    mc = random_scenarios(snap, 250)
+    res = stress.run(snap, mc, chunk_size=33)
+    pnl = stress.pnl_matrix(snap, mc).to_numpy()
+    loss = np.sort(-pnl, axis=1)
+    k = int(np.ceil(0.99 * 250))  # VaR = L(k), ES = mean(L(k..m)), L ascending
+    np.testing.assert_allclose(res.accounts.var_99, loss[:, k - 1], rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(res.accounts.es_99, loss[:, k - 1:].mean(axis=1), rtol=1e-12, atol=1e-9)
+    assert res.accounts.p_liquidation.between(0, 1).all() and res.accounts.p_liquidation.max() > 0
+    fund = res.scenarios.insurance_fund_before.to_numpy()
+    bad = res.scenarios.bad_debt.to_numpy()
+    assert res.summary["p_fund_depleted"] == pytest.approx(np.mean((bad > 0) & (bad >= fund)))
+
+
+def test_random_statistics_are_nan_without_random_scenarios(base_result):
+    assert base_result.accounts[["var_99", "es_99", "p_liquidation"]].isna().all().all()
+    assert base_result.summary["p_fund_depleted"] is None
+
+
+def test_worst_scenario_ties_break_on_shortfall_then_file_order(snap):
+    # No bad debt anywhere: the worst is the largest total shortfall; exact ties: file order.
+    s = np.ones((3, snap.n_assets))
+    s[1, snap.asset_index("BTC")] = 0.999
+    sc = Scenarios(("flat-a", "dip", "flat-b"), ("explicit",) * 3, s, np.zeros((3, snap.n_assets)), np.zeros(3))
+    res = stress.run(snap, sc)
+    if (res.scenarios.bad_debt == 0).all():
+        expect = "dip" if res.scenarios.shortfall_total[1] > res.scenarios.shortfall_total[0] else "flat-a"
+        assert res.summary["worst_scenario"] == expect
+    sc2 = Scenarios(("same-1", "same-2"), ("explicit",) * 2, np.ones((2, snap.n_assets)), np.zeros((2, snap.n_assets)), np.zeros(2))
+    assert stress.run(snap, sc2).summary["worst_scenario"] == "same-1"
+
+
+def test_kernel_compiles_once_per_bucket_shape(sample_tables, tmp_path, scen):
+    # Two snapshots of different sizes whose chunks fall in the same buckets reuse the kernels.
+    t = dict(sample_tables)
+    sample.write_snapshot(tmp_path / "a", t)
+    small = dict(t)
+    drop = t["positions"].account_id.drop_duplicates().iloc[5:15]
+    small["positions"] = t["positions"][~t["positions"].account_id.isin(drop)]
+    small["balances"] = t["balances"][~t["balances"].account_id.isin(drop)]
+    sample.write_snapshot(tmp_path / "b", small)
+    a, b = stress.load_snapshot(tmp_path / "a"), stress.load_snapshot(tmp_path / "b")
+    widths = lambda s: {bk.K for bk in stress.portfolio.buckets(s.pos_account, s.n_accounts)}
+    assert widths(a) == widths(b) and a.n_accounts != b.n_accounts
+    stress.run(a, stress.load_scenarios(default_path(), a))
+    before = engine.chunk_kernel._cache_size()
+    stress.run(b, stress.load_scenarios(default_path(), b))
+    assert engine.chunk_kernel._cache_size() == before
