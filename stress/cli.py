@@ -50,7 +50,10 @@ def _load(snapshot: Optional[Path], scenarios: Optional[Path], accounts: int):
         sample.write(tmp, accounts=accounts)
         snapshot = tmp
     snap = io.load_snapshot(snapshot)
-    scen = scen_mod.load_scenarios(scenarios or scen_mod.default_path(), snap)
+    if scenarios is None:  # the built-in set names common assets a snapshot may not have
+        scen = scen_mod.load_scenarios(scen_mod.default_path(), snap, skip_unknown_assets=True)
+    else:
+        scen = scen_mod.load_scenarios(scenarios, snap)
     return snap, scen
 
 

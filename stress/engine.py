@@ -3,8 +3,8 @@
 Every instrument is valued once per scenario (``pricing.revalue`` → ``[I, S]``); accounts
 gather from those matrices in fixed-shape chunks; each chunk reduces at once to per-account
 rows and per-scenario sums, so no ``accounts x scenarios`` matrix of the whole exchange is ever
-held. Column 0 of every internal matrix is the unshocked market (the snapshot itself), so the
-snapshot state and the P&L reference come from the same kernel.
+held. Inside a chunk the scenario axis is walked in tiles (``lax.scan``) so the working set
+stays in cache; the snapshot state and the P&L reference come from the same ``portfolio.state``.
 """
 
 from __future__ import annotations
@@ -30,95 +30,130 @@ DEFAULT_CHUNK = 128
 VAR_LEVEL = 0.99
 
 
+N_SUMS = 5  # per-scenario sums: pnl, |pnl|, liquidatable, shortfall, bad debt
+SUM_NAMES = ("pnl", "pnl_abs", "liquidatable", "shortfall", "bad_debt")
+
+
 @pytree_dataclass
 class Tables:
-    """Per-run matrices every chunk reads; scenario axis ``S`` includes the base column 0."""
+    """Per-run matrices every chunk reads, the scenario axis split into ``T`` tiles of ``W``.
 
-    value: Any  # [I, S] value per contract, settlement-asset units
-    mm: Any  # [I, S] maintenance margin per contract of weight, USD
-    price: Any  # [A, S] asset prices, USD
+    Scenario ``s`` of the set sits at tile ``s // W``, column ``s % W``; columns past the end
+    of the set are padding (``user`` False). The unshocked market is kept apart (``*0``).
+    """
+
+    value: Any  # [T, I, W] value per contract, settlement-asset units
+    mm: Any  # [T, I, W] maintenance margin per contract of weight, USD
+    price: Any  # [T, A, W] asset prices, USD
+    user: Any  # [T, W] bool: a scenario of the set (not padding)
+    random: Any  # [T, W] bool: a random (Monte Carlo / replay) scenario
+    value0: Any  # [I, 1] at the snapshot
+    mm0: Any  # [I, 1]
+    price0: Any  # [A, 1]
     haircut: Any  # [A]
-    settlement: Any  # [I] int32 settlement asset index
-    user: Any  # [S] bool: a user scenario (not the base column, not padding)
-    random: Any  # [S] bool: a random (Monte Carlo / replay) scenario
 
 
-def pad_scenarios(n: int) -> int:
-    """Pad the scenario axis to a few sizes so shapes (and compiled kernels) repeat."""
-    if n <= 128:
-        return 1 << max(3, math.ceil(math.log2(n)))
-    return 128 * math.ceil(n / 128)
+def tile_width(n_scenarios: int, max_tile: int = 256) -> int:
+    """Scenario tile: a power of two up to ``max_tile``, so chunk working sets stay in cache."""
+    return min(max_tile, 1 << max(3, math.ceil(math.log2(max(n_scenarios, 1)))))
 
 
 def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[Tables, dict]:
-    """Revalue every instrument under the base market and every scenario, padded."""
-    S = 1 + len(scen)
-    S_pad = pad_scenarios(S)
+    """Revalue every instrument under the snapshot and every scenario, tiled and padded."""
+    S = len(scen)
+    W = tile_width(S)
+    T = math.ceil(S / W)
     A = snap.n_assets
-    spot = np.ones((S_pad, A))
-    vol = np.zeros((S_pad, A))
-    hor = np.zeros(S_pad)
-    spot[1:S], vol[1:S], hor[1:S] = scen.spot_mult, scen.vol_shift, scen.horizon_days
+    spot = np.ones((1 + T * W, A))
+    vol = np.zeros((1 + T * W, A))
+    hor = np.zeros(1 + T * W)
+    spot[1 : 1 + S], vol[1 : 1 + S], hor[1 : 1 + S] = scen.spot_mult, scen.vol_shift, scen.horizon_days
     rv = pricing.revalue_jit(snap.instruments, snap.market, spot, vol, hor)
     im, mm = jax.jit(margin.per_contract)(snap.instruments, snap.params, rv["spot"], rv["option"])
-    cols = np.arange(S_pad)
-    user = (cols >= 1) & (cols < S)
-    random = np.zeros(S_pad, bool)
-    random[1:S] = scen.random
+
+    def tiled(x):  # [X, 1 + T*W] -> [T, X, W]
+        return x[:, 1:].reshape(x.shape[0], T, W).transpose(1, 0, 2).astype(dtype)
+
+    user = np.arange(T * W) < S
+    random = np.zeros(T * W, bool)
+    random[:S] = scen.random
     t = Tables(
-        value=rv["value"].astype(dtype),
-        mm=mm.astype(dtype),
-        price=rv["price"].astype(dtype),
+        value=tiled(rv["value"]),
+        mm=tiled(mm),
+        price=tiled(rv["price"]),
+        user=jnp.asarray(user.reshape(T, W)),
+        random=jnp.asarray(random.reshape(T, W)),
+        value0=rv["value"][:, :1].astype(dtype),
+        mm0=mm[:, :1].astype(dtype),
+        price0=rv["price"][:, :1].astype(dtype),
         haircut=jnp.asarray(snap.params.haircut, dtype),
-        settlement=jnp.asarray(snap.instruments.settlement),
-        user=jnp.asarray(user),
-        random=jnp.asarray(random),
     )
     # Host copies at float64 for exchange-level numbers.
-    host = {"price": np.asarray(rv["price"]), "im0": np.asarray(im[:, 0]), "mm0": np.asarray(mm[:, 0])}
+    host = {"price": np.asarray(rv["price"])[:, 1 : 1 + S], "im0": np.asarray(im[:, 0])}
     return t, host
 
 
-@partial(jax.jit, static_argnames=("n_assets", "n_random", "with_pnl"))
-def chunk_kernel(h: Holdings, t: Tables, n_assets: int, n_random: int, with_pnl: bool = False) -> dict:
-    """All per-scenario account work for one chunk, reduced at once.
+@partial(jax.jit, static_argnames=("n_random", "with_pnl"))
+def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False) -> dict:
+    """All per-scenario account work for one chunk, reduced at once, tile by tile.
 
     Returns per-account ``[n]`` rows (snapshot state, worst cases, random-scenario statistics)
-    and per-scenario ``[S]`` sums over the chunk's valid accounts.
+    and ``sums``, ``[N_SUMS, T * W]`` per-scenario sums over the chunk's valid accounts.
     """
-    e = portfolio.net_amounts(h, t.value, t.settlement, n_assets)  # [n, A, S]
-    eq = portfolio.equity(e, t.price)  # [n, S]
-    coll = portfolio.collateral(e, t.price, t.haircut)
-    mm = portfolio.weighted_sum(h, t.mm)
-    pnl = eq - eq[:, :1]
-    short = jnp.maximum(mm - coll, 0.0)
-    liq = coll < mm
-    bad = liquidation.bad_debt(eq)
-
+    eq0, coll0, mm0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut))
+    n = eq0.shape[0]
+    T, _, W = t.value.shape
     valid = h.valid[:, None]
-    user = t.user[None, :]
+    dt = eq0.dtype
+    keep_pnl = with_pnl or n_random > 0
 
-    def total(x):
-        return jnp.sum(jnp.where(valid, x, 0), axis=0)
+    def tile(carry, x):
+        value, mm, price, user, rnd, offset = x
+        eq, coll, margin_ = portfolio.state(h, value, mm, price, t.haircut)
+        pnl = eq - eq0[:, None]
+        short = jnp.maximum(margin_ - coll, 0.0)
+        liq = coll < margin_
+        bad = liquidation.bad_debt(eq)
+        user = user[None, :]
+        masked = jnp.where(user, pnl, jnp.inf)
+        t_min = jnp.min(masked, axis=1)
+        t_arg = jnp.argmin(masked, axis=1).astype(jnp.int32) + offset
+        best, arg, s_max, b_max, n_liq = carry
+        better = t_min < best  # strict: ties keep the earlier scenario (file order)
+        carry = (
+            jnp.where(better, t_min, best),
+            jnp.where(better, t_arg, arg),
+            jnp.maximum(s_max, jnp.max(jnp.where(user, short, -jnp.inf), axis=1)),
+            jnp.maximum(b_max, jnp.max(jnp.where(user, bad, -jnp.inf), axis=1)),
+            n_liq + jnp.sum(liq & rnd[None, :], axis=1, dtype=dt),
+        )
+        sums = jnp.stack([
+            jnp.sum(jnp.where(valid, x, 0.0), axis=0)
+            for x in (pnl, jnp.abs(pnl), liq.astype(dt), short, bad)
+        ])
+        return carry, (sums, pnl if keep_pnl else None)
 
-    masked = jnp.where(user, pnl, jnp.inf)
+    inf = jnp.full(n, jnp.inf, dt)
+    init = (inf, jnp.zeros(n, jnp.int32), -inf, -inf, jnp.zeros(n, dt))
+    offsets = jnp.arange(T, dtype=jnp.int32) * W
+    (best, arg, s_max, b_max, n_liq), (sums, pnl) = jax.lax.scan(
+        tile, init, (t.value, t.mm, t.price, t.user, t.random, offsets)
+    )
     out = {
-        "equity": eq[:, 0],
-        "collateral_value": coll[:, 0],
-        "maintenance_margin": mm[:, 0],
-        "pnl_worst": jnp.min(masked, axis=1),
-        "scenario_worst": jnp.argmin(masked, axis=1),
-        "shortfall_worst": jnp.max(jnp.where(user, short, -jnp.inf), axis=1),
-        "bad_debt_worst": jnp.max(jnp.where(user, bad, -jnp.inf), axis=1),
-        "s_pnl": total(pnl),
-        "s_pnl_abs": total(jnp.abs(pnl)),
-        "s_liquidatable": total(liq.astype(jnp.int32)),
-        "s_shortfall": total(short),
-        "s_bad_debt": total(bad),
+        "equity": eq0,
+        "collateral_value": coll0,
+        "maintenance_margin": mm0,
+        "pnl_worst": best,
+        "scenario_worst": arg,
+        "shortfall_worst": s_max,
+        "bad_debt_worst": b_max,
+        "sums": sums.transpose(1, 0, 2).reshape(N_SUMS, T * W),
     }
+    if keep_pnl:
+        pnl = pnl.transpose(1, 0, 2).reshape(n, T * W)  # [n, S_pad]
     if n_random:
-        rnd = t.random[None, :]
-        out["p_liquidation"] = jnp.sum(liq & rnd, axis=1) / n_random
+        out["p_liquidation"] = n_liq / n_random
+        rnd = t.random.reshape(-1)[None, :]
         out["var_99"], out["es_99"] = tail_loss(jnp.where(rnd, -pnl, -jnp.inf), n_random)
     if with_pnl:
         out["pnl"] = pnl
@@ -138,32 +173,38 @@ def tail_loss(loss: Any, m: int, level: float = VAR_LEVEL) -> tuple[Any, Any]:
     return srt[:, first], jnp.mean(srt[:, first:], axis=1)
 
 
+def devices() -> list:
+    """The local devices chunks are spread over (every CPU device, or every GPU)."""
+    return jax.local_devices()
+
+
+def buckets(snap: Snapshot) -> list[portfolio.Bucket]:
+    """The snapshot's accounts grouped by padded holdings shape ``(J, L)``."""
+    kind = np.asarray(snap.instruments.kind)
+    weight = np.asarray(margin.position_weight(kind[snap.pos_instrument], snap.pos_quantity))
+    return portfolio.layout(
+        snap.pos_account, snap.pos_instrument, snap.pos_quantity, weight,
+        np.asarray(snap.instruments.settlement), snap.balances,
+    )
+
+
 def _chunks(snap: Snapshot, chunk: int, dtype: Any):
     """Yield ``(account indices, Holdings)`` for fixed-shape chunks, bucket by bucket."""
-    kind = np.asarray(snap.instruments.kind)
-    weight_all = np.asarray(margin.position_weight(kind[snap.pos_instrument], snap.pos_quantity))
-    A = snap.n_assets
-    for b in portfolio.buckets(snap.pos_account, snap.n_accounts):
+    for b in buckets(snap):
         m = len(b.accounts)
         for lo in range(0, m, chunk):
-            acc = b.accounts[lo : lo + chunk]
-            slots = b.slots[lo : lo + chunk]
-            n = len(acc)
-            pad = chunk - n
-            has = slots >= 0
-            s = np.where(has, slots, 0)
-            inst = np.where(has, snap.pos_instrument[s], 0).astype(np.int32)
-            qty = np.where(has, snap.pos_quantity[s], 0.0)
-            w = np.where(has, weight_all[s], 0.0)
-            bal = snap.balances[acc]
-            if pad:
-                inst = np.pad(inst, ((0, pad), (0, 0)))
-                qty = np.pad(qty, ((0, pad), (0, 0)))
-                w = np.pad(w, ((0, pad), (0, 0)))
-                bal = np.pad(bal, ((0, pad), (0, 0)))
-            valid = np.arange(chunk) < n
-            yield acc, Holdings(
-                inst=inst, qty=qty.astype(dtype), weight=w.astype(dtype), balance=bal.astype(dtype).reshape(chunk, A), valid=valid
+            hi = min(lo + chunk, m)
+            pad = chunk - (hi - lo)
+
+            def take(x, dt=None):
+                x = x[lo:hi]
+                if pad:
+                    x = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+                return x if dt is None else x.astype(dt)
+
+            yield b.accounts[lo:hi], Holdings(
+                inst=take(b.inst), qty=take(b.qty, dtype), weight=take(b.weight, dtype),
+                asset=take(b.asset), balance=take(b.balance, dtype), valid=np.arange(chunk) < hi - lo,
             )
 
 
@@ -185,10 +226,13 @@ def _initial_margin(snap: Snapshot, im0: np.ndarray) -> np.ndarray:
 def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     t, host = tables(snap, scen, dt)
+    S = len(scen)
     n_random = int(scen.random.sum())
+    devs = devices()
+    t_on = [jax.device_put(t, d) for d in devs]  # tables replicated on every device
+    sums = [None] * len(devs)
     per_acc: dict[str, np.ndarray] = {}
-    sums: dict[str, Any] = {}
-    pnl = np.empty((snap.n_accounts, len(scen)), np.float64) if with_pnl else None
+    pnl = np.empty((snap.n_accounts, S), np.float64) if with_pnl else None
     done = 0
     pending = []
 
@@ -198,11 +242,9 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
             out = jax.device_get(out)
             n = len(acc)
             for k, v in out.items():
-                if k.startswith("s_"):
-                    sums[k] = sums.get(k, 0) + v.astype(np.float64)
-                elif k == "pnl":
-                    pnl[acc] = v[:n, 1 : 1 + len(scen)]
-                else:
+                if k == "pnl":
+                    pnl[acc] = v[:n, :S]
+                elif k != "sums":
                     if k not in per_acc:
                         per_acc[k] = np.empty(snap.n_accounts, v.dtype if v.dtype.kind in "iu" else np.float64)
                     per_acc[k][acc] = v[:n]
@@ -211,11 +253,19 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
                 progress(done, snap.n_accounts)
         pending.clear()
 
-    for acc, h in _chunks(snap, chunk_size, dt):
-        pending.append((acc, chunk_kernel(h, t, snap.n_assets, n_random, with_pnl)))
-        if len(pending) >= 32:  # keep the device busy while bounding what is in flight
+    # Chunks go round-robin to the local devices; dispatch is asynchronous, so every device
+    # computes while Python prepares the next chunks. Per-scenario sums stay on the device.
+    for c, (acc, h) in enumerate(_chunks(snap, chunk_size, dt)):
+        d = c % len(devs)
+        out = chunk_kernel(jax.device_put(h, devs[d]), t_on[d], n_random, with_pnl)
+        s64 = out.pop("sums").astype(jnp.float64)
+        sums[d] = s64 if sums[d] is None else sums[d] + s64
+        pending.append((acc, out))
+        if len(pending) >= 8 * len(devs):  # bound what is in flight
             drain()
     drain()
+    total = sum(np.asarray(x) for x in sums if x is not None)
+    sums = {name: total[i, :S] for i, name in enumerate(SUM_NAMES)}
     return t, host, per_acc, sums, pnl, n_random
 
 
@@ -243,12 +293,11 @@ def run(
     t0 = time.perf_counter()
     t, host, acc, sums, _, n_random = _stream(snap, scen, chunk_size, dtype, progress, False)
     S = len(scen)
-    cols = slice(1, 1 + S)
     nan = np.full(snap.n_accounts, np.nan)
 
     im = _initial_margin(snap, host["im0"])
     names = np.array(scen.names, dtype=object)
-    worst_idx = np.clip(acc["scenario_worst"] - 1, 0, S - 1)
+    worst_idx = np.clip(acc["scenario_worst"], 0, S - 1)
     accounts = pd.DataFrame(
         {
             "account_id": snap.account_ids.astype(str),
@@ -267,18 +316,17 @@ def run(
         }
     )
 
-    price = host["price"][:, cols]
-    fund = insurance.fund_value(snap.insurance_fund, price)
-    bad = sums["s_bad_debt"][cols]
+    fund = insurance.fund_value(snap.insurance_fund, host["price"])
+    bad = sums["bad_debt"]
     fund_after, social = insurance.waterfall(bad, fund)
     scenarios = pd.DataFrame(
         {
             "scenario": list(scen.names),
             "kind": list(scen.kinds),
-            "pnl_total": sums["s_pnl"][cols],
-            "pnl_gross": sums["s_pnl_abs"][cols],
-            "accounts_liquidatable": np.rint(sums["s_liquidatable"][cols]).astype(np.int64),
-            "shortfall_total": sums["s_shortfall"][cols],
+            "pnl_total": sums["pnl"],
+            "pnl_gross": sums["pnl_abs"],
+            "accounts_liquidatable": np.rint(sums["liquidatable"]).astype(np.int64),
+            "shortfall_total": sums["shortfall"],
             "bad_debt": bad,
             "insurance_fund_before": fund,
             "insurance_fund_after": fund_after,

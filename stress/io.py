@@ -49,7 +49,19 @@ class _Table:
         return self.data.num_rows
 
     def row(self, i: int) -> str:
-        return f"line {i + 2}" if self.is_csv else f"row {i + 1}"
+        return f"line {self._csv_line(i)}" if self.is_csv else f"row {i + 1}"
+
+    def _csv_line(self, i: int) -> int:
+        """Line number of data row ``i``: the header is line 1 and blank lines are skipped
+        by the reader, so count them out (only ever done for the one row an error names)."""
+        seen = -1
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                if number > 1 and raw.strip(b"\r\n"):
+                    seen += 1
+                    if seen == i:
+                        return number
+        return i + 2
 
     def error(self, i: int | None, column: str | None, message: str) -> InputError:
         return InputError(self.name, None if i is None else self.row(int(i)), column, message)
@@ -115,21 +127,7 @@ def _read_table(folder: Path, name: str, required: tuple[str, ...]) -> _Table:
         raise InputError(str(folder), None, None, f"both {name}.csv and {name}.parquet exist")
     if csv.exists():
         path = csv
-        try:
-            from pyarrow import csv as pacsv
-
-            # Everything as text first: number parsing happens in ``numbers`` so that a bad
-            # cell is reported with its line instead of a parser message.
-            names = pacsv.read_csv(path, read_options=pacsv.ReadOptions(skip_rows_after_names=0)).column_names
-            data = pacsv.read_csv(
-                path,
-                convert_options=pacsv.ConvertOptions(
-                    column_types={c: pa.string() for c in names},
-                    strings_can_be_null=True,
-                ),
-            )
-        except pa.ArrowInvalid as exc:
-            raise InputError(path.name, None, None, f"not a readable CSV table: {exc}") from None
+        data = _read_csv(path)
     elif parquet.exists():
         path = parquet
         try:
@@ -139,12 +137,49 @@ def _read_table(folder: Path, name: str, required: tuple[str, ...]) -> _Table:
         except (pa.ArrowInvalid, OSError) as exc:
             raise InputError(path.name, None, None, f"not a readable Parquet file: {exc}") from None
     else:
-        raise InputError(f"{name}.csv", None, None, f"missing table: {folder} has no {name}.csv or {name}.parquet")
+        # Name the file in the format the snapshot's other tables use.
+        ext = "parquet" if any((folder / f"{t}.parquet").exists() for t in TABLES) else "csv"
+        raise InputError(f"{name}.{ext}", None, None, f"missing table: {folder} has no {name}.csv or {name}.parquet")
     table = _Table(path, data)
     for column in required:
         if not table.has(column):
             raise InputError(path.name, None, column, "missing column")
     return table
+
+
+def _read_csv(path: Path) -> pa.Table:
+    """Read a CSV table with every column as text (numbers are parsed, and reported with
+    their line, by ``_Table.numbers``). Only empty cells count as missing: ``nan`` or ``NA``
+    is a value, and an error where a number is expected."""
+    import csv as pycsv
+
+    from pyarrow import csv as pacsv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(pycsv.reader(f), None)
+    except UnicodeDecodeError:
+        raise InputError(path.name, None, None, "not a CSV text file (not UTF-8)") from None
+    if not header:
+        raise InputError(path.name, "line 1", None, "empty file: expected a header line")
+    try:
+        return pacsv.read_csv(
+            path,
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in header},
+                strings_can_be_null=True,
+                null_values=[""],
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        # Find the line at fault ourselves: pyarrow's message has no line number.
+        with open(path, newline="", encoding="utf-8") as f:
+            for number, fields in enumerate(pycsv.reader(f), start=1):
+                if fields and len(fields) != len(header):
+                    raise InputError(
+                        path.name, f"line {number}", None, f"expected {len(header)} fields, found {len(fields)}"
+                    ) from None
+        raise InputError(path.name, None, None, f"not a readable CSV table: {exc}") from None
 
 
 def _unique(table: _Table, values: np.ndarray, column: str) -> None:
@@ -323,7 +358,6 @@ def load_snapshot(path: str | Path) -> Snapshot:
     p_idx = np.searchsorted(account_ids, p_acc.astype(str)).astype(np.int32)
 
     key_b = b_idx.astype(np.int64) * len(asset_names) + b_asset
-    _unique(bt, key_b, "asset") if False else None
     dup = pd.Series(key_b).duplicated().to_numpy()
     bt.check(dup, "asset", "duplicate balance: this account already has a row for this asset")
     balances = np.zeros((len(account_ids), len(asset_names)))

@@ -1,9 +1,12 @@
-"""From instruments to accounts: holdings layout, per-asset net amounts, equity, collateral.
+"""From instruments to accounts: holdings layout, equity, collateral and margin per account.
 
-Holdings are fixed-width lists per account: ``inst [n, K]`` (instrument index) and
-``qty [n, K]`` (contracts, 0 in padding slots). Accounts are grouped by holding count into
-buckets of width ``K`` = a power of two, so an account with 2 positions is not padded to the
-width of a market maker with 300, and each bucket compiles once.
+Each account's holdings are laid out as ``J`` asset *slots* of ``L`` positions each: a slot is
+one asset the account has a balance in or holds positions settled in, and its positions are
+those settled in that asset. The net amount of the asset is then
+``e_j = balance_j + sum_l qty_jl * value[inst_jl]``, the haircut applies to ``max(e_j, 0)``, and
+no account pays for assets it does not touch. Accounts are grouped into buckets by
+``(J, L)`` rounded up to powers of two, so a trader with one position is not padded to the
+width of a market maker with three hundred, and each bucket shape compiles once.
 """
 
 from __future__ import annotations
@@ -17,92 +20,142 @@ import numpy as np
 
 from ._tree import pytree_dataclass
 
-UNROLL_MAX = 16  # widths up to this are unrolled (XLA fuses them); wider ones loop
+UNROLL_MAX = 8  # slots with up to this many positions are unrolled (XLA fuses them); wider ones loop
 
 
 @pytree_dataclass
 class Holdings:
-    """A chunk of accounts, padded to a fixed shape."""
+    """A chunk of ``n`` accounts, padded to a fixed shape ``[n, J, L]``."""
 
-    inst: Any  # [n, K] int32 instrument index (0 in padding slots)
-    qty: Any  # [n, K] contracts, signed; 0 in padding slots and padding rows
-    weight: Any  # [n, K] margin weight (see margin.position_weight); 0 in padding
-    balance: Any  # [n, A] amount of each asset
+    inst: Any  # [n, J, L] int32 instrument index (0 in padding)
+    qty: Any  # [n, J, L] contracts, signed; 0 in padding
+    weight: Any  # [n, J, L] margin weight (see margin.position_weight); 0 in padding
+    asset: Any  # [n, J] int32 asset of each slot (0 in padding)
+    balance: Any  # [n, J] balance of the slot's asset, in its units; 0 in padding
     valid: Any  # [n] bool: a real account (False for padding rows)
 
 
 @dataclasses.dataclass(frozen=True)
 class Bucket:
-    """Accounts whose holding count fits width ``K``, as host arrays ready to slice into chunks."""
+    """All accounts of one padded shape ``(J, L)``, as host arrays to slice into chunks."""
 
-    K: int
+    J: int
+    L: int
     accounts: np.ndarray  # [m] account index, ascending
-    slots: np.ndarray  # [m, K] position index into the snapshot's COO arrays, -1 in padding
+    inst: np.ndarray  # [m, J, L] int32
+    qty: np.ndarray  # [m, J, L]
+    weight: np.ndarray  # [m, J, L]
+    asset: np.ndarray  # [m, J] int32
+    balance: np.ndarray  # [m, J]
 
 
-def buckets(pos_account: np.ndarray, n_accounts: int) -> list[Bucket]:
-    """Group accounts by holding count (positions sorted by account) into power-of-two widths."""
-    counts = np.bincount(pos_account, minlength=n_accounts)
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    width = np.maximum(1, 1 << np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64))
+def _pow2(x: np.ndarray) -> np.ndarray:
+    x = np.maximum(x, 1)
+    return (1 << np.ceil(np.log2(x)).astype(np.int64)).astype(np.int64)
+
+
+def _rank_in_group(group: np.ndarray) -> np.ndarray:
+    """0, 1, 2... within runs of equal values of a sorted array."""
+    idx = np.arange(len(group))
+    start = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else idx
+    return idx - np.repeat(start, np.diff(np.r_[start, len(group)]))
+
+
+def layout(
+    pos_account: np.ndarray,
+    pos_instrument: np.ndarray,
+    pos_quantity: np.ndarray,
+    pos_weight: np.ndarray,
+    settlement: np.ndarray,
+    balances: np.ndarray,
+) -> list[Bucket]:
+    """Group accounts into ``(J, L)`` buckets of slot-major holdings (vectorised, no row loop).
+
+    Args:
+      pos_*: positions in COO form ``[N]``. settlement: ``[I]`` settlement asset index.
+      balances: ``[n, A]`` balances.
+
+    Returns:
+      One ``Bucket`` per padded shape, in ascending ``(J, L)``.
+    """
+    n, A = balances.shape
+    settle = settlement[pos_instrument].astype(np.int64)
+    b_acc, b_asset = np.nonzero(balances)
+    pos_key = pos_account.astype(np.int64) * A + settle
+    keys = np.unique(np.concatenate([pos_key, b_acc.astype(np.int64) * A + b_asset]))
+    slot_acc, slot_asset = keys // A, keys % A
+    slot_rank = _rank_in_group(slot_acc)
+    J = np.bincount(slot_acc, minlength=n)
+
+    pos_slot = np.searchsorted(keys, pos_key)
+    order = np.argsort(pos_slot, kind="stable")
+    within = np.empty(len(order), np.int64)
+    within[order] = _rank_in_group(pos_slot[order])
+    per_slot = np.bincount(pos_slot, minlength=len(keys))
+    L = np.zeros(n, np.int64)
+    np.maximum.at(L, slot_acc, per_slot)
+
+    Jp, Lp = _pow2(J), _pow2(L)
+    shape_key = Jp * (1 << 32) + Lp
     out = []
-    for K in np.unique(width):
-        acc = np.flatnonzero(width == K)
-        k = np.arange(K)
-        slots = np.where(k[None, :] < counts[acc, None], start[acc, None] + k[None, :], -1)
-        out.append(Bucket(int(K), acc, slots))
+    for key in np.unique(shape_key):
+        bj, bl = int(key >> 32), int(key & 0xFFFFFFFF)
+        acc = np.flatnonzero(shape_key == key)
+        row = np.full(n, -1, np.int64)
+        row[acc] = np.arange(len(acc))
+        m = len(acc)
+        asset = np.zeros((m, bj), np.int32)
+        bal = np.zeros((m, bj))
+        s = np.flatnonzero(row[slot_acc] >= 0)
+        asset[row[slot_acc[s]], slot_rank[s]] = slot_asset[s]
+        bal[row[slot_acc[s]], slot_rank[s]] = balances[slot_acc[s], slot_asset[s]]
+        inst = np.zeros((m, bj, bl), np.int32)
+        qty = np.zeros((m, bj, bl))
+        w = np.zeros((m, bj, bl))
+        p = np.flatnonzero(row[pos_account] >= 0)
+        r, j, l = row[pos_account[p]], slot_rank[pos_slot[p]], within[p]
+        inst[r, j, l] = pos_instrument[p]
+        qty[r, j, l] = pos_quantity[p]
+        w[r, j, l] = pos_weight[p]
+        out.append(Bucket(bj, bl, acc, inst, qty, w, asset, bal))
     return out
 
 
-def net_amounts(h: Holdings, value: Any, settlement: Any, n_assets: int) -> Any:
-    """Net amount of each asset per account per scenario: balances plus position values.
+def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any) -> tuple[Any, Any, Any]:
+    """Equity, collateral value and maintenance margin of a chunk of accounts, USD.
 
     Args:
-      h: a chunk of holdings ``[n, K]``.
-      value: ``[I, S]`` value per contract in its settlement asset's units.
-      settlement: ``[I]`` settlement asset index.
-      n_assets: ``A``.
+      h: holdings ``[n, J, L]``.
+      value: ``[I, W]`` value per contract in its settlement asset's units.
+      mm: ``[I, W]`` maintenance margin per contract of weight, USD.
+      price: ``[A, W]`` asset prices, USD.
+      haircut: ``[A]``.
 
     Returns:
-      ``[n, A, S]`` amounts in each asset's own units.
+      ``(equity, collateral, margin)``, each ``[n, W]``. Collateral haircuts each asset's
+      positive net amount; a negative amount counts in full.
     """
-    n, K = h.inst.shape
-    assets = jnp.arange(n_assets)
+    n, J, L = h.inst.shape
+    W = value.shape[1]
+    eq = jnp.zeros((n, W), value.dtype)
+    coll = jnp.zeros((n, W), value.dtype)
+    margin = jnp.zeros((n, W), value.dtype)
+    for j in range(J):
 
-    def add(e, k):
-        i = h.inst[:, k]
-        w = h.qty[:, k][:, None] * (settlement[i][:, None] == assets[None, :])  # [n, A]
-        return e + w[:, :, None] * value[i][:, None, :]
+        def add(l, carry, j=j):
+            e, m = carry
+            i = h.inst[:, j, l]
+            return e + h.qty[:, j, l, None] * value[i], m + h.weight[:, j, l, None] * mm[i]
 
-    e = jnp.broadcast_to(h.balance[:, :, None], (n, n_assets, value.shape[1])).astype(value.dtype)
-    if K <= UNROLL_MAX:
-        for k in range(K):
-            e = add(e, k)
-        return e
-    return jax.lax.fori_loop(0, K, lambda k, e: add(e, k), e)
-
-
-def weighted_sum(h: Holdings, per_contract: Any) -> Any:
-    """``sum_k weight[n, k] * per_contract[inst[n, k], S]`` → ``[n, S]`` (e.g. margin)."""
-    n, K = h.inst.shape
-
-    def add(acc, k):
-        return acc + h.weight[:, k][:, None] * per_contract[h.inst[:, k]]
-
-    acc = jnp.zeros((n, per_contract.shape[1]), per_contract.dtype)
-    if K <= UNROLL_MAX:
-        for k in range(K):
-            acc = add(acc, k)
-        return acc
-    return jax.lax.fori_loop(0, K, lambda k, a: add(a, k), acc)
-
-
-def equity(e: Any, price: Any) -> Any:
-    """Account equity, USD: ``sum_a e[n, a, S] * price[a, S]`` → ``[n, S]``."""
-    return jnp.einsum("nas,as->ns", e, price)
-
-
-def collateral(e: Any, price: Any, haircut: Any) -> Any:
-    """Collateral value, USD: haircuts apply to each asset's positive net amount → ``[n, S]``."""
-    factor = jnp.where(e > 0, 1.0 - haircut[None, :, None], 1.0)
-    return jnp.sum(factor * e * price[None], axis=1)
+        carry = (jnp.broadcast_to(h.balance[:, j, None], (n, W)).astype(value.dtype), margin)
+        if L <= UNROLL_MAX:
+            for l in range(L):
+                carry = add(l, carry)
+        else:
+            carry = jax.lax.fori_loop(0, L, add, carry)
+        e, margin = carry
+        a = h.asset[:, j]
+        usd = e * price[a]
+        eq = eq + usd
+        coll = coll + jnp.where(e > 0, 1.0 - haircut[a][:, None], 1.0) * usd
+    return eq, coll, margin

@@ -59,8 +59,13 @@ def default_path() -> Path:
     return Path(__file__).resolve().parent.parent / "scenarios" / "default.toml"
 
 
-def load_scenarios(path: str | Path, snap: Snapshot) -> Scenarios:
+def load_scenarios(path: str | Path, snap: Snapshot, *, skip_unknown_assets: bool = False) -> Scenarios:
     """Read and validate a scenario file against the snapshot's assets.
+
+    Args:
+      path: the TOML file. snap: the snapshot whose assets the scenarios move.
+      skip_unknown_assets: drop moves of assets the snapshot does not have instead of failing
+        (used for the built-in default set, which names the common crypto assets).
 
     Raises:
       InputError: naming the file, the scenario and the field at fault.
@@ -97,6 +102,8 @@ def load_scenarios(path: str | Path, snap: Snapshot) -> Scenarios:
             for asset, v in table.items():
                 field = f"{key}.{asset}"
                 if asset not in snap.assets:
+                    if skip_unknown_assets:
+                        continue
                     raise InputError(file, label, field, f"unknown asset {asset!r}")
                 v = _finite(file, label, field, v)
                 if key == "moves":

@@ -160,7 +160,7 @@ def test_kernel_compiles_once_per_bucket_shape(sample_tables, tmp_path, scen):
     small["balances"] = t["balances"][~t["balances"].account_id.isin(drop)]
     sample.write_snapshot(tmp_path / "b", small)
     a, b = stress.load_snapshot(tmp_path / "a"), stress.load_snapshot(tmp_path / "b")
-    widths = lambda s: {bk.K for bk in stress.portfolio.buckets(s.pos_account, s.n_accounts)}
+    widths = lambda s: {(bk.J, bk.L) for bk in engine.buckets(s)}
     assert widths(a) == widths(b) and a.n_accounts != b.n_accounts
     stress.run(a, stress.load_scenarios(default_path(), a))
     before = engine.chunk_kernel._cache_size()

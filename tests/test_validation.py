@@ -250,15 +250,16 @@ CASES = [
          "instruments.{ext}", 2, "strike", r"'100k' is not a number"),
     Case("non-numeric-expiry", cell("instruments", 2, "expiry", "next friday"),
          "instruments.{ext}", 2, "expiry", r"next friday"),
-    # NaN: the literal text in a file (NaN in a Parquet float column: test_nan_in_parquet_float_column)
+    # NaN written as text ("nan" in a CSV cell): the message must say NaN, not "missing value"
+    # (a NaN in a Parquet float column: test_nan_in_parquet_float_column)
     Case("nan-text-quantity", cell("positions", 2, "quantity", "nan"),
-         "positions.{ext}", 2, "quantity", r"nan|missing"),
+         "positions.{ext}", 2, "quantity", r"nan"),
     Case("nan-text-price", cell("assets", 1, "price", "NaN"),
-         "assets.{ext}", 1, "price", r"nan|missing"),
+         "assets.{ext}", 1, "price", r"nan"),
     Case("nan-text-amount", cell("balances", 1, "amount", "nan"),
-         "balances.{ext}", 1, "amount", r"nan|missing"),
+         "balances.{ext}", 1, "amount", r"nan"),
     Case("nan-text-mark-iv", cell("instruments", 1, "mark_iv", "nan"),
-         "instruments.{ext}", 1, "mark_iv", r"nan|missing"),
+         "instruments.{ext}", 1, "mark_iv", r"nan"),
     Case("inf-quantity", cell("positions", 4, "quantity", "inf"),
          "positions.{ext}", 4, "quantity", r"inf"),
     # out-of-range values
@@ -524,3 +525,42 @@ def test_missing_snapshot_folder(tmp_path):
     with pytest.raises(stress.InputError) as info:
         stress.load_snapshot(tmp_path / "nope")
     assert "nope" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-edited CSV files: the line named must be the line in the file
+
+
+def test_csv_line_numbers_count_blank_lines(tmp_path):
+    """A blank line left in a hand-edited CSV still counts: the bad cell is on line 4."""
+    snap, _ = build(tmp_path)
+    path = snap / "positions.csv"
+    lines = path.read_text().splitlines()
+    lines[2] = lines[2].replace("-1000.0", "abc")  # B's perpetual, line 3 before the blank line
+    lines.insert(2, "")  # line 3 is now blank, the bad row is line 4
+    path.write_text("\n".join(lines) + "\n")
+    assert path.read_text().splitlines()[3].startswith("B,BTC-PERPETUAL,abc")
+    with pytest.raises(stress.InputError) as info:
+        stress.load_snapshot(snap)
+    assert_points_at(info.value, "positions.csv", "line 4", "quantity", r"'abc' is not a number")
+
+
+def test_csv_trailing_blank_lines_are_harmless(tmp_path):
+    snap, _ = build(tmp_path)
+    path = snap / "positions.csv"
+    path.write_text(path.read_text() + "\n\n")
+    assert stress.load_snapshot(snap).n_positions == len(POSITIONS)
+
+
+def test_csv_row_with_too_many_fields_names_its_line(tmp_path):
+    snap, _ = build(tmp_path)
+    path = snap / "positions.csv"
+    lines = path.read_text().splitlines()
+    lines[2] += ",7"  # line 3 has 5 fields under a 4-column header
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(stress.InputError) as info:
+        stress.load_snapshot(snap)
+    exc = info.value
+    assert exc.file == "positions.csv"
+    assert exc.row == "line 3", str(exc)
+    assert str(exc).startswith("positions.csv line 3"), str(exc)

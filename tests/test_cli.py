@@ -1,0 +1,249 @@
+"""The command line (SPEC section 4): verbs, exit codes, one error message, no report on bad input.
+
+Exit codes: 0 done; 1 done but a limit given on the command line was breached; 2 bad input or
+usage, with one message on stderr naming the file, row and column, no traceback, and no report
+folder written. Every bad-input case of ``test_validation.py`` is run through ``stress validate``
+and ``stress run``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import stress
+from stress.cli import app
+from stress.scenarios import default_path
+
+from .test_validation import CASES, GOOD_SCENARIOS, POSITIONS, Case, build, expected, location, make, params
+
+runner = CliRunner()
+REPORT_FILES = ("summary.json", "accounts.parquet", "scenarios.parquet", "report.md", "report.html")
+
+# Moves BTC to 3x: B (short perpetual and short calls on 50k USDC) goes bankrupt.
+BAD_DEBT_SCENARIOS = GOOD_SCENARIOS + """
+[[scenario]]
+name = "btc-up-200"
+moves = { BTC = 2.0 }
+vol_shift = { BTC = 0.30 }
+"""
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_no_crash(result) -> None:
+    """No Python exception escaped and no traceback was printed."""
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one message on stderr, got: {stderr!r}"
+    return lines[0]
+
+
+def assert_names(line: str, case: Case, fmt: str) -> None:
+    """The message names the file, row and column (its wording is test_validation's business)."""
+    file, row, column = expected(case, fmt)
+    if case.id.startswith("missing-table"):
+        assert file.split(".")[0] in line, line
+    else:
+        assert location(file, row, column) in line, line
+
+
+# --------------------------------------------------------------------------------------------
+# Verbs and good input
+
+
+def test_help_lists_the_verbs():
+    result = invoke("--help")
+    assert result.exit_code == 0, result.output
+    for verb in ("run", "validate", "generate"):
+        assert re.search(rf"\b{verb}\b", result.stdout), result.stdout
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_validate_good_snapshot(tmp_path, fmt):
+    snap, scen = build(tmp_path, fmt=fmt)
+    result = invoke("validate", snap)
+    assert result.exit_code == 0, result.output
+    assert_no_crash(result)
+    assert "ok" in result.stdout
+    assert result.stderr.strip() == ""
+
+    result = invoke("validate", snap, "--scenarios", scen)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("ok") >= 2, result.stdout
+
+
+def test_generate_sample_writes_a_loadable_snapshot(tmp_path):
+    folder = tmp_path / "sample"
+    result = invoke("generate", "sample", folder, "--accounts", "50")
+    assert result.exit_code == 0, result.output
+    assert_no_crash(result)
+    assert (folder / "exchange.toml").is_file()
+    snap = stress.load_snapshot(folder)
+    assert snap.n_accounts == 50
+    assert snap.n_positions > 0
+    # the default scenario set fits the sample exchange
+    assert len(stress.load_scenarios(default_path(), snap)) > 0
+    result = invoke("validate", folder)
+    assert result.exit_code == 0, result.output
+
+
+def test_run_writes_the_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    snap, scen = build(tmp_path)
+    out = tmp_path / "report"
+    result = invoke("run", snap, "--scenarios", scen, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert_no_crash(result)
+    for name in REPORT_FILES:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accounts"] == 3
+    assert summary["positions"] == len(POSITIONS)
+    assert summary["scenarios"] == 2
+    assert len(pd.read_parquet(out / "accounts.parquet")) == 3
+    assert list(pd.read_parquet(out / "scenarios.parquet")["scenario"]) == ["btc-down-30", "usdc-depeg"]
+
+
+def test_max_bad_debt_breached_exits_1_after_writing_the_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    snap, scen = build(tmp_path)
+    scen.write_text(BAD_DEBT_SCENARIOS)
+    out = tmp_path / "report"
+    result = invoke("run", snap, "--scenarios", scen, "--out", out, "--max-bad-debt", "0")
+    assert result.exit_code == 1, result.output
+    assert_no_crash(result)
+    for name in REPORT_FILES:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["worst_bad_debt"] > 0
+    assert summary["worst_scenario"] == "btc-up-200"
+
+    # the same run under a limit it does not breach is done: exit 0
+    out2 = tmp_path / "report2"
+    result = invoke("run", snap, "--scenarios", scen, "--out", out2, "--max-bad-debt", "1e12")
+    assert result.exit_code == 0, result.output
+    assert (out2 / "summary.json").is_file()
+
+
+def test_max_p_fund_depleted_without_random_scenarios_exits_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    snap, scen = build(tmp_path)
+    out = tmp_path / "report"
+    result = invoke("run", snap, "--scenarios", scen, "--out", out, "--max-p-fund-depleted", "0.001")
+    assert result.exit_code == 2, result.output
+    assert_no_crash(result)
+    line = one_error_line(result.stderr)
+    assert scen.name in line
+    assert not out.exists()
+    assert not (tmp_path / "reports").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input through the CLI: exit 2, one message on stderr, no traceback, no report
+
+
+@pytest.mark.parametrize("case, fmt", params())
+def test_validate_bad_input(tmp_path, case, fmt):
+    snap, scen = make(tmp_path, case, fmt)
+    args = ["validate", snap] + (["--scenarios", scen] if case.scenario else [])
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert_no_crash(result)
+    assert result.stdout.strip() == "", result.stdout
+    assert_names(one_error_line(result.stderr), case, fmt)
+
+
+@pytest.mark.parametrize("case, fmt", params())
+def test_run_bad_input(tmp_path, monkeypatch, case, fmt):
+    monkeypatch.chdir(tmp_path)
+    snap, scen = make(tmp_path, case, fmt)
+    out = tmp_path / "report"
+    result = invoke("run", snap, "--scenarios", scen, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert_no_crash(result)
+    assert result.stdout.strip() == "", result.stdout
+    assert_names(one_error_line(result.stderr), case, fmt)
+    assert not out.exists()
+    assert not (tmp_path / "reports").exists()
+
+
+def test_run_missing_snapshot_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _, scen = build(tmp_path)
+    result = invoke("run", tmp_path / "no-such-snapshot", "--scenarios", scen, "--out", tmp_path / "report")
+    assert result.exit_code == 2, result.output
+    assert_no_crash(result)
+    assert "no-such-snapshot" in one_error_line(result.stderr)
+    assert not (tmp_path / "report").exists()
+
+
+def test_bad_dtype_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    snap, scen = build(tmp_path)
+    result = invoke("run", snap, "--scenarios", scen, "--out", tmp_path / "report", "--dtype", "float16")
+    assert result.exit_code == 2, result.output
+    assert_no_crash(result)
+    assert not (tmp_path / "report").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# For real: a separate process, its own stderr and exit status
+
+
+def _stress(*args: str | Path, cwd: Path, console_script: bool = False) -> subprocess.CompletedProcess:
+    if console_script:
+        exe = Path(sys.executable).with_name("stress")
+        if not exe.exists():
+            pytest.skip("no `stress` console script next to the interpreter")
+        cmd = [str(exe)]
+    else:
+        cmd = [sys.executable, "-m", "stress.cli"]
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    return subprocess.run(cmd + [str(a) for a in args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_subprocess_bad_cell(tmp_path):
+    case = next(c for c in CASES if c.id == "non-numeric-quantity")
+    snap, scen = make(tmp_path, case, "csv")
+    out = tmp_path / "report"
+
+    proc = _stress("validate", snap, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    line = one_error_line(proc.stderr)
+    assert line.endswith("positions.csv line 3, column quantity: 'abc' is not a number"), line
+
+    proc = _stress("run", snap, "--scenarios", scen, "--out", out, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert one_error_line(proc.stderr) == line
+    assert not out.exists()
+    assert not (tmp_path / "reports").exists()
+
+
+def test_console_script_bad_scenario_file(tmp_path):
+    case = next(c for c in CASES if c.id == "scenario-unknown-asset-move")
+    snap, scen = make(tmp_path, case, "csv")
+    out = tmp_path / "report"
+    proc = _stress("run", snap, "--scenarios", scen, "--out", out, cwd=tmp_path, console_script=True)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    line = one_error_line(proc.stderr)
+    assert "nightly.toml scenario 'eth-crash', column moves.ETH: unknown asset 'ETH'" in line, line
+    assert not out.exists()
