@@ -11,7 +11,24 @@ The public API (SPEC section 4)::
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+
+def _cpu_devices() -> None:
+    """Expose every CPU core as a JAX device, so chunks run on all of them in parallel.
+
+    Must happen before JAX starts its CPU backend; ``STRESS_CPU_DEVICES`` overrides the count,
+    and an explicit ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` wins.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return
+    n = int(os.environ.get("STRESS_CPU_DEVICES", min(os.cpu_count() or 1, 8)))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+_cpu_devices()
 
 from .errors import InputError as InputError
 

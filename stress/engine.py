@@ -10,14 +10,21 @@ stays in cache; the snapshot state and the P&L reference come from the same ``po
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
-from functools import partial
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+try:
+    from jax import shard_map
+except ImportError:  # jax < 0.6
+    from jax.experimental.shard_map import shard_map
 
 from . import insurance, liquidation, margin, portfolio, pricing
 from ._tree import pytree_dataclass
@@ -26,12 +33,34 @@ from .scenarios import Scenarios
 from .snapshot import Snapshot
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
+
+
+def _compilation_cache() -> None:
+    """Keep compiled kernels on disk so a second run of the same shapes skips compilation.
+
+    ``STRESS_COMPILATION_CACHE`` names the folder (default: the user cache folder), ``0``
+    turns it off. Kernels compile in about a second each on CPU, under JAX's default threshold
+    for caching, hence the threshold of 0.
+    """
+    import os
+    from pathlib import Path
+
+    where = os.environ.get("STRESS_COMPILATION_CACHE")
+    if where == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    if where is None:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        where = str(Path(base) / "stress" / "jax")
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+_compilation_cache()
 DEFAULT_CHUNK = 128
 VAR_LEVEL = 0.99
 
 
-N_SUMS = 5  # per-scenario sums: pnl, |pnl|, liquidatable, shortfall, bad debt
-SUM_NAMES = ("pnl", "pnl_abs", "liquidatable", "shortfall", "bad_debt")
+SUM_NAMES = ("liquidatable", "shortfall", "bad_debt")  # per-scenario sums over accounts
 
 
 @pytree_dataclass
@@ -89,65 +118,71 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         haircut=jnp.asarray(snap.params.haircut, dtype),
     )
     # Host copies at float64 for exchange-level numbers.
-    host = {"price": np.asarray(rv["price"])[:, 1 : 1 + S], "im0": np.asarray(im[:, 0])}
+    price_all = np.asarray(rv["price"])[:, : 1 + S]
+    host = {"price": price_all[:, 1:], "price_all": price_all, "value": np.asarray(rv["value"])[:, : 1 + S],
+            "im0": np.asarray(im[:, 0])}
     return t, host
 
 
-@partial(jax.jit, static_argnames=("n_random", "with_pnl"))
 def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False) -> dict:
     """All per-scenario account work for one chunk, reduced at once, tile by tile.
 
-    Returns per-account ``[n]`` rows (snapshot state, worst cases, random-scenario statistics)
-    and ``sums``, ``[N_SUMS, T * W]`` per-scenario sums over the chunk's valid accounts.
+    Per tile, the accounts' state (equity, collateral, margin) is computed once and kept
+    (``optimization_barrier``: XLA would otherwise recompute it inside every reduction), then
+    reduced: per account, the tile's worst P&L and largest ``margin - collateral``; per
+    scenario, the shortfall, bad-debt and liquidatable sums. The scenario of the worst P&L is
+    found after the scan, by revaluing each account on its worst tile only.
+
+    Returns:
+      Per-account ``[n]`` rows and ``sums``, ``[len(SUM_NAMES), T * W]`` per-scenario sums
+      over the chunk's valid accounts.
     """
     eq0, coll0, mm0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut))
     n = eq0.shape[0]
     T, _, W = t.value.shape
-    valid = h.valid[:, None]
     dt = eq0.dtype
+    validf = h.valid.astype(dt)
     keep_pnl = with_pnl or n_random > 0
 
     def tile(carry, x):
-        value, mm, price, user, rnd, offset = x
-        eq, coll, margin_ = portfolio.state(h, value, mm, price, t.haircut)
+        value, mm, price, user, rnd, k = x
+        eq, coll, m = jax.lax.optimization_barrier(portfolio.state(h, value, mm, price, t.haircut))
         pnl = eq - eq0[:, None]
-        short = jnp.maximum(margin_ - coll, 0.0)
-        liq = coll < margin_
-        bad = liquidation.bad_debt(eq)
-        user = user[None, :]
-        masked = jnp.where(user, pnl, jnp.inf)
-        t_min = jnp.min(masked, axis=1)
-        t_arg = jnp.argmin(masked, axis=1).astype(jnp.int32) + offset
-        best, arg, s_max, b_max, n_liq = carry
-        better = t_min < best  # strict: ties keep the earlier scenario (file order)
+        gap = m - coll  # > 0: liquidatable, and the shortfall
+        liq = (gap > 0).astype(dt)
+        best, best_tile, gap_max, n_liq = carry
+        t_min = jnp.min(jnp.where(user[None, :], pnl, jnp.inf), axis=1)
+        better = t_min < best  # strict: ties keep the earlier tile (file order)
         carry = (
             jnp.where(better, t_min, best),
-            jnp.where(better, t_arg, arg),
-            jnp.maximum(s_max, jnp.max(jnp.where(user, short, -jnp.inf), axis=1)),
-            jnp.maximum(b_max, jnp.max(jnp.where(user, bad, -jnp.inf), axis=1)),
-            n_liq + jnp.sum(liq & rnd[None, :], axis=1, dtype=dt),
+            jnp.where(better, k, best_tile),
+            jnp.maximum(gap_max, jnp.max(jnp.where(user[None, :], gap, -jnp.inf), axis=1)),
+            n_liq + (jnp.sum(liq * rnd[None, :], axis=1) if n_random else 0.0),
         )
-        sums = jnp.stack([
-            jnp.sum(jnp.where(valid, x, 0.0), axis=0)
-            for x in (pnl, jnp.abs(pnl), liq.astype(dt), short, bad)
-        ])
+        sums = jnp.stack([validf @ liq, validf @ jnp.maximum(gap, 0.0), validf @ liquidation.bad_debt(eq)])
         return carry, (sums, pnl if keep_pnl else None)
 
     inf = jnp.full(n, jnp.inf, dt)
-    init = (inf, jnp.zeros(n, jnp.int32), -inf, -inf, jnp.zeros(n, dt))
-    offsets = jnp.arange(T, dtype=jnp.int32) * W
-    (best, arg, s_max, b_max, n_liq), (sums, pnl) = jax.lax.scan(
-        tile, init, (t.value, t.mm, t.price, t.user, t.random, offsets)
+    init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt))
+    xs = (t.value, t.mm, t.price, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
+    (best, best_tile, gap_max, n_liq), (sums, pnl) = jax.lax.scan(tile, init, xs)
+
+    # The worst scenario: revalue each account on its own worst tile, take the first minimum.
+    eq_b, _, _ = portfolio.state(
+        h, lambda i: t.value[best_tile, i], lambda i: t.mm[best_tile, i], lambda i: t.price[best_tile, i], t.haircut
     )
+    masked = jnp.where(t.user[best_tile], eq_b - eq0[:, None], jnp.inf)
+    arg = best_tile * W + jnp.argmin(masked, axis=1).astype(jnp.int32)
     out = {
         "equity": eq0,
         "collateral_value": coll0,
         "maintenance_margin": mm0,
         "pnl_worst": best,
         "scenario_worst": arg,
-        "shortfall_worst": s_max,
-        "bad_debt_worst": b_max,
-        "sums": sums.transpose(1, 0, 2).reshape(N_SUMS, T * W),
+        "shortfall_worst": jnp.maximum(gap_max, 0.0),
+        # bad debt falls as equity rises, so its worst is at the worst P&L
+        "bad_debt_worst": liquidation.bad_debt(eq0 + best),
+        "sums": sums.transpose(1, 0, 2).reshape(len(SUM_NAMES), T * W),
     }
     if keep_pnl:
         pnl = pnl.transpose(1, 0, 2).reshape(n, T * W)  # [n, S_pad]
@@ -178,6 +213,25 @@ def devices() -> list:
     return jax.local_devices()
 
 
+@functools.lru_cache(maxsize=None)
+def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int) -> Callable:
+    """``chunk_kernel`` over a group of ``n_devices`` chunks, one per device, compiled once
+    per holdings shape for the whole device mesh (``shard_map`` over the group axis)."""
+    mesh = Mesh(np.array(devices()[:n_devices]), ("d",))
+
+    def local(h: Holdings, t: Tables) -> dict:
+        one = jax.tree.map(lambda x: x[0], h)
+        out = chunk_kernel(one, t, n_random, with_pnl)
+        return jax.tree.map(lambda x: x[None], out)
+
+    specs = dict(mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"))
+    try:  # every device runs the same per-chunk code; no cross-device values to check
+        mapped = shard_map(local, check_vma=False, **specs)
+    except TypeError:  # jax < 0.6 calls it check_rep
+        mapped = shard_map(local, check_rep=False, **specs)
+    return jax.jit(mapped)
+
+
 def buckets(snap: Snapshot) -> list[portfolio.Bucket]:
     """The snapshot's accounts grouped by padded holdings shape ``(J, L)``."""
     kind = np.asarray(snap.instruments.kind)
@@ -188,23 +242,30 @@ def buckets(snap: Snapshot) -> list[portfolio.Bucket]:
     )
 
 
-def _chunks(snap: Snapshot, chunk: int, dtype: Any):
-    """Yield ``(account indices, Holdings)`` for fixed-shape chunks, bucket by bucket."""
+def _groups(snap: Snapshot, chunk: int, dtype: Any, group: int):
+    """Yield ``(account indices per chunk, Holdings [group, chunk, ...])``, bucket by bucket.
+
+    A group holds one chunk per device; the last group of a bucket is padded with empty
+    chunks and the last chunk with empty rows (``valid`` False), so shapes stay fixed.
+    """
     for b in buckets(snap):
         m = len(b.accounts)
-        for lo in range(0, m, chunk):
-            hi = min(lo + chunk, m)
-            pad = chunk - (hi - lo)
+        step = chunk * group
+        for lo in range(0, m, step):
+            hi = min(lo + step, m)
+            pad = step - (hi - lo)
 
             def take(x, dt=None):
                 x = x[lo:hi]
                 if pad:
                     x = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+                x = x.reshape((group, chunk) + x.shape[1:])
                 return x if dt is None else x.astype(dt)
 
-            yield b.accounts[lo:hi], Holdings(
-                inst=take(b.inst), qty=take(b.qty, dtype), weight=take(b.weight, dtype),
-                asset=take(b.asset), balance=take(b.balance, dtype), valid=np.arange(chunk) < hi - lo,
+            accs = [b.accounts[lo + g * chunk : min(lo + (g + 1) * chunk, hi)] for g in range(group)]
+            yield accs, Holdings(
+                inst=take(b.inst), qty=take(b.qty, dtype), weight=take(b.weight, dtype), asset=take(b.asset),
+                balance=take(b.balance, dtype), valid=(np.arange(step) < hi - lo).reshape(group, chunk),
             )
 
 
@@ -215,6 +276,27 @@ class Result:
     accounts: Any  # pandas DataFrame, one row per account
     scenarios: Any  # pandas DataFrame, one row per scenario
     summary: dict
+
+
+def exchange_pnl(snap: Snapshot, host: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Exchange-wide P&L per scenario and its gross scale, USD, at the instrument level.
+
+    Equity is linear in holdings, so the sum over accounts of their P&L is the open interest
+    of each instrument times its USD value change, plus the balances' revaluation; no
+    per-account work is needed. ``gross`` sums the same terms in absolute value per
+    position and balance (the scale against which a net total of ~0 is judged).
+    """
+    kind = snap.instruments
+    settle = np.asarray(kind.settlement)
+    usd = host["value"] * host["price_all"][settle]  # [I, 1 + S] USD value per contract
+    d_usd = usd[:, 1:] - usd[:, :1]
+    d_price = host["price_all"][:, 1:] - host["price_all"][:, :1]  # [A, S]
+    I = len(snap.instrument_ids)
+    oi = np.bincount(snap.pos_instrument, weights=snap.pos_quantity, minlength=I)
+    gross_q = np.bincount(snap.pos_instrument, weights=np.abs(snap.pos_quantity), minlength=I)
+    total = oi @ d_usd + snap.balances.sum(axis=0) @ d_price
+    gross = gross_q @ np.abs(d_usd) + np.abs(snap.balances).sum(axis=0) @ np.abs(d_price)
+    return total, gross
 
 
 def _initial_margin(snap: Snapshot, im0: np.ndarray) -> np.ndarray:
@@ -228,9 +310,9 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
     t, host = tables(snap, scen, dt)
     S = len(scen)
     n_random = int(scen.random.sum())
-    devs = devices()
-    t_on = [jax.device_put(t, d) for d in devs]  # tables replicated on every device
-    sums = [None] * len(devs)
+    D = len(devices())
+    kernel = sharded_kernel(n_random, with_pnl, D)
+    sums = None
     per_acc: dict[str, np.ndarray] = {}
     pnl = np.empty((snap.n_accounts, S), np.float64) if with_pnl else None
     done = 0
@@ -238,33 +320,33 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
 
     def drain():
         nonlocal done
-        for acc, out in pending:
+        for accs, out in pending:
             out = jax.device_get(out)
-            n = len(acc)
-            for k, v in out.items():
-                if k == "pnl":
-                    pnl[acc] = v[:n, :S]
-                elif k != "sums":
-                    if k not in per_acc:
-                        per_acc[k] = np.empty(snap.n_accounts, v.dtype if v.dtype.kind in "iu" else np.float64)
-                    per_acc[k][acc] = v[:n]
-            done += n
+            for g, acc in enumerate(accs):
+                n = len(acc)
+                for k, v in out.items():
+                    if k == "pnl":
+                        pnl[acc] = v[g, :n, :S]
+                    else:
+                        if k not in per_acc:
+                            per_acc[k] = np.empty(snap.n_accounts, v.dtype if v.dtype.kind in "iu" else np.float64)
+                        per_acc[k][acc] = v[g, :n]
+                done += n
             if progress:
                 progress(done, snap.n_accounts)
         pending.clear()
 
-    # Chunks go round-robin to the local devices; dispatch is asynchronous, so every device
-    # computes while Python prepares the next chunks. Per-scenario sums stay on the device.
-    for c, (acc, h) in enumerate(_chunks(snap, chunk_size, dt)):
-        d = c % len(devs)
-        out = chunk_kernel(jax.device_put(h, devs[d]), t_on[d], n_random, with_pnl)
-        s64 = out.pop("sums").astype(jnp.float64)
-        sums[d] = s64 if sums[d] is None else sums[d] + s64
-        pending.append((acc, out))
-        if len(pending) >= 8 * len(devs):  # bound what is in flight
+    # Dispatch is asynchronous: the devices compute while Python prepares the next group.
+    # Per-scenario sums are accumulated on the device, at float64.
+    for accs, h in _groups(snap, chunk_size, dt, D):
+        out = kernel(h, t)
+        s64 = out.pop("sums").astype(jnp.float64).sum(axis=0)
+        sums = s64 if sums is None else sums + s64
+        pending.append((accs, out))
+        if len(pending) >= 8:  # bound what is in flight
             drain()
     drain()
-    total = sum(np.asarray(x) for x in sums if x is not None)
+    total = np.asarray(sums)
     sums = {name: total[i, :S] for i, name in enumerate(SUM_NAMES)}
     return t, host, per_acc, sums, pnl, n_random
 
@@ -316,6 +398,7 @@ def run(
         }
     )
 
+    pnl_total, pnl_gross = exchange_pnl(snap, host)
     fund = insurance.fund_value(snap.insurance_fund, host["price"])
     bad = sums["bad_debt"]
     fund_after, social = insurance.waterfall(bad, fund)
@@ -323,8 +406,8 @@ def run(
         {
             "scenario": list(scen.names),
             "kind": list(scen.kinds),
-            "pnl_total": sums["pnl"],
-            "pnl_gross": sums["pnl_abs"],
+            "pnl_total": pnl_total,
+            "pnl_gross": pnl_gross,
             "accounts_liquidatable": np.rint(sums["liquidatable"]).astype(np.int64),
             "shortfall_total": sums["shortfall"],
             "bad_debt": bad,

@@ -21,6 +21,10 @@ import numpy as np
 from ._tree import pytree_dataclass
 
 UNROLL_MAX = 8  # slots with up to this many positions are unrolled (XLA fuses them); wider ones loop
+# Padded shapes (J slots, L positions per slot) for ordinary accounts, smallest first. Each
+# shape is one compilation (about a second on CPU), so a short ladder beats a shape per power
+# of two; accounts beyond the last rung get (pow2(J), pow2(L)) of their own.
+LADDER = ((1, 1), (2, 1), (2, 2), (4, 2), (4, 4))
 
 
 @pytree_dataclass
@@ -71,6 +75,9 @@ def layout(
 ) -> list[Bucket]:
     """Group accounts into ``(J, L)`` buckets of slot-major holdings (vectorised, no row loop).
 
+    Each account goes to the smallest ``LADDER`` shape that holds it, or to a power-of-two
+    shape of its own beyond the ladder (market makers).
+
     Args:
       pos_*: positions in COO form ``[N]``. settlement: ``[I]`` settlement asset index.
       balances: ``[n, A]`` balances.
@@ -96,6 +103,10 @@ def layout(
     np.maximum.at(L, slot_acc, per_slot)
 
     Jp, Lp = _pow2(J), _pow2(L)
+    placed = np.zeros(n, bool)
+    for lj, ll in reversed(LADDER):  # smallest rung that fits wins
+        fits = (J <= lj) & (L <= ll)
+        Jp[fits], Lp[fits], placed[fits] = lj, ll, True
     shape_key = Jp * (1 << 32) + Lp
     out = []
     for key in np.unique(shape_key):
@@ -126,7 +137,8 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any) -> tuple[A
 
     Args:
       h: holdings ``[n, J, L]``.
-      value: ``[I, W]`` value per contract in its settlement asset's units.
+      value: ``[I, W]`` value per contract in its settlement asset's units, or a function
+        mapping instrument indices ``[n]`` to rows ``[n, W]`` (likewise ``mm`` and ``price``).
       mm: ``[I, W]`` maintenance margin per contract of weight, USD.
       price: ``[A, W]`` asset prices, USD.
       haircut: ``[A]``.
@@ -135,19 +147,22 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any) -> tuple[A
       ``(equity, collateral, margin)``, each ``[n, W]``. Collateral haircuts each asset's
       positive net amount; a negative amount counts in full.
     """
+    rows = lambda x: x if callable(x) else (lambda i: x[i])
+    value, mm, price = rows(value), rows(mm), rows(price)
     n, J, L = h.inst.shape
-    W = value.shape[1]
-    eq = jnp.zeros((n, W), value.dtype)
-    coll = jnp.zeros((n, W), value.dtype)
-    margin = jnp.zeros((n, W), value.dtype)
+    first = value(h.inst[:, 0, 0])
+    W, dt = first.shape[1], first.dtype
+    eq = jnp.zeros((n, W), dt)
+    coll = jnp.zeros((n, W), dt)
+    margin = jnp.zeros((n, W), dt)
     for j in range(J):
 
         def add(l, carry, j=j):
             e, m = carry
             i = h.inst[:, j, l]
-            return e + h.qty[:, j, l, None] * value[i], m + h.weight[:, j, l, None] * mm[i]
+            return e + h.qty[:, j, l, None] * value(i), m + h.weight[:, j, l, None] * mm(i)
 
-        carry = (jnp.broadcast_to(h.balance[:, j, None], (n, W)).astype(value.dtype), margin)
+        carry = (jnp.broadcast_to(h.balance[:, j, None], (n, W)).astype(dt), margin)
         if L <= UNROLL_MAX:
             for l in range(L):
                 carry = add(l, carry)
@@ -155,7 +170,7 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any) -> tuple[A
             carry = jax.lax.fori_loop(0, L, add, carry)
         e, margin = carry
         a = h.asset[:, j]
-        usd = e * price[a]
+        usd = e * price(a)
         eq = eq + usd
         coll = coll + jnp.where(e > 0, 1.0 - haircut[a][:, None], 1.0) * usd
     return eq, coll, margin
