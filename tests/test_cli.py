@@ -247,3 +247,16 @@ def test_console_script_bad_scenario_file(tmp_path):
     line = one_error_line(proc.stderr)
     assert "nightly.toml scenario 'eth-crash', column moves.ETH: unknown asset 'ETH'" in line, line
     assert not out.exists()
+
+
+def test_run_without_scenarios_uses_the_default_set_on_any_snapshot(tmp_path, monkeypatch):
+    # The built-in set names ETH and SOL; a snapshot without them still runs it (moves of
+    # assets it lacks are dropped), and the report lands under reports/<UTC timestamp>/.
+    monkeypatch.chdir(tmp_path)
+    snap, _ = build(tmp_path)
+    result = invoke("run", snap)
+    assert result.exit_code == 0, result.output
+    runs = list((tmp_path / "reports").iterdir())
+    assert len(runs) == 1 and re.fullmatch(r"\d{8}T\d{6}Z", runs[0].name)
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["scenarios"] == len(stress.load_scenarios(default_path(), stress.load_snapshot(snap), skip_unknown_assets=True))
