@@ -147,7 +147,7 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any) -> tuple[A
       ``(equity, collateral, margin)``, each ``[n, W]``. Collateral haircuts each asset's
       positive net amount; a negative amount counts in full.
     """
-    rows = lambda x: x if callable(x) else (lambda i: x[i])
+    rows = lambda x: x if callable(x) else (lambda i: x.at[i].get(mode="promise_in_bounds"))
     value, mm, price = rows(value), rows(mm), rows(price)
     n, J, L = h.inst.shape
     first = value(h.inst[:, 0, 0])
