@@ -72,20 +72,22 @@ class _Table:
     def raw(self, column: str) -> pa.ChunkedArray:
         return self.data.column(column)
 
-    def strings(self, column: str, required: bool = True) -> np.ndarray:
-        """Column as an object array of stripped strings; None where empty."""
+    def text(self, column: str, required: bool = True) -> pa.Array:
+        """Column as a pyarrow string array, whitespace trimmed, null where empty."""
         if not self.has(column):
-            return np.full(len(self), None, dtype=object)
+            return pa.nulls(len(self), pa.string())
         col = self.raw(column)
         if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
             col = pc.cast(col, pa.string())
-        col = pc.utf8_trim_whitespace(col)
-        values = np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
-        empty = pd.isna(values) | (values == "")
-        values[empty] = None
-        if required and empty.any():
-            raise self.error(np.flatnonzero(empty)[0], column, "missing value")
-        return values
+        col = pc.utf8_trim_whitespace(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+        col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
+        if required and col.null_count:
+            raise self.error(_first(col.is_null()), column, "missing value")
+        return col
+
+    def strings(self, column: str, required: bool = True) -> np.ndarray:
+        """Column as an object array of stripped strings; None where empty."""
+        return np.asarray(self.text(column, required).to_numpy(zero_copy_only=False), dtype=object)
 
     def numbers(self, column: str, required: bool = True) -> np.ndarray:
         """Column as float64; NaN where empty (only allowed when not required)."""
@@ -189,11 +191,20 @@ def _unique(table: _Table, values: np.ndarray, column: str) -> None:
         raise table.error(i, column, f"duplicate id {values[i]!r}")
 
 
-def _index_of(table: _Table, values: np.ndarray, known: np.ndarray, column: str, what: str) -> np.ndarray:
-    """Map each value to its index in ``known``; an unknown value is an input error."""
-    idx = pd.Index(known).get_indexer(values)
-    table.check(idx < 0, column, f"unknown {what} {values[np.flatnonzero(idx < 0)[0]]!r}" if (idx < 0).any() else "")
-    return idx.astype(np.int32)
+def _first(mask: pa.Array) -> int:
+    """Index of the first True of a boolean pyarrow array."""
+    return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
+
+
+def _index_of(table: _Table, values: Any, known: Any, column: str, what: str) -> np.ndarray:
+    """Map each value to its index in ``known`` (hash lookup); an unknown value is an input error."""
+    values = values if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
+    known = known if isinstance(known, pa.Array) else pa.array([str(k) for k in known], pa.string())
+    idx = pc.index_in(values, value_set=known)
+    if idx.null_count:
+        i = _first(pc.and_(idx.is_null(), values.is_valid()))
+        raise table.error(i, column, f"unknown {what} {values[i].as_py()!r}")
+    return idx.to_numpy(zero_copy_only=False).astype(np.int32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,21 +352,24 @@ def load_snapshot(path: str | Path) -> Snapshot:
 
     # balances and positions
     bt = _read_table(folder, "balances", ("account_id", "asset", "amount"))
-    b_acc = bt.strings("account_id")
-    b_asset = _index_of(bt, bt.strings("asset"), np.array(asset_names, dtype=object), "asset", "asset")
+    b_acc = bt.text("account_id")
+    b_asset = _index_of(bt, bt.text("asset"), asset_names, "asset", "asset")
     b_amt = bt.numbers("amount")
 
     pt = _read_table(folder, "positions", ("account_id", "instrument_id", "quantity"))
-    p_acc = pt.strings("account_id")
-    p_inst = _index_of(pt, pt.strings("instrument_id"), instrument_ids, "instrument_id", "instrument")
+    p_acc = pt.text("account_id")
+    p_inst = _index_of(pt, pt.text("instrument_id"), instrument_ids, "instrument_id", "instrument")
     p_qty = pt.numbers("quantity")
     pt.check(p_qty == 0, "quantity", "quantity must be non-zero")
     p_entry = pt.numbers("entry_price", required=False)
     pt.check(p_entry <= 0, "entry_price", "entry_price must be > 0")
 
-    account_ids = np.unique(np.concatenate([b_acc, p_acc]).astype(str)).astype(object)
-    b_idx = np.searchsorted(account_ids, b_acc.astype(str)).astype(np.int32)
-    p_idx = np.searchsorted(account_ids, p_acc.astype(str)).astype(np.int32)
+    # Accounts are every id in balances or positions, sorted (hash-based, no Python strings).
+    ids = pc.unique(pa.concat_arrays([b_acc, p_acc]))
+    ids = ids.take(pc.sort_indices(ids))
+    account_ids = np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object)
+    b_idx = pc.index_in(b_acc, value_set=ids).to_numpy(zero_copy_only=False).astype(np.int32)
+    p_idx = pc.index_in(p_acc, value_set=ids).to_numpy(zero_copy_only=False).astype(np.int32)
 
     key_b = b_idx.astype(np.int64) * len(asset_names) + b_asset
     dup = pd.Series(key_b).duplicated().to_numpy()

@@ -241,9 +241,14 @@ def generate(accounts: int = 10_000, seed: int = 7) -> dict[str, pd.DataFrame | 
     for a in ("USDC", "USDT", "BTC", "ETH"):
         m = np.isin(np.arange(accounts), dir_ix) & (pick == a)
         bal[a][m] += cash[m] / _PRICE[a]
-    for (a, u), d in delta.items():
-        if role[a] in ("writer", "basis", "mm") and d < 0:
-            bal[u][a] += -d * (1.0 if role[a] != "writer" else rng.uniform(0.3, 1.0))
+    da = delta.index.get_level_values(0).to_numpy()
+    du = delta.index.get_level_values(1).to_numpy()
+    dv = delta.to_numpy()
+    covered = np.isin(role[da], ["writer", "basis", "mm"]) & (dv < 0)
+    frac = np.where(role[da] == "writer", rng.uniform(0.3, 1.0, len(da)), 1.0)
+    for u in np.unique(du[covered]):
+        m = covered & (du == u)
+        np.add.at(bal[u], da[m], -dv[m] * frac[m])
     cushion = np.where(role == "mm", 0.08, np.where(role == "basis", 0.05, np.where(role == "writer", 0.25, 0.0)))
     bal["USDC"] += cushion * gross
     # Top up collateral to a multiple of an initial-margin estimate (2% of futures notional,
