@@ -18,8 +18,9 @@ Engine stages timed (warm, i.e. after a first call that compiled everything):
 
 - ``run``: ``stress.run(snap, scen, dtype=...)`` end to end (also timed cold, first call).
 - ``tables``: ``stress.engine.tables`` (instrument revaluation and margin, ``[I, S]``).
-- ``gather+reduce``: the chunk loop of ``stress.engine._stream`` after the tables: host-side
-  chunking (``engine._chunks``) plus ``engine.chunk_kernel`` per chunk, outputs fetched.
+- ``gather+reduce``: the chunk loop of ``stress.engine._stream`` (host-side chunking, the
+  jitted chunk kernel, results fetched), measured as ``_stream`` minus ``tables`` (``_stream``
+  builds the tables first); both are warm minima over ``--repeat`` runs.
 - ``chunking (host)``: ``engine._chunks`` alone (the NumPy host work inside gather+reduce).
 
 NumPy reference stages: ``tables`` (``instrument_tables``), ``gather+reduce`` (sparse
@@ -33,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,6 +53,9 @@ SCENARIO_KEYS = ("pnl_total", "pnl_gross", "accounts_liquidatable", "shortfall_t
 # The checks the brief asks for (relative 1e-9 in float64); the others are reported too.
 CHECKED = ("bad_debt", "pnl_total", "pnl_worst")
 RTOL64 = 1e-9
+# pnl_gross is not in the SPEC: the engine's is a gross scale summed per position and balance,
+# the reference's the sum over accounts of |pnl|, so they are saved but not compared.
+NOT_COMPARED = ("pnl_gross",)
 
 
 # ------------------------------------------------------------------------------------------
@@ -59,12 +64,18 @@ RTOL64 = 1e-9
 
 def snapshot_dir(accounts: int) -> Path:
     """The cached sample exchange with ``accounts`` accounts (written on first use)."""
-    folder = OUT / f"sample-{accounts}"
-    if not (folder / "positions.parquet").exists():
-        from stress import sample
+    import hashlib
+    import inspect
 
+    from stress import sample
+
+    folder = OUT / f"sample-{accounts}"
+    stamp = folder / "generator.sha256"  # regenerate when stress/sample.py changes
+    digest = hashlib.sha256(inspect.getsource(sample).encode()).hexdigest()
+    if not (folder / "positions.parquet").exists() or not stamp.exists() or stamp.read_text() != digest:
         t = time.perf_counter()
         sample.write(folder, accounts=accounts, fmt="parquet")
+        stamp.write_text(digest)
         print(f"# wrote {folder} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return folder
 
@@ -104,7 +115,27 @@ def summarize(walls: list[float], cpus: list[float]) -> dict:
 # Workers (one fresh process each)
 
 
+def engine_version() -> dict:
+    """The git commit and a hash of ``stress/*.py`` as on disk when the worker started."""
+    import hashlib
+
+    root = HERE.parent
+    h = hashlib.sha256()
+    for f in sorted((root / "stress").glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "stress"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        head, dirty = "?", ""
+    return {"commit": head, "stress_dirty": bool(dirty), "stress_sha256": h.hexdigest()[:12]}
+
+
+ENGINE_VERSION: dict = {}
+
+
 def worker_engine(args) -> dict:
+    ENGINE_VERSION.update(engine_version())
     import jax
 
     import stress
@@ -119,61 +150,65 @@ def worker_engine(args) -> dict:
     with Timer() as tc:
         res = stress.run(snap, scen, dtype=args.dtype)
     rss_cold = peak_rss_mib()
+    if args.worker == "engine-cached":  # a new process whose disk compilation cache is warm
+        save_engine(res, args, "engine-cached")
+        return {"impl": "engine-cached", "engine_version": ENGINE_VERSION, "load_s": tl.wall,
+                "cold": {"wall": tc.wall, "cpu": tc.cpu}, "peak_rss_mib": peak_rss_mib()}
     runs = []
     for _ in range(args.repeat):
         with Timer() as t:
             res = stress.run(snap, scen, dtype=args.dtype)
         runs.append(t)
     stages = {"run": summarize([t.wall for t in runs], [t.cpu for t in runs])}
+    save_engine(res, args, "engine")
+    del res
 
+    # Stages, through engine internals (they change as the engine does, so each is best
+    # effort): ``tables`` (the instrument matrices) and ``_stream`` (tables + the chunk loop);
+    # gather+reduce is the difference of the two minima; host chunking alone is the engine's
+    # chunk generator (``_groups`` or, in older versions, ``_chunks``) run without the kernel.
     dt = engine.DTYPES[args.dtype]
-    walls, cpus = [], []
-    for _ in range(args.repeat):
-        with Timer() as t:
-            tab, _host = engine.tables(snap, scen, dt)
-            jax.block_until_ready(tab)
-        walls.append(t.wall), cpus.append(t.cpu)
-    stages["tables"] = summarize(walls, cpus)
+    chunk = getattr(engine, "DEFAULT_CHUNK", 128)
+    errors = {}
 
-    n_random = int(scen.random.sum())
-    chunk = engine.DEFAULT_CHUNK
+    def timed(name, fn):
+        walls, cpus = [], []
+        try:
+            for _ in range(args.repeat):
+                with Timer() as t:
+                    fn()
+                walls.append(t.wall), cpus.append(t.cpu)
+            stages[name] = summarize(walls, cpus)
+        except Exception as exc:  # noqa: BLE001
+            errors[name] = f"{type(exc).__name__}: {exc}"
 
-    def loop():
-        pending = []
-        for _acc, h in engine._chunks(snap, chunk, dt):
-            pending.append(engine.chunk_kernel(h, tab, snap.n_assets, n_random, False))
-            if len(pending) >= 32:
-                jax.device_get(pending)
-                pending.clear()
-        jax.device_get(pending)
+    timed("tables", lambda: jax.block_until_ready(engine.tables(snap, scen, dt)[0]))
+    timed("tables+gather+reduce", lambda: engine._stream(snap, scen, chunk, args.dtype, None, False))
+    if "tables" in stages and "tables+gather+reduce" in stages:
+        stages["gather+reduce"] = {
+            "wall": stages["tables+gather+reduce"]["wall"] - stages["tables"]["wall"],
+            "cpu": stages["tables+gather+reduce"]["cpu"] - stages["tables"]["cpu"],
+            "derived": "_stream minus tables",
+        }
 
-    walls, cpus = [], []
-    for _ in range(args.repeat):
-        with Timer() as t:
-            loop()
-        walls.append(t.wall), cpus.append(t.cpu)
-    stages["gather+reduce"] = summarize(walls, cpus)
+    n_chunks = [0]
 
-    walls, cpus = [], []
-    n_chunks = 0
-    for _ in range(args.repeat):
-        n_chunks = 0
-        with Timer() as t:
-            for _ in engine._chunks(snap, chunk, dt):
-                n_chunks += 1
-        walls.append(t.wall), cpus.append(t.cpu)
-    stages["chunking (host)"] = summarize(walls, cpus)
+    def host_chunks():
+        if hasattr(engine, "_groups"):
+            gen = engine._groups(snap, chunk, dt, len(engine.devices()))
+        else:
+            gen = engine._chunks(snap, chunk, dt)
+        n_chunks[0] = sum(1 for _ in gen)
 
-    acc, sc = res.accounts, res.scenarios
-    np.savez(
-        result_path("engine", args),
-        **{k: acc[k].to_numpy(np.float64) for k in ACCOUNT_KEYS},
-        **{k: sc[k].to_numpy(np.float64) for k in SCENARIO_KEYS},
-        scenario_worst=acc["scenario_worst"].to_numpy().astype(str),
-    )
-    buckets = [(b.K, len(b.accounts)) for b in engine.portfolio.buckets(snap.pos_account, snap.n_accounts)]
+    timed("chunking (host)", host_chunks)
+
+    try:  # the holdings layout is the engine's design and changes; best effort
+        buckets = [(b.J, b.L, len(b.accounts)) for b in engine.buckets(snap)]
+    except Exception:  # noqa: BLE001
+        buckets = None
     return {
         "impl": "engine",
+        "engine_version": ENGINE_VERSION,
         "load_s": tl.wall,
         "cold": {"wall": tc.wall, "cpu": tc.cpu},
         "stages": stages,
@@ -181,7 +216,9 @@ def worker_engine(args) -> dict:
         "rss_after_cold_mib": rss_cold,
         "peak_rss_mib": peak_rss_mib(),
         "chunk": chunk,
-        "n_chunks": n_chunks,
+        "n_chunks": n_chunks[0],
+        "errors": errors,
+        "n_devices": len(jax.local_devices()),
         "buckets": buckets,
         "positions": int(snap.n_positions),
         "instruments": int(len(snap.instrument_ids)),
@@ -231,6 +268,16 @@ def worker_numpy(args) -> dict:
     }
 
 
+def save_engine(res, args, impl: str) -> None:
+    acc, sc = res.accounts, res.scenarios
+    np.savez(
+        result_path(impl, args),
+        **{k: acc[k].to_numpy(np.float64) for k in ACCOUNT_KEYS},
+        **{k: sc[k].to_numpy(np.float64) for k in SCENARIO_KEYS},
+        scenario_worst=acc["scenario_worst"].to_numpy().astype(str),
+    )
+
+
 def result_path(impl: str, args) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / f"{impl}_{args.accounts}_{args.scenarios}_{args.dtype}.npz"
@@ -238,6 +285,29 @@ def result_path(impl: str, args) -> Path:
 
 # ------------------------------------------------------------------------------------------
 # Parent: spawn workers, compare, print
+
+
+def cpu_busy_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot (all cores), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(limit_s: float, threshold: float = 0.25) -> float:
+    """Wait (up to ``limit_s``) until the machine's other work uses under ``threshold`` cores
+    over a 3-second window; returns the last measured load in cores."""
+    t_end = time.perf_counter() + limit_s
+    while True:
+        b0, t0 = cpu_busy_seconds(), time.perf_counter()
+        time.sleep(3)
+        busy = (cpu_busy_seconds() - b0) / (time.perf_counter() - t0)
+        if busy < threshold or time.perf_counter() >= t_end:
+            return busy
 
 
 def spawn(impl: str, args, dtype: str) -> dict:
@@ -248,11 +318,37 @@ def spawn(impl: str, args, dtype: str) -> dict:
     if args.ref_chunk:
         cmd += ["--ref-chunk", str(args.ref_chunk)]
     print(f"# {impl} {args.accounts}x{args.scenarios} {dtype} ...", file=sys.stderr, flush=True)
+    env = dict(os.environ)
+    if impl.startswith("engine"):
+        # The engine may keep compiled kernels on disk (STRESS_COMPILATION_CACHE); the first
+        # engine process starts from an empty folder, so its cold run really compiles, and
+        # the "engine-cached" process after it finds that folder filled.
+        cache = OUT / "jax-cache" / f"{args.accounts}_{args.scenarios}_{dtype}"
+        if impl == "engine":
+            shutil.rmtree(cache, ignore_errors=True)
+        env["STRESS_COMPILATION_CACHE"] = str(cache)
+        if args.cpu_devices:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+    idle_before = wait_idle(args.wait_idle) if args.wait_idle else None
     t = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    load_before = os.getloadavg()[0]
+    busy0 = cpu_busy_seconds()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    wall = time.perf_counter() - t
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy = cpu_busy_seconds() - busy0
+    own = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if proc.returncode != 0:
-        return {"impl": impl, "error": f"worker exited with {proc.returncode}", "wall": time.perf_counter() - t}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"impl": impl, "error": f"worker exited with {proc.returncode}", "wall": wall}
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Other processes on the machine skew timings: the 1-minute load average before and after,
+    # and the CPU the rest of the machine used while the worker ran, in cores on average.
+    rec["loadavg"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    rec["other_cores"] = round(max(busy - own, 0.0) / wall, 2)
+    rec["idle_before"] = None if idle_before is None else round(idle_before, 2)
+    rec["worker_wall_s"] = wall
+    return rec
 
 
 def compare(a_path: Path, b_path: Path) -> dict:
@@ -262,6 +358,8 @@ def compare(a_path: Path, b_path: Path) -> dict:
     a, b = np.load(a_path), np.load(b_path)
     out = {}
     for k in ACCOUNT_KEYS + SCENARIO_KEYS:
+        if k in NOT_COMPARED:
+            continue
         out[k] = ref.rel_err(a[k], b[k])
     # pnl and bad debt both cancel inside an account (equity - base equity); this scale shows
     # the error against the account's size (its |equity| + |pnl_worst|, floored at 1 USD).
@@ -280,7 +378,8 @@ def table(rec: dict) -> str:
     N, S = rec["accounts"], rec["scenarios"]
     e, n = rec.get("engine", {}), rec.get("numpy", {})
     lines = [
-        f"### {N:,} accounts x {S:,} scenarios, {rec['dtype']}",
+        f"### {N:,} accounts x {S:,} scenarios, {rec['dtype']}"
+        + (f", {rec['cpu_devices']} XLA CPU devices" if rec.get("cpu_devices") else ""),
         "",
         "| stage | engine (s) | numpy (s) | speedup | engine acc·scen/s | numpy acc·scen/s | engine CPU/wall |",
         "|---|---|---|---|---|---|---|",
@@ -297,17 +396,27 @@ def table(rec: dict) -> str:
     g = lambda d, k: d.get(k, {}).get("wall")  # noqa: E731
     c = lambda d, k: d.get(k, {}).get("cpu")  # noqa: E731
     row("run, cold (1st call, compiles)", e.get("cold", {}).get("wall"), g(ns, "run"), e.get("cold", {}).get("cpu"))
+    ec = rec.get("engine-cached", {}).get("cold", {})
+    if ec:
+        row("run, new process, disk cache warm", ec.get("wall"), g(ns, "run"), ec.get("cpu"))
     row("run, warm", g(es, "run"), g(ns, "run"), c(es, "run"))
     row("instrument tables [I,S]", g(es, "tables"), g(ns, "tables"), c(es, "tables"))
     row("gather + reduce (accounts)", g(es, "gather+reduce"), g(ns, "gather+reduce"), c(es, "gather+reduce"))
     row("  of which host chunking", g(es, "chunking (host)"), None, c(es, "chunking (host)"))
+    if g(es, "run") and g(es, "tables+gather+reduce"):
+        row("run minus _stream (result assembly)", g(es, "run") - g(es, "tables+gather+reduce"), None)
     lines.append("")
     lines.append(
         f"peak RSS: engine {e.get('peak_rss_mib', float('nan')):,.0f} MiB "
         f"(after load {e.get('rss_loaded_mib', float('nan')):,.0f}), numpy {n.get('peak_rss_mib', float('nan')):,.0f} MiB "
-        f"(after load {n.get('rss_loaded_mib', float('nan')):,.0f}); snapshot load {e.get('load_s', float('nan')):.1f} s"
+        f"(after load {n.get('rss_loaded_mib', float('nan')):,.0f}); snapshot load {e.get('load_s', float('nan')):.1f} s; "
+        f"other processes' CPU during the worker (cores): engine {e.get('other_cores')}, numpy {n.get('other_cores')}"
     )
-    for k in ("engine", "numpy"):
+    if e.get("engine_version"):
+        lines.append(f"engine version: {e['engine_version']}; chunks of {e.get('chunk')} accounts: {e.get('n_chunks')}")
+    if e.get("errors"):
+        lines.append(f"engine stages not timed: {e['errors']}")
+    for k in ("engine", "engine-cached", "numpy"):
         if "error" in rec.get(k, {}):
             lines.append(f"{k}: {rec[k]['error']}")
     for label in ("agree", "agree_f64ref"):
@@ -354,12 +463,18 @@ def main(argv=None) -> int:
     p.add_argument("--ref-repeat", type=int, default=0, help="repetitions of the numpy reference (default: --repeat)")
     p.add_argument("--ref-chunk", type=int, default=0, help="accounts per numpy chunk (default: ~2e7 cells)")
     p.add_argument("--impl", nargs="+", choices=("engine", "numpy"), default=["engine", "numpy"])
-    p.add_argument("--worker", choices=("engine", "numpy"), help=argparse.SUPPRESS)
+    p.add_argument("--cpu-devices", type=int, default=0,
+                   help="engine workers: XLA_FLAGS=--xla_force_host_platform_device_count=N (CPU only)")
+    p.add_argument("--wait-idle", type=float, default=0,
+                   help="before each worker, wait up to this many seconds for the machine to be idle")
+    p.add_argument("--no-cached-run", action="store_true",
+                   help="skip the extra engine process that starts with a warm disk compilation cache")
+    p.add_argument("--worker", choices=("engine", "engine-cached", "numpy"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
         args.dtype = args.dtype[0]
-        rec = worker_engine(args) if args.worker == "engine" else worker_numpy(args)
+        rec = worker_numpy(args) if args.worker == "numpy" else worker_engine(args)
         print(json.dumps(rec))
         return 0
 
@@ -369,8 +484,12 @@ def main(argv=None) -> int:
     for dtype in args.dtype:
         rec = {"accounts": args.accounts, "scenarios": args.scenarios, "dtype": dtype, "repeat": args.repeat,
                "ref_repeat": args.ref_repeat or args.repeat, "machine": info, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if args.cpu_devices:
+            rec["cpu_devices"] = args.cpu_devices
         for impl in args.impl:
             rec[impl] = spawn(impl, args, dtype)
+            if impl == "engine" and not args.no_cached_run and "error" not in rec[impl]:
+                rec["engine-cached"] = spawn("engine-cached", args, dtype)
         ns = argparse.Namespace(accounts=args.accounts, scenarios=args.scenarios, dtype=dtype)
         e_path, n_path = result_path("engine", ns), result_path("numpy", ns)
         ran_both = all("error" not in rec.get(k, {"error": 1}) for k in ("engine", "numpy"))

@@ -93,6 +93,7 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the report path."),
 ) -> None:
     """Stress a snapshot under a scenario set and write a report folder."""
+    started = time.perf_counter()
     if dtype not in ("float64", "float32"):
         sys.stderr.write(f"error: --dtype {dtype!r}: expected float64 or float32\n")
         raise typer.Exit(2)
@@ -112,6 +113,7 @@ def run(
     finally:
         if bar is not None:
             bar.stop()
+    res.summary["runtime_seconds"] = time.perf_counter() - started  # load and run, as a user waits
     breaches = _breaches(res.summary, limits)
     target = out_dir or Path("reports") / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     report.write(res, target, breaches)
