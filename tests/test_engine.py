@@ -167,3 +167,26 @@ def test_kernel_compiles_once_per_bucket_shape(sample_tables, tmp_path, scen):
     before = kernel._cache_size()
     stress.run(b, stress.load_scenarios(default_path(), b))
     assert kernel._cache_size() == before
+
+
+def test_results_do_not_depend_on_device_count(sample_dir, tmp_path):
+    # The CPU device count is fixed when JAX starts, so each count runs in its own process.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, stress, jax; from stress.scenarios import default_path;"
+        "snap = stress.load_snapshot(sys.argv[1]);"
+        "res = stress.run(snap, stress.load_scenarios(default_path(), snap), chunk_size=16);"
+        "res.accounts.to_parquet(sys.argv[2] + '-acc.parquet'); res.scenarios.to_parquet(sys.argv[2] + '-sc.parquet');"
+        "print(len(jax.local_devices()))"
+    )
+    results = {}
+    for n in (1, 3):
+        env = {**__import__("os").environ, "STRESS_CPU_DEVICES": str(n), "XLA_FLAGS": ""}
+        out = subprocess.run([sys.executable, "-c", code, str(sample_dir), str(tmp_path / f"d{n}")],
+                             env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip().splitlines()[-1] == str(n)
+        results[n] = engine.Result(pd.read_parquet(tmp_path / f"d{n}-acc.parquet"),
+                                   pd.read_parquet(tmp_path / f"d{n}-sc.parquet"), {})
+    assert_same(results[1], results[3], rtol=1e-12)
