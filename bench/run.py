@@ -62,8 +62,15 @@ NOT_COMPARED = ("pnl_gross",)
 # Inputs
 
 
-def snapshot_dir(accounts: int) -> Path:
-    """The cached sample exchange with ``accounts`` accounts (written on first use)."""
+def snapshot_dir(accounts: int, generate: bool = True) -> Path:
+    """The cached sample exchange with ``accounts`` accounts (written on first use).
+
+    Only the parent process generates (``generate=True``); workers take the folder as it is,
+    so every worker of one invocation reads the same files even if ``stress/sample.py``
+    changes meanwhile.
+    """
+    if not generate:
+        return OUT / f"sample-{accounts}"
     import hashlib
     import inspect
 
@@ -143,7 +150,7 @@ def worker_engine(args) -> dict:
 
     jax.devices()  # backend start-up is not part of the cold run
     with Timer() as tl:
-        snap = stress.load_snapshot(snapshot_dir(args.accounts))
+        snap = stress.load_snapshot(snapshot_dir(args.accounts, generate=False))
     scen = make_scenarios(args.scenarios, snap.n_assets)
     rss_loaded = peak_rss_mib()
 
@@ -231,7 +238,7 @@ def worker_numpy(args) -> dict:
     import numpy_ref as ref
 
     with Timer() as tl:
-        snap = stress.load_snapshot(snapshot_dir(args.accounts))
+        snap = stress.load_snapshot(snapshot_dir(args.accounts, generate=False))
     scen = make_scenarios(args.scenarios, snap.n_assets)
     rss_loaded = peak_rss_mib()
     dt = np.dtype(args.dtype)
@@ -478,12 +485,14 @@ def main(argv=None) -> int:
         print(json.dumps(rec))
         return 0
 
-    snapshot_dir(args.accounts)  # generate once, before the timed workers
+    folder = snapshot_dir(args.accounts)  # generate once, before the timed workers
+    generator = (folder / "generator.sha256").read_text()[:12]
+    produced: set = set()  # result files written by this invocation's workers
     info = machine()
     failed = False
     for dtype in args.dtype:
         rec = {"accounts": args.accounts, "scenarios": args.scenarios, "dtype": dtype, "repeat": args.repeat,
-               "ref_repeat": args.ref_repeat or args.repeat, "machine": info, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+               "ref_repeat": args.ref_repeat or args.repeat, "sample_generator_sha256": generator, "machine": info, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if args.cpu_devices:
             rec["cpu_devices"] = args.cpu_devices
         for impl in args.impl:
@@ -492,6 +501,9 @@ def main(argv=None) -> int:
                 rec["engine-cached"] = spawn("engine-cached", args, dtype)
         ns = argparse.Namespace(accounts=args.accounts, scenarios=args.scenarios, dtype=dtype)
         e_path, n_path = result_path("engine", ns), result_path("numpy", ns)
+        for impl, path in (("engine", e_path), ("numpy", n_path)):
+            if impl in rec and "error" not in rec[impl]:
+                produced.add(path)
         ran_both = all("error" not in rec.get(k, {"error": 1}) for k in ("engine", "numpy"))
         if ran_both:
             rec["agree"] = compare(e_path, n_path)
@@ -499,7 +511,7 @@ def main(argv=None) -> int:
                 rec["agree"]["pass"] = all(rec["agree"][k] <= RTOL64 for k in CHECKED)
                 failed |= not rec["agree"]["pass"]
         f64 = result_path("numpy", argparse.Namespace(accounts=args.accounts, scenarios=args.scenarios, dtype="float64"))
-        if dtype == "float32" and "error" not in rec.get("engine", {"error": 1}) and f64.exists():
+        if dtype == "float32" and "error" not in rec.get("engine", {"error": 1}) and f64 in produced:
             rec["agree_f64ref"] = compare(e_path, f64)
         print(table(rec), flush=True)
         print(flush=True)
