@@ -215,14 +215,13 @@ def devices() -> list:
 
 @functools.lru_cache(maxsize=None)
 def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int) -> Callable:
-    """``chunk_kernel`` over a group of ``n_devices`` chunks, one per device, compiled once
-    per holdings shape for the whole device mesh (``shard_map`` over the group axis)."""
+    """``chunk_kernel`` over a group of chunks ``[n_devices * B, ...]``: each device runs its
+    ``B`` chunks in turn (``lax.map``), all devices at once (``shard_map``); compiled once per
+    holdings shape for the whole device mesh."""
     mesh = Mesh(np.array(devices()[:n_devices]), ("d",))
 
     def local(h: Holdings, t: Tables) -> dict:
-        one = jax.tree.map(lambda x: x[0], h)
-        out = chunk_kernel(one, t, n_random, with_pnl)
-        return jax.tree.map(lambda x: x[None], out)
+        return jax.lax.map(lambda one: chunk_kernel(one, t, n_random, with_pnl), h)
 
     specs = dict(mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"))
     try:  # every device runs the same per-chunk code; no cross-device values to check
@@ -242,14 +241,22 @@ def buckets(snap: Snapshot) -> list[portfolio.Bucket]:
     )
 
 
-def _groups(snap: Snapshot, chunk: int, dtype: Any, group: int):
-    """Yield ``(account indices per chunk, Holdings [group, chunk, ...])``, bucket by bucket.
+MAX_CHUNKS_PER_DEVICE = 8  # per call: enough to hide dispatch, few enough to pad little
 
-    A group holds one chunk per device; the last group of a bucket is padded with empty
-    chunks and the last chunk with empty rows (``valid`` False), so shapes stay fixed.
+
+def _groups(snap: Snapshot, chunk: int, dtype: Any, n_devices: int):
+    """Yield ``(account indices per chunk, Holdings [G, chunk, ...])``, bucket by bucket.
+
+    A group holds ``G = n_devices * B`` chunks, ``B`` per device, with ``B`` a power of two
+    sized to the bucket (so a bucket of 30 market makers is not padded to 8 chunks a
+    device). The last group of a bucket is padded with empty chunks and the last chunk with
+    empty rows (``valid`` False), so shapes stay fixed.
     """
     for b in buckets(snap):
         m = len(b.accounts)
+        per_device = math.ceil(m / (chunk * n_devices))
+        B = min(MAX_CHUNKS_PER_DEVICE, 1 << max(0, math.ceil(math.log2(max(per_device, 1)))))
+        group = n_devices * B
         step = chunk * group
         for lo in range(0, m, step):
             hi = min(lo + step, m)
@@ -312,18 +319,21 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
     n_random = int(scen.random.sum())
     D = len(devices())
     kernel = sharded_kernel(n_random, with_pnl, D)
-    sums = None
+    total = np.zeros((len(SUM_NAMES), t.user.size))
     per_acc: dict[str, np.ndarray] = {}
     pnl = np.empty((snap.n_accounts, S), np.float64) if with_pnl else None
     done = 0
     pending = []
 
     def drain():
-        nonlocal done
+        nonlocal done, total
         for accs, out in pending:
             out = jax.device_get(out)
+            total = total + out.pop("sums").sum(axis=0, dtype=np.float64)
             for g, acc in enumerate(accs):
                 n = len(acc)
+                if not n:
+                    continue
                 for k, v in out.items():
                     if k == "pnl":
                         pnl[acc] = v[g, :n, :S]
@@ -336,17 +346,13 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
                 progress(done, snap.n_accounts)
         pending.clear()
 
-    # Dispatch is asynchronous: the devices compute while Python prepares the next group.
-    # Per-scenario sums are accumulated on the device, at float64.
+    # Dispatch is asynchronous: the devices compute while Python prepares the next group;
+    # results are fetched a few groups behind.
     for accs, h in _groups(snap, chunk_size, dt, D):
-        out = kernel(h, t)
-        s64 = out.pop("sums").astype(jnp.float64).sum(axis=0)
-        sums = s64 if sums is None else sums + s64
-        pending.append((accs, out))
-        if len(pending) >= 8:  # bound what is in flight
+        pending.append((accs, kernel(h, t)))
+        if len(pending) >= 4:
             drain()
     drain()
-    total = np.asarray(sums)
     sums = {name: total[i, :S] for i, name in enumerate(SUM_NAMES)}
     return t, host, per_acc, sums, pnl, n_random
 
