@@ -2,26 +2,37 @@
 
 Usage (from the repository root)::
 
-    python bench/run.py --accounts 100000 --scenarios 5000 --dtype float64 float32 --repeat 2
+    python bench/run.py --accounts 100000 --scenarios 5000 --dtype float64 float32 \
+        --repeat 2 --wait-idle 90
+    python bench/run.py --show      # the tables of the latest recorded results
 
-For each dtype it runs two fresh subprocesses ("workers"), one for the engine and one for the
-NumPy reference (``bench/numpy_ref.py``), so that each reports its own peak RSS
-(``ru_maxrss``). The parent then checks that the two agree and prints a table; results are
-also appended to ``bench/out/results.jsonl``.
+For each dtype the parent runs fresh subprocesses ("workers") so that each reports its own
+peak RSS (``ru_maxrss``): the engine, then a second engine process that only times its first
+``stress.run`` with the on-disk compilation cache the first one filled, then the NumPy
+reference (``bench/numpy_ref.py``). It then checks that engine and reference agree, prints a
+table and appends the record to ``bench/out/results.jsonl``. ``--wait-idle`` waits for the
+rest of the machine to go quiet before each worker; the CPU that other processes used while a
+worker ran is recorded either way (``other_cores``).
 
 The synthetic exchange comes from ``stress.sample.write(..., fmt="parquet")`` and is cached
-under ``bench/out/sample-<accounts>/``. Scenarios are ``S`` explicit joint shocks drawn with
+under ``bench/out/sample-<accounts>/`` (rewritten when ``stress/sample.py`` changes; only the
+parent writes it). Scenarios are ``S`` explicit joint shocks drawn with
 ``numpy.random.default_rng(0)``: spot multipliers ``exp(0.05 z)`` per asset, implied-vol
 shifts ``N(0, 0.05)``, horizon 0.
 
-Engine stages timed (warm, i.e. after a first call that compiled everything):
+Engine stages (warm: minima over ``--repeat`` calls after a first call compiled everything):
 
-- ``run``: ``stress.run(snap, scen, dtype=...)`` end to end (also timed cold, first call).
+- ``run``: ``stress.run(snap, scen, dtype=...)`` end to end; also timed cold (first call in a
+  process with an empty compilation cache) and in a new process with the disk cache filled.
 - ``tables``: ``stress.engine.tables`` (instrument revaluation and margin, ``[I, S]``).
 - ``gather+reduce``: the chunk loop of ``stress.engine._stream`` (host-side chunking, the
   jitted chunk kernel, results fetched), measured as ``_stream`` minus ``tables`` (``_stream``
-  builds the tables first); both are warm minima over ``--repeat`` runs.
-- ``chunking (host)``: ``engine._chunks`` alone (the NumPy host work inside gather+reduce).
+  builds the tables first).
+- ``chunking (host)``: the engine's chunk generator alone (``_groups``, or ``_chunks`` in older
+  versions): the NumPy host work inside gather+reduce, holdings layout included.
+
+These use engine internals, which change as the engine does; a stage whose internals are gone
+is reported as not timed instead of failing the run.
 
 NumPy reference stages: ``tables`` (``instrument_tables``), ``gather+reduce`` (sparse
 holdings build + ``accounts_and_reductions``) and their sum ``run``.
@@ -378,7 +389,11 @@ def compare(a_path: Path, b_path: Path) -> dict:
 
 
 def fmt_s(x):
-    return "—" if x is None else (f"{x:.2f}" if x >= 0.1 else f"{x * 1e3:.1f} ms")
+    if x is None:
+        return "—"
+    if x < 0:
+        return "< 0 (noise)"
+    return f"{x:.2f}" if x >= 0.1 else f"{x * 1e3:.1f} ms"
 
 
 def table(rec: dict) -> str:
@@ -392,10 +407,10 @@ def table(rec: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
 
-    def row(name, ew, nw, ecpu=None):
-        sp = f"{nw / ew:.2f}x" if ew and nw else "—"
-        er = f"{N * S / ew:.3g}" if ew else "—"
-        nr = f"{N * S / nw:.3g}" if nw else "—"
+    def row(name, ew, nw, ecpu=None, rate=True):
+        sp = f"{nw / ew:.2f}x" if ew and nw and ew > 0 else "—"
+        er = f"{N * S / ew:.3g}" if rate and ew and ew > 0 else "—"
+        nr = f"{N * S / nw:.3g}" if rate and nw else "—"
         par = f"{ecpu / ew:.2f}" if ew and ecpu is not None else "—"
         lines.append(f"| {name} | {fmt_s(ew)} | {fmt_s(nw)} | {sp} | {er} | {nr} | {par} |")
 
@@ -407,11 +422,11 @@ def table(rec: dict) -> str:
     if ec:
         row("run, new process, disk cache warm", ec.get("wall"), g(ns, "run"), ec.get("cpu"))
     row("run, warm", g(es, "run"), g(ns, "run"), c(es, "run"))
-    row("instrument tables [I,S]", g(es, "tables"), g(ns, "tables"), c(es, "tables"))
+    row("instrument tables [I,S]", g(es, "tables"), g(ns, "tables"), c(es, "tables"), rate=False)
     row("gather + reduce (accounts)", g(es, "gather+reduce"), g(ns, "gather+reduce"), c(es, "gather+reduce"))
-    row("  of which host chunking", g(es, "chunking (host)"), None, c(es, "chunking (host)"))
+    row("  of which host chunking", g(es, "chunking (host)"), None, c(es, "chunking (host)"), rate=False)
     if g(es, "run") and g(es, "tables+gather+reduce"):
-        row("run minus _stream (result assembly)", g(es, "run") - g(es, "tables+gather+reduce"), None)
+        row("run minus _stream (result assembly)", g(es, "run") - g(es, "tables+gather+reduce"), None, rate=False)
     lines.append("")
     lines.append(
         f"peak RSS: engine {e.get('peak_rss_mib', float('nan')):,.0f} MiB "
@@ -420,7 +435,8 @@ def table(rec: dict) -> str:
         f"other processes' CPU during the worker (cores): engine {e.get('other_cores')}, numpy {n.get('other_cores')}"
     )
     if e.get("engine_version"):
-        lines.append(f"engine version: {e['engine_version']}; chunks of {e.get('chunk')} accounts: {e.get('n_chunks')}")
+        lines.append(f"engine version: {e['engine_version']}; {e.get('n_devices')} XLA device(s); chunk {e.get('chunk')} accounts; "
+                     f"host chunk groups per pass: {e.get('n_chunks')}")
     if e.get("errors"):
         lines.append(f"engine stages not timed: {e['errors']}")
     for k in ("engine", "engine-cached", "numpy"):
@@ -463,21 +479,34 @@ def machine() -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--accounts", type=int, default=100_000)
-    p.add_argument("--scenarios", type=int, default=1_000)
-    p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64"])
+    p.add_argument("--accounts", type=int, default=100_000, help="accounts in the sample exchange")
+    p.add_argument("--scenarios", type=int, default=1_000, help="explicit random scenarios")
+    p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64"],
+                   help="one configuration per dtype (give float64 first to compare float32 with it)")
     p.add_argument("--repeat", type=int, default=2, help="warm repetitions per stage (min is reported)")
     p.add_argument("--ref-repeat", type=int, default=0, help="repetitions of the numpy reference (default: --repeat)")
     p.add_argument("--ref-chunk", type=int, default=0, help="accounts per numpy chunk (default: ~2e7 cells)")
-    p.add_argument("--impl", nargs="+", choices=("engine", "numpy"), default=["engine", "numpy"])
+    p.add_argument("--impl", nargs="+", choices=("engine", "numpy"), default=["engine", "numpy"],
+                   help="which implementations to run")
     p.add_argument("--cpu-devices", type=int, default=0,
                    help="engine workers: XLA_FLAGS=--xla_force_host_platform_device_count=N (CPU only)")
     p.add_argument("--wait-idle", type=float, default=0,
                    help="before each worker, wait up to this many seconds for the machine to be idle")
     p.add_argument("--no-cached-run", action="store_true",
                    help="skip the extra engine process that starts with a warm disk compilation cache")
+    p.add_argument("--show", action="store_true",
+                   help="print the tables of the latest recorded result of each configuration and exit")
     p.add_argument("--worker", choices=("engine", "engine-cached", "numpy"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+
+    if args.show:
+        latest = {}
+        for line in open(OUT / "results.jsonl"):
+            rec = json.loads(line)
+            latest[(rec["accounts"], rec["scenarios"], rec["dtype"], rec.get("cpu_devices", 0))] = rec
+        for key in sorted(latest):
+            print(table(latest[key]) + "\n")
+        return 0
 
     if args.worker:
         args.dtype = args.dtype[0]

@@ -33,6 +33,9 @@ from .scenarios import Scenarios
 from .snapshot import Snapshot
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
+DEFAULT_CHUNK = 128  # accounts per chunk: [128, 256] tiles keep the working set in L2
+VAR_LEVEL = 0.99
+SUM_NAMES = ("liquidatable", "shortfall", "bad_debt")  # per-scenario sums over accounts
 
 
 def _compilation_cache() -> None:
@@ -56,11 +59,6 @@ def _compilation_cache() -> None:
 
 
 _compilation_cache()
-DEFAULT_CHUNK = 128
-VAR_LEVEL = 0.99
-
-
-SUM_NAMES = ("liquidatable", "shortfall", "bad_debt")  # per-scenario sums over accounts
 
 
 @pytree_dataclass
