@@ -23,7 +23,7 @@ from ._tree import pytree_dataclass
 UNROLL_MAX = 8  # slots with up to this many positions are unrolled (XLA fuses them); wider ones loop
 # Padded shapes (J slots, L positions per slot) for ordinary accounts, smallest first. Each
 # shape is one compilation (about a second on CPU), so a short ladder beats a shape per power
-# of two; accounts beyond the last rung get (pow2(J), pow2(L)) of their own.
+# of two; accounts beyond the last rung share one shape, (pow2(max J), pow2(max L)) over them.
 LADDER = ((1, 1), (2, 1), (2, 2), (4, 2), (4, 4))
 
 
@@ -61,8 +61,20 @@ def _pow2(x: np.ndarray) -> np.ndarray:
 def _rank_in_group(group: np.ndarray) -> np.ndarray:
     """0, 1, 2... within runs of equal values of a sorted array."""
     idx = np.arange(len(group))
-    start = np.flatnonzero(np.r_[True, group[1:] != group[:-1]]) if len(group) else idx
-    return idx - np.repeat(start, np.diff(np.r_[start, len(group)]))
+    if not len(group):
+        return idx
+    new = np.empty(len(group), bool)
+    new[0] = True
+    np.not_equal(group[1:], group[:-1], out=new[1:])
+    return idx - np.maximum.accumulate(np.where(new, idx, 0))
+
+
+def _rank_in_group_unsorted(group: np.ndarray) -> np.ndarray:
+    """For each element, how many earlier elements share its group."""
+    order = np.argsort(group, kind="stable")
+    rank = np.empty(len(group), np.int64)
+    rank[order] = _rank_in_group(group[order])
+    return rank
 
 
 def layout(
@@ -75,8 +87,8 @@ def layout(
 ) -> list[Bucket]:
     """Group accounts into ``(J, L)`` buckets of slot-major holdings (vectorised, no row loop).
 
-    Each account goes to the smallest ``LADDER`` shape that holds it, or to a power-of-two
-    shape of its own beyond the ladder (market makers).
+    Each account goes to the smallest ``LADDER`` shape that holds it; those beyond the ladder
+    (market makers) share one power-of-two shape.
 
     Args:
       pos_*: positions in COO form ``[N]``. settlement: ``[I]`` settlement asset index.
@@ -89,41 +101,50 @@ def layout(
     settle = settlement[pos_instrument].astype(np.int64)
     b_acc, b_asset = np.nonzero(balances)
     pos_key = pos_account.astype(np.int64) * A + settle
-    keys = np.unique(np.concatenate([pos_key, b_acc.astype(np.int64) * A + b_asset]))
+    keys = np.sort(np.concatenate([pos_key, b_acc.astype(np.int64) * A + b_asset]))
+    keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys  # np.unique, 30x faster
     slot_acc, slot_asset = keys // A, keys % A
     slot_rank = _rank_in_group(slot_acc)
     J = np.bincount(slot_acc, minlength=n)
 
     pos_slot = np.searchsorted(keys, pos_key)
-    order = np.argsort(pos_slot, kind="stable")
-    within = np.empty(len(order), np.int64)
-    within[order] = _rank_in_group(pos_slot[order])
+    within = _rank_in_group_unsorted(pos_slot)
     per_slot = np.bincount(pos_slot, minlength=len(keys))
     L = np.zeros(n, np.int64)
-    np.maximum.at(L, slot_acc, per_slot)
+    if len(keys):  # slots are sorted by account: the widest slot of each account
+        first = np.flatnonzero(np.r_[True, slot_acc[1:] != slot_acc[:-1]])
+        L[slot_acc[first]] = np.maximum.reduceat(per_slot, first)
 
-    Jp, Lp = _pow2(J), _pow2(L)
-    placed = np.zeros(n, bool)
+    # Beyond the ladder (market makers, accounts in many assets): one shape for them all,
+    # since a compilation costs more than padding a few hundred large accounts.
+    big = np.ones(n, bool)
+    Jp = np.full(n, int(_pow2(J.max(initial=1))), np.int64)
+    Lp = np.full(n, int(_pow2(L.max(initial=1))), np.int64)
     for lj, ll in reversed(LADDER):  # smallest rung that fits wins
         fits = (J <= lj) & (L <= ll)
-        Jp[fits], Lp[fits], placed[fits] = lj, ll, True
+        Jp[fits], Lp[fits] = lj, ll
+        big &= ~fits
+    if big.any():
+        Jp[big], Lp[big] = _pow2(J[big].max()), _pow2(L[big].max())
     shape_key = Jp * (1 << 32) + Lp
+    shapes, bucket = np.unique(shape_key, return_inverse=True)
+    row = _rank_in_group_unsorted(bucket)  # each account's row within its bucket
+    s_order = np.argsort(bucket[slot_acc], kind="stable")
+    p_order = np.argsort(bucket[pos_account], kind="stable")
+    s_split = np.searchsorted(bucket[slot_acc][s_order], np.arange(1, len(shapes)))
+    p_split = np.searchsorted(bucket[pos_account][p_order], np.arange(1, len(shapes)))
     out = []
-    for key in np.unique(shape_key):
+    for b, (key, s, p) in enumerate(zip(shapes, np.split(s_order, s_split), np.split(p_order, p_split))):
         bj, bl = int(key >> 32), int(key & 0xFFFFFFFF)
-        acc = np.flatnonzero(shape_key == key)
-        row = np.full(n, -1, np.int64)
-        row[acc] = np.arange(len(acc))
+        acc = np.flatnonzero(bucket == b)
         m = len(acc)
         asset = np.zeros((m, bj), np.int32)
         bal = np.zeros((m, bj))
-        s = np.flatnonzero(row[slot_acc] >= 0)
         asset[row[slot_acc[s]], slot_rank[s]] = slot_asset[s]
         bal[row[slot_acc[s]], slot_rank[s]] = balances[slot_acc[s], slot_asset[s]]
         inst = np.zeros((m, bj, bl), np.int32)
         qty = np.zeros((m, bj, bl))
         w = np.zeros((m, bj, bl))
-        p = np.flatnonzero(row[pos_account] >= 0)
         r, j, l = row[pos_account[p]], slot_rank[pos_slot[p]], within[p]
         inst[r, j, l] = pos_instrument[p]
         qty[r, j, l] = pos_quantity[p]
