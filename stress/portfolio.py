@@ -20,7 +20,7 @@ import numpy as np
 
 from ._tree import pytree_dataclass
 
-UNROLL_MAX = 8  # slots with up to this many positions are unrolled (XLA fuses them); wider ones loop
+UNROLL_MAX = 8  # holdings of up to J * L = 8 are unrolled (XLA fuses them); wider ones loop
 # Padded shapes (J slots, L positions per slot) for ordinary accounts, smallest first. Each
 # shape is one compilation (about a second on CPU), so a short ladder beats a shape per power
 # of two; accounts beyond the last rung share one shape, (pow2(max J), pow2(max L)) over them.
@@ -173,25 +173,30 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any) -> tuple[A
     n, J, L = h.inst.shape
     first = value(h.inst[:, 0, 0])
     W, dt = first.shape[1], first.dtype
-    eq = jnp.zeros((n, W), dt)
-    coll = jnp.zeros((n, W), dt)
-    margin = jnp.zeros((n, W), dt)
-    for j in range(J):
+    unroll = J * L <= UNROLL_MAX
 
-        def add(l, carry, j=j):
-            e, m = carry
-            i = h.inst[:, j, l]
-            return e + h.qty[:, j, l, None] * value(i), m + h.weight[:, j, l, None] * mm(i)
+    def position(j, l, carry):
+        e, m = carry
+        i = h.inst[:, j, l]
+        return e + h.qty[:, j, l, None] * value(i), m + h.weight[:, j, l, None] * mm(i)
 
-        carry = (jnp.broadcast_to(h.balance[:, j, None], (n, W)).astype(dt), margin)
-        if L <= UNROLL_MAX:
+    def slot(j, carry):
+        eq, coll, margin = carry
+        e = jnp.broadcast_to(h.balance[:, j, None], (n, W)).astype(dt)
+        if unroll:
             for l in range(L):
-                carry = add(l, carry)
+                e, margin = position(j, l, (e, margin))
         else:
-            carry = jax.lax.fori_loop(0, L, add, carry)
-        e, margin = carry
+            e, margin = jax.lax.fori_loop(0, L, lambda l, c: position(j, l, c), (e, margin))
         a = h.asset[:, j]
         usd = e * price(a)
-        eq = eq + usd
-        coll = coll + jnp.where(e > 0, 1.0 - haircut[a][:, None], 1.0) * usd
-    return eq, coll, margin
+        return eq + usd, coll + jnp.where(e > 0, 1.0 - haircut[a][:, None], 1.0) * usd, margin
+
+    zeros = jnp.zeros((n, W), dt)
+    carry = (zeros, zeros, zeros)
+    if unroll:
+        for j in range(J):
+            carry = slot(j, carry)
+        return carry
+    # Wide accounts (few, e.g. market makers) loop instead: unrolling them costs compile time.
+    return jax.lax.fori_loop(0, J, slot, carry)
