@@ -229,12 +229,16 @@ def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int) -> Callable:
     return jax.jit(mapped)
 
 
+def position_weights(snap: Snapshot) -> np.ndarray:
+    """``[N]`` contracts of each position that carry its instrument's margin."""
+    kind = np.asarray(snap.instruments.kind)
+    return np.asarray(margin.position_weight(kind[snap.pos_instrument], snap.pos_quantity))
+
+
 def buckets(snap: Snapshot) -> list[portfolio.Bucket]:
     """The snapshot's accounts grouped by padded holdings shape ``(J, L)``."""
-    kind = np.asarray(snap.instruments.kind)
-    weight = np.asarray(margin.position_weight(kind[snap.pos_instrument], snap.pos_quantity))
     return portfolio.layout(
-        snap.pos_account, snap.pos_instrument, snap.pos_quantity, weight,
+        snap.pos_account, snap.pos_instrument, snap.pos_quantity, position_weights(snap),
         np.asarray(snap.instruments.settlement), snap.balances,
     )
 
@@ -291,8 +295,7 @@ def exchange_pnl(snap: Snapshot, host: dict) -> tuple[np.ndarray, np.ndarray]:
     per-account work is needed. ``gross`` sums the same terms in absolute value per
     position and balance (the scale against which a net total of ~0 is judged).
     """
-    kind = snap.instruments
-    settle = np.asarray(kind.settlement)
+    settle = np.asarray(snap.instruments.settlement)
     usd = host["value"] * host["price_all"][settle]  # [I, 1 + S] USD value per contract
     d_usd = usd[:, 1:] - usd[:, :1]
     d_price = host["price_all"][:, 1:] - host["price_all"][:, :1]  # [A, S]
@@ -305,9 +308,9 @@ def exchange_pnl(snap: Snapshot, host: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _initial_margin(snap: Snapshot, im0: np.ndarray) -> np.ndarray:
-    kind = np.asarray(snap.instruments.kind)
-    w = np.asarray(margin.position_weight(kind[snap.pos_instrument], snap.pos_quantity))
-    return np.bincount(snap.pos_account, weights=w * im0[snap.pos_instrument], minlength=snap.n_accounts)
+    """Initial margin per account at the snapshot, USD (``[n]``)."""
+    w = position_weights(snap) * im0[snap.pos_instrument]
+    return np.bincount(snap.pos_account, weights=w, minlength=snap.n_accounts)
 
 
 def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
