@@ -10,9 +10,12 @@ For each dtype the parent runs fresh subprocesses ("workers") so that each repor
 peak RSS (``ru_maxrss``): the engine, then a second engine process that only times its first
 ``stress.run`` with the on-disk compilation cache the first one filled, then the NumPy
 reference (``bench/numpy_ref.py``). It then checks that engine and reference agree, prints a
-table and appends the record to ``bench/out/results.jsonl``. ``--wait-idle`` waits for the
-rest of the machine to go quiet before each worker; the CPU that other processes used while a
-worker ran is recorded either way (``other_cores``).
+table and appends the record to ``bench/out/results.jsonl``. With ``--impl engine`` the
+reference is not re-run: the latest recorded reference run of the same configuration is reused
+(if it was made on the same sample with the same ``bench/numpy_ref.py``), results file
+included when it is still the one that run wrote, and the record says so (``reused_from``).
+``--wait-idle`` waits for the rest of the machine to go quiet before each worker; the CPU that
+other processes used while a worker ran is recorded either way (``other_cores``).
 
 The synthetic exchange comes from ``stress.sample.write(..., fmt="parquet")`` and is cached
 under ``bench/out/sample-<accounts>/`` (rewritten when ``stress/sample.py`` changes; only the
@@ -278,6 +281,8 @@ def worker_numpy(args) -> dict:
     )
     return {
         "impl": "numpy",
+        "ref_sha256": file_sha256(HERE / "numpy_ref.py"),
+        "result_sha256": file_sha256(result_path("numpy", args)),
         "load_s": tl.wall,
         "stages": stages,
         "rss_loaded_mib": rss_loaded,
@@ -294,6 +299,65 @@ def save_engine(res, args, impl: str) -> None:
         **{k: sc[k].to_numpy(np.float64) for k in SCENARIO_KEYS},
         scenario_worst=acc["scenario_worst"].to_numpy().astype(str),
     )
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def recorded_numpy(accounts: int, scenarios: int, dtype: str, generator: str):
+    """The latest recorded NumPy-reference run of this configuration, for ``--impl engine``.
+
+    Returns ``(numpy record, npz path or None)``. The record is reused only if it was made on
+    the same sample exchange (generator hash) with the same ``bench/numpy_ref.py``: its
+    recorded hash, or, for records older than that field, the file's last commit predating the
+    record and the file being unmodified now. The result file ``numpy_<config>.npz`` is used
+    for the agreement check only if it is the one that run wrote: its recorded hash, or, for
+    older records, its mtime falling between that record and the next one in the file.
+    """
+    path = OUT / "results.jsonl"
+    if not path.exists():
+        return None, None
+    recs = [json.loads(line) for line in open(path) if line.strip()]
+    ref_file = HERE / "numpy_ref.py"
+    ref_sha = file_sha256(ref_file)
+    when = lambda r: time.mktime(time.strptime(r["when"], "%Y-%m-%dT%H:%M:%S"))  # noqa: E731
+    for i in range(len(recs) - 1, -1, -1):
+        r = recs[i]
+        n = r.get("numpy")
+        if (r["accounts"], r["scenarios"], r["dtype"]) != (accounts, scenarios, dtype) or not n:
+            continue
+        if "error" in n or "reused_from" in n or r.get("sample_generator_sha256") != generator:
+            continue
+        if "ref_sha256" in n:
+            if n["ref_sha256"] != ref_sha:
+                continue
+        else:
+            git = ["git", "-C", str(HERE.parent)]
+            try:
+                log = git + ["log", "-1", "--format=%ct", "--", str(ref_file)]
+                last = subprocess.run(log, capture_output=True, text=True).stdout.strip()
+                status = git + ["status", "--porcelain", str(ref_file)]
+                dirty = subprocess.run(status, capture_output=True, text=True).stdout.strip()
+            except OSError:
+                continue
+            if not last or dirty or int(last) > when(r):
+                continue
+        npz = result_path("numpy", argparse.Namespace(accounts=accounts, scenarios=scenarios, dtype=dtype))
+        ok = False
+        if npz.exists():
+            if "result_sha256" in n:
+                ok = file_sha256(npz) == n["result_sha256"]
+            else:
+                # ``when`` is stamped to the second when a configuration starts
+                upper = (when(recs[i + 1]) + 1) if i + 1 < len(recs) else when(r) + 3600
+                ok = when(r) <= npz.stat().st_mtime <= upper
+        reused = dict(n, reused_from=r["when"])
+        reused["reused_from_engine"] = r.get("engine", {}).get("engine_version")
+        return reused, (npz if ok else None)
+    return None, None
 
 
 def result_path(impl: str, args) -> Path:
@@ -437,6 +501,10 @@ def table(rec: dict) -> str:
     if e.get("engine_version"):
         lines.append(f"engine version: {e['engine_version']}; {e.get('n_devices')} XLA device(s); chunk {e.get('chunk')} accounts; "
                      f"host chunk groups per pass: {e.get('n_chunks')}")
+    if n.get("reused_from"):
+        missing = "; its result file was not available, so no agreement check" if n.get("results_missing") else ""
+        lines.append(f"numpy: reused from the run recorded at {n['reused_from']} "
+                     f"(reference code and sample unchanged){missing}")
     if e.get("errors"):
         lines.append(f"engine stages not timed: {e['errors']}")
     for k in ("engine", "engine-cached", "numpy"):
@@ -487,7 +555,8 @@ def main(argv=None) -> int:
     p.add_argument("--ref-repeat", type=int, default=0, help="repetitions of the numpy reference (default: --repeat)")
     p.add_argument("--ref-chunk", type=int, default=0, help="accounts per numpy chunk (default: ~2e7 cells)")
     p.add_argument("--impl", nargs="+", choices=("engine", "numpy"), default=["engine", "numpy"],
-                   help="which implementations to run")
+                   help="which implementations to run; without numpy, the latest recorded numpy run of the "
+                        "same configuration is reused (same sample and bench/numpy_ref.py)")
     p.add_argument("--cpu-devices", type=int, default=0,
                    help="engine workers: XLA_FLAGS=--xla_force_host_platform_device_count=N (CPU only)")
     p.add_argument("--wait-idle", type=float, default=0,
@@ -533,7 +602,21 @@ def main(argv=None) -> int:
         for impl, path in (("engine", e_path), ("numpy", n_path)):
             if impl in rec and "error" not in rec[impl]:
                 produced.add(path)
-        ran_both = all("error" not in rec.get(k, {"error": 1}) for k in ("engine", "numpy"))
+        if "numpy" not in args.impl:
+            # The reference is the same code on the same inputs: reuse its latest recorded run
+            # (timings, and its saved results for the agreement check when they are still the
+            # ones that run wrote) instead of re-running it.
+            old_rec, old_npz = recorded_numpy(args.accounts, args.scenarios, dtype, generator)
+            if old_rec is not None:
+                rec["numpy"] = old_rec
+                if old_npz is not None:
+                    produced.add(old_npz)
+                else:
+                    rec["numpy"]["results_missing"] = True
+                note = "" if old_npz else " (its result file is gone or was overwritten: no agreement check)"
+                print(f"# numpy {args.accounts}x{args.scenarios} {dtype}: reusing the run recorded at "
+                      f"{old_rec['reused_from']}{note}", file=sys.stderr)
+        ran_both = all("error" not in rec.get(k, {"error": 1}) for k in ("engine", "numpy")) and n_path in produced
         if ran_both:
             rec["agree"] = compare(e_path, n_path)
             if dtype == "float64":
