@@ -85,6 +85,14 @@ def tile_width(n_scenarios: int, max_tile: int = 256) -> int:
     return min(max_tile, 1 << max(3, math.ceil(math.log2(max(n_scenarios, 1)))))
 
 
+@jax.jit
+def _revalue_and_margin(inst, market, params, spot, vol, horizon):
+    """Instrument values and margin per contract under every scenario, in one compilation."""
+    rv = pricing.revalue(inst, market, spot, vol, horizon)
+    im, mm = margin.per_contract(inst, params, rv["spot"], rv["option"])
+    return rv, im, mm
+
+
 def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[Tables, dict]:
     """Revalue every instrument under the snapshot and every scenario, tiled and padded."""
     S = len(scen)
@@ -95,8 +103,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     vol = np.zeros((1 + T * W, A))
     hor = np.zeros(1 + T * W)
     spot[1 : 1 + S], vol[1 : 1 + S], hor[1 : 1 + S] = scen.spot_mult, scen.vol_shift, scen.horizon_days
-    rv = pricing.revalue_jit(snap.instruments, snap.market, spot, vol, hor)
-    im, mm = jax.jit(margin.per_contract)(snap.instruments, snap.params, rv["spot"], rv["option"])
+    rv, im, mm = _revalue_and_margin(snap.instruments, snap.market, snap.params, spot, vol, hor)
 
     def tiled(x):  # [X, 1 + T*W] -> [T, X, W]
         return x[:, 1:].reshape(x.shape[0], T, W).transpose(1, 0, 2).astype(dtype)

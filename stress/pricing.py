@@ -80,6 +80,3 @@ def revalue(
     opt_units = jnp.where(inverse, c * opt / S, c * opt)
     value = jnp.where(is_opt, opt_units, fut)
     return {"value": value, "spot": S, "option": opt, "price": price}
-
-
-revalue_jit = jax.jit(revalue)
