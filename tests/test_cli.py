@@ -208,8 +208,7 @@ def test_bad_dtype_is_a_usage_error(tmp_path, monkeypatch):
 def _stress(*args: str | Path, cwd: Path, console_script: bool = False) -> subprocess.CompletedProcess:
     if console_script:
         exe = Path(sys.executable).with_name("stress")
-        if not exe.exists():
-            pytest.skip("no `stress` console script next to the interpreter")
+        assert exe.exists(), "the install (README) puts the `stress` console script next to the interpreter"
         cmd = [str(exe)]
     else:
         cmd = [sys.executable, "-m", "stress.cli"]
