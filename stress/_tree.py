@@ -1,24 +1,18 @@
 """Frozen dataclasses registered as JAX pytrees.
 
-Fields marked ``static(...)`` are pytree metadata (hashed, never traced); all other fields are
-leaves. This is the pattern of ``jax_md.dataclasses`` and equinox modules, without the
-dependency.
+Fields whose metadata has ``static=True`` are pytree metadata (hashed, never traced); all
+other fields are leaves. This is the pattern of ``jax_md.dataclasses`` and equinox modules,
+without the dependency.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 
 # float64 is the default for every engine module (exact reports); float32 is opt-in per run.
 jax.config.update("jax_enable_x64", True)
-
-
-def static(**kwargs: Any) -> Any:
-    """A dataclass field that is pytree metadata rather than a leaf."""
-    return dataclasses.field(metadata={"static": True}, **kwargs)
 
 
 def pytree_dataclass(cls: type) -> type:

@@ -25,10 +25,10 @@ import pyarrow.compute as pc
 
 from . import margin as _margin
 from .errors import InputError
-from .snapshot import FUTURE, KIND_CODES, OPTION, PERPETUAL, Instruments, Market, Snapshot
+from .pricing import YEAR_DAYS
+from .snapshot import KIND_CODES, OPTION, PERPETUAL, Instruments, Market, Snapshot
 
 TABLES = ("assets", "instruments", "balances", "positions")
-YEAR_DAYS = 365.0
 MAX_IV = 5.0  # above this an implied vol is most likely given in percent
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr
 

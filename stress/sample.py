@@ -116,7 +116,7 @@ def _terms(instruments: pd.DataFrame) -> pd.DataFrame:
 def _greeks(terms: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Per contract: USD delta in coins of the underlying, and option value in USD (0 for
     futures). Used only to hedge and collateralise the sample's books."""
-    from math import erf, exp, log, sqrt
+    from math import erf, log, sqrt
 
     N = lambda x: 0.5 * (1 + erf(x / sqrt(2)))
     S = terms.underlying.map(_PRICE).to_numpy()

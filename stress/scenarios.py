@@ -131,7 +131,3 @@ def _finite(file: str, label: str, field: str, v: Any) -> float:
         raise InputError(file, label, field, f"{v!r} is not a finite number")
     return float(v)
 
-
-def base(n_assets: int) -> Scenarios:
-    """The unshocked market, as a one-row scenario set."""
-    return Scenarios(("base",), ("explicit",), np.ones((1, n_assets)), np.zeros((1, n_assets)), np.zeros(1))

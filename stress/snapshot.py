@@ -17,7 +17,6 @@ from ._tree import pytree_dataclass
 # Instrument kind codes used inside jitted code.
 FUTURE, PERPETUAL, OPTION = 0, 1, 2
 KIND_CODES = {"future": FUTURE, "perpetual": PERPETUAL, "option": OPTION}
-KIND_NAMES = {v: k for k, v in KIND_CODES.items()}
 
 
 @pytree_dataclass
