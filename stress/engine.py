@@ -124,8 +124,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     )
     # Host copies at float64 for exchange-level numbers.
     price_all = np.asarray(rv["price"])[:, : 1 + S]
-    host = {"price": price_all[:, 1:], "price_all": price_all, "value": np.asarray(rv["value"])[:, : 1 + S],
-            "im0": np.asarray(im[:, 0])}
+    host = {"price_all": price_all, "value": np.asarray(rv["value"])[:, : 1 + S], "im0": np.asarray(im[:, 0])}
     return t, host
 
 
@@ -321,6 +320,8 @@ def _initial_margin(snap: Snapshot, im0: np.ndarray) -> np.ndarray:
 
 
 def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
+    """Revalue once, stream every chunk through the kernel; returns ``(host tables,
+    per-account columns, per-scenario sums, [n, S] P&L or None)``."""
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     t, host = tables(snap, scen, dt)
     S = len(scen)
@@ -362,7 +363,7 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
             drain()
     drain()
     sums = {name: total[i, :S] for i, name in enumerate(SUM_NAMES)}
-    return t, host, per_acc, sums, pnl, n_random
+    return host, per_acc, sums, pnl
 
 
 def run(
@@ -387,7 +388,8 @@ def run(
     import pandas as pd
 
     t0 = time.perf_counter()
-    t, host, acc, sums, _, n_random = _stream(snap, scen, chunk_size, dtype, progress, False)
+    host, acc, sums, _ = _stream(snap, scen, chunk_size, dtype, progress, False)
+    n_random = int(scen.random.sum())
     S = len(scen)
     nan = np.full(snap.n_accounts, np.nan)
 
@@ -413,7 +415,7 @@ def run(
     )
 
     pnl_total, pnl_gross = exchange_pnl(snap, host)
-    fund = insurance.fund_value(snap.insurance_fund, host["price"])
+    fund = insurance.fund_value(snap.insurance_fund, host["price_all"][:, 1:])
     bad = sums["bad_debt"]
     fund_after, social = insurance.waterfall(bad, fund)
     scenarios = pd.DataFrame(
@@ -441,7 +443,7 @@ def run(
         "positions": int(snap.n_positions),
         "scenarios": int(S),
         "random_scenarios": int(n_random),
-        "insurance_fund": float(insurance.fund_value(snap.insurance_fund, np.asarray(snap.market.price))),
+        "insurance_fund": float(insurance.fund_value(snap.insurance_fund, host["price_all"][:, 0])),
         "worst_scenario": scen.names[worst],
         "worst_bad_debt": float(bad[worst]),
         "p_fund_depleted": float(depleted[rnd].mean()) if n_random else None,
@@ -465,5 +467,5 @@ def pnl_matrix(snap: Snapshot, scen: Scenarios, *, chunk_size: int = DEFAULT_CHU
     """
     import pandas as pd
 
-    *_, pnl, _ = _stream(snap, scen, chunk_size, dtype, None, True)
+    *_, pnl = _stream(snap, scen, chunk_size, dtype, None, True)
     return pd.DataFrame(pnl, index=pd.Index(snap.account_ids.astype(str), name="account_id"), columns=list(scen.names))

@@ -345,10 +345,8 @@ def load_snapshot(path: str | Path) -> Snapshot:
             raise InputError(file, None, f"insurance_fund.{name}", f"unknown asset {name!r}")
         fund[asset_names.index(name)] = _number(file, f"insurance_fund.{name}", amount)
 
-    instruments, instrument_ids = _load_instruments(folder, asset_names, as_of)
-    params = _margin.params_from_config(
-        cfg.get("margin", {}), instruments, haircut, _instrument_rates(folder, instrument_ids)
-    )
+    instruments, instrument_ids, rates = _load_instruments(folder, asset_names, as_of)
+    params = _margin.params_from_config(cfg.get("margin", {}), instruments, haircut, rates)
 
     # balances and positions
     bt = _read_table(folder, "balances", ("account_id", "asset", "amount"))
@@ -403,18 +401,11 @@ def load_snapshot(path: str | Path) -> Snapshot:
     )
 
 
-def _instrument_rates(folder: Path, instrument_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The optional per-instrument ``im_rate`` and ``mm_rate`` columns (NaN where empty)."""
-    t = _read_table(folder, "instruments", ("instrument_id",))
-    im = t.numbers("im_rate", required=False)
-    mm = t.numbers("mm_rate", required=False)
-    t.check(im < 0, "im_rate", "im_rate must be >= 0")
-    t.check(mm < 0, "mm_rate", "mm_rate must be >= 0")
-    # instruments are kept in file order, so these line up with instrument_ids
-    return im, mm
-
-
-def _load_instruments(folder: Path, assets: tuple[str, ...], as_of: datetime) -> tuple[Instruments, np.ndarray]:
+def _load_instruments(
+    folder: Path, assets: tuple[str, ...], as_of: datetime
+) -> tuple[Instruments, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Instrument terms, ids (file order) and the optional ``im_rate``/``mm_rate`` columns
+    (NaN where empty), from one read of the instruments table."""
     t = _read_table(folder, "instruments", ("instrument_id",))
     ids = t.strings("instrument_id")
     _unique(t, ids, "instrument_id")
@@ -498,7 +489,11 @@ def _load_instruments(folder: Path, assets: tuple[str, ...], as_of: datetime) ->
         mark=np.where(is_opt, 0.0, mark),
         iv=np.where(is_opt, iv, 0.0),
     )
-    return inst, ids
+    im = t.numbers("im_rate", required=False)
+    mm = t.numbers("mm_rate", required=False)
+    t.check(im < 0, "im_rate", "im_rate must be >= 0")
+    t.check(mm < 0, "mm_rate", "mm_rate must be >= 0")
+    return inst, ids, (im, mm)
 
 
 def _expiries(t: _Table) -> np.ndarray:

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .margin import DEFAULTS
+
 AS_OF = "2026-11-23T08:00:00Z"
 ASSETS = pd.DataFrame(
     {
@@ -255,8 +257,9 @@ def generate(accounts: int = 10_000, seed: int = 7) -> dict[str, pd.DataFrame | 
     # rates from the instruments table where given; 15% of underlying plus premium per short
     # option), as an exchange admits no position without margin. A few directional accounts
     # (0.3%) are left between margin and zero, as a snapshot catches some mid-liquidation.
-    rate = inst.im_rate.fillna(0.02).to_numpy()
-    per_contract = np.where(is_opt, 0.15 * S_opt * terms.cs.to_numpy() + premium_pc, rate * notional_pc)
+    rate = inst.im_rate.fillna(DEFAULTS["future_im_rate"]).to_numpy()
+    short_option = DEFAULTS["option_im_rate"] * S_opt * terms.cs.to_numpy() + premium_pc
+    per_contract = np.where(is_opt, short_option, rate * notional_pc)
     weight = np.where(is_opt[pos.i], np.maximum(-pos.q, 0), np.abs(pos.q))
     im = np.bincount(pos.a, weights=weight * per_contract[pos.i], minlength=accounts)
     value_now = np.bincount(pos.a, weights=np.where(is_opt[pos.i], pos.q * premium_pc[pos.i], 0.0), minlength=accounts)
@@ -313,12 +316,7 @@ def write_snapshot(folder: Path, tables: dict, fmt: str = "csv") -> None:
         f"insurance_fund = {{ {fund} }}",
         "",
         "[margin]",
-        'model = "standard"',
-        "future_im_rate = 0.02",
-        "future_mm_rate = 0.01",
-        "option_im_rate = 0.15",
-        "option_im_floor = 0.10",
-        "option_mm_rate = 0.075",
+        *(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in DEFAULTS.items()),
         "",
         "[liquidation]",
         "",
