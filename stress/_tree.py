@@ -1,4 +1,4 @@
-"""Frozen dataclasses registered as JAX pytrees.
+"""Frozen dataclasses registered as JAX pytrees, and the JAX settings every module shares.
 
 Fields whose metadata has ``static=True`` are pytree metadata (hashed, never traced); all
 other fields are leaves. This is the pattern of ``jax_md.dataclasses`` and equinox modules,
@@ -8,11 +8,33 @@ without the dependency.
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import jax
 
 # float64 is the default for every engine module (exact reports); float32 is opt-in per run.
 jax.config.update("jax_enable_x64", True)
+
+
+def _compilation_cache() -> None:
+    """Keep compiled kernels on disk so a second run of the same shapes skips compilation.
+
+    ``STRESS_COMPILATION_CACHE`` names the folder (default: the user cache folder), ``0``
+    turns it off. Kernels compile in about a second each on CPU, under JAX's default threshold
+    for caching, hence the threshold of 0.
+    """
+    where = os.environ.get("STRESS_COMPILATION_CACHE")
+    if where == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    if where is None:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        where = str(Path(base) / "stress" / "jax")
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+_compilation_cache()
 
 
 def pytree_dataclass(cls: type) -> type:

@@ -38,40 +38,20 @@ VAR_LEVEL = 0.99
 SUM_NAMES = ("liquidatable", "shortfall", "bad_debt")  # per-scenario sums over accounts
 
 
-def _compilation_cache() -> None:
-    """Keep compiled kernels on disk so a second run of the same shapes skips compilation.
-
-    ``STRESS_COMPILATION_CACHE`` names the folder (default: the user cache folder), ``0``
-    turns it off. Kernels compile in about a second each on CPU, under JAX's default threshold
-    for caching, hence the threshold of 0.
-    """
-    import os
-    from pathlib import Path
-
-    where = os.environ.get("STRESS_COMPILATION_CACHE")
-    if where == "0" or jax.config.jax_compilation_cache_dir:
-        return
-    if where is None:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        where = str(Path(base) / "stress" / "jax")
-    jax.config.update("jax_compilation_cache_dir", where)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-
-
-_compilation_cache()
-
-
 @pytree_dataclass
 class Tables:
     """Per-run matrices every chunk reads, the scenario axis split into ``T`` tiles of ``W``.
 
     Scenario ``s`` of the set sits at tile ``s // W``, column ``s % W``; columns past the end
     of the set are padding (``user`` False). The unshocked market is kept apart (``*0``).
+    For paths of ``K`` steps a tile holds ``K`` blocks of ``W`` columns: the last step first
+    (where P&L and losses are taken), then the steps before it (where only liquidation is
+    checked), so one state evaluation covers every step.
     """
 
-    value: Any  # [T, I, W] value per contract, settlement-asset units
-    mm: Any  # [T, I, W] maintenance margin per contract of weight, USD
-    price: Any  # [T, A, W] asset prices, USD
+    value: Any  # [T, I, K*W] value per contract, settlement-asset units
+    mm: Any  # [T, I, K*W] maintenance margin per contract of weight, USD
+    price: Any  # [T, A, K*W] asset prices, USD
     user: Any  # [T, W] bool: a scenario of the set (not padding)
     random: Any  # [T, W] bool: a random (Monte Carlo / replay) scenario
     value0: Any  # [I, 1] at the snapshot
@@ -108,13 +88,30 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     def tiled(x):  # [X, 1 + T*W] -> [T, X, W]
         return x[:, 1:].reshape(x.shape[0], T, W).transpose(1, 0, 2).astype(dtype)
 
+    value, mm_t, price = tiled(rv["value"]), tiled(mm), tiled(rv["price"])
+    if scen.steps > 1:  # every earlier step of every path, revalued in one call
+        K1 = scen.steps - 1
+        p_spot, p_vol, p_hor = np.ones((K1, T * W, A)), np.zeros((K1, T * W, A)), np.zeros((K1, T * W))
+        p_spot[:, :S] = scen.path_spot_mult.transpose(1, 0, 2)
+        p_vol[:, :S] = scen.path_vol_shift.transpose(1, 0, 2)
+        p_hor[:, :S] = scen.path_horizon_days.T
+        prv, _, pmm = _revalue_and_margin(snap.instruments, snap.market, snap.params, p_spot.reshape(-1, A),
+                                          p_vol.reshape(-1, A), p_hor.reshape(-1))
+
+        def steps(x):  # [X, K1 * T * W] -> [T, X, K1 * W], step-major within a tile
+            return x.reshape(x.shape[0], K1, T, W).transpose(2, 0, 1, 3).reshape(T, x.shape[0], K1 * W).astype(dtype)
+
+        value = jnp.concatenate([value, steps(prv["value"])], axis=2)
+        mm_t = jnp.concatenate([mm_t, steps(pmm)], axis=2)
+        price = jnp.concatenate([price, steps(prv["price"])], axis=2)
+
     user = np.arange(T * W) < S
     random = np.zeros(T * W, bool)
     random[:S] = scen.random
     t = Tables(
-        value=tiled(rv["value"]),
-        mm=tiled(mm),
-        price=tiled(rv["price"]),
+        value=value,
+        mm=mm_t,
+        price=price,
         user=jnp.asarray(user.reshape(T, W)),
         random=jnp.asarray(random.reshape(T, W)),
         value0=rv["value"][:, :1].astype(dtype),
@@ -143,7 +140,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False) 
     """
     eq0, coll0, mm0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut))
     n = eq0.shape[0]
-    T, _, W = t.value.shape
+    T, W = t.user.shape
     dt = eq0.dtype
     validf = h.valid.astype(dt)
     keep_pnl = with_pnl or n_random > 0
@@ -151,9 +148,11 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False) 
     def tile(carry, x):
         value, mm, price, user, rnd, k = x
         eq, coll, m = jax.lax.optimization_barrier(portfolio.state(h, value, mm, price, t.haircut))
+        # liquidatable at any step of a path counts; P&L and losses at its last step
+        liq = (m > coll).reshape(n, -1, W).any(axis=1).astype(dt)
+        eq, coll, m = eq[:, :W], coll[:, :W], m[:, :W]
         pnl = eq - eq0[:, None]
-        gap = m - coll  # > 0: liquidatable, and the shortfall
-        liq = (gap > 0).astype(dt)
+        gap = m - coll  # > 0: liquidatable at the last step, and the shortfall
         best, best_tile, gap_max, n_liq = carry
         t_min = jnp.min(jnp.where(user[None, :], pnl, jnp.inf), axis=1)
         better = t_min < best  # strict: ties keep the earlier tile (file order)
@@ -173,7 +172,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False) 
 
     # The worst scenario: revalue each account on its own worst tile, take the first minimum.
     eq_b, _, _ = portfolio.state(
-        h, lambda i: t.value[best_tile, i], lambda i: t.mm[best_tile, i], lambda i: t.price[best_tile, i], t.haircut
+        h, lambda i: t.value[best_tile, i, :W], lambda i: t.mm[best_tile, i, :W], lambda i: t.price[best_tile, i, :W],
+        t.haircut,
     )
     masked = jnp.where(t.user[best_tile], eq_b - eq0[:, None], jnp.inf)
     arg = best_tile * W + jnp.argmin(masked, axis=1).astype(jnp.int32)
@@ -203,13 +203,13 @@ def tail_loss(loss: Any, m: int, level: float = VAR_LEVEL) -> tuple[Any, Any]:
     """Empirical VaR and ES of the ``m`` finite entries per row (others are ``-inf``).
 
     With the ``m`` losses sorted ascending ``L(1) <= ... <= L(m)`` and ``k = ceil(level * m)``:
-    ``VaR = L(k)`` (the lower empirical quantile) and ``ES = mean(L(k), ..., L(m))``.
+    ``VaR = L(k)`` (the lower empirical quantile) and ``ES = mean(L(k), ..., L(m))``, the
+    mean of the ``m - k + 1`` largest losses. Only those are selected (``top_k``), not a
+    full sort of every row.
     """
-    S = loss.shape[1]
     k = math.ceil(level * m - 1e-9)
-    srt = jnp.sort(loss, axis=1)
-    first = S - m + k - 1
-    return srt[:, first], jnp.mean(srt[:, first:], axis=1)
+    tail, _ = jax.lax.top_k(loss, m - k + 1)  # descending
+    return tail[:, -1], jnp.mean(tail, axis=1)
 
 
 def devices() -> list:
@@ -447,6 +447,7 @@ def run(
         "worst_scenario": scen.names[worst],
         "worst_bad_debt": float(bad[worst]),
         "p_fund_depleted": float(depleted[rnd].mean()) if n_random else None,
+        **_bad_debt_distribution(bad[rnd]),
         "accounts_liquidatable": int(accounts["liquidatable"].sum()),
         "total_equity": float(accounts["equity"].sum()),
         "total_initial_margin": float(im.sum()),
@@ -456,6 +457,15 @@ def run(
         "runtime_seconds": time.perf_counter() - t0,
     }
     return Result(accounts=accounts, scenarios=scenarios, summary=summary)
+
+
+def _bad_debt_distribution(bad: np.ndarray) -> dict:
+    """Exchange-wide bad debt over the random scenarios: mean, 99% quantile and ES (the
+    estimator of ``tail_loss``); None when the run has no random scenarios."""
+    if not len(bad):
+        return {"bad_debt_mean": None, "bad_debt_q99": None, "bad_debt_es99": None}
+    q, es = tail_loss(np.asarray(bad, np.float64)[None, :], len(bad))
+    return {"bad_debt_mean": float(bad.mean()), "bad_debt_q99": float(q[0]), "bad_debt_es99": float(es[0])}
 
 
 def pnl_matrix(snap: Snapshot, scen: Scenarios, *, chunk_size: int = DEFAULT_CHUNK, dtype: str = "float64"):

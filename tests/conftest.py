@@ -24,6 +24,20 @@ def sample_dir(tmp_path_factory, sample_tables) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def small_default_path(tmp_path_factory) -> Path:
+    """The default scenario set with 200 Monte Carlo paths instead of 2,000 (every form, so
+    engine invariants are checked on paths too, at a tenth of the cost)."""
+    from stress.scenarios import default_path
+
+    text = default_path().read_text()
+    assert "paths = 2000" in text
+    folder = tmp_path_factory.mktemp("scenarios")
+    path = folder / "default-small.toml"
+    path.write_text(text.replace("paths = 2000", "paths = 200"))
+    return path
+
+
 def write_snapshot(folder: Path, *, assets, instruments, balances, positions, exchange_toml: str, fmt="csv") -> Path:
     """Write hand-made tables (lists of dicts or DataFrames) and an exchange.toml text."""
     folder.mkdir(parents=True, exist_ok=True)

