@@ -32,7 +32,7 @@ _cpu_devices()
 
 from .errors import InputError as InputError
 
-__all__ = ["InputError", "load_snapshot", "load_scenarios", "run", "pnl_matrix", "Result", "Snapshot", "Scenarios"]
+__all__ = ["InputError", "load_snapshot", "load_scenarios", "run", "pnl_matrix", "greeks", "Result", "Snapshot", "Scenarios"]
 __version__ = "0.1.0"
 
 # Imported lazily so that `stress --help` and error paths do not pay for importing JAX.
@@ -41,6 +41,7 @@ _LAZY = {
     "load_scenarios": ("scenarios", "load_scenarios"),
     "run": ("engine", "run"),
     "pnl_matrix": ("engine", "pnl_matrix"),
+    "greeks": ("greeks", "greeks"),
     "Result": ("engine", "Result"),
     "Snapshot": ("snapshot", "Snapshot"),
     "Scenarios": ("scenarios", "Scenarios"),
@@ -48,6 +49,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .engine import Result, pnl_matrix, run
+    from .greeks import account_greeks as greeks
     from .io import load_snapshot
     from .scenarios import Scenarios, load_scenarios
     from .snapshot import Snapshot

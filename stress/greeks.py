@@ -1,0 +1,468 @@
+"""Greeks per account and underlying by autodiff of the engine's own valuation (SPEC section 5),
+and a hedge search driven by the gradient with respect to position quantities.
+
+An account's equity (SPEC section 2, USD, no haircut) as a function of the market is
+
+    E(m, v, h) = sum_a balance_a * P_a * m_a
+               + sum_p q_p * value_p(m, v, h) * P_settle(p) * m_settle(p)
+
+with ``m [A]`` the spot multipliers, ``v [A]`` the implied-vol shifts and ``h`` the days that
+pass, and ``value_p`` the per-contract value of ``pricing.revalue`` in the settlement asset's
+units — the function every scenario of a run goes through. The Greeks are its derivatives at
+the unshocked point ``m = 1, v = 0, h = 0``, taken with ``jax.jvp`` (forward mode, one
+direction per asset):
+
+- ``delta = dE/dS_a = (dE/dm_a) / P_a``, in units of asset ``a`` (a balance of 2 BTC is a
+  delta of 2);
+- ``gamma = d2E/dS_a2 = (d2E/dm_a2) / P_a**2``, per unit of asset ``a`` squared, USD;
+- ``vega = 0.01 * dE/dv_a``: USD per +0.01 (one vol point) of every option on ``a``;
+- ``theta = dE/dh``: USD per calendar day passing (time to expiry in years of 365 days);
+- ``delta_usd = delta * P_a``.
+
+Inverse instruments are settled in their underlying, so their USD value depends on ``S``
+through the coin value and through the coin's price; differentiating the real valuation
+counts both. A position settled in a stablecoin is exposed to the stablecoin's price too (an
+asset of its own, with its own row), not to the underlying's.
+
+Equity is linear in holdings, so the derivatives are taken once per instrument (of its USD
+value per contract, ``instrument_greeks``) and the accounts' are segment sums of
+``quantity * derivative`` over their positions, plus their balances' deltas; nothing loops
+over accounts or positions in Python.
+
+``hedge`` searches the trade in a few instruments that most improves an account's worst-case
+``collateral - maintenance margin`` over a scenario set, by Newton steps on a smoothed
+objective (``jax.grad``/``jax.hessian`` in the quantities), then re-evaluates it exactly.
+See ``docs/greeks.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import margin, pricing
+from ._tree import pytree_dataclass
+from .errors import InputError
+from .snapshot import OPTION, PERPETUAL, Instruments, Market, Snapshot
+
+VOL_POINT = 0.01  # vega is the equity change per +0.01 of implied vol
+COLUMNS = ("account_id", "underlying", "delta", "gamma", "vega", "theta", "delta_usd")
+
+
+@jax.jit
+def instrument_greeks(inst: Instruments, market: Market) -> dict[str, Any]:
+    """Derivatives of each instrument's USD value per contract at the unshocked market.
+
+    The USD value of one contract is ``u = value * P_settle`` with ``value`` from
+    ``pricing.revalue`` (settlement-asset units) and ``P_settle`` the settlement asset's price,
+    both functions of the spot multipliers ``m [A]``, vol shifts ``v [A]`` and horizon ``h``.
+
+    Args:
+      inst: instrument terms ``[I]``. market: prices at ``as_of``.
+
+    Returns:
+      ``dm [I, A]`` = du/dm_a, ``dm2 [I, A]`` = d2u/dm_a2, ``dv [I, A]`` = du/dv_a (USD per
+      1.00 of vol), ``dh [I]`` = du/dh (USD per day), all by forward-mode autodiff at
+      ``m = 1, v = 0, h = 0``; ``u [I]`` the USD value itself.
+    """
+    A = market.price.shape[0]
+    one, zero, now = jnp.ones(A), jnp.zeros(A), jnp.zeros(())
+
+    def usd(m, v, h):
+        rv = pricing.revalue(inst, market, m[None, :], v[None, :], h[None])
+        return rv["value"][:, 0] * rv["price"][inst.settlement, 0]
+
+    def d_mult(e):  # m -> du/dm along e
+        return lambda m: jax.jvp(lambda x: usd(x, zero, now), (m,), (e,))[1]
+
+    eye = jnp.eye(A)
+    dm = jax.vmap(lambda e: d_mult(e)(one))(eye)  # [A, I]
+    dm2 = jax.vmap(lambda e: jax.jvp(d_mult(e), (one,), (e,))[1])(eye)
+    dv = jax.vmap(lambda e: jax.jvp(lambda v: usd(one, v, now), (zero,), (e,))[1])(eye)
+    u, dh = jax.jvp(lambda h: usd(one, zero, h), (now,), (jnp.ones(()),))
+    return {"dm": dm.T, "dm2": dm2.T, "dv": dv.T, "dh": dh, "u": u}
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _account_sums(g: dict, underlying: Any, pos_account: Any, pos_instrument: Any, pos_quantity: Any, n: int):
+    """Per-position terms ``q * d(u)`` summed per account: ``[n, A]`` each; theta is put on the
+    row of the option's underlying."""
+    A = g["dm"].shape[1]
+    q = pos_quantity[:, None]
+    seg = functools.partial(jax.ops.segment_sum, segment_ids=pos_account, num_segments=n, indices_are_sorted=True)
+    th = q * g["dh"][pos_instrument][:, None] * jax.nn.one_hot(underlying[pos_instrument], A, dtype=q.dtype)
+    return {
+        "dm": seg(q * g["dm"][pos_instrument]),
+        "dm2": seg(q * g["dm2"][pos_instrument]),
+        "dv": seg(q * g["dv"][pos_instrument]),
+        "dh": seg(th),
+    }
+
+
+def _select(snap: Snapshot, accounts: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the accounts asked for (all by default) and a mask of their positions.
+
+    Raises:
+      InputError: an id that is not in the snapshot.
+    """
+    if accounts is None:
+        return np.arange(snap.n_accounts), np.ones(snap.n_positions, bool)
+    ids = snap.account_ids.astype(str)
+    wanted = np.asarray(list(accounts), dtype=str)
+    idx = np.minimum(np.searchsorted(ids, wanted), max(len(ids) - 1, 0))  # ids are sorted
+    found = ids[idx] == wanted if len(ids) else np.zeros(len(wanted), bool)
+    if not found.all():
+        raise InputError("account", None, None, f"unknown account id {str(wanted[~found][0])!r}: not in the snapshot")
+    idx = np.unique(idx)
+    keep = np.zeros(snap.n_accounts, bool)
+    keep[idx] = True
+    return idx, keep[snap.pos_account]
+
+
+def account_greeks(snap: Snapshot, accounts: Sequence[str] | None = None):
+    """Greeks of every account's equity per asset it is exposed to, by autodiff (SPEC section 5).
+
+    Equity is SPEC section 2 equity in USD (no haircut), collateral included. Derivatives are
+    taken with respect to each asset's price at the snapshot (``S``), every option's implied
+    vol on that asset, and time (see the module docstring and ``docs/greeks.md``).
+
+    Args:
+      snap: the snapshot.
+      accounts: account ids to restrict to (default: every account).
+
+    Returns:
+      A DataFrame, one row per account and asset the account is exposed to — an underlying
+      or settlement asset of one of its positions, or a non-zero balance — ordered by account
+      id, then the snapshot's asset order. Columns: ``account_id``; ``underlying`` (the asset);
+      ``delta`` (dE/dS, in units of the asset, collateral coins included); ``gamma``
+      (d2E/dS2, USD per unit of the asset squared); ``vega`` (USD per +0.01 of implied vol of
+      every option on the asset); ``theta`` (USD per calendar day passing, of the options on
+      the asset); ``delta_usd`` (``delta * S``, USD).
+
+    Raises:
+      InputError: an id in ``accounts`` is not in the snapshot.
+
+    Example:
+      >>> g = stress.greeks(snap)
+      >>> g.groupby("underlying").delta_usd.sum()   # exchange-wide USD delta per asset
+    """
+    import pandas as pd
+
+    idx, keep = _select(snap, accounts)
+    n = len(idx)
+    remap = np.full(snap.n_accounts, -1, np.int64)
+    remap[idx] = np.arange(n)
+    pos_acc = remap[snap.pos_account[keep]].astype(np.int32)
+    pos_inst = snap.pos_instrument[keep].astype(np.int32)
+    qty = np.asarray(snap.pos_quantity[keep], np.float64)
+    bal = np.asarray(snap.balances[idx], np.float64)
+
+    inst = snap.instruments
+    g = instrument_greeks(inst, snap.market)
+    under = np.asarray(inst.underlying, np.int32)
+    s = jax.device_get(_account_sums(g, under, pos_acc, pos_inst, qty, n=n))
+    P = np.asarray(snap.market.price, np.float64)
+    delta = s["dm"] / P + bal  # a balance's USD value is amount * P, its delta the amount
+    gamma = s["dm2"] / P**2
+    vega = VOL_POINT * s["dv"]
+    theta = s["dh"]
+
+    exposed = bal != 0
+    exposed[pos_acc, under[pos_inst]] = True
+    exposed[pos_acc, np.asarray(inst.settlement)[pos_inst]] = True
+    acc, a = np.nonzero(exposed)  # row-major: by account, then asset order
+    return pd.DataFrame(
+        {
+            "account_id": snap.account_ids.astype(str)[idx][acc],
+            "underlying": np.asarray(snap.assets, dtype=object)[a],
+            "delta": delta[acc, a],
+            "gamma": gamma[acc, a],
+            "vega": vega[acc, a],
+            "theta": theta[acc, a],
+            "delta_usd": delta[acc, a] * P[a],
+        },
+        columns=list(COLUMNS),
+    )
+
+
+
+# --------------------------------------------------------------------------------------------
+# Hedge suggestion
+
+LOT_DIGITS = 3  # a suggested trade is rounded to 0.001 contract (whole contracts: inverse futures)
+
+
+@jax.jit
+def _market_tables(inst: Instruments, market: Market, params: Any, spot: Any, vol: Any, horizon: Any):
+    """Per-contract value, maintenance margin and asset prices under ``[S]`` market states."""
+    rv = pricing.revalue(inst, market, spot, vol, horizon)
+    _, mm = margin.per_contract(inst, params, rv["spot"], rv["option"])
+    return rv["value"], mm, rv["price"]
+
+
+@pytree_dataclass
+class _HedgeBook:
+    """One account over the instruments it holds or may trade (``U``), under ``M`` market
+    states (the snapshot first, then each scenario)."""
+
+    inst: Any  # [U] int32 instrument index
+    q0: Any  # [U] contracts held now (0 for instruments not held)
+    hedge: Any  # [K] int32: which of the U instruments the trade is in
+    value: Any  # [U, M] value per contract, settlement-asset units
+    mm: Any  # [U, M] maintenance margin per contract of weight, USD
+    settle: Any  # [U, A] one-hot settlement asset
+    is_opt: Any  # [U] bool
+    balance: Any  # [A] the account's balances
+    price: Any  # [A, M] asset prices, USD
+    haircut: Any  # [A]
+
+
+def _state(b: _HedgeBook, x: Any, tau: Any = None) -> tuple[Any, Any, Any]:
+    """Equity, collateral value and maintenance margin ``[M]`` after trading ``x [K]``
+    contracts at the mark (an option's premium is paid from its settlement asset).
+
+    ``tau`` (USD) smooths the kinks for the search — ``|q|`` in margin weights, the haircut's
+    ``max(e, 0)`` — each within about ``tau`` USD; ``None`` is the exact, non-smoothed value.
+    """
+    q = jnp.asarray(b.q0).at[b.hedge].add(x)
+    cash = -(x * b.value[b.hedge, 0]) @ b.settle[b.hedge]  # [A] premium paid at the mark
+    if tau is None:
+        absq, pos = jnp.abs(q), lambda e, d: jnp.maximum(e, 0.0)
+    else:
+        eps = tau / jnp.maximum(jnp.max(b.mm, axis=1), 1e-300)  # contracts whose margin is tau
+        absq = jnp.sqrt(q * q + eps * eps)
+        pos = lambda e, d: 0.5 * (e + jnp.sqrt(e * e + d * d))
+    w = jnp.where(b.is_opt, 0.5 * (absq - q), absq)  # margin.position_weight, smoothed
+    e = b.balance[:, None] + cash[:, None] + b.settle.T @ (q[:, None] * b.value)  # [A, M]
+    usd = e * b.price
+    delta_a = (tau if tau is not None else 1.0) / b.price[:, :1]  # asset units worth tau USD
+    coll = jnp.sum(usd - b.haircut[:, None] * pos(e, delta_a) * b.price, axis=0)
+    return jnp.sum(usd, axis=0), coll, w @ b.mm
+
+
+TRADE_COST = 1e-4  # tie-break: 1 bp of the notional traded, so the smallest of equal trades wins
+
+
+@jax.jit
+def _smooth_objective(y: Any, scale: Any, b: _HedgeBook, tau: Any) -> Any:
+    """Soft maximum over market states of ``margin - collateral``, USD, plus ``TRADE_COST``
+    on the notional traded; ``y`` is the trade in USD of notional per instrument
+    (``x = y / scale`` contracts), ``tau`` the smoothing in USD."""
+    _, coll, mm = _state(b, y / scale, tau)
+    return tau * jax.nn.logsumexp((mm - coll) / tau) + TRADE_COST * jnp.sum(jnp.sqrt(y * y + tau * tau))
+
+
+@jax.jit
+def _newton_parts(y: Any, scale: Any, b: _HedgeBook, tau: Any) -> tuple[Any, Any, Any]:
+    f, g = jax.value_and_grad(_smooth_objective)(y, scale, b, tau)
+    return f, g, jax.hessian(_smooth_objective)(y, scale, b, tau)
+
+
+_exact_state = jax.jit(_state)
+
+
+def _minimise(b: _HedgeBook, scale: np.ndarray, size: float, steps: int = 30) -> np.ndarray:
+    """Damped Newton on the smoothed objective, the smoothing shrunk from ``size * 1e-2`` to
+    ``size * 1e-7`` USD (a continuation: each stage starts where the last ended). The
+    objective is convex (margin is convex in the quantities, collateral concave), so this
+    ends near a minimum of the exact objective, within about the last smoothing."""
+    y = np.zeros(len(scale))
+    for tau in size * 10.0 ** -np.arange(2.0, 8.0):
+        for _ in range(steps):
+            f, g, H = (np.asarray(v) for v in _newton_parts(y, scale, b, tau))
+            mu = 1e-9 * max(np.abs(np.diag(H)).max(), 1e-300)
+            step = -np.linalg.solve(H + mu * np.eye(len(y)), g)
+            t, decrease = 1.0, float(g @ step)
+            if decrease > -1e-12 * max(abs(float(f)), size):
+                break  # no descent left at this smoothing
+            while t > 1e-10:  # backtracking (Armijo) line search
+                f_new = float(_smooth_objective(y + t * step, scale, b, tau))
+                if f_new <= f + 1e-4 * t * decrease:
+                    break
+                t *= 0.5
+            else:
+                break
+            y = y + t * step
+    return y / scale
+
+
+def default_hedge_instruments(snap: Snapshot, account: int) -> list[str]:
+    """The perpetuals on the account's underlyings: for each asset that some perpetual is on
+    and that the account has positions on or a balance in, the perpetual it already trades,
+    else one settled in an asset it holds, else the first listed."""
+    inst = snap.instruments
+    kind, under, settle = (np.asarray(x) for x in (inst.kind, inst.underlying, inst.settlement))
+    mine = snap.pos_instrument[snap.pos_account == account]
+    held_assets = set(np.flatnonzero(snap.balances[account] != 0)) | set(settle[mine])
+    exposed = set(under[mine]) | set(np.flatnonzero(snap.balances[account] != 0))
+    out = []
+    for a in range(snap.n_assets):
+        perps = np.flatnonzero((kind == PERPETUAL) & (under == a))
+        if a not in exposed or not len(perps):
+            continue
+        held = [i for i in perps if i in set(mine)]
+        funded = [i for i in perps if settle[i] in held_assets]
+        out.append(str(snap.instrument_ids[(held or funded or list(perps))[0]]))
+    return out
+
+
+def hedge(snap: Snapshot, account_id: str, instruments: Sequence[str] | None = None, scenarios: Any = None) -> dict:
+    """The trade in ``instruments`` that most improves the account's worst-case margin excess.
+
+    The objective is the account's largest ``maintenance margin - collateral value`` (USD)
+    over the snapshot and every scenario of the set: the shortfall in its worst state when
+    positive, minus its margin headroom there otherwise. Reducing it lowers losses in the
+    stressed states and counts the margin the hedge itself needs. (Under the standard model
+    margin is summed per position, so a trade in another instrument can only add margin; the
+    snapshot's maintenance margin alone goes down only by closing positions.) The trade is
+    found by damped Newton steps on a smoothed version of that convex, piecewise-linear
+    objective (gradient and Hessian with respect to the quantities by ``jax.grad`` /
+    ``jax.hessian``), rounded to a lot, then re-evaluated exactly; a trade that does not improve
+    the exact objective is not suggested (an empty trade).
+
+    Args:
+      snap: the snapshot. account_id: the account.
+      instruments: ids of the instruments to trade (default: ``default_hedge_instruments``).
+      scenarios: a ``Scenarios`` set (default: the built-in default set).
+
+    Returns:
+      A dict: ``account_id``; ``instruments``; ``trade`` ({instrument id: contracts}, signed,
+      at the mark; options pay their premium from the settlement asset); ``before`` and
+      ``after``, each with ``maintenance_margin``, ``collateral_value``, ``equity`` (now),
+      ``worst_excess`` (min over now and the scenarios of collateral - margin, USD),
+      ``worst_state`` (``"now"`` or the scenario's name), ``shortfall_worst`` (its shortfall,
+      ``max(0, -worst_excess)``), ``pnl_worst`` (over the scenarios) and ``delta`` ({asset:
+      delta}); ``scenarios`` (how many).
+
+    Raises:
+      InputError: an unknown account or instrument id, or no instrument to trade.
+    """
+    acc = int(_select(snap, [account_id])[0][0])
+    if instruments is None:
+        instruments = default_hedge_instruments(snap, acc)
+        if not instruments:
+            raise InputError("--with", None, None, f"account {account_id!r} has no underlying with a perpetual: name instruments to trade")
+    b, hedge_ix, scenarios = _book(snap, acc, instruments, scenarios)
+    inst, kind = snap.instruments, np.asarray(snap.instruments.kind)
+    # Variables in USD of notional, so the Newton regularisation treats instruments alike.
+    S0 = np.asarray(snap.market.price)[np.asarray(inst.underlying)[hedge_ix]]
+    c = np.asarray(inst.contract_size)[hedge_ix]
+    inverse_fut = np.asarray(inst.inverse)[hedge_ix] & (kind[hedge_ix] != OPTION)
+    scale = np.where(inverse_fut, c, c * S0)
+    before = _report(snap, b, np.zeros(len(hedge_ix)), scenarios)
+    size = max(before["maintenance_margin"], abs(before["equity"]), abs(before["worst_excess"]), 1.0)
+    x = _minimise(b, scale, size)
+    x = np.where(inverse_fut, np.round(x), np.round(x, LOT_DIGITS)) + 0.0
+    after = _report(snap, b, x, scenarios)
+    if not after["worst_excess"] > before["worst_excess"]:  # no improvement: suggest nothing
+        x, after = np.zeros_like(x), before
+    ids = snap.instrument_ids.astype(str)
+    return {
+        "account_id": account_id,
+        "instruments": [str(ids[i]) for i in hedge_ix],
+        "trade": {str(ids[i]): float(v) for i, v in zip(hedge_ix, x) if v != 0},
+        "before": before,
+        "after": after,
+        "scenarios": len(scenarios),
+    }
+
+
+def evaluate(snap: Snapshot, account_id: str, trade: dict[str, float], scenarios: Any = None) -> dict:
+    """Exact numbers of an account after a trade at the mark (the ``after`` of ``hedge``).
+
+    Args:
+      snap: the snapshot. account_id: the account. trade: {instrument id: contracts, signed}.
+      scenarios: a ``Scenarios`` set (default: the built-in default set).
+
+    Returns:
+      The dict described under ``hedge`` (``before``/``after``) for that trade.
+    """
+    acc = int(_select(snap, [account_id])[0][0])
+    b, _, scenarios = _book(snap, acc, list(trade), scenarios)
+    return _report(snap, b, np.asarray(list(trade.values()), np.float64), scenarios)
+
+
+def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
+    """The account's ``_HedgeBook`` over its instruments and ``instruments`` (in that order of
+    trade variables), under the snapshot and ``scenarios``."""
+    from . import scenarios as scen_mod
+
+    ids = list(snap.instrument_ids.astype(str))
+    for i in instruments:
+        if i not in ids:
+            raise InputError("--with", None, None, f"unknown instrument id {i!r}")
+    if len(set(instruments)) != len(instruments):
+        raise InputError("--with", None, None, "an instrument is named twice")
+    if scenarios is None:
+        scenarios = scen_mod.load_scenarios(scen_mod.default_path(), snap, skip_unknown_assets=True)
+    inst = snap.instruments
+    mine = snap.pos_account == acc
+    hedge_ix = np.array([ids.index(i) for i in instruments], np.int64)
+    U = np.unique(np.concatenate([snap.pos_instrument[mine], hedge_ix]))
+    q0 = np.zeros(len(U))
+    q0[np.searchsorted(U, snap.pos_instrument[mine])] = snap.pos_quantity[mine]
+    A = snap.n_assets
+    spot = np.vstack([np.ones((1, A)), scenarios.spot_mult])
+    vol = np.vstack([np.zeros((1, A)), scenarios.vol_shift])
+    hor = np.concatenate([[0.0], scenarios.horizon_days])
+    value, mm, price = (np.asarray(x) for x in _market_tables(inst, snap.market, snap.params, spot, vol, hor))
+    b = _HedgeBook(
+        inst=U.astype(np.int32), q0=q0, hedge=np.searchsorted(U, hedge_ix).astype(np.int32), value=value[U], mm=mm[U],
+        settle=np.eye(A)[np.asarray(inst.settlement)[U]], is_opt=np.asarray(inst.kind)[U] == OPTION,
+        balance=np.asarray(snap.balances[acc], np.float64), price=price,
+        haircut=np.asarray(snap.params.haircut, np.float64),
+    )
+    return b, hedge_ix, scenarios
+
+
+def _report(snap: Snapshot, b: _HedgeBook, x: np.ndarray, scen: Any) -> dict:
+    """Exact (non-smoothed) numbers of the account after trading ``x``."""
+    eq, coll, mm = (np.asarray(v) for v in _exact_state(b, x))
+    excess = coll - mm  # [M]: now, then each scenario
+    k = int(np.argmin(excess))
+    # Delta: balances (less the premium paid) plus each instrument's dE/dm / S.
+    g = instrument_greeks(snap.instruments, snap.market)
+    U, hedge = np.asarray(b.inst), np.asarray(b.hedge)
+    q = np.asarray(b.q0).copy()
+    np.add.at(q, hedge, x)
+    cash = -(x * np.asarray(b.value)[hedge, 0]) @ np.asarray(b.settle)[hedge]
+    amount = np.asarray(b.balance) + cash
+    delta = amount + (q @ np.asarray(g["dm"])[U]) / np.asarray(snap.market.price)
+    exposed = amount != 0
+    live = U[q != 0]
+    exposed[np.asarray(snap.instruments.underlying)[live]] = True
+    exposed[np.asarray(snap.instruments.settlement)[live]] = True
+    return {
+        "maintenance_margin": float(mm[0]),
+        "collateral_value": float(coll[0]),
+        "equity": float(eq[0]),
+        "worst_excess": float(excess[k]),
+        "worst_state": "now" if k == 0 else scen.names[k - 1],
+        "shortfall_worst": float(max(0.0, -excess[k])),
+        "pnl_worst": float(np.min(eq[1:] - eq[0])) if len(eq) > 1 else float("nan"),
+        "delta": {snap.assets[a]: float(delta[a]) for a in np.flatnonzero(exposed)},
+    }
+
+
+class _CallableModule(types.ModuleType):
+    """``stress.greeks(snap, accounts=None)``: ``account_greeks``; the rest of the module
+    (``hedge``, ``instrument_greeks``) stays reachable as ``stress.greeks.hedge``.
+
+    The name ``stress.greeks`` is both the SPEC's function and this module; making the module
+    callable (and its own ``greeks`` attribute) keeps every way of reaching it the same
+    object, whichever import ran first.
+    """
+
+    def __call__(self, snap: Snapshot, accounts: Sequence[str] | None = None):
+        return account_greeks(snap, accounts)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+greeks = sys.modules[__name__]

@@ -1,0 +1,417 @@
+"""Greeks by autodiff (SPEC section 5) against QuantLib's analytic Black-Scholes Greeks, hand
+derivations for inverse instruments, and central finite differences of ``stress.pnl_matrix``.
+
+Conventions checked here (``docs/greeks.md``): equity is SPEC section 2 equity in USD;
+``delta`` is dE/dS in units of the asset, collateral included; ``gamma`` d2E/dS2; ``vega`` the
+equity change per +0.01 of implied vol (QuantLib's ``vega()`` is per 1.00, so divided by 100);
+``theta`` the equity change per calendar day (QuantLib's ``thetaPerDay()`` is ``theta() / 365``
+with ``theta() = dV/dt`` in years, and time to expiry is Actual/365 in both, so they match).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import stress
+from stress.cli import app
+from stress.scenarios import Scenarios
+
+from .conftest import write_snapshot
+
+RATE = 0.03
+S0 = 90_000.0
+DAYS = 32  # as_of 2026-11-23T08:00Z to 2026-12-25T08:00Z
+EXCHANGE = f"""\
+as_of = 2026-11-23T08:00:00Z
+rate = {RATE}
+insurance_fund = {{ USDC = 1000000.0 }}
+[margin]
+[liquidation]
+"""
+ASSETS = [
+    {"asset": "USDC", "price": 1.0, "haircut": 0.0},
+    {"asset": "USDT", "price": 0.9995, "haircut": 0.02},
+    {"asset": "BTC", "price": S0, "haircut": 0.05},
+]
+
+
+def quantlib(K: float, vol: float, call: bool, S: float = S0, days: int = DAYS) -> dict:
+    """Value and Greeks per coin from QuantLib's analytic European engine (flat rate RATE, no
+    dividend, flat vol, Actual/365). QuantLib is a test dependency (``.[test]``)."""
+    ql = pytest.importorskip("QuantLib")
+    today = ql.Date(23, 11, 2026)
+    ql.Settings.instance().evaluationDate = today
+    dc = ql.Actual365Fixed()
+    payoff = ql.PlainVanillaPayoff(ql.Option.Call if call else ql.Option.Put, K)
+    option = ql.VanillaOption(payoff, ql.EuropeanExercise(today + days))
+    process = ql.BlackScholesMertonProcess(
+        ql.QuoteHandle(ql.SimpleQuote(S)),
+        ql.YieldTermStructureHandle(ql.FlatForward(today, 0.0, dc)),
+        ql.YieldTermStructureHandle(ql.FlatForward(today, RATE, dc)),
+        ql.BlackVolTermStructureHandle(ql.BlackConstantVol(today, ql.NullCalendar(), vol, dc)),
+    )
+    option.setPricingEngine(ql.AnalyticEuropeanEngine(process))
+    return {"V": option.NPV(), "delta": option.delta(), "gamma": option.gamma(),
+            "vega": option.vega() / 100.0, "theta": option.thetaPerDay()}
+
+
+def linear_option(iid: str, K: float, cp: str, iv: float, size: float = 1.0) -> dict:
+    return {"instrument_id": iid, "kind": "option", "underlying": "BTC", "settlement": "USDC", "contract_size": size,
+            "expiry": "2026-12-25T08:00:00Z", "strike": K, "option_type": cp, "mark_iv": iv}
+
+
+def snapshot(tmp_path, instruments, balances, positions):
+    return stress.load_snapshot(write_snapshot(tmp_path, assets=ASSETS, instruments=instruments, balances=balances,
+                                               positions=positions, exchange_toml=EXCHANGE))
+
+
+def row(g: pd.DataFrame, account: str, asset: str) -> pd.Series:
+    r = g[(g.account_id == account) & (g.underlying == asset)]
+    assert len(r) == 1, f"expected one row for ({account}, {asset}), got\n{g}"
+    return r.iloc[0]
+
+
+def assert_greeks(r: pd.Series, delta, gamma, vega, theta, rtol=1e-9, atol=1e-9):
+    got = r[["delta", "gamma", "vega", "theta"]].to_numpy(float)
+    np.testing.assert_allclose(got, [delta, gamma, vega, theta], rtol=rtol, atol=atol)
+    np.testing.assert_allclose(r.delta_usd, r.delta * S0 if r.underlying == "BTC" else r.delta_usd, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# Against QuantLib
+
+
+def test_linear_call_and_put_match_quantlib(tmp_path):
+    # USDC-settled options on c coins: E = bal * P_usdc + q * c * V(S) * P_usdc, so the BTC
+    # Greeks are q * c times QuantLib's per-coin ones; the USDC delta is the USDC held,
+    # balance plus the options' value in USDC.
+    snap = snapshot(tmp_path,
+                    [linear_option("LC", 100_000, "call", 0.5, size=0.1), linear_option("LP", 80_000, "put", 0.6)],
+                    [{"account_id": "call", "asset": "USDC", "amount": 5_000.0},
+                     {"account_id": "put", "asset": "USDC", "amount": 20_000.0}],
+                    [{"account_id": "call", "instrument_id": "LC", "quantity": 3},
+                     {"account_id": "put", "instrument_id": "LP", "quantity": -2}])
+    g = stress.greeks(snap)
+    assert list(g.columns) == ["account_id", "underlying", "delta", "gamma", "vega", "theta", "delta_usd"]
+    assert list(zip(g.account_id, g.underlying)) == [("call", "USDC"), ("call", "BTC"), ("put", "USDC"), ("put", "BTC")]
+    for acc, qc, ref in (("call", 3 * 0.1, quantlib(100_000, 0.5, True)), ("put", -2.0, quantlib(80_000, 0.6, False))):
+        assert_greeks(row(g, acc, "BTC"), qc * ref["delta"], qc * ref["gamma"], qc * ref["vega"], qc * ref["theta"])
+        bal = {"call": 5_000.0, "put": 20_000.0}[acc]
+        assert_greeks(row(g, acc, "USDC"), bal + qc * ref["V"], 0.0, 0.0, 0.0)
+    # Signs an exchange expects: long call delta in (0, q c), short put delta > 0, short put theta > 0.
+    assert 0 < row(g, "call", "BTC").delta < 0.3 and row(g, "put", "BTC").delta > 0
+    assert row(g, "call", "BTC").theta < 0 < row(g, "put", "BTC").theta
+
+
+@pytest.mark.parametrize("cp,K,iv", [("C", 100_000, 0.5), ("P", 85_000, 0.55)])
+def test_inverse_option_greeks_by_product_rule(tmp_path, cp, K, iv):
+    # Deribit option on 1 BTC, settled in BTC; the account also holds b BTC. With V(S) the
+    # USD Black-Scholes value per coin (QuantLib's NPV), its coin value is C(S) = q V(S) / S and
+    # the account's USD equity is
+    #     E(S) = (b + C(S)) * S.
+    # Product rule:
+    #     dE/dS   = b + C(S) + S C'(S),   C'(S) = q (V'/S - V/S^2)
+    #             = b + q V/S + q (V' - V/S) = b + q V'            (= b + q * delta_QL)
+    #     d2E/dS2 = d/dS (b + q V') = q V''                         (= q * gamma_QL)
+    # and vol and time enter through V only: vega = q * vega_QL / 100, theta = q * thetaPerDay.
+    # In coins the option's own delta is q (V' - V/S), the "premium-adjusted" delta; adding the
+    # coins it is worth, q V/S, gives q V' — the collateral coins are part of delta.
+    b, q = 0.7, -4.0
+    iid = f"BTC-25DEC26-{K}-{cp}"
+    snap = snapshot(tmp_path, [{"instrument_id": iid, "mark_iv": iv}],
+                    [{"account_id": "inv", "asset": "BTC", "amount": b}],
+                    [{"account_id": "inv", "instrument_id": iid, "quantity": q}])
+    ref = quantlib(K, iv, cp == "C")
+    g = stress.greeks(snap)
+    assert list(g.underlying) == ["BTC"]  # settled in the underlying: one row
+    r = row(g, "inv", "BTC")
+    assert_greeks(r, b + q * ref["delta"], q * ref["gamma"], q * ref["vega"], q * ref["theta"])
+    np.testing.assert_allclose(r.delta_usd, (b + q * ref["delta"]) * S0, rtol=1e-9)
+    # The coin-denominated split: premium-adjusted delta plus the coins the options are worth.
+    np.testing.assert_allclose(r.delta - b, q * (ref["delta"] - ref["V"] / S0) + q * ref["V"] / S0, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# Futures, perpetuals, balances (hand-derived)
+
+
+def test_linear_future_and_perpetual(tmp_path):
+    # USDC-settled, c coins per contract, marked to market: E = bal + q c (F S'/S - F) (USDC at 1).
+    # dE/dS' = q c F / S (= q c when F = S), gamma 0, vega 0, theta 0 (F' = F S'/S at any horizon).
+    # USDC delta: the USDC held, the balance (a future is worth 0 at its mark).
+    futures = [
+        {"instrument_id": "LPERP", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+         "contract_size": 0.5, "mark_price": S0},
+        {"instrument_id": "LFUT", "kind": "future", "underlying": "BTC", "settlement": "USDC",
+         "contract_size": 0.01, "mark_price": 90_900.0, "expiry": "2026-12-25T08:00:00Z"},
+    ]
+    snap = snapshot(tmp_path, futures,
+                    [{"account_id": "p", "asset": "USDC", "amount": 1_000.0}, {"account_id": "f", "asset": "USDC", "amount": 2_000.0}],
+                    [{"account_id": "p", "instrument_id": "LPERP", "quantity": 6},
+                     {"account_id": "f", "instrument_id": "LFUT", "quantity": -30}])
+    g = stress.greeks(snap)
+    assert_greeks(row(g, "p", "BTC"), 6 * 0.5, 0.0, 0.0, 0.0)
+    assert_greeks(row(g, "f", "BTC"), -30 * 0.01 * 90_900.0 / S0, 0.0, 0.0, 0.0)
+    assert_greeks(row(g, "p", "USDC"), 1_000.0, 0.0, 0.0, 0.0)
+    np.testing.assert_allclose(row(g, "p", "BTC").delta_usd, 3 * S0, rtol=1e-12)
+
+
+def test_inverse_future_delta_in_coins(tmp_path):
+    # Deribit BTC future, c = USD 10 face per contract, mark F; b BTC of collateral. Its coin
+    # P&L at S' is q c (1/F - 1/F'), F' = F S'/S, worth that many coins at S':
+    #     E(S') = (b + q c (1/F - S/(F S'))) S' = b S' + q c (S' - S) / F,
+    # linear in S': delta = b + q c / F coins, gamma 0, vega 0, theta 0. A short of b F USD of
+    # face (q c = -b F) makes the coin-margined account flat: delta 0.
+    F = 90_400.0
+    snap = snapshot(tmp_path, [{"instrument_id": "BTC-25DEC26", "mark_price": F}],
+                    [{"account_id": "long", "asset": "BTC", "amount": 0.2}, {"account_id": "flat", "asset": "BTC", "amount": 0.5}],
+                    [{"account_id": "long", "instrument_id": "BTC-25DEC26", "quantity": 1000},
+                     {"account_id": "flat", "instrument_id": "BTC-25DEC26", "quantity": -0.5 * F / 10}])
+    g = stress.greeks(snap)
+    assert_greeks(row(g, "long", "BTC"), 0.2 + 1000 * 10 / F, 0.0, 0.0, 0.0)
+    assert_greeks(row(g, "flat", "BTC"), 0.0, 0.0, 0.0, 0.0, atol=1e-12)
+
+
+def test_balance_only_account(tmp_path):
+    # No positions: delta is the amount of each asset held (borrowed: negative); nothing else.
+    snap = snapshot(tmp_path, [{"instrument_id": "BTC-PERPETUAL", "mark_price": S0}],
+                    [{"account_id": "hodl", "asset": "BTC", "amount": 2.0}, {"account_id": "hodl", "asset": "USDT", "amount": -300.0}],
+                    [{"account_id": "other", "instrument_id": "BTC-PERPETUAL", "quantity": 1}])
+    g = stress.greeks(snap)
+    h = g[g.account_id == "hodl"].set_index("underlying")
+    assert list(h.index) == ["USDT", "BTC"]
+    np.testing.assert_allclose(h.delta, [-300.0, 2.0], rtol=1e-15)
+    np.testing.assert_allclose(h.delta_usd, [-300.0 * 0.9995, 2.0 * S0], rtol=1e-15)
+    assert (h[["gamma", "vega", "theta"]] == 0).all().all()
+
+
+def test_account_subset_and_unknown_account(tmp_path):
+    snap = snapshot(tmp_path, [{"instrument_id": "BTC-PERPETUAL", "mark_price": S0}],
+                    [{"account_id": "a", "asset": "BTC", "amount": 1.0}, {"account_id": "b", "asset": "BTC", "amount": 3.0}],
+                    [{"account_id": "b", "instrument_id": "BTC-PERPETUAL", "quantity": -10}])
+    full = stress.greeks(snap)
+    sub = stress.greeks(snap, accounts=["b"])
+    pd.testing.assert_frame_equal(sub, full[full.account_id == "b"].reset_index(drop=True))
+    with pytest.raises(stress.InputError, match="'zz'"):
+        stress.greeks(snap, accounts=["zz"])
+
+
+# --------------------------------------------------------------------------------------------
+# The sample exchange against finite differences of the engine's P&L
+
+
+def test_sample_greeks_match_central_differences_of_pnl_matrix(sample_dir):
+    snap = stress.load_snapshot(sample_dir)
+    g = stress.greeks(snap)
+    A, names = snap.n_assets, snap.assets
+    h, dv, dt = 1e-4, 1e-4, 1e-3  # relative price move, vol shift, days
+    rows, spot, vol, hor = [], [], [], []
+
+    def add(name, m=None, v=None, t=0.0):
+        s, w = np.ones(A), np.zeros(A)
+        if m:
+            s[m[0]] += m[1]
+        if v:
+            w[v[0]] += v[1]
+        rows.append(name), spot.append(s), vol.append(w), hor.append(t)
+
+    for a in range(A):
+        add(f"up-{a}", (a, h)), add(f"down-{a}", (a, -h)), add(f"vup-{a}", v=(a, dv)), add(f"vdown-{a}", v=(a, -dv))
+    add("later", t=dt), add("earlier", t=-dt)  # a negative horizon is time running back
+    scen = Scenarios(tuple(rows), ("explicit",) * len(rows), np.array(spot), np.array(vol), np.array(hor))
+    pnl = stress.pnl_matrix(snap, scen)
+
+    P = np.asarray(snap.market.price)
+    fd = {}
+    for a, name in enumerate(names):
+        up, down = pnl[f"up-{a}"].to_numpy(), pnl[f"down-{a}"].to_numpy()
+        fd[("delta", name)] = (up - down) / (2 * h * P[a])
+        fd[("gamma", name)] = (up + down) / (h * P[a]) ** 2  # P&L at the centre is 0
+        fd[("vega", name)] = 0.01 * (pnl[f"vup-{a}"].to_numpy() - pnl[f"vdown-{a}"].to_numpy()) / (2 * dv)
+    theta_fd = (pnl["later"].to_numpy() - pnl["earlier"].to_numpy()) / (2 * dt)
+
+    pos = {acc: i for i, acc in enumerate(pnl.index)}
+    ia = g.account_id.map(pos).to_numpy()
+    ja = g.underlying.map({n: i for i, n in enumerate(names)}).to_numpy()
+    # Compared in USD (delta * S, gamma * S^2): a stablecoin's price of 1 would otherwise blow
+    # up the rounding noise of its (exactly zero) second difference by 1 / (h S)^2.
+    for col, power in (("delta", 1), ("gamma", 2), ("vega", 0)):
+        want = np.stack([fd[(col, n)] for n in names], axis=1) * P**power  # [n, A]
+        got = np.zeros_like(want)
+        got[ia, ja] = g[col].to_numpy() * P[ja] ** power
+        scale = np.abs(want).max()
+        assert scale > 0
+        # Every exposure has a row (no row: a zero finite difference), and each row matches.
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * scale, err_msg=col)
+    theta = np.bincount(ia, weights=g.theta.to_numpy(), minlength=len(pnl))  # per account
+    np.testing.assert_allclose(theta, theta_fd, rtol=1e-6, atol=1e-6 * np.abs(theta_fd).max())
+    # The sample has options on BTC and ETH, so there is gamma, vega and theta to check.
+    assert (g.gamma != 0).sum() > 10 and (g.vega != 0).sum() > 10 and (g.theta != 0).sum() > 10
+
+
+def test_exchange_delta_of_a_matched_book_is_its_balances(sample_dir):
+    # Every instrument's quantities sum to zero in the sample, so the positions' Greeks cancel
+    # and the exchange-wide delta per asset is the sum of balances.
+    snap = stress.load_snapshot(sample_dir)
+    g = stress.greeks(snap)
+    tot = g.groupby("underlying")[["delta", "gamma", "vega", "theta"]].sum()
+    bal = pd.Series(snap.balances.sum(axis=0), index=list(snap.assets))
+    np.testing.assert_allclose(tot.delta, bal[tot.index], rtol=1e-9, atol=1e-6)
+    for col in ("gamma", "vega", "theta"):
+        np.testing.assert_allclose(tot[col], 0.0, atol=1e-6 * g[col].abs().sum())
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+runner = CliRunner()
+
+
+def test_cli_greeks_prints_and_writes(sample_dir, tmp_path):
+    res = runner.invoke(app, ["greeks", str(sample_dir)])
+    assert res.exit_code == 0, res.output
+    assert "delta_usd" in res.stdout and "BTC" in res.stdout and "exchange" in res.stdout.lower()
+    expected = stress.greeks(stress.load_snapshot(sample_dir))
+    for suffix in ("parquet", "csv"):
+        target = tmp_path / f"g.{suffix}"
+        res = runner.invoke(app, ["greeks", str(sample_dir), "--out", str(target)])
+        assert res.exit_code == 0, res.output
+        got = pd.read_parquet(target) if suffix == "parquet" else pd.read_csv(target)
+        pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-12)
+
+
+def test_cli_greeks_one_account(sample_dir):
+    acc = stress.load_snapshot(sample_dir).account_ids[3]
+    res = runner.invoke(app, ["greeks", str(sample_dir), "--account", acc])
+    assert res.exit_code == 0, res.output
+    assert acc in res.stdout
+    others = [a for a in stress.load_snapshot(sample_dir).account_ids[:10] if a != acc]
+    assert not any(o in res.stdout for o in others)
+
+
+def test_cli_greeks_bad_input_exits_2(sample_dir, tmp_path):
+    res = runner.invoke(app, ["greeks", str(sample_dir), "--account", "no-such-account"])
+    assert res.exit_code == 2
+    assert "no-such-account" in res.stderr and "Traceback" not in res.output
+    res = runner.invoke(app, ["greeks", str(sample_dir), "--out", str(tmp_path / "g.xlsx")])
+    assert res.exit_code == 2 and ".xlsx" in res.stderr
+    assert not (tmp_path / "g.xlsx").exists()
+    res = runner.invoke(app, ["greeks", str(tmp_path / "missing")])
+    assert res.exit_code == 2
+
+
+# --------------------------------------------------------------------------------------------
+# Hedge suggestion
+
+LINEAR_FUTURES = [
+    {"instrument_id": "LFUT", "kind": "future", "underlying": "BTC", "settlement": "USDC", "contract_size": 1.0,
+     "mark_price": 90_900.0, "expiry": "2026-12-25T08:00:00Z"},
+    {"instrument_id": "LPERP", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC", "contract_size": 1.0,
+     "mark_price": S0},
+]
+
+
+def _default_scenarios(snap):
+    from stress.scenarios import default_path
+
+    return stress.load_scenarios(default_path(), snap, skip_unknown_assets=True)
+
+
+def _engine_after(tmp_path, positions, balances, account, trade, scen):
+    """The account after the trade, through the engine: a snapshot with the trade booked."""
+    pos = pd.DataFrame(positions)
+    for iid, q in trade.items():
+        hit = (pos.account_id == account) & (pos.instrument_id == iid)
+        if hit.any():
+            pos.loc[hit, "quantity"] += q
+        else:
+            pos = pd.concat([pos, pd.DataFrame([{"account_id": account, "instrument_id": iid, "quantity": q}])])
+    pos = pos[pos.quantity != 0]
+    snap = snapshot(tmp_path / "after", LINEAR_FUTURES, balances, pos)
+    res = stress.run(snap, scen).accounts.set_index("account_id").loc[account]
+    g = stress.greeks(snap, accounts=[account]).set_index("underlying")
+    return res, g
+
+
+def test_hedge_long_future_with_perpetual(tmp_path):
+    # Long 2 BTC of a linear dated future on 30,000 USDC: the default set's crash leaves it
+    # short of margin. Shorting the perpetual cuts the delta and lifts the worst-case excess
+    # (collateral - maintenance margin); under the standard model the perpetual carries its
+    # own 1% margin, so the margin now goes *up* by exactly 1% of the notional sold.
+    balances = [{"account_id": "f", "asset": "USDC", "amount": 30_000.0}]
+    positions = [{"account_id": "f", "instrument_id": "LFUT", "quantity": 2.0}]
+    snap = snapshot(tmp_path / "before", LINEAR_FUTURES, balances, positions)
+    scen = _default_scenarios(snap)
+    h = stress.greeks.hedge(snap, "f", ["LPERP"], scen)
+    b, a = h["before"], h["after"]
+    x = h["trade"]["LPERP"]
+    assert -2.2 < x < -1.5, h
+    assert abs(a["delta"]["BTC"]) < 0.25 * abs(b["delta"]["BTC"])
+    assert b["shortfall_worst"] > 0 and a["worst_excess"] > b["worst_excess"] + 20_000
+    np.testing.assert_allclose(a["maintenance_margin"], b["maintenance_margin"] + 0.01 * abs(x) * S0, rtol=1e-12)
+    # A nearby trade is no better: the search found the minimum (up to the 0.001 lot).
+    for dx in (-0.05, 0.05):
+        assert stress.greeks.evaluate(snap, "f", {"LPERP": x + dx}, scen)["worst_excess"] <= a["worst_excess"] + 1e-6
+
+    # "After" is an exact re-evaluation: the engine on a snapshot with the trade booked agrees.
+    res, g = _engine_after(tmp_path, positions, balances, "f", h["trade"], scen)
+    np.testing.assert_allclose(a["maintenance_margin"], res.maintenance_margin, rtol=1e-12)
+    np.testing.assert_allclose(a["collateral_value"], res.collateral_value, rtol=1e-12)
+    np.testing.assert_allclose(a["pnl_worst"], res.pnl_worst, rtol=1e-12)
+    shortfall_now = max(0.0, res.maintenance_margin - res.collateral_value)
+    np.testing.assert_allclose(a["shortfall_worst"], max(res.shortfall_worst, shortfall_now), atol=1e-9)
+    np.testing.assert_allclose(a["delta"]["BTC"], g.loc["BTC", "delta"], rtol=1e-12)
+
+
+def test_hedge_with_the_held_perpetual_closes_it(tmp_path):
+    # Long 3 of the perpetual, hedged with the same perpetual: the trade nearly closes it, so
+    # margin and delta both fall. It ends a little short, not flat: the USDC depeg scenario
+    # (USDC -10% with BTC -5%) then binds against the +50% squeeze.
+    balances = [{"account_id": "p", "asset": "USDC", "amount": 20_000.0}]
+    positions = [{"account_id": "p", "instrument_id": "LPERP", "quantity": 3.0}]
+    snap = snapshot(tmp_path / "before", LINEAR_FUTURES, balances, positions)
+    scen = _default_scenarios(snap)
+    h = stress.greeks.hedge(snap, "p", None, scen)  # default: the perpetual on BTC it holds
+    assert h["instruments"] == ["LPERP"]
+    b, a = h["before"], h["after"]
+    assert a["maintenance_margin"] < 0.05 * b["maintenance_margin"]
+    assert abs(a["delta"]["BTC"]) < 0.05 * b["delta"]["BTC"]
+    assert a["worst_excess"] > b["worst_excess"]
+    res, _ = _engine_after(tmp_path, positions, balances, "p", h["trade"], scen)
+    np.testing.assert_allclose(a["maintenance_margin"], res.maintenance_margin, rtol=1e-12)
+    np.testing.assert_allclose(a["pnl_worst"], res.pnl_worst, rtol=1e-12)
+    assert stress.greeks.evaluate(snap, "p", h["trade"], scen) == a
+
+
+def test_hedge_bad_input(tmp_path):
+    snap = snapshot(tmp_path, LINEAR_FUTURES, [{"account_id": "u", "asset": "USDC", "amount": 1.0}],
+                    [{"account_id": "f", "instrument_id": "LFUT", "quantity": 1.0}])
+    with pytest.raises(stress.InputError, match="'nobody'"):
+        stress.greeks.hedge(snap, "nobody")
+    with pytest.raises(stress.InputError, match="'NOPE'"):
+        stress.greeks.hedge(snap, "f", ["NOPE"])
+    with pytest.raises(stress.InputError, match="perpetual"):
+        stress.greeks.hedge(snap, "u")  # USDC only: nothing to hedge with by default
+
+
+def test_cli_hedge(sample_dir):
+    acc = "acct-0000357"
+    res = runner.invoke(app, ["hedge", str(sample_dir), "--account", acc])
+    assert res.exit_code == 0, res.output
+    assert "maintenance margin" in res.stdout and "worst margin excess" in res.stdout
+    res = runner.invoke(app, ["hedge", str(sample_dir), "--account", acc, "--with", "BTC-PERPETUAL,NOPE"])
+    assert res.exit_code == 2 and "NOPE" in res.stderr
+    res = runner.invoke(app, ["hedge", str(sample_dir), "--account", "nobody"])
+    assert res.exit_code == 2 and "nobody" in res.stderr
+
+
+def test_module_and_function_are_one_name():
+    # stress.greeks is the SPEC's function and the module holding hedge: one callable object,
+    # whichever import ran first.
+    import stress.greeks as mod
+    from stress import greeks as via_from
+
+    assert stress.greeks is mod is via_from and callable(mod) and callable(mod.hedge)
