@@ -346,7 +346,7 @@ def load_snapshot(path: str | Path) -> Snapshot:
         fund[asset_names.index(name)] = _number(file, f"insurance_fund.{name}", amount)
 
     instruments, instrument_ids, rates = _load_instruments(folder, asset_names, as_of)
-    params = _margin.params_from_config(cfg.get("margin", {}), instruments, haircut, rates)
+    params = _margin.params_from_config(cfg.get("margin", {}), instruments, haircut, rates, assets=asset_names)
 
     # balances and positions
     bt = _read_table(folder, "balances", ("account_id", "asset", "amount"))

@@ -1,11 +1,14 @@
-"""Margin requirements: the ``standard`` model (isolated-style, summed over positions).
+"""Margin requirements: the ``standard`` model (isolated-style, summed over positions, with
+optional risk-limit tiers) and the ``portfolio`` model (a Deribit-style risk matrix per account
+and underlying). The rules, parameters and worked examples are in docs/margin.md.
 
-Rules (USD per contract, at the scenario's prices; ``S`` the underlying price, ``m`` the
-option's value per coin in USD, ``n`` the notional per contract of SPEC section 2):
+Standard model (USD per contract, at the scenario's prices; ``S`` the underlying price, ``m``
+the option's value per coin in USD, ``n`` the notional per contract of SPEC section 2):
 
 - futures and perpetuals: ``IM = im_rate * n``, ``MM = mm_rate * n``, on long and short
-  positions alike (Deribit's base rates: IM 2%, MM 1%; the size-dependent add-on and risk-limit
-  tiers come with the portfolio-margin work).
+  positions alike (Deribit's base rates: IM 2%, MM 1%). With ``[margin] future_tiers`` the
+  rates are those of the risk-limit tier the *position's* notional falls in
+  (``tier_margin``), as on Binance and Bybit.
 - short options, Deribit standard option margin (contract on ``c`` coins):
   ``IM = c * (max(a - OTM/S, b) * S + m)``, with puts floored at their MM;
   ``MM = c * (mm_rate * S + m)`` for calls and ``c * (max(mm_rate * S, mm_rate * m) + m)`` for
@@ -14,25 +17,35 @@ option's value per coin in USD, ``n`` the notional per contract of SPEC section 
 - long options: none (the premium is paid; its value already counts in equity).
 
 An account's requirement is the sum over its positions of ``weight * per-contract
-requirement``, with weight ``|quantity|`` for futures and ``max(-quantity, 0)`` for options. A
-second model (portfolio / risk-matrix margin) plugs in beside ``standard`` by providing
-requirements per account from the same revalued matrices.
+requirement``, with weight ``|quantity|`` for futures and ``max(-quantity, 0)`` for options.
+
+Portfolio model, per account and underlying: every instrument is revalued once per grid point
+(price moves of +-``price_range`` in ``buckets`` steps each side, times vol up / unchanged /
+down, plus an extended table of large moves on vol up); positions are gathered with segment
+sums; the requirement is the worst loss, plus a roll shock per future and a delta shock above
+a threshold; ``MM = mm_factor * IM``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .errors import InputError
-from .snapshot import OPTION, Instruments, Params
+from .pricing import MIN_VOL, YEAR_DAYS, revalue
+from .snapshot import OPTION, PERPETUAL, Instruments, Market, Params
 
-MODELS = ("standard",)
+MODELS = ("standard", "portfolio")
+VOL_SCENARIOS = ("up", "unchanged", "down")  # order of the vol axis of the risk matrix
 
-# Defaults of exchange.toml [margin]; see the module docstring and README "Margin".
+# Defaults of exchange.toml [margin] for the standard model; see the module docstring. The
+# sample exchange writes these into its exchange.toml, so they stay plain numbers.
 DEFAULTS = {
     "model": "standard",
     "future_im_rate": 0.02,
@@ -41,35 +54,242 @@ DEFAULTS = {
     "option_im_floor": 0.10,
     "option_mm_rate": 0.075,
 }
+TIERS_KEY = "future_tiers"  # optional risk-limit tiers: [[notional_up_to_usd, im_rate, mm_rate], ...]
+
+# Portfolio-model defaults: Deribit's published BTC parameters (private/pme/simulate,
+# model_params) where it has them; see docs/margin.md. A table {BTC = ..., default = ...}
+# gives per-underlying values (``pnl_offset``: per settlement asset).
+PORTFOLIO_DEFAULTS: dict[str, Any] = {
+    "price_range": {"BTC": 0.16, "default": 0.20},
+    "buckets_count": 4,
+    "volatility_range_up": 0.5,
+    "volatility_range_down": 0.25,
+    "min_volatility_for_shock_up": 0.5,
+    "short_term_vega_power": 0.3,
+    "long_term_vega_power": 0.13,
+    "min_dte_days": 1.0,
+    "extended_moves": [-0.66, -0.33, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0],
+    "extended_pnl_fraction": 0.03,
+    "pnl_offset": 0.0,
+    "annualised_move_risk": {"BTC": 0.075, "default": 0.1},
+    "min_annualised_move": 0.01,
+    "max_delta_shock": 0.1,
+    "delta_shock_threshold": 20_000_000.0,
+    "mm_factor": 0.8,
+}
+# Per-asset keys -> (Params field, lowest allowed, highest allowed, lowest inclusive).
+_PER_ASSET = {
+    "price_range": ("pm_price_range", 0.0, 0.99, False),
+    "volatility_range_up": ("pm_vol_up", 0.0, math.inf, True),
+    "volatility_range_down": ("pm_vol_down", 0.0, math.inf, True),
+    "min_volatility_for_shock_up": ("pm_min_vol_up", 0.0, 5.0, True),
+    "short_term_vega_power": ("pm_short_vega_power", 0.0, math.inf, True),
+    "long_term_vega_power": ("pm_long_vega_power", 0.0, math.inf, True),
+    "extended_pnl_fraction": ("pm_extended_fraction", 0.0, 1.0, True),
+    "pnl_offset": ("pm_pnl_offset", 0.0, 1.0, True),
+    "annualised_move_risk": ("pm_move_risk", 0.0, math.inf, True),
+    "min_annualised_move": ("pm_min_move", 0.0, math.inf, True),
+    "max_delta_shock": ("pm_max_delta_shock", 0.0, math.inf, True),
+    "delta_shock_threshold": ("pm_delta_threshold", 0.0, math.inf, True),
+}
+_FILE = "exchange.toml"
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+def _err(key: str, message: str) -> InputError:
+    return InputError(_FILE, "[margin]", key, message)
+
+
+def _is_number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and not math.isnan(v)
+
+
+def _checked(key: str, v: Any, lo: float, hi: float, lo_inclusive: bool = True) -> float:
+    if not _is_number(v) or not math.isfinite(v):
+        raise _err(key, f"{v!r} is not a finite number")
+    if v < lo or (v == lo and not lo_inclusive) or v > hi:
+        low = "[" if lo_inclusive else "("
+        raise _err(key, f"{v!r} is outside {low}{lo:g}, {hi:g}]")
+    return float(v)
+
+
+def _per_asset(key: str, given: Any, builtin: Any, assets: tuple[str, ...] | None, n_assets: int,
+               check) -> np.ndarray:
+    """``[A]`` values of a per-asset key: a number for all assets, or a table of asset name ->
+    number with an optional ``default``; assets the user's table leaves out keep the built-in
+    value. Without asset names (``assets`` None) named entries are validated but not applied."""
+    out = np.empty(n_assets)
+    for layer_key, layer in (("builtin", builtin), (key, given)):
+        if layer is None:
+            continue
+        if not isinstance(layer, dict):
+            out[:] = check(key, layer)
+            continue
+        for name, v in layer.items():
+            check(f"{key}.{name}", v)
+        if "default" in layer:
+            out[:] = check(f"{key}.default", layer["default"])
+        for name, v in layer.items():
+            if name == "default" or assets is None:
+                continue
+            if name not in assets:
+                if layer_key == "builtin":
+                    continue  # a built-in value for an asset this snapshot does not have
+                raise _err(f"{key}.{name}", f"unknown asset {name!r} (known: {', '.join(assets)})")
+            out[assets.index(name)] = check(f"{key}.{name}", v)
+    return out
+
+
+def _tier_rows(key: str, rows: Any) -> np.ndarray:
+    """Validate one tier list ``[[notional_up_to_usd, im_rate, mm_rate], ...]`` -> ``[k, 3]``."""
+    if not isinstance(rows, list) or not rows:
+        raise _err(key, "must be a non-empty list of [notional_up_to_usd, im_rate, mm_rate] rows")
+    out = np.empty((len(rows), 3))
+    for k, row in enumerate(rows):
+        where = f"tier {k + 1}"
+        if not isinstance(row, list) or len(row) != 3 or not all(_is_number(v) for v in row):
+            raise _err(key, f"{where}: {row!r} is not [notional_up_to_usd, im_rate, mm_rate]")
+        bound, im, mm = (float(v) for v in row)
+        if not bound > 0:
+            raise _err(key, f"{where}: notional bound {bound:g} must be > 0")
+        if not (math.isfinite(im) and math.isfinite(mm) and 0 <= mm <= im):
+            raise _err(key, f"{where}: rates must satisfy 0 <= mm_rate <= im_rate (got im {im:g}, mm {mm:g})")
+        if k and bound <= out[k - 1, 0]:
+            raise _err(key, f"{where}: notional bounds must increase ({bound:g} <= {out[k - 1, 0]:g})")
+        if k and (im < out[k - 1, 1] or mm < out[k - 1, 2]):
+            raise _err(key, f"{where}: rates must not decrease from one tier to the next")
+        out[k] = bound, im, mm
+    return out
+
+
+def _tiers(given: Any, assets: tuple[str, ...] | None, n_assets: int, flat: tuple[float, float]) -> list[np.ndarray]:
+    """Tier table ``[k_a, 3]`` of each asset as underlying; flat rates where none is given."""
+    flat_rows = np.array([[math.inf, flat[0], flat[1]]])
+    out = [flat_rows] * n_assets
+    if given is None:
+        return out
+    if isinstance(given, list):
+        return [_tier_rows(TIERS_KEY, given)] * n_assets
+    if not isinstance(given, dict):
+        raise _err(TIERS_KEY, "must be a list of [notional_up_to_usd, im_rate, mm_rate] rows, "
+                              "or a table of such lists per underlying")
+    parsed = {name: _tier_rows(f"{TIERS_KEY}.{name}", rows) for name, rows in given.items()}
+    if "default" in parsed:
+        out = [parsed["default"]] * n_assets
+    for name, rows in parsed.items():
+        if name == "default" or assets is None:
+            continue
+        if name not in assets:
+            raise _err(f"{TIERS_KEY}.{name}", f"unknown asset {name!r} (known: {', '.join(assets)})")
+        out[assets.index(name)] = rows
+    return out
 
 
 def params_from_config(
-    cfg: dict, inst: Instruments, haircut: np.ndarray, overrides: tuple[np.ndarray, np.ndarray]
+    cfg: dict,
+    inst: Instruments,
+    haircut: np.ndarray,
+    overrides: tuple[np.ndarray, np.ndarray],
+    *,
+    assets: tuple[str, ...] | None = None,
 ) -> Params:
-    """Resolve ``[margin]`` defaults and per-instrument ``im_rate``/``mm_rate`` into ``Params``."""
-    file = "exchange.toml"
-    unknown = set(cfg) - set(DEFAULTS)
+    """Resolve ``[margin]`` defaults, tiers, portfolio parameters and the per-instrument
+    ``im_rate``/``mm_rate`` columns into ``Params``.
+
+    Args:
+      cfg: the ``[margin]`` table as parsed from TOML.
+      inst: instrument terms ``[I]``. haircut: ``[A]``.
+      overrides: ``(im_rate, mm_rate)`` columns of the instruments table, ``[I]`` each, NaN
+        where not given; a given rate replaces the instrument's default rate and its tiers.
+      assets: the snapshot's asset names ``[A]``; per-asset tables (``{BTC = 0.16}``) are
+        applied only when they are known (``resolve`` does it for a loaded snapshot).
+
+    Raises:
+      InputError: naming ``exchange.toml``, ``[margin]`` and the key at fault.
+    """
+    known = (*DEFAULTS, TIERS_KEY, *PORTFOLIO_DEFAULTS)
+    unknown = set(cfg) - set(known)
     if unknown:
-        key = sorted(unknown)[0]
-        raise InputError(file, "[margin]", key, f"unknown key (known: {', '.join(DEFAULTS)})")
-    values = {**DEFAULTS, **cfg}
+        key = min(unknown)
+        raise _err(key, f"unknown key (known: {', '.join(known)})")
+    values = {**DEFAULTS, **{k: v for k, v in cfg.items() if k in DEFAULTS}}
     if values["model"] not in MODELS:
-        raise InputError(file, "[margin]", "model", f"{values['model']!r} is not one of {MODELS}")
+        raise _err("model", f"{values['model']!r} is not one of {MODELS}")
     for key, v in values.items():
         if key == "model":
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise InputError(file, "[margin]", key, f"{v!r} must be a number >= 0")
-    is_opt = np.asarray(inst.kind) == OPTION
-    im_over, mm_over = overrides
-    im = np.where(is_opt, values["option_im_rate"], values["future_im_rate"])
-    mm = np.where(is_opt, values["option_mm_rate"], values["future_mm_rate"])
+        if not _is_number(v) or not math.isfinite(v) or v < 0:
+            raise _err(key, f"{v!r} must be a number >= 0")
+
+    n_assets = len(haircut)
+    kind = np.asarray(inst.kind)
+    is_opt = kind == OPTION
+    im_over, mm_over = (np.asarray(o, dtype=np.float64) for o in overrides)
+
+    # Risk-limit tiers per underlying, padded to K rows (bound inf, last rates).
+    per_asset_tiers = _tiers(cfg.get(TIERS_KEY), assets, n_assets, (values["future_im_rate"], values["future_mm_rate"]))
+    K = max(len(t) for t in per_asset_tiers) if per_asset_tiers else 1
+    table = np.empty((max(n_assets, 1), K, 3))
+    for a, rows in enumerate(per_asset_tiers):  # a loop over assets (a handful), not positions
+        table[a, : len(rows)] = rows
+        table[a, len(rows):] = [math.inf, rows[-1, 1], rows[-1, 2]]
+    und = np.asarray(inst.underlying)
+    bound, tier_im, tier_mm = (table[und, :, j] for j in range(3))
+    opt_col = is_opt[:, None]
+    bound = np.where(opt_col, math.inf, bound)
+    tier_im = np.where(opt_col, values["option_im_rate"], tier_im)
+    tier_mm = np.where(opt_col, values["option_mm_rate"], tier_mm)
+    tier_im = np.where(np.isnan(im_over)[:, None], tier_im, im_over[:, None])
+    tier_mm = np.where(np.isnan(mm_over)[:, None], tier_mm, mm_over[:, None])
+
+    # Portfolio parameters.
+    pm = {k: cfg.get(k) for k in PORTFOLIO_DEFAULTS}
+    scalar = {k: (PORTFOLIO_DEFAULTS[k] if pm[k] is None else pm[k]) for k in PORTFOLIO_DEFAULTS}
+    fields: dict[str, Any] = {}
+    for key, (field, lo, hi, lo_inc) in _PER_ASSET.items():
+        check = functools.partial(_checked, lo=lo, hi=hi, lo_inclusive=lo_inc)
+        fields[field] = _per_asset(key, pm[key], PORTFOLIO_DEFAULTS[key], assets, n_assets, check)
+    buckets = scalar["buckets_count"]
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or not 1 <= buckets <= 50:
+        raise _err("buckets_count", f"{buckets!r} must be a whole number from 1 to 50")
+    moves = scalar["extended_moves"]
+    if not isinstance(moves, list) or not moves:
+        raise _err("extended_moves", "must be a non-empty list of relative price moves, e.g. [-0.66, 0.5]")
+    moves = [_checked("extended_moves", v, -1.0, math.inf, False) for v in moves]
+    mm_factor = _checked("mm_factor", scalar["mm_factor"], 0.0, 1.0, False)
+    min_days = _checked("min_dte_days", scalar["min_dte_days"], 0.0, 365.0, False)
+
     return Params(
-        im_rate=np.where(np.isnan(im_over), im, im_over),
-        mm_rate=np.where(np.isnan(mm_over), mm, mm_over),
+        im_rate=tier_im[:, 0],
+        mm_rate=tier_mm[:, 0],
         option_im_floor=np.float64(values["option_im_floor"]),
         haircut=np.asarray(haircut, dtype=np.float64),
+        im_override=im_over,
+        mm_override=mm_over,
+        tier_bound=bound,
+        tier_im=tier_im,
+        tier_mm=tier_mm,
+        **fields,
+        pm_extended_moves=np.asarray(moves, dtype=np.float64),
+        pm_mm_factor=np.float64(mm_factor),
+        pm_min_dte_days=np.float64(min_days),
+        pm_buckets=int(buckets),
     )
+
+
+def resolve(snap: Any) -> Params:
+    """The snapshot's ``Params`` with its ``[margin]`` table resolved against its asset names
+    (per-asset tables such as ``price_range = {BTC = 0.16, ETH = 0.20}``)."""
+    p = snap.params
+    return params_from_config(snap.margin_config, snap.instruments, p.haircut, (p.im_override, p.mm_override),
+                              assets=tuple(snap.assets))
+
+
+# --------------------------------------------------------------------------------------------
+# Standard model
 
 
 def position_weight(kind: Any, quantity: Any) -> Any:
@@ -78,7 +298,10 @@ def position_weight(kind: Any, quantity: Any) -> Any:
 
 
 def per_contract(inst: Instruments, params: Params, spot: Any, value: Any) -> tuple[Any, Any]:
-    """Initial and maintenance margin per contract, USD, standard model.
+    """Initial and maintenance margin per contract, USD, standard model, untiered.
+
+    Futures and perpetuals pay ``im_rate``/``mm_rate`` (the first risk-limit tier when tiers
+    are configured; ``tier_margin`` applies the tier of a whole position).
 
     Args:
       inst: instrument terms ``[I]``.
@@ -103,3 +326,331 @@ def per_contract(inst: Instruments, params: Params, spot: Any, value: Any) -> tu
     opt_im = c * (jnp.maximum(im_rate - otm / spot, params.option_im_floor) * spot + value)
     opt_im = jnp.where(is_call, opt_im, jnp.maximum(opt_im, opt_mm))
     return jnp.where(is_opt, opt_im, fut_im), jnp.where(is_opt, opt_mm, fut_mm)
+
+
+def tier_margin(notional: Any, bound: Any, im_rate: Any, mm_rate: Any) -> tuple[Any, Any]:
+    """Initial and maintenance margin of positions under risk-limit tiers, USD.
+
+    The whole position pays the rates of the tier its notional falls in (Bybit's risk limit,
+    Binance's position brackets): tier ``k`` covers ``bound[k-1] < notional <= bound[k]``;
+    beyond the last bound the last tier applies. Rates rise with the tier, so the requirement
+    is monotone in the notional (with a jump at each bound).
+
+    Args:
+      notional: ``[...]`` position notional, USD (>= 0).
+      bound: ``[..., K]`` ascending USD bounds of the position's tiers.
+      im_rate, mm_rate: ``[..., K]`` rates of notional in each tier.
+
+    Returns:
+      ``(im, mm)``, each shaped like ``notional``, USD.
+
+    Example:
+      With tiers ``[[50_000, 0.008, 0.004], [250_000, 0.01, 0.005]]`` a 100,000 USD position
+      is in tier 2: IM = 1,000, MM = 500.
+    """
+    tier = jnp.sum(notional[..., None] > bound[..., :-1], axis=-1)
+    pick = lambda r: jnp.take_along_axis(r, tier[..., None], axis=-1)[..., 0]
+    return pick(im_rate) * notional, pick(mm_rate) * notional
+
+
+def position_notional(inst: Instruments, pos_inst: Any, qty: Any, spot: Any) -> Any:
+    """``[N]`` USD notional of positions (SPEC section 2): ``|q| * c`` for inverse futures and
+    perpetuals (face value), ``|q| * c * S`` otherwise; ``spot`` is ``[I]``."""
+    c = inst.contract_size[pos_inst]
+    per = jnp.where(inst.inverse[pos_inst] & (inst.kind[pos_inst] != OPTION), c, c * spot[pos_inst])
+    return jnp.abs(qty) * per
+
+
+def standard_position_margin(inst: Instruments, params: Params, pos_inst: Any, qty: Any, spot: Any,
+                             option: Any) -> tuple[Any, Any]:
+    """Standard-model IM and MM of each position, USD, risk-limit tiers applied.
+
+    Args:
+      inst, params: instruments ``[I]`` and parameters.
+      pos_inst: ``[N]`` instrument index. qty: ``[N]`` contracts, signed.
+      spot: ``[I]`` underlying price, USD. option: ``[I]`` option value per coin, USD.
+
+    Returns:
+      ``(im, mm)``, each ``[N]``, USD.
+    """
+    im_pc, mm_pc = per_contract(inst, params, spot[:, None], option[:, None])
+    w = position_weight(inst.kind[pos_inst], qty)
+    notional = position_notional(inst, pos_inst, qty, spot)
+    f_im, f_mm = tier_margin(notional, params.tier_bound[pos_inst], params.tier_im[pos_inst], params.tier_mm[pos_inst])
+    is_opt = inst.kind[pos_inst] == OPTION
+    return jnp.where(is_opt, w * im_pc[pos_inst, 0], f_im), jnp.where(is_opt, w * mm_pc[pos_inst, 0], f_mm)
+
+
+# --------------------------------------------------------------------------------------------
+# Portfolio model: the risk matrix
+
+
+def vol_scenarios(inst: Instruments, params: Params) -> Any:
+    """``[3, I]`` shocked implied vols of each option: up, unchanged, down.
+
+    Deribit's DTE-dependent shock, with ``x = (30 / DTE) ** p`` (``p`` the short-term vega
+    power below 30 days to expiry, the long-term one from 30 days; DTE floored at
+    ``min_dte_days``): ``up = max(iv * (1 + range_up * x), min_vol_for_shock_up)``,
+    ``down = max(iv * (1 - range_down * x), 0.01)``. Parameters of the option's underlying.
+    """
+    u = inst.underlying
+    dte = jnp.maximum(inst.expiry * YEAR_DAYS, params.pm_min_dte_days)
+    power = jnp.where(dte < 30.0, params.pm_short_vega_power[u], params.pm_long_vega_power[u])
+    x = (30.0 / dte) ** power  # perpetuals: dte inf -> x = 0
+    up = jnp.maximum(inst.iv * (1.0 + params.pm_vol_up[u] * x), params.pm_min_vol_up[u])
+    down = jnp.maximum(inst.iv * (1.0 - params.pm_vol_down[u] * x), MIN_VOL)
+    is_opt = inst.kind == OPTION
+    return jnp.stack([jnp.where(is_opt, up, inst.iv), inst.iv, jnp.where(is_opt, down, inst.iv)])
+
+
+def grid_moves(params: Params) -> tuple[Any, Any, Any]:
+    """The risk matrix's grid, ``G = 3 * (2 * buckets + 1) + E`` points.
+
+    Point ``g = 3 * p + v`` of the standard table moves every asset by
+    ``price_range * (p - buckets) / buckets`` under vol scenario ``v`` (up, unchanged, down);
+    the ``E`` extended points that follow move every asset by ``extended_moves[e]`` on vol up.
+
+    Returns:
+      ``(spot_mult [G, A], vol_index [G] int, extended [G] bool)``.
+    """
+    B = params.pm_buckets
+    steps = jnp.arange(-B, B + 1) / B  # [P]
+    std = 1.0 + steps[:, None] * params.pm_price_range[None, :]  # [P, A]
+    std = jnp.repeat(std, 3, axis=0)  # [3P, A], vol fastest
+    ext = jnp.broadcast_to(1.0 + params.pm_extended_moves[:, None], (params.pm_extended_moves.shape[0], std.shape[1]))
+    P, E = 2 * B + 1, params.pm_extended_moves.shape[0]
+    vol_index = jnp.concatenate([jnp.tile(jnp.arange(3), P), jnp.zeros(E, int)])
+    extended = jnp.concatenate([jnp.zeros(3 * P, bool), jnp.ones(E, bool)])
+    return jnp.concatenate([std, ext]), vol_index, extended
+
+
+def _usd_value(inst: Instruments, market: Market, spot_mult: Any, iv: Any) -> Any:
+    """``[I, G]`` USD value per contract: settlement units times the settlement asset's price,
+    the grid's price for coin-settled (inverse) instruments, today's price for the others
+    (the risk matrix moves the underlying only)."""
+    G, A = spot_mult.shape
+    rv = revalue(dataclasses.replace(inst, iv=iv), market, spot_mult, jnp.zeros((G, A)), jnp.zeros(G))
+    conv = jnp.where(inst.inverse[:, None], rv["spot"], market.price[inst.settlement][:, None])
+    return rv["value"] * conv
+
+
+@jax.jit
+def instrument_grid(inst: Instruments, market: Market, params: Params) -> dict:
+    """Revalue every instrument once per grid point of the risk matrix.
+
+    Returns:
+      ``pnl [I, G]``: USD value change per contract at each grid point (inverse: the
+      position's coins at the grid's coin price minus its coins at today's price);
+      ``delta [I]``: USD delta per contract, ``dV_usd/dS * S``; ``roll [I]``: USD roll shock
+      per contract, ``n * max(min_annualised_move, annualised_move_risk * T)`` for futures
+      (``T`` years to expiry, 0 for perpetuals), 0 for options; ``extended [G]``, ``vol_index
+      [G]``, ``spot_mult [G, A]`` from ``grid_moves``.
+    """
+    spot_mult, vol_index, extended = grid_moves(params)
+    A = spot_mult.shape[1]
+    ivs = vol_scenarios(inst, params)  # [3, I]
+    base = _usd_value(inst, market, jnp.ones((1, A)), inst.iv)[:, 0]  # [I]
+    by_vol = jax.vmap(lambda iv: _usd_value(inst, market, spot_mult, iv))(ivs)  # [3, I, G]
+    value = jnp.take_along_axis(by_vol, vol_index[None, None, :], axis=0)[0]  # [I, G]
+    # USD delta: move every asset by the same factor (only the underlying enters a value).
+    _, delta = jax.jvp(lambda t: _usd_value(inst, market, jnp.full((1, A), t), inst.iv)[:, 0], (1.0,), (1.0,))
+    u = inst.underlying
+    T = jnp.where(inst.kind == PERPETUAL, 0.0, jnp.where(jnp.isfinite(inst.expiry), inst.expiry, 0.0))
+    notional = jnp.where(inst.inverse, inst.contract_size, inst.contract_size * market.price[u])
+    move = jnp.maximum(params.pm_min_move[u], params.pm_move_risk[u] * T)
+    roll = jnp.where(inst.kind == OPTION, 0.0, notional * move)
+    return {"pnl": value - base[:, None], "delta": delta, "roll": roll, "extended": extended,
+            "vol_index": vol_index, "spot_mult": spot_mult}
+
+
+def risk_matrix_margin(pnl: Any, extended: Any, extended_fraction: Any) -> tuple[Any, Any]:
+    """Worst loss over a risk matrix.
+
+    Args:
+      pnl: ``[K, G]`` P&L of each block (account and underlying) at each grid point, USD.
+      extended: ``[G]`` True at extended-table points, whose P&L counts at ``extended_fraction``.
+      extended_fraction: ``[K]``.
+
+    Returns:
+      ``(margin [K], worst [K])``: ``max(0, max_g -counted P&L)`` and the grid point that
+      drives it (the first on ties).
+    """
+    loss = -jnp.where(extended[None, :], extended_fraction[:, None] * pnl, pnl)
+    worst = jnp.argmax(loss, axis=1)
+    return jnp.maximum(jnp.max(loss, axis=1), 0.0), worst
+
+
+@functools.partial(jax.jit, static_argnames=("n_sub", "n_block"))
+def portfolio_requirements(
+    pos_pnl: Any, pos_delta: Any, pos_roll: Any, pos_sub: Any, sub_block: Any, sub_offset: Any,
+    block_fraction: Any, block_max_delta_shock: Any, block_threshold: Any, mm_factor: Any,
+    extended: Any, *, n_sub: int, n_block: int,
+) -> dict:
+    """Portfolio-margin requirements per block (account and underlying) from position P&L.
+
+    Positions are summed into *sub-blocks* (account, underlying, settlement asset), whose gains
+    count at their settlement asset's ``pnl_offset`` when netted into the block (losses count in
+    full), then the block's requirement is its worst loss plus add-ons. Pure and jittable:
+    the engine can call it per scenario with the grid P&L around that scenario.
+
+    Args:
+      pos_pnl: ``[N, G]`` position P&L at each grid point, USD (``qty * pnl per contract``).
+      pos_delta: ``[N]`` USD delta. pos_roll: ``[N]`` roll shock, USD (``|qty| * roll``).
+      pos_sub: ``[N]`` sub-block of each position. sub_block: ``[M]`` block of each sub-block.
+      sub_offset: ``[M]`` pnl_offset of the sub-block's settlement asset.
+      block_fraction, block_max_delta_shock, block_threshold: ``[K]`` parameters of the block's
+        underlying. mm_factor: ``[]``. extended: ``[G]`` extended-table mask.
+      n_sub, n_block: ``M`` and ``K`` (static).
+
+    Returns:
+      ``[K]`` arrays: ``risk_matrix`` (worst counted loss), ``worst`` (grid index),
+      ``roll_shock``, ``net_delta`` (USD), ``delta_shock``
+      (``max_delta_shock * max(|net_delta| - threshold, 0)``), ``initial_margin`` (their sum)
+      and ``maintenance_margin`` (``mm_factor * initial_margin``).
+    """
+    sub_pnl = jax.ops.segment_sum(pos_pnl, pos_sub, num_segments=n_sub)
+    counted = jnp.where(sub_pnl > 0, sub_offset[:, None] * sub_pnl, sub_pnl)
+    block_pnl = jax.ops.segment_sum(counted, sub_block, num_segments=n_block)
+    rm, worst = risk_matrix_margin(block_pnl, extended, block_fraction)
+    pos_block = sub_block[pos_sub]
+    roll = jax.ops.segment_sum(pos_roll, pos_block, num_segments=n_block)
+    delta = jax.ops.segment_sum(pos_delta, pos_block, num_segments=n_block)
+    delta_shock = block_max_delta_shock * jnp.maximum(jnp.abs(delta) - block_threshold, 0.0)
+    im = rm + roll + delta_shock
+    return {"risk_matrix": rm, "worst": worst, "roll_shock": roll, "net_delta": delta,
+            "delta_shock": delta_shock, "initial_margin": im, "maintenance_margin": mm_factor * im}
+
+
+# --------------------------------------------------------------------------------------------
+# Per-account margin at the snapshot
+
+
+def grid_labels(assets: tuple[str, ...], spot_mult: np.ndarray, vol_index: np.ndarray,
+                extended: np.ndarray) -> np.ndarray:
+    """``[A, G]`` names of the grid points, e.g. ``"BTC -16% vol up"`` (a few hundred strings,
+    formatted once, then gathered per block)."""
+    vol = np.asarray(VOL_SCENARIOS)[vol_index]
+    return np.array([[f"{a} {spot_mult[g, i] - 1:+.0%} vol {vol[g]}{' (extended)' if extended[g] else ''}"
+                      for g in range(len(vol_index))] for i, a in enumerate(assets)], dtype=object)
+
+
+def _groups(*keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dense ids of the distinct key tuples (sorted) and the index of each group's first row."""
+    if not len(keys[0]):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    key = keys[0].astype(np.int64)
+    for k in keys[1:]:
+        key = key * (int(k.max()) + 1) + k
+    _, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+    return inverse.astype(np.int64), first
+
+
+@jax.jit
+def _at_snapshot(inst: Instruments, market: Market) -> dict:
+    """``revalue`` at the unshocked market (``[I, 1]`` and ``[A, 1]`` arrays)."""
+    A = market.price.shape[0]
+    return revalue(inst, market, jnp.ones((1, A)), jnp.zeros((1, A)), jnp.zeros(1))
+
+
+def _collateral(snap: Any, value0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Equity and collateral value per account at the snapshot, USD (SPEC section 2)."""
+    n, A = snap.balances.shape
+    settle = np.asarray(snap.instruments.settlement)[snap.pos_instrument]
+    held = np.bincount(snap.pos_account.astype(np.int64) * A + settle,
+                       weights=snap.pos_quantity * value0[snap.pos_instrument], minlength=n * A).reshape(n, A)
+    e = snap.balances + held
+    usd = e * np.asarray(snap.market.price)[None, :]
+    haircut = np.asarray(snap.params.haircut)
+    return usd.sum(axis=1), np.where(e > 0, usd * (1.0 - haircut[None, :]), usd).sum(axis=1)
+
+
+def account_margin(snap: Any, model: str | None = None) -> dict:
+    """Initial and maintenance margin of every account at the snapshot, USD.
+
+    Args:
+      snap: a loaded snapshot.
+      model: ``"standard"`` or ``"portfolio"``; default ``[margin] model``.
+
+    Returns:
+      A dict: ``model``; ``accounts``, a DataFrame with one row per account (``account_id``,
+      ``initial_margin``, ``maintenance_margin``, ``equity``, ``collateral_value``,
+      ``liquidatable``, and the driving ``underlying`` and ``grid_point`` — the block with the
+      largest requirement and its worst grid point, portfolio model only); ``underlyings``, a
+      DataFrame with one row per account and underlying held (IM, MM and, for the portfolio
+      model, ``risk_matrix_margin``, ``roll_shock``, ``delta_shock``, ``net_delta_usd``,
+      ``grid_point``, ``price_move``, ``vol_scenario``, ``extended``).
+
+    Raises:
+      InputError: an unknown model, or a ``[margin]`` table that does not fit the snapshot.
+    """
+    import pandas as pd
+
+    model = model or snap.margin_config.get("model", "standard")
+    if model not in MODELS:
+        raise InputError("--model", None, None, f"{model!r} is not one of {', '.join(MODELS)}")
+    params = resolve(snap)
+    inst, market = snap.instruments, snap.market
+    rv = _at_snapshot(inst, market)
+    value0 = np.asarray(rv["value"])[:, 0]
+    equity, collateral = _collateral(snap, value0)
+
+    und = np.asarray(inst.underlying)[snap.pos_instrument]
+    block, first = _groups(snap.pos_account, und)
+    K = len(first)
+    b_acc, b_und = snap.pos_account[first], und[first]
+    n = snap.n_accounts
+    names = np.asarray(snap.assets, dtype=object)
+
+    blocks: dict[str, Any] = {"account_id": snap.account_ids[b_acc].astype(str), "underlying": names[b_und].astype(str)}
+    if model == "standard":
+        im, mm = standard_position_margin(inst, params, snap.pos_instrument, snap.pos_quantity,
+                                          np.asarray(rv["spot"])[:, 0], np.asarray(rv["option"])[:, 0])
+        b_im = np.bincount(block, weights=np.asarray(im), minlength=K)
+        b_mm = np.bincount(block, weights=np.asarray(mm), minlength=K)
+        blocks.update(initial_margin=b_im, maintenance_margin=b_mm)
+    else:
+        grid = instrument_grid(inst, market, params)
+        settle = np.asarray(inst.settlement)[snap.pos_instrument]
+        sub, sub_first = _groups(snap.pos_account, und, settle)
+        sub_block = block[sub_first]
+        pi, q = snap.pos_instrument, snap.pos_quantity
+        r = portfolio_requirements(
+            q[:, None] * grid["pnl"][pi], q * grid["delta"][pi], np.abs(q) * grid["roll"][pi],
+            sub, sub_block, params.pm_pnl_offset[settle[sub_first]],
+            params.pm_extended_fraction[b_und], params.pm_max_delta_shock[b_und], params.pm_delta_threshold[b_und],
+            params.pm_mm_factor, grid["extended"], n_sub=len(sub_first), n_block=K)
+        r = {k: np.asarray(v) for k, v in r.items()}
+        b_im, b_mm = r["initial_margin"], r["maintenance_margin"]
+        worst = r["worst"]
+        spot_mult = np.asarray(grid["spot_mult"])
+        move = spot_mult[worst, b_und] - 1.0
+        ext = np.asarray(grid["extended"])[worst]
+        vol = np.asarray(VOL_SCENARIOS, dtype=object)[np.asarray(grid["vol_index"])[worst]]
+        names_g = grid_labels(snap.assets, spot_mult, np.asarray(grid["vol_index"]), np.asarray(grid["extended"]))
+        label = names_g[b_und, worst]
+        blocks.update(initial_margin=b_im, maintenance_margin=b_mm, risk_matrix_margin=r["risk_matrix"],
+                      roll_shock=r["roll_shock"], delta_shock=r["delta_shock"], net_delta_usd=r["net_delta"],
+                      grid_point=label, price_move=move, vol_scenario=vol.astype(str), extended=ext)
+    underlyings = pd.DataFrame(blocks)
+
+    acc_im = np.bincount(b_acc, weights=b_im, minlength=n)
+    acc_mm = np.bincount(b_acc, weights=b_mm, minlength=n)
+    accounts = pd.DataFrame({
+        "account_id": snap.account_ids.astype(str),
+        "initial_margin": acc_im,
+        "maintenance_margin": acc_mm,
+        "equity": equity,
+        "collateral_value": collateral,
+        "liquidatable": collateral < acc_mm,
+    })
+    if model == "portfolio":
+        # The driving block of each account: its largest MM (first underlying on ties).
+        order = np.lexsort((b_und, -b_mm, b_acc))
+        lead = order[np.r_[True, b_acc[order][1:] != b_acc[order][:-1]]] if K else order
+        drive_u = np.full(n, None, dtype=object)
+        drive_g = np.full(n, None, dtype=object)
+        drive_u[b_acc[lead]] = names[b_und[lead]]
+        drive_g[b_acc[lead]] = np.asarray(underlyings["grid_point"], dtype=object)[lead]
+        accounts["underlying"] = drive_u
+        accounts["grid_point"] = drive_g
+    return {"model": model, "accounts": accounts, "underlyings": underlyings}

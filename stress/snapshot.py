@@ -47,13 +47,41 @@ class Market:
 class Params:
     """Every risk parameter the exchange tunes, as arrays so they can be differentiated.
 
-    The standard margin model (``margin.py``) reads them; see README "Margin" for the rules.
+    The margin models (``margin.py``) read them; see docs/margin.md for the rules.
     """
 
     im_rate: Any  # [I] initial-margin rate: of notional (futures) or the base rate a (short options)
     mm_rate: Any  # [I] maintenance-margin rate: of notional (futures) or of underlying (short options)
     option_im_floor: Any  # [] floor b of the short-option IM rate, max(a - OTM/S, b)
     haircut: Any  # [A] collateral haircut per asset, 0 <= h < 1
+    # Per-instrument rates as given in the instruments table (NaN where not given), kept so
+    # the [margin] table can be resolved again against the snapshot's asset names.
+    im_override: Any  # [I] initial-margin rate from the instruments table, or NaN
+    mm_override: Any  # [I] maintenance-margin rate from the instruments table, or NaN
+    # Risk-limit tiers of futures and perpetuals (standard model), padded to K tiers: a
+    # position whose notional is <= tier_bound[i, k] (and above the previous bound) pays
+    # tier_im/tier_mm[i, k] on its whole notional; beyond the last bound the last tier applies.
+    # Without tiers K = 1, the bound is inf and the rates are im_rate/mm_rate.
+    tier_bound: Any  # [I, K] USD notional up to which tier k applies, ascending (inf padding)
+    tier_im: Any  # [I, K] initial-margin rate of notional in tier k
+    tier_mm: Any  # [I, K] maintenance-margin rate of notional in tier k
+    # Portfolio (risk-matrix) model, per asset as underlying (see docs/margin.md).
+    pm_price_range: Any  # [A] largest relative price move of the risk matrix, e.g. 0.16
+    pm_vol_up: Any  # [A] relative vol shock up at 30 days to expiry, e.g. 0.5 (+50% of iv)
+    pm_vol_down: Any  # [A] relative vol shock down at 30 days to expiry, e.g. 0.25
+    pm_min_vol_up: Any  # [A] floor of the shocked-up vol, annualised decimal, e.g. 0.5
+    pm_short_vega_power: Any  # [A] exponent of 30/DTE below 30 days to expiry, e.g. 0.3
+    pm_long_vega_power: Any  # [A] exponent of 30/DTE from 30 days to expiry, e.g. 0.13
+    pm_extended_fraction: Any  # [A] fraction of extended-table P&L that counts, e.g. 0.03
+    pm_pnl_offset: Any  # [A] per settlement asset: fraction of its gains offsetting other losses
+    pm_move_risk: Any  # [A] annualised_move_risk of the roll shock, per year, e.g. 0.075
+    pm_min_move: Any  # [A] min_annualised_move of the roll shock, e.g. 0.01
+    pm_max_delta_shock: Any  # [A] delta-shock rate on net delta beyond the threshold, e.g. 0.1
+    pm_delta_threshold: Any  # [A] USD net delta (|sum delta * S|) free of the delta shock
+    pm_extended_moves: Any  # [E] relative price moves of the extended table (on vol up)
+    pm_mm_factor: Any  # [] maintenance margin as a fraction of initial margin, e.g. 0.8
+    pm_min_dte_days: Any  # [] days to expiry floor of the DTE-dependent vol shock
+    pm_buckets: int = dataclasses.field(default=4, metadata={"static": True})  # price buckets each side of 0
 
 
 @dataclasses.dataclass(frozen=True)
