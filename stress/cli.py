@@ -196,6 +196,125 @@ def validate(
     out.print(msg, highlight=False)
 
 
+@app.command()
+def greeks(
+    snapshot: Path = typer.Argument(..., help="Snapshot folder."),
+    account: Optional[list[str]] = typer.Option(None, "--account", "-a", help="Only this account (repeatable)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write every row to FILE.parquet or FILE.csv."),
+    top: int = typer.Option(20, min=1, help="Rows to print, largest |delta_usd| first, when there are more."),
+) -> None:
+    """Delta, gamma, vega, theta per account and underlying, by autodiff (SPEC section 5)."""
+    import numpy as np
+
+    from . import io
+    from .greeks import account_greeks as compute
+
+    try:
+        if out_file is not None and out_file.suffix not in (".parquet", ".csv"):
+            raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .parquet or .csv")
+        snap = io.load_snapshot(snapshot)
+        g = compute(snap, accounts=account or None)
+    except InputError as exc:
+        _fail(exc)
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        g.to_parquet(out_file, index=False) if out_file.suffix == ".parquet" else g.to_csv(out_file, index=False)
+    shown = g if len(g) <= top else g.reindex(g.delta_usd.abs().sort_values(ascending=False).index[:top])
+    P = dict(zip(snap.assets, np.asarray(snap.market.price, float)))
+    title = f"greeks — as of {snap.as_of:%Y-%m-%d %H:%M}Z"
+    if account is not None and len(set(account)) == 1:
+        out.print(_greeks_table(shown, f"{title} — account {account[0]}", [], P))
+    else:
+        if len(shown) < len(g):
+            title += f" — top {top} of {len(g):,} rows by |delta_usd|"
+        out.print(_greeks_table(shown, title, ["account_id"], P))
+    if account is None:
+        totals = g.groupby("underlying", sort=False).agg(
+            accounts=("account_id", "size"), delta=("delta", "sum"), gamma=("gamma", "sum"),
+            vega=("vega", "sum"), theta=("theta", "sum"), delta_usd=("delta_usd", "sum"))
+        totals = totals.reindex([a for a in snap.assets if a in totals.index]).reset_index()
+        out.print(_greeks_table(totals, "exchange totals per underlying", ["accounts"], P))
+    out.print("delta: units of the asset, collateral included · gamma: d(delta)/dS · "
+              "vega: USD per +0.01 vol · theta: USD per day", highlight=False)
+    if out_file is not None:
+        out.print(f"wrote {len(g):,} rows to {out_file}", highlight=False)
+
+
+def _greeks_table(df, title: str, extra: list[str], price: dict) -> Table:
+    """Rows of ``stress.greeks`` (or totals) as a rich table; values below display precision
+    (autodiff round-off of exactly linear instruments, ~1e-20) print as 0."""
+    from .report import usd
+
+    def small(x: float, unit: float) -> str:
+        return "0" if abs(x) * unit < 1e-6 else f"{x:.4g}"
+
+    t = Table(title=title)
+    cols = ["account_id"] * ("account_id" in extra) + ["underlying"] + ["accounts"] * ("accounts" in extra)
+    for c in cols:
+        t.add_column(c, justify="right" if c == "accounts" else "left", no_wrap=True)
+    for c in ("delta", "gamma", "vega", "theta", "delta_usd"):
+        t.add_column(c, justify="right", no_wrap=True)
+    for r in df.itertuples(index=False):
+        S = price[r.underlying]
+        cells = [str(r.account_id)] if "account_id" in extra else []
+        cells.append(str(r.underlying))
+        if "accounts" in extra:
+            cells.append(f"{r.accounts:,}")
+        cells += [f"{r.delta:,.0f}" if abs(r.delta) >= 1e5 else f"{r.delta:,.6g}", small(r.gamma, S * S), f"{round(r.vega, 2) + 0.0:,.2f}",
+                  f"{round(r.theta, 2) + 0.0:,.2f}", usd(r.delta_usd)]
+        t.add_row(*cells)
+    return t
+
+
+@app.command()
+def hedge(
+    snapshot: Path = typer.Argument(..., help="Snapshot folder."),
+    account: str = typer.Option(..., "--account", "-a", help="The account to hedge."),
+    with_: Optional[str] = typer.Option(None, "--with", help="Instruments to trade, comma-separated (default: the perpetuals on the account's underlyings)."),
+    scenarios: Optional[Path] = typer.Option(None, "--scenarios", "-s", help="Scenario TOML file (default: scenarios/default.toml)."),
+) -> None:
+    """The trade that most improves an account's worst-case margin excess, checked exactly."""
+    import numpy as np
+
+    from . import io, scenarios as scen_mod
+    from .greeks import hedge as find_hedge
+    from .report import usd
+
+    try:
+        snap = io.load_snapshot(snapshot)
+        scen = scen_mod.load_scenarios(scenarios, snap) if scenarios is not None else None
+        names = [s.strip() for s in with_.split(",") if s.strip()] if with_ is not None else None
+        if names is not None and not names:
+            raise InputError("--with", None, None, "no instrument given")
+        h = find_hedge(snap, account, names, scen)
+    except InputError as exc:
+        _fail(exc)
+    t = Table(title=f"hedge for {account} — trading {', '.join(h['instruments'])} — {h['scenarios']} scenarios")
+    t.add_column("instrument")
+    t.add_column("trade (contracts)", justify="right")
+    for iid, q in h["trade"].items():
+        t.add_row(iid, f"{q:+,.6g}")
+    if not h["trade"]:
+        t.add_row("(none)", "no trade in these instruments improves the worst case")
+    out.print(t)
+    b, a = h["before"], h["after"]
+    s = Table(title="before / after (USD; collateral - margin at the worst of now and each scenario)")
+    for c in ("", "before", "after"):
+        s.add_column(c, justify="left" if not c else "right")
+    s.add_row("maintenance margin now", usd(b["maintenance_margin"]), usd(a["maintenance_margin"]))
+    s.add_row("collateral value now", usd(b["collateral_value"]), usd(a["collateral_value"]))
+    s.add_row("worst margin excess", usd(b["worst_excess"]), usd(a["worst_excess"]))
+    s.add_row("  in", str(b["worst_state"]), str(a["worst_state"]))
+    s.add_row("worst shortfall", usd(b["shortfall_worst"]), usd(a["shortfall_worst"]))
+    s.add_row("worst P&L", usd(b["pnl_worst"]), usd(a["pnl_worst"]))
+    price = dict(zip(snap.assets, np.asarray(snap.market.price, float)))
+    shown = lambda x, S: "0" if abs(x) * S < 1e-6 else f"{x:,.6g}"  # autodiff round-off of 0
+    for asset in dict.fromkeys([*b["delta"], *a["delta"]]):
+        S = price[asset]
+        s.add_row(f"delta {asset}", shown(b["delta"].get(asset, 0.0), S), shown(a["delta"].get(asset, 0.0), S))
+    out.print(s)
+
+
 @generate_app.command("sample")
 def generate_sample(
     folder: Path = typer.Argument(..., help="Folder to write the snapshot into."),
@@ -211,6 +330,227 @@ def generate_sample(
 
     sample.write(folder, accounts=accounts, seed=seed, fmt=fmt)
     out.print(f"wrote sample exchange with {accounts:,} accounts to {folder}", highlight=False)
+
+
+def _pairs(values: list[str], option: str) -> dict[str, float]:
+    """``["BTC=0.55", ...]`` as ``{"BTC": 0.55}``; a malformed pair is a usage error (exit 2)."""
+    out_ = {}
+    for item in values:
+        key, sep, num = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            out_[key.strip()] = float(num)
+        except ValueError:
+            sys.stderr.write(f"error: {option} {item!r}: expected NAME=NUMBER\n")
+            raise typer.Exit(2) from None
+    return out_
+
+
+@generate_app.command("scenarios")
+def generate_scenarios(
+    out_file: Path = typer.Option(..., "--out", "-o", help="Scenario TOML file to write."),
+    kind: str = typer.Option("montecarlo", help="montecarlo, grid or replay."),
+    name: Optional[str] = typer.Option(None, help="Scenario name prefix (default: the kind)."),
+    snapshot: Optional[Path] = typer.Option(None, help="Check the written file against this snapshot."),
+    paths: int = typer.Option(10_000, min=1, help="montecarlo: number of paths."),
+    steps: int = typer.Option(1, min=1, help="montecarlo: steps per path."),
+    horizon_days: float = typer.Option(1.0, help="montecarlo, replay: horizon of a path or window, days."),
+    seed: int = typer.Option(0, min=0, help="montecarlo: random seed."),
+    df: int = typer.Option(4, min=0, help="montecarlo: Student-t degrees of freedom (0: Gaussian)."),
+    vol: list[str] = typer.Option(["BTC=0.55", "ETH=0.70", "SOL=0.95"], help="montecarlo: ASSET=annual vol (repeat)."),
+    corr: list[str] = typer.Option(["BTC/ETH=0.80", "BTC/SOL=0.70", "ETH/SOL=0.75"], help="montecarlo: A/B=correlation (repeat)."),
+    vol_beta: list[str] = typer.Option([], help="montecarlo: ASSET=implied-vol change per unit log return (repeat)."),
+    jump_intensity: float = typer.Option(0.0, min=0.0, help="montecarlo: jumps per year."),
+    jump_mean: float = typer.Option(0.0, help="montecarlo: mean log jump size."),
+    jump_std: float = typer.Option(0.0, min=0.0, help="montecarlo: std of the log jump size."),
+    underlying: list[str] = typer.Option(["BTC", "ETH"], help="grid: underlying to move (repeat)."),
+    style: str = typer.Option("risk-matrix", help="grid: risk-matrix or span."),
+    mode: str = typer.Option("each", help="grid: each (one underlying at a time) or joint."),
+    range_: float = typer.Option(0.16, "--range", help="grid: price range, +/- fraction."),
+    buckets: int = typer.Option(4, min=1, help="grid: buckets each side of 0 (risk-matrix)."),
+    prices: Optional[Path] = typer.Option(None, help="replay: price history CSV or Parquet (date, one column per asset)."),
+    filtered: bool = typer.Option(False, help="replay: filtered historical simulation (EWMA vol rescaling)."),
+) -> None:
+    """Write a scenario file: a Monte Carlo, grid or historical-replay table."""
+    from . import scenarios as scen_mod
+
+    if kind == "montecarlo":
+        table = {"name": name or "mc", "paths": paths, "steps": steps, "horizon_days": horizon_days,
+                 "seed": seed, "df": df, "vol": _pairs(vol, "--vol"), "correlation": _pairs(corr, "--corr"),
+                 "vol_beta": _pairs(vol_beta, "--vol-beta") or None,
+                 "jumps": {"intensity": jump_intensity, "mean": jump_mean, "std": jump_std} if jump_intensity else None}
+    elif kind == "grid":
+        table = {"name": name or "grid", "style": style, "mode": mode, "underlyings": underlying,
+                 "range": range_, "buckets": buckets if style == "risk-matrix" else None}
+    elif kind == "replay":
+        if prices is None:
+            sys.stderr.write("error: --kind replay needs --prices FILE\n")
+            raise typer.Exit(2)
+        rel = Path(prices).resolve()
+        try:  # the file refers to the history relative to itself where it can
+            rel = rel.relative_to(out_file.resolve().parent)
+        except ValueError:
+            pass
+        table = {"name": name or "hist", "prices": str(rel), "horizon_days": horizon_days, "filtered": filtered}
+    else:
+        sys.stderr.write(f"error: --kind {kind!r}: expected montecarlo, grid or replay\n")
+        raise typer.Exit(2)
+    form = "montecarlo" if kind == "montecarlo" else kind
+    text = scen_mod.to_toml(form, table, "Written by `stress generate scenarios`; see scenarios/README.md.")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(out_file.name + ".tmp")
+    tmp.write_text(text)
+    try:
+        if snapshot is not None:
+            from . import io
+
+            n = len(scen_mod.load_scenarios(tmp, io.load_snapshot(snapshot)))
+            msg = f"; {n:,} scenarios on {snapshot}"
+        else:
+            msg = ""
+    except InputError as exc:
+        tmp.unlink()
+        _fail(exc)
+    tmp.replace(out_file)
+    out.print(f"wrote {out_file}{msg}", highlight=False)
+
+
+@app.command("margin")
+def margin_cmd(
+    snapshot: Path = typer.Argument(..., help="Snapshot folder."),
+    account: Optional[str] = typer.Option(None, "--account", "-a", help="Only this account, with its per-underlying breakdown."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="standard or portfolio (default: exchange.toml [margin] model)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write accounts to FILE.parquet and the breakdown to FILE.underlyings.parquet."),
+    top: int = typer.Option(20, min=1, help="Accounts to print, largest maintenance margin first, when there are more."),
+) -> None:
+    """Initial and maintenance margin per account at the snapshot, with the driving grid point."""
+    from . import io
+    from . import margin as margin_mod
+
+    try:
+        if model is not None and model not in margin_mod.MODELS:
+            raise InputError("--model", None, None, f"{model!r} is not one of {', '.join(margin_mod.MODELS)}")
+        if out_file is not None and out_file.suffix != ".parquet":
+            raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .parquet")
+        snap = io.load_snapshot(snapshot)
+        if account is not None and account not in set(snap.account_ids.astype(str)):
+            raise InputError("--account", None, None, f"unknown account {account!r} (not in balances or positions)")
+        res = margin_mod.account_margin(snap, model)
+    except InputError as exc:
+        _fail(exc)
+    acc, und = res["accounts"], res["underlyings"]
+    if account is not None:
+        acc, und = acc[acc.account_id == account], und[und.account_id == account]
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        acc.to_parquet(out_file, index=False)
+        und.to_parquet(out_file.with_suffix(".underlyings.parquet"), index=False)
+    shown = acc if len(acc) <= top else acc.loc[acc.maintenance_margin.sort_values(ascending=False, kind="stable").index[:top]]
+    title = f"{res['model']} margin (USD) — as of {snap.as_of:%Y-%m-%d %H:%M}Z"
+    if len(shown) < len(acc):
+        title += f" — top {top} of {len(acc):,} accounts by maintenance margin"
+    out.print(_margin_table(shown, title, ["account_id", "initial_margin", "maintenance_margin", "collateral_value", "liquidatable", "grid_point"]))
+    detail = und[und.account_id.isin(set(shown.account_id))]
+    detail = detail.set_index("account_id").loc[[a for a in shown.account_id if a in set(detail.account_id)]].reset_index()
+    out.print(_margin_table(detail, "per underlying", ["account_id", "underlying", "initial_margin", "maintenance_margin",
+                                                       "risk_matrix_margin", "roll_shock", "delta_shock", "grid_point"]))
+    if account is None:
+        out.print(f"total: initial margin {acc.initial_margin.sum():,.0f} USD, maintenance margin "
+                  f"{acc.maintenance_margin.sum():,.0f} USD, {int(acc.liquidatable.sum()):,} accounts liquidatable", highlight=False)
+    if out_file is not None:
+        out.print(f"wrote {len(acc):,} accounts to {out_file} and {len(und):,} rows to "
+                  f"{out_file.with_suffix('.underlyings.parquet')}", highlight=False)
+
+
+def _margin_table(df, title: str, cols: list[str]) -> Table:
+    from .report import usd
+
+    cols = [c for c in cols if c in df.columns]
+    t = Table(title=title)
+    head = {"account_id": "account", "initial_margin": "IM", "maintenance_margin": "MM", "collateral_value": "collateral",
+            "liquidatable": "liq.", "risk_matrix_margin": "risk matrix", "roll_shock": "roll", "delta_shock": "delta",
+            "grid_point": "driving grid point"}
+    for c in cols:
+        t.add_column(head.get(c, c), justify="left" if c in ("account_id", "underlying", "grid_point") else "right")
+    text = {"account_id", "underlying", "grid_point"}
+    for r in df[cols].itertuples(index=False):
+        t.add_row(*("" if v is None else str(v) if c in text else ("yes" if v else "no") if c == "liquidatable" else usd(float(v))
+                    for c, v in zip(cols, r)))
+    return t
+
+
+@app.command("report")
+def report_cmd(
+    report_dir: Path = typer.Argument(..., help="Report folder written by `stress run`."),
+    top: int = typer.Option(20, "--top", min=1, help="How many riskiest accounts to list."),
+    account: Optional[str] = typer.Option(None, "--account", help="Print this account's row instead."),
+    against: Optional[Path] = typer.Option(None, "--against", help="An older report folder: night-over-night diff, written as diff.md and diff.html."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for diff.md and diff.html (default: REPORT_DIR)."),
+    max_bad_debt: Optional[float] = typer.Option(None, help="Exit 1 if the worst scenario's bad debt exceeds this (USD)."),
+    max_p_fund_depleted: Optional[float] = typer.Option(None, help="Exit 1 if P(fund depleted) exceeds this."),
+) -> None:
+    """Print a report folder's headline and riskiest accounts, or compare it with an older one."""
+    from rich.text import Text
+
+    from . import report as report_mod
+
+    limits = {k: v for k, v in (("max_bad_debt", max_bad_debt), ("max_p_fund_depleted", max_p_fund_depleted)) if v is not None}
+    try:
+        rep = report_mod.load(report_dir)
+        old = report_mod.load(against) if against is not None else None
+        if "max_p_fund_depleted" in limits and rep.summary.get("p_fund_depleted") is None:
+            raise InputError(str(report_dir / "summary.json"), None, "p_fund_depleted",
+                             "null (the run has no random scenarios): a P(fund depleted) limit cannot be checked")
+        rows = report_mod.account_rows(rep, account) if account is not None else None
+    except InputError as exc:
+        _fail(exc)
+    breaches = _breaches(rep.summary, limits)
+    recorded = [b for b in rep.summary.get("limit_breaches") or [] if b not in breaches]
+    if rows is not None:
+        t = Table(title=f"account {account}", show_header=False)
+        for k, v in rows:
+            t.add_row(Text(k), Text(v))
+        out.print(t)
+    elif old is not None:
+        d = report_mod.diff(rep, old, top, breaches + recorded)
+        out.print(_report_rich(d["headline"], f"night over night: {d['older_as_of']} -> {d['as_of']}"))
+        for key in ("new_liquidatable", "movers"):
+            out.print(_report_rich(d[key], d[key]["title"], limit=top))
+        paths = report_mod.write_diff(d, out_dir or report_dir)
+        out.print("diff written to " + ", ".join(str(p) for p in paths), highlight=False)
+    else:
+        head = Table(title=f"stress report — {report_dir}", show_header=False)
+        for label, value, breached in report_mod.headline({**rep.summary, "limit_breaches": breaches + recorded}, rep.scenarios):
+            style = "bold red" if breached else ""
+            head.add_row(Text(label, style=style), Text(value, style=style))
+        out.print(head)
+        out.print(_report_rich(report_mod.table(report_mod.riskiest(rep.accounts, top), report_mod.ACCOUNT_BRIEF),
+                               f"riskiest {min(top, len(rep.accounts)):,} accounts (by worst margin shortfall)"))
+    for b in recorded:
+        out.print(Text.assemble(("limit breached at run time: ", "red"), b))
+    for b in breaches:
+        out.print(Text.assemble(("LIMIT BREACHED: ", "bold red"), b))
+    if breaches:
+        raise typer.Exit(1)
+
+
+def _report_rich(t: dict, title: str, limit: int | None = None) -> Table:
+    """A report table (``stress.report.table``) as a rich Table; cells are Text, so an
+    account id such as ``[red]x`` prints as written, not as markup."""
+    from rich.text import Text
+
+    rt = Table(title=title, show_header=any(t["header"]))
+    first = max((len(row[0][0]) for row in t["rows"]), default=0)
+    for i, (h, numeric) in enumerate(zip(t["header"], t["numeric"])):
+        # the first column (account, scenario) is shown whole; others fold rather than cut
+        rt.add_column(h, justify="right" if numeric else "left", overflow="fold",
+                      no_wrap=i == 0, min_width=min(first, 40) if i == 0 else None)
+    for row in t["rows"][:limit]:
+        rt.add_row(*(Text(v) for v, _ in row))
+    if not t["rows"] and t.get("note"):
+        rt.caption = t["note"]
+    return rt
 
 
 def main() -> None:
