@@ -54,6 +54,7 @@ class Tables:
     price: Any  # [T, A, K*W] asset prices, USD
     user: Any  # [T, W] bool: a scenario of the set (not padding)
     random: Any  # [T, W] bool: a random (Monte Carlo / replay) scenario
+    random_index: Any  # [m] int32: flat column (tile * W + column) of each random scenario
     value0: Any  # [I, 1] at the snapshot
     mm0: Any  # [I, 1]
     price0: Any  # [A, 1]
@@ -114,6 +115,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         price=price,
         user=jnp.asarray(user.reshape(T, W)),
         random=jnp.asarray(random.reshape(T, W)),
+        random_index=jnp.asarray(np.flatnonzero(random).astype(np.int32)),
         value0=rv["value"][:, :1].astype(dtype),
         mm0=mm[:, :1].astype(dtype),
         price0=rv["price"][:, :1].astype(dtype),
@@ -192,24 +194,41 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False) 
         pnl = pnl.transpose(1, 0, 2).reshape(n, T * W)  # [n, S_pad]
     if n_random:
         out["p_liquidation"] = n_liq / n_random
-        rnd = t.random.reshape(-1)[None, :]
-        out["var_99"], out["es_99"] = tail_loss(jnp.where(rnd, -pnl, -jnp.inf), n_random)
+        loss = -pnl[:, t.random_index]  # [n, m]
+        if jax.default_backend() == "cpu":  # selected on the host: see tail_loss
+            out["random_loss"] = loss
+        else:
+            out["var_99"], out["es_99"] = tail_loss(loss)
     if with_pnl:
         out["pnl"] = pnl
     return out
 
 
-def tail_loss(loss: Any, m: int, level: float = VAR_LEVEL) -> tuple[Any, Any]:
-    """Empirical VaR and ES of the ``m`` finite entries per row (others are ``-inf``).
+def _tail_size(m: int, level: float) -> int:
+    """``r = m - k + 1`` with ``k = ceil(level * m)``: how many of ``m`` losses make the tail."""
+    return m - math.ceil(level * m - 1e-9) + 1
+
+
+def tail_loss(loss: Any, level: float = VAR_LEVEL) -> tuple[Any, Any]:
+    """Empirical VaR and ES of each row of ``loss`` ``[n, m]``, on the device (``top_k``).
 
     With the ``m`` losses sorted ascending ``L(1) <= ... <= L(m)`` and ``k = ceil(level * m)``:
     ``VaR = L(k)`` (the lower empirical quantile) and ``ES = mean(L(k), ..., L(m))``, the
-    mean of the ``m - k + 1`` largest losses. Only those are selected (``top_k``), not a
-    full sort of every row.
+    mean of the ``r = m - k + 1`` largest losses: only those are selected, never a full sort.
     """
-    k = math.ceil(level * m - 1e-9)
-    tail, _ = jax.lax.top_k(loss, m - k + 1)  # descending
+    tail, _ = jax.lax.top_k(loss, _tail_size(loss.shape[1], level))  # descending
     return tail[:, -1], jnp.mean(tail, axis=1)
+
+
+def tail_loss_host(loss: np.ndarray, level: float = VAR_LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """``tail_loss`` on the host by NumPy's introselect (``np.partition``): on CPU, XLA's sort
+    and ``top_k`` select at a few million elements per second, 30x slower, and a host callback
+    inside the multi-device kernel can deadlock, so CPU runs return the random losses per
+    chunk and select here, while the devices work on the next chunks."""
+    m = loss.shape[1]
+    r = _tail_size(m, level)
+    top = np.partition(loss, m - r, axis=1)[:, m - r :]
+    return top.min(axis=1), top.mean(axis=1)
 
 
 def devices() -> list:
@@ -332,36 +351,45 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
     per_acc: dict[str, np.ndarray] = {}
     pnl = np.empty((snap.n_accounts, S), np.float64) if with_pnl else None
     done = 0
-    pending = []
+    pending: list = []
 
-    def drain():
+    def put(name: str, acc: np.ndarray, values: np.ndarray) -> None:
+        if name not in per_acc:
+            per_acc[name] = np.empty(snap.n_accounts, values.dtype if values.dtype.kind in "iu" else np.float64)
+        per_acc[name][acc] = values
+
+    def drain_one(accs, out) -> None:
         nonlocal done, total
-        for accs, out in pending:
-            out = jax.device_get(out)
-            total = total + out.pop("sums").sum(axis=0, dtype=np.float64)
-            for g, acc in enumerate(accs):
-                n = len(acc)
-                if not n:
-                    continue
-                for k, v in out.items():
-                    if k == "pnl":
-                        pnl[acc] = v[g, :n, :S]
-                    else:
-                        if k not in per_acc:
-                            per_acc[k] = np.empty(snap.n_accounts, v.dtype if v.dtype.kind in "iu" else np.float64)
-                        per_acc[k][acc] = v[g, :n]
-                done += n
-            if progress:
-                progress(done, snap.n_accounts)
-        pending.clear()
+        out = jax.device_get(out)
+        total = total + out.pop("sums").sum(axis=0, dtype=np.float64)
+        for g, acc in enumerate(accs):
+            n = len(acc)
+            if not n:
+                continue
+            for k, v in out.items():
+                if k == "pnl":
+                    pnl[acc] = v[g, :n, :S]
+                elif k == "random_loss":
+                    var, es = tail_loss_host(v[g, :n])
+                    put("var_99", acc, var)
+                    put("es_99", acc, es)
+                else:
+                    put(k, acc, v[g, :n])
+            done += n
+        if progress:
+            progress(done, snap.n_accounts)
 
-    # Dispatch is asynchronous: the devices compute while Python prepares the next group;
-    # results are fetched a few groups behind.
+    # Dispatch is asynchronous: the devices compute while Python prepares the next group and
+    # finishes the ones before. Groups in flight are bounded by the bytes they return (the
+    # random losses of a Monte Carlo run are [chunk, paths] per chunk).
+    per_group = chunk_size * D * MAX_CHUNKS_PER_DEVICE * max(n_random, S if with_pnl else 0) * 8
+    in_flight = max(1, min(4, int(256e6 // max(per_group, 1))))
     for accs, h in _groups(snap, chunk_size, dt, D):
         pending.append((accs, kernel(h, t)))
-        if len(pending) >= 4:
-            drain()
-    drain()
+        while len(pending) > in_flight:
+            drain_one(*pending.pop(0))
+    while pending:
+        drain_one(*pending.pop(0))
     sums = {name: total[i, :S] for i, name in enumerate(SUM_NAMES)}
     return host, per_acc, sums, pnl
 
@@ -464,7 +492,7 @@ def _bad_debt_distribution(bad: np.ndarray) -> dict:
     estimator of ``tail_loss``); None when the run has no random scenarios."""
     if not len(bad):
         return {"bad_debt_mean": None, "bad_debt_q99": None, "bad_debt_es99": None}
-    q, es = tail_loss(np.asarray(bad, np.float64)[None, :], len(bad))
+    q, es = tail_loss_host(np.asarray(bad, np.float64)[None, :])
     return {"bad_debt_mean": float(bad.mean()), "bad_debt_q99": float(q[0]), "bad_debt_es99": float(es[0])}
 
 
