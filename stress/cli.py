@@ -113,10 +113,13 @@ def run(
     finally:
         if bar is not None:
             bar.stop()
+    from .greeks import account_greeks
+
+    exposure = account_greeks(snap)  # exposure by underlying in the report, by autodiff
     res.summary["runtime_seconds"] = time.perf_counter() - started  # load and run, as a user waits
     breaches = _breaches(res.summary, limits)
     target = out_dir or Path("reports") / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    report.write(res, target, breaches)
+    report.write(res, target, breaches, exposure=exposure)
     if quiet:
         out.print(str(target))
     else:
@@ -508,7 +511,7 @@ def report_cmd(
     breaches = _breaches(rep.summary, limits)
     recorded = [b for b in rep.summary.get("limit_breaches") or [] if b not in breaches]
     if rows is not None:
-        t = Table(title=f"account {account}", show_header=False)
+        t = Table(title=Text(f"account {account}"), show_header=False)  # Text: ids are not markup
         for k, v in rows:
             t.add_row(Text(k), Text(v))
         out.print(t)
@@ -518,9 +521,9 @@ def report_cmd(
         for key in ("new_liquidatable", "movers"):
             out.print(_report_rich(d[key], d[key]["title"], limit=top))
         paths = report_mod.write_diff(d, out_dir or report_dir)
-        out.print("diff written to " + ", ".join(str(p) for p in paths), highlight=False)
+        out.print(Text("diff written to " + ", ".join(str(p) for p in paths)))
     else:
-        head = Table(title=f"stress report — {report_dir}", show_header=False)
+        head = Table(title=Text(f"stress report — {report_dir}"), show_header=False)
         for label, value, breached in report_mod.headline({**rep.summary, "limit_breaches": breaches + recorded}, rep.scenarios):
             style = "bold red" if breached else ""
             head.add_row(Text(label, style=style), Text(value, style=style))
@@ -540,7 +543,7 @@ def _report_rich(t: dict, title: str, limit: int | None = None) -> Table:
     account id such as ``[red]x`` prints as written, not as markup."""
     from rich.text import Text
 
-    rt = Table(title=title, show_header=any(t["header"]))
+    rt = Table(title=Text(title), show_header=any(t["header"]))
     first = max((len(row[0][0]) for row in t["rows"]), default=0)
     for i, (h, numeric) in enumerate(zip(t["header"], t["numeric"])):
         # the first column (account, scenario) is shown whole; others fold rather than cut
@@ -549,8 +552,69 @@ def _report_rich(t: dict, title: str, limit: int | None = None) -> Table:
     for row in t["rows"][:limit]:
         rt.add_row(*(Text(v) for v, _ in row))
     if not t["rows"] and t.get("note"):
-        rt.caption = t["note"]
+        rt.caption = Text(t["note"])
     return rt
+
+
+@app.command("backtest")
+def backtest_cmd(
+    snapshot: Path = typer.Argument(..., help="Snapshot folder (today's portfolios, held fixed)."),
+    prices: Path = typer.Option(..., "--prices", "-p", help="Price history CSV or Parquet: a date column and one USD price column per asset."),
+    horizon_days: float = typer.Option(..., "--horizon-days", help="Window length in days (the liquidation horizon the margin should cover)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="standard or portfolio (default: exchange.toml [margin] model)."),
+    confidence: Optional[float] = typer.Option(None, "--confidence", help="Confidence level of the tests (default 0.99)."),
+    basis: str = typer.Option("maintenance", "--basis", help="maintenance or initial margin as the coverage."),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the per-account results to FILE.parquet."),
+    top: int = typer.Option(20, min=1, help="Accounts to print, most exceedances first."),
+) -> None:
+    """Backtest the margin model: today's margin against realised losses over non-overlapping historical windows."""
+    from rich.text import Text
+
+    from . import io
+    from . import margin as margin_mod
+    from .backtest import backtest as run_backtest
+    from .report import usd
+
+    try:
+        if model is not None and model not in margin_mod.MODELS:
+            raise InputError("--model", None, None, f"{model!r} is not one of {', '.join(margin_mod.MODELS)}")
+        if out_file is not None and out_file.suffix != ".parquet":
+            raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .parquet")
+        snap = io.load_snapshot(snapshot)
+        res = run_backtest(snap, prices, horizon_days, model, confidence, basis=basis)
+    except InputError as exc:
+        _fail(exc)
+    acc, ex, win = res["accounts"], res["exchange"], res["windows"]
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        acc.to_parquet(out_file, index=False)
+    colour = {"green": "green", "yellow": "yellow", "red": "bold red"}
+    p = lambda v: "n/a" if v != v else f"{v:.4f}"  # NaN: the test does not apply
+    zone = lambda z: Text(z, style=colour[z]) if isinstance(z, str) else Text("n/a")
+    title = (f"margin backtest — {res['model']} {res['basis']} margin, confidence {res['confidence']:.2%}, "
+             f"{len(win):,} non-overlapping windows of {res['horizon_days']:g} days")
+    t = Table(title=Text(title))
+    for c in ("test", "observations", "exceedances", "expected", "Kupiec p", "Christoffersen p", "cond. coverage p", "zone"):
+        t.add_column(c, justify="left" if c in ("test", "zone") else "right")
+    labels = {"pooled": "pooled account-windows", "aggregate": "exchange aggregate"}
+    for r in ex.itertuples(index=False):
+        t.add_row(labels[r.test], f"{r.observations:,}", f"{r.exceedances:,}", f"{r.expected:,.2f}", p(r.kupiec_p),
+                  p(r.christoffersen_p), p(r.cc_p), zone(r.zone))
+    out.print(t)
+    shown = acc.sort_values(["exceedances", "worst_loss"], ascending=False, kind="stable").head(top)
+    at = Table(title=Text(f"accounts with most exceedances — {min(top, len(acc)):,} of {len(acc):,} accounts with positions"))
+    for c in ("account", "exceedances", "coverage", "worst loss", "worst window", "Kupiec p", "zone"):
+        at.add_column(c, justify="left" if c in ("account", "worst window", "zone") else "right")
+    for r in shown.itertuples(index=False):
+        at.add_row(Text(r.account_id), f"{r.exceedances:,} / {r.windows:,}", usd(r.coverage), usd(r.worst_loss),
+                   Text(r.worst_window), p(r.kupiec_p), zone(r.zone))
+    out.print(at)
+    by_zone = acc.zone.value_counts()
+    out.print(Text("accounts by zone: " + ", ".join(f"{z} {int(by_zone.get(z, 0)):,}" for z in colour)))
+    if res["unmoved"]:
+        out.print(Text(f"no price history for {', '.join(res['unmoved'])}: held at today's price"))
+    if out_file is not None:
+        out.print(Text(f"wrote {len(acc):,} accounts to {out_file}"))
 
 
 def main() -> None:
