@@ -617,6 +617,30 @@ def backtest_cmd(
         out.print(Text(f"wrote {len(acc):,} accounts to {out_file}"))
 
 
+@app.command()
+def bench(
+    accounts: int = typer.Option(100_000, min=1, help="Accounts in the synthetic exchange."),
+    scenarios: int = typer.Option(1_000, min=1, help="Explicit random shocks."),
+    dtype: str = typer.Option("float64", help="float64 or float32."),
+    keep: Optional[Path] = typer.Option(None, help="Folder to keep (and reuse) the synthetic snapshot in."),
+) -> None:
+    """Time each stage of a run on a synthetic exchange (load, revalue, compile, run, report)."""
+    if dtype not in ("float64", "float32"):
+        sys.stderr.write(f"error: --dtype {dtype!r}: expected float64 or float32\n")
+        raise typer.Exit(2)
+    from .benchmark import run_stages
+
+    with err.status("benchmarking") as status:
+        stages = run_stages(accounts, scenarios, dtype, keep, lambda name: status.update(name))
+    t = Table(title=f"stress bench — {accounts:,} accounts x {scenarios:,} scenarios, {dtype}")
+    t.add_column("stage")
+    t.add_column("seconds", justify="right")
+    t.add_column("")
+    for st in stages:
+        t.add_row(st.name, "" if st.seconds != st.seconds else f"{st.seconds:.3f}", st.note)
+    out.print(t)
+
+
 def main() -> None:
     app()
 
