@@ -127,7 +127,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     return t, host
 
 
-def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False) -> dict:
+def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, level: float = VAR_LEVEL) -> dict:
     """All per-scenario account work for one chunk, reduced at once, tile by tile.
 
     Per tile, the accounts' state (equity, collateral, margin) is computed once and kept
@@ -198,7 +198,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False) 
         if jax.default_backend() == "cpu":  # selected on the host: see tail_loss
             out["random_loss"] = loss
         else:
-            out["var_99"], out["es_99"] = tail_loss(loss)
+            out["var_99"], out["es_99"] = tail_loss(loss, level)
     if with_pnl:
         out["pnl"] = pnl
     return out
@@ -237,14 +237,14 @@ def devices() -> list:
 
 
 @functools.lru_cache(maxsize=None)
-def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int) -> Callable:
+def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float = VAR_LEVEL) -> Callable:
     """``chunk_kernel`` over a group of chunks ``[n_devices * B, ...]``: each device runs its
     ``B`` chunks in turn (``lax.map``), all devices at once (``shard_map``); compiled once per
     holdings shape for the whole device mesh."""
     mesh = Mesh(np.array(devices()[:n_devices]), ("d",))
 
     def local(h: Holdings, t: Tables) -> dict:
-        return jax.lax.map(lambda one: chunk_kernel(one, t, n_random, with_pnl), h)
+        return jax.lax.map(lambda one: chunk_kernel(one, t, n_random, with_pnl, level), h)
 
     specs = dict(mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"))
     try:  # every device runs the same per-chunk code; no cross-device values to check
@@ -338,15 +338,16 @@ def _initial_margin(snap: Snapshot, im0: np.ndarray) -> np.ndarray:
     return np.bincount(snap.pos_account, weights=w, minlength=snap.n_accounts)
 
 
-def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
+def _stream(snap, scen, chunk_size, dtype, progress, with_pnl, level=VAR_LEVEL):
     """Revalue once, stream every chunk through the kernel; returns ``(host tables,
-    per-account columns, per-scenario sums, [n, S] P&L or None)``."""
+    per-account columns, per-scenario sums, [n, S] P&L or None)``. ``level``: the
+    confidence of ``var_99``/``es_99`` (0.99 for reports; the ``var`` margin model sets its own)."""
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     t, host = tables(snap, scen, dt)
     S = len(scen)
     n_random = int(scen.random.sum())
     D = len(devices())
-    kernel = sharded_kernel(n_random, with_pnl, D)
+    kernel = sharded_kernel(n_random, with_pnl, D, level)
     total = np.zeros((len(SUM_NAMES), t.user.size))
     per_acc: dict[str, np.ndarray] = {}
     pnl = np.empty((snap.n_accounts, S), np.float64) if with_pnl else None
@@ -370,7 +371,7 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl):
                 if k == "pnl":
                     pnl[acc] = v[g, :n, :S]
                 elif k == "random_loss":
-                    var, es = tail_loss_host(v[g, :n])
+                    var, es = tail_loss_host(v[g, :n], level)
                     put("var_99", acc, var)
                     put("es_99", acc, es)
                 else:

@@ -41,7 +41,7 @@ from .errors import InputError
 from .pricing import MIN_VOL, YEAR_DAYS, revalue
 from .snapshot import OPTION, PERPETUAL, Instruments, Market, Params
 
-MODELS = ("standard", "portfolio")
+MODELS = ("standard", "portfolio", "var")
 VOL_SCENARIOS = ("up", "unchanged", "down")  # order of the vol axis of the risk matrix
 
 # Defaults of exchange.toml [margin] for the standard model; see the module docstring. The
@@ -76,6 +76,17 @@ PORTFOLIO_DEFAULTS: dict[str, Any] = {
     "max_delta_shock": 0.1,
     "delta_shock_threshold": 20_000_000.0,
     "mm_factor": 0.8,
+}
+# The var model (Eurex Prisma / OCC STANS style): expected shortfall of each account's whole
+# portfolio over historical (by default filtered) windows of the liquidation horizon.
+VAR_DEFAULTS: dict[str, Any] = {
+    "var_history": None,  # price history (CSV or Parquet), relative to the snapshot folder
+    "var_horizon_days": 2.0,  # liquidation horizon: the length of each window
+    "confidence": 0.99,  # ES level
+    "var_filtered": True,  # filtered historical simulation (EWMA vol rescaling)
+    "var_lambda": 0.94,  # EWMA decay of the filter
+    "var_floor": 0.5,  # IM is at least this fraction of the standard model's IM
+    "var_min_windows": 250,  # fewer windows than this: an input error, not a margin
 }
 # Per-asset keys -> (Params field, lowest allowed, highest allowed, lowest inclusive).
 _PER_ASSET = {
@@ -210,7 +221,7 @@ def params_from_config(
     Raises:
       InputError: naming ``exchange.toml``, ``[margin]`` and the key at fault.
     """
-    known = (*DEFAULTS, TIERS_KEY, *PORTFOLIO_DEFAULTS)
+    known = (*DEFAULTS, TIERS_KEY, *PORTFOLIO_DEFAULTS, *VAR_DEFAULTS)
     unknown = set(cfg) - set(known)
     if unknown:
         key = min(unknown)
@@ -218,6 +229,7 @@ def params_from_config(
     values = {**DEFAULTS, **{k: v for k, v in cfg.items() if k in DEFAULTS}}
     if values["model"] not in MODELS:
         raise _err("model", f"{values['model']!r} is not one of {MODELS}")
+    var_config(cfg, require_history=values["model"] == "var")
     for key, v in values.items():
         if key == "model":
             continue
@@ -278,6 +290,26 @@ def params_from_config(
         pm_min_dte_days=np.float64(min_days),
         pm_buckets=int(buckets),
     )
+
+
+def var_config(cfg: dict, require_history: bool = False) -> dict:
+    """The ``var`` model's ``[margin]`` keys with defaults, checked (see ``VAR_DEFAULTS``)."""
+    c = {**VAR_DEFAULTS, **{k: v for k, v in cfg.items() if k in VAR_DEFAULTS}}
+    if c["var_history"] is None:
+        if require_history:
+            raise _err("var_history", "the var model needs a price history: var_history = \"history.csv\"")
+    elif not isinstance(c["var_history"], str) or not c["var_history"].strip():
+        raise _err("var_history", f"{c['var_history']!r} must be a file name")
+    if not isinstance(c["var_filtered"], bool):
+        raise _err("var_filtered", f"{c['var_filtered']!r} must be true or false")
+    c["var_horizon_days"] = _checked("var_horizon_days", c["var_horizon_days"], 0.0, 365.0, False)
+    c["confidence"] = _checked("confidence", c["confidence"], 0.5, 0.9999)
+    c["var_lambda"] = _checked("var_lambda", c["var_lambda"], 0.0, 0.9999, False)
+    c["var_floor"] = _checked("var_floor", c["var_floor"], 0.0, 10.0)
+    w = c["var_min_windows"]
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise _err("var_min_windows", f"{w!r} must be a whole number >= 1")
+    return c
 
 
 def resolve(snap: Any) -> Params:
@@ -588,6 +620,8 @@ def account_margin(snap: Any, model: str | None = None) -> dict:
     model = model or snap.margin_config.get("model", "standard")
     if model not in MODELS:
         raise InputError("--model", None, None, f"{model!r} is not one of {', '.join(MODELS)}")
+    if model == "var":
+        return _var_margin(snap)
     params = resolve(snap)
     inst, market = snap.instruments, snap.market
     rv = _at_snapshot(inst, market)
@@ -654,3 +688,56 @@ def account_margin(snap: Any, model: str | None = None) -> dict:
         accounts["underlying"] = drive_u
         accounts["grid_point"] = drive_g
     return {"model": model, "accounts": accounts, "underlyings": underlyings}
+
+
+# --------------------------------------------------------------------------------------------
+# The var model
+
+
+def _var_margin(snap: Any) -> dict:
+    """``account_margin`` for the ``var`` model (README "Margin: the var model").
+
+    IM = max(ES_c, var_floor * standard IM), with ES_c the expected shortfall at ``confidence``
+    of the account's equity change (collateral included) over every overlapping window of
+    ``var_horizon_days`` in ``var_history``, filtered by today's EWMA vol when ``var_filtered``;
+    MM = ``mm_factor`` (0.8) * IM, as for the portfolio model. The per-underlying breakdown is
+    the standard model's (the floor's); the var requirement is a whole-portfolio number.
+    """
+    from pathlib import Path
+
+    from . import engine, replay
+    from .scenarios import Scenarios, read_history
+
+    c = var_config(snap.margin_config, require_history=True)
+    path = Path(c["var_history"])
+    path = path if path.is_absolute() else Path(snap.source) / path
+    if not path.exists():
+        raise _err("var_history", f"file not found: {path}")
+    times, cols = read_history(path)
+    used = [(snap.asset_index(k), k) for k in cols if k in snap.assets]
+    if not used:
+        raise InputError(path.name, None, None, f"no column names an asset of the snapshot ({', '.join(snap.assets)})")
+    prices = np.stack([cols[k] for _, k in used], axis=1)
+    starts, mult = replay.windows(times, prices, c["var_horizon_days"], filtered=c["var_filtered"], lam=c["var_lambda"])
+    if len(starts) < c["var_min_windows"]:
+        raise _err("var_history", f"{len(starts)} windows of {c['var_horizon_days']:g} days in {path.name}; "
+                                  f"the var model needs at least var_min_windows = {c['var_min_windows']}")
+    S, A = len(starts), snap.n_assets
+    spot = np.ones((S, A))
+    spot[:, [a for a, _ in used]] = mult[:, -1]
+    scen = Scenarios(tuple(f"w{i}" for i in range(S)), ("replay",) * S, spot, np.zeros((S, A)),
+                     np.full(S, c["var_horizon_days"]))
+    _, acc, _, _ = engine._stream(snap, scen, engine.DEFAULT_CHUNK, "float64", None, False, level=c["confidence"])
+    es = np.maximum(acc["es_99"], 0.0)  # a book that gains in every window needs no VaR margin
+    std = account_margin(snap, "standard")
+    floor = c["var_floor"] * std["accounts"]["initial_margin"].to_numpy()
+    im = np.maximum(es, floor)
+    mm = float(resolve(snap).pm_mm_factor) * im
+    accounts = std["accounts"].copy()
+    accounts["initial_margin"] = im
+    accounts["maintenance_margin"] = mm
+    accounts["liquidatable"] = accounts["collateral_value"].to_numpy() < mm
+    accounts["expected_shortfall"] = es
+    accounts["floor_binding"] = floor > es
+    accounts["windows"] = S
+    return {"model": "var", "accounts": accounts, "underlyings": std["underlyings"]}

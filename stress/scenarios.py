@@ -342,15 +342,18 @@ def _event(ctx: _Ctx, row: dict) -> _Block:
     return _one_step(names, "event", ctx.snap.n_assets, rows)
 
 
-def _read_history(ctx: _Ctx, path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """A price history: a ``date`` column and one USD price column per asset (CSV or Parquet)."""
+def read_history(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A price history: a ``date`` column and one USD price column per asset (CSV or Parquet),
+    optional ``<ASSET>_iv`` implied-vol columns. Returns ``([R] datetime64[ms], {column: [R]})``.
+
+    Raises:
+      InputError: naming the file, the line (CSV) or row and the column at fault.
+    """
     import pandas as pd
     import pyarrow as pa
 
     from .io import _read_csv, _Table
 
-    if not path.exists():
-        raise ctx.error("prices", f"file not found: {path}")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -380,6 +383,13 @@ def _read_history(ctx: _Ctx, path: Path) -> tuple[np.ndarray, dict[str, np.ndarr
         t.check(v <= 0 if not c.endswith("_iv") else v < 0, c, "prices must be > 0" if not c.endswith("_iv") else "implied vol must be >= 0")
         cols[c] = v
     return times, cols
+
+
+def _read_history(ctx: _Ctx, path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``read_history``, with a missing file reported against the table's ``prices`` field."""
+    if not path.exists():
+        raise ctx.error("prices", f"file not found: {path}")
+    return read_history(path)
 
 
 def _replay(ctx: _Ctx, row: dict) -> _Block:

@@ -160,7 +160,7 @@ def test_kernel_compiles_once_per_bucket_shape(sample_tables, tmp_path, scen, sm
     assert widths(a) == widths(b) and a.n_accounts != b.n_accounts
     sa = stress.load_scenarios(small_default_path, a)
     stress.run(a, sa)
-    kernel = engine.sharded_kernel(int(sa.random.sum()), False, len(engine.devices()))
+    kernel = engine.sharded_kernel(int(sa.random.sum()), False, len(engine.devices()), engine.VAR_LEVEL)
     before = kernel._cache_size()
     assert before > 0
     stress.run(b, stress.load_scenarios(small_default_path, b))

@@ -1,0 +1,81 @@
+"""The var margin model: expected shortfall of the whole account over historical windows,
+floored at a fraction of standard margin, checked against hand arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import stress
+from stress.margin import account_margin
+
+from .conftest import write_snapshot
+
+RETURNS = [0.01, -0.02, 0.03, -0.05, 0.004, -0.01, 0.02, -0.03, 0.005, 0.01,
+           -0.04, 0.015, 0.002, -0.001, 0.003, 0.006, -0.007, 0.008, 0.001, -0.06]
+
+
+def _snap(tmp_path, margin: str):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prices = 100.0 * np.cumprod([1.0] + [1 + r for r in RETURNS])
+    pd.DataFrame({"date": pd.date_range("2025-01-01", periods=len(prices)).strftime("%Y-%m-%d"),
+                  "BTC": prices}).to_csv(tmp_path / "history.csv", index=False)
+    toml = f"""as_of = 2026-11-23T08:00:00Z
+rate = 0.0
+insurance_fund = {{ USDC = 1000.0 }}
+[margin]
+{margin}
+"""
+    return stress.load_snapshot(write_snapshot(
+        tmp_path, assets=[{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "BTC", "price": 100.0, "haircut": 0.0}],
+        instruments=[{"instrument_id": "LIN", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 1.0, "mark_price": 100.0}],
+        balances=[{"account_id": "a", "asset": "USDC", "amount": 10_000.0},
+                  {"account_id": "b", "asset": "USDC", "amount": 10_000.0}],
+        positions=[{"account_id": "a", "instrument_id": "LIN", "quantity": 10},
+                   {"account_id": "b", "instrument_id": "LIN", "quantity": -10}],
+        exchange_toml=toml))
+
+
+BASE = 'model = "var"\nvar_history = "history.csv"\nvar_horizon_days = 1\nvar_filtered = false\nconfidence = 0.9\nvar_min_windows = 10\n'
+
+
+def test_var_margin_is_the_expected_shortfall_of_the_windows(tmp_path):
+    # 20 one-day windows, confidence 0.9: k = ceil(0.9 * 20) = 18, so ES is the mean of the 3
+    # largest losses. Long 10 BTC at 100: loss = -1000 * r -> 60, 50, 40 -> ES = 50. The short:
+    # loss = 1000 * r -> 30, 20, 15 -> ES = 65 / 3. Standard IM = 2% x 1000 = 20, floor
+    # 0.5 x 20 = 10 binds for neither. MM = 0.8 x IM.
+    res = account_margin(_snap(tmp_path, BASE + "var_floor = 0.5\n"))
+    acc = res["accounts"].set_index("account_id")
+    assert res["model"] == "var" and (acc.windows == 20).all()
+    np.testing.assert_allclose(acc.expected_shortfall, [50.0, 65.0 / 3], rtol=1e-9)
+    np.testing.assert_allclose(acc.initial_margin, [50.0, 65.0 / 3], rtol=1e-9)
+    np.testing.assert_allclose(acc.maintenance_margin, [40.0, 0.8 * 65.0 / 3], rtol=1e-9)
+    assert not acc.floor_binding.any() and not acc.liquidatable.any()
+
+
+def test_var_margin_is_floored_at_a_fraction_of_standard_margin(tmp_path):
+    # var_floor = 2: floor = 2 x 20 = 40 > the short's ES of 21.67, below the long's 50.
+    acc = account_margin(_snap(tmp_path, BASE + "var_floor = 2.0\n"))["accounts"].set_index("account_id")
+    np.testing.assert_allclose(acc.initial_margin, [50.0, 40.0], rtol=1e-9)
+    assert list(acc.floor_binding) == [False, True]
+
+
+def test_filtered_history_rescales_the_losses(tmp_path):
+    plain = account_margin(_snap(tmp_path, BASE))["accounts"].expected_shortfall.to_numpy()
+    tmp2 = tmp_path / "f"
+    filt = account_margin(_snap(tmp2, BASE.replace("var_filtered = false", "var_filtered = true")))
+    assert not np.allclose(filt["accounts"].expected_shortfall.to_numpy(), plain)
+
+
+def test_short_history_and_missing_history_are_input_errors(tmp_path):
+    with pytest.raises(stress.InputError) as err:
+        account_margin(_snap(tmp_path, BASE.replace("var_min_windows = 10", "var_min_windows = 30")))
+    assert err.value.column == "var_history" and "at least var_min_windows = 30" in err.value.message
+    with pytest.raises(stress.InputError) as err:
+        _snap(tmp_path / "m", 'model = "var"\n')
+    assert (err.value.file, err.value.column) == ("exchange.toml", "var_history")
+    with pytest.raises(stress.InputError) as err:
+        _snap(tmp_path / "c", BASE.replace("confidence = 0.9", "confidence = 1.5"))
+    assert err.value.column == "confidence"
