@@ -423,7 +423,7 @@ def generate_scenarios(
 def margin_cmd(
     snapshot: Path = typer.Argument(..., help="Snapshot folder."),
     account: Optional[str] = typer.Option(None, "--account", "-a", help="Only this account, with its per-underlying breakdown."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="standard or portfolio (default: exchange.toml [margin] model)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="standard, portfolio or var (default: exchange.toml [margin] model)."),
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write accounts to FILE.parquet and the breakdown to FILE.underlyings.parquet."),
     top: int = typer.Option(20, min=1, help="Accounts to print, largest maintenance margin first, when there are more."),
 ) -> None:
@@ -561,7 +561,7 @@ def backtest_cmd(
     snapshot: Path = typer.Argument(..., help="Snapshot folder (today's portfolios, held fixed)."),
     prices: Path = typer.Option(..., "--prices", "-p", help="Price history CSV or Parquet: a date column and one USD price column per asset."),
     horizon_days: float = typer.Option(..., "--horizon-days", help="Window length in days (the liquidation horizon the margin should cover)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="standard or portfolio (default: exchange.toml [margin] model)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="standard, portfolio or var (default: exchange.toml [margin] model)."),
     confidence: Optional[float] = typer.Option(None, "--confidence", help="Confidence level of the tests (default 0.99)."),
     basis: str = typer.Option("maintenance", "--basis", help="maintenance or initial margin as the coverage."),
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the per-account results to FILE.parquet."),
@@ -594,17 +594,19 @@ def backtest_cmd(
     title = (f"margin backtest — {res['model']} {res['basis']} margin, confidence {res['confidence']:.2%}, "
              f"{len(win):,} non-overlapping windows of {res['horizon_days']:g} days")
     t = Table(title=Text(title))
-    for c in ("test", "observations", "exceedances", "expected", "Kupiec p", "Christoffersen p", "cond. coverage p", "zone"):
-        t.add_column(c, justify="left" if c in ("test", "zone") else "right")
-    labels = {"pooled": "pooled account-windows", "aggregate": "exchange aggregate"}
+    for c in ("exchange-wide", "obs.", "exceed.", "expected", "Kupiec p", "Christ. p", "CC p", "zone"):
+        t.add_column(c, justify="left" if c in ("exchange-wide", "zone") else "right", no_wrap=True)
     for r in ex.itertuples(index=False):
-        t.add_row(labels[r.test], f"{r.observations:,}", f"{r.exceedances:,}", f"{r.expected:,.2f}", p(r.kupiec_p),
+        t.add_row(r.test, f"{r.observations:,}", f"{r.exceedances:,}", f"{r.expected:,.2f}", p(r.kupiec_p),
                   p(r.christoffersen_p), p(r.cc_p), zone(r.zone))
+    t.caption = Text("pooled: every account-window; aggregate: losing accounts' total loss vs total coverage, per window")
     out.print(t)
     shown = acc.sort_values(["exceedances", "worst_loss"], ascending=False, kind="stable").head(top)
-    at = Table(title=Text(f"accounts with most exceedances — {min(top, len(acc)):,} of {len(acc):,} accounts with positions"))
-    for c in ("account", "exceedances", "coverage", "worst loss", "worst window", "Kupiec p", "zone"):
+    at = Table(title=Text(f"accounts with most exceedances — {min(top, len(acc)):,} of {len(acc):,} accounts with a margin requirement"))
+    for c in ("account", "exceed.", "coverage", "worst loss", "worst window", "Kupiec p", "zone"):
         at.add_column(c, justify="left" if c in ("account", "worst window", "zone") else "right")
+    if res["untested"]:
+        at.caption = Text(f"{len(res['untested']):,} accounts with positions but no margin requirement are not tested")
     for r in shown.itertuples(index=False):
         at.add_row(Text(r.account_id), f"{r.exceedances:,} / {r.windows:,}", usd(r.coverage), usd(r.worst_loss),
                    Text(r.worst_window), p(r.kupiec_p), zone(r.zone))
@@ -639,6 +641,79 @@ def bench(
     for st in stages:
         t.add_row(st.name, "" if st.seconds != st.seconds else f"{st.seconds:.3f}", st.note)
     out.print(t)
+
+
+@app.command("sensitivities")
+def sensitivities_cmd(
+    snapshot: Path = typer.Argument(..., help="Snapshot folder."),
+    scenarios: Optional[Path] = typer.Option(None, "--scenarios", "-s", help="Scenario TOML file (default: scenarios/default.toml)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write totals, scenarios, market, params and accounts .parquet into DIR."),
+    top: int = typer.Option(10, min=1, help="Rows to print per table, largest first."),
+    temperature: Optional[float] = typer.Option(None, help="Smoothing of p_fund_depleted, USD (default: 1% of the fund now)."),
+) -> None:
+    """Gradients of exchange totals (margin, shortfall, bad debt, fund) to prices, vols and risk parameters."""
+    from rich.text import Text
+
+    from .report import usd
+    from .sensitivities import sensitivities as compute
+
+    try:
+        snap, scen = _load(snapshot, scenarios, SAMPLE_ACCOUNTS)
+        r = compute(snap, scen, temperature=temperature)
+    except InputError as exc:
+        _fail(exc)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("totals", "scenarios", "market", "params", "accounts"):
+            r[name].to_parquet(out_dir / f"{name}.parquet", index=False)
+    num = lambda v: "n/a" if v != v else (f"{v:.4g}" if abs(v) < 1 else usd(v))
+    head = Table(title=Text(f"exchange totals — {len(scen):,} scenarios (last step of each path), worst scenario "
+                            f"{r['worst_scenario']}"))
+    for c in ("total", "scope", "value", "exact"):
+        head.add_column(c, justify="left" if c in ("total", "scope") else "right")
+    for row in r["totals"].itertuples(index=False):
+        head.add_row(Text(row.total), Text(row.scope), num(row.value), num(row.exact))
+    head.caption = Text(f"p_fund_depleted_smooth: sigmoid((bad debt - fund) / {r['temperature']:,.0f} USD), "
+                        "mean over random scenarios; exact: the unsmoothed share")
+    out.print(head)
+    keys = [("bad_debt", "worst"), ("shortfall", "worst"), ("insurance_fund_after", "worst"),
+            ("maintenance_margin", "now"), ("shortfall", "sum")]
+    if r["p_fund_depleted_smooth"] is not None:
+        keys.append(("p_fund_depleted_smooth", "random"))
+
+    def wide(df, index):
+        w = df.pivot_table(index=index, columns=["total", "scope"], values="sensitivity", aggfunc="sum", sort=False)
+        return w.reindex(columns=keys).fillna(0.0)
+
+    def print_wide(w, title, labels):
+        w = w.loc[w.abs().max(axis=1).sort_values(ascending=False, kind="stable").index[:top]]
+        t = Table(title=Text(title))
+        for c in labels:
+            t.add_column(c)
+        for total, scope in keys:
+            t.add_column(f"{total} ({scope})", justify="right")
+        for idx, vals in w.iterrows():
+            t.add_row(*(Text(str(v)) for v in (idx if isinstance(idx, tuple) else (idx,))),
+                      *(num(float(v)) for v in vals))
+        out.print(t)
+
+    print_wide(wide(r["market"], ["factor", "asset", "bump"]), "market sensitivities (USD per bump)",
+               ["factor", "asset", "bump"])
+    print_wide(wide(r["params"], ["parameter", "group"]), "risk-parameter sensitivities (USD per +0.01)",
+               ["parameter", "group"])
+    acc = r["accounts"]
+    shown = acc.sort_values(["bad_debt_worst", "shortfall_sum"], ascending=False, kind="stable").head(top)
+    total_bad = acc.bad_debt_worst.sum()
+    at = Table(title=Text(f"Euler allocation of the worst scenario's bad debt ({r['worst_scenario']}, "
+                          f"{usd(total_bad)} USD; allocations sum to it)"))
+    for c in ("account", "bad debt (worst)", "share", "shortfall (worst)", "shortfall (sum)"):
+        at.add_column(c, justify="left" if c == "account" else "right")
+    for row in shown.itertuples(index=False):
+        share = f"{row.bad_debt_worst / total_bad:.1%}" if total_bad > 0 else "n/a"
+        at.add_row(Text(row.account_id), usd(row.bad_debt_worst), share, usd(row.shortfall_worst), usd(row.shortfall_sum))
+    out.print(at)
+    if out_dir is not None:
+        out.print(Text(f"wrote totals, scenarios, market, params and accounts .parquet to {out_dir}"))
 
 
 def main() -> None:
