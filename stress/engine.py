@@ -35,7 +35,9 @@ from .snapshot import Snapshot
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 DEFAULT_CHUNK = 128  # accounts per chunk: [128, 256] tiles keep the working set in L2
 VAR_LEVEL = 0.99
-SUM_NAMES = ("liquidatable", "shortfall", "bad_debt")  # per-scenario sums over accounts
+# Per-scenario sums over accounts; ``closed_out``: what positions closed out before a path's end
+# gain after their liquidation (exactly 0 for one-step scenarios).
+SUM_NAMES = ("liquidatable", "shortfall", "bad_debt", "closed_out")
 
 
 @pytree_dataclass
@@ -44,9 +46,9 @@ class Tables:
 
     Scenario ``s`` of the set sits at tile ``s // W``, column ``s % W``; columns past the end
     of the set are padding (``user`` False). The unshocked market is kept apart (``*0``).
-    For paths of ``K`` steps a tile holds ``K`` blocks of ``W`` columns: the last step first
-    (where P&L and losses are taken), then the steps before it (where only liquidation is
-    checked), so one state evaluation covers every step.
+    For paths of ``K`` steps a tile holds ``K`` blocks of ``W`` columns: the last step first,
+    then the steps before it, so one state evaluation covers every step; each account is then
+    taken at its first breaching step, or the last (``liquidation.path_outcome``).
     """
 
     value: Any  # [T, I, K*W] value per contract, settlement-asset units
@@ -150,11 +152,12 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     def tile(carry, x):
         value, mm, price, user, rnd, k = x
         eq, coll, m = jax.lax.optimization_barrier(portfolio.state(h, value, mm, price, t.haircut))
-        # liquidatable at any step of a path counts; P&L and losses at its last step
-        liq = (m > coll).reshape(n, -1, W).any(axis=1).astype(dt)
-        eq, coll, m = eq[:, :W], coll[:, :W], m[:, :W]
+        # closed out at the first step of a path that breaches maintenance margin, else held
+        eq_end = eq[:, :W]  # as if every position were held to the last step
+        eq, coll, m, liq = liquidation.path_outcome(eq, coll, m, W)
+        liq = liq.astype(dt)
         pnl = eq - eq0[:, None]
-        gap = m - coll  # > 0: liquidatable at the last step, and the shortfall
+        gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
         best, best_tile, gap_max, n_liq = carry
         t_min = jnp.min(jnp.where(user[None, :], pnl, jnp.inf), axis=1)
         better = t_min < best  # strict: ties keep the earlier tile (file order)
@@ -164,7 +167,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             jnp.maximum(gap_max, jnp.max(jnp.where(user[None, :], gap, -jnp.inf), axis=1)),
             n_liq + (jnp.sum(liq * rnd[None, :], axis=1) if n_random else 0.0),
         )
-        sums = jnp.stack([validf @ liq, validf @ jnp.maximum(gap, 0.0), validf @ liquidation.bad_debt(eq)])
+        sums = jnp.stack([validf @ liq, validf @ jnp.maximum(gap, 0.0), validf @ liquidation.bad_debt(eq),
+                          validf @ (eq_end - eq)])
         return carry, (sums, pnl if keep_pnl else None)
 
     inf = jnp.full(n, jnp.inf, dt)
@@ -173,9 +177,10 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     (best, best_tile, gap_max, n_liq), (sums, pnl) = jax.lax.scan(tile, init, xs)
 
     # The worst scenario: revalue each account on its own worst tile, take the first minimum.
-    eq_b, _, _ = portfolio.state(
-        h, lambda i: t.value[best_tile, i, :W], lambda i: t.mm[best_tile, i, :W], lambda i: t.price[best_tile, i, :W],
-        t.haircut,
+    eq_b, _, _, _ = liquidation.path_outcome(
+        *portfolio.state(h, lambda i: t.value[best_tile, i], lambda i: t.mm[best_tile, i],
+                         lambda i: t.price[best_tile, i], t.haircut),
+        W,
     )
     masked = jnp.where(t.user[best_tile], eq_b - eq0[:, None], jnp.inf)
     arg = best_tile * W + jnp.argmin(masked, axis=1).astype(jnp.int32)
@@ -443,7 +448,8 @@ def run(
         }
     )
 
-    pnl_total, pnl_gross = exchange_pnl(snap, host)
+    pnl_held, pnl_gross = exchange_pnl(snap, host)
+    closed_out = sums["closed_out"]
     fund = insurance.fund_value(snap.insurance_fund, host["price_all"][:, 1:])
     bad = sums["bad_debt"]
     fund_after, social = insurance.waterfall(bad, fund)
@@ -451,7 +457,10 @@ def run(
         {
             "scenario": list(scen.names),
             "kind": list(scen.kinds),
-            "pnl_total": pnl_total,
+            # the accounts' P&L: positions held to the end, less what positions closed out
+            # earlier along a path went on to gain (which the market, not the accounts, has)
+            "pnl_total": pnl_held - closed_out,
+            "pnl_closed_out": closed_out,
             "pnl_gross": pnl_gross,
             "accounts_liquidatable": np.rint(sums["liquidatable"]).astype(np.int64),
             "shortfall_total": sums["shortfall"],

@@ -11,8 +11,9 @@ A file holds any of these arrays of tables, each documented with an example in
 
 Rows come in file order (forms in the order they first appear). ``replay`` and
 ``montecarlo`` are the run's random scenarios; a set holds at most one such block. Paths
-(Monte Carlo steps, replay rows inside a window) keep their intermediate steps so that a
-liquidation at any step counts; other scenarios are one step.
+(Monte Carlo steps, replay rows inside a window) keep their intermediate steps so that an
+account is closed out at the first step that breaches its margin (``liquidation``); other
+scenarios are one step.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Scenarios:
     """A scenario set over the snapshot's assets. Rows are scenarios, in file order.
 
     A scenario is a path of ``K`` steps (``K = 1`` for a one-off shock); the fields without
-    ``path_`` describe its last step, where P&L, bad debt and the worst cases are taken.
+    ``path_`` describe its last step; the steps before it are where an account may be closed
+    out earlier (``liquidation.path_outcome``).
     """
 
     names: tuple[str, ...]  # [S]

@@ -190,7 +190,7 @@ def test_p_liquidation_matches_the_lognormal_probability(tmp_path, linear_snap):
     assert abs(p_hat - p) < 4 * math.sqrt(p * (1 - p) / n)
 
 
-def test_liquidation_at_any_step_of_a_path_counts(tmp_path, linear_snap):
+def test_an_account_is_closed_out_at_the_first_step_of_a_path_that_breaches(tmp_path, linear_snap):
     # A replay window that dips 4% and recovers: the long (liquidatable below 49,697, -0.6%)
     # is liquidated at the dip although the window ends flat; the short (above 59,406) never.
     hist = pd.DataFrame({"date": ["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04"],
@@ -208,6 +208,16 @@ horizon_days = 2
     assert long.p_liquidation == 0.5  # the first window dips at its middle step; the second never
     assert list(res.scenarios.accounts_liquidatable) == [1, 0]
     np.testing.assert_allclose(scen.spot_mult[:, 1], [1.0, 50_500 / 48_000], rtol=0)
+    # Closed out at the dip: 500 BTC x (48,000 - 50,000) = -1,000,000 on 400,000 of collateral,
+    # so 600,000 of bad debt although the window ends flat; the recovery (+1,000,000) goes to
+    # whoever took the position over, and the accounts' P&L is -1,000,000 (the short ends flat).
+    assert long.pnl_worst == pytest.approx(-1_000_000.0, rel=1e-12)
+    assert long.scenario_worst == "h:2024-01-01"
+    first = res.scenarios.iloc[0]
+    assert first.bad_debt == pytest.approx(600_000.0, rel=1e-12)
+    assert first.pnl_closed_out == pytest.approx(1_000_000.0, rel=1e-12)
+    assert first.pnl_total == pytest.approx(-1_000_000.0, rel=1e-12)
+    assert res.scenarios.iloc[1].bad_debt == 0 and res.scenarios.iloc[1].pnl_closed_out == 0
 
 
 def test_statistics_are_nan_without_random_scenarios(tmp_path, linear_snap):
