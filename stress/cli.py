@@ -667,8 +667,7 @@ def sensitivities_cmd(
         for name in ("totals", "scenarios", "market", "params", "accounts"):
             r[name].to_parquet(out_dir / f"{name}.parquet", index=False)
     num = lambda v: "n/a" if v != v else (f"{v:.4g}" if abs(v) < 1 else usd(v))
-    head = Table(title=Text(f"exchange totals — {len(scen):,} scenarios (last step of each path), worst scenario "
-                            f"{r['worst_scenario']}"))
+    head = Table(title=Text(f"exchange totals — {len(scen):,} scenarios, worst scenario {r['worst_scenario']}"))
     for c in ("total", "scope", "value", "exact"):
         head.add_column(c, justify="left" if c in ("total", "scope") else "right")
     for row in r["totals"].itertuples(index=False):
@@ -714,6 +713,62 @@ def sensitivities_cmd(
     out.print(at)
     if out_dir is not None:
         out.print(Text(f"wrote totals, scenarios, market, params and accounts .parquet to {out_dir}"))
+
+
+@app.command()
+def calibrate(
+    snapshot: Path = typer.Argument(..., help="Snapshot folder."),
+    target: str = typer.Option(..., help='The condition to meet, e.g. "p_fund_depleted<=0.001".'),
+    scenarios: Optional[Path] = typer.Option(None, "--scenarios", "-s", help="Scenario TOML with multi-step paths (default: scenarios/default.toml)."),
+    vary: str = typer.Option("mm_rate", help="The parameter to scale: mm_rate (every maintenance-margin rate)."),
+    hi: float = typer.Option(64.0, min=1.0, help="Largest scale tried."),
+    tolerance: float = typer.Option(1e-3, min=1e-6, help="Resolution of the scale."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write calibration.json and tradeoff.svg here."),
+) -> None:
+    """The lowest maintenance margin (one scale on every MM rate) that meets a loss target."""
+    import json
+
+    from . import calibrate as cal
+
+    try:
+        goal = cal.parse_target(target)
+        snap, scen = _load(snapshot, scenarios, SAMPLE_ACCOUNTS)
+    except InputError as exc:
+        _fail(exc)
+    with err.status("calibrating") as status:
+        def seen(r: dict) -> None:
+            status.update(f"scale {r['factor']:.3f}: {goal.metric} = {r['value']:.6g}")
+
+        try:
+            res = cal.calibrate(snap, scen, goal, parameter=vary, hi=hi, tolerance=tolerance, progress=seen)
+        except InputError as exc:
+            status.stop()
+            _fail(exc)
+    t = Table(title=f"calibration of {vary} for {goal.metric} <= {goal.limit:g}")
+    for c in ("", "scale", goal.metric, "total MM (USD)"):
+        t.add_column(c, justify="left" if not c else "right")
+    rows = [("current", res["before"]), ("calibrated" if res["factor"] is not None else f"largest tried ({hi:g})", res["after"])]
+    if res["below"] is not None:
+        rows.append(("one step below (fails)", res["below"]))
+    for label, r in rows:
+        t.add_row(label, f"{r['factor']:.3f}", f"{r['value']:.6g}", f"{r['maintenance_margin']:,.0f}")
+    out.print(t)
+    if res["factor"] is None:
+        out.print(f"[bold red]the target is not met even at {hi:g} x the current rates[/]")
+    else:
+        cost = res["after"]["maintenance_margin"] - res["before"]["maintenance_margin"]
+        out.print(f"recommended: every maintenance-margin rate x {res['factor']:.3f} "
+                  f"(margin cost {cost:+,.0f} USD at the snapshot)", highlight=False)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "tradeoff.svg").write_text(cal.tradeoff_svg(res))
+        doc = {k: res[k] for k in ("factor", "before", "after", "below", "curve")}
+        doc["target"] = {"metric": goal.metric, "limit": goal.limit}
+        doc["parameter"] = vary
+        (out_dir / "calibration.json").write_text(json.dumps(doc, indent=2, allow_nan=False, default=str))
+        out.print(f"wrote {out_dir / 'calibration.json'} and {out_dir / 'tradeoff.svg'}", highlight=False)
+    if res["factor"] is None:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,0 +1,90 @@
+"""Calibration: the lowest maintenance-margin scale that meets a target, checked exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import stress
+from stress import calibrate as cal
+from stress.cli import app
+
+from .conftest import write_snapshot
+
+TOML = """as_of = 2026-11-23T08:00:00Z
+rate = 0.0
+insurance_fund = { USDC = 20000.0 }
+[margin]
+"""
+PATHS = '[[montecarlo]]\nname = "mc"\npaths = 400\nsteps = 8\nhorizon_days = 8\nseed = 3\nvol = { BTC = 1.2 }\n'
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory):
+    """Ten longs and ten shorts of one linear BTC perpetual on 5,000-9,500 USDC each."""
+    folder = tmp_path_factory.mktemp("cal")
+    snap = stress.load_snapshot(write_snapshot(
+        folder / "snap",
+        assets=[{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "BTC", "price": 50_000.0, "haircut": 0.0}],
+        instruments=[{"instrument_id": "P", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 1.0, "mark_price": 50_000.0}],
+        balances=[{"account_id": f"{side}{i}", "asset": "USDC", "amount": 5_000.0 + 500 * i} for side in "ls" for i in range(10)],
+        positions=[{"account_id": f"{side}{i}", "instrument_id": "P", "quantity": q} for side, q in (("l", 1), ("s", -1))
+                   for i in range(10)],
+        exchange_toml=TOML))
+    (folder / "mc.toml").write_text(PATHS)
+    return folder, snap, stress.load_scenarios(folder / "mc.toml", snap)
+
+
+def test_calibrated_scale_meets_the_target_and_one_step_below_does_not(book):
+    _, snap, scen = book
+    target = cal.parse_target("p_fund_depleted<=0.03")
+    res = cal.calibrate(snap, scen, target, tolerance=0.01)
+    assert res["before"]["value"] > 0.03  # the current 1% MM misses it: not vacuous
+    f = res["factor"]
+    assert 1.0 < f < 64.0
+    # exact, independent re-evaluation through stress.run
+    at = stress.run(cal.scaled(snap, f), scen).summary["p_fund_depleted"]
+    below = stress.run(cal.scaled(snap, f - 0.01), scen).summary["p_fund_depleted"]
+    assert at <= 0.03 < below
+    assert res["after"]["maintenance_margin"] == pytest.approx(f * res["before"]["maintenance_margin"], rel=1e-9)
+    margins = [r["maintenance_margin"] for r in res["curve"]]
+    assert margins == sorted(margins)  # the trade-off curve is ordered by margin
+    assert "<svg" in cal.tradeoff_svg(res)
+
+
+def test_calibration_does_not_depend_on_chunking(book):
+    _, snap, scen = book
+    target = cal.parse_target("bad_debt_mean<=1500")
+    a = cal.calibrate(snap, scen, target, tolerance=0.05, chunk_size=4)
+    b = cal.calibrate(snap, scen, target, tolerance=0.05, chunk_size=128)
+    assert a["factor"] == b["factor"] is not None
+
+
+def test_one_step_scenarios_say_margin_has_no_effect(book, tmp_path):
+    _, snap, _ = book
+    (tmp_path / "one.toml").write_text(PATHS.replace("steps = 8", "steps = 1"))
+    scen = stress.load_scenarios(tmp_path / "one.toml", snap)
+    with pytest.raises(stress.InputError, match="no effect"):
+        cal.calibrate(snap, scen, cal.parse_target("p_fund_depleted<=0.01"))
+
+
+@pytest.mark.parametrize("text", ["p_fund_depleted<0.01", "pnl<=3", "p_fund_depleted<=-1", ""])
+def test_bad_targets_are_usage_errors(text):
+    with pytest.raises(stress.InputError):
+        cal.parse_target(text)
+
+
+def test_calibrate_command_writes_the_result_and_the_tradeoff_chart(book, tmp_path):
+    folder, _, _ = book
+    out = tmp_path / "cal"
+    r = CliRunner().invoke(app, ["calibrate", str(folder / "snap"), "--scenarios", str(folder / "mc.toml"),
+                                 "--target", "p_fund_depleted<=0.03", "--tolerance", "0.05", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "calibration.json").read_text())
+    assert doc["factor"] > 1 and doc["target"] == {"metric": "p_fund_depleted", "limit": 0.03}
+    assert (out / "tradeoff.svg").read_text().lstrip().startswith("<?xml")
+    bad = CliRunner().invoke(app, ["calibrate", str(folder / "snap"), "--target", "nonsense"])
+    assert bad.exit_code == 2
