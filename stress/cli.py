@@ -689,8 +689,10 @@ def sensitivities_cmd(
         t = Table(title=Text(title))
         for c in labels:
             t.add_column(c)
+        short = {"bad_debt": "bad debt", "insurance_fund_after": "fund after", "maintenance_margin": "MM",
+                 "p_fund_depleted_smooth": "P(depleted) smooth"}
         for total, scope in keys:
-            t.add_column(f"{total} ({scope})", justify="right")
+            t.add_column(f"{short.get(total, total)} ({scope})", justify="right")
         for idx, vals in w.iterrows():
             t.add_row(*(Text(str(v)) for v in (idx if isinstance(idx, tuple) else (idx,))),
                       *(num(float(v)) for v in vals))

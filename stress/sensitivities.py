@@ -1,0 +1,440 @@
+"""Sensitivities of exchange-wide stress totals by autodiff: to asset prices and vols, to the
+risk parameters in ``Params``, and the Euler allocation of bad debt and shortfall to accounts.
+
+The whole exchange is one pure function (``totals``) of
+
+- ``x [A]``: a relative price perturbation, every state's price of asset ``a`` times
+  ``1 + x_a`` (the snapshot's and every scenario's);
+- ``dv [A]``: an implied-vol perturbation added to every option on underlying ``a``;
+- ``params``: the ``Params`` pytree (margin rates, haircuts, ...);
+- ``lam [n]``: a scale of each account's whole book (positions and balances), 1 at the
+  snapshot, used only for the Euler allocation;
+
+evaluated at ``x = 0, dv = 0, lam = 1``. It follows the engine's definitions (``engine.run``,
+SPEC section 2). Multi-step paths are revalued at every step and each account is taken at the
+step that decides its path, as the engine does: the first step where its collateral is below
+its maintenance margin (closed out there, at no cost), else the last step (``first_breach``).
+The insurance fund is valued at the last step's prices. In formulas:
+
+- per account ``i`` and state ``s``: net amount of asset ``a``
+  ``e_ias = lam_i * (balance_ia + sum_p q_p * value_ps)`` over its positions settled in
+  ``a``; equity ``sum_a e_ias * P_as``; collateral ``sum_a (1 - h_a [e_ias > 0]) e_ias P_as``;
+  maintenance margin ``lam_i * sum_p w_p * mm_ps`` (``margin.per_contract``, standard model,
+  as the engine);
+- per state: ``maintenance_margin = sum_i MM_is``; ``shortfall = sum_i max(0, MM_is - C_is)``;
+  ``bad_debt = sum_i max(0, -E_is)``; fund ``F_s = sum_a fund_a P_as``;
+  ``insurance_fund_after = max(0, F_s - bad_debt_s)``;
+- ``p_fund_depleted_smooth = mean over random scenarios of sigmoid((bad_debt_s - F_s) / tau)``
+  with the temperature ``tau = TEMPERATURE_FRACTION * F_now`` (1% of the fund's value at the
+  snapshot, USD); the exact share (``bad_debt > 0 and bad_debt >= F``) is reported beside it.
+
+``max(0, x)`` and the haircut's ``[e > 0]`` have kinks; autodiff gives the derivative of the
+side the point is on, a one-sided derivative (at an exact tie JAX's ``maximum`` splits it
+evenly; ties have probability zero with real books). The gradients are those of the piecewise-smooth function
+where it is smooth: an account's margin gap counts while it is positive. Vols are floored at
+0.01 (``pricing.MIN_VOL``); an option at the floor has zero vega, as in the valuation.
+
+No array of the size ``accounts x scenarios x assets`` is built: positions gather from
+``[I, S]`` instrument tables into ``[N, S]`` terms, which segment-sum into ``M`` (account,
+asset) slots ``[M, S]`` and then accounts ``[n, S]``. Reverse mode keeps these, so memory is
+of the order of ``(positions + slots) x scenarios x steps x 8 bytes`` times a few: meant for
+exchanges up to a few hundred thousand accounts and a few hundred scenarios at once (the
+default set's 2,000 Monte Carlo paths fit for smaller exchanges, see docs/sensitivities.md).
+There is no chunking: it is one jitted function, differentiated in reverse mode (``jax.vjp``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import margin, pricing
+from ._tree import pytree_dataclass
+from .errors import InputError
+from .scenarios import Scenarios
+from .snapshot import OPTION, Params, Snapshot
+
+PRICE_BUMP = 0.01  # price sensitivities are per +1% of the asset's price
+VOL_BUMP = 0.01  # vol sensitivities are per +0.01 (one vol point) of implied vol
+PARAM_BUMP = 0.01  # rates and haircuts: per +0.01 (one percentage point)
+TEMPERATURE_FRACTION = 0.01  # smoothing of p_fund_depleted: 1% of the fund's value now
+KIND_NAMES = {0: "future", 1: "perpetual", 2: "option"}
+
+# The scalar objectives differentiated, in order: (total, scope). ``now`` is the unshocked
+# snapshot, ``sum`` the sum over the scenarios, ``worst`` the worst scenario (largest bad
+# debt, then largest shortfall, then file order, as engine.run), ``random`` the random ones.
+OBJECTIVES = (
+    ("maintenance_margin", "now"),
+    ("maintenance_margin", "sum"),
+    ("maintenance_margin", "worst"),
+    ("shortfall", "sum"),
+    ("shortfall", "worst"),
+    ("bad_debt", "sum"),
+    ("bad_debt", "worst"),
+    ("insurance_fund_after", "sum"),
+    ("insurance_fund_after", "worst"),
+    ("p_fund_depleted_smooth", "random"),
+)
+
+
+@pytree_dataclass
+class Book:
+    """The exchange's holdings in COO form and the scenario states, as device arrays.
+
+    ``M`` slots are the distinct (account, asset) pairs with a balance or a position settled
+    in the asset; state 0 is the unshocked snapshot, then the ``K`` steps of the ``S``
+    scenarios in time order, step-major (``K = 1`` without paths).
+    """
+
+    pos_slot: Any  # [N] int32 slot of each position (its account and settlement asset)
+    pos_account: Any  # [N] int32 account of each position
+    pos_instrument: Any  # [N] int32
+    pos_quantity: Any  # [N] contracts, signed
+    slot_account: Any  # [M] int32
+    slot_asset: Any  # [M] int32
+    slot_balance: Any  # [M] balance of the slot's asset, in its units
+    fund: Any  # [A] insurance fund balances
+    spot_mult: Any  # [1 + K * S, A] price over the snapshot price: now, then step-major paths
+    vol_shift: Any  # [1 + K * S, A]
+    horizon_days: Any  # [1 + K * S]
+    random: Any  # [S] float 1.0 for a random (Monte Carlo / replay) scenario
+    temperature: Any  # [] USD, smoothing of p_fund_depleted
+
+
+def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
+    """Lay out the snapshot's holdings as slots and every step of the scenarios as states;
+    ``tau`` overrides the temperature of ``p_fund_depleted_smooth`` (USD)."""
+    A = snap.n_assets
+    settle = np.asarray(snap.instruments.settlement)[snap.pos_instrument].astype(np.int64)
+    b_acc, b_asset = np.nonzero(snap.balances)
+    pos_key = snap.pos_account.astype(np.int64) * A + settle
+    keys = np.unique(np.concatenate([pos_key, b_acc.astype(np.int64) * A + b_asset]))
+    slot_acc, slot_asset = keys // A, keys % A
+    # States in time order, step-major: now, step 1 of every scenario, ..., the last step.
+    steps_spot, steps_vol, steps_hor = [scen.spot_mult[:, None]], [scen.vol_shift[:, None]], [scen.horizon_days[:, None]]
+    if scen.steps > 1:
+        steps_spot.insert(0, scen.path_spot_mult)
+        steps_vol.insert(0, scen.path_vol_shift)
+        steps_hor.insert(0, scen.path_horizon_days)
+    path = lambda parts: np.concatenate(parts, axis=1).swapaxes(0, 1).reshape((-1,) + parts[0].shape[2:])
+    spot = np.vstack([np.ones((1, A)), path(steps_spot)])
+    vol = np.vstack([np.zeros((1, A)), path(steps_vol)])
+    hor = np.concatenate([[0.0], path(steps_hor)])
+    fund_now = float(np.asarray(snap.insurance_fund, np.float64) @ np.asarray(snap.market.price, np.float64))
+    return Book(
+        pos_slot=np.searchsorted(keys, pos_key).astype(np.int32),
+        pos_account=snap.pos_account.astype(np.int32),
+        pos_instrument=snap.pos_instrument.astype(np.int32),
+        pos_quantity=np.asarray(snap.pos_quantity, np.float64),
+        slot_account=slot_acc.astype(np.int32),
+        slot_asset=slot_asset.astype(np.int32),
+        slot_balance=np.asarray(snap.balances, np.float64)[slot_acc, slot_asset],
+        fund=np.asarray(snap.insurance_fund, np.float64),
+        spot_mult=spot, vol_shift=vol, horizon_days=hor,
+        random=np.asarray(scen.random, np.float64),
+        temperature=np.float64(default_temperature(fund_now) if tau is None else tau),
+    )
+
+
+def default_temperature(fund_now: float) -> float:
+    """Smoothing of ``p_fund_depleted``, USD: ``TEMPERATURE_FRACTION`` of the fund's value at
+    the snapshot (1 USD for an empty fund, so the sigmoid stays defined)."""
+    return max(TEMPERATURE_FRACTION * fund_now, 1.0)
+
+
+def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b: Book,
+                   n: int) -> dict[str, Any]:
+    """Equity, collateral and maintenance margin per account and state, USD.
+
+    Args:
+      x: ``[A]`` relative price perturbation. dv: ``[A]`` vol perturbation.
+      params: risk parameters. lam: ``[n]`` book scale per account. inst, market: the
+      snapshot's instruments and market. b: the laid-out book. n: accounts (static).
+
+    Returns:
+      ``equity``, ``collateral``, ``maintenance_margin``: ``[n, 1 + K * S]`` each, in the
+      book's state order (state 0 the snapshot); ``price``: ``[A, 1 + K * S]``, USD.
+    """
+    rv = pricing.revalue(inst, market, b.spot_mult * (1.0 + x)[None, :], b.vol_shift + dv[None, :], b.horizon_days)
+    _, mm = margin.per_contract(inst, params, rv["spot"], rv["option"])  # [I, 1+S]
+    M = b.slot_account.shape[0]
+    held = jax.ops.segment_sum(b.pos_quantity[:, None] * rv["value"][b.pos_instrument], b.pos_slot, num_segments=M)
+    e = lam[b.slot_account][:, None] * (b.slot_balance[:, None] + held)  # [M, 1+S] asset units
+    usd = e * rv["price"][b.slot_asset]
+    # Haircut on a positive net amount only; the where keeps both branches' gradients finite.
+    coll = jnp.where(e > 0, 1.0 - params.haircut[b.slot_asset][:, None], 1.0) * usd
+    w = margin.position_weight(inst.kind[b.pos_instrument], b.pos_quantity)
+    m = jax.ops.segment_sum(w[:, None] * mm[b.pos_instrument], b.pos_account, num_segments=n)
+    seg = functools.partial(jax.ops.segment_sum, segment_ids=b.slot_account, num_segments=n)
+    return {"equity": seg(usd), "collateral": seg(coll), "maintenance_margin": lam[:, None] * m,
+            "price": rv["price"]}
+
+
+def first_breach(eq: Any, coll: Any, mm: Any, S: int) -> tuple[Any, Any, Any]:
+    """Each account's state at the step that decides each path: the first step where its
+    collateral is below its maintenance margin (it is closed out there, as
+    ``liquidation.path_outcome`` in the engine), else the last step.
+
+    Args:
+      eq, coll, mm: ``[n, 1 + K * S]``: now, then the ``K`` steps of every scenario, step-major.
+      S: scenarios.
+
+    Returns:
+      ``(eq, coll, mm)``, each ``[n, 1 + S]``: now, then the deciding step of each scenario.
+      Which step decides is piecewise constant in every input, so gradients flow through the
+      values at that step only (margin parameters move bad debt by jumps, not by slopes).
+    """
+    n, cols = eq.shape
+    K = (cols - 1) // S
+    if K == 1:
+        return eq, coll, mm
+    timed = lambda x: x[:, 1:].reshape(n, K, S)
+    breach = timed(mm) > timed(coll)
+    step = jnp.where(breach.any(axis=1), jnp.argmax(breach, axis=1), K - 1)[:, None, :]  # [n, 1, S]
+    pick = lambda x: jnp.concatenate([x[:, :1], jnp.take_along_axis(timed(x), step, axis=1)[:, 0]], axis=1)
+    return pick(eq), pick(coll), pick(mm)
+
+
+def totals(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b: Book, n: int) -> dict[str, Any]:
+    """Exchange totals per state (``[1 + S]``, state 0 the snapshot), USD, and the smoothed
+    ``p_fund_depleted_smooth`` ``[]`` over the random scenarios (see the module docstring).
+
+    Keys: ``maintenance_margin``, ``shortfall``, ``bad_debt``, ``insurance_fund_before``,
+    ``insurance_fund_after``, ``p_fund_depleted_smooth``. Pure and differentiable in ``x``,
+    ``dv``, ``params`` and ``lam``.
+    """
+    st = account_states(x, dv, params, lam, inst, market, b, n)
+    eq, coll, mm = first_breach(st["equity"], st["collateral"], st["maintenance_margin"], b.random.shape[0])
+    shortfall = jnp.sum(jnp.maximum(mm - coll, 0.0), axis=0)
+    bad = jnp.sum(jnp.maximum(-eq, 0.0), axis=0)
+    S = b.random.shape[0]
+    fund = b.fund @ jnp.concatenate([st["price"][:, :1], st["price"][:, -S:]], axis=1)  # now, last steps
+    gap = (bad[1:] - fund[1:]) / b.temperature
+    n_random = jnp.maximum(jnp.sum(b.random), 1.0)
+    return {
+        "maintenance_margin": jnp.sum(mm, axis=0),
+        "shortfall": shortfall,
+        "bad_debt": bad,
+        "insurance_fund_before": fund,
+        "insurance_fund_after": jnp.maximum(fund - bad, 0.0),
+        "p_fund_depleted_smooth": jnp.sum(b.random * jax.nn.sigmoid(gap)) / n_random,
+    }
+
+
+def objectives(x, dv, params, lam, inst, market, b: Book, worst: Any, n: int) -> Any:
+    """The ``OBJECTIVES`` as one vector ``[len(OBJECTIVES)]``; ``worst`` is the worst
+    scenario's index in ``0..S-1`` (state ``1 + worst``)."""
+    t = totals(x, dv, params, lam, inst, market, b, n)
+
+    def reduce(v, scope):
+        if scope == "now":
+            return v[0]
+        if scope == "sum":
+            return jnp.sum(v[1:])
+        if scope == "worst":
+            return v[1 + worst]
+        return v  # "random": already a mean over the random scenarios
+
+    return jnp.stack([reduce(t[name], scope) for name, scope in OBJECTIVES])
+
+
+_totals = jax.jit(totals, static_argnames=("n",))
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _jacobian(x, dv, params, lam, inst, market, b: Book, worst: Any, n: int):
+    """Values and reverse-mode Jacobian of ``objectives`` in ``(x, dv, params, lam)``.
+
+    One forward pass keeps its residuals (``jax.vjp``); the ``K`` rows of the Jacobian are then
+    pulled back one after another (``lax.map``) rather than all at once (``jax.jacrev``
+    vmaps them), so the backward pass holds one cotangent of the ``[N, S]`` size at a time.
+    """
+    f = lambda *a: objectives(*a, inst, market, b, worst, n)
+    values, pullback = jax.vjp(f, x, dv, params, lam)
+    return values, jax.lax.map(pullback, jnp.eye(values.shape[0], dtype=values.dtype))
+
+
+def worst_scenario(bad_debt: np.ndarray, shortfall: np.ndarray) -> int:
+    """Largest bad debt; ties (or none anywhere) by the largest shortfall, then file order
+    (SPEC section 5, as ``engine.run``)."""
+    return int(np.lexsort((np.arange(len(bad_debt)), -shortfall, -bad_debt))[0])
+
+
+def safe_instruments(inst: Any, market: Any) -> Any:
+    """``inst`` with the strike of futures and perpetuals set to their underlying's price.
+
+    ``pricing.revalue`` evaluates Black-Scholes for every instrument and keeps it for options
+    only (``jnp.where``); with a futures strike of 0 the discarded branch has ``log(S / 0)``,
+    whose reverse-mode derivative is ``0 / 0``, and a NaN cotangent survives the ``where``.
+    A positive strike keeps the discarded branch finite; nothing else reads a future's strike,
+    so values and margins are unchanged.
+    """
+    is_opt = np.asarray(inst.kind) == OPTION
+    price = np.asarray(market.price, np.float64)[np.asarray(inst.underlying)]
+    return dataclasses.replace(inst, strike=np.where(is_opt, np.asarray(inst.strike, np.float64), price))
+
+
+def _float_params(params: Params) -> Params:
+    """``params`` with every leaf a float64 array (autodiff needs inexact inputs)."""
+    return jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float64), params)
+
+
+def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None = None) -> dict:
+    """Gradients of the exchange's stress totals, by reverse-mode autodiff of ``totals``.
+
+    Args:
+      snap: the snapshot. scen: the scenario set (every step of a path is revalued; each
+        account is taken at its first breach of maintenance margin, else the last step).
+      temperature: smoothing of ``p_fund_depleted_smooth``, USD (> 0); default
+        ``TEMPERATURE_FRACTION`` of the fund's value at the snapshot.
+
+    Returns:
+      A dict:
+
+      - ``totals``: DataFrame, one row per objective (``total``, ``scope``: ``now``, ``sum``
+        over scenarios, ``worst`` scenario, ``random`` scenarios), its ``value`` (USD, or a
+        probability) and, for ``p_fund_depleted_smooth``, ``exact`` (the unsmoothed share).
+      - ``scenarios``: DataFrame, one row per scenario: ``scenario``, ``maintenance_margin``,
+        ``shortfall_total``, ``bad_debt``, ``insurance_fund_before``, ``insurance_fund_after``.
+      - ``market``: tidy DataFrame, one row per (``factor`` price or vol, ``asset``, ``total``,
+        ``scope``): ``sensitivity``, the change per ``bump`` (+1% of the price, +0.01 of vol),
+        USD (probability for ``p_fund_depleted_smooth``).
+      - ``params``: tidy DataFrame, one row per (``parameter``, ``group``, ``total``,
+        ``scope``): ``value`` (the parameter, mean over the group), ``gradient`` (per +1.00),
+        ``sensitivity`` (per +0.01). ``mm_rate`` and ``im_rate`` are per instrument, summed
+        per underlying and kind (the derivative of moving the group's rates together);
+        ``haircut`` per asset; ``option_im_floor`` one row.
+      - ``accounts``: DataFrame, one row per account: ``bad_debt_worst`` (Euler allocation of
+        the worst scenario's bad debt), ``shortfall_worst`` and ``shortfall_sum`` (of the
+        worst scenario's and the summed total shortfall); each column sums to its total.
+      - ``worst_scenario``, ``temperature`` (USD), ``p_fund_depleted`` (exact, None without
+        random scenarios), ``p_fund_depleted_smooth``.
+
+    Raises:
+      InputError: an empty scenario set, or a temperature that is not > 0.
+    """
+    import pandas as pd
+
+    if len(scen) == 0:
+        raise InputError(scen.source or "scenarios", None, None, "no scenarios to differentiate over")
+    if temperature is not None and not (np.isfinite(temperature) and temperature > 0):
+        raise InputError("--temperature", None, None, f"{temperature!r} must be a number > 0 (USD)")
+    n, A = snap.n_accounts, snap.n_assets
+    b = book(snap, scen, temperature)
+    params = _float_params(snap.params)
+    market = snap.market
+    inst = safe_instruments(snap.instruments, market)
+    zero, lam = jnp.zeros(A), jnp.ones(n)
+    t = {k: np.asarray(v) for k, v in _totals(zero, zero, params, lam, inst, market, b, n=n).items()}
+    worst = worst_scenario(t["bad_debt"][1:], t["shortfall"][1:])
+    values, (gx, gv, gp, gl) = _jacobian(zero, zero, params, lam, inst, market, b, worst, n=n)
+    values, gx, gv, gl = (np.asarray(v) for v in (values, gx, gv, gl))
+    gp = jax.tree_util.tree_map(np.asarray, gp)
+
+    S = len(scen)
+    rnd = np.asarray(scen.random)
+    fund, bad = t["insurance_fund_before"][1:], t["bad_debt"][1:]
+    exact = float(((bad > 0) & (bad >= fund))[rnd].mean()) if rnd.any() else None
+    totals_df = pd.DataFrame({"total": [o[0] for o in OBJECTIVES], "scope": [o[1] for o in OBJECTIVES],
+                              "value": values})
+    totals_df["exact"] = np.where(totals_df.total == "p_fund_depleted_smooth",
+                                  np.nan if exact is None else exact, totals_df.value)
+    if not rnd.any():  # no random scenarios: the probability is undefined (SPEC section 5)
+        totals_df.loc[totals_df.total == "p_fund_depleted_smooth", ["value", "exact"]] = np.nan
+    scenarios = pd.DataFrame({
+        "scenario": list(scen.names),
+        "maintenance_margin": t["maintenance_margin"][1:],
+        "shortfall_total": t["shortfall"][1:],
+        "bad_debt": bad,
+        "insurance_fund_before": fund,
+        "insurance_fund_after": t["insurance_fund_after"][1:],
+    })
+    market_df = _market_frame(snap, gx, gv, rnd.any())
+    params_df = _params_frame(snap, gp, rnd.any())
+    k_bad = OBJECTIVES.index(("bad_debt", "worst"))
+    k_sw = OBJECTIVES.index(("shortfall", "worst"))
+    k_ss = OBJECTIVES.index(("shortfall", "sum"))
+    # Euler: each total is positively homogeneous of degree 1 in every account's scale lam_i,
+    # so total = sum_i lam_i dT/dlam_i at lam = 1: the gradient row is the allocation.
+    accounts = pd.DataFrame({
+        "account_id": snap.account_ids.astype(str),
+        "bad_debt_worst": gl[k_bad],
+        "shortfall_worst": gl[k_sw],
+        "shortfall_sum": gl[k_ss],
+    })
+    return {
+        "totals": totals_df,
+        "scenarios": scenarios,
+        "market": market_df,
+        "params": params_df,
+        "accounts": accounts,
+        "worst_scenario": scen.names[worst],
+        "worst_index": worst,
+        "temperature": float(b.temperature),
+        "p_fund_depleted": exact,
+        "p_fund_depleted_smooth": float(values[-1]) if rnd.any() else None,
+        "scenarios_count": S,
+    }
+
+
+def _long(rows: dict[str, np.ndarray], grads: np.ndarray, bump: float, has_random: bool):
+    """Tidy rows: every input row (``rows`` columns ``[R]``) times every objective; ``grads``
+    is ``[K, R]`` per +1.00 of the input."""
+    import pandas as pd
+
+    K, R = grads.shape
+    df = pd.DataFrame({k: np.tile(np.asarray(v, dtype=object if np.asarray(v).dtype.kind in "OU" else None), K)
+                       for k, v in rows.items()})
+    df["total"] = np.repeat([o[0] for o in OBJECTIVES], R)
+    df["scope"] = np.repeat([o[1] for o in OBJECTIVES], R)
+    df["gradient"] = grads.reshape(-1)
+    df["sensitivity"] = bump * df["gradient"]
+    if not has_random:
+        df = df[df.total != "p_fund_depleted_smooth"].reset_index(drop=True)
+    return df
+
+
+def _market_frame(snap: Snapshot, gx: np.ndarray, gv: np.ndarray, has_random: bool):
+    """Price (per +1%) and vol (per +0.01) sensitivities per asset, tidy."""
+    import pandas as pd
+
+    assets = np.asarray(snap.assets, dtype=object)
+    price = _long({"factor": np.full(len(assets), "price", object), "asset": assets,
+                   "bump": np.full(len(assets), "+1%", object)}, gx, PRICE_BUMP, has_random)
+    vol = _long({"factor": np.full(len(assets), "vol", object), "asset": assets,
+                 "bump": np.full(len(assets), "+0.01", object)}, gv, VOL_BUMP, has_random)
+    # Vol rows only for underlyings of options: the others are identically zero.
+    under = np.asarray(snap.instruments.underlying)[np.asarray(snap.instruments.kind) == OPTION]
+    vol = vol[vol.asset.isin(set(assets[np.unique(under)]))]
+    return pd.concat([price, vol], ignore_index=True)
+
+
+def _params_frame(snap: Snapshot, gp: Params, has_random: bool):
+    """Sensitivities to the parameters the engine's margin and losses read, tidy."""
+    import pandas as pd
+
+    inst = snap.instruments
+    kind, under = np.asarray(inst.kind), np.asarray(inst.underlying)
+    group_key = under * 3 + kind
+    keys = np.unique(group_key)
+    labels = np.array([f"{snap.assets[k // 3]} {KIND_NAMES[k % 3]}" for k in keys], dtype=object)
+    member = (group_key[None, :] == keys[:, None]).astype(np.float64)  # [G, I], a few dozen groups
+    frames = []
+    for name in ("mm_rate", "im_rate"):
+        g = np.asarray(getattr(gp, name))  # [K, I]
+        value = member @ np.asarray(getattr(snap.params, name), np.float64) / member.sum(axis=1)
+        frames.append(_long({"parameter": np.full(len(keys), name, object), "group": labels, "value": value},
+                            g @ member.T, PARAM_BUMP, has_random))
+    frames.append(_long({"parameter": np.array(["option_im_floor"], object), "group": np.array(["all options"], object),
+                         "value": np.array([float(snap.params.option_im_floor)])},
+                        np.asarray(gp.option_im_floor).reshape(-1, 1), PARAM_BUMP, has_random))
+    frames.append(_long({"parameter": np.full(snap.n_assets, "haircut", object),
+                         "group": np.asarray(snap.assets, dtype=object),
+                         "value": np.asarray(snap.params.haircut, np.float64)},
+                        np.asarray(gp.haircut), PARAM_BUMP, has_random))
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,357 @@
+"""Sensitivities of the exchange's stress totals (``stress.sensitivities``) against central
+finite differences of the same totals recomputed independently by ``stress.run``.
+
+Every finite difference moves one input of ``stress.run`` (the scenario set's price
+multipliers or vol shifts, the snapshot's prices, or a field of ``Params``) up and down by a
+small step and reads ``res.scenarios`` / ``res.accounts``; the books are built so that no
+account sits on a kink (zero equity, zero margin gap, zero net amount of an asset) within the
+step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import stress
+from stress import sensitivities as sens
+from stress.cli import app
+from stress.snapshot import Market
+
+from .conftest import EXCHANGE_TOML, write_snapshot
+
+ASSETS = [
+    {"asset": "USDC", "price": 1.0, "haircut": 0.0},
+    {"asset": "BTC", "price": 90_000.0, "haircut": 0.05},
+    {"asset": "ETH", "price": 3_000.0, "haircut": 0.10},
+]
+INSTRUMENTS = [
+    {"instrument_id": "BTC-PERPETUAL", "mark_price": 90_100.0},  # inverse, 10 USD face value
+    {"instrument_id": "ETH-PERPETUAL", "mark_price": 3_001.0},  # inverse, 1 USD face value
+    {"instrument_id": "BTC-LIN", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+     "contract_size": 0.1, "mark_price": 90_050.0},
+    {"instrument_id": "BTC-C", "kind": "option", "underlying": "BTC", "settlement": "USDC", "contract_size": 1.0,
+     "expiry": "2026-12-25T08:00:00Z", "strike": 100_000.0, "option_type": "call", "mark_iv": 0.6},
+    {"instrument_id": "ETH-25DEC26-2800-P", "mark_iv": 0.7},  # inverse option on 1 ETH
+]
+BALANCES = [
+    {"account_id": "lin-long", "asset": "USDC", "amount": 20_000.0},
+    {"account_id": "call-short", "asset": "USDC", "amount": 30_000.0},
+    {"account_id": "inv-short", "asset": "BTC", "amount": 1.5},
+    {"account_id": "put-short", "asset": "ETH", "amount": 2.0},
+    {"account_id": "eth-long", "asset": "ETH", "amount": 0.5},
+    {"account_id": "eth-long", "asset": "USDC", "amount": -500.0},
+    {"account_id": "coins", "asset": "BTC", "amount": 1.0},
+    {"account_id": "btc-collateral", "asset": "BTC", "amount": 0.2},
+]
+POSITIONS = [
+    {"account_id": "lin-long", "instrument_id": "BTC-LIN", "quantity": 20.0},
+    {"account_id": "call-short", "instrument_id": "BTC-C", "quantity": -10.0},
+    {"account_id": "inv-short", "instrument_id": "BTC-PERPETUAL", "quantity": -30_000.0},
+    {"account_id": "put-short", "instrument_id": "ETH-25DEC26-2800-P", "quantity": -30.0},
+    {"account_id": "eth-long", "instrument_id": "ETH-PERPETUAL", "quantity": 6_000.0},
+    {"account_id": "btc-collateral", "instrument_id": "BTC-LIN", "quantity": 10.0},
+]
+SCENARIOS = """\
+[[scenario]]
+name = "btc-down-30"
+moves = { BTC = -0.30, ETH = -0.35 }
+vol_shift = { BTC = 0.20, ETH = 0.25 }
+horizon_days = 1
+
+[[scenario]]
+name = "up"
+moves = { BTC = 0.27, ETH = 0.21 }
+vol_shift = { BTC = -0.05 }
+
+[[scenario]]
+name = "flat"
+
+[[scenario]]
+name = "eth-down-45"
+moves = { ETH = -0.45, BTC = -0.05 }
+vol_shift = { ETH = 0.3 }
+horizon_days = 3
+
+[[scenario]]
+name = "depeg"
+moves = { USDC = -0.07, BTC = -0.12 }
+"""
+# Two steps per path: an account closed out at step 1 (its first breach) is taken there.
+MONTECARLO = """
+[[montecarlo]]
+name = "mc"
+paths = 24
+steps = 2
+horizon_days = 10
+seed = 7
+vol = { BTC = 1.5, ETH = 1.8 }
+correlation = { "BTC/ETH" = 0.8 }
+"""
+
+
+@pytest.fixture(scope="module")
+def snap(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sens_book")
+    return stress.load_snapshot(write_snapshot(folder, assets=ASSETS, instruments=INSTRUMENTS, balances=BALANCES,
+                                               positions=POSITIONS, exchange_toml=EXCHANGE_TOML))
+
+
+def scenario_file(folder, text):
+    path = folder / "scenarios.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scen(snap, tmp_path_factory):
+    return stress.load_scenarios(scenario_file(tmp_path_factory.mktemp("sens_scen"), SCENARIOS), snap)
+
+
+@pytest.fixture(scope="module")
+def result(snap, scen):
+    return sens.sensitivities(snap, scen)
+
+
+def run_totals(snap, scen, worst: int, tau: float | None = None) -> dict:
+    """The objectives recomputed by ``stress.run`` (a fixed worst scenario index)."""
+    res = stress.run(snap, scen)
+    sc, rnd = res.scenarios, np.asarray(scen.random)
+    out = {("maintenance_margin", "now"): res.accounts.maintenance_margin.sum()}
+    for name, col in (("shortfall", "shortfall_total"), ("bad_debt", "bad_debt"),
+                      ("insurance_fund_after", "insurance_fund_after")):
+        v = sc[col].to_numpy()
+        out[(name, "sum")], out[(name, "worst")] = v.sum(), v[worst]
+    if tau is not None:
+        gap = (sc.bad_debt.to_numpy() - sc.insurance_fund_before.to_numpy())[rnd] / tau
+        out[("p_fund_depleted_smooth", "random")] = np.mean(1.0 / (1.0 + np.exp(-gap)))
+    return out
+
+
+def moved_scenarios(scen, asset: int, dx: float = 0.0, dvol: float = 0.0):
+    """The scenario set with asset ``asset``'s price times ``1 + dx`` and its vol + ``dvol``,
+    at every step of every path."""
+    moved = {}
+    for name in ("spot_mult", "vol_shift", "path_spot_mult", "path_vol_shift"):
+        v = getattr(scen, name)
+        if v is not None:
+            v = v.copy()
+            if "spot" in name:
+                v[..., asset] *= 1.0 + dx
+            else:
+                v[..., asset] += dvol
+        moved[name] = v
+    return dataclasses.replace(scen, **moved)
+
+
+def with_price(snap, asset: int, dx: float):
+    """The snapshot with asset ``asset``'s price times ``1 + dx`` (margin at the snapshot
+    reads prices only, not the futures' marks)."""
+    price = np.asarray(snap.market.price, np.float64).copy()
+    price[asset] *= 1.0 + dx
+    return dataclasses.replace(snap, market=Market(price=price, rate=snap.market.rate))
+
+
+def with_param(snap, name: str, index, dp: float):
+    p = snap.params
+    v = np.array(getattr(p, name), np.float64, copy=True)
+    if v.ndim:
+        v[index] += dp
+    else:
+        v = v + dp
+    return dataclasses.replace(snap, params=dataclasses.replace(p, **{name: v}))
+
+
+def row(df, **where) -> float:
+    hit = df
+    for k, v in where.items():
+        hit = hit[hit[k] == v]
+    assert len(hit) == 1, f"expected one row for {where}, got {len(hit)}"
+    return float(hit["gradient"].iloc[0])
+
+
+def assert_fd(got: float, plus: float, minus: float, step: float, scale: float):
+    fd = (plus - minus) / (2.0 * step)
+    assert got == pytest.approx(fd, rel=1e-5, abs=1e-7 * scale), f"autodiff {got!r} vs central difference {fd!r}"
+
+
+def test_totals_equal_the_engine_run(snap, scen, result):
+    res = stress.run(snap, scen)
+    sc = result["scenarios"]
+    for col in ("shortfall_total", "bad_debt", "insurance_fund_before", "insurance_fund_after"):
+        np.testing.assert_allclose(sc[col], res.scenarios[col], rtol=1e-9, atol=1e-6)
+    t = result["totals"].set_index(["total", "scope"]).value
+    assert t["maintenance_margin", "now"] == pytest.approx(res.accounts.maintenance_margin.sum(), rel=1e-9)
+    assert result["worst_scenario"] == res.summary["worst_scenario"]
+    assert t["bad_debt", "worst"] == pytest.approx(res.summary["worst_bad_debt"], rel=1e-9)
+    # the book is built to lose: otherwise every loss gradient below would be trivially 0
+    assert t["bad_debt", "worst"] > 0 and t["shortfall", "sum"] > 0
+
+
+def test_flat_scenario_margin_equals_margin_now(scen, result):
+    flat = result["scenarios"].set_index("scenario").loc["flat", "maintenance_margin"]
+    assert flat == pytest.approx(result["totals"].set_index(["total", "scope"]).value["maintenance_margin", "now"],
+                                 rel=1e-12)
+
+
+@pytest.mark.parametrize("asset", ["BTC", "ETH", "USDC"])
+def test_price_gradients_match_central_differences_of_the_run(snap, scen, result, asset):
+    a, h = snap.asset_index(asset), 1e-6
+    worst = result["worst_index"]
+    plus = run_totals(snap, moved_scenarios(scen, a, dx=h), worst)
+    minus = run_totals(snap, moved_scenarios(scen, a, dx=-h), worst)
+    mkt = result["market"]
+    for key in [k for k in plus if k[1] != "now"]:
+        got = row(mkt, factor="price", asset=asset, total=key[0], scope=key[1])
+        assert_fd(got, plus[key], minus[key], h, scale=abs(plus[key]) + 1e6)
+    # margin now moves with the snapshot's price itself
+    mp = stress.run(with_price(snap, a, h), scen).accounts.maintenance_margin.sum()
+    mm = stress.run(with_price(snap, a, -h), scen).accounts.maintenance_margin.sum()
+    assert_fd(row(mkt, factor="price", asset=asset, total="maintenance_margin", scope="now"), mp, mm, h, scale=1e6)
+
+
+@pytest.mark.parametrize("asset", ["BTC", "ETH"])
+def test_vol_gradients_match_central_differences_of_the_run(snap, scen, result, asset):
+    a, h = snap.asset_index(asset), 1e-6
+    worst = result["worst_index"]
+    plus = run_totals(snap, moved_scenarios(scen, a, dvol=h), worst)
+    minus = run_totals(snap, moved_scenarios(scen, a, dvol=-h), worst)
+    mkt = result["market"]
+    checked_nonzero = False
+    for key in [k for k in plus if k[1] != "now"]:
+        got = row(mkt, factor="vol", asset=asset, total=key[0], scope=key[1])
+        assert_fd(got, plus[key], minus[key], h, scale=abs(plus[key]) + 1e6)
+        checked_nonzero |= abs(got) > 1.0
+    assert checked_nonzero, "no vol sensitivity of any size: the book does not exercise vega"
+
+
+def test_bumps_scale_gradients_to_one_percent_and_one_vol_point(result):
+    mkt = result["market"]
+    price, vol = mkt[mkt.factor == "price"], mkt[mkt.factor == "vol"]
+    np.testing.assert_allclose(price.sensitivity, 0.01 * price.gradient)
+    np.testing.assert_allclose(vol.sensitivity, 0.01 * vol.gradient)
+
+
+@pytest.mark.parametrize("instrument", ["BTC-C", "BTC-LIN", "ETH-25DEC26-2800-P", "ETH-PERPETUAL"])
+def test_margin_rate_gradients_match_central_differences_of_the_run(snap, scen, result, instrument):
+    """A group's row is the derivative of moving every rate of the group (underlying, kind)
+    together: BTC-LIN and BTC-PERPETUAL are both BTC perpetuals."""
+    inst = snap.instruments
+    i = list(snap.instrument_ids.astype(str)).index(instrument)
+    kind, under = np.asarray(inst.kind), np.asarray(inst.underlying)
+    members = np.flatnonzero((kind == kind[i]) & (under == under[i]))
+    group = f"{snap.assets[under[i]]} {sens.KIND_NAMES[int(kind[i])]}"
+    h, worst = 1e-6, result["worst_index"]
+    plus = run_totals(with_param(snap, "mm_rate", members, h), scen, worst)
+    minus = run_totals(with_param(snap, "mm_rate", members, -h), scen, worst)
+    p = result["params"]
+    for key in plus:
+        got = row(p, parameter="mm_rate", group=group, total=key[0], scope=key[1])
+        assert_fd(got, plus[key], minus[key], h, scale=abs(plus[key]) + 1e6)
+    assert row(p, parameter="mm_rate", group=group, total="maintenance_margin", scope="now") > 0
+
+
+@pytest.mark.parametrize("asset", ["BTC", "ETH"])
+def test_haircut_gradients_match_central_differences_of_the_run(snap, scen, result, asset):
+    a, h, worst = snap.asset_index(asset), 1e-6, result["worst_index"]
+    plus = run_totals(with_param(snap, "haircut", a, h), scen, worst)
+    minus = run_totals(with_param(snap, "haircut", a, -h), scen, worst)
+    p = result["params"]
+    for key in plus:
+        assert_fd(row(p, parameter="haircut", group=asset, total=key[0], scope=key[1]), plus[key], minus[key], h,
+                  scale=abs(plus[key]) + 1e6)
+    # a higher haircut lowers collateral, so shortfall rises where any account is short of margin
+    assert row(p, parameter="haircut", group=asset, total="shortfall", scope="sum") > 0
+
+
+def test_parameters_the_totals_cannot_depend_on_have_zero_gradient(snap, result):
+    p = result["params"]
+    # IM rates and the option IM floor enter initial margin only; no total reads it
+    assert (p[p.parameter.isin(["im_rate", "option_im_floor"])].gradient == 0).all()
+    # haircuts enter collateral only: bad debt (equity after closing) and the fund never read them
+    hc = p[(p.parameter == "haircut") & p.total.isin(["bad_debt", "insurance_fund_after"])]
+    assert (hc.gradient == 0).all()
+    # margin rates do not move losses: bad debt is equity after closing, margin plays no part
+    mm = p[(p.parameter == "mm_rate") & (p.total == "bad_debt")]
+    assert (mm.gradient == 0).all()
+
+
+def test_euler_allocation_sums_to_the_worst_bad_debt_and_is_each_accounts_own(snap, scen, result):
+    acc = result["accounts"].set_index("account_id")
+    t = result["totals"].set_index(["total", "scope"]).value
+    assert acc.bad_debt_worst.sum() == pytest.approx(t["bad_debt", "worst"], rel=1e-12)
+    assert acc.shortfall_worst.sum() == pytest.approx(t["shortfall", "worst"], rel=1e-12)
+    assert acc.shortfall_sum.sum() == pytest.approx(t["shortfall", "sum"], rel=1e-12)
+    # positive homogeneity: the allocation is each account's own bad debt in that scenario
+    pnl = stress.pnl_matrix(snap, scen)[result["worst_scenario"]]
+    equity = stress.run(snap, scen).accounts.set_index("account_id").equity
+    own = np.maximum(-(equity + pnl), 0.0)
+    np.testing.assert_allclose(acc.bad_debt_worst.reindex(own.index), own, rtol=1e-9, atol=1e-6)
+    assert (acc.bad_debt_worst > 0).sum() >= 1 and (acc.bad_debt_worst >= 0).all()
+
+
+def test_smoothed_fund_depletion_and_its_gradient_match_the_run(snap, tmp_path):
+    scen = stress.load_scenarios(scenario_file(tmp_path, SCENARIOS + MONTECARLO), snap)
+    tau = 2e6  # wide enough that every random scenario has a sigmoid slope worth checking
+    r = sens.sensitivities(snap, scen, temperature=tau)
+    worst, h = r["worst_index"], 1e-6
+    base = run_totals(snap, scen, worst, tau)[("p_fund_depleted_smooth", "random")]
+    assert r["p_fund_depleted_smooth"] == pytest.approx(base, rel=1e-9)
+    assert r["temperature"] == tau
+    res = stress.run(snap, scen)
+    assert r["p_fund_depleted"] == res.summary["p_fund_depleted"]
+    for col in ("shortfall_total", "bad_debt", "insurance_fund_after"):  # at first breach on paths
+        np.testing.assert_allclose(r["scenarios"][col], res.scenarios[col], rtol=1e-9, atol=1e-6)
+    a = snap.asset_index("BTC")
+    plus = run_totals(snap, moved_scenarios(scen, a, dx=h), worst, tau)
+    minus = run_totals(snap, moved_scenarios(scen, a, dx=-h), worst, tau)
+    key = ("p_fund_depleted_smooth", "random")
+    got = row(r["market"], factor="price", asset="BTC", total=key[0], scope=key[1])
+    assert got != 0
+    assert_fd(got, plus[key], minus[key], h, scale=1e-3)
+
+
+def test_default_temperature_is_one_percent_of_the_fund(snap, result):
+    fund = float(np.asarray(snap.insurance_fund) @ np.asarray(snap.market.price))
+    assert result["temperature"] == pytest.approx(0.01 * fund)
+    # without random scenarios there is no probability to report
+    assert result["p_fund_depleted"] is None and result["p_fund_depleted_smooth"] is None
+    assert "p_fund_depleted_smooth" not in set(result["market"].total)
+
+
+def test_sample_exchange_totals_match_the_run(sample_dir, tmp_path):
+    snap = stress.load_snapshot(sample_dir)
+    scen = stress.load_scenarios(scenario_file(tmp_path, SCENARIOS.replace("USDC = -0.07, ", "") + MONTECARLO), snap)
+    r = sens.sensitivities(snap, scen)
+    res = stress.run(snap, scen)
+    for col in ("shortfall_total", "bad_debt", "insurance_fund_after"):
+        np.testing.assert_allclose(r["scenarios"][col], res.scenarios[col], rtol=1e-9, atol=1e-6)
+    t = r["totals"].set_index(["total", "scope"])
+    assert t.value["maintenance_margin", "now"] == pytest.approx(res.accounts.maintenance_margin.sum(), rel=1e-9)
+    assert t.exact["p_fund_depleted_smooth", "random"] == res.summary["p_fund_depleted"]
+    assert r["accounts"].bad_debt_worst.sum() == pytest.approx(res.summary["worst_bad_debt"], rel=1e-9)
+    for df in (r["market"], r["params"]):
+        assert np.isfinite(df.gradient).all()
+
+
+def test_cli_prints_tables_and_writes_parquet(snap, scen, tmp_path):
+    folder = snap.source
+    path = scenario_file(tmp_path, SCENARIOS)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["sensitivities", str(folder), "--scenarios", str(path), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert f"worst scenario {sens.sensitivities(snap, scen)['worst_scenario']}" in r.output
+    import pandas as pd
+
+    for name in ("totals", "scenarios", "market", "params", "accounts"):
+        assert len(pd.read_parquet(out / f"{name}.parquet"))
+
+
+def test_cli_bad_scenario_file_exits_2(snap, tmp_path):
+    path = scenario_file(tmp_path, '[[scenario]]\nname = "x"\nmoves = { DOGE = -0.5 }\n')
+    r = CliRunner().invoke(app, ["sensitivities", str(snap.source), "--scenarios", str(path)])
+    assert r.exit_code == 2
+    assert "DOGE" in r.stderr
