@@ -30,14 +30,14 @@ from . import insurance, liquidation, margin, portfolio, pricing
 from ._tree import pytree_dataclass
 from .portfolio import Holdings
 from .scenarios import Scenarios
-from .snapshot import Snapshot
+from .snapshot import OPTION, Snapshot
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 DEFAULT_CHUNK = 128  # accounts per chunk: [128, 256] tiles keep the working set in L2
 VAR_LEVEL = 0.99
 # Per-scenario sums over accounts; ``closed_out``: what positions closed out before a path's end
-# gain after their liquidation (exactly 0 for one-step scenarios).
-SUM_NAMES = ("liquidatable", "shortfall", "bad_debt", "closed_out")
+# gain after their liquidation (exactly 0 for one-step scenarios); ``fees``: liquidation fees.
+SUM_NAMES = ("liquidatable", "shortfall", "bad_debt", "closed_out", "fees")
 
 
 @pytree_dataclass
@@ -61,6 +61,8 @@ class Tables:
     mm0: Any  # [I, 1]
     price0: Any  # [A, 1]
     haircut: Any  # [A]
+    notional: Any = None  # [T, I, K*W] notional per contract, USD; None when no fee is charged
+    fee_rate: Any = None  # [] liquidation fee, of the notional closed out
 
 
 def tile_width(n_scenarios: int, max_tile: int = 256) -> int:
@@ -73,11 +75,14 @@ def _revalue_and_margin(inst, market, params, spot, vol, horizon):
     """Instrument values and margin per contract under every scenario, in one compilation."""
     rv = pricing.revalue(inst, market, spot, vol, horizon)
     im, mm = margin.per_contract(inst, params, rv["spot"], rv["option"])
+    c = inst.contract_size[:, None]
+    rv["notional"] = jnp.where(inst.inverse[:, None] & (inst.kind != OPTION)[:, None], c, c * rv["spot"])
     return rv, im, mm
 
 
 def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[Tables, dict]:
     """Revalue every instrument under the snapshot and every scenario, tiled and padded."""
+    fee_rate = liquidation.config(snap.liquidation_config)["fee_rate"]
     S = len(scen)
     W = tile_width(S)
     T = math.ceil(S / W)
@@ -91,7 +96,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     def tiled(x):  # [X, 1 + T*W] -> [T, X, W]
         return x[:, 1:].reshape(x.shape[0], T, W).transpose(1, 0, 2).astype(dtype)
 
-    value, mm_t, price = tiled(rv["value"]), tiled(mm), tiled(rv["price"])
+    value, mm_t, price, notional = tiled(rv["value"]), tiled(mm), tiled(rv["price"]), tiled(rv["notional"])
     if scen.steps > 1:  # every earlier step of every path, revalued in one call
         K1 = scen.steps - 1
         p_spot, p_vol, p_hor = np.ones((K1, T * W, A)), np.zeros((K1, T * W, A)), np.zeros((K1, T * W))
@@ -107,6 +112,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         value = jnp.concatenate([value, steps(prv["value"])], axis=2)
         mm_t = jnp.concatenate([mm_t, steps(pmm)], axis=2)
         price = jnp.concatenate([price, steps(prv["price"])], axis=2)
+        notional = jnp.concatenate([notional, steps(prv["notional"])], axis=2)
 
     user = np.arange(T * W) < S
     random = np.zeros(T * W, bool)
@@ -122,6 +128,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         mm0=mm[:, :1].astype(dtype),
         price0=rv["price"][:, :1].astype(dtype),
         haircut=jnp.asarray(snap.params.haircut, dtype),
+        **({"notional": notional, "fee_rate": jnp.asarray(fee_rate, dtype)} if fee_rate > 0 else {}),
     )
     # Host copies at float64 for exchange-level numbers.
     price_all = np.asarray(rv["price"])[:, : 1 + S]
@@ -149,16 +156,29 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     validf = h.valid.astype(dt)
     keep_pnl = with_pnl or n_random > 0
 
+    def outcome(value, mm, price, notional):
+        """Per account and scenario: equity after close-out and fee, collateral and margin at
+        the deciding step, liquidated or not, the fee, and the equity held to the end."""
+        if t.fee_rate is None:
+            eq, coll, m = portfolio.state(h, value, mm, price, t.haircut)
+            eq, coll, m = jax.lax.optimization_barrier((eq, coll, m))
+            eq_end = eq[:, :W]  # as if every position were held to the last step
+            eq, coll, m, liq = liquidation.path_outcome(W, eq, coll, m)
+            return eq, coll, m, liq, jnp.zeros_like(eq), eq_end
+        eq, coll, m, g = jax.lax.optimization_barrier(portfolio.state(h, value, mm, price, t.haircut, notional))
+        eq_end = eq[:, :W]
+        eq, coll, m, g, liq = liquidation.path_outcome(W, eq, coll, m, g)
+        f = liquidation.fee(eq, g, liq, t.fee_rate)
+        return eq - f, coll, m, liq, f, eq_end
+
     def tile(carry, x):
-        value, mm, price, user, rnd, k = x
-        eq, coll, m = jax.lax.optimization_barrier(portfolio.state(h, value, mm, price, t.haircut))
+        value, mm, price, notional, user, rnd, k = x
         # closed out at the first step of a path that breaches maintenance margin, else held
-        eq_end = eq[:, :W]  # as if every position were held to the last step
-        eq, coll, m, liq = liquidation.path_outcome(eq, coll, m, W)
+        eq, coll, m, liq, f, eq_end = outcome(value, mm, price, notional)
         liq = liq.astype(dt)
         pnl = eq - eq0[:, None]
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
-        best, best_tile, gap_max, n_liq = carry
+        best, best_tile, gap_max, n_liq, fee_max = carry
         t_min = jnp.min(jnp.where(user[None, :], pnl, jnp.inf), axis=1)
         better = t_min < best  # strict: ties keep the earlier tile (file order)
         carry = (
@@ -166,22 +186,20 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             jnp.where(better, k, best_tile),
             jnp.maximum(gap_max, jnp.max(jnp.where(user[None, :], gap, -jnp.inf), axis=1)),
             n_liq + (jnp.sum(liq * rnd[None, :], axis=1) if n_random else 0.0),
+            jnp.maximum(fee_max, jnp.max(jnp.where(user[None, :], f, 0.0), axis=1)),
         )
         sums = jnp.stack([validf @ liq, validf @ jnp.maximum(gap, 0.0), validf @ liquidation.bad_debt(eq),
-                          validf @ (eq_end - eq)])
+                          validf @ (eq_end - eq - f), validf @ f])
         return carry, (sums, pnl if keep_pnl else None)
 
     inf = jnp.full(n, jnp.inf, dt)
-    init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt))
-    xs = (t.value, t.mm, t.price, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
-    (best, best_tile, gap_max, n_liq), (sums, pnl) = jax.lax.scan(tile, init, xs)
+    init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt), jnp.zeros(n, dt))
+    xs = (t.value, t.mm, t.price, t.notional, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
+    (best, best_tile, gap_max, n_liq, fee_max), (sums, pnl) = jax.lax.scan(tile, init, xs)
 
     # The worst scenario: revalue each account on its own worst tile, take the first minimum.
-    eq_b, _, _, _ = liquidation.path_outcome(
-        *portfolio.state(h, lambda i: t.value[best_tile, i], lambda i: t.mm[best_tile, i],
-                         lambda i: t.price[best_tile, i], t.haircut),
-        W,
-    )
+    at_best = lambda x: None if x is None else (lambda i: x[best_tile, i])  # noqa: E731
+    eq_b = outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional))[0]
     masked = jnp.where(t.user[best_tile], eq_b - eq0[:, None], jnp.inf)
     arg = best_tile * W + jnp.argmin(masked, axis=1).astype(jnp.int32)
     out = {
@@ -193,6 +211,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         "shortfall_worst": jnp.maximum(gap_max, 0.0),
         # bad debt falls as equity rises, so its worst is at the worst P&L
         "bad_debt_worst": liquidation.bad_debt(eq0 + best),
+        "liquidation_cost_worst": fee_max,
         "sums": sums.transpose(1, 0, 2).reshape(len(SUM_NAMES), T * W),
     }
     if keep_pnl:
@@ -445,22 +464,24 @@ def run(
             "p_liquidation": acc.get("p_liquidation", nan),
             "shortfall_worst": acc["shortfall_worst"],
             "bad_debt_worst": acc["bad_debt_worst"],
+            "liquidation_cost_worst": acc["liquidation_cost_worst"],
         }
     )
 
     pnl_held, pnl_gross = exchange_pnl(snap, host)
-    closed_out = sums["closed_out"]
+    closed_out, fees = sums["closed_out"], sums["fees"]
     fund = insurance.fund_value(snap.insurance_fund, host["price_all"][:, 1:])
     bad = sums["bad_debt"]
-    fund_after, social = insurance.waterfall(bad, fund)
+    fund_after, social = insurance.waterfall(bad, fund + fees)  # fees in, bad debt out
     scenarios = pd.DataFrame(
         {
             "scenario": list(scen.names),
             "kind": list(scen.kinds),
             # the accounts' P&L: positions held to the end, less what positions closed out
             # earlier along a path went on to gain (which the market, not the accounts, has)
-            "pnl_total": pnl_held - closed_out,
+            "pnl_total": pnl_held - closed_out - fees,
             "pnl_closed_out": closed_out,
+            "fees": fees,
             "pnl_gross": pnl_gross,
             "accounts_liquidatable": np.rint(sums["liquidatable"]).astype(np.int64),
             "shortfall_total": sums["shortfall"],
@@ -474,7 +495,7 @@ def run(
     order = np.lexsort((np.arange(S), -scenarios["shortfall_total"].to_numpy(), -bad))
     worst = int(order[0])
     rnd = scen.random
-    depleted = (bad > 0) & (bad >= fund)
+    depleted = (bad > 0) & (bad >= fund + fees)
     summary = {
         "as_of": snap.as_of.isoformat().replace("+00:00", "Z"),
         "accounts": int(snap.n_accounts),

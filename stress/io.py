@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import liquidation as _liquidation
 from . import margin as _margin
 from .errors import InputError
 from .pricing import YEAR_DAYS
@@ -347,6 +348,7 @@ def load_snapshot(path: str | Path) -> Snapshot:
 
     instruments, instrument_ids, rates = _load_instruments(folder, asset_names, as_of)
     params = _margin.params_from_config(cfg.get("margin", {}), instruments, haircut, rates, assets=asset_names)
+    _liquidation.config(cfg.get("liquidation", {}))  # checked here, so bad keys fail at load
 
     # balances and positions
     bt = _read_table(folder, "balances", ("account_id", "asset", "amount"))

@@ -1,8 +1,10 @@
 """Closing out accounts: when along a path, and at what loss.
 
 An account is liquidated at the first step of a path where its collateral value is below its
-maintenance margin, and closed out in full at that step's prices, at no cost (fees and price
-impact come next). From then on it holds no positions, so its equity is what it had at the
+maintenance margin, and closed out in full at that step's prices. It pays a liquidation fee,
+``[liquidation] fee_rate`` of the notional closed, out of its remaining equity and never
+beyond it (a fee never creates bad debt), credited to the insurance fund. Price impact comes
+next. From then on it holds no positions, so its equity is what it had at the
 liquidation step: a higher margin, breached earlier, limits the loss. That is what makes
 margin parameters matter to bad debt. A one-step scenario is a path of one step.
 
@@ -14,9 +16,35 @@ revaluation of every position held to the end (the conservation law of a matched
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax.numpy as jnp
+
+from .errors import InputError
+
+# Defaults of exchange.toml [liquidation].
+DEFAULTS = {"fee_rate": 0.0}  # liquidation fee, of the notional closed out
+
+
+def config(cfg: dict) -> dict:
+    """``[liquidation]`` with defaults, checked; an unknown key is an error (no silent default)."""
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        key = sorted(unknown)[0]
+        raise InputError("exchange.toml", "[liquidation]", key, f"unknown key (known: {', '.join(DEFAULTS)})")
+    out = {**DEFAULTS, **cfg}
+    v = out["fee_rate"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 1:
+        raise InputError("exchange.toml", "[liquidation]", "fee_rate", f"{v!r} must be a number in [0, 1)")
+    out["fee_rate"] = float(v)
+    return out
+
+
+def fee(equity: Any, notional: Any, liquidated: Any, rate: Any) -> Any:
+    """Liquidation fee, USD: ``rate * notional`` of each liquidated account, capped at its
+    remaining equity (and 0 when that is negative), so the fee never creates bad debt."""
+    return jnp.where(liquidated, jnp.minimum(rate * notional, jnp.maximum(equity, 0.0)), 0.0)
 
 
 def bad_debt(equity: Any) -> Any:
@@ -24,29 +52,30 @@ def bad_debt(equity: Any) -> Any:
     return jnp.maximum(-equity, 0.0)
 
 
-def path_outcome(eq: Any, coll: Any, mm: Any, W: int) -> tuple[Any, Any, Any, Any]:
+def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any) -> tuple[Any, ...]:
     """Each account's state at the step that decides each path: its first breach, else the end.
 
     Args:
+      W: scenarios per tile.
       eq, coll, mm: ``[n, K * W]`` equity, collateral value and maintenance margin, USD, in the
         engine's tile layout: the last step's ``W`` columns first, then steps ``1 .. K-1``.
-      W: scenarios per tile.
+      more: further ``[n, K * W]`` arrays to take at the same step (e.g. gross notional).
 
     Returns:
-      ``(eq, coll, mm, liquidated)``, each ``[n, W]``: the values at the first step where
-      ``coll < mm`` (the account is closed out there) or, if none, at the last step; and
+      ``(eq, coll, mm, *more, liquidated)``, each ``[n, W]``: the values at the first step
+      where ``coll < mm`` (the account is closed out there) or, if none, at the last step; and
       whether it was liquidated at all.
     """
     n, KW = eq.shape
     K = KW // W
     if K == 1:
-        return eq, coll, mm, mm > coll
+        return (eq, coll, mm, *more, mm > coll)
     order = list(range(1, K)) + [0]  # time order: steps 1 .. K-1, then the last
 
     def timed(x):
         return x.reshape(n, K, W)[:, order, :]
 
-    e, c, m = timed(eq), timed(coll), timed(mm)
+    c, m = timed(coll), timed(mm)
     breach = m > c
     liquidated = breach.any(axis=1)
     first = jnp.where(liquidated, jnp.argmax(breach, axis=1), K - 1)[:, None, :]
@@ -54,4 +83,4 @@ def path_outcome(eq: Any, coll: Any, mm: Any, W: int) -> tuple[Any, Any, Any, An
     def pick(x):
         return jnp.take_along_axis(x, first, axis=1)[:, 0]
 
-    return pick(e), pick(c), pick(m), liquidated
+    return (pick(timed(eq)), pick(c), pick(m), *(pick(timed(x)) for x in more), liquidated)

@@ -153,50 +153,58 @@ def layout(
     return out
 
 
-def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any) -> tuple[Any, Any, Any]:
+def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, notional: Any = None) -> tuple[Any, ...]:
     """Equity, collateral value and maintenance margin of a chunk of accounts, USD.
 
     Args:
       h: holdings ``[n, J, L]``.
       value: ``[I, W]`` value per contract in its settlement asset's units, or a function
-        mapping instrument indices ``[n]`` to rows ``[n, W]`` (likewise ``mm`` and ``price``).
+        mapping instrument indices ``[n]`` to rows ``[n, W]`` (likewise ``mm``, ``price`` and
+        ``notional``).
       mm: ``[I, W]`` maintenance margin per contract of weight, USD.
       price: ``[A, W]`` asset prices, USD.
       haircut: ``[A]``.
+      notional: optional ``[I, W]`` notional per contract, USD (SPEC section 2).
 
     Returns:
-      ``(equity, collateral, margin)``, each ``[n, W]``. Collateral haircuts each asset's
-      positive net amount; a negative amount counts in full.
+      ``(equity, collateral, margin)``, each ``[n, W]``, and the gross notional
+      ``sum |q| * notional`` as a fourth when ``notional`` is given. Collateral haircuts each
+      asset's positive net amount; a negative amount counts in full.
     """
     rows = lambda x: x if callable(x) else (lambda i: x.at[i].get(mode="promise_in_bounds"))
     value, mm, price = rows(value), rows(mm), rows(price)
+    gross = None if notional is None else rows(notional)
     n, J, L = h.inst.shape
     first = value(h.inst[:, 0, 0])
     W, dt = first.shape[1], first.dtype
     unroll = J * L <= UNROLL_MAX
 
     def position(j, l, carry):
-        e, m = carry
+        e, m, g = carry
         i = h.inst[:, j, l]
-        return e + h.qty[:, j, l, None] * value(i), m + h.weight[:, j, l, None] * mm(i)
+        m = m + h.weight[:, j, l, None] * mm(i)
+        if gross is not None:
+            g = g + jnp.abs(h.qty[:, j, l, None]) * gross(i)
+        return e + h.qty[:, j, l, None] * value(i), m, g
 
     def slot(j, carry):
-        eq, coll, margin = carry
+        eq, coll, margin, g = carry
         e = jnp.broadcast_to(h.balance[:, j, None], (n, W)).astype(dt)
         if unroll:
             for l in range(L):
-                e, margin = position(j, l, (e, margin))
+                e, margin, g = position(j, l, (e, margin, g))
         else:
-            e, margin = jax.lax.fori_loop(0, L, lambda l, c: position(j, l, c), (e, margin))
+            e, margin, g = jax.lax.fori_loop(0, L, lambda l, c: position(j, l, c), (e, margin, g))
         a = h.asset[:, j]
         usd = e * price(a)
-        return eq + usd, coll + jnp.where(e > 0, 1.0 - haircut[a][:, None], 1.0) * usd, margin
+        return eq + usd, coll + jnp.where(e > 0, 1.0 - haircut[a][:, None], 1.0) * usd, margin, g
 
     zeros = jnp.zeros((n, W), dt)
-    carry = (zeros, zeros, zeros)
+    carry = (zeros, zeros, zeros, zeros)
     if unroll:
         for j in range(J):
             carry = slot(j, carry)
-        return carry
-    # Wide accounts (few, e.g. market makers) loop instead: unrolling them costs compile time.
-    return jax.lax.fori_loop(0, J, slot, carry)
+    else:
+        # Wide accounts (few, e.g. market makers) loop instead: unrolling them costs compile time.
+        carry = jax.lax.fori_loop(0, J, slot, carry)
+    return carry if gross is not None else carry[:3]
