@@ -419,6 +419,16 @@ def generate_scenarios(
     out.print(f"wrote {out_file}{msg}", highlight=False)
 
 
+def _check_model_and_out(model: Optional[str], out_file: Optional[Path]) -> None:
+    """``--model`` names a margin model and ``--out`` a Parquet file, or it is a usage error."""
+    from . import margin as margin_mod
+
+    if model is not None and model not in margin_mod.MODELS:
+        raise InputError("--model", None, None, f"{model!r} is not one of {', '.join(margin_mod.MODELS)}")
+    if out_file is not None and out_file.suffix != ".parquet":
+        raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .parquet")
+
+
 @app.command("margin")
 def margin_cmd(
     snapshot: Path = typer.Argument(..., help="Snapshot folder."),
@@ -432,10 +442,7 @@ def margin_cmd(
     from . import margin as margin_mod
 
     try:
-        if model is not None and model not in margin_mod.MODELS:
-            raise InputError("--model", None, None, f"{model!r} is not one of {', '.join(margin_mod.MODELS)}")
-        if out_file is not None and out_file.suffix != ".parquet":
-            raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .parquet")
+        _check_model_and_out(model, out_file)
         snap = io.load_snapshot(snapshot)
         if account is not None and account not in set(snap.account_ids.astype(str)):
             raise InputError("--account", None, None, f"unknown account {account!r} (not in balances or positions)")
@@ -571,15 +578,11 @@ def backtest_cmd(
     from rich.text import Text
 
     from . import io
-    from . import margin as margin_mod
     from .backtest import backtest as run_backtest
     from .report import usd
 
     try:
-        if model is not None and model not in margin_mod.MODELS:
-            raise InputError("--model", None, None, f"{model!r} is not one of {', '.join(margin_mod.MODELS)}")
-        if out_file is not None and out_file.suffix != ".parquet":
-            raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .parquet")
+        _check_model_and_out(model, out_file)
         snap = io.load_snapshot(snapshot)
         res = run_backtest(snap, prices, horizon_days, model, confidence, basis=basis)
     except InputError as exc:

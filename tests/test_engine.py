@@ -8,7 +8,7 @@ import pytest
 
 import stress
 from stress import engine, sample
-from stress.scenarios import Scenarios, default_path
+from stress.scenarios import Scenarios
 
 ACCOUNT_COLS = ["equity", "collateral_value", "initial_margin", "maintenance_margin", "pnl_worst", "shortfall_worst"]
 SCEN_COLS = ["pnl_total", "shortfall_total", "bad_debt", "insurance_fund_after", "socialized_loss"]
