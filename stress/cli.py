@@ -164,6 +164,9 @@ def _print_summary(res, target: Path, breaches: list[str]) -> None:
     t.add_row("worst scenario", str(s["worst_scenario"]))
     t.add_row("worst bad debt (USD)", usd(s["worst_bad_debt"]))
     t.add_row("P(fund depleted)", pct(s["p_fund_depleted"]))
+    if s.get("cover2_worst") is not None:
+        verdict = "covered in every scenario" if s["cover2_covered"] else "NOT covered in some scenario"
+        t.add_row("Cover 2, worst (USD)", f"{usd(s['cover2_worst'])} ({s['cover2_scenario']}); {verdict}")
     t.add_row("accounts liquidatable now", f"{s['accounts_liquidatable']:,}")
     t.add_row("runtime", f"{s['runtime_seconds']:.2f} s")
     out.print(t)

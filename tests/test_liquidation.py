@@ -91,3 +91,30 @@ def test_a_path_closes_out_at_the_breach_pays_the_fee_and_hands_on_the_recovery(
     assert (row.fees, row.pnl_closed_out, row.pnl_total) == pytest.approx((49_500.0, 500_000.0, -549_500.0))
     assert res.accounts.set_index("account_id").loc["long", "pnl_worst"] == pytest.approx(-299_500.0)
     assert row.insurance_fund_after == pytest.approx(1_049_500.0)
+
+
+def test_cover2_is_the_bad_debt_of_the_two_largest_defaulters(tmp_path):
+    # Four longs of 10 BTC (linear, contract 1 BTC at 50,000) on 10,000 / 20,000 / 30,000 /
+    # 200,000 USDC against one short. BTC -50%: each long loses 250,000, so bad debts are
+    # 240,000 / 230,000 / 220,000 / 50,000: Cover 2 = 240,000 + 230,000 = 470,000 against a
+    # fund of 300,000 (not covered); BTC -10%: losses 50,000, bad debt 40,000 / 30,000 / 20,000
+    # / 0: Cover 2 = 70,000, covered.
+    toml = "as_of = 2026-11-23T08:00:00Z\nrate = 0.0\ninsurance_fund = { USDC = 300000.0 }\n"
+    balances = [10_000.0, 20_000.0, 30_000.0, 200_000.0]
+    snap = stress.load_snapshot(write_snapshot(
+        tmp_path / "snap", assets=ASSETS,
+        instruments=[{"instrument_id": "P", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 1.0, "mark_price": 50_000.0}],
+        balances=[{"account_id": f"l{i}", "asset": "USDC", "amount": b} for i, b in enumerate(balances)]
+        + [{"account_id": "short", "asset": "USDC", "amount": 10_000_000.0}],
+        positions=[{"account_id": f"l{i}", "instrument_id": "P", "quantity": 10} for i in range(4)]
+        + [{"account_id": "short", "instrument_id": "P", "quantity": -40}],
+        exchange_toml=toml))
+    (tmp_path / "s.toml").write_text('[[scenario]]\nname = "down-50"\nmoves = { BTC = -0.5 }\n\n'
+                                     '[[scenario]]\nname = "down-10"\nmoves = { BTC = -0.1 }\n')
+    res = stress.run(snap, stress.load_scenarios(tmp_path / "s.toml", snap), chunk_size=2)
+    sc = res.scenarios.set_index("scenario")
+    assert sc.cover2.to_dict() == pytest.approx({"down-50": 470_000.0, "down-10": 70_000.0})
+    assert sc.cover2_covered.to_dict() == {"down-50": False, "down-10": True}
+    assert res.summary["cover2_worst"] == pytest.approx(470_000.0) and res.summary["cover2_scenario"] == "down-50"
+    assert res.summary["cover2_covered"] is False
