@@ -118,3 +118,12 @@ def test_cover2_is_the_bad_debt_of_the_two_largest_defaulters(tmp_path):
     assert sc.cover2_covered.to_dict() == {"down-50": False, "down-10": True}
     assert res.summary["cover2_worst"] == pytest.approx(470_000.0) and res.summary["cover2_scenario"] == "down-50"
     assert res.summary["cover2_covered"] is False
+
+
+def test_largest_two_counts_a_tie_at_the_top_twice():
+    import numpy as np
+
+    from stress.engine import largest_two
+
+    x = np.array([[5.0, 0.0, 0.0], [5.0, 1.0, 0.0], [3.0, 1.0, 0.0], [4.0, 0.5, 0.0]])
+    np.testing.assert_array_equal(np.asarray(largest_two(x)), [[5.0, 1.0, 0.0], [5.0, 1.0, 0.0]])
