@@ -113,9 +113,10 @@ def run(
     finally:
         if bar is not None:
             bar.stop()
-    from .greeks import account_greeks
+    from .greeks import account_greeks, gross_notional
 
-    exposure = account_greeks(snap)  # exposure by underlying in the report, by autodiff
+    # exposure by underlying in the report: Greeks by autodiff, and the gross notional
+    exposure = account_greeks(snap).merge(gross_notional(snap), on=["account_id", "underlying"], how="left")
     res.summary["runtime_seconds"] = time.perf_counter() - started  # load and run, as a user waits
     breaches = _breaches(res.summary, limits)
     target = out_dir or Path("reports") / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -451,6 +451,28 @@ def _report(snap: Snapshot, b: _HedgeBook, x: np.ndarray, scen: Any) -> dict:
     }
 
 
+def gross_notional(snap: Snapshot):
+    """Gross notional per account and underlying at the snapshot, USD (SPEC section 2: ``|q| c``
+    for inverse futures and perpetuals, ``|q| c S`` otherwise), as a DataFrame with
+    ``account_id``, ``underlying`` and ``gross_notional``: the size a liquidation would have to
+    close, beside the Greeks' net exposure."""
+    import pandas as pd
+
+    from .margin import position_notional
+
+    inst = snap.instruments
+    und = np.asarray(inst.underlying)
+    spot = np.asarray(snap.market.price)[und]
+    notional = np.asarray(position_notional(inst, snap.pos_instrument, snap.pos_quantity, spot))
+    A = snap.n_assets
+    key = snap.pos_account.astype(np.int64) * A + und[snap.pos_instrument]
+    keys, inv = np.unique(key, return_inverse=True)
+    total = np.bincount(inv, weights=notional, minlength=len(keys))
+    names = np.asarray(snap.assets, dtype=object)
+    return pd.DataFrame({"account_id": snap.account_ids[keys // A].astype(str),
+                         "underlying": names[keys % A].astype(str), "gross_notional": total})
+
+
 class _CallableModule(types.ModuleType):
     """``stress.greeks(snap, accounts=None)``: ``account_greeks``; the rest of the module
     (``hedge``, ``instrument_greeks``) stays reachable as ``stress.greeks.hedge``.
@@ -466,3 +488,4 @@ class _CallableModule(types.ModuleType):
 
 sys.modules[__name__].__class__ = _CallableModule
 greeks = sys.modules[__name__]
+

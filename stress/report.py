@@ -178,15 +178,17 @@ def exposure_by_underlying(exposure: pd.DataFrame) -> pd.DataFrame:
 
     Columns: ``underlying``; ``delta`` (net, units of the underlying); ``delta_usd`` (net USD
     delta); ``gross_delta_usd`` (sum of the accounts' |USD delta|: longs and shorts both
-    counted, the gross directional exposure); ``gamma``; ``vega`` (USD per vol point); and
-    ``accounts`` when the input has ``account_id``. Missing Greek columns are NaN.
+    counted, the gross directional exposure); ``gross_notional`` (sum of position notionals,
+    when the input has it); ``gamma``; ``vega`` (USD per vol point); and ``accounts`` when the
+    input has ``account_id``. Missing Greek columns are NaN.
     """
     df = exposure.copy()
     for c in ("delta", "delta_usd", "gamma", "vega"):
         if c not in df:
             df[c] = np.nan
     df["gross_delta_usd"] = df["delta_usd"].abs()
-    agg = {c: (c, lambda s: s.sum(min_count=1)) for c in ("delta", "delta_usd", "gross_delta_usd", "gamma", "vega")}
+    summed = ["delta", "delta_usd", "gross_delta_usd", "gamma", "vega"] + (["gross_notional"] if "gross_notional" in df else [])
+    agg = {c: (c, lambda s: s.sum(min_count=1)) for c in summed}
     if "account_id" in df:
         agg["accounts"] = ("account_id", "nunique")
     g = df.groupby(df["underlying"].astype(str), sort=True).agg(**agg).reset_index()
@@ -245,6 +247,7 @@ EXPOSURE_TABLE = (
     Column("delta", "Net delta (coins)", num, sort_digits=6),
     Column("delta_usd", "Net delta (USD)", usd),
     Column("gross_delta_usd", "Gross delta (USD)", usd),
+    Column("gross_notional", "Gross notional (USD)", usd, optional=True),
     Column("gamma", "Gamma (USD/coin²)", num, optional=True, sort_digits=12),
     Column("vega", "Vega (USD/vol pt)", usd, optional=True),
     Column("accounts", "Accounts", count, optional=True),

@@ -415,3 +415,24 @@ def test_module_and_function_are_one_name():
     from stress import greeks as via_from
 
     assert stress.greeks is mod is via_from and callable(mod) and callable(mod.hedge)
+
+
+def test_gross_notional_per_account_and_underlying(tmp_path):
+    # SPEC section 2 notional: |q| c S for linear instruments (6 x 0.5 BTC at S0 plus 30 x
+    # 0.01 BTC at S0), |q| x face value for inverse futures (100 x 10 USD).
+    from stress.greeks import gross_notional
+
+    instruments = [
+        {"instrument_id": "LPERP", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+         "contract_size": 0.5, "mark_price": S0},
+        {"instrument_id": "LFUT", "kind": "future", "underlying": "BTC", "settlement": "USDC",
+         "contract_size": 0.01, "mark_price": 90_900.0, "expiry": "2026-12-25T08:00:00Z"},
+        {"instrument_id": "BTC-PERPETUAL", "mark_price": S0},
+    ]
+    snap = snapshot(tmp_path, instruments, [{"account_id": "a", "asset": "USDC", "amount": 1_000.0}],
+                    [{"account_id": "a", "instrument_id": "LPERP", "quantity": 6},
+                     {"account_id": "a", "instrument_id": "LFUT", "quantity": -30},
+                     {"account_id": "b", "instrument_id": "BTC-PERPETUAL", "quantity": -100}])
+    g = gross_notional(snap).set_index(["account_id", "underlying"]).gross_notional
+    assert g.loc[("a", "BTC")] == pytest.approx((6 * 0.5 + 30 * 0.01) * S0, rel=1e-12)
+    assert g.loc[("b", "BTC")] == pytest.approx(100 * 10.0, rel=1e-12)
