@@ -63,6 +63,8 @@ class Tables:
     haircut: Any  # [A]
     notional: Any = None  # [T, I, K*W] notional per contract, USD; None when no fee is charged
     fee_rate: Any = None  # [] liquidation fee, of the notional closed out
+    lag: int = dataclasses.field(default=0, metadata={"static": True})  # oracle lag, steps
+    lags: tuple = dataclasses.field(default=(), metadata={"static": True})  # lags reported side by side
 
 
 def tile_width(n_scenarios: int, max_tile: int = 256) -> int:
@@ -82,7 +84,8 @@ def _revalue_and_margin(inst, market, params, spot, vol, horizon):
 
 def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[Tables, dict]:
     """Revalue every instrument under the snapshot and every scenario, tiled and padded."""
-    fee_rate = liquidation.config(snap.liquidation_config)["fee_rate"]
+    liq_cfg = liquidation.config(snap.liquidation_config)
+    fee_rate = liq_cfg["fee_rate"]
     S = len(scen)
     W = tile_width(S)
     T = math.ceil(S / W)
@@ -129,6 +132,8 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         price0=rv["price"][:, :1].astype(dtype),
         haircut=jnp.asarray(snap.params.haircut, dtype),
         **({"notional": notional, "fee_rate": jnp.asarray(fee_rate, dtype)} if fee_rate > 0 else {}),
+        lag=liq_cfg["oracle_lag_steps"],
+        lags=liq_cfg["oracle_lags"],
     )
     # Host copies at float64 for exchange-level numbers.
     price_all = np.asarray(rv["price"])[:, : 1 + S]
@@ -166,18 +171,21 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             eq, coll, m = portfolio.state(h, value, mm, price, t.haircut)
             eq, coll, m = jax.lax.optimization_barrier((eq, coll, m))
             eq_end = eq[:, :W]  # as if every position were held to the last step
-            eq, coll, m, liq = liquidation.path_outcome(W, eq, coll, m)
-            return eq, coll, m, liq, jnp.zeros_like(eq), eq_end
+            lagged = [liquidation.path_outcome(W, eq, coll, m, lag=k)[0] for k in t.lags]
+            eq, coll, m, liq = liquidation.path_outcome(W, eq, coll, m, lag=t.lag)
+            return eq, coll, m, liq, jnp.zeros_like(eq), eq_end, lagged
         eq, coll, m, g = jax.lax.optimization_barrier(portfolio.state(h, value, mm, price, t.haircut, notional))
         eq_end = eq[:, :W]
-        eq, coll, m, g, liq = liquidation.path_outcome(W, eq, coll, m, g)
+        # a fee never creates bad debt, so the lags' bad debt needs no fee
+        lagged = [liquidation.path_outcome(W, eq, coll, m, lag=k)[0] for k in t.lags]
+        eq, coll, m, g, liq = liquidation.path_outcome(W, eq, coll, m, g, lag=t.lag)
         f = liquidation.fee(eq, g, liq, t.fee_rate)
-        return eq - f, coll, m, liq, f, eq_end
+        return eq - f, coll, m, liq, f, eq_end, lagged
 
     def tile(carry, x):
         value, mm, price, notional, user, rnd, k = x
         # closed out at the first step of a path that breaches maintenance margin, else held
-        eq, coll, m, liq, f, eq_end = outcome(value, mm, price, notional)
+        eq, coll, m, liq, f, eq_end, lagged = outcome(value, mm, price, notional)
         liq = liq.astype(dt)
         pnl = eq - eq0[:, None]
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
@@ -196,12 +204,13 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         sums = jnp.stack([validf @ liq, validf @ jnp.maximum(gap, 0.0), validf @ bad,
                           validf @ (eq_end - eq - f) if paths else zero,  # nothing closes early in one step
                           validf @ f if fees else zero])
-        return carry, (sums, largest_two(bad * validf[:, None]), pnl if keep_pnl else None)
+        lag_bad = jnp.stack([validf @ liquidation.bad_debt(e) for e in lagged]) if lagged else None
+        return carry, (sums, largest_two(bad * validf[:, None]), lag_bad, pnl if keep_pnl else None)
 
     inf = jnp.full(n, jnp.inf, dt)
     init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt), jnp.zeros(n, dt))
     xs = (t.value, t.mm, t.price, t.notional, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
-    (best, best_tile, gap_max, n_liq, fee_max), (sums, top2, pnl) = jax.lax.scan(tile, init, xs)
+    (best, best_tile, gap_max, n_liq, fee_max), (sums, top2, lag_bad, pnl) = jax.lax.scan(tile, init, xs)
 
     # The worst scenario: revalue each account on its own worst tile, take the first minimum.
     at_best = lambda x: None if x is None else (lambda i: x[best_tile, i])  # noqa: E731
@@ -221,6 +230,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         "sums": sums.transpose(1, 0, 2).reshape(len(SUM_NAMES), T * W),
         "top2": top2.transpose(1, 0, 2).reshape(2, T * W),  # the chunk's two largest bad debts
     }
+    if lag_bad is not None:  # bad debt per scenario under each reported oracle lag
+        out["lag_bad"] = lag_bad.transpose(1, 0, 2).reshape(len(t.lags), T * W)
     if keep_pnl:
         pnl = pnl.transpose(1, 0, 2).reshape(n, T * W)  # [n, S_pad]
     if n_random:
@@ -391,6 +402,7 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl, level=VAR_LEVEL):
     kernel = sharded_kernel(n_random, with_pnl, D, level)
     total = np.zeros((len(SUM_NAMES), t.user.size))
     largest = np.zeros((2, t.user.size))  # per scenario, the two largest account bad debts
+    lag_total = np.zeros((len(t.lags), t.user.size))  # bad debt per reported oracle lag
     per_acc: dict[str, np.ndarray] = {}
     pnl = np.empty((snap.n_accounts, S), np.float64) if with_pnl else None
     done = 0
@@ -405,6 +417,8 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl, level=VAR_LEVEL):
         nonlocal done, total
         out = jax.device_get(out)
         total = total + out.pop("sums").sum(axis=0, dtype=np.float64)
+        if "lag_bad" in out:
+            lag_total[:] += out.pop("lag_bad").sum(axis=0, dtype=np.float64)
         top2 = out.pop("top2")  # [G, 2, S_pad]: merge into the exchange's two largest
         both = np.concatenate([largest[None], top2.astype(np.float64)], axis=0).reshape(-1, top2.shape[-1])
         largest[:] = np.sort(both, axis=0)[-2:][::-1]
@@ -438,6 +452,7 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl, level=VAR_LEVEL):
         drain_one(*pending.pop(0))
     sums = {name: total[i, :S] for i, name in enumerate(SUM_NAMES)}
     sums["cover2"] = largest[:, :S].sum(axis=0)  # CPMI-IOSCO Cover 2: the two largest defaults
+    sums["lag_bad_debt"] = dict(zip(t.lags, lag_total[:, :S]))
     return host, per_acc, sums, pnl
 
 
@@ -532,6 +547,8 @@ def run(
         "p_fund_depleted": float(depleted[rnd].mean()) if n_random else None,
         **_bad_debt_distribution(bad[rnd]),
         "accounts_liquidatable": int(accounts["liquidatable"].sum()),
+        "oracle_lag_steps": int(liquidation.config(snap.liquidation_config)["oracle_lag_steps"]),
+        "oracle_lags": _by_lag(sums["lag_bad_debt"], fund, rnd),
         "cover2_worst": float(sums["cover2"].max()),
         "cover2_scenario": scen.names[int(np.argmax(sums["cover2"]))],
         "cover2_covered": bool((sums["cover2"] <= fund + fees).all()),
@@ -543,6 +560,18 @@ def run(
         "runtime_seconds": time.perf_counter() - t0,
     }
     return Result(accounts=accounts, scenarios=scenarios, summary=summary)
+
+
+def _by_lag(lag_bad: dict, fund: np.ndarray, rnd: np.ndarray) -> list[dict]:
+    """Per reported oracle lag: the worst bad debt, the mean bad debt and P(fund depleted) over
+    random scenarios (the fund before fees: fees differ per lag and are not tracked per lag)."""
+    out = []
+    for lag, bad in lag_bad.items():
+        depleted = (bad > 0) & (bad >= fund)
+        out.append({"lag": int(lag), "worst_bad_debt": float(bad.max()),
+                    "bad_debt_mean": float(bad[rnd].mean()) if rnd.any() else None,
+                    "p_fund_depleted": float(depleted[rnd].mean()) if rnd.any() else None})
+    return out
 
 
 def _bad_debt_distribution(bad: np.ndarray) -> dict:

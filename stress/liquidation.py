@@ -24,7 +24,11 @@ import jax.numpy as jnp
 from .errors import InputError
 
 # Defaults of exchange.toml [liquidation].
-DEFAULTS = {"fee_rate": 0.0}  # liquidation fee, of the notional closed out
+DEFAULTS = {
+    "fee_rate": 0.0,  # liquidation fee, of the notional closed out
+    "oracle_lag_steps": 0,  # the liquidation engine sees a path's prices this many steps late
+    "oracle_lags": [],  # lags whose bad debt and P(fund depleted) are reported side by side
+}
 
 
 def config(cfg: dict) -> dict:
@@ -38,6 +42,13 @@ def config(cfg: dict) -> dict:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 1:
         raise InputError("exchange.toml", "[liquidation]", "fee_rate", f"{v!r} must be a number in [0, 1)")
     out["fee_rate"] = float(v)
+    lag = out["oracle_lag_steps"]
+    if isinstance(lag, bool) or not isinstance(lag, int) or not 0 <= lag <= 1000:
+        raise InputError("exchange.toml", "[liquidation]", "oracle_lag_steps", f"{lag!r} must be a whole number of steps >= 0")
+    lags = out["oracle_lags"]
+    if not isinstance(lags, list) or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 1000 for x in lags):
+        raise InputError("exchange.toml", "[liquidation]", "oracle_lags", f"{lags!r} must be a list of whole numbers of steps >= 0")
+    out["oracle_lags"] = tuple(sorted(set(lags)))
     return out
 
 
@@ -52,8 +63,13 @@ def bad_debt(equity: Any) -> Any:
     return jnp.maximum(-equity, 0.0)
 
 
-def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any) -> tuple[Any, ...]:
+def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any, lag: int = 0) -> tuple[Any, ...]:
     """Each account's state at the step that decides each path: its first breach, else the end.
+
+    With an oracle ``lag`` of ``k`` steps the liquidation engine sees step ``t - k``'s prices at
+    step ``t``: a breach at step ``t - k`` is acted on at step ``t``, at step ``t``'s prices (later
+    and deeper underwater); a breach in the last ``k`` steps is not acted on within the path.
+    A one-step scenario is an instantaneous shock: the lag does not apply to it.
 
     Args:
       W: scenarios per tile.
@@ -69,7 +85,7 @@ def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any) -> tuple[Any, 
     n, KW = eq.shape
     K = KW // W
     if K == 1:
-        return (eq, coll, mm, *more, mm > coll)
+        return (eq, coll, mm, *more, mm > coll)  # an instantaneous shock: no step to lag
     order = list(range(1, K)) + [0]  # time order: steps 1 .. K-1, then the last
 
     def timed(x):
@@ -77,6 +93,9 @@ def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any) -> tuple[Any, 
 
     c, m = timed(coll), timed(mm)
     breach = m > c
+    if lag:  # seen lag steps late: step t acts on step t - lag's breach
+        seen = jnp.zeros((n, min(lag, K), W), bool)
+        breach = jnp.concatenate([seen, breach[:, : max(K - lag, 0)]], axis=1)
     liquidated = breach.any(axis=1)
     first = jnp.where(liquidated, jnp.argmax(breach, axis=1), K - 1)[:, None, :]
 

@@ -127,3 +127,28 @@ def test_largest_two_counts_a_tie_at_the_top_twice():
 
     x = np.array([[5.0, 0.0, 0.0], [5.0, 1.0, 0.0], [3.0, 1.0, 0.0], [4.0, 0.5, 0.0]])
     np.testing.assert_array_equal(np.asarray(largest_two(x)), [[5.0, 1.0, 0.0], [5.0, 1.0, 0.0]])
+
+
+def test_oracle_lag_closes_out_later_and_deeper(tmp_path):
+    # 50,000 -> 49,000 -> 47,000 -> 50,500. The long (500 BTC on 400,000 USDC) breaches at
+    # 49,000 (below 49,697). Lag 0: closed at 49,000, equity 400,000 - 500,000 = -100,000.
+    # Lag 1: the breach is seen at the next step and acted on at 47,000: -1,100,000.
+    # Lag 2: acted on at 50,500, after the recovery: +650,000, no bad debt.
+    liq = "oracle_lag_steps = 1\noracle_lags = [0, 1, 2]"
+    snap = _book(tmp_path / "snap", liq)
+    (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,49000\n2024-01-03,47000\n2024-01-04,50500\n")
+    (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 3\n')
+    res = stress.run(snap, stress.load_scenarios(tmp_path / "p.toml", snap))
+    by_lag = {r["lag"]: r["worst_bad_debt"] for r in res.summary["oracle_lags"]}
+    assert by_lag == pytest.approx({0: 100_000.0, 1: 1_100_000.0, 2: 0.0})
+    assert res.summary["oracle_lag_steps"] == 1
+    assert res.scenarios.bad_debt.iloc[0] == pytest.approx(1_100_000.0)  # the run itself uses lag 1
+    assert [r["p_fund_depleted"] for r in res.summary["oracle_lags"]] == [0.0, 1.0, 0.0]  # fund 1,000,000
+
+
+@pytest.mark.parametrize("text", ["oracle_lag_steps = -1", "oracle_lag_steps = 1.5", "oracle_lags = [1, -2]",
+                                  "oracle_lags = 3"])
+def test_bad_oracle_lags_fail_at_load(tmp_path, text):
+    with pytest.raises(stress.InputError) as err:
+        _book(tmp_path / "snap", text)
+    assert err.value.column == text.split(" ")[0]
