@@ -7,6 +7,7 @@ The public API (SPEC section 4)::
     scen = stress.load_scenarios("scenarios/default.toml", snap)
     res = stress.run(snap, scen)          # res.accounts, res.scenarios, res.summary
     pnl = stress.pnl_matrix(snap, scen)   # accounts x scenarios equity change, USD
+    r = stress.reverse(snap, scen)        # smallest move that exhausts the insurance fund
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _cpu_devices()
 
 from .errors import InputError as InputError
 
-__all__ = ["InputError", "load_snapshot", "load_scenarios", "run", "pnl_matrix", "greeks", "Result", "Snapshot", "Scenarios"]
+__all__ = ["InputError", "load_snapshot", "load_scenarios", "run", "pnl_matrix", "greeks", "reverse", "Result", "Snapshot", "Scenarios"]
 __version__ = "0.1.0"
 
 # Imported lazily so that `stress --help` and error paths do not pay for importing JAX.
@@ -42,6 +43,7 @@ _LAZY = {
     "run": ("engine", "run"),
     "pnl_matrix": ("engine", "pnl_matrix"),
     "greeks": ("greeks", "greeks"),
+    "reverse": ("reverse", "reverse"),
     "Result": ("engine", "Result"),
     "Snapshot": ("snapshot", "Snapshot"),
     "Scenarios": ("scenarios", "Scenarios"),
@@ -51,6 +53,7 @@ if TYPE_CHECKING:
     from .engine import Result, pnl_matrix, run
     from .greeks import account_greeks as greeks
     from .io import load_snapshot
+    from .reverse import reverse
     from .scenarios import Scenarios, load_scenarios
     from .snapshot import Snapshot
 

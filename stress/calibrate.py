@@ -12,21 +12,54 @@ smallest ``m`` on a grid of ``tolerance`` whose exact run meets the target is fo
 bisection. Bisection assumes the metric does not rise with margin, which holds path by path
 when a higher margin only brings close-outs earlier; the result is re-checked exactly, and
 the level one step below is reported as failing, so a non-monotone case shows.
+
+Parameters (``--vary``, comma-separated): ``mm_rate`` scales every maintenance-margin rate;
+``mm_rate.<UNDERLYING>`` (e.g. ``mm_rate.BTC``) scales the rates of the instruments on that
+underlying (futures, perpetuals and options alike), the others unchanged. One parameter is
+searched exactly as above. Several (``mm_rate.BTC,mm_rate.ETH``) are a vector ``theta`` of
+scales, searched in two stages:
+
+1. **Smooth relaxation, gradient descent.** ``smooth_metric`` is the target metric with every
+   step of a path revalued (``sensitivities.account_states``, one ``jax.checkpoint``-ed step
+   of a ``lax.scan`` at a time, so reverse mode keeps one step's ``[accounts, scenarios]``
+   arrays, not all of them) and the first breach made soft: an account breaches step ``k``
+   with weight ``sigmoid((MM - collateral) / (BREACH_SOFTNESS * MM_now))`` (``MM_now`` its
+   maintenance margin at the snapshot, current rates), survives it with the complement, and
+   its equity is the survival-weighted mix of the step equities. The fund's depletion is
+   ``sigmoid((bad debt - fund) / tau)`` (``tau`` as ``sensitivities``: 1% of the fund now), the
+   largest bad debt a ``tau``-log-sum-exp; quantiles and ES sort (differentiably). The
+   relaxation ignores liquidation fees and the oracle lag; the exact stage does not. Adam on
+   ``log theta`` minimises total maintenance margin at the snapshot (relative to now) plus an
+   augmented-Lagrangian term ``lam * h + rho / 2 * max(0, h)^2`` of the relative excess
+   ``h = (metric - limit) / max(limit, tau)`` (``ROUNDS`` rounds of ``STEPS`` steps, ``lam``
+   updated and ``rho`` doubled between rounds).
+2. **Exact check and scale along the ray.** The smooth solution ``theta*`` is run exactly
+   (``engine.run``); whatever the verdict, the smallest ``s`` on the ``tolerance`` grid with
+   the target met at ``s * theta*`` is found by exact bisection, up when ``theta*`` misses the
+   target, down when it meets it with room to spare. So the result meets the target in the
+   engine and the level one grid step lower along the same ray does not.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from . import sensitivities as sens
 from .errors import InputError
 
 METRICS = ("p_fund_depleted", "worst_bad_debt", "bad_debt_mean", "bad_debt_q99", "bad_debt_es99")
-PARAMETERS = ("mm_rate",)
+PARAMETERS = ("mm_rate", "mm_rate.<UNDERLYING>")  # the forms --vary accepts, see the docstring
+BREACH_SOFTNESS = 0.2  # soft first breach: sigmoid width, of the account's maintenance margin now
+STEPS, ROUNDS = 60, 6  # Adam steps per augmented-Lagrangian round, rounds
+LEARNING_RATE = 0.05  # Adam, on log theta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,40 +85,79 @@ def parse_target(text: str) -> Target:
     return Target(m.group(1), limit)
 
 
-def scaled(snap: Any, factor: float) -> Any:
-    """The snapshot with every maintenance-margin rate multiplied by ``factor``."""
-    p = snap.params
-    return dataclasses.replace(snap, params=dataclasses.replace(p, mm_rate=np.asarray(p.mm_rate) * factor))
-
-
-def evaluate(snap: Any, scen: Any, factor: float, metric: str, chunk_size: int = 128) -> dict:
-    """One exact run at ``factor``: the metric and the total maintenance margin at the snapshot."""
-    from . import engine
-
-    res = engine.run(scaled(snap, factor), scen, chunk_size=chunk_size)
-    value = res.summary[metric]
-    return {"factor": factor, "value": float("nan") if value is None else float(value),
-            "maintenance_margin": float(res.accounts.maintenance_margin.sum())}
-
-
-def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str = "mm_rate", hi: float = 64.0,
-              tolerance: float = 1e-3, chunk_size: int = 128,
-              progress: Callable[[dict], None] | None = None) -> dict:
-    """The smallest scale of ``parameter`` (to ``tolerance``) whose exact run meets ``target``.
-
-    Returns:
-      A dict: ``factor`` (None when even ``hi`` misses the target), ``before`` and ``after``
-      (evaluations at 1 and at ``factor``), ``below`` (at ``factor - tolerance``, failing),
-      ``curve`` (every evaluation, sorted by factor: the margin-vs-metric trade-off), and the
-      ``target``.
+def parse_vary(text: str, snap: Any) -> tuple[tuple[str, ...], np.ndarray]:
+    """``"mm_rate"`` or ``"mm_rate.BTC,mm_rate.ETH"`` -> ``(names, masks)``: the parameter
+    names and ``[G, I]`` bool, the instruments each scale moves.
 
     Raises:
-      InputError: the parameter is not searchable, the set has no paths (margin has no effect
-        on losses there), or the metric needs random scenarios the set lacks.
+      InputError (``--vary``): an unknown form, an underlying no instrument has, a repeat, or
+        overlapping parameters (``mm_rate`` with ``mm_rate.BTC``).
     """
-    if parameter not in PARAMETERS:
-        raise InputError("--vary", None, None, f"{parameter!r}: only {', '.join(PARAMETERS)} can be searched exactly "
-                         "(a vector of parameters needs the smoothed gradient search, not built yet)")
+    names = tuple(p.strip() for p in (text or "").split(","))
+    under = np.asarray(snap.instruments.underlying)
+    masks = []
+    for name in names:
+        if name == "mm_rate":
+            masks.append(np.ones(len(under), bool))
+            continue
+        m = re.fullmatch(r"mm_rate\.(.+)", name)
+        if not m:
+            raise InputError("--vary", None, None, f"{name!r}: expected mm_rate or mm_rate.<UNDERLYING>, "
+                             "comma-separated (e.g. mm_rate.BTC,mm_rate.ETH)")
+        asset = m.group(1)
+        if asset not in snap.assets or not (under == snap.asset_index(asset)).any():
+            known = ", ".join(sorted({snap.assets[i] for i in np.unique(under)}))
+            raise InputError("--vary", None, None, f"{name!r}: no instrument has the underlying {asset!r} "
+                             f"(underlyings: {known})")
+        masks.append(under == snap.asset_index(asset))
+    if len(set(names)) < len(names):
+        raise InputError("--vary", None, None, f"{text!r}: a parameter is named twice")
+    masks = np.array(masks)
+    if (masks.sum(axis=0) > 1).any():
+        raise InputError("--vary", None, None, f"{text!r}: mm_rate scales every rate; combine it with no "
+                         "mm_rate.<UNDERLYING>")
+    return names, masks
+
+
+def rate_multiplier(theta: Any, masks: np.ndarray, xp: Any = np) -> Any:
+    """``[I]`` multiplier of each instrument's maintenance-margin rate: ``theta [G]`` on the
+    instruments of each parameter's mask ``[G, I]``, 1 elsewhere."""
+    return 1.0 + xp.asarray(masks, dtype=xp.float64).T @ (xp.asarray(theta) - 1.0)
+
+
+def scaled(snap: Any, factor: Any, masks: np.ndarray | None = None) -> Any:
+    """The snapshot with maintenance-margin rates multiplied: by ``factor`` everywhere
+    (``masks`` None), or by ``factor [G]`` on the instruments of each mask ``[G, I]``."""
+    p = snap.params
+    mult = factor if masks is None else rate_multiplier(np.atleast_1d(np.asarray(factor, np.float64)), masks)
+    return dataclasses.replace(snap, params=dataclasses.replace(p, mm_rate=np.asarray(p.mm_rate) * mult))
+
+
+def evaluate(snap: Any, scen: Any, factor: float, metric: str, chunk_size: int = 128,
+             masks: np.ndarray | None = None, direction: np.ndarray | None = None) -> dict:
+    """One exact run at ``factor``: the metric and the total maintenance margin at the snapshot.
+
+    With ``masks`` the scales are ``factor * direction`` (``direction [G]``, ones by default)
+    on the masked instruments, reported as ``scales``.
+    """
+    from . import engine
+
+    if masks is None:
+        s = scaled(snap, factor)
+        scales = None
+    else:
+        scales = factor * (np.ones(len(masks)) if direction is None else np.asarray(direction, np.float64))
+        s = scaled(snap, scales, masks)
+    res = engine.run(s, scen, chunk_size=chunk_size)
+    value = res.summary[metric]
+    out = {"factor": factor, "value": float("nan") if value is None else float(value),
+           "maintenance_margin": float(res.accounts.maintenance_margin.sum())}
+    if scales is not None:
+        out["scales"] = [float(v) for v in scales]
+    return out
+
+
+def _check(scen: Any, target: Target) -> None:
     if scen.steps < 2:
         raise InputError(scen.source.rsplit("/", 1)[-1] or "scenarios", None, None,
                          "every scenario is one step: an account's bad debt is max(0, -equity) whatever its "
@@ -93,24 +165,66 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str = "mm_rate
                          "([[montecarlo]] with steps > 1, or [[replay]] windows of several rows)")
     if target.metric != "worst_bad_debt" and not scen.random.any():
         raise InputError("--target", None, None, f"{target.metric} is taken over random scenarios; the set has none")
+
+
+def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str = "mm_rate", hi: float = 64.0,
+              tolerance: float = 1e-3, chunk_size: int = 128,
+              progress: Callable[[dict], None] | None = None) -> dict:
+    """The smallest scale of ``parameter`` (to ``tolerance``) whose exact run meets ``target``.
+
+    ``parameter``: ``mm_rate``, ``mm_rate.<UNDERLYING>``, or several comma-separated (a
+    vector, see the module docstring).
+
+    Returns:
+      A dict: ``factor`` (None when even ``hi`` misses the target), ``before`` and ``after``
+      (evaluations at 1 and at ``factor``), ``below`` (at ``factor - tolerance``, failing),
+      ``curve`` (every evaluation, sorted by margin: the margin-vs-metric trade-off), the
+      ``target``, ``parameters`` (names) and ``scales`` (the recommended scale per parameter,
+      None when not met). For a vector, ``factor`` is the scale along the smooth solution's
+      direction ``direction`` (``scales = factor * direction``), and ``smooth`` describes the
+      smooth stage: its ``scales``, its smoothed ``value``, its exact ``check`` and whether
+      that check ``met`` the target.
+
+    Raises:
+      InputError: the parameter is not searchable, the set has no paths (margin has no effect
+        on losses there), or the metric needs random scenarios the set lacks.
+    """
+    names, masks = parse_vary(parameter, snap)
+    _check(scen, target)
+    if len(names) > 1:
+        return _calibrate_vector(snap, scen, target, names, masks, hi=hi, tolerance=tolerance,
+                                 chunk_size=chunk_size, progress=progress)
     seen: dict[float, dict] = {}
+    whole = names == ("mm_rate",)
 
     def at(f: float) -> dict:
         f = round(f / tolerance) * tolerance
         if f not in seen:
-            seen[f] = evaluate(snap, scen, f, target.metric, chunk_size)
+            seen[f] = evaluate(snap, scen, f, target.metric, chunk_size, None if whole else masks)
             if progress:
                 progress(seen[f])
         return seen[f]
 
     before = at(1.0)
+    res = _bisect(at, before, hi, tolerance, target)
+    res.update(target=target, parameters=names,
+               scales=None if res["factor"] is None else [res["factor"]],
+               curve=sorted(seen.values(), key=lambda r: (r["maintenance_margin"], r["factor"])))
+    return res
+
+
+def _bisect(at: Callable[[float], dict], before: dict, hi: float, tolerance: float, target: Target,
+            start: float = 1.0) -> dict:
+    """The smallest ``k * tolerance`` in ``(0, hi]`` whose evaluation ``at`` meets the target,
+    by bisection from ``start`` (met there: search below it, else above)."""
     top = at(hi)
     if not target.met(top["value"]):
-        return {"factor": None, "before": before, "after": top, "below": None, "curve": sorted(seen.values(), key=lambda r: r["factor"]),
-                "target": target}
+        return {"factor": None, "before": before, "after": top, "below": None}
     lo_n, hi_n = 0, round(hi / tolerance)  # search on the grid k * tolerance, k in (lo_n, hi_n]
-    if target.met(before["value"]):
-        hi_n = round(1.0 / tolerance)
+    if target.met(at(start)["value"]):
+        hi_n = round(start / tolerance)
+    else:
+        lo_n = round(start / tolerance)
     while hi_n - lo_n > 1:
         mid = (lo_n + hi_n) // 2
         if target.met(at(mid * tolerance)["value"]):
@@ -119,8 +233,143 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str = "mm_rate
             lo_n = mid
     after = at(hi_n * tolerance)
     below = at(lo_n * tolerance) if lo_n > 0 else None
-    return {"factor": after["factor"], "before": before, "after": after, "below": below,
-            "curve": sorted(seen.values(), key=lambda r: r["factor"]), "target": target}
+    return {"factor": after["factor"], "before": before, "after": after, "below": below}
+
+
+def _calibrate_vector(snap, scen, target, names, masks, *, hi, tolerance, chunk_size, progress) -> dict:
+    """Several parameters: gradient descent on the smooth relaxation, then the exact check and
+    the exact bisection of the scale along the solution's direction (module docstring)."""
+    smooth = optimise(snap, scen, target, masks, hi)
+    direction = np.asarray(smooth["scales"], np.float64)
+    seen: dict[float, dict] = {}
+
+    def at(f: float) -> dict:
+        f = round(f / tolerance) * tolerance
+        if f not in seen:
+            seen[f] = evaluate(snap, scen, f, target.metric, chunk_size, masks, direction)
+            if progress:
+                progress(seen[f])
+        return seen[f]
+
+    before = evaluate(snap, scen, 1.0, target.metric, chunk_size, masks, np.ones(len(names)))
+    if progress:
+        progress(before)
+    check = evaluate(snap, scen, 1.0, target.metric, chunk_size, masks, direction)
+    seen[1.0] = check
+    # the ray's largest scale keeps every parameter's scale within hi
+    top = max(tolerance, math.floor(hi / direction.max() / tolerance) * tolerance)
+    res = _bisect(at, before, top, tolerance, target)
+    smooth.update(check=check, met=target.met(check["value"]))
+    res.update(target=target, parameters=names, direction=[float(v) for v in direction], smooth=smooth,
+               scales=None if res["factor"] is None else res["after"]["scales"],
+               curve=sorted([before, *seen.values()], key=lambda r: (r["maintenance_margin"], r["factor"])))
+    return res
+
+
+def _soft_path(params, inst, market, b, n: int, K: int, S: int, mm_scale):
+    """Per account and scenario: equity at the soft first breach ``[n, S]``, and the asset
+    prices at the last step ``[A, S]`` (see the module docstring). ``b`` is a
+    ``sensitivities.Book`` of the snapshot and the ``K`` steps; ``mm_scale [n]`` USD."""
+    A = b.spot_mult.shape[1]
+    steps = lambda x: x[1:].reshape((K, S) + x.shape[1:])  # state order is step-major
+    xs = (steps(b.spot_mult), steps(b.vol_shift), steps(b.horizon_days), jnp.arange(K))
+    zero, lam = jnp.zeros(A), jnp.ones(n)
+
+    @jax.checkpoint  # reverse mode recomputes a step's account arrays instead of keeping all K
+    def step(carry, x):
+        alive, eq_acc, _ = carry
+        spot, vol, hor, k = x
+        st = sens.account_states(zero, zero, params, lam, inst, market,
+                            dataclasses.replace(b, spot_mult=spot, vol_shift=vol, horizon_days=hor), n)
+        breach = jax.nn.sigmoid((st["maintenance_margin"] - st["collateral"]) / mm_scale[:, None])
+        stop = jnp.where(k == K - 1, 1.0, breach)  # the last step takes whoever is left
+        return (alive * (1.0 - stop), eq_acc + alive * stop * st["equity"], st["price"]), None
+
+    init = (jnp.ones((n, S)), jnp.zeros((n, S)), jnp.zeros((A, S)))
+    (_, eq, price), _ = jax.lax.scan(step, init, xs)
+    return eq, price
+
+
+def smooth_metric(theta, base_mm, masks, params, inst, market, b, mm_scale, tau, *, metric: str, n: int, K: int,
+                  S: int, n_random: int, level: float = 0.99):
+    """The smooth relaxation of ``metric`` and the total maintenance margin at the snapshot
+    (USD), at maintenance-margin scales ``theta [G]`` on ``masks [G, I]``. ``b``: the
+    ``sensitivities.Book`` of the snapshot and every step; ``mm_scale [n]``, ``tau []``: USD
+    widths of the soft breach and of the fund's depletion; the keywords are static."""
+    p = dataclasses.replace(params, mm_rate=base_mm * rate_multiplier(theta, masks, jnp))
+    eq, price = _soft_path(p, inst, market, b, n, K, S, mm_scale)
+    bad = jnp.sum(jnp.maximum(-eq, 0.0), axis=0)  # [S]
+    fund = b.fund @ price
+    m = max(n_random, 1)
+    if metric == "p_fund_depleted":
+        value = jnp.sum(b.random * jax.nn.sigmoid((bad - fund) / tau)) / m
+    elif metric == "bad_debt_mean":
+        value = jnp.sum(b.random * bad) / m
+    elif metric == "worst_bad_debt":
+        value = tau * jax.nn.logsumexp(bad / tau)
+    else:  # the tail of the random scenarios' bad debt, as engine.tail_loss
+        size = n_random - math.ceil(level * n_random - 1e-9) + 1
+        tail = jnp.sort(jnp.where(b.random > 0, bad, -jnp.inf))[::-1][:size]
+        value = tail[-1] if metric == "bad_debt_q99" else jnp.mean(tail)
+    return value, jnp.sum(_now(p, inst, market, b, n)["maintenance_margin"])
+
+
+def _now(params, inst, market, b, n: int) -> dict:
+    """``sensitivities.account_states`` at the snapshot only (``[n, 1]``)."""
+    A = b.spot_mult.shape[1]
+    now = dataclasses.replace(b, spot_mult=jnp.ones((1, A)), vol_shift=jnp.zeros((1, A)), horizon_days=jnp.zeros(1))
+    return sens.account_states(jnp.zeros(A), jnp.zeros(A), params, jnp.ones(n), inst, market, now, n)
+
+
+def optimise(snap: Any, scen: Any, target: Target, masks: np.ndarray, hi: float = 64.0) -> dict:
+    """Stage 1: Adam on ``log theta`` of the augmented Lagrangian of the smooth relaxation,
+    from ``theta = 1`` (the current rates), every scale kept within ``[1 / hi, hi]``.
+
+    Returns ``{"scales": [G], "value": smoothed metric there, "maintenance_margin": USD,
+    "history": one entry per round}``.
+    """
+    b = sens.book(snap, scen)
+    n, G = snap.n_accounts, len(masks)
+    params = sens._float_params(snap.params)
+    inst = sens.safe_instruments(snap.instruments, snap.market)
+    market = snap.market
+    n_random = int(scen.random.sum())
+    # each account's soft-breach width: a share of its maintenance margin now, current rates
+    mm_scale = BREACH_SOFTNESS * jnp.maximum(_now(params, inst, market, b, n)["maintenance_margin"][:, 0], 1.0)
+    tau = float(b.temperature)
+    statics = {"metric": target.metric, "n": n, "K": scen.steps, "S": len(scen), "n_random": n_random}
+    args = (jnp.asarray(params.mm_rate), jnp.asarray(masks, jnp.float64), params, inst, market, b, mm_scale, tau)
+    f = jax.jit(functools.partial(smooth_metric, **statics))
+    mm1 = float(f(jnp.ones(G), *args)[1])
+    h_scale = max(target.limit, tau if target.metric != "p_fund_depleted" else 1.0 / max(n_random, 1))
+
+    def lagrangian(phi, lam, rho, *args):
+        value, mm = smooth_metric(jnp.exp(phi), *args, **statics)
+        h = (value - target.limit) / h_scale
+        return mm / mm1 + lam * h + 0.5 * rho * jnp.maximum(h, 0.0) ** 2, (value, mm)
+
+    grad = jax.jit(jax.value_and_grad(lagrangian, has_aux=True))
+    phi = jnp.zeros(G)
+    bound = math.log(hi)
+    m1, m2 = jnp.zeros(G), jnp.zeros(G)
+    lam, rho, t = 0.0, 10.0, 0
+    history = []
+    for r in range(ROUNDS):
+        for _ in range(STEPS):
+            t += 1
+            _, g = grad(phi, lam, rho, *args)
+            g = jnp.nan_to_num(g)
+            m1 = 0.9 * m1 + 0.1 * g
+            m2 = 0.999 * m2 + 0.001 * g * g
+            phi = phi - LEARNING_RATE * (m1 / (1 - 0.9 ** t)) / (jnp.sqrt(m2 / (1 - 0.999 ** t)) + 1e-8)
+            phi = jnp.clip(phi, -bound, bound)  # scales within [1/hi, hi]
+        value, mm = (float(v) for v in f(jnp.exp(phi), *args))
+        history.append({"round": r, "scales": [float(v) for v in np.exp(phi)], "value": value,
+                        "maintenance_margin": mm})
+        lam = max(0.0, lam + rho * (value - target.limit) / h_scale)
+        rho *= 2.0
+    return {"scales": history[-1]["scales"], "value": history[-1]["value"],
+            "maintenance_margin": history[-1]["maintenance_margin"], "history": history}
 
 
 def tradeoff_svg(result: dict) -> str:

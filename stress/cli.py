@@ -729,12 +729,12 @@ def calibrate(
     snapshot: Path = typer.Argument(..., help="Snapshot folder."),
     target: str = typer.Option(..., help='The condition to meet, e.g. "p_fund_depleted<=0.001".'),
     scenarios: Optional[Path] = typer.Option(None, "--scenarios", "-s", help="Scenario TOML with multi-step paths (default: scenarios/default.toml)."),
-    vary: str = typer.Option("mm_rate", help="The parameter to scale: mm_rate (every maintenance-margin rate)."),
+    vary: str = typer.Option("mm_rate", help="What to scale: mm_rate (every maintenance-margin rate), mm_rate.BTC (those on one underlying), or several comma-separated (mm_rate.BTC,mm_rate.ETH: a gradient search, then exact)."),
     hi: float = typer.Option(64.0, min=1.0, help="Largest scale tried."),
     tolerance: float = typer.Option(1e-3, min=1e-6, help="Resolution of the scale."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write calibration.json and tradeoff.svg here."),
 ) -> None:
-    """The lowest maintenance margin (one scale on every MM rate) that meets a loss target."""
+    """The lowest maintenance margin (one scale on MM rates, or one per underlying) that meets a loss target."""
     import json
 
     from . import calibrate as cal
@@ -753,31 +753,142 @@ def calibrate(
         except InputError as exc:
             status.stop()
             _fail(exc)
+    vector = "direction" in res
     t = Table(title=f"calibration of {vary} for {goal.metric} <= {goal.limit:g}")
     for c in ("", "scale", goal.metric, "total MM (USD)"):
         t.add_column(c, justify="left" if not c else "right")
     rows = [("current", res["before"]), ("calibrated" if res["factor"] is not None else f"largest tried ({hi:g})", res["after"])]
     if res["below"] is not None:
         rows.append(("one step below (fails)", res["below"]))
+    if vector:
+        rows.insert(1, ("smooth solution, exact", res["smooth"]["check"]))
     for label, r in rows:
         t.add_row(label, f"{r['factor']:.3f}", f"{r['value']:.6g}", f"{r['maintenance_margin']:,.0f}")
+    if vector:
+        t.caption = ("scale: along the smooth solution's direction (scales per parameter below); "
+                     f"the smooth stage's relaxed {goal.metric} was {res['smooth']['value']:.6g}")
     out.print(t)
+    if vector:
+        pt = Table(title="recommended parameters (scale of the current maintenance-margin rates)")
+        for c in ("parameter", "smooth solution", "recommended"):
+            pt.add_column(c, justify="left" if c == "parameter" else "right")
+        for k, name in enumerate(res["parameters"]):
+            rec = "n/a" if res["scales"] is None else f"{res['scales'][k]:.4f}"
+            pt.add_row(name, f"{res['direction'][k]:.4f}", rec)
+        out.print(pt)
+        verdict = "meets" if res["smooth"]["met"] else "misses"
+        out.print(f"the smooth solution {verdict} the target in the exact run; the exact bisection along its "
+                  f"direction gives scale {'n/a' if res['factor'] is None else format(res['factor'], '.3f')}",
+                  highlight=False)
     if res["factor"] is None:
         out.print(f"[bold red]the target is not met even at {hi:g} x the current rates[/]")
     else:
         cost = res["after"]["maintenance_margin"] - res["before"]["maintenance_margin"]
-        out.print(f"recommended: every maintenance-margin rate x {res['factor']:.3f} "
-                  f"(margin cost {cost:+,.0f} USD at the snapshot)", highlight=False)
+        what = (", ".join(f"{n} x {v:.3f}" for n, v in zip(res["parameters"], res["scales"])) if vector or vary != "mm_rate"
+                else f"every maintenance-margin rate x {res['factor']:.3f}")
+        out.print(f"recommended: {what} (margin cost {cost:+,.0f} USD at the snapshot)", highlight=False)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "tradeoff.svg").write_text(cal.tradeoff_svg(res))
-        doc = {k: res[k] for k in ("factor", "before", "after", "below", "curve")}
+        doc = {k: res[k] for k in ("factor", "before", "after", "below", "curve", "scales")}
         doc["target"] = {"metric": goal.metric, "limit": goal.limit}
         doc["parameter"] = vary
+        doc["parameters"] = list(res["parameters"])
+        if vector:
+            doc["direction"] = res["direction"]
+            doc["smooth"] = res["smooth"]
         (out_dir / "calibration.json").write_text(json.dumps(doc, indent=2, allow_nan=False, default=str))
         out.print(f"wrote {out_dir / 'calibration.json'} and {out_dir / 'tradeoff.svg'}", highlight=False)
     if res["factor"] is None:
         raise typer.Exit(1)
+
+
+@app.command("reverse")
+def reverse_cmd(
+    snapshot: Optional[Path] = typer.Argument(None, help="Snapshot folder (default: the built-in sample exchange)."),
+    scenarios: Optional[Path] = typer.Option(None, "--scenarios", "-s", help="Scenario TOML whose random scenarios give the covariance (default: scenarios/default.toml)."),
+    target: str = typer.Option("fund-exhausted", help="What the move must do: fund-exhausted (bad debt >= the insurance fund)."),
+    norm: Optional[str] = typer.Option(None, help="mahalanobis (covariance of the set's random scenarios) or percent (default: mahalanobis when the set has random scenarios)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the result to FILE.json or FILE.parquet."),
+    top: int = typer.Option(10, min=1, help="Accounts to show, largest bad debt at the move first."),
+    accounts: int = typer.Option(SAMPLE_ACCOUNTS, help="Accounts in the built-in sample (when no SNAPSHOT is given)."),
+) -> None:
+    """The smallest joint move of prices and vols that exhausts the insurance fund, checked exactly."""
+    from rich.text import Text
+
+    from .report import usd
+    from .reverse import reverse as find
+
+    try:
+        if out_file is not None and out_file.suffix not in (".json", ".parquet"):
+            raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .json or .parquet")
+        snap, scen = _load(snapshot, scenarios, accounts)
+        with err.status("searching for the smallest fund-exhausting move"):
+            r = find(snap, scen, target, norm=norm, top=top)
+    except InputError as exc:
+        _fail(exc)
+    unit = "standard deviations of the set's horizon move" if r.norm == "mahalanobis" else "Euclidean norm of % moves and vol shifts"
+    basis = (f"{r.norm} norm ({unit}; covariance from {r.random_scenarios:,} random scenarios)" if r.norm == "mahalanobis"
+             else f"{r.norm} norm ({unit})")
+    if not r.found:
+        out.print(Text(f"reverse stress test — {basis}"))
+        out.print(Text(f"no fund-exhausting move found: {r.message}", style="bold"))
+    else:
+        mt = Table(title=Text(f"smallest move that exhausts the insurance fund — {basis}: {r.distance:.4g}"))
+        for c in ("asset", "price before", "price after", "price move", "vol shift"):
+            mt.add_column(c, justify="left" if c == "asset" else "right")
+        for m in r.moves.itertuples(index=False):
+            vol = "" if m.vol_shift != m.vol_shift else f"{m.vol_shift * 100:+.2f} pts"
+            mt.add_row(Text(m.asset), f"{m.price_before:,.6g}", f"{m.price_after:,.6g}", f"{m.price_move:+.2%}", vol)
+        out.print(mt)
+        ht = Table(title=Text("at the move (engine, exact)"), show_header=False)
+        ht.add_row("bad debt (USD)", usd(r.bad_debt))
+        ht.add_row("insurance fund at the moved prices (USD)", usd(r.fund))
+        if r.fees:
+            ht.add_row("liquidation fees to the fund (USD)", usd(r.fees))
+        ht.add_row("fund exhausted", "yes" if r.exhausted else "no")
+        ht.add_row("exhausted at 0.98 x the move", "yes" if r.exhausted_at_98 else "no")
+        out.print(ht)
+        at = Table(title=Text(f"accounts driving it — top {len(r.accounts):,} by bad debt at the move"))
+        for c in ("account", "bad debt (USD)", "share"):
+            at.add_column(c, justify="left" if c == "account" else "right")
+        for a in r.accounts.itertuples(index=False):
+            at.add_row(Text(a.account_id), usd(a.bad_debt), f"{a.share:.1%}")
+        out.print(at)
+        out.print(Text(r.message))
+    out.print(Text(f"searched: {r.bound}"))
+    if out_file is not None:
+        _write_reverse(r, out_file)
+        out.print(Text(f"wrote {out_file}"))
+
+
+def _write_reverse(r, path: Path) -> None:
+    """The reverse stress result as JSON, or as one Parquet table (``section`` ``move`` rows
+    per asset, ``account`` rows for the top accounts) with the scalars in its metadata under
+    ``stress.reverse``."""
+    import json
+
+    import pandas as pd
+
+    doc = r.to_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(doc, indent=2, allow_nan=False))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    moves = r.moves.assign(section="move")
+    accs = r.accounts.assign(section="account")
+    df = pd.concat([moves, accs], ignore_index=True)
+    cols = ["section", "asset", "price_before", "price_after", "price_move", "vol_shift", "account_id", "bad_debt", "share"]
+    df = df.reindex(columns=cols)
+    for c in ("section", "asset", "account_id"):
+        df[c] = df[c].astype(object).where(df[c].notna(), None)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    scalars = {k: v for k, v in doc.items() if k not in ("moves", "accounts")}
+    meta = {**(table.schema.metadata or {}), b"stress.reverse": json.dumps(scalars).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), path)
 
 
 def main() -> None:
