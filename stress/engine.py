@@ -36,8 +36,10 @@ DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 DEFAULT_CHUNK = 128  # accounts per chunk: [128, 256] tiles keep the working set in L2
 VAR_LEVEL = 0.99
 # Per-scenario sums over accounts; ``closed_out``: what positions closed out before a path's end
-# gain after their liquidation (exactly 0 for one-step scenarios); ``fees``: liquidation fees.
-SUM_NAMES = ("liquidatable", "shortfall", "bad_debt", "closed_out", "fees")
+# gain after their liquidation (exactly 0 for one-step scenarios); ``fees``: liquidation fees;
+# ``impact``: price impact paid to the market; ``liquidated_notional``: gross notional closed, USD.
+SUM_NAMES = ("liquidatable", "shortfall", "bad_debt", "closed_out", "fees", "impact", "liquidated_notional")
+ADL_BYTES = 256e6  # host memory for one batch of the auto-deleveraging pass's [accounts, scenarios]
 
 
 @pytree_dataclass
@@ -61,8 +63,12 @@ class Tables:
     mm0: Any  # [I, 1]
     price0: Any  # [A, 1]
     haircut: Any  # [A]
-    notional: Any = None  # [T, I, K*W] notional per contract, USD; None when no fee is charged
-    fee_rate: Any = None  # [] liquidation fee, of the notional closed out
+    notional0: Any  # [I, 1] notional per contract at the snapshot, USD
+    notional: Any  # [T, I, K*W] notional per contract, USD (SPEC section 2)
+    fee_rate: Any = None  # [] liquidation fee, of the notional closed out; None: no fee
+    impact: Any = None  # [T, I, K*W] price impact charged per contract closed, USD; None: free
+    impact_row: Any = None  # [I] int32: row of each instrument in the impact pass (n_impact: none)
+    n_impact: int = dataclasses.field(default=0, metadata={"static": True})  # instruments with impact
     lag: int = dataclasses.field(default=0, metadata={"static": True})  # oracle lag, steps
     lags: tuple = dataclasses.field(default=(), metadata={"static": True})  # lags reported side by side
 
@@ -120,6 +126,10 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     user = np.arange(T * W) < S
     random = np.zeros(T * W, bool)
     random[:S] = scen.random
+    # instruments whose underlying has [liquidation.impact] parameters, numbered for pass 1
+    has_impact = np.isin(np.asarray(snap.instruments.underlying),
+                         [snap.assets.index(a) for a in liq_cfg["impact"]])
+    impact_row = np.where(has_impact, np.cumsum(has_impact) - 1, has_impact.sum()).astype(np.int32)
     t = Tables(
         value=value,
         mm=mm_t,
@@ -131,7 +141,11 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         mm0=mm[:, :1].astype(dtype),
         price0=rv["price"][:, :1].astype(dtype),
         haircut=jnp.asarray(snap.params.haircut, dtype),
-        **({"notional": notional, "fee_rate": jnp.asarray(fee_rate, dtype)} if fee_rate > 0 else {}),
+        notional0=rv["notional"][:, :1].astype(dtype),
+        notional=notional,
+        fee_rate=jnp.asarray(fee_rate, dtype) if fee_rate > 0 else None,
+        impact_row=jnp.asarray(impact_row),
+        n_impact=int(has_impact.sum()),
         lag=liq_cfg["oracle_lag_steps"],
         lags=liq_cfg["oracle_lags"],
     )
@@ -144,89 +158,94 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
 def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, level: float = VAR_LEVEL) -> dict:
     """All per-scenario account work for one chunk, reduced at once, tile by tile.
 
-    Per tile, the accounts' state (equity, collateral, margin) is computed once and kept
-    (``optimization_barrier``: XLA would otherwise recompute it inside every reduction), then
-    reduced: per account, the tile's worst P&L and largest ``margin - collateral``; per
-    scenario, the shortfall, bad-debt and liquidatable sums. The scenario of the worst P&L is
+    Per tile, the accounts' state (equity, collateral, margin, notional) is computed once and
+    kept (``optimization_barrier``: XLA would otherwise recompute it inside every reduction),
+    each account is taken at the step that decides its path (``liquidation.path_outcome``),
+    charged its closing costs if liquidated there (price impact ``t.impact``, then the fee out
+    of what remains), and reduced: per account, the tile's worst P&L and largest ``margin -
+    collateral``; per scenario, the sums of ``SUM_NAMES``. The scenario of the worst P&L is
     found after the scan, by revaluing each account on its worst tile only.
 
     Returns:
       Per-account ``[n]`` rows and ``sums``, ``[len(SUM_NAMES), T * W]`` per-scenario sums
-      over the chunk's valid accounts.
+      over the chunk's valid accounts (and ``pnl``, ``liquidated`` ``[n, T * W]`` with
+      ``with_pnl``).
     """
-    eq0, coll0, mm0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut))
+    eq0, coll0, mm0, g0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut, t.notional0))
     n = eq0.shape[0]
     T, W = t.user.shape
     dt = eq0.dtype
     validf = h.valid.astype(dt)
     keep_pnl = with_pnl or n_random > 0
-
     paths = t.value.shape[2] > W  # K > 1 steps per scenario
-    fees = t.fee_rate is not None
 
-    def outcome(value, mm, price, notional):
-        """Per account and scenario: equity after close-out and fee, collateral and margin at
-        the deciding step, liquidated or not, the fee, and the equity held to the end."""
-        if t.fee_rate is None:
-            eq, coll, m = portfolio.state(h, value, mm, price, t.haircut)
-            eq, coll, m = jax.lax.optimization_barrier((eq, coll, m))
-            eq_end = eq[:, :W]  # as if every position were held to the last step
-            lagged = [liquidation.path_outcome(W, eq, coll, m, lag=k)[0] for k in t.lags]
-            eq, coll, m, liq = liquidation.path_outcome(W, eq, coll, m, lag=t.lag)
-            return eq, coll, m, liq, jnp.zeros_like(eq), eq_end, lagged
-        eq, coll, m, g = jax.lax.optimization_barrier(portfolio.state(h, value, mm, price, t.haircut, notional))
-        eq_end = eq[:, :W]
-        # a fee never creates bad debt, so the lags' bad debt needs no fee
+    def outcome(value, mm, price, notional, impact):
+        """Per account and scenario, at the step that decides the path: equity before closing
+        costs, collateral, margin, liquidated or not, the fee, the impact paid, the notional
+        closed; and the equity held to the end and under each reported oracle lag."""
+        per_contract = (notional,) if impact is None else (notional, impact)
+        eq, coll, m, *g = jax.lax.optimization_barrier(portfolio.state(h, value, mm, price, t.haircut, *per_contract))
+        eq_end = eq[:, :W]  # as if every position were held to the last step
+        # bad debt under other oracle lags, before closing costs (the impact of pass 1 is the
+        # configured lag's)
         lagged = [liquidation.path_outcome(W, eq, coll, m, lag=k)[0] for k in t.lags]
-        eq, coll, m, g, liq = liquidation.path_outcome(W, eq, coll, m, g, lag=t.lag)
-        f = liquidation.fee(eq, g, liq, t.fee_rate)
-        return eq - f, coll, m, liq, f, eq_end, lagged
+        eq, coll, m, *g, liq = liquidation.path_outcome(W, eq, coll, m, *g, lag=t.lag)
+        closed = jnp.where(liq, g[0], 0.0)
+        cost = jnp.where(liq, g[1], 0.0) if impact is not None else jnp.zeros_like(eq)
+        f = liquidation.fee(eq - cost, g[0], liq, t.fee_rate) if t.fee_rate is not None else jnp.zeros_like(eq)
+        return eq, coll, m, liq, f, cost, closed, eq_end, lagged
+
+    def equity_after(o):  # after the impact, then the fee (which never creates bad debt)
+        return o[0] - o[5] - o[4]
 
     def tile(carry, x):
-        value, mm, price, notional, user, rnd, k = x
-        # closed out at the first step of a path that breaches maintenance margin, else held
-        eq, coll, m, liq, f, eq_end, lagged = outcome(value, mm, price, notional)
-        liq = liq.astype(dt)
+        value, mm, price, notional, impact, user, rnd, k = x
+        o = outcome(value, mm, price, notional, impact)
+        eq_liq, coll, m, liq, f, cost, closed, eq_end, lagged = o
+        eq = equity_after(o)
+        liqf = liq.astype(dt)
         pnl = eq - eq0[:, None]
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
-        best, best_tile, gap_max, n_liq, fee_max = carry
+        best, best_tile, gap_max, n_liq, cost_max = carry
         t_min = jnp.min(jnp.where(user[None, :], pnl, jnp.inf), axis=1)
         better = t_min < best  # strict: ties keep the earlier tile (file order)
         carry = (
             jnp.where(better, t_min, best),
             jnp.where(better, k, best_tile),
             jnp.maximum(gap_max, jnp.max(jnp.where(user[None, :], gap, -jnp.inf), axis=1)),
-            n_liq + (jnp.sum(liq * rnd[None, :], axis=1) if n_random else 0.0),
-            jnp.maximum(fee_max, jnp.max(jnp.where(user[None, :], f, 0.0), axis=1)) if fees else fee_max,
+            n_liq + (jnp.sum(liqf * rnd[None, :], axis=1) if n_random else 0.0),
+            jnp.maximum(cost_max, jnp.max(jnp.where(user[None, :], f + cost, 0.0), axis=1)),
         )
         bad = liquidation.bad_debt(eq)
         zero = jnp.zeros(W, dt)
-        sums = jnp.stack([validf @ liq, validf @ jnp.maximum(gap, 0.0), validf @ bad,
-                          validf @ (eq_end - eq - f) if paths else zero,  # nothing closes early in one step
-                          validf @ f if fees else zero])
+        sums = jnp.stack([validf @ liqf, validf @ jnp.maximum(gap, 0.0), validf @ bad,
+                          validf @ (eq_end - eq_liq) if paths else zero,  # nothing closes early in one step
+                          validf @ f, validf @ cost, validf @ closed])
         lag_bad = jnp.stack([validf @ liquidation.bad_debt(e) for e in lagged]) if lagged else None
-        return carry, (sums, largest_two(bad * validf[:, None]), lag_bad, pnl if keep_pnl else None)
+        return carry, (sums, largest_two(bad * validf[:, None]), lag_bad,
+                       pnl if keep_pnl else None, liq if with_pnl else None)
 
     inf = jnp.full(n, jnp.inf, dt)
     init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt), jnp.zeros(n, dt))
-    xs = (t.value, t.mm, t.price, t.notional, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
-    (best, best_tile, gap_max, n_liq, fee_max), (sums, top2, lag_bad, pnl) = jax.lax.scan(tile, init, xs)
+    xs = (t.value, t.mm, t.price, t.notional, t.impact, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
+    (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, pnl, liq) = jax.lax.scan(tile, init, xs)
 
     # The worst scenario: revalue each account on its own worst tile, take the first minimum.
     at_best = lambda x: None if x is None else (lambda i: x[best_tile, i])  # noqa: E731
-    eq_b = outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional))[0]
+    eq_b = equity_after(outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional), at_best(t.impact)))
     masked = jnp.where(t.user[best_tile], eq_b - eq0[:, None], jnp.inf)
     arg = best_tile * W + jnp.argmin(masked, axis=1).astype(jnp.int32)
     out = {
         "equity": eq0,
         "collateral_value": coll0,
         "maintenance_margin": mm0,
+        "gross_notional": g0,
         "pnl_worst": best,
         "scenario_worst": arg,
         "shortfall_worst": jnp.maximum(gap_max, 0.0),
         # bad debt falls as equity rises, so its worst is at the worst P&L
         "bad_debt_worst": liquidation.bad_debt(eq0 + best),
-        "liquidation_cost_worst": fee_max,
+        "liquidation_cost_worst": cost_max,
         "sums": sums.transpose(1, 0, 2).reshape(len(SUM_NAMES), T * W),
         "top2": top2.transpose(1, 0, 2).reshape(2, T * W),  # the chunk's two largest bad debts
     }
@@ -243,7 +262,41 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             out["var_99"], out["es_99"] = tail_loss(loss, level)
     if with_pnl:
         out["pnl"] = pnl
+        out["liquidated"] = liq.transpose(1, 0, 2).reshape(n, T * W)
     return out
+
+
+def closed_contracts(h: Holdings, t: Tables) -> Any:
+    """Pass 1 of the price impact: contracts each instrument has closed out, per step and scenario.
+
+    Who is liquidated, and at which step of a path, does not depend on closing costs, so one
+    pass over every account finds the exchange-wide quantities the impact is charged on.
+
+    Returns:
+      ``[T, 2, n_impact, K * W]``: the chunk's net (signed: longs closed are sold, > 0) and
+      gross contracts closed of each instrument with impact parameters, in the tile layout.
+    """
+    n, J, L = h.inst.shape
+    T, W = t.user.shape
+    KW = t.value.shape[2]
+    dt = t.value.dtype
+    qty = h.qty.reshape(n, J * L)
+    row = t.impact_row[h.inst.reshape(n, J * L)]  # rows past n_impact collect the rest
+
+    def tile(_, x):
+        value, mm, price = x
+        eq, coll, m = portfolio.state(h, value, mm, price, t.haircut)
+        *_, at = liquidation.path_outcome(W, eq, coll, m, lag=t.lag, at=True)
+        closed = (at & h.valid[:, None]).astype(dt)
+
+        def add(p, acc):
+            q = qty[:, p, None] * closed
+            return acc.at[0, row[:, p]].add(q).at[1, row[:, p]].add(jnp.abs(q))
+
+        acc = jax.lax.fori_loop(0, J * L, add, jnp.zeros((2, t.n_impact + 1, KW), dt))
+        return None, acc[:, : t.n_impact]
+
+    return jax.lax.scan(tile, None, (t.value, t.mm, t.price))[1]
 
 
 def largest_two(x: Any) -> Any:
@@ -304,6 +357,24 @@ def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float =
     except TypeError:  # jax < 0.6 calls it check_rep
         mapped = shard_map(local, check_rep=False, **specs)
     return jax.jit(mapped)
+
+
+@functools.lru_cache(maxsize=None)
+def sharded_closed(n_devices: int) -> Callable:
+    """``closed_contracts`` over a group of chunks, added into a per-device accumulator
+    ``[n_devices, T, 2, n_impact, K * W]`` that stays on the devices between calls."""
+    mesh = Mesh(np.array(devices()[:n_devices]), ("d",))
+
+    def local(h: Holdings, t: Tables, acc: Any) -> Any:
+        body = lambda a, one: (a + closed_contracts(one, t), None)  # noqa: E731
+        return jax.lax.scan(body, acc[0], h)[0][None]
+
+    specs = dict(mesh=mesh, in_specs=(P("d"), P(), P("d")), out_specs=P("d"))
+    try:
+        mapped = shard_map(local, check_vma=False, **specs)
+    except TypeError:  # jax < 0.6
+        mapped = shard_map(local, check_rep=False, **specs)
+    return jax.jit(mapped, donate_argnums=2)
 
 
 def position_weights(snap: Snapshot) -> np.ndarray:
@@ -391,20 +462,30 @@ def _initial_margin(snap: Snapshot, im0: np.ndarray) -> np.ndarray:
 
 
 def _stream(snap, scen, chunk_size, dtype, progress, with_pnl, level=VAR_LEVEL):
-    """Revalue once, stream every chunk through the kernel; returns ``(host tables,
-    per-account columns, per-scenario sums, [n, S] P&L or None)``. ``level``: the
-    confidence of ``var_99``/``es_99`` (0.99 for reports; the ``var`` margin model sets its own)."""
+    """Revalue once, charge price impact (pass 1) if configured, stream every chunk through
+    the kernel (pass 2); returns ``(host tables, per-account columns, per-scenario sums,
+    [n, S] P&L or None)``. ``level``: the confidence of ``var_99``/``es_99`` (0.99 for
+    reports; the ``var`` margin model sets its own). ``host["tables"]`` keeps the device
+    tables for later passes (auto-deleveraging)."""
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     t, host = tables(snap, scen, dt)
-    S = len(scen)
-    n_random = int(scen.random.sum())
+    if t.n_impact:
+        t, host["impact"] = _impact_pass(snap, t, chunk_size, dt)
+    per_acc, sums, mats = _sweep(snap, t, len(scen), int(scen.random.sum()), chunk_size, dt, progress, with_pnl, level)
+    host["tables"] = t
+    return host, per_acc, sums, mats.get("pnl")
+
+
+def _sweep(snap, t, S, n_random, chunk_size, dt, progress, with_pnl, level=VAR_LEVEL):
+    """One pass of every account through ``chunk_kernel`` on tables ``t`` of ``S`` scenarios:
+    ``(per-account columns, per-scenario sums, {"pnl", "liquidated"} [n, S] with with_pnl)``."""
     D = len(devices())
     kernel = sharded_kernel(n_random, with_pnl, D, level)
     total = np.zeros((len(SUM_NAMES), t.user.size))
     largest = np.zeros((2, t.user.size))  # per scenario, the two largest account bad debts
     lag_total = np.zeros((len(t.lags), t.user.size))  # bad debt per reported oracle lag
     per_acc: dict[str, np.ndarray] = {}
-    pnl = np.empty((snap.n_accounts, S), np.float64) if with_pnl else None
+    mats = {"pnl": np.empty((snap.n_accounts, S)), "liquidated": np.empty((snap.n_accounts, S), bool)} if with_pnl else {}
     done = 0
     pending: list = []
 
@@ -427,8 +508,8 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl, level=VAR_LEVEL):
             if not n:
                 continue
             for k, v in out.items():
-                if k == "pnl":
-                    pnl[acc] = v[g, :n, :S]
+                if k in mats:
+                    mats[k][acc] = v[g, :n, :S]
                 elif k == "random_loss":
                     var, es = tail_loss_host(v[g, :n], level)
                     put("var_99", acc, var)
@@ -453,7 +534,143 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl, level=VAR_LEVEL):
     sums = {name: total[i, :S] for i, name in enumerate(SUM_NAMES)}
     sums["cover2"] = largest[:, :S].sum(axis=0)  # CPMI-IOSCO Cover 2: the two largest defaults
     sums["lag_bad_debt"] = dict(zip(t.lags, lag_total[:, :S]))
-    return host, per_acc, sums, pnl
+    return per_acc, sums, mats
+
+
+def _impact_pass(snap: Snapshot, t: Tables, chunk_size: int, dt: Any) -> tuple[Tables, dict]:
+    """Pass 1 of the price impact, exchange-wide: the net notional each instrument closes out
+    at each step of each scenario, its cost ``liquidation.impact_cost`` and the charge per
+    contract closed that shares the cost pro rata to the contracts each liquidated account
+    closes (``t.impact``, read by pass 2).
+
+    Returns:
+      ``(t with impact, {"cost": [S_pad] impact per scenario, "liquidated_notional":
+      {underlying: [S_pad] gross notional closed, USD}})``.
+    """
+    D = len(devices())
+    T, W = t.user.shape
+    KW = t.value.shape[2]
+    K, Ic = KW // W, t.n_impact
+    acc = jnp.zeros((D, T, 2, Ic, KW), dt)
+    kernel = sharded_closed(D)
+    for _, h in _groups(snap, chunk_size, dt, D):
+        acc = kernel(h, t, acc)
+    acc = np.asarray(acc, np.float64).sum(axis=0)  # [T, 2, Ic, KW] contracts
+    idx = np.flatnonzero(np.asarray(t.impact_row) < Ic)  # instruments of rows 0 .. Ic - 1
+    notional = np.asarray(t.notional, np.float64)[:, idx, :]  # [T, Ic, KW] USD per contract
+    cfg = liquidation.config(snap.liquidation_config)["impact"]
+    und = np.asarray(snap.instruments.underlying)[idx]
+    par = {k: np.zeros(snap.n_assets) for k in liquidation.IMPACT_KEYS}
+    for asset, table in cfg.items():  # a handful of underlyings
+        for k, v in table.items():
+            par[k][snap.assets.index(asset)] = v
+    par = {k: v[und][None, :, None] for k, v in par.items()}
+    gross = acc[:, 1]
+    cost = liquidation.impact_cost(acc[:, 0] * notional, par["spread"], par["k"], par["daily_vol"], par["daily_volume"])
+    charge = np.zeros(t.notional.shape)
+    charge[:, idx, :] = np.divide(cost, gross, out=np.zeros_like(cost), where=gross > 0)
+
+    def per_scenario(x):  # [T, Ic, K*W] -> [Ic, T*W], summed over the steps
+        return x.reshape(T, Ic, K, W).sum(axis=2).transpose(1, 0, 2).reshape(Ic, T * W)
+
+    closed = per_scenario(gross * notional)
+    info = {"cost": per_scenario(cost).sum(axis=0),
+            "liquidated_notional": {snap.assets[u]: closed[und == u].sum(axis=0) for u in np.unique(und)}}
+    return dataclasses.replace(t, impact=jnp.asarray(charge, dt)), info
+
+
+def _subset(t: Tables, cols: np.ndarray) -> Tables:
+    """The tables of scenarios ``cols`` only (flat indices into the set), re-tiled."""
+    T, W = t.user.shape
+    K = t.value.shape[2] // W
+    S2 = len(cols)
+    W2 = tile_width(S2)
+    T2 = math.ceil(S2 / W2)
+    cols = jnp.asarray(cols)
+
+    def sub(x):  # [T, X, K*W] -> [T2, X, K*W2]
+        if x is None:
+            return None
+        X = x.shape[1]
+        x = x.reshape(T, X, K, W).transpose(1, 2, 0, 3).reshape(X, K, T * W)[:, :, cols]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, T2 * W2 - S2)))
+        return x.reshape(X, K, T2, W2).transpose(2, 0, 1, 3).reshape(T2, X, K * W2)
+
+    flat = lambda x: jnp.pad(x.reshape(-1)[cols], (0, T2 * W2 - S2)).reshape(T2, W2)  # noqa: E731
+    random = flat(t.random)
+    return dataclasses.replace(
+        t, value=sub(t.value), mm=sub(t.mm), price=sub(t.price), notional=sub(t.notional), impact=sub(t.impact),
+        user=flat(t.user), random=random, random_index=jnp.asarray(np.flatnonzero(np.asarray(random).reshape(-1)), jnp.int32),
+    )
+
+
+def adl_basis(snap: Snapshot, coll0: np.ndarray, gross0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What auto-deleveraging ranks by, per account ``[n]``: ``(unrealised, base, leverage)``.
+
+    The rank of an account in a scenario is its P&L % times its effective leverage, as BitMEX
+    and Binance rank: ``(unrealised + scenario P&L) / base * leverage``. Where positions give
+    an ``entry_price`` (futures and perpetuals), ``unrealised`` is their P&L from entry to the
+    snapshot's mark, USD (inverse: in coins at the mark, valued at the underlying's price), and
+    ``base`` their entry notional; otherwise ``unrealised`` is 0 and ``base`` the collateral
+    value (the P&L % of the account). ``leverage`` = gross notional / collateral value at the
+    snapshot (0 for an account with no positive collateral).
+    """
+    inst = snap.instruments
+    i = snap.pos_instrument
+    q, entry = snap.pos_quantity, snap.pos_entry_price
+    kind, inverse = np.asarray(inst.kind)[i], np.asarray(inst.inverse)[i]
+    cs, mark = np.asarray(inst.contract_size)[i], np.asarray(inst.mark)[i]
+    spot = np.asarray(snap.market.price)[np.asarray(inst.underlying)[i]]
+    given = np.isfinite(entry) & (kind != OPTION)
+    e = np.where(given, entry, 1.0)
+    upnl = np.where(inverse, q * cs * (1.0 / e - 1.0 / np.where(given, mark, 1.0)) * spot, q * cs * (mark - e))
+    base = np.where(inverse, np.abs(q) * cs, np.abs(q) * cs * e)
+    n = snap.n_accounts
+    unrealised = np.bincount(snap.pos_account, weights=np.where(given, upnl, 0.0), minlength=n)
+    entry_base = np.bincount(snap.pos_account, weights=np.where(given, base, 0.0), minlength=n)
+    positive = coll0 > 0
+    base = np.where(entry_base > 0, entry_base, np.where(positive, coll0, 1.0))
+    leverage = np.where(positive, gross0 / np.where(positive, coll0, 1.0), 0.0)
+    return unrealised, base, leverage
+
+
+def auto_deleverage(snap: Snapshot, t: Tables, deficit: np.ndarray, random: np.ndarray, per_acc: dict,
+                    chunk_size: int, dt: Any) -> dict:
+    """Socialise each scenario's deficit (bad debt the fund could not pay) by auto-deleveraging.
+
+    In a scenario with a deficit, the accounts still open at its end with a profit are ranked
+    by ``adl_basis`` (highest first; ties by account id) and each is charged, in that order, up
+    to its whole profit, until the deficit is covered. Ranks are exchange-wide, so this is one
+    more pass over every account, on the deficit scenarios only (in batches that keep
+    ``[accounts, scenarios]`` within ``ADL_BYTES``); the charges are then exact.
+
+    Returns:
+      ``{"adl_loss_worst": [n], "adl_loss_expected": [n] (mean over random scenarios, NaN
+      without), "adl_total": [S]}``, USD.
+    """
+    n, S = snap.n_accounts, len(deficit)
+    worst, on_random, total = np.zeros(n), np.zeros(n), np.zeros(S)
+    cols = np.flatnonzero(deficit > 0)
+    unrealised, base, leverage = adl_basis(snap, per_acc["collateral_value"], per_acc["gross_notional"])
+    by_id = np.argsort(snap.account_ids, kind="stable")
+    batch = max(1, int(ADL_BYTES // (17 * max(n, 1))))
+    for lo in range(0, len(cols), batch):  # batches of scenarios, each a full pass over accounts
+        c = cols[lo : lo + batch]
+        _, _, mats = _sweep(snap, _subset(t, c), len(c), 0, chunk_size, dt, None, True)
+        pnl, liq = mats["pnl"][by_id], mats["liquidated"][by_id]
+        profit = np.where(liq, 0.0, np.maximum(pnl, 0.0))
+        rank = (unrealised[by_id, None] + pnl) / base[by_id, None] * leverage[by_id, None]
+        order = np.argsort(-rank, axis=0, kind="stable")
+        p = np.take_along_axis(profit, order, axis=0)
+        charged = np.clip(deficit[c][None, :] - (np.cumsum(p, axis=0) - p), 0.0, p)
+        charge = np.empty_like(charged)
+        np.put_along_axis(charge, order, charged, axis=0)
+        worst[by_id] = np.maximum(worst[by_id], charge.max(axis=1))
+        on_random[by_id] += charge[:, random[c]].sum(axis=1)
+        total[c] = charge.sum(axis=0)
+    n_random = int(random.sum())
+    expected = on_random / n_random if n_random else np.full(n, np.nan)
+    return {"adl_loss_worst": worst, "adl_loss_expected": expected, "adl_total": total}
 
 
 def run(
@@ -479,6 +696,7 @@ def run(
 
     t0 = time.perf_counter()
     host, acc, sums, _ = _stream(snap, scen, chunk_size, dtype, progress, False)
+    liq_cfg = liquidation.config(snap.liquidation_config)
     n_random = int(scen.random.sum())
     S = len(scen)
     nan = np.full(snap.n_accounts, np.nan)
@@ -506,19 +724,31 @@ def run(
     )
 
     pnl_held, pnl_gross = exchange_pnl(snap, host)
-    closed_out, fees = sums["closed_out"], sums["fees"]
+    closed_out, fees, impact = sums["closed_out"], sums["fees"], sums["impact"]
     fund = insurance.fund_value(snap.insurance_fund, host["price_all"][:, 1:])
     bad = sums["bad_debt"]
     fund_after, social = insurance.waterfall(bad, fund + fees)  # fees in, bad debt out
+    if liq_cfg["adl"] and (social > 0).any():
+        dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        adl = auto_deleverage(snap, host["tables"], social, np.asarray(scen.random), acc, chunk_size, dt)
+    else:
+        adl = {"adl_loss_worst": np.zeros(snap.n_accounts), "adl_total": np.zeros(S),
+               "adl_loss_expected": np.zeros(snap.n_accounts) if n_random else nan}
+    accounts["adl_loss_worst"] = adl["adl_loss_worst"]
+    accounts["adl_loss_expected"] = adl["adl_loss_expected"]
+    by_underlying = {f"liquidated_notional_{u}": v[:S] for u, v in host.get("impact", {}).get("liquidated_notional", {}).items()}
     scenarios = pd.DataFrame(
         {
             "scenario": list(scen.names),
             "kind": list(scen.kinds),
             # the accounts' P&L: positions held to the end, less what positions closed out
             # earlier along a path went on to gain (which the market, not the accounts, has)
-            "pnl_total": pnl_held - closed_out - fees,
+            "pnl_total": pnl_held - closed_out - fees - impact,
             "pnl_closed_out": closed_out,
             "fees": fees,
+            "impact_cost": impact,
+            "liquidated_notional": sums["liquidated_notional"],
+            **by_underlying,
             "pnl_gross": pnl_gross,
             "accounts_liquidatable": np.rint(sums["liquidatable"]).astype(np.int64),
             "shortfall_total": sums["shortfall"],
@@ -526,6 +756,7 @@ def run(
             "insurance_fund_before": fund,
             "insurance_fund_after": fund_after,
             "socialized_loss": social,
+            "adl_total": adl["adl_total"],
             "cover2": sums["cover2"],
             "cover2_covered": sums["cover2"] <= fund + fees,
         }
@@ -547,7 +778,10 @@ def run(
         "p_fund_depleted": float(depleted[rnd].mean()) if n_random else None,
         **_bad_debt_distribution(bad[rnd]),
         "accounts_liquidatable": int(accounts["liquidatable"].sum()),
-        "oracle_lag_steps": int(liquidation.config(snap.liquidation_config)["oracle_lag_steps"]),
+        "oracle_lag_steps": int(liq_cfg["oracle_lag_steps"]),
+        "impact_cost_worst": float(impact.max(initial=0.0)),
+        "socialized_loss_worst": float(social.max(initial=0.0)),
+        "adl": bool(liq_cfg["adl"]),
         "oracle_lags": _by_lag(sums["lag_bad_debt"], fund, rnd),
         "cover2_worst": float(sums["cover2"].max()),
         "cover2_scenario": scen.names[int(np.argmax(sums["cover2"]))],

@@ -348,7 +348,10 @@ def load_snapshot(path: str | Path) -> Snapshot:
 
     instruments, instrument_ids, rates = _load_instruments(folder, asset_names, as_of)
     params = _margin.params_from_config(cfg.get("margin", {}), instruments, haircut, rates, assets=asset_names)
-    _liquidation.config(cfg.get("liquidation", {}))  # checked here, so bad keys fail at load
+    liq_cfg = _liquidation.config(cfg.get("liquidation", {}))  # checked here, so bad keys fail at load
+    for name in liq_cfg["impact"]:
+        if name not in asset_names:
+            raise InputError(file, f"[liquidation.impact.{name}]", "impact", f"unknown asset {name!r}")
 
     # balances and positions
     bt = _read_table(folder, "balances", ("account_id", "asset", "amount"))

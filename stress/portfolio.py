@@ -153,27 +153,28 @@ def layout(
     return out
 
 
-def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, notional: Any = None) -> tuple[Any, ...]:
+def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: Any) -> tuple[Any, ...]:
     """Equity, collateral value and maintenance margin of a chunk of accounts, USD.
 
     Args:
       h: holdings ``[n, J, L]``.
       value: ``[I, W]`` value per contract in its settlement asset's units, or a function
         mapping instrument indices ``[n]`` to rows ``[n, W]`` (likewise ``mm``, ``price`` and
-        ``notional``).
+        each of ``gross``).
       mm: ``[I, W]`` maintenance margin per contract of weight, USD.
       price: ``[A, W]`` asset prices, USD.
       haircut: ``[A]``.
-      notional: optional ``[I, W]`` notional per contract, USD (SPEC section 2).
+      gross: further ``[I, W]`` per-contract amounts, USD, each summed per account over
+        ``|quantity|`` (the notional of SPEC section 2, a closing cost per contract, ...).
 
     Returns:
-      ``(equity, collateral, margin)``, each ``[n, W]``, and the gross notional
-      ``sum |q| * notional`` as a fourth when ``notional`` is given. Collateral haircuts each
-      asset's positive net amount; a negative amount counts in full.
+      ``(equity, collateral, margin, *gross_sums)``, each ``[n, W]``: ``sum_p |q_p| * g[i_p]``
+      for each table of ``gross``. Collateral haircuts each asset's positive net amount; a
+      negative amount counts in full.
     """
     rows = lambda x: x if callable(x) else (lambda i: x.at[i].get(mode="promise_in_bounds"))
     value, mm, price = rows(value), rows(mm), rows(price)
-    gross = None if notional is None else rows(notional)
+    gross = tuple(rows(g) for g in gross)
     n, J, L = h.inst.shape
     first = value(h.inst[:, 0, 0])
     W, dt = first.shape[1], first.dtype
@@ -183,8 +184,7 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, notional: 
         e, m, g = carry
         i = h.inst[:, j, l]
         m = m + h.weight[:, j, l, None] * mm(i)
-        if gross is not None:
-            g = g + jnp.abs(h.qty[:, j, l, None]) * gross(i)
+        g = tuple(gk + jnp.abs(h.qty[:, j, l, None]) * table(i) for gk, table in zip(g, gross))
         return e + h.qty[:, j, l, None] * value(i), m, g
 
     def slot(j, carry):
@@ -200,11 +200,12 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, notional: 
         return eq + usd, coll + jnp.where(e > 0, 1.0 - haircut[a][:, None], 1.0) * usd, margin, g
 
     zeros = jnp.zeros((n, W), dt)
-    carry = (zeros, zeros, zeros, zeros)
+    carry = (zeros, zeros, zeros, tuple(zeros for _ in gross))
     if unroll:
         for j in range(J):
             carry = slot(j, carry)
     else:
         # Wide accounts (few, e.g. market makers) loop instead: unrolling them costs compile time.
         carry = jax.lax.fori_loop(0, J, slot, carry)
-    return carry if gross is not None else carry[:3]
+    eq, coll, margin, g = carry
+    return (eq, coll, margin, *g)

@@ -3,7 +3,10 @@ checked against hand arithmetic on a two-account book."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pandas as pd
 import pytest
 
 import stress
@@ -152,3 +155,161 @@ def test_bad_oracle_lags_fail_at_load(tmp_path, text):
     with pytest.raises(stress.InputError) as err:
         _book(tmp_path / "snap", text)
     assert err.value.column == text.split(" ")[0]
+
+
+# --- price impact: two passes, net per instrument, shared pro rata --------------------------
+
+IMPACT = """
+[liquidation.impact.BTC]
+spread = 0.001
+k = 0.5
+daily_vol = 0.04
+daily_volume = 9.6e9
+"""
+
+
+def _three(folder, liquidation: str = IMPACT, fund: float = 1_000_000.0):
+    """A matched book in one linear perpetual (0.5 BTC per contract, mark 50,000): L long 1000
+    on 400,000 USDC, S short 1200 on a borrowed -50,000 USDC (liquidatable already), W long 200
+    on 5M."""
+    toml = f"as_of = 2026-11-23T08:00:00Z\nrate = 0.0\ninsurance_fund = {{ USDC = {fund} }}\n[margin]\n[liquidation]\n{liquidation}\n"
+    return stress.load_snapshot(write_snapshot(
+        folder, assets=ASSETS,
+        instruments=[{"instrument_id": "P", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 0.5, "mark_price": 50_000.0}],
+        balances=[{"account_id": "L", "asset": "USDC", "amount": 400_000.0},
+                  {"account_id": "S", "asset": "USDC", "amount": -50_000.0},
+                  {"account_id": "W", "asset": "USDC", "amount": 5_000_000.0}],
+        positions=[{"account_id": "L", "instrument_id": "P", "quantity": 1000},
+                   {"account_id": "S", "instrument_id": "P", "quantity": -1200},
+                   {"account_id": "W", "instrument_id": "P", "quantity": 200}],
+        exchange_toml=toml))
+
+
+def test_price_impact_is_charged_on_the_net_notional_and_shared_pro_rata(tmp_path):
+    # down-1, F' = 49,500 (24,750 USD a contract). L: equity 400,000 - 500 x 500 = 150,000 <
+    # MM 1% x 24,750,000 = 247,500: liquidated. S: collateral -50,000 + 600 x 500 = 250,000
+    # < MM 1% x 1200 x 24,750 = 297,000: liquidated. W: fine. Contracts closed: L sells 1000,
+    # S buys 1200: net -200 contracts = -4,950,000 USD (a net buy), gross 2,200 contracts.
+    # Impact: 4.95e6 x (0.001 + 0.5 x 0.04 x sqrt(4.95e6 / 9.6e9)), of which L pays 1000/2200
+    # and S 1200/2200.
+    snap = _three(tmp_path / "snap")
+    res = stress.run(snap, _scen(tmp_path, snap))
+    sc = res.scenarios.set_index("scenario")
+    cost = 4.95e6 * (0.001 + 0.5 * 0.04 * math.sqrt(4.95e6 / 9.6e9))
+    assert sc.impact_cost["down-1"] == pytest.approx(cost, rel=1e-12)
+    assert sc.liquidated_notional["down-1"] == pytest.approx(2200 * 24_750.0)
+    assert sc.liquidated_notional_BTC["down-1"] == pytest.approx(2200 * 24_750.0)
+    acc = res.accounts.set_index("account_id")
+    pnl = stress.pnl_matrix(snap, _scen(tmp_path, snap))
+    assert pnl.loc["L", "down-1"] == pytest.approx(-250_000.0 - cost * 1000 / 2200, rel=1e-12)
+    assert pnl.loc["S", "down-1"] == pytest.approx(300_000.0 - cost * 1200 / 2200, rel=1e-12)
+    assert pnl.loc["W", "down-1"] == pytest.approx(-50_000.0, rel=1e-12)
+    assert acc.liquidation_cost_worst["W"] == 0.0
+    # flat: only S is liquidated; it closes 1200 contracts of 25,000 USD alone, all its own
+    flat = 1200 * 25_000.0
+    assert sc.impact_cost["flat"] == pytest.approx(flat * (0.001 + 0.02 * math.sqrt(flat / 9.6e9)), rel=1e-12)
+    # conservation on a matched USDC book: the accounts' P&L + impact paid = 0 in every scenario
+    np.testing.assert_allclose(pnl.sum(axis=0) + sc.impact_cost, 0.0, atol=1e-6)
+    np.testing.assert_allclose(sc.pnl_total + sc.impact_cost + sc.fees + sc.pnl_closed_out, 0.0, atol=1e-6)
+
+
+def test_impact_can_create_bad_debt_but_the_fee_cannot(tmp_path):
+    # down-4, F' = 48,000: L's equity is -600,000 before costs; S (collateral -50,000 +
+    # 1,200,000) is not liquidated, so L closes 1000 contracts x 24,000 = 24M USD alone:
+    # impact 24e6 x (0.001 + 0.5 x 0.04 x sqrt(24e6 / 9.6e9)) = 24e6 x 0.002 = 48,000, all
+    # bad debt; the fee, out of remaining equity (none), adds nothing.
+    snap = _three(tmp_path / "snap", "fee_rate = 0.002\n" + IMPACT)
+    res = stress.run(snap, _scen(tmp_path, snap))
+    sc = res.scenarios.set_index("scenario")
+    assert sc.bad_debt["down-4"] == pytest.approx(648_000.0, rel=1e-12)
+    assert sc.fees["down-4"] == 0.0
+    # down-1: both pay the full fee, 0.2% of what they close, out of what the impact leaves
+    assert sc.fees["down-1"] == pytest.approx(0.002 * 2200 * 24_750.0, rel=1e-12)
+    # L's closing costs are largest at down-1: the fee 49,500 and its share of the impact
+    share = 4.95e6 * (0.001 + 0.02 * math.sqrt(4.95e6 / 9.6e9)) * 1000 / 2200
+    assert res.accounts.set_index("account_id").liquidation_cost_worst["L"] == pytest.approx(49_500.0 + share, rel=1e-12)
+
+
+def test_without_impact_parameters_closing_moves_nothing(tmp_path):
+    snap = _three(tmp_path / "snap", "")
+    sc = stress.run(snap, _scen(tmp_path, snap)).scenarios
+    assert (sc.impact_cost == 0).all() and "liquidated_notional_BTC" not in sc
+
+
+@pytest.mark.parametrize("text, column", [
+    ("[liquidation.impact.BTC]\nspread = 0.001\nk = 0.5\ndaily_vol = 0.04\n", "daily_volume"),
+    (IMPACT.replace("daily_volume = 9.6e9", "daily_volume = 0"), "daily_volume"),
+    (IMPACT.replace("spread = 0.001", "spread = -1"), "spread"),
+    (IMPACT.replace("k = 0.5", "k = 0.5\nkappa = 1"), "kappa"),
+    (IMPACT.replace("BTC]", "DOGE]"), "impact"),
+    ("adl = 1", "adl"),
+])
+def test_bad_impact_and_adl_keys_fail_at_load(tmp_path, text, column):
+    with pytest.raises(stress.InputError) as err:
+        _three(tmp_path / "snap", text)
+    assert err.value.file == "exchange.toml" and err.value.column == column
+
+
+# --- auto-deleveraging ------------------------------------------------------------------------
+
+
+def _adl_book(folder, fund: float, adl: str = ""):
+    """L long 1000 on 400,000 (bad debt 600,000 at -4%); two shorts of 500 contracts each:
+    S1 on 1,000,000 (P&L% 50% x leverage 12.5 at -4%), S2 on 4,000,000 (12.5% x 3.125)."""
+    toml = f"as_of = 2026-11-23T08:00:00Z\nrate = 0.0\ninsurance_fund = {{ USDC = {fund} }}\n[margin]\n[liquidation]\n{adl}\n"
+    return stress.load_snapshot(write_snapshot(
+        folder, assets=ASSETS,
+        instruments=[{"instrument_id": "P", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 0.5, "mark_price": 50_000.0}],
+        balances=[{"account_id": "L", "asset": "USDC", "amount": 400_000.0},
+                  {"account_id": "S1", "asset": "USDC", "amount": 1_000_000.0},
+                  {"account_id": "S2", "asset": "USDC", "amount": 4_000_000.0}],
+        positions=[{"account_id": "L", "instrument_id": "P", "quantity": 1000},
+                   {"account_id": "S1", "instrument_id": "P", "quantity": -500},
+                   {"account_id": "S2", "instrument_id": "P", "quantity": -500}],
+        exchange_toml=toml))
+
+
+@pytest.mark.parametrize("fund, s1, s2", [(100_000.0, 500_000.0, 0.0), (0.0, 500_000.0, 100_000.0),
+                                          (550_000.0, 50_000.0, 0.0)])
+def test_adl_charges_the_highest_ranked_winners_first_up_to_their_profit(tmp_path, fund, s1, s2):
+    # down-4: bad debt 600,000; the fund pays what it has, the deficit 600,000 - fund is
+    # charged to S1 first (rank 6.25 > 0.39), each short at most its profit of 500,000.
+    snap = _adl_book(tmp_path / "snap", fund)
+    res = stress.run(snap, _scen(tmp_path, snap))
+    sc = res.scenarios.set_index("scenario")
+    acc = res.accounts.set_index("account_id")
+    deficit = 600_000.0 - fund
+    assert sc.socialized_loss["down-4"] == pytest.approx(deficit)
+    assert sc.adl_total["down-4"] == pytest.approx(deficit)
+    assert (acc.adl_loss_worst["S1"], acc.adl_loss_worst["S2"], acc.adl_loss_worst["L"]) == pytest.approx((s1, s2, 0.0))
+    # conservation, down-4: equity changes (bankrupt L floored at 0, winners after ADL) + fund
+    # change = 0 on this matched USDC book; the fund never goes negative
+    pnl = stress.pnl_matrix(snap, _scen(tmp_path, snap))["down-4"]
+    after = np.maximum(pnl + acc.equity, 0.0) - acc.adl_loss_worst - acc.equity
+    fund_change = sc.insurance_fund_after["down-4"] - sc.insurance_fund_before["down-4"]
+    assert after.sum() + fund_change == pytest.approx(0.0, abs=1e-6)
+    assert (sc.insurance_fund_after >= 0).all()
+    assert sc.bad_debt["down-4"] == pytest.approx(fund - sc.insurance_fund_after["down-4"] + sc.socialized_loss["down-4"])
+
+
+def test_adl_ranks_by_unrealised_pnl_against_the_entry_price_when_given(tmp_path):
+    # With entry prices, S2 shorted at 60,000 (unrealised +5,000,000 at the 50,000 mark, base
+    # 500 x 0.5 x 60,000 = 15M): rank (5M + 0.5M) / 15M x 3.125 = 1.15; S1 shorted at 50,000:
+    # (0 + 0.5M) / 12.5M x 12.5 = 0.5. S2 now goes first.
+    folder = tmp_path / "snap"
+    _adl_book(folder, 100_000.0)
+    pos = pd.read_csv(folder / "positions.csv")
+    pos["entry_price"] = [50_000.0, 50_000.0, 60_000.0]
+    pos.to_csv(folder / "positions.csv", index=False)
+    snap = stress.load_snapshot(folder)
+    acc = stress.run(snap, _scen(tmp_path, snap)).accounts.set_index("account_id")
+    assert (acc.adl_loss_worst["S1"], acc.adl_loss_worst["S2"]) == pytest.approx((0.0, 500_000.0))
+
+
+def test_adl_can_be_switched_off(tmp_path):
+    snap = _adl_book(tmp_path / "snap", 100_000.0, "adl = false")
+    res = stress.run(snap, _scen(tmp_path, snap))
+    assert res.scenarios.socialized_loss.max() == pytest.approx(500_000.0)
+    assert (res.accounts.adl_loss_worst == 0).all() and (res.scenarios.adl_total == 0).all()
