@@ -29,6 +29,7 @@ DEFAULTS = {
     "oracle_lag_steps": 0,  # the liquidation engine sees a path's prices this many steps late
     "oracle_lags": [],  # lags whose bad debt and P(fund depleted) are reported side by side
     "adl": True,  # socialise what the fund cannot pay by auto-deleveraging the winners
+    "cascade": False,  # along paths, forced closes move later prices (needs impact parameters)
     "impact": {},  # per underlying: {spread, k, daily_vol, daily_volume}; none: closing is free
 }
 # Keys of one underlying's [liquidation.impact.<ASSET>] table.
@@ -58,9 +59,13 @@ def config(cfg: dict) -> dict:
     if not isinstance(lags, list) or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 1000 for x in lags):
         raise InputError("exchange.toml", "[liquidation]", "oracle_lags", f"{lags!r} must be a list of whole numbers of steps >= 0")
     out["oracle_lags"] = tuple(sorted(set(lags)))
-    if not isinstance(out["adl"], bool):
-        raise InputError("exchange.toml", "[liquidation]", "adl", f"{out['adl']!r} must be true or false")
+    for key in ("adl", "cascade"):
+        if not isinstance(out[key], bool):
+            raise InputError("exchange.toml", "[liquidation]", key, f"{out[key]!r} must be true or false")
     out["impact"] = _impact_config(out["impact"])
+    if out["cascade"] and not out["impact"]:
+        raise InputError("exchange.toml", "[liquidation]", "cascade",
+                         "a cascade needs [liquidation.impact.<ASSET>] parameters to move prices with")
     return out
 
 
