@@ -461,101 +461,148 @@ def _initial_margin(snap: Snapshot, im0: np.ndarray) -> np.ndarray:
     return np.bincount(snap.pos_account, weights=w, minlength=snap.n_accounts)
 
 
-def _stream(snap, scen, chunk_size, dtype, progress, with_pnl, level=VAR_LEVEL):
+def _stream(snap, scen, chunk_size, dtype, progress, with_pnl, level=VAR_LEVEL, sweeper=None):
     """Revalue once, charge price impact (pass 1) if configured, stream every chunk through
     the kernel (pass 2); returns ``(host tables, per-account columns, per-scenario sums,
     [n, S] P&L or None)``. ``level``: the confidence of ``var_99``/``es_99`` (0.99 for
-    reports; the ``var`` margin model sets its own). ``host["tables"]`` keeps the device
-    tables for later passes (auto-deleveraging)."""
+    reports; the ``var`` margin model sets its own). ``sweeper``: who sweeps the accounts
+    (``LocalAccounts`` by default; ``stress.cluster`` spreads them over machines).
+    ``host["tables"]`` keeps the tables for later passes (auto-deleveraging)."""
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    sweeper = sweeper or LocalAccounts(snap, chunk_size, dt, progress)
     t, host = tables(snap, scen, dt)
     if t.n_impact:
-        t, host["impact"] = _impact_pass(snap, t, chunk_size, dt)
-    per_acc, sums, mats = _sweep(snap, t, len(scen), int(scen.random.sum()), chunk_size, dt, progress, with_pnl, level)
+        t, host["impact"] = _impact_pass(snap, t, sweeper.closed(t), dt)
+    part = sweeper.sweep(t, int(scen.random.sum()), with_pnl, level)
+    per_acc, sums, mats = part.finish(len(scen))
     host["tables"] = t
     return host, per_acc, sums, mats.get("pnl")
 
 
-def _sweep(snap, t, S, n_random, chunk_size, dt, progress, with_pnl, level=VAR_LEVEL):
-    """One pass of every account through ``chunk_kernel`` on tables ``t`` of ``S`` scenarios:
-    ``(per-account columns, per-scenario sums, {"pnl", "liquidated"} [n, S] with with_pnl)``."""
-    D = len(devices())
-    kernel = sharded_kernel(n_random, with_pnl, D, level)
-    total = np.zeros((len(SUM_NAMES), t.user.size))
-    largest = np.zeros((2, t.user.size))  # per scenario, the two largest account bad debts
-    lag_total = np.zeros((len(t.lags), t.user.size))  # bad debt per reported oracle lag
-    per_acc: dict[str, np.ndarray] = {}
-    mats = {"pnl": np.empty((snap.n_accounts, S)), "liquidated": np.empty((snap.n_accounts, S), bool)} if with_pnl else {}
-    done = 0
-    pending: list = []
+@dataclasses.dataclass
+class Partial:
+    """One pass of ``chunk_kernel`` over a set of accounts. Partials of disjoint account sets
+    merge exactly (``merge``): per-account columns are placed, per-scenario sums added, the two
+    largest bad debts per scenario merged; nothing depends on how accounts were split."""
 
-    def put(name: str, acc: np.ndarray, values: np.ndarray) -> None:
-        if name not in per_acc:
-            per_acc[name] = np.empty(snap.n_accounts, values.dtype if values.dtype.kind in "iu" else np.float64)
-        per_acc[name][acc] = values
+    per_acc: dict  # name -> [n] per account, in the order of the snapshot swept
+    total: np.ndarray  # [len(SUM_NAMES), S_pad] per-scenario sums
+    largest: np.ndarray  # [2, S_pad] the two largest account bad debts per scenario
+    lag_total: np.ndarray  # [len(lags), S_pad] bad debt under each reported oracle lag
+    mats: dict  # "pnl", "liquidated": [n, S] with with_pnl; else empty
+    lags: tuple = ()  # the oracle lags of lag_total's rows
 
-    def drain_one(accs, out) -> None:
-        nonlocal done, total
-        out = jax.device_get(out)
-        total = total + out.pop("sums").sum(axis=0, dtype=np.float64)
-        if "lag_bad" in out:
-            lag_total[:] += out.pop("lag_bad").sum(axis=0, dtype=np.float64)
-        top2 = out.pop("top2")  # [G, 2, S_pad]: merge into the exchange's two largest
-        both = np.concatenate([largest[None], top2.astype(np.float64)], axis=0).reshape(-1, top2.shape[-1])
-        largest[:] = np.sort(both, axis=0)[-2:][::-1]
-        for g, acc in enumerate(accs):
-            n = len(acc)
-            if not n:
-                continue
-            for k, v in out.items():
-                if k in mats:
-                    mats[k][acc] = v[g, :n, :S]
-                elif k == "random_loss":
-                    var, es = tail_loss_host(v[g, :n], level)
-                    put("var_99", acc, var)
-                    put("es_99", acc, es)
-                else:
-                    put(k, acc, v[g, :n])
-            done += n
-        if progress:
-            progress(done, snap.n_accounts)
+    def finish(self, S: int) -> tuple[dict, dict, dict]:
+        """``(per-account columns, per-scenario sums [S], matrices)``."""
+        sums = {name: self.total[i, :S] for i, name in enumerate(SUM_NAMES)}
+        sums["cover2"] = self.largest[:, :S].sum(axis=0)  # CPMI-IOSCO Cover 2: the two largest defaults
+        sums["lag_bad_debt"] = dict(zip(self.lags, self.lag_total[:, :S]))
+        return self.per_acc, sums, self.mats
 
-    # Dispatch is asynchronous: the devices compute while Python prepares the next group and
-    # finishes the ones before. Groups in flight are bounded by the bytes they return (the
-    # random losses of a Monte Carlo run are [chunk, paths] per chunk).
-    per_group = chunk_size * D * MAX_CHUNKS_PER_DEVICE * max(n_random, S if with_pnl else 0) * 8
-    in_flight = max(1, min(4, int(256e6 // max(per_group, 1))))
-    for accs, h in _groups(snap, chunk_size, dt, D):
-        pending.append((accs, kernel(h, t)))
-        while len(pending) > in_flight:
+
+def merge(parts: list[Partial], index: list[np.ndarray], n: int) -> Partial:
+    """Partials of account sets ``index[k]`` (indices into an exchange of ``n`` accounts)."""
+    per_acc: dict = {}
+    mats: dict = {}
+    for part, idx in zip(parts, index):
+        for name, v in part.per_acc.items():
+            per_acc.setdefault(name, np.empty(n, v.dtype))[idx] = v
+        for name, v in part.mats.items():
+            mats.setdefault(name, np.empty((n,) + v.shape[1:], v.dtype))[idx] = v
+    largest = np.sort(np.concatenate([p.largest for p in parts]), axis=0)[::-1][:2]
+    return Partial(per_acc, sum(p.total for p in parts), largest, sum(p.lag_total for p in parts), mats, parts[0].lags)
+
+
+class LocalAccounts:
+    """Sweeps every account of ``snap`` on this machine's devices, chunk group by group."""
+
+    def __init__(self, snap: Snapshot, chunk_size: int, dt: Any, progress: Callable | None = None):
+        self.snap, self.chunk_size, self.dt, self.progress = snap, chunk_size, dt, progress
+
+    def closed(self, t: Tables) -> np.ndarray:
+        """Pass 1 of the price impact: ``[T, 2, n_impact, K * W]`` net and gross contracts closed."""
+        D = len(devices())
+        T, W = t.user.shape
+        acc = jnp.zeros((D, T, 2, t.n_impact, t.value.shape[2]), self.dt)
+        kernel = sharded_closed(D)
+        for _, h in _groups(self.snap, self.chunk_size, self.dt, D):
+            acc = kernel(h, t, acc)  # the accumulator stays on the devices
+        return np.asarray(acc, np.float64).sum(axis=0)
+
+    def sweep(self, t: Tables, n_random: int, with_pnl: bool, level: float = VAR_LEVEL) -> Partial:
+        """One pass of every account through ``chunk_kernel`` on tables ``t``."""
+        snap, progress = self.snap, self.progress
+        S = int(np.asarray(t.user).sum())
+        D = len(devices())
+        kernel = sharded_kernel(n_random, with_pnl, D, level)
+        total = np.zeros((len(SUM_NAMES), t.user.size))
+        largest = np.zeros((2, t.user.size))
+        lag_total = np.zeros((len(t.lags), t.user.size))
+        per_acc: dict[str, np.ndarray] = {}
+        mats = {"pnl": np.empty((snap.n_accounts, S)), "liquidated": np.empty((snap.n_accounts, S), bool)} if with_pnl else {}
+        done = 0
+        pending: list = []
+
+        def put(name: str, acc: np.ndarray, values: np.ndarray) -> None:
+            if name not in per_acc:
+                per_acc[name] = np.empty(snap.n_accounts, values.dtype if values.dtype.kind in "iu" else np.float64)
+            per_acc[name][acc] = values
+
+        def drain_one(accs, out) -> None:
+            nonlocal done, total
+            out = jax.device_get(out)
+            total = total + out.pop("sums").sum(axis=0, dtype=np.float64)
+            if "lag_bad" in out:
+                lag_total[:] += out.pop("lag_bad").sum(axis=0, dtype=np.float64)
+            top2 = out.pop("top2")  # [G, 2, S_pad]: merge into the two largest so far
+            both = np.concatenate([largest[None], top2.astype(np.float64)], axis=0).reshape(-1, top2.shape[-1])
+            largest[:] = np.sort(both, axis=0)[-2:][::-1]
+            for g, acc in enumerate(accs):
+                n = len(acc)
+                if not n:
+                    continue
+                for k, v in out.items():
+                    if k in mats:
+                        mats[k][acc] = v[g, :n, :S]
+                    elif k == "random_loss":
+                        var, es = tail_loss_host(v[g, :n], level)
+                        put("var_99", acc, var)
+                        put("es_99", acc, es)
+                    else:
+                        put(k, acc, v[g, :n])
+                done += n
+            if progress:
+                progress(done, snap.n_accounts)
+
+        # Dispatch is asynchronous: the devices compute while Python prepares the next group
+        # and finishes the ones before. Groups in flight are bounded by the bytes they return
+        # (the random losses of a Monte Carlo run are [chunk, paths] per chunk).
+        per_group = self.chunk_size * D * MAX_CHUNKS_PER_DEVICE * max(n_random, S if with_pnl else 0) * 8
+        in_flight = max(1, min(4, int(256e6 // max(per_group, 1))))
+        for accs, h in _groups(snap, self.chunk_size, self.dt, D):
+            pending.append((accs, kernel(h, t)))
+            while len(pending) > in_flight:
+                drain_one(*pending.pop(0))
+        while pending:
             drain_one(*pending.pop(0))
-    while pending:
-        drain_one(*pending.pop(0))
-    sums = {name: total[i, :S] for i, name in enumerate(SUM_NAMES)}
-    sums["cover2"] = largest[:, :S].sum(axis=0)  # CPMI-IOSCO Cover 2: the two largest defaults
-    sums["lag_bad_debt"] = dict(zip(t.lags, lag_total[:, :S]))
-    return per_acc, sums, mats
+        return Partial(per_acc, total, largest, lag_total, mats, t.lags)
 
 
-def _impact_pass(snap: Snapshot, t: Tables, chunk_size: int, dt: Any) -> tuple[Tables, dict]:
-    """Pass 1 of the price impact, exchange-wide: the net notional each instrument closes out
-    at each step of each scenario, its cost ``liquidation.impact_cost`` and the charge per
-    contract closed that shares the cost pro rata to the contracts each liquidated account
-    closes (``t.impact``, read by pass 2).
+def _impact_pass(snap: Snapshot, t: Tables, closed: np.ndarray, dt: Any) -> tuple[Tables, dict]:
+    """Pass 1 of the price impact, exchange-wide: from ``closed`` (``LocalAccounts.closed``:
+    the net and gross contracts each instrument closes out at each step of each scenario),
+    its cost ``liquidation.impact_cost`` and the charge per contract closed that shares the
+    cost pro rata to the contracts each liquidated account closes (``t.impact``, read by
+    pass 2).
 
     Returns:
       ``(t with impact, {"cost": [S_pad] impact per scenario, "liquidated_notional":
       {underlying: [S_pad] gross notional closed, USD}})``.
     """
-    D = len(devices())
     T, W = t.user.shape
     KW = t.value.shape[2]
     K, Ic = KW // W, t.n_impact
-    acc = jnp.zeros((D, T, 2, Ic, KW), dt)
-    kernel = sharded_closed(D)
-    for _, h in _groups(snap, chunk_size, dt, D):
-        acc = kernel(h, t, acc)
-    acc = np.asarray(acc, np.float64).sum(axis=0)  # [T, 2, Ic, KW] contracts
+    acc = closed  # [T, 2, Ic, KW] contracts: net, gross
     idx = np.flatnonzero(np.asarray(t.impact_row) < Ic)  # instruments of rows 0 .. Ic - 1
     notional = np.asarray(t.notional, np.float64)[:, idx, :]  # [T, Ic, KW] USD per contract
     cfg = liquidation.config(snap.liquidation_config)["impact"]
@@ -635,7 +682,7 @@ def adl_basis(snap: Snapshot, coll0: np.ndarray, gross0: np.ndarray) -> tuple[np
 
 
 def auto_deleverage(snap: Snapshot, t: Tables, deficit: np.ndarray, random: np.ndarray, per_acc: dict,
-                    chunk_size: int, dt: Any) -> dict:
+                    sweeper: Any) -> dict:
     """Socialise each scenario's deficit (bad debt the fund could not pay) by auto-deleveraging.
 
     In a scenario with a deficit, the accounts still open at its end with a profit are ranked
@@ -656,7 +703,7 @@ def auto_deleverage(snap: Snapshot, t: Tables, deficit: np.ndarray, random: np.n
     batch = max(1, int(ADL_BYTES // (17 * max(n, 1))))
     for lo in range(0, len(cols), batch):  # batches of scenarios, each a full pass over accounts
         c = cols[lo : lo + batch]
-        _, _, mats = _sweep(snap, _subset(t, c), len(c), 0, chunk_size, dt, None, True)
+        mats = sweeper.sweep(_subset(t, c), 0, True).mats
         pnl, liq = mats["pnl"][by_id], mats["liquidated"][by_id]
         profit = np.where(liq, 0.0, np.maximum(pnl, 0.0))
         rank = (unrealised[by_id, None] + pnl) / base[by_id, None] * leverage[by_id, None]
@@ -680,6 +727,7 @@ def run(
     chunk_size: int = DEFAULT_CHUNK,
     dtype: str = "float64",
     progress: Callable[[int, int], None] | None = None,
+    sweeper: Any = None,
 ) -> Result:
     """Stress the exchange under every scenario (SPEC sections 2 and 5).
 
@@ -688,6 +736,8 @@ def run(
       chunk_size: accounts per chunk (results do not depend on it).
       dtype: ``"float64"`` (default, exact reports) or ``"float32"`` (speed).
       progress: called as ``progress(accounts_done, accounts_total)``.
+      sweeper: what sweeps the accounts in each pass: ``LocalAccounts`` (the default, this
+        machine's devices) or ``stress.cluster.ClusterAccounts`` (a Dask cluster).
 
     Returns:
       ``Result`` with ``accounts`` and ``scenarios`` DataFrames and the ``summary`` dict.
@@ -695,7 +745,9 @@ def run(
     import pandas as pd
 
     t0 = time.perf_counter()
-    host, acc, sums, _ = _stream(snap, scen, chunk_size, dtype, progress, False)
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    sweeper = sweeper or LocalAccounts(snap, chunk_size, dt, progress)
+    host, acc, sums, _ = _stream(snap, scen, chunk_size, dtype, progress, False, sweeper=sweeper)
     liq_cfg = liquidation.config(snap.liquidation_config)
     n_random = int(scen.random.sum())
     S = len(scen)
@@ -729,8 +781,7 @@ def run(
     bad = sums["bad_debt"]
     fund_after, social = insurance.waterfall(bad, fund + fees)  # fees in, bad debt out
     if liq_cfg["adl"] and (social > 0).any():
-        dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        adl = auto_deleverage(snap, host["tables"], social, np.asarray(scen.random), acc, chunk_size, dt)
+        adl = auto_deleverage(snap, host["tables"], social, np.asarray(scen.random), acc, sweeper)
     else:
         adl = {"adl_loss_worst": np.zeros(snap.n_accounts), "adl_total": np.zeros(S),
                "adl_loss_expected": np.zeros(snap.n_accounts) if n_random else nan}
