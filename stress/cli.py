@@ -91,6 +91,8 @@ def run(
     max_p_fund_depleted: Optional[float] = typer.Option(None, help="Exit 1 if P(fund depleted) exceeds this."),
     accounts: int = typer.Option(SAMPLE_ACCOUNTS, help="Accounts in the built-in sample (when no SNAPSHOT is given)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the report path."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", metavar="ADDRESS",
+                                          help="Sweep the accounts on a Dask cluster, e.g. tcp://host:8786 (needs stress[cluster])."),
 ) -> None:
     """Stress a snapshot under a scenario set and write a report folder."""
     started = time.perf_counter()
@@ -107,12 +109,30 @@ def run(
         _fail(exc)
     from . import engine, report
 
+    client, cluster_error = None, ()  # except (): catches nothing
+    if cluster is not None:  # Dask is imported only here: an optional extra
+        from . import cluster as cluster_mod
+
+        cluster_error = cluster_mod.ClusterError
+        try:
+            client = cluster_mod.connect(cluster)
+        except cluster_mod.ClusterError as exc:
+            sys.stderr.write(f"error: --cluster: {exc}\n")
+            raise typer.Exit(2) from None
     bar, progress = _progress_bar()
     try:
-        res = engine.run(snap, scen, chunk_size=chunk_size, dtype=dtype, progress=progress)
+        if client is None:
+            res = engine.run(snap, scen, chunk_size=chunk_size, dtype=dtype, progress=progress)
+        else:
+            res = cluster_mod.run(snap, scen, client, chunk_size=chunk_size, dtype=dtype, progress=progress)
+    except cluster_error as exc:
+        sys.stderr.write(f"error: --cluster {cluster}: {exc}\n")  # no workers, or workers without stress
+        raise typer.Exit(2) from None
     finally:
         if bar is not None:
             bar.stop()
+        if client is not None:
+            client.close()
     from .greeks import account_greeks, gross_notional
 
     # exposure by underlying in the report: Greeks by autodiff, and the gross notional

@@ -69,6 +69,7 @@ class Tables:
     impact: Any = None  # [T, I, K*W] price impact charged per contract closed, USD; None: free
     impact_row: Any = None  # [I] int32: row of each instrument in the impact pass (n_impact: none)
     n_impact: int = dataclasses.field(default=0, metadata={"static": True})  # instruments with impact
+    partial_target: Any = None  # [] partial liquidation back to this collateral / margin; None: full
     lag: int = dataclasses.field(default=0, metadata={"static": True})  # oracle lag, steps
     lags: tuple = dataclasses.field(default=(), metadata={"static": True})  # lags reported side by side
 
@@ -146,6 +147,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         fee_rate=jnp.asarray(fee_rate, dtype) if fee_rate > 0 else None,
         impact_row=jnp.asarray(impact_row),
         n_impact=int(has_impact.sum()),
+        partial_target=jnp.asarray(liq_cfg["partial_target"], dtype) if liq_cfg["mode"] == "partial" else None,
         lag=liq_cfg["oracle_lag_steps"],
         lags=liq_cfg["oracle_lags"],
     )
@@ -180,10 +182,16 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     paths = t.value.shape[2] > W  # K > 1 steps per scenario
 
     def outcome(value, mm, price, notional, impact):
-        """Per account and scenario, at the step that decides the path: equity before closing
-        costs, collateral, margin, liquidated or not, the fee, the impact paid, the notional
-        closed; and the equity held to the end and under each reported oracle lag."""
+        """Per account and scenario: equity at the path's end after closing costs; collateral
+        and margin at the step that decides the path; liquidated or not; the fee, the impact
+        paid, the notional closed, what closed positions gained after their close; and the
+        bad debt under each reported oracle lag."""
         per_contract = (notional,) if impact is None else (notional, impact)
+        if t.partial_target is not None:
+            pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, t.haircut, *per_contract)
+            r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, imp[0] if imp else None)
+            return (r["equity"], r["collateral"], r["margin"], r["liquidated"], r["fee"], r["impact"],
+                    r["closed_notional"], r["closed_out"], [])
         eq, coll, m, *g = jax.lax.optimization_barrier(portfolio.state(h, value, mm, price, t.haircut, *per_contract))
         eq_end = eq[:, :W]  # as if every position were held to the last step
         # bad debt under other oracle lags, before closing costs (the impact of pass 1 is the
@@ -192,17 +200,13 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         eq, coll, m, *g, liq = liquidation.path_outcome(W, eq, coll, m, *g, lag=t.lag)
         closed = jnp.where(liq, g[0], 0.0)
         cost = jnp.where(liq, g[1], 0.0) if impact is not None else jnp.zeros_like(eq)
+        # the impact first, then the fee out of what remains (so a fee never creates bad debt)
         f = liquidation.fee(eq - cost, g[0], liq, t.fee_rate) if t.fee_rate is not None else jnp.zeros_like(eq)
-        return eq, coll, m, liq, f, cost, closed, eq_end, lagged
-
-    def equity_after(o):  # after the impact, then the fee (which never creates bad debt)
-        return o[0] - o[5] - o[4]
+        return eq - cost - f, coll, m, liq, f, cost, closed, eq_end - eq, lagged
 
     def tile(carry, x):
         value, mm, price, notional, impact, user, rnd, k = x
-        o = outcome(value, mm, price, notional, impact)
-        eq_liq, coll, m, liq, f, cost, closed, eq_end, lagged = o
-        eq = equity_after(o)
+        eq, coll, m, liq, f, cost, closed, closed_out, lagged = outcome(value, mm, price, notional, impact)
         liqf = liq.astype(dt)
         pnl = eq - eq0[:, None]
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
@@ -219,7 +223,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         bad = liquidation.bad_debt(eq)
         zero = jnp.zeros(W, dt)
         sums = jnp.stack([validf @ liqf, validf @ jnp.maximum(gap, 0.0), validf @ bad,
-                          validf @ (eq_end - eq_liq) if paths else zero,  # nothing closes early in one step
+                          validf @ closed_out if paths else zero,  # nothing closes early in one step
                           validf @ f, validf @ cost, validf @ closed])
         lag_bad = jnp.stack([validf @ liquidation.bad_debt(e) for e in lagged]) if lagged else None
         return carry, (sums, largest_two(bad * validf[:, None]), lag_bad,
@@ -232,7 +236,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
 
     # The worst scenario: revalue each account on its own worst tile, take the first minimum.
     at_best = lambda x: None if x is None else (lambda i: x[best_tile, i])  # noqa: E731
-    eq_b = equity_after(outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional), at_best(t.impact)))
+    eq_b = outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional), at_best(t.impact))[0]
     masked = jnp.where(t.user[best_tile], eq_b - eq0[:, None], jnp.inf)
     arg = best_tile * W + jnp.argmin(masked, axis=1).astype(jnp.int32)
     out = {
@@ -284,10 +288,14 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
     row = t.impact_row[h.inst.reshape(n, J * L)]  # rows past n_impact collect the rest
 
     def tile(_, x):
-        value, mm, price = x
-        eq, coll, m = portfolio.state(h, value, mm, price, t.haircut)
-        *_, at = liquidation.path_outcome(W, eq, coll, m, lag=t.lag, at=True)
-        closed = (at & h.valid[:, None]).astype(dt)
+        value, mm, price, notional = x
+        if t.partial_target is None:
+            eq, coll, m = portfolio.state(h, value, mm, price, t.haircut)
+            *_, at = liquidation.path_outcome(W, eq, coll, m, lag=t.lag, at=True)
+        else:  # the share of the book closed at each step, before the impact is known
+            pos, bal, px, keep, m, g = portfolio.slots(h, value, mm, price, t.haircut, notional)
+            at = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate)["closed"]
+        closed = at * h.valid[:, None].astype(dt)
 
         def add(p, acc):
             q = qty[:, p, None] * closed
@@ -296,7 +304,7 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
         acc = jax.lax.fori_loop(0, J * L, add, jnp.zeros((2, t.n_impact + 1, KW), dt))
         return None, acc[:, : t.n_impact]
 
-    return jax.lax.scan(tile, None, (t.value, t.mm, t.price))[1]
+    return jax.lax.scan(tile, None, (t.value, t.mm, t.price, t.notional))[1]
 
 
 def largest_two(x: Any) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from .errors import InputError
@@ -26,6 +27,8 @@ from .errors import InputError
 # Defaults of exchange.toml [liquidation].
 DEFAULTS = {
     "fee_rate": 0.0,  # liquidation fee, of the notional closed out
+    "mode": "full",  # "full": close everything at the breach; "partial": back to partial_target
+    "partial_target": 1.25,  # partial mode: collateral / maintenance margin after a close
     "oracle_lag_steps": 0,  # the liquidation engine sees a path's prices this many steps late
     "oracle_lags": [],  # lags whose bad debt and P(fund depleted) are reported side by side
     "adl": True,  # socialise what the fund cannot pay by auto-deleveraging the winners
@@ -59,6 +62,16 @@ def config(cfg: dict) -> dict:
     if not isinstance(lags, list) or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 1000 for x in lags):
         raise InputError("exchange.toml", "[liquidation]", "oracle_lags", f"{lags!r} must be a list of whole numbers of steps >= 0")
     out["oracle_lags"] = tuple(sorted(set(lags)))
+    if out["mode"] not in ("full", "partial"):
+        raise InputError("exchange.toml", "[liquidation]", "mode", f"{out['mode']!r} must be \"full\" or \"partial\"")
+    v = out["partial_target"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not v >= 1:
+        raise InputError("exchange.toml", "[liquidation]", "partial_target",
+                         f"{v!r} must be a number >= 1 (collateral / maintenance margin after a partial close)")
+    out["partial_target"] = float(v)
+    if out["mode"] == "partial" and (out["oracle_lag_steps"] or out["oracle_lags"]):
+        key = "oracle_lag_steps" if out["oracle_lag_steps"] else "oracle_lags"
+        raise InputError("exchange.toml", "[liquidation]", key, "oracle lags are modelled for full close-out only (mode = \"full\")")
     for key in ("adl", "cascade"):
         if not isinstance(out[key], bool):
             raise InputError("exchange.toml", "[liquidation]", key, f"{out[key]!r} must be true or false")
@@ -175,3 +188,86 @@ def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any, lag: int = 0, 
     block_time = jnp.asarray([K - 1] + list(range(K - 1)))
     mask = liquidated[:, None, :] & (first == block_time[None, :, None])
     return (*out, mask.reshape(n, K * W))
+
+
+def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notional: Any, target: Any,
+                 fee_rate: Any = None, impact: Any = None) -> dict:
+    """Partial liquidation along each path: at every step where collateral < maintenance margin,
+    close the same fraction of every position, just enough that collateral is back at
+    ``target`` times the margin still required, as Deribit, Binance and Hyperliquid do; the
+    rest is held on, and may be liquidated again later.
+
+    Closing a fraction ``f`` of an account's positions at a step's marks turns that share of
+    their value into its settlement asset (equity is unchanged), cuts the (standard, linear in
+    ``|q|``) margin to ``(1 - f)`` of itself, and costs the fee ``fee_rate * f * notional``
+    and the impact ``f * impact``. With ``C`` the collateral, ``M`` the margin, ``G`` the
+    notional still held: ``C - f * fee_rate * G >= target * (1 - f) * M`` gives
+    ``f = (target M - C) / (target M - fee_rate G)``, clipped to [0, 1]; ``f = 1`` (a full
+    close-out) when ``C <= 0``. The price impact is not in ``f`` (its rate comes from pass 1).
+
+    Args:
+      W: scenarios per tile.
+      pos: ``[n, J, K * W]`` value of the positions settled in each slot's asset, in its units,
+        every step in the engine's tile layout (last step first, then steps ``1 .. K - 1``).
+      bal: ``[n, J]`` balances. px: ``[n, J, K * W]`` the slot asset's price, USD.
+      keep: ``[n, J]`` 1 - haircut of the slot's asset (applies to a positive net amount).
+      mm, notional: ``[n, K * W]`` maintenance margin and gross notional of the whole book, USD.
+      target: collateral / margin after a close (``>= 1``).
+      impact: ``[n, K * W]`` impact charge of closing the whole book at each step, USD, or None.
+
+    Returns:
+      Each ``[n, W]``, USD: ``equity`` (at the path's end, after every cost), ``collateral`` and
+      ``margin`` at the first breach (else the end), ``liquidated`` (at any step), ``fee``,
+      ``impact``, ``closed_notional`` (notional closed over the path), ``closed_out`` (what the
+      closed shares gained after their close, which the market has), ``held`` (equity had
+      everything been held to the end); and ``closed`` ``[n, K * W]``, the share of the
+      original book closed at each step, in the input's layout.
+    """
+    n, J, KW = pos.shape
+    K = KW // W
+    order = list(range(1, K)) + [0]  # time order of the tile's step blocks
+    timed = lambda x: jnp.moveaxis(x.reshape(x.shape[:-1] + (K, W))[..., order, :], -2, 0)  # noqa: E731
+    dt = pos.dtype
+    xs = (timed(pos), timed(px), timed(mm), timed(notional), timed(impact) if impact is not None else None)
+    zero = jnp.zeros((n, W), dt)
+
+    def step(carry, x):
+        held, locked, paid, first = carry  # share held [n, W], cash of closes [n, J, W], costs, first-breach state
+        p, q, m, g, c = x
+        e = bal[:, :, None] + held[:, None, :] * p + locked  # net amount per slot
+        coll = jnp.sum(jnp.where(e > 0, keep[:, :, None], 1.0) * e * q, axis=1) - paid
+        eq = jnp.sum(e * q, axis=1) - paid
+        margin = held * m
+        breach = margin > coll
+        f = jnp.clip((target * margin - coll) / (target * margin - (0.0 if fee_rate is None else fee_rate) * held * g), 0.0, 1.0)
+        f = jnp.where(breach, jnp.where(coll <= 0, 1.0, f), 0.0)
+        share = held * f  # of the original book
+        cost = share * c if c is not None else zero
+        fee = zero
+        if fee_rate is not None:
+            fee = jnp.where(breach, jnp.minimum(fee_rate * share * g, jnp.maximum(eq - cost, 0.0)), 0.0)
+        new_first = jnp.where(first[0] | ~breach, first[0], True)
+        first = (new_first, jnp.where(first[0], first[1], coll), jnp.where(first[0], first[2], margin))
+        carry = (held - share, locked + share[:, None, :] * p, paid + cost + fee, first)
+        return carry, (share, fee, cost, share * g, eq)
+
+    init = (jnp.ones((n, W), dt), jnp.zeros((n, J, W), dt), zero, (jnp.zeros((n, W), bool), zero, zero))
+    (held, locked, paid, (liq, coll, margin)), (share, fee, cost, closed_g, eqs) = jax.lax.scan(step, init, xs)
+    p_end, q_end = timed(pos)[-1], timed(px)[-1]
+    e_end = bal[:, :, None] + held[:, None, :] * p_end + locked
+    equity = jnp.sum(e_end * q_end, axis=1) - paid
+    full = jnp.sum((bal[:, :, None] + p_end) * q_end, axis=1)
+    coll_end = jnp.sum(jnp.where(e_end > 0, keep[:, :, None], 1.0) * e_end * q_end, axis=1) - paid
+    block = [K - 1] + list(range(K - 1))  # back to the tile layout
+    return {
+        "equity": equity,
+        "collateral": jnp.where(liq, coll, coll_end),
+        "margin": jnp.where(liq, margin, held * timed(mm)[-1]),
+        "liquidated": liq,
+        "fee": fee.sum(axis=0),
+        "impact": cost.sum(axis=0),
+        "closed_notional": closed_g.sum(axis=0),
+        "closed_out": full - equity - paid,
+        "held": full,
+        "closed": jnp.moveaxis(share[jnp.asarray(block)], 0, 1).reshape(n, K * W),
+    }

@@ -209,3 +209,32 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
         carry = jax.lax.fori_loop(0, J, slot, carry)
     eq, coll, margin, g = carry
     return (eq, coll, margin, *g)
+
+
+def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: Any) -> tuple[Any, ...]:
+    """The pieces of ``state`` kept per asset slot, for models that change holdings along a
+    path (partial liquidation): ``(pos [n, J, W], bal [n, J], px [n, J, W], keep [n, J],
+    margin [n, W], *gross_sums [n, W])``: the value of the positions settled in each slot's
+    asset (its units), the balance, the asset's price (USD), ``1 - haircut``, and the sums of
+    ``state``. ``sum_j (bal + pos) * px`` is ``state``'s equity."""
+    rows = lambda x: x if callable(x) else (lambda i: x.at[i].get(mode="promise_in_bounds"))  # noqa: E731
+    value, mm, gross = rows(value), rows(mm), tuple(rows(g) for g in gross)
+    n, J, L = h.inst.shape
+    px = rows(price)(h.asset)  # [n, J, W]
+
+    def position(l, carry):  # the l-th position of every slot at once: [n, J, W] terms
+        pos, margin, sums = carry
+        i, q = h.inst[:, :, l], h.qty[:, :, l, None]
+        margin = margin + jnp.sum(h.weight[:, :, l, None] * mm(i), axis=1)
+        sums = tuple(s + jnp.sum(jnp.abs(q) * g(i), axis=1) for s, g in zip(sums, gross))
+        return pos + q * value(i), margin, sums
+
+    zeros = jnp.zeros(px.shape[::2], px.dtype)  # [n, W]
+    carry = (jnp.zeros_like(px), zeros, tuple(zeros for _ in gross))
+    if J * L <= UNROLL_MAX:
+        for l in range(L):
+            carry = position(l, carry)
+    else:
+        carry = jax.lax.fori_loop(0, L, position, carry)
+    pos, margin, sums = carry
+    return (pos, h.balance.astype(pos.dtype), px, (1.0 - haircut[h.asset]).astype(pos.dtype), margin, *sums)

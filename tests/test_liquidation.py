@@ -313,3 +313,64 @@ def test_adl_can_be_switched_off(tmp_path):
     res = stress.run(snap, _scen(tmp_path, snap))
     assert res.scenarios.socialized_loss.max() == pytest.approx(500_000.0)
     assert (res.accounts.adl_loss_worst == 0).all() and (res.scenarios.adl_total == 0).all()
+
+
+# --- partial liquidation ---------------------------------------------------------------------
+
+# The long of `_book` at 49,500: collateral C = 150,000, margin M = 247,500, notional G =
+# 24,750,000. Closing a share f back to collateral / margin = 1.25, the fee 0.2% of what is
+# closed included: 150,000 - f x 49,500 = 1.25 x (1 - f) x 247,500, so
+# f = (309,375 - 150,000) / (309,375 - 49,500) = 159,375 / 259,875.
+F1 = 159_375.0 / 259_875.0
+
+
+def test_partial_liquidation_closes_just_enough_to_restore_the_target_ratio(tmp_path):
+    snap = _book(tmp_path / "snap", 'fee_rate = 0.002\nmode = "partial"\npartial_target = 1.25')
+    res = stress.run(snap, _scen(tmp_path, snap))
+    sc = res.scenarios.set_index("scenario")
+    assert sc.fees["down-1"] == pytest.approx(49_500.0 * F1, rel=1e-12)
+    assert sc.liquidated_notional["down-1"] == pytest.approx(24_750_000.0 * F1, rel=1e-12)
+    pnl = stress.pnl_matrix(snap, _scen(tmp_path, snap))
+    assert pnl.loc["long", "down-1"] == pytest.approx(-250_000.0 - 49_500.0 * F1, rel=1e-12)
+    # after the close: collateral 150,000 - fee = 1.25 x the margin left, (1 - f) x 247,500
+    assert 150_000.0 - 49_500.0 * F1 == pytest.approx(1.25 * (1 - F1) * 247_500.0, rel=1e-12)
+    # down-4: collateral -600,000 <= 0, so everything is closed, as in full mode
+    assert sc.bad_debt["down-4"] == pytest.approx(600_000.0)
+    assert sc.liquidated_notional["down-4"] == pytest.approx(24_000_000.0)
+
+
+def test_partial_liquidation_along_a_path_keeps_the_rest_at_risk(tmp_path):
+    # 50,000 -> 49,500 -> 50,500: a share F1 is closed at 49,500, locking in its -250,000 x F1,
+    # and the rest rides the recovery: equity at the end 400,000 + (1 - F1) x 250,000 - F1 x
+    # 250,000 - fee 49,500 x F1 = 650,000 - 549,500 x F1 (full close-out ended at 150,000). The
+    # closed share's recovery, 500,000 x F1, goes to the market: accounts' P&L + closed-out +
+    # fees = 0 on this matched book.
+    snap = _book(tmp_path / "snap", 'fee_rate = 0.002\nmode = "partial"')
+    (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,49500\n2024-01-03,50500\n")
+    (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 2\n')
+    scen = stress.load_scenarios(tmp_path / "p.toml", snap)
+    res = stress.run(snap, scen)
+    row = res.scenarios.iloc[0]
+    assert row.fees == pytest.approx(49_500.0 * F1, rel=1e-12)
+    assert row.pnl_closed_out == pytest.approx(500_000.0 * F1, rel=1e-12)
+    assert row.pnl_total == pytest.approx(-549_500.0 * F1, rel=1e-12)
+    assert res.accounts.set_index("account_id").loc["long", "pnl_worst"] == pytest.approx(250_000.0 - 549_500.0 * F1, rel=1e-12)
+    assert row.accounts_liquidatable == 1
+
+
+def test_partial_mode_matches_full_mode_when_nothing_is_liquidated_and_results_ignore_chunking(tmp_path):
+    snap = _three(tmp_path / "snap", 'mode = "partial"\n' + IMPACT)
+    scen = _scen(tmp_path, snap)
+    a = stress.run(snap, scen, chunk_size=1).scenarios
+    b = stress.run(snap, scen, chunk_size=64).scenarios
+    np.testing.assert_allclose(a.select_dtypes("number"), b.select_dtypes("number"), rtol=1e-12, atol=1e-9)
+    # W is never liquidated; the books still balance: P&L + impact + fees + closed-out = 0
+    np.testing.assert_allclose(a.pnl_total + a.impact_cost + a.fees + a.pnl_closed_out, 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("text, column", [('mode = "half"', "mode"), ("partial_target = 0.9", "partial_target"),
+                                          ('mode = "partial"\noracle_lag_steps = 1', "oracle_lag_steps")])
+def test_bad_partial_keys_fail_at_load(tmp_path, text, column):
+    with pytest.raises(stress.InputError) as err:
+        _book(tmp_path / "snap", text)
+    assert err.value.column == column

@@ -1,0 +1,416 @@
+"""Liquidation cascades: along a path, what forced closes sell at one step moves later prices.
+
+The engine (``engine.run``) closes each account out at the first step of a path where its
+collateral value is below its maintenance margin, and charges it the price impact of what the
+whole exchange closes there; the path itself is given. Here the path answers back: the net
+notional the liquidation engine sells in each underlying at step ``t`` pushes that underlying's
+price down (buying pushes it up) at every later step, by the square-root law's move
+(``liquidation.impact_move``), so later steps are revalued at moved prices, more accounts
+breach, and their forced closes move the price again.
+
+Model, per path and underlying ``a`` (docs/cascade.md has the formulas and a worked example):
+
+- ``X_a(t)``: net notional closed out at step ``t`` in instruments on ``a``, USD, signed so that
+  closing longs (a sale) is positive: futures and perpetuals at their notional (SPEC section 2,
+  ``|contract_size| * S`` linear, the USD face value inverse), options at ``delta * contract_size
+  * S`` (Black-Scholes delta at that step: whoever takes a closed option over hedges its delta
+  in the underlying, so only the delta reaches the underlying's market).
+- ``c_a(0) = 1``, ``c_a(t + 1) = c_a(t) * max(1 + impact_move(X_a(t)), MIN_FACTOR)``: permanent
+  impact, cumulative and multiplicative over the steps. The half-spread is a cost paid, not a
+  move of the mid, so only the square-root term moves prices. Volatilities are not moved.
+- Step ``t`` is revalued at the path's price times ``c(t)``: instrument values, margins and
+  notionals all follow. Who breaches, the impact charged (``liquidation.impact_cost`` of each
+  instrument's net notional at that step's moved prices, shared pro rata to the contracts each
+  liquidated account closes), the fee and the bad debt are then exactly the engine's.
+- Only paths (``montecarlo`` and ``replay`` scenarios of a set with ``K > 1`` steps) feed back:
+  an explicit, grid or event scenario is a one-off shock (in a path set it is repeated at every
+  step), so there is no later step for its closes to move; its feedback run is its plain run.
+
+With the feedback switched off (every ``c = 1``) this is the engine's model, and the same
+numbers come out (``bad_debt_no_feedback`` equals ``engine.run(...).scenarios.bad_debt``).
+
+Shape (DESIGN.md): steps outermost, a ``lax.scan`` over them, and inside each step one pass
+over every account (stacked chunks, a ``lax.scan`` over the chunks of each holdings bucket);
+only exchange-wide aggregates per step and path (net and gross contracts closed per instrument)
+pass from the accounts to the market. The per-account state carried from step to step is one
+integer per account and path: the step it first breached. Everything else about an account
+(its equity, notional and impact charge where it was closed out) is recomputed once after the
+scan from the small per-step tables ``[K, I, W]``. Paths are independent, so they are processed
+in tiles (``W`` paths, the feedback and the plain run side by side: ``2W`` columns), one tile
+per device at a time; each jitted function compiles once per holdings shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import engine, liquidation, portfolio
+from ._tree import pytree_dataclass
+from .portfolio import Holdings
+from .scenarios import RANDOM_KINDS, Scenarios
+from .snapshot import OPTION, Snapshot
+
+try:
+    from jax import shard_map
+except ImportError:  # jax < 0.6
+    from jax.experimental.shard_map import shard_map
+
+# A step's price factor 1 + move is floored here, so prices stay positive: a forced sale large
+# enough to reach it (|X| ~ daily_volume / (k * daily_vol)^2) is far outside the square-root
+# law's range anyway.
+MIN_FACTOR = 1e-3
+MAX_PATHS_PER_TILE = 128  # 2 x 128 columns: the engine's widest tile, [128, 256] per chunk
+STATE_BYTES = 128e6  # per device, the [accounts, 2W] int32 breach state of one tile at most
+# Per-scenario outputs: each for the feedback run (``_feedback``) and the plain run (``_no_feedback``).
+SUMS = ("bad_debt", "impact_cost", "fees", "liquidated_notional", "accounts_liquidated")
+
+
+@pytree_dataclass
+class Impact:
+    """``[liquidation.impact.<ASSET>]`` as arrays over the snapshot's assets ``[A]``; assets
+    without a table have ``spread = k = 0`` (no cost, no move) and ``daily_volume = 1`` (any
+    positive number: it only keeps the formula finite)."""
+
+    spread: Any  # [A] half-spread, a fraction of the notional closed
+    k: Any  # [A] square-root-law coefficient
+    daily_vol: Any  # [A] daily volatility, a fraction
+    daily_volume: Any  # [A] USD notional traded per day
+
+
+def impact_params(snap: Snapshot) -> Impact:
+    """The snapshot's impact parameters per asset (``liquidation.config``, checked)."""
+    cfg = liquidation.config(snap.liquidation_config)["impact"]
+    par = {"spread": np.zeros(snap.n_assets), "k": np.zeros(snap.n_assets),
+           "daily_vol": np.zeros(snap.n_assets), "daily_volume": np.ones(snap.n_assets)}
+    for asset, table in cfg.items():  # a handful of underlyings
+        for key, v in table.items():
+            par[key][snap.assets.index(asset)] = v
+    return Impact(**par)
+
+
+def time_ordered(scen: Scenarios) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The set's paths in time order: ``(spot_mult [S, K, A], vol_shift [S, K, A], horizon_days
+    [S, K])``, step ``K - 1`` the scenario's last (``spot_mult``), steps before it ``path_*``."""
+    last = (scen.spot_mult[:, None], scen.vol_shift[:, None], scen.horizon_days[:, None])
+    if scen.steps == 1:
+        return tuple(np.asarray(x, np.float64) for x in last)
+    before = (scen.path_spot_mult, scen.path_vol_shift, scen.path_horizon_days)
+    return tuple(np.concatenate([b, x], axis=1).astype(np.float64) for b, x in zip(before, last))
+
+
+def stacked(snap: Snapshot, chunk: int, dtype: Any) -> tuple[list[Holdings], list[np.ndarray]]:
+    """Every account as stacked chunks, one ``Holdings [C_b, chunk, J, L]`` per holdings
+    bucket (the last chunk padded with ``valid`` False rows), and each bucket's account indices
+    ``[m_b]`` in row order."""
+    out, rows = [], []
+    for b in engine.buckets(snap):
+        m = len(b.accounts)
+        C = max(1, math.ceil(m / chunk))
+        pad = C * chunk - m
+
+        def take(x, dt=None):
+            x = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((C, chunk) + x.shape[1:])
+            return x if dt is None else x.astype(dt)
+
+        out.append(Holdings(inst=take(b.inst), qty=take(b.qty, dtype), weight=take(b.weight, dtype),
+                            asset=take(b.asset), balance=take(b.balance, dtype),
+                            valid=(np.arange(C * chunk) < m).reshape(C, chunk)))
+        rows.append(b.accounts)
+    return out, rows
+
+
+def paths_per_tile(n_scenarios: int, n_accounts: int, n_devices: int) -> int:
+    """``W``: a power of two from 8 to ``MAX_PATHS_PER_TILE``, no wider than the set spread over
+    the devices needs, and small enough that a tile's ``[accounts, 2W]`` int32 breach state
+    stays within ``STATE_BYTES``."""
+    fit = STATE_BYTES / (8 * max(n_accounts, 1))
+    need = math.ceil(n_scenarios / n_devices)
+    w = 8
+    while 2 * w <= min(fit, MAX_PATHS_PER_TILE) and w < need:
+        w *= 2
+    return w
+
+
+# --------------------------------------------------------------------------------------------
+# Inside the jit: one tile of paths
+
+
+def _market(inst, market, params, spot_mult, vol_shift, horizon):
+    """Every instrument at one step of ``W2`` paths (``spot_mult [W2, A]`` moved prices):
+    ``engine._revalue_and_margin``'s values (``[I, W2]``, ``price [A, W2]``) and, per contract,
+    the signed USD notional that reaches the underlying's market when it is closed (``[I,
+    W2]``): the notional for futures and perpetuals, ``delta * contract_size * S`` for options.
+    The option delta comes from a JVP along ``spot_mult`` itself (``dV/dm * m = delta * S``)."""
+    def f(m):
+        rv, _, mm = engine._revalue_and_margin(inst, market, params, m, vol_shift, horizon)
+        return rv, mm
+
+    (rv, mm), (d_rv, _) = jax.jvp(f, (spot_mult,), (spot_mult,))
+    is_opt = (inst.kind == OPTION)[:, None]
+    move_notional = jnp.where(is_opt, inst.contract_size[:, None] * d_rv["option"], rv["notional"])
+    return rv, mm, move_notional
+
+
+def _breach_chunk(h: Holdings, br: Any, contracts: Any, closed_n: Any, value, mm, price, haircut, t, *, K, lag):
+    """One chunk at step ``t``: record first breaches (``br`` ``[n, W2]``, ``K`` = none yet) and
+    add the contracts of accounts closed out at ``t`` (breached at ``t - lag``) to the step's
+    exchange-wide ``contracts [2, I, W2]`` (net signed, closing longs > 0; gross) and count."""
+    _, coll, m = portfolio.state(h, value, mm, price, haircut)
+    br = jnp.where((br == K) & (m > coll), t, br)
+    closed = (br + lag == t) & h.valid[:, None]
+    cf = closed.astype(contracts.dtype)
+    n, J, L = h.inst.shape
+    qty, inst = h.qty.reshape(n, J * L), h.inst.reshape(n, J * L)
+
+    def add(p, acc):
+        q = qty[:, p, None] * cf
+        return acc.at[0, inst[:, p]].add(q).at[1, inst[:, p]].add(jnp.abs(q))
+
+    contracts = jax.lax.fori_loop(0, J * L, add, contracts)
+    return br, contracts, closed_n + jnp.sum(cf, axis=0)
+
+
+def _settle_chunk(h: Holdings, br: Any, tab: dict, haircut, fee_rate, *, K, lag, with_fee):
+    """One chunk after the last step: each account at the step that decided its path (closed
+    out at ``br + lag``, else held to step ``K - 1``), its closing costs and bad debt, from the
+    per-step tables ``tab`` (``[K, X, W2]``). Returns ``[len(SUMS), W2]`` sums over the chunk
+    and ``[n, W2]`` the step of each close-out (-1: none)."""
+    W2 = br.shape[1]
+    liq = (br + lag < K) & h.valid[:, None]
+    d = jnp.minimum(br + lag, K - 1)  # [n, W2] the deciding step
+    col = jnp.arange(W2, dtype=d.dtype)[None, :]
+
+    def at_step(x):  # [K, X, W2] -> rows(i [n]) = x[d, i, column], [n, W2]
+        X = x.shape[1]
+        flat = x.reshape(-1)
+        return lambda i: flat[(d * X + i[:, None].astype(d.dtype)) * W2 + col]
+
+    value = at_step(tab["value"])
+    eq, _, _, gross, charge = portfolio.state(h, value, value, at_step(tab["price"]), haircut,
+                                              at_step(tab["notional"]), at_step(tab["charge"]))
+    cost = jnp.where(liq, charge, 0.0)
+    fee = liquidation.fee(eq - cost, gross, liq, fee_rate) if with_fee else jnp.zeros_like(eq)
+    bad = liquidation.bad_debt(eq - cost - fee)  # the fee never creates bad debt; the impact can
+    validf = h.valid.astype(eq.dtype)
+    liqf = liq.astype(eq.dtype)
+    sums = jnp.stack([validf @ bad, validf @ cost, validf @ fee, validf @ (liqf * gross), validf @ liqf])
+    return sums, jnp.where(liq, d, -1)
+
+
+def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, mult, vol, hor, fb, *, K, lag, with_fee,
+          with_accounts):
+    """One tile of ``W2`` columns (paths), every step, every account.
+
+    Args:
+      hs: tuple of ``Holdings [C_b, chunk, J, L]``, one per bucket.
+      mult, vol: ``[K, W2, A]`` the paths' spot multipliers and vol shifts, time order.
+      hor: ``[K, W2]`` horizon days. fb: ``[W2]`` bool: the column's closes move later prices.
+
+    Returns:
+      ``sums [len(SUMS), W2]`` (float64), per step ``price [K, A, W2]`` (USD, moved),
+      ``impact_cost [K, W2]``, ``closed [K, W2]`` (accounts closed out), ``net_notional [K, A,
+      W2]`` (``X``, USD), ``factor [W2, A]`` (``c`` at the last step) and, with
+      ``with_accounts``, the close-out step of each account per bucket ``[C_b, chunk, W2]``.
+    """
+    dt = hs[0].qty.dtype
+    W2, A = mult.shape[1], mult.shape[2]
+    I = inst.kind.shape[0]
+    und = inst.underlying
+    f64 = jnp.float64
+    per_inst = lambda x: x[und][:, None]  # noqa: E731  [A] -> [I, 1]
+
+    def step(carry, x):
+        factor, brs = carry
+        m, v, h, t = x
+        rv, mm, move_notional = _market(inst, market, params, m * factor, v, h)
+        value, mmd, price = rv["value"].astype(dt), mm.astype(dt), rv["price"].astype(dt)
+        contracts, closed_n = jnp.zeros((2, I, W2), dt), jnp.zeros(W2, dt)
+        new = []
+        for h_b, br_b in zip(hs, brs):  # a handful of holdings shapes, unrolled at trace time
+            def body(c, xs):
+                br, contracts, closed_n = _breach_chunk(xs[0], xs[1], *c, value, mmd, price, haircut, t, K=K, lag=lag)
+                return (contracts, closed_n), br
+
+            (contracts, closed_n), br_b = jax.lax.scan(body, (contracts, closed_n), (h_b, br_b))
+            new.append(br_b)
+        net, gross = contracts[0].astype(f64), contracts[1].astype(f64)
+        notional = rv["notional"]
+        # the engine's pass 1: impact of each instrument's net notional, shared pro rata
+        cost = liquidation.impact_cost(net * notional, per_inst(imp.spread), per_inst(imp.k),
+                                       per_inst(imp.daily_vol), per_inst(imp.daily_volume))
+        charge = jnp.where(gross > 0, cost / jnp.where(gross > 0, gross, 1.0), 0.0)
+        # the feedback: net notional per underlying moves its later prices
+        X = jax.ops.segment_sum(net * move_notional, und, num_segments=A)  # [A, W2]
+        move = liquidation.impact_move(X, imp.k[:, None], imp.daily_vol[:, None], imp.daily_volume[:, None])
+        grow = jnp.where(fb[None, :], jnp.maximum(1.0 + move, MIN_FACTOR), 1.0)
+        ys = {"value": value, "price": price, "notional": notional.astype(dt), "charge": charge.astype(dt),
+              "cost": cost.sum(axis=0), "closed": closed_n, "net_notional": X, "factor": factor}
+        return (factor * grow.T, tuple(new)), ys
+
+    brs = tuple(jnp.full(h.valid.shape + (W2,), K, jnp.int32) for h in hs)
+    init = (jnp.ones((W2, A), f64), brs)
+    xs = (mult, vol, hor, jnp.arange(K, dtype=jnp.int32))
+    # checkpoint: reverse mode through the scan keeps one step's residuals, not K steps' accounts
+    (_, brs), ys = jax.lax.scan(jax.checkpoint(step), init, xs)
+
+    tab = {k: ys[k] for k in ("value", "price", "notional", "charge")}
+    sums = jnp.zeros((len(SUMS), W2), f64)
+    steps_out = []
+    for h_b, br_b in zip(hs, brs):
+        def body(s, xs):
+            out, at = _settle_chunk(xs[0], xs[1], tab, haircut, fee_rate, K=K, lag=lag, with_fee=with_fee)
+            return s + out.astype(f64), (at if with_accounts else None)
+
+        sums, at = jax.lax.scan(body, sums, (h_b, br_b))
+        steps_out.append(at)
+    out = {"sums": sums, "price": ys["price"].astype(f64), "impact_cost": ys["cost"], "closed": ys["closed"].astype(f64),
+           "net_notional": ys["net_notional"], "factor": ys["factor"][-1]}
+    if with_accounts:
+        out["steps"] = tuple(steps_out)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(n_devices: int, K: int, lag: int, with_fee: bool, with_accounts: bool):
+    """``_tile`` over ``n_devices`` tiles at once, one per device (``shard_map``); holdings and
+    instrument terms replicated. Compiled once per holdings shapes and tile width."""
+    mesh = Mesh(np.array(engine.devices()[:n_devices]), ("d",))
+
+    def local(hs, inst, market, params, imp, haircut, fee_rate, mult, vol, hor, fb):
+        out = _tile(hs, inst, market, params, imp, haircut, fee_rate, mult[0], vol[0], hor[0], fb[0],
+                    K=K, lag=lag, with_fee=with_fee, with_accounts=with_accounts)
+        return jax.tree_util.tree_map(lambda x: x[None], out)
+
+    rep = P()
+    specs = dict(mesh=mesh, in_specs=(rep, rep, rep, rep, rep, rep, rep, P("d"), P("d"), P("d"), P("d")),
+                 out_specs=P("d"))
+    try:  # paths are independent: no cross-device values
+        mapped = shard_map(local, check_vma=False, **specs)
+    except TypeError:  # jax < 0.6 calls it check_rep
+        mapped = shard_map(local, check_rep=False, **specs)
+    return jax.jit(mapped), mesh
+
+
+# --------------------------------------------------------------------------------------------
+# The host loop over tiles
+
+
+def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int = engine.DEFAULT_CHUNK, dtype: str = "float64",
+        paths_per_tile: int | None = None, accounts: bool = False) -> dict:
+    """Liquidation cascades: every scenario with and without price feedback.
+
+    Args:
+      snap: the snapshot (``[liquidation]``: ``impact`` per underlying, ``fee_rate``,
+        ``oracle_lag_steps``; without impact parameters nothing moves and both runs agree).
+      scen: the scenario set; paths (``montecarlo``, ``replay``) feed back, one-off shocks not.
+      chunk_size: accounts per chunk (results do not depend on it).
+      dtype: ``"float64"`` (default) or ``"float32"`` (accounts; the per-step instrument
+        tables, impact and moves are computed in float64 either way).
+      paths_per_tile: ``W``, paths per tile (default ``paths_per_tile(...)``; results do not
+        depend on it).
+      accounts: also return each account's close-out step per scenario (``[n, S]``).
+
+    Returns:
+      NumPy arrays, scenarios in file order, USD unless stated:
+
+      - ``bad_debt_feedback``, ``impact_cost_feedback``, ``fees_feedback``,
+        ``liquidated_notional_feedback`` (gross notional closed out), ``accounts_liquidated_feedback``
+        ``[S]``; the same with ``_no_feedback``: the engine's model (``engine.run``'s
+        ``bad_debt``, ``impact_cost``, ``fees``, ``liquidated_notional``, ``accounts_liquidatable``).
+      - ``amplification`` ``[S]``: ``bad_debt_feedback / bad_debt_no_feedback``; 1.0 where both
+        are 0; ``inf`` where only the feedback run has bad debt (the cascade created it); it
+        can be below 1 (an earlier close-out can lose less).
+      - ``price_impact`` ``[S, A]``: the relative move the cascade added to each asset's price
+        at the path's last step, ``c(K-1) - 1`` (0 for one-off shocks).
+      - per step of the feedback run, ``[S, K]``: ``accounts_liquidated_steps``,
+        ``impact_cost_steps``; ``[S, K, A]``: ``price_steps`` (USD, moved prices),
+        ``net_notional_steps`` (``X``, USD, closing longs > 0).
+      - with ``accounts``: ``liquidation_step_feedback``, ``liquidation_step_no_feedback``
+        ``[n, S]`` int, the step (0-based, time order) each account is closed out at, -1 if never.
+    """
+    dt = engine.DTYPES[dtype] if isinstance(dtype, str) else dtype
+    cfg = liquidation.config(snap.liquidation_config)
+    S, K, A = len(scen), scen.steps, snap.n_assets
+    lag = cfg["oracle_lag_steps"] if K > 1 else 0  # a one-step set is an instantaneous shock
+    fee_rate = cfg["fee_rate"]
+    mult, vol, hor = time_ordered(scen)
+    feedback = np.isin(np.array(scen.kinds, dtype=object), RANDOM_KINDS) & (K > 1)
+
+    D = len(engine.devices())
+    W = paths_per_tile or globals()["paths_per_tile"](S, snap.n_accounts, D)
+    T = math.ceil(math.ceil(S / W) / D) * D  # tiles, a whole number per device
+    pad = T * W - S
+    mult = np.concatenate([mult, np.ones((pad, K, A))])
+    vol = np.concatenate([vol, np.zeros((pad, K, A))])
+    hor = np.concatenate([hor, np.zeros((pad, K))])
+    feedback = np.concatenate([feedback, np.zeros(pad, bool)])
+
+    kernel, mesh = _kernel(D, K, lag, fee_rate > 0, accounts)
+    rep = NamedSharding(mesh, P())
+    hs, rows = stacked(snap, chunk_size, dt)
+    fixed = jax.device_put((tuple(hs), snap.instruments, snap.market, snap.params, impact_params(snap),
+                            np.asarray(snap.params.haircut, dt), np.asarray(fee_rate, dt)), rep)
+
+    def group(g):  # D tiles: [D, K, 2W, ...], columns [W feedback | W plain]
+        sl = slice(g * W, (g + D) * W)
+
+        def cols(x):  # [D*W, K, ...] -> [D, K, 2W, ...]
+            x = x[sl].reshape((D, W) + x.shape[1:]).swapaxes(1, 2)
+            return np.concatenate([x, x], axis=2)
+
+        fb = np.concatenate([feedback[sl].reshape(D, W), np.zeros((D, W), bool)], axis=1)
+        return kernel(*fixed, cols(mult), cols(vol), cols(hor), fb)
+
+    outs = []
+    pending = None
+    for g in range(0, T, D):  # a loop over tiles of paths (like chunks), dispatched ahead
+        nxt = group(g)
+        if pending is not None:
+            outs.append(jax.device_get(pending))
+        pending = nxt
+    outs.append(jax.device_get(pending))
+
+    def flat(key):  # [groups][D, ..., 2W] -> feedback, plain: [T*W, ...]
+        x = np.concatenate([o[key] for o in outs])  # [T, ..., 2W]
+        x = np.moveaxis(x, -1, 1)  # [T, 2W, ...]
+        return (x[:, :W].reshape((T * W,) + x.shape[2:])[:S], x[:, W:].reshape((T * W,) + x.shape[2:])[:S])
+
+    res: dict[str, np.ndarray] = {}
+    fb_sums, nf_sums = flat("sums")  # [S, len(SUMS)]
+    for i, name in enumerate(SUMS):
+        res[f"{name}_feedback"], res[f"{name}_no_feedback"] = fb_sums[:, i], nf_sums[:, i]
+    for name in ("accounts_liquidated_feedback", "accounts_liquidated_no_feedback"):
+        res[name] = np.rint(res[name]).astype(np.int64)
+    fb_bad, nf_bad = res["bad_debt_feedback"], res["bad_debt_no_feedback"]
+    res["amplification"] = amplification(fb_bad, nf_bad)
+    factor = np.concatenate([o["factor"] for o in outs])  # [T, 2W, A]
+    res["price_impact"] = factor[:, :W].reshape(T * W, A)[:S] - 1.0
+    res["accounts_liquidated_steps"] = np.rint(flat("closed")[0]).astype(np.int64)  # [S, K]
+    res["impact_cost_steps"] = flat("impact_cost")[0]
+    res["price_steps"] = flat("price")[0]
+    res["net_notional_steps"] = flat("net_notional")[0]
+    if accounts:
+        for half, name in ((slice(0, W), "feedback"), (slice(W, 2 * W), "no_feedback")):
+            m = np.full((snap.n_accounts, S), -1, np.int64)
+            for b, acc in enumerate(rows):
+                x = np.concatenate([o["steps"][b] for o in outs])  # [T, C, chunk, 2W]
+                x = x[..., half].transpose(1, 2, 0, 3).reshape(-1, T * W)[: len(acc), :S]
+                m[acc] = x
+            res[f"liquidation_step_{name}"] = m
+    return res
+
+
+def amplification(with_feedback: np.ndarray, without: np.ndarray) -> np.ndarray:
+    """``with_feedback / without`` per scenario; 1.0 where both are 0 (nothing to amplify) and
+    ``inf`` where only the feedback run has bad debt."""
+    with_feedback, without = np.asarray(with_feedback, np.float64), np.asarray(without, np.float64)
+    ratio = with_feedback / np.where(without > 0, without, 1.0)
+    return np.where(without > 0, ratio, np.where(with_feedback > 0, np.inf, 1.0))
