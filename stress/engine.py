@@ -70,6 +70,7 @@ class Tables:
     impact_row: Any = None  # [I] int32: row of each instrument in the impact pass (n_impact: none)
     n_impact: int = dataclasses.field(default=0, metadata={"static": True})  # instruments with impact
     partial_target: Any = None  # [] partial liquidation back to this collateral / margin; None: full
+    n_groups: int = dataclasses.field(default=0, metadata={"static": True})  # account groups (Cover 2)
     lag: int = dataclasses.field(default=0, metadata={"static": True})  # oracle lag, steps
     lags: tuple = dataclasses.field(default=(), metadata={"static": True})  # lags reported side by side
 
@@ -148,6 +149,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         impact_row=jnp.asarray(impact_row),
         n_impact=int(has_impact.sum()),
         partial_target=jnp.asarray(liq_cfg["partial_target"], dtype) if liq_cfg["mode"] == "partial" else None,
+        n_groups=group_rows(snap)[1],
         lag=liq_cfg["oracle_lag_steps"],
         lags=liq_cfg["oracle_lags"],
     )
@@ -226,13 +228,18 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
                           validf @ closed_out if paths else zero,  # nothing closes early in one step
                           validf @ f, validf @ cost, validf @ closed])
         lag_bad = jnp.stack([validf @ liquidation.bad_debt(e) for e in lagged]) if lagged else None
-        return carry, (sums, largest_two(bad * validf[:, None]), lag_bad,
+        bad = bad * validf[:, None]
+        group_bad = None
+        if t.n_groups:  # Cover 2 counts a group's defaults together, and its accounts not alone
+            group_bad = jnp.zeros((t.n_groups + 1, W), dt).at[h.group].add(bad)[: t.n_groups]
+            bad = jnp.where((h.group == t.n_groups)[:, None], bad, 0.0)
+        return carry, (sums, largest_two(bad), lag_bad, group_bad,
                        pnl if keep_pnl else None, liq if with_pnl else None)
 
     inf = jnp.full(n, jnp.inf, dt)
     init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt), jnp.zeros(n, dt))
     xs = (t.value, t.mm, t.price, t.notional, t.impact, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
-    (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, pnl, liq) = jax.lax.scan(tile, init, xs)
+    (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, group_bad, pnl, liq) = jax.lax.scan(tile, init, xs)
 
     # The worst scenario: revalue each account on its own worst tile, take the first minimum.
     at_best = lambda x: None if x is None else (lambda i: x[best_tile, i])  # noqa: E731
@@ -253,6 +260,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         "sums": sums.transpose(1, 0, 2).reshape(len(SUM_NAMES), T * W),
         "top2": top2.transpose(1, 0, 2).reshape(2, T * W),  # the chunk's two largest bad debts
     }
+    if group_bad is not None:  # bad debt per group of accounts and scenario
+        out["group_bad"] = group_bad.transpose(1, 0, 2).reshape(t.n_groups, T * W)
     if lag_bad is not None:  # bad debt per scenario under each reported oracle lag
         out["lag_bad"] = lag_bad.transpose(1, 0, 2).reshape(len(t.lags), T * W)
     if keep_pnl:
@@ -399,6 +408,22 @@ def buckets(snap: Snapshot) -> list[portfolio.Bucket]:
     )
 
 
+def group_rows(snap: Snapshot) -> tuple[np.ndarray, int]:
+    """``([n] int32 row of each account's group, n_groups)`` for Cover 2: groups of two or more
+    accounts are numbered in name order; an account alone (no group, or the only one in its
+    group) gets ``n_groups``. ``n_groups`` is 0 when the snapshot has no such group."""
+    n = snap.n_accounts
+    if snap.account_group is None:
+        return np.zeros(n, np.int32), 0
+    given = np.not_equal(snap.account_group, None).astype(bool)
+    names, inverse, counts = np.unique(snap.account_group[given].astype(str), return_inverse=True, return_counts=True)
+    shared = counts >= 2
+    new_row = np.where(shared, np.cumsum(shared) - 1, shared.sum()).astype(np.int32)  # by name order
+    rows = np.full(n, shared.sum(), np.int32)
+    rows[given] = new_row[inverse]
+    return rows, int(shared.sum())
+
+
 MAX_CHUNKS_PER_DEVICE = 8  # per call: enough to hide dispatch, few enough to pad little
 
 
@@ -410,6 +435,7 @@ def _groups(snap: Snapshot, chunk: int, dtype: Any, n_devices: int):
     device). The last group of a bucket is padded with empty chunks and the last chunk with
     empty rows (``valid`` False), so shapes stay fixed.
     """
+    rows, n_groups = group_rows(snap)
     for b in buckets(snap):
         m = len(b.accounts)
         per_device = math.ceil(m / (chunk * n_devices))
@@ -431,6 +457,7 @@ def _groups(snap: Snapshot, chunk: int, dtype: Any, n_devices: int):
             yield accs, Holdings(
                 inst=take(b.inst), qty=take(b.qty, dtype), weight=take(b.weight, dtype), asset=take(b.asset),
                 balance=take(b.balance, dtype), valid=(np.arange(step) < hi - lo).reshape(group, chunk),
+                group=take(rows[b.accounts]) if n_groups else None,
             )
 
 
@@ -499,11 +526,15 @@ class Partial:
     lag_total: np.ndarray  # [len(lags), S_pad] bad debt under each reported oracle lag
     mats: dict  # "pnl", "liquidated": [n, S] with with_pnl; else empty
     lags: tuple = ()  # the oracle lags of lag_total's rows
+    group_bad: Any = 0.0  # [n_groups, S_pad] bad debt of each group of accounts (0.0: no groups)
 
     def finish(self, S: int) -> tuple[dict, dict, dict]:
         """``(per-account columns, per-scenario sums [S], matrices)``."""
         sums = {name: self.total[i, :S] for i, name in enumerate(SUM_NAMES)}
-        sums["cover2"] = self.largest[:, :S].sum(axis=0)  # CPMI-IOSCO Cover 2: the two largest defaults
+        # CPMI-IOSCO Cover 2: the two largest defaults, a group of accounts counting as one
+        groups = self.group_bad if np.ndim(self.group_bad) else np.zeros((0, self.largest.shape[1]))
+        both = np.concatenate([self.largest, groups])
+        sums["cover2"] = np.sort(both[:, :S], axis=0)[-2:].sum(axis=0)
         sums["lag_bad_debt"] = dict(zip(self.lags, self.lag_total[:, :S]))
         return self.per_acc, sums, self.mats
 
@@ -518,7 +549,8 @@ def merge(parts: list[Partial], index: list[np.ndarray], n: int) -> Partial:
         for name, v in part.mats.items():
             mats.setdefault(name, np.empty((n,) + v.shape[1:], v.dtype))[idx] = v
     largest = np.sort(np.concatenate([p.largest for p in parts]), axis=0)[::-1][:2]
-    return Partial(per_acc, sum(p.total for p in parts), largest, sum(p.lag_total for p in parts), mats, parts[0].lags)
+    return Partial(per_acc, sum(p.total for p in parts), largest, sum(p.lag_total for p in parts), mats, parts[0].lags,
+                   sum(p.group_bad for p in parts))
 
 
 class LocalAccounts:
@@ -546,6 +578,7 @@ class LocalAccounts:
         total = np.zeros((len(SUM_NAMES), t.user.size))
         largest = np.zeros((2, t.user.size))
         lag_total = np.zeros((len(t.lags), t.user.size))
+        group_bad = np.zeros((t.n_groups, t.user.size))
         per_acc: dict[str, np.ndarray] = {}
         mats = {"pnl": np.empty((snap.n_accounts, S)), "liquidated": np.empty((snap.n_accounts, S), bool)} if with_pnl else {}
         done = 0
@@ -562,6 +595,8 @@ class LocalAccounts:
             total = total + out.pop("sums").sum(axis=0, dtype=np.float64)
             if "lag_bad" in out:
                 lag_total[:] += out.pop("lag_bad").sum(axis=0, dtype=np.float64)
+            if "group_bad" in out:
+                group_bad[:] += out.pop("group_bad").sum(axis=0, dtype=np.float64)
             top2 = out.pop("top2")  # [G, 2, S_pad]: merge into the two largest so far
             both = np.concatenate([largest[None], top2.astype(np.float64)], axis=0).reshape(-1, top2.shape[-1])
             largest[:] = np.sort(both, axis=0)[-2:][::-1]
@@ -593,7 +628,7 @@ class LocalAccounts:
                 drain_one(*pending.pop(0))
         while pending:
             drain_one(*pending.pop(0))
-        return Partial(per_acc, total, largest, lag_total, mats, t.lags)
+        return Partial(per_acc, total, largest, lag_total, mats, t.lags, group_bad if t.n_groups else 0.0)
 
 
 def _impact_pass(snap: Snapshot, t: Tables, closed: np.ndarray, dt: Any) -> tuple[Tables, dict]:

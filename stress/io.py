@@ -374,6 +374,8 @@ def load_snapshot(path: str | Path) -> Snapshot:
     b_idx = pc.index_in(b_acc, value_set=ids).to_numpy(zero_copy_only=False).astype(np.int32)
     p_idx = pc.index_in(p_acc, value_set=ids).to_numpy(zero_copy_only=False).astype(np.int32)
 
+    account_group = _account_groups(bt, b_idx, len(account_ids)) if bt.has("group") else None
+
     key_b = b_idx.astype(np.int64) * len(asset_names) + b_asset
     dup = pd.Series(key_b).duplicated().to_numpy()
     bt.check(dup, "asset", "duplicate balance: this account already has a row for this asset")
@@ -403,7 +405,31 @@ def load_snapshot(path: str | Path) -> Snapshot:
         liquidation_config=dict(cfg.get("liquidation", {})),
         limits=dict(cfg.get("limits", {})),
         source=str(folder),
+        account_group=account_group,
     )
+
+
+def _account_groups(bt: _Table, b_idx: np.ndarray, n: int) -> np.ndarray:
+    """``[n]`` the optional ``group`` of each account (None where no row gives one): accounts
+    under common control whose defaults count together in Cover 2. Every row of an account
+    that gives a group must give the same one."""
+    grp = bt.strings("group", required=False)
+    given = ~pd.isna(grp)
+    codes, names = pd.factorize(pd.Series(grp[given], dtype=object))
+    first = np.full(n, -1, np.int64)
+    rows = np.flatnonzero(given)
+    # the first group given per account (rows in file order), then any row that disagrees
+    order = np.lexsort((rows, b_idx[rows]))
+    acc_sorted = b_idx[rows][order]
+    lead = np.r_[True, acc_sorted[1:] != acc_sorted[:-1]]
+    first[acc_sorted[lead]] = codes[order][lead]
+    bad = np.zeros(len(grp), bool)
+    bad[rows] = codes != first[b_idx[rows]]
+    bt.check(bad, "group", "this account is already in another group (one group per account)")
+    out = np.full(n, None, dtype=object)
+    has = first >= 0
+    out[has] = np.asarray(names, dtype=object)[first[has]]
+    return out
 
 
 def _load_instruments(

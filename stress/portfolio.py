@@ -37,6 +37,7 @@ class Holdings:
     asset: Any  # [n, J] int32 asset of each slot (0 in padding)
     balance: Any  # [n, J] balance of the slot's asset, in its units; 0 in padding
     valid: Any  # [n] bool: a real account (False for padding rows)
+    group: Any = None  # [n] int32 row of the account's group (Cover 2); n_groups: alone; None: no groups
 
 
 @dataclasses.dataclass(frozen=True)

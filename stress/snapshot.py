@@ -109,6 +109,7 @@ class Snapshot:
     liquidation_config: dict  # the [liquidation] table as given
     limits: dict  # the optional [limits] table
     source: str  # where it was loaded from
+    account_group: Any = None  # [n] object: the optional balances `group` of each account, None where not given
 
     @property
     def n_accounts(self) -> int:

@@ -374,3 +374,52 @@ def test_bad_partial_keys_fail_at_load(tmp_path, text, column):
     with pytest.raises(stress.InputError) as err:
         _book(tmp_path / "snap", text)
     assert err.value.column == column
+
+
+# --- Cover 2 by account group -------------------------------------------------------------------
+
+
+def _cover2_book(folder, groups):
+    """The four longs of the Cover 2 test (bad debts 240k / 230k / 220k / 50k at BTC -50%),
+    with a `group` column on balances (None: no group given)."""
+    toml = "as_of = 2026-11-23T08:00:00Z\nrate = 0.0\ninsurance_fund = { USDC = 300000.0 }\n"
+    amounts = [10_000.0, 20_000.0, 30_000.0, 200_000.0]
+    balances = [{"account_id": f"l{i}", "asset": "USDC", "amount": b, "group": g}
+                for i, (b, g) in enumerate(zip(amounts, groups))]
+    return stress.load_snapshot(write_snapshot(
+        folder, assets=ASSETS,
+        instruments=[{"instrument_id": "P", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 1.0, "mark_price": 50_000.0}],
+        balances=balances + [{"account_id": "short", "asset": "USDC", "amount": 10_000_000.0, "group": None}],
+        positions=[{"account_id": f"l{i}", "instrument_id": "P", "quantity": 10} for i in range(4)]
+        + [{"account_id": "short", "instrument_id": "P", "quantity": -40}],
+        exchange_toml=toml))
+
+
+@pytest.mark.parametrize("groups, down50, down10", [
+    # l2 and l3 under one control: 220,000 + 50,000 = 270,000 is the largest default
+    ([None, None, "g", "g"], 270_000.0 + 240_000.0, 40_000.0 + 30_000.0),
+    # l0 and l1 together: 470,000, then l2's 220,000
+    (["a", "a", None, None], 470_000.0 + 220_000.0, 70_000.0 + 20_000.0),
+    # a group of one is an account alone
+    (["x", "y", "z", None], 470_000.0, 70_000.0),
+])
+def test_cover2_counts_a_group_of_accounts_as_one_defaulter(tmp_path, groups, down50, down10):
+    snap = _cover2_book(tmp_path / "snap", groups)
+    (tmp_path / "s.toml").write_text('[[scenario]]\nname = "down-50"\nmoves = { BTC = -0.5 }\n\n'
+                                     '[[scenario]]\nname = "down-10"\nmoves = { BTC = -0.1 }\n')
+    scen = stress.load_scenarios(tmp_path / "s.toml", snap)
+    for chunk in (1, 2, 128):  # groups span chunks
+        sc = stress.run(snap, scen, chunk_size=chunk).scenarios.set_index("scenario")
+        assert sc.cover2.to_dict() == pytest.approx({"down-50": down50, "down-10": down10})
+
+
+def test_an_account_in_two_groups_is_an_input_error(tmp_path):
+    folder = tmp_path / "snap"
+    _cover2_book(folder, ["a", "a", None, None])
+    bal = pd.read_csv(folder / "balances.csv")
+    extra = pd.DataFrame([{"account_id": "l0", "asset": "BTC", "amount": 1.0, "group": "b"}])
+    pd.concat([bal, extra]).to_csv(folder / "balances.csv", index=False)
+    with pytest.raises(stress.InputError) as err:
+        stress.load_snapshot(folder)
+    assert (err.value.file, err.value.row, err.value.column) == ("balances.csv", "line 7", "group")
