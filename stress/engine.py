@@ -242,7 +242,9 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, group_bad, pnl, liq) = jax.lax.scan(tile, init, xs)
 
     # The worst scenario: revalue each account on its own worst tile, take the first minimum.
-    at_best = lambda x: None if x is None else (lambda i: x[best_tile, i])  # noqa: E731
+    def at_best(x):  # rows i ([n] or [n, J]) of each account's worst tile
+        return None if x is None else (lambda i: x[best_tile.reshape((-1,) + (1,) * (i.ndim - 1)), i])
+
     eq_b = outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional), at_best(t.impact))[0]
     masked = jnp.where(t.user[best_tile], eq_b - eq0[:, None], jnp.inf)
     arg = best_tile * W + jnp.argmin(masked, axis=1).astype(jnp.int32)
