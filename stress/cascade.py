@@ -116,7 +116,7 @@ def stacked(snap: Snapshot, chunk: int, dtype: Any) -> tuple[list[Holdings], lis
         C = max(1, math.ceil(m / chunk))
         pad = C * chunk - m
 
-        def take(x, dt=None):
+        def take(x, dt=None, C=C, pad=pad):
             x = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((C, chunk) + x.shape[1:])
             return x if dt is None else x.astype(dt)
 
@@ -185,13 +185,15 @@ def _settle_chunk(h: Holdings, br: Any, tab: dict, haircut, fee_rate, *, K, lag,
     and ``[n, W2]`` the step of each close-out (-1: none)."""
     W2 = br.shape[1]
     liq = (br + lag < K) & h.valid[:, None]
-    d = jnp.minimum(br + lag, K - 1)  # [n, W2] the deciding step
+    # [n, W2] the deciding step; flat indices into [K, I, W2] tables in int64 only when needed
+    big = K * max(x.shape[1] for x in tab.values()) * W2 >= 2**31
+    d = jnp.minimum(br + lag, K - 1).astype(jnp.int64 if big else jnp.int32)
     col = jnp.arange(W2, dtype=d.dtype)[None, :]
 
     def at_step(x):  # [K, X, W2] -> rows(i [n]) = x[d, i, column], [n, W2]
         X = x.shape[1]
         flat = x.reshape(-1)
-        return lambda i: flat[(d * X + i[:, None].astype(d.dtype)) * W2 + col]
+        return lambda i: flat.at[(d * X + i[:, None].astype(d.dtype)) * W2 + col].get(mode="promise_in_bounds")
 
     value = at_step(tab["value"])
     eq, _, _, gross, charge = portfolio.state(h, value, value, at_step(tab["price"]), haircut,
@@ -202,7 +204,7 @@ def _settle_chunk(h: Holdings, br: Any, tab: dict, haircut, fee_rate, *, K, lag,
     validf = h.valid.astype(eq.dtype)
     liqf = liq.astype(eq.dtype)
     sums = jnp.stack([validf @ bad, validf @ cost, validf @ fee, validf @ (liqf * gross), validf @ liqf])
-    return sums, jnp.where(liq, d, -1)
+    return sums, jnp.where(liq, d, -1).astype(jnp.int32)
 
 
 def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, mult, vol, hor, fb, *, K, lag, with_fee,
@@ -225,7 +227,9 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, mult, vol, h
     I = inst.kind.shape[0]
     und = inst.underlying
     f64 = jnp.float64
-    per_inst = lambda x: x[und][:, None]  # noqa: E731  [A] -> [I, 1]
+
+    def per_inst(x):  # [A] -> [I, 1]
+        return x[und][:, None]
 
     def step(carry, x):
         factor, brs = carry
@@ -278,7 +282,7 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, mult, vol, h
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(n_devices: int, K: int, lag: int, with_fee: bool, with_accounts: bool):
     """``_tile`` over ``n_devices`` tiles at once, one per device (``shard_map``); holdings and
     instrument terms replicated. Compiled once per holdings shapes and tile width."""
@@ -290,8 +294,7 @@ def _kernel(n_devices: int, K: int, lag: int, with_fee: bool, with_accounts: boo
         return jax.tree_util.tree_map(lambda x: x[None], out)
 
     rep = P()
-    specs = dict(mesh=mesh, in_specs=(rep, rep, rep, rep, rep, rep, rep, P("d"), P("d"), P("d"), P("d")),
-                 out_specs=P("d"))
+    specs = {"mesh": mesh, "in_specs": (rep,) * 7 + (P("d"),) * 4, "out_specs": P("d")}
     try:  # paths are independent: no cross-device values
         mapped = shard_map(local, check_vma=False, **specs)
     except TypeError:  # jax < 0.6 calls it check_rep

@@ -78,6 +78,8 @@ def split_accounts(snap: Snapshot, parts: int) -> list[np.ndarray]:
     grows with both), never empty; fewer ranges than asked when there are fewer accounts.
     """
     n = snap.n_accounts
+    if n == 0:
+        return [np.arange(0)]
     parts = max(1, min(int(parts), n))
     work = np.cumsum(1 + np.bincount(snap.pos_account, minlength=n))  # [n] cumulative
     targets = work[-1] * np.arange(1, parts) / parts
@@ -207,22 +209,22 @@ class ClusterAccounts:
         if np.dtype(t.value.dtype) != np.dtype(engine.DTYPES[self.dtype]):
             raise ValueError(f"tables are {np.dtype(t.value.dtype).name}, the cluster sweeper {self.dtype}: "
                              "give engine.run and ClusterAccounts the same dtype")
-        used = sorted(set(self.workers))
-        tables = self.client.scatter(_to_host(t), workers=used, broadcast=True, hash=False)
-        futures = [self.client.submit(fn, sub, tables, self.chunk_size, self.dtype, *args,
-                                      workers=[w], allow_other_workers=True, pure=False)
-                   for sub, w in zip(self._subs, self.workers)]
-        size = {f.key: len(idx) for f, idx in zip(futures, self.index)}
-        done = 0
-        for f in as_completed(futures):
-            if f.status == "error":
-                f.result()  # raises the worker's exception here
-            done += size[f.key]
-            if self.progress is not None:
-                self.progress(done, self.snap.n_accounts)
-        out = self.client.gather(futures)
-        self.client.cancel([tables])
-        return out
+        tables = self.client.scatter(_to_host(t), workers=sorted(set(self.workers)), broadcast=True, hash=False)
+        try:
+            futures = [self.client.submit(fn, sub, tables, self.chunk_size, self.dtype, *args,
+                                          workers=[w], allow_other_workers=True, pure=False)
+                       for sub, w in zip(self._subs, self.workers)]
+            size = {f.key: len(idx) for f, idx in zip(futures, self.index)}
+            done = 0
+            for f in as_completed(futures, loop=self.client.loop):  # this client's, not a default one
+                if f.status == "error":
+                    f.result()  # raises the worker's exception here, as a local run would
+                done += size[f.key]
+                if self.progress is not None:
+                    self.progress(done, self.snap.n_accounts)
+            return self.client.gather(futures)
+        finally:
+            self.client.cancel([tables])
 
 
 def _check_workers(client: Any) -> list[str]:

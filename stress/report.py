@@ -224,6 +224,7 @@ ACCOUNT_TABLE = (
     Column("var_99", "VaR 99% (USD)", usd, optional=True),
     Column("es_99", "ES 99% (USD)", usd, optional=True),
     Column("p_liquidation", "P(liquidation)", pct, optional=True, sort_digits=6),
+    Column("adl_loss_worst", "ADL loss, worst (USD)", usd, optional=True),
 )
 
 # The riskiest accounts in a terminal: the columns that fit 80 characters.
@@ -235,11 +236,15 @@ SCENARIO_TABLE = (
     Column("kind", "Kind", text, numeric=False),
     Column("pnl_total", "Exchange P&L (USD)", usd),
     Column("accounts_liquidatable", "Liquidatable", count),
+    Column("liquidated_notional", "Notional closed (USD)", usd, optional=True),
     Column("shortfall_total", "Shortfall (USD)", usd, optional=True),
     Column("bad_debt", "Bad debt (USD)", usd),
+    Column("fees", "Fees (USD)", usd, optional=True),
+    Column("impact_cost", "Impact (USD)", usd, optional=True),
     Column("insurance_fund_before", "Fund before (USD)", usd, optional=True),
     Column("insurance_fund_after", "Fund after (USD)", usd),
     Column("socialized_loss", "Socialised loss (USD)", usd),
+    Column("adl_total", "ADL charged (USD)", usd, optional=True),
 )
 
 EXPOSURE_TABLE = (

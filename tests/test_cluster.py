@@ -77,12 +77,13 @@ correlation = { "BTC/ETH" = 0.8 }
 
 @pytest.fixture(scope="module")
 def client():
-    """Two worker processes, one thread each, started with ``spawn``."""
+    """Two worker processes, one thread each, started with ``spawn``; not the default client,
+    so nothing in ``stress.cluster`` may rely on one (the CLI's client is not either)."""
     import dask
 
     with dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}):
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                      dashboard_address=None) as lc, distributed.Client(lc) as c:
+                                      dashboard_address=None) as lc, distributed.Client(lc, set_as_default=False) as c:
             yield c
 
 
@@ -112,9 +113,11 @@ def _three(folder):
 
 def _adl_book(folder):
     """test_liquidation's ADL book: L long 1000 on 400,000; shorts S1 (1M) and S2 (4M) of 500
-    each, ranked S1 first; a fund of 100,000 leaves 500,000 to auto-deleverage at down-4."""
+    each, ranked S1 first. At down-4 L's bad debt (600,000, and the impact of closing it) less
+    the fund of 100,000 exceeds S1's profit of 500,000, so S2 is charged too. Same terms as
+    ``_three``, so the two books share compiled kernels."""
     return _perpetual_book(folder, {"L": 400_000.0, "S1": 1_000_000.0, "S2": 4_000_000.0},
-                           {"L": 1000, "S1": -500, "S2": -500}, 100_000.0, "")
+                           {"L": 1000, "S1": -500, "S2": -500}, 100_000.0, "fee_rate = 0.002\n" + IMPACT)
 
 
 BOOKS = {"impact": _three, "adl": _adl_book}
@@ -146,7 +149,13 @@ def assert_same(got: engine.Result, want: engine.Result) -> None:
                 np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-12 * scale, err_msg=f"{name}.{col}")
             else:
                 np.testing.assert_array_equal(x, y, err_msg=f"{name}.{col}")
-    g, w = _flat(got.summary), _flat(want.summary)
+    assert_same_summary(got.summary, want.summary)
+
+
+def assert_same_summary(got: dict, want: dict) -> None:
+    """Equal keys and values, floats to 1e-12 relative (exchange-wide sums over accounts are
+    added in another order), the runtime aside."""
+    g, w = _flat(got), _flat(want)
     g.pop("runtime_seconds"), w.pop("runtime_seconds")
     assert g.keys() == w.keys()
     for k, v in w.items():
@@ -206,9 +215,11 @@ def test_sample_under_monte_carlo_paths_matches_the_local_run(client, sample_dir
 @pytest.mark.parametrize("parts", [1, 2, 3])
 def test_impact_and_adl_books_match_for_any_number_of_partitions(client, books, book, parts):
     _, snap, scen, want = books[book]
-    assert want.scenarios.adl_total.max() > 0  # the books exercise the passes between sweeps
-    if book == "impact":
-        assert want.scenarios.impact_cost.max() > 0
+    # the books exercise the exchange-wide passes: impact, and ADL ranking winners that
+    # different partitions hold
+    assert want.scenarios.impact_cost.max() > 0 and want.scenarios.adl_total.max() > 0
+    if book == "adl":
+        assert (want.accounts.set_index("account_id").adl_loss_worst[["S1", "S2"]] > 0).all()
     got = cluster.run(snap, scen, client, partitions=parts)
     assert_same(got, want)
 
@@ -236,8 +247,7 @@ def test_cli_run_on_the_cluster_writes_the_same_summary(client, books, tmp_path)
     off = _cli(*args, "--out", tmp_path / "off")
     assert on.exit_code == 0 and off.exit_code == 0, on.output + off.output
     s_on, s_off = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("on", "off"))
-    s_on.pop("runtime_seconds"), s_off.pop("runtime_seconds")
-    assert s_on == s_off
+    assert_same_summary(s_on, s_off)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "on" / "accounts.parquet"),
                                   pd.read_parquet(tmp_path / "off" / "accounts.parquet"), rtol=1e-12)
 
@@ -260,4 +270,13 @@ def test_cli_without_dask_says_how_to_install_it(books, tmp_path, monkeypatch):
     res = _cli("run", folder / "snap", "--scenarios", folder / "scenarios.toml", "--cluster", "tcp://127.0.0.1:9",
                "--out", tmp_path / "out")
     assert res.exit_code == 2 and "pip install 'stress[cluster]'" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_workers_with_another_version_of_stress(client, books, tmp_path, monkeypatch):
+    monkeypatch.setattr(stress, "__version__", "0.0.0-other")  # the client's; the workers keep theirs
+    folder, *_ = books["adl"]
+    res = _cli("run", folder / "snap", "--scenarios", folder / "scenarios.toml", "--cluster", client.scheduler.address,
+               "--out", tmp_path / "out")
+    assert res.exit_code == 2 and "0.0.0-other" in res.stderr and "Traceback" not in res.output
     assert not (tmp_path / "out").exists()
