@@ -71,8 +71,18 @@ class Tables:
     n_impact: int = dataclasses.field(default=0, metadata={"static": True})  # instruments with impact
     partial_target: Any = None  # [] partial liquidation back to this collateral / margin; None: full
     n_groups: int = dataclasses.field(default=0, metadata={"static": True})  # account groups (Cover 2)
+    tiers: Any = None  # (bound, step), each [I, K-1]: risk-limit tiers of maintenance margin; None: untiered
     lag: int = dataclasses.field(default=0, metadata={"static": True})  # oracle lag, steps
     lags: tuple = dataclasses.field(default=(), metadata={"static": True})  # lags reported side by side
+
+
+def _tiers(params: Any, rates: Any, dtype: Any = jnp.float64) -> tuple | None:
+    """``(bound, step)`` ``[I, K-1]`` of risk-limit tiers (``portfolio.tier_extra``) for the
+    tier ``rates`` ``[I, K]`` (maintenance or initial), or None when no tier changes a rate."""
+    step = np.diff(np.asarray(rates, np.float64), axis=1)
+    if not step.size or not step.any():
+        return None
+    return jnp.asarray(np.asarray(params.tier_bound)[:, :-1], dtype), jnp.asarray(step, dtype)
 
 
 def tile_width(n_scenarios: int, max_tile: int = 256) -> int:
@@ -150,12 +160,14 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         n_impact=int(has_impact.sum()),
         partial_target=jnp.asarray(liq_cfg["partial_target"], dtype) if liq_cfg["mode"] == "partial" else None,
         n_groups=group_rows(snap)[1],
+        tiers=_tiers(snap.params, snap.params.tier_mm, dtype),
         lag=liq_cfg["oracle_lag_steps"],
         lags=liq_cfg["oracle_lags"],
     )
     # Host copies at float64 for exchange-level numbers.
     price_all = np.asarray(rv["price"])[:, : 1 + S]
-    host = {"price_all": price_all, "value": np.asarray(rv["value"])[:, : 1 + S], "im0": np.asarray(im[:, 0])}
+    host = {"price_all": price_all, "value": np.asarray(rv["value"])[:, : 1 + S], "im0": np.asarray(im[:, 0]),
+            "notional0": np.asarray(rv["notional"][:, 0])}
     return t, host
 
 
@@ -175,7 +187,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
       over the chunk's valid accounts (and ``pnl``, ``liquidated`` ``[n, T * W]`` with
       ``with_pnl``).
     """
-    eq0, coll0, mm0, g0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut, t.notional0))
+    eq0, coll0, mm0, g0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut, t.notional0, tiers=t.tiers))
     n = eq0.shape[0]
     T, W = t.user.shape
     dt = eq0.dtype
@@ -190,11 +202,12 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         bad debt under each reported oracle lag."""
         per_contract = (notional,) if impact is None else (notional, impact)
         if t.partial_target is not None:
-            pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, t.haircut, *per_contract)
+            pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, t.haircut, *per_contract, tiers=t.tiers)
             r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, imp[0] if imp else None)
             return (r["equity"], r["collateral"], r["margin"], r["liquidated"], r["fee"], r["impact"],
                     r["closed_notional"], r["closed_out"], [])
-        eq, coll, m, *g = jax.lax.optimization_barrier(portfolio.state(h, value, mm, price, t.haircut, *per_contract))
+        eq, coll, m, *g = jax.lax.optimization_barrier(
+            portfolio.state(h, value, mm, price, t.haircut, *per_contract, tiers=t.tiers))
         eq_end = eq[:, :W]  # as if every position were held to the last step
         # bad debt under other oracle lags, before closing costs (the impact of pass 1 is the
         # configured lag's)
@@ -301,10 +314,10 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
     def tile(_, x):
         value, mm, price, notional = x
         if t.partial_target is None:
-            eq, coll, m = portfolio.state(h, value, mm, price, t.haircut)
+            eq, coll, m, _ = portfolio.state(h, value, mm, price, t.haircut, notional, tiers=t.tiers)
             *_, at = liquidation.path_outcome(W, eq, coll, m, lag=t.lag, at=True)
         else:  # the share of the book closed at each step, before the impact is known
-            pos, bal, px, keep, m, g = portfolio.slots(h, value, mm, price, t.haircut, notional)
+            pos, bal, px, keep, m, g = portfolio.slots(h, value, mm, price, t.haircut, notional, tiers=t.tiers)
             at = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate)["closed"]
         closed = at * h.valid[:, None].astype(dt)
 
@@ -492,9 +505,15 @@ def exchange_pnl(snap: Snapshot, host: dict) -> tuple[np.ndarray, np.ndarray]:
     return total, gross
 
 
-def _initial_margin(snap: Snapshot, im0: np.ndarray) -> np.ndarray:
-    """Initial margin per account at the snapshot, USD (``[n]``)."""
-    w = position_weights(snap) * im0[snap.pos_instrument]
+def _initial_margin(snap: Snapshot, im0: np.ndarray, notional0: np.ndarray) -> np.ndarray:
+    """Initial margin per account at the snapshot, USD (``[n]``), risk-limit tiers applied."""
+    i = snap.pos_instrument
+    w = position_weights(snap) * im0[i]
+    tiers = _tiers(snap.params, snap.params.tier_im)
+    if tiers is not None:
+        pn = np.abs(snap.pos_quantity) * notional0[i]
+        bound, step = (np.asarray(x)[i] for x in tiers)
+        w = w + pn * np.sum(step * (pn[:, None] > bound), axis=1)
     return np.bincount(snap.pos_account, weights=w, minlength=snap.n_accounts)
 
 
@@ -798,7 +817,7 @@ def run(
     S = len(scen)
     nan = np.full(snap.n_accounts, np.nan)
 
-    im = _initial_margin(snap, host["im0"])
+    im = _initial_margin(snap, host["im0"], host["notional0"])
     names = np.array(scen.names, dtype=object)
     worst_idx = np.clip(acc["scenario_worst"], 0, S - 1)
     accounts = pd.DataFrame(

@@ -154,7 +154,19 @@ def layout(
     return out
 
 
-def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: Any) -> tuple[Any, ...]:
+def tier_extra(pn: Any, i: Any, tiers: Any) -> Any:
+    """Maintenance margin a position pays beyond its first risk-limit tier, USD ``[n, W]``.
+
+    ``pn``: ``[n, W]`` its notional; ``i``: ``[n]`` its instrument; ``tiers``: ``(bound,
+    step)``, each ``[I, K - 1]``: the upper bound of tiers ``1 .. K - 1`` and how much the
+    rate rises past each. The whole position pays the rate of the tier its notional is in
+    (``margin.tier_margin``), i.e. the first tier's rate plus every step whose bound it exceeds.
+    """
+    bound, step = tiers[0][i], tiers[1][i]  # [n, K - 1]
+    return pn * jnp.sum(step[:, None, :] * (pn[:, :, None] > bound[:, None, :]), axis=-1)
+
+
+def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: Any, tiers: Any = None) -> tuple[Any, ...]:
     """Equity, collateral value and maintenance margin of a chunk of accounts, USD.
 
     Args:
@@ -167,6 +179,8 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
       haircut: ``[A]``.
       gross: further ``[I, W]`` per-contract amounts, USD, each summed per account over
         ``|quantity|`` (the notional of SPEC section 2, a closing cost per contract, ...).
+      tiers: optional risk-limit tiers ``(bound, step)`` (``tier_extra``); ``gross[0]`` must
+        then be the notional per contract.
 
     Returns:
       ``(equity, collateral, margin, *gross_sums)``, each ``[n, W]``: ``sum_p |q_p| * g[i_p]``
@@ -185,7 +199,10 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
         e, m, g = carry
         i = h.inst[:, j, l]
         m = m + h.weight[:, j, l, None] * mm(i)
-        g = tuple(gk + jnp.abs(h.qty[:, j, l, None]) * table(i) for gk, table in zip(g, gross))
+        per = tuple(jnp.abs(h.qty[:, j, l, None]) * table(i) for table in gross)
+        if tiers is not None:
+            m = m + tier_extra(per[0], i, tiers)
+        g = tuple(gk + p for gk, p in zip(g, per))
         return e + h.qty[:, j, l, None] * value(i), m, g
 
     def slot(j, carry):
@@ -212,7 +229,7 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
     return (eq, coll, margin, *g)
 
 
-def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: Any) -> tuple[Any, ...]:
+def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: Any, tiers: Any = None) -> tuple[Any, ...]:
     """The pieces of ``state`` kept per asset slot, for models that change holdings along a
     path (partial liquidation): ``(pos [n, J, W], bal [n, J], px [n, J, W], keep [n, J],
     margin [n, W], *gross_sums [n, W])``: the value of the positions settled in each slot's
@@ -227,6 +244,8 @@ def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
         pos, margin, sums = carry
         i, q = h.inst[:, :, l], h.qty[:, :, l, None]
         margin = margin + jnp.sum(h.weight[:, :, l, None] * mm(i), axis=1)
+        if tiers is not None:  # slot by slot: tier_extra takes [n] instruments
+            margin = margin + sum(tier_extra(jnp.abs(q[:, j]) * gross[0](i[:, j]), i[:, j], tiers) for j in range(J))
         sums = tuple(s + jnp.sum(jnp.abs(q) * g(i), axis=1) for s, g in zip(sums, gross))
         return pos + q * value(i), margin, sums
 

@@ -83,7 +83,7 @@ def client():
 
     with dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}):
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                      dashboard_address=None) as lc, distributed.Client(lc, set_as_default=False) as c:
+                                      dashboard_address=":0") as lc, distributed.Client(lc, set_as_default=False) as c:
             yield c
 
 

@@ -349,3 +349,30 @@ def test_margin_command_rejects_unknown_account_or_model_with_exit_2(tmp_path, a
     res = CliRunner().invoke(app, ["margin", str(folder), *args, "--out", str(target)])
     assert res.exit_code == 2 and message in res.output
     assert not target.exists()
+
+
+def test_stress_run_applies_risk_limit_tiers_at_the_snapshot_and_in_every_scenario(tmp_path):
+    lin1 = {**LIN, "instrument_id": "LIN1", "contract_size": 1.0}
+    positions = [{"account_id": "at_bound", "instrument_id": "LIN1", "quantity": 0.5},
+                 {"account_id": "above", "instrument_id": "LIN1", "quantity": -0.6},
+                 {"account_id": "beyond", "instrument_id": "LIN1", "quantity": 20}]
+    snap = snapshot(tmp_path / "a", [lin1], positions, extra=TIERS)
+    (tmp_path / "s.toml").write_text('[[scenario]]\nname = "flat"\n')
+    res = stress.run(snap, stress.load_scenarios(tmp_path / "s.toml", snap)).accounts.set_index("account_id")
+    want = by_account(snap, "standard")
+    np.testing.assert_allclose(res.loc[want.index, "initial_margin"], want.initial_margin.astype(float), rtol=1e-12)
+    np.testing.assert_allclose(res.loc[want.index, "maintenance_margin"], want.maintenance_margin.astype(float), rtol=1e-12)
+
+    # Long 0.45 BTC (45,000 USD: tier 1, MM 0.5% = 225) on -8,600 USDC. BTC +20%: F' = 120,060,
+    # P&L 0.45 x 20,010 = 9,004.5, collateral 404.5; the notional 54,000 is now in tier 2, MM
+    # 1% = 540 > 404.5: liquidatable, shortfall 135.5 (the first tier's 270 would not be).
+    folder = write_snapshot(tmp_path / "b", assets=ASSETS, instruments=[lin1],
+                            balances=[{"account_id": "x", "asset": "USDC", "amount": -8_600.0}],
+                            positions=[{"account_id": "x", "instrument_id": "LIN1", "quantity": 0.45}],
+                            exchange_toml=toml(TIERS))
+    snap = stress.load_snapshot(folder)
+    (tmp_path / "up.toml").write_text('[[scenario]]\nname = "up-20"\nmoves = { BTC = 0.2 }\n')
+    res = stress.run(snap, stress.load_scenarios(tmp_path / "up.toml", snap))
+    assert res.accounts.maintenance_margin[0] == pytest.approx(225.0, rel=1e-12)
+    assert res.accounts.shortfall_worst[0] == pytest.approx(135.5, rel=1e-9)
+    assert res.scenarios.accounts_liquidatable[0] == 1
