@@ -18,8 +18,9 @@ Model, per path and underlying ``a`` (docs/cascade.md has the formulas and a wor
 - ``c_a(0) = 1``, ``c_a(t + 1) = c_a(t) * max(1 + impact_move(X_a(t)), MIN_FACTOR)``: permanent
   impact, cumulative and multiplicative over the steps. The half-spread is a cost paid, not a
   move of the mid, so only the square-root term moves prices. Volatilities are not moved.
-- Step ``t`` is revalued at the path's price times ``c(t)``: instrument values, margins and
-  notionals all follow. Who breaches, the impact charged (``liquidation.impact_cost`` of each
+- Step ``t`` is revalued at the path's price times ``c(t)``: instrument values, margins (risk-
+  limit tiers included, by each position's notional at the moved prices) and notionals all
+  follow. Who breaches, the impact charged (``liquidation.impact_cost`` of each
   instrument's net notional at that step's moved prices, shared pro rata to the contracts each
   liquidated account closes), the fee and the bad debt are then exactly the engine's.
 - Only paths (``montecarlo`` and ``replay`` scenarios of a set with ``K > 1`` steps) feed back:
@@ -27,7 +28,9 @@ Model, per path and underlying ``a`` (docs/cascade.md has the formulas and a wor
   step), so there is no later step for its closes to move; its feedback run is its plain run.
 
 With the feedback switched off (every ``c = 1``) this is the engine's model, and the same
-numbers come out (``bad_debt_no_feedback`` equals ``engine.run(...).scenarios.bad_debt``).
+numbers come out (``bad_debt_no_feedback`` equals ``engine.run(...).scenarios.bad_debt``), for
+full close-out (``[liquidation] mode = "full"``) under the standard margin model; partial
+liquidation and the portfolio margin model are not modelled here (``NotImplementedError``).
 
 Shape (DESIGN.md): steps outermost, a ``lax.scan`` over them, and inside each step one pass
 over every account (stacked chunks, a ``lax.scan`` over the chunks of each holdings bucket);
@@ -159,11 +162,16 @@ def _market(inst, market, params, spot_mult, vol_shift, horizon):
     return rv, mm, move_notional
 
 
-def _breach_chunk(h: Holdings, br: Any, contracts: Any, closed_n: Any, value, mm, price, haircut, t, *, K, lag):
+def _breach_chunk(h: Holdings, br: Any, contracts: Any, closed_n: Any, value, mm, price, notional, haircut, tiers,
+                  t, *, K, lag):
     """One chunk at step ``t``: record first breaches (``br`` ``[n, W2]``, ``K`` = none yet) and
     add the contracts of accounts closed out at ``t`` (breached at ``t - lag``) to the step's
-    exchange-wide ``contracts [2, I, W2]`` (net signed, closing longs > 0; gross) and count."""
-    _, coll, m = portfolio.state(h, value, mm, price, haircut)
+    exchange-wide ``contracts [2, I, W2]`` (net signed, closing longs > 0; gross) and count.
+    ``tiers``: the maintenance margin's risk-limit tiers (``engine._tiers``), or None."""
+    if tiers is None:
+        _, coll, m = portfolio.state(h, value, mm, price, haircut)
+    else:  # a position's tier follows its notional at the step's (moved) prices
+        _, coll, m, _ = portfolio.state(h, value, mm, price, haircut, notional, tiers=tiers)
     br = jnp.where((br == K) & (m > coll), t, br)
     closed = (br + lag == t) & h.valid[:, None]
     cf = closed.astype(contracts.dtype)
@@ -207,12 +215,13 @@ def _settle_chunk(h: Holdings, br: Any, tab: dict, haircut, fee_rate, *, K, lag,
     return sums, jnp.where(liq, d, -1).astype(jnp.int32)
 
 
-def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, mult, vol, hor, fb, *, K, lag, with_fee,
+def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult, vol, hor, fb, *, K, lag, with_fee,
           with_accounts):
     """One tile of ``W2`` columns (paths), every step, every account.
 
     Args:
       hs: tuple of ``Holdings [C_b, chunk, J, L]``, one per bucket.
+      tiers: ``(bound, step)`` ``[I, K_tiers - 1]`` risk-limit tiers of maintenance margin, or None.
       mult, vol: ``[K, W2, A]`` the paths' spot multipliers and vol shifts, time order.
       hor: ``[K, W2]`` horizon days. fb: ``[W2]`` bool: the column's closes move later prices.
 
@@ -236,11 +245,13 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, mult, vol, h
         m, v, h, t = x
         rv, mm, move_notional = _market(inst, market, params, m * factor, v, h)
         value, mmd, price = rv["value"].astype(dt), mm.astype(dt), rv["price"].astype(dt)
+        notional_dt = rv["notional"].astype(dt)
         contracts, closed_n = jnp.zeros((2, I, W2), dt), jnp.zeros(W2, dt)
         new = []
         for h_b, br_b in zip(hs, brs):  # a handful of holdings shapes, unrolled at trace time
             def body(c, xs):
-                br, contracts, closed_n = _breach_chunk(xs[0], xs[1], *c, value, mmd, price, haircut, t, K=K, lag=lag)
+                br, contracts, closed_n = _breach_chunk(xs[0], xs[1], *c, value, mmd, price, notional_dt, haircut,
+                                                        tiers, t, K=K, lag=lag)
                 return (contracts, closed_n), br
 
             (contracts, closed_n), br_b = jax.lax.scan(body, (contracts, closed_n), (h_b, br_b))
@@ -255,7 +266,7 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, mult, vol, h
         X = jax.ops.segment_sum(net * move_notional, und, num_segments=A)  # [A, W2]
         move = liquidation.impact_move(X, imp.k[:, None], imp.daily_vol[:, None], imp.daily_volume[:, None])
         grow = jnp.where(fb[None, :], jnp.maximum(1.0 + move, MIN_FACTOR), 1.0)
-        ys = {"value": value, "price": price, "notional": notional.astype(dt), "charge": charge.astype(dt),
+        ys = {"value": value, "price": price, "notional": notional_dt, "charge": charge.astype(dt),
               "cost": cost.sum(axis=0), "closed": closed_n, "net_notional": X, "factor": factor}
         return (factor * grow.T, tuple(new)), ys
 
@@ -288,13 +299,13 @@ def _kernel(n_devices: int, K: int, lag: int, with_fee: bool, with_accounts: boo
     instrument terms replicated. Compiled once per holdings shapes and tile width."""
     mesh = Mesh(np.array(engine.devices()[:n_devices]), ("d",))
 
-    def local(hs, inst, market, params, imp, haircut, fee_rate, mult, vol, hor, fb):
-        out = _tile(hs, inst, market, params, imp, haircut, fee_rate, mult[0], vol[0], hor[0], fb[0],
+    def local(hs, inst, market, params, imp, haircut, fee_rate, tiers, mult, vol, hor, fb):
+        out = _tile(hs, inst, market, params, imp, haircut, fee_rate, tiers, mult[0], vol[0], hor[0], fb[0],
                     K=K, lag=lag, with_fee=with_fee, with_accounts=with_accounts)
         return jax.tree_util.tree_map(lambda x: x[None], out)
 
     rep = P()
-    specs = {"mesh": mesh, "in_specs": (rep,) * 7 + (P("d"),) * 4, "out_specs": P("d")}
+    specs = {"mesh": mesh, "in_specs": (rep,) * 8 + (P("d"),) * 4, "out_specs": P("d")}
     try:  # paths are independent: no cross-device values
         mapped = shard_map(local, check_vma=False, **specs)
     except TypeError:  # jax < 0.6 calls it check_rep
@@ -341,6 +352,10 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int = engine.DEFAULT_CHU
     """
     dt = engine.DTYPES[dtype] if isinstance(dtype, str) else dtype
     cfg = liquidation.config(snap.liquidation_config)
+    if cfg.get("mode", "full") != "full":
+        raise NotImplementedError("cascades are modelled for full close-out only ([liquidation] mode = \"full\")")
+    if snap.margin_config.get("model", "standard") == "portfolio":
+        raise NotImplementedError("cascades are modelled under the standard margin model only ([margin] model)")
     S, K, A = len(scen), scen.steps, snap.n_assets
     lag = cfg["oracle_lag_steps"] if K > 1 else 0  # a one-step set is an instantaneous shock
     fee_rate = cfg["fee_rate"]
@@ -359,8 +374,9 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int = engine.DEFAULT_CHU
     kernel, mesh = _kernel(D, K, lag, fee_rate > 0, accounts)
     rep = NamedSharding(mesh, P())
     hs, rows = stacked(snap, chunk_size, dt)
+    tiers = engine._tiers(snap.params, snap.params.tier_mm, dt)  # None when untiered
     fixed = jax.device_put((tuple(hs), snap.instruments, snap.market, snap.params, impact_params(snap),
-                            np.asarray(snap.params.haircut, dt), np.asarray(fee_rate, dt)), rep)
+                            np.asarray(snap.params.haircut, dt), np.asarray(fee_rate, dt), tiers), rep)
 
     def group(g):  # D tiles: [D, K, 2W, ...], columns [W feedback | W plain]
         sl = slice(g * W, (g + D) * W)

@@ -9,8 +9,8 @@ pass's inputs and outputs travel (docs/cluster.md):
 
 - each worker's sub-snapshot, once (``client.scatter``), kept there for every pass;
 - per pass, to every worker: the tables, ``[T, I, K*W]`` per instrument, step and scenario;
-- per pass, back: per-scenario sums (``[S]`` rows; ``[S, K, instruments]`` for the impact's
-  pass 1) and the partition's per-account columns; the auto-deleveraging pass also returns
+- per pass, back: per-scenario sums (``[S]`` rows; contracts closed ``[T, 2, n_impact, K*W]``
+  for the impact's pass 1) and the partition's per-account columns; the auto-deleveraging pass also returns
   P&L and liquidated ``[accounts, deficit scenarios]``, in batches (``engine.ADL_BYTES``).
 
 Partials of disjoint accounts merge exactly (``engine.merge``), so the results are those of the
@@ -104,10 +104,10 @@ def _host_snapshot(snap: Snapshot) -> Snapshot:
 
 
 def _worker_info() -> dict:
-    """What a worker runs: the package version and whether JAX there computes in float64."""
+    """What a worker runs: the versions of stress and JAX, and whether JAX computes in float64."""
     import stress
 
-    return {"version": stress.__version__, "x64": bool(jax.config.jax_enable_x64)}
+    return {"version": stress.__version__, "jax": jax.__version__, "x64": bool(jax.config.jax_enable_x64)}
 
 
 def _device_tables(t: engine.Tables) -> engine.Tables:
@@ -228,10 +228,10 @@ class ClusterAccounts:
 
 
 def _check_workers(client: Any) -> list[str]:
-    """The addresses of the cluster's workers, sorted; each must run this version of stress.
+    """The addresses of the cluster's workers, sorted; each must run this version of stress and JAX.
 
     Waits up to ``CONNECT_TIMEOUT`` for a first worker. Raises ``ClusterError`` when none
-    comes, or when a worker cannot import ``stress`` or has another version of it.
+    comes, or when a worker cannot import ``stress`` or has other versions of it or of JAX.
     """
     import stress
 
@@ -246,8 +246,9 @@ def _check_workers(client: Any) -> list[str]:
         if isinstance(got, Exception):
             raise ClusterError(f"worker {addr} cannot run stress ({type(got).__name__}: {got}); "
                                f"install stress {stress.__version__} there")
-        if got["version"] != stress.__version__:
-            raise ClusterError(f"worker {addr} runs stress {got['version']}, this client {stress.__version__}")
+        if got["version"] != stress.__version__ or got["jax"] != jax.__version__:  # other kernels, other numbers
+            raise ClusterError(f"worker {addr} runs stress {got['version']} on jax {got['jax']}, "
+                               f"this client stress {stress.__version__} on jax {jax.__version__}")
         if not got["x64"]:  # reports are float64; a worker in float32 would round every column
             raise ClusterError(f"worker {addr} has JAX's float64 turned off")
     return sorted(info)

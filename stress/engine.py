@@ -33,6 +33,7 @@ from .scenarios import Scenarios
 from .snapshot import OPTION, Snapshot
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
+PM_TILE = 32  # scenarios per tile under the portfolio margin model
 DEFAULT_CHUNK = 128  # accounts per chunk: [128, 256] tiles keep the working set in L2
 VAR_LEVEL = 0.99
 # Per-scenario sums over accounts; ``closed_out``: what positions closed out before a path's end
@@ -72,6 +73,10 @@ class Tables:
     partial_target: Any = None  # [] partial liquidation back to this collateral / margin; None: full
     n_groups: int = dataclasses.field(default=0, metadata={"static": True})  # account groups (Cover 2)
     tiers: Any = None  # (bound, step), each [I, K-1]: risk-limit tiers of maintenance margin; None: untiered
+    # Portfolio margin model (None: standard): the risk matrix around every state, "pnl" [T, I,
+    # K*W, G] USD per contract, "delta"/"roll" [T, I, K*W], "*0" at the snapshot, and its
+    # parameters (portfolio.portfolio_margin).
+    pm: Any = None
     lag: int = dataclasses.field(default=0, metadata={"static": True})  # oracle lag, steps
     lags: tuple = dataclasses.field(default=(), metadata={"static": True})  # lags reported side by side
 
@@ -105,7 +110,9 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     liq_cfg = liquidation.config(snap.liquidation_config)
     fee_rate = liq_cfg["fee_rate"]
     S = len(scen)
-    W = tile_width(S)
+    portfolio_model = snap.margin_config.get("model", "standard") == "portfolio"
+    # a portfolio-margin tile holds [accounts, underlyings, W, grid] blocks: keep it narrow
+    W = tile_width(S, PM_TILE if portfolio_model else 256)
     T = math.ceil(S / W)
     A = snap.n_assets
     spot = np.ones((1 + T * W, A))
@@ -135,6 +142,40 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         price = jnp.concatenate([price, steps(prv["price"])], axis=2)
         notional = jnp.concatenate([notional, steps(prv["notional"])], axis=2)
 
+    pm = None
+    if portfolio_model:  # a risk matrix around every scenario state (and every step of a path)
+        params = margin.resolve(snap)
+        g = margin.scenario_grids(snap.instruments, snap.market, params, spot, vol, hor)
+
+        def cols(x, first=1):  # [X, I, ...] -> [T, I, W, ...]
+            x = np.asarray(x)[first:]
+            return x.reshape((T, W) + x.shape[1:]).swapaxes(1, 2)
+
+        pnl, delta, roll = (cols(g[k]) for k in ("pnl", "delta", "roll"))
+        if scen.steps > 1:
+            pg = margin.scenario_grids(snap.instruments, snap.market, params, p_spot.reshape(-1, A),
+                                       p_vol.reshape(-1, A), p_hor.reshape(-1))
+
+            def path_cols(x):  # [K1 * T * W, I, ...] -> [T, I, K1 * W, ...]
+                x = np.asarray(x).reshape((K1, T, W) + x.shape[1:])
+                x = np.moveaxis(x, 3, 1)  # [K1, I, T, W, ...]
+                x = np.moveaxis(x, 2, 0)  # [T, K1, I, W, ...]
+                x = np.swapaxes(x, 1, 2)  # [T, I, K1, W, ...]
+                return x.reshape(x.shape[:2] + (K1 * W,) + x.shape[4:])
+
+            pnl, delta, roll = (np.concatenate([a, path_cols(pg[k])], axis=2)
+                                for a, k in ((pnl, "pnl"), (delta, "delta"), (roll, "roll")))
+        u = np.asarray(snap.instruments.underlying)
+        pm = {"pnl": jnp.asarray(pnl, dtype), "delta": jnp.asarray(delta, dtype), "roll": jnp.asarray(roll, dtype),
+              "pnl0": jnp.asarray(np.asarray(g["pnl"])[0][:, None, :], dtype),
+              "delta0": jnp.asarray(np.asarray(g["delta"])[0][:, None], dtype),
+              "roll0": jnp.asarray(np.asarray(g["roll"])[0][:, None], dtype),
+              "und": jnp.asarray(u.astype(np.int32)),
+              "offset": jnp.asarray(params.pm_pnl_offset, dtype), "frac": jnp.asarray(params.pm_extended_fraction, dtype),
+              "mds": jnp.asarray(params.pm_max_delta_shock, dtype), "thr": jnp.asarray(params.pm_delta_threshold, dtype),
+              "factor": jnp.asarray(params.pm_mm_factor, dtype),
+              "extended": jnp.asarray(margin.grid_moves(params)[2])}
+
     user = np.arange(T * W) < S
     random = np.zeros(T * W, bool)
     random[:S] = scen.random
@@ -161,6 +202,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         partial_target=jnp.asarray(liq_cfg["partial_target"], dtype) if liq_cfg["mode"] == "partial" else None,
         n_groups=group_rows(snap)[1],
         tiers=_tiers(snap.params, snap.params.tier_mm, dtype),
+        pm=pm,
         lag=liq_cfg["oracle_lag_steps"],
         lags=liq_cfg["oracle_lags"],
     )
@@ -188,6 +230,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
       ``with_pnl``).
     """
     eq0, coll0, mm0, g0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut, t.notional0, tiers=t.tiers))
+    if t.pm is not None:
+        mm0 = portfolio.portfolio_margin(h, t.pm["pnl0"], t.pm["delta0"], t.pm["roll0"], t.pm)[:, 0]
     n = eq0.shape[0]
     T, W = t.user.shape
     dt = eq0.dtype
@@ -195,19 +239,21 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     keep_pnl = with_pnl or n_random > 0
     paths = t.value.shape[2] > W  # K > 1 steps per scenario
 
-    def outcome(value, mm, price, notional, impact):
+    def outcome(value, mm, price, notional, impact, pmx):
         """Per account and scenario: equity at the path's end after closing costs; collateral
         and margin at the step that decides the path; liquidated or not; the fee, the impact
         paid, the notional closed, what closed positions gained after their close; and the
         bad debt under each reported oracle lag."""
         per_contract = (notional,) if impact is None else (notional, impact)
+        m_pm = None if pmx is None else portfolio.portfolio_margin(h, *pmx, t.pm)
         if t.partial_target is not None:
             pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, t.haircut, *per_contract, tiers=t.tiers)
+            m = m if m_pm is None else m_pm
             r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, imp[0] if imp else None)
             return (r["equity"], r["collateral"], r["margin"], r["liquidated"], r["fee"], r["impact"],
                     r["closed_notional"], r["closed_out"], [])
-        eq, coll, m, *g = jax.lax.optimization_barrier(
-            portfolio.state(h, value, mm, price, t.haircut, *per_contract, tiers=t.tiers))
+        eq, coll, m, *g = portfolio.state(h, value, mm, price, t.haircut, *per_contract, tiers=t.tiers)
+        eq, coll, m, *g = jax.lax.optimization_barrier((eq, coll, m if m_pm is None else m_pm, *g))
         eq_end = eq[:, :W]  # as if every position were held to the last step
         # bad debt under other oracle lags, before closing costs (the impact of pass 1 is the
         # configured lag's)
@@ -220,8 +266,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         return eq - cost - f, coll, m, liq, f, cost, closed, eq_end - eq, lagged
 
     def tile(carry, x):
-        value, mm, price, notional, impact, user, rnd, k = x
-        eq, coll, m, liq, f, cost, closed, closed_out, lagged = outcome(value, mm, price, notional, impact)
+        value, mm, price, notional, impact, pmx, user, rnd, k = x
+        eq, coll, m, liq, f, cost, closed, closed_out, lagged = outcome(value, mm, price, notional, impact, pmx)
         liqf = liq.astype(dt)
         pnl = eq - eq0[:, None]
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
@@ -251,14 +297,16 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
 
     inf = jnp.full(n, jnp.inf, dt)
     init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt), jnp.zeros(n, dt))
-    xs = (t.value, t.mm, t.price, t.notional, t.impact, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
+    pm_tiles = None if t.pm is None else (t.pm["pnl"], t.pm["delta"], t.pm["roll"])
+    xs = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
     (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, group_bad, pnl, liq) = jax.lax.scan(tile, init, xs)
 
     # The worst scenario: revalue each account on its own worst tile, take the first minimum.
     def at_best(x):  # rows i ([n] or [n, J]) of each account's worst tile
         return None if x is None else (lambda i: x[best_tile.reshape((-1,) + (1,) * (i.ndim - 1)), i])
 
-    eq_b = outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional), at_best(t.impact))[0]
+    pm_b = None if pm_tiles is None else tuple(at_best(x) for x in pm_tiles)
+    eq_b = outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional), at_best(t.impact), pm_b)[0]
     masked = jnp.where(t.user[best_tile], eq_b - eq0[:, None], jnp.inf)
     arg = best_tile * W + jnp.argmin(masked, axis=1).astype(jnp.int32)
     out = {
@@ -312,12 +360,15 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
     row = t.impact_row[h.inst.reshape(n, J * L)]  # rows past n_impact collect the rest
 
     def tile(_, x):
-        value, mm, price, notional = x
+        value, mm, price, notional, pmx = x
+        m_pm = None if pmx is None else portfolio.portfolio_margin(h, *pmx, t.pm)
         if t.partial_target is None:
             eq, coll, m, _ = portfolio.state(h, value, mm, price, t.haircut, notional, tiers=t.tiers)
+            m = m if m_pm is None else m_pm
             *_, at = liquidation.path_outcome(W, eq, coll, m, lag=t.lag, at=True)
         else:  # the share of the book closed at each step, before the impact is known
             pos, bal, px, keep, m, g = portfolio.slots(h, value, mm, price, t.haircut, notional, tiers=t.tiers)
+            m = m if m_pm is None else m_pm
             at = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate)["closed"]
         closed = at * h.valid[:, None].astype(dt)
 
@@ -328,7 +379,8 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
         acc = jax.lax.fori_loop(0, J * L, add, jnp.zeros((2, t.n_impact + 1, KW), dt))
         return None, acc[:, : t.n_impact]
 
-    return jax.lax.scan(tile, None, (t.value, t.mm, t.price, t.notional))[1]
+    pm_tiles = None if t.pm is None else (t.pm["pnl"], t.pm["delta"], t.pm["roll"])
+    return jax.lax.scan(tile, None, (t.value, t.mm, t.price, t.notional, pm_tiles))[1]
 
 
 def largest_two(x: Any) -> Any:
@@ -699,19 +751,21 @@ def _subset(t: Tables, cols: np.ndarray) -> Tables:
     T2 = math.ceil(S2 / W2)
     cols = jnp.asarray(cols)
 
-    def sub(x):  # [T, X, K*W] -> [T2, X, K*W2]
+    def sub(x):  # [T, X, K*W, ...] -> [T2, X, K*W2, ...]
         if x is None:
             return None
-        X = x.shape[1]
-        x = x.reshape(T, X, K, W).transpose(1, 2, 0, 3).reshape(X, K, T * W)[:, :, cols]
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, T2 * W2 - S2)))
-        return x.reshape(X, K, T2, W2).transpose(2, 0, 1, 3).reshape(T2, X, K * W2)
+        X, rest = x.shape[1], x.shape[3:]
+        x = jnp.moveaxis(x.reshape((T, X, K, W) + rest), 0, 2).reshape((X, K, T * W) + rest)[:, :, cols]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, T2 * W2 - S2)) + ((0, 0),) * len(rest))
+        x = jnp.moveaxis(x.reshape((X, K, T2, W2) + rest), 2, 0)
+        return x.reshape((T2, X, K * W2) + rest)
 
     flat = lambda x: jnp.pad(x.reshape(-1)[cols], (0, T2 * W2 - S2)).reshape(T2, W2)  # noqa: E731
     random = flat(t.random)
     return dataclasses.replace(
         t, value=sub(t.value), mm=sub(t.mm), price=sub(t.price), notional=sub(t.notional), impact=sub(t.impact),
         user=flat(t.user), random=random, random_index=jnp.asarray(np.flatnonzero(np.asarray(random).reshape(-1)), jnp.int32),
+        pm=None if t.pm is None else {**t.pm, **{k: sub(t.pm[k]) for k in ("pnl", "delta", "roll")}},
     )
 
 
@@ -817,7 +871,10 @@ def run(
     S = len(scen)
     nan = np.full(snap.n_accounts, np.nan)
 
-    im = _initial_margin(snap, host["im0"], host["notional0"])
+    if host["tables"].pm is not None:  # portfolio model: MM = mm_factor x IM
+        im = acc["maintenance_margin"] / float(host["tables"].pm["factor"])
+    else:
+        im = _initial_margin(snap, host["im0"], host["notional0"])
     names = np.array(scen.names, dtype=object)
     worst_idx = np.clip(acc["scenario_worst"], 0, S - 1)
     accounts = pd.DataFrame(
@@ -904,7 +961,7 @@ def run(
         "total_equity": float(accounts["equity"].sum()),
         "total_initial_margin": float(im.sum()),
         "total_maintenance_margin": float(accounts["maintenance_margin"].sum()),
-        "margin_model": "standard",
+        "margin_model": "portfolio" if host["tables"].pm is not None else "standard",
         "dtype": dtype if isinstance(dtype, str) else np.dtype(dtype).name,
         "runtime_seconds": time.perf_counter() - t0,
     }

@@ -495,6 +495,36 @@ def instrument_grid(inst: Instruments, market: Market, params: Params) -> dict:
             "vol_index": vol_index, "spot_mult": spot_mult}
 
 
+def shifted(inst: Instruments, market: Market, spot_mult: Any, vol_shift: Any, horizon_days: Any) -> tuple[Instruments, Market]:
+    """The instruments and market *of one scenario state*, to build a risk matrix around it:
+    asset prices ``price * spot_mult`` (``[A]``), futures marks moved with their underlying,
+    option vols shifted by ``vol_shift`` (``[A]``, floored as in ``pricing.revalue``), and
+    ``horizon_days`` passed. ``revalue`` of the result at no move equals ``revalue`` of the
+    snapshot at the scenario."""
+    u = inst.underlying
+    is_opt = inst.kind == OPTION
+    inst = dataclasses.replace(
+        inst,
+        mark=inst.mark * spot_mult[u],
+        iv=jnp.where(is_opt, jnp.maximum(inst.iv + vol_shift[u], MIN_VOL), inst.iv),
+        expiry=inst.expiry - horizon_days / YEAR_DAYS,
+    )
+    return inst, dataclasses.replace(market, price=market.price * spot_mult)
+
+
+@jax.jit
+def scenario_grids(inst: Instruments, market: Market, params: Params, spot_mult: Any, vol_shift: Any,
+                   horizon_days: Any) -> dict:
+    """``instrument_grid`` around each of ``X`` scenario states (``spot_mult``, ``vol_shift``
+    ``[X, A]``, ``horizon_days`` ``[X]``): ``pnl [X, I, G]``, ``delta [X, I]``, ``roll [X, I]``
+    (the portfolio model's margin under stress: revalued once per (scenario, grid point))."""
+    def one(sm, vs, h):
+        g = instrument_grid(*shifted(inst, market, sm, vs, h), params)
+        return {"pnl": g["pnl"], "delta": g["delta"], "roll": g["roll"]}
+
+    return jax.vmap(one)(spot_mult, vol_shift, horizon_days)
+
+
 def risk_matrix_margin(pnl: Any, extended: Any, extended_fraction: Any) -> tuple[Any, Any]:
     """Worst loss over a risk matrix.
 

@@ -258,3 +258,62 @@ def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
         carry = jax.lax.fori_loop(0, L, position, carry)
     pos, margin, sums = carry
     return (pos, h.balance.astype(pos.dtype), px, (1.0 - haircut[h.asset]).astype(pos.dtype), margin, *sums)
+
+
+def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict) -> Any:
+    """Portfolio-model maintenance margin of a chunk of accounts at every scenario state, USD
+    ``[n, W]``: ``margin.portfolio_requirements`` per account and underlying, summed.
+
+    Per (account, underlying, settlement slot) the positions' grid P&L is summed; a slot's
+    gains count at its settlement asset's ``pnl_offset``; per (account, underlying) the
+    requirement is the worst counted loss over the grid (extended points at their fraction),
+    plus the roll shock and the delta shock; MM = ``mm_factor`` × their sum over underlyings.
+
+    Args:
+      h: holdings ``[n, J, L]``.
+      pnl: ``[I, W, G]`` USD P&L per contract at each grid point around each state, or a
+        function of instrument indices (likewise ``delta`` ``[I, W]``, ``roll`` ``[I, W]``).
+      pm: ``und [I]`` underlying of each instrument; per asset ``[A]``: ``offset``, ``frac``
+        (extended fraction), ``mds`` (max delta shock), ``thr`` (delta threshold); ``factor``
+        ``[]``; ``extended`` ``[G]``.
+    """
+    rows = lambda x: x if callable(x) else (lambda i: x.at[i].get(mode="promise_in_bounds"))  # noqa: E731
+    pnl, delta, roll = rows(pnl), rows(delta), rows(roll)
+    n, J, L = h.inst.shape
+    first = pnl(h.inst[:, 0, 0])
+    W, G = first.shape[1:]
+    A = pm["offset"].shape[0]
+    dt = first.dtype
+    assets = jnp.arange(A)
+
+    def position(j, l, carry):
+        sub, dsum, rsum = carry
+        i, q = h.inst[:, j, l], h.qty[:, j, l]
+        oh = (pm["und"][i][:, None] == assets[None, :]).astype(dt)  # [n, A]
+        sub = sub + oh[:, :, None, None] * (q[:, None, None] * pnl(i))[:, None]
+        dsum = dsum + oh[:, :, None] * (q[:, None] * delta(i))[:, None]
+        rsum = rsum + oh[:, :, None] * (jnp.abs(q)[:, None] * roll(i))[:, None]
+        return sub, dsum, rsum
+
+    def slot(j, carry):
+        block, dsum, rsum = carry
+        sub = jnp.zeros((n, A, W, G), dt)
+        if J * L <= UNROLL_MAX:
+            for l in range(L):
+                sub, dsum, rsum = position(j, l, (sub, dsum, rsum))
+        else:
+            sub, dsum, rsum = jax.lax.fori_loop(0, L, lambda l, c: position(j, l, c), (sub, dsum, rsum))
+        off = pm["offset"][h.asset[:, j]][:, None, None, None]
+        return block + jnp.where(sub > 0, off * sub, sub), dsum, rsum
+
+    carry = (jnp.zeros((n, A, W, G), dt), jnp.zeros((n, A, W), dt), jnp.zeros((n, A, W), dt))
+    if J * L <= UNROLL_MAX:
+        for j in range(J):
+            carry = slot(j, carry)
+    else:
+        carry = jax.lax.fori_loop(0, J, slot, carry)
+    block, dsum, rsum = carry
+    loss = -jnp.where(pm["extended"][None, None, None, :], pm["frac"][None, :, None, None] * block, block)
+    rm = jnp.maximum(jnp.max(loss, axis=-1), 0.0)
+    shock = pm["mds"][None, :, None] * jnp.maximum(jnp.abs(dsum) - pm["thr"][None, :, None], 0.0)
+    return pm["factor"] * jnp.sum(rm + rsum + shock, axis=1)

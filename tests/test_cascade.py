@@ -204,14 +204,22 @@ vol_beta = {{ BTC = -0.8, ETH = -0.9, SOL = -1.0 }}
 """
 
 
-@pytest.fixture(scope="module", params=[0, 1], ids=["lag0", "lag1"])
+# risk-limit tiers of futures and perpetuals: MM 1% up to 20,000 USD a position, 3% to 100,000,
+# 8% beyond (steep enough that a cascade that ignored them would close out other accounts)
+TIERS = "future_tiers = [[20000.0, 0.02, 0.01], [100000.0, 0.04, 0.03], [1e15, 0.1, 0.08]]\n"
+
+
+@pytest.fixture(scope="module", params=[(0, ""), (1, TIERS)], ids=["lag0", "lag1-tiers"])
 def sample_run(request, tmp_path_factory, sample_tables):
-    """The 400-account sample with impact tables, a fee and the cascade switched on."""
+    """The 400-account sample with impact tables, a fee and the cascade switched on; with an
+    oracle lag of 0 steps and flat margin rates, or 1 step and risk-limit tiers."""
+    lag, tiers = request.param
     folder = tmp_path_factory.mktemp("cascade_sample")
     sample.write_snapshot(folder, sample_tables, "csv")
     toml = (folder / "exchange.toml").read_text()
-    liq = f"[liquidation]\ncascade = true\nfee_rate = 0.0005\noracle_lag_steps = {request.param}\n{SAMPLE_IMPACT}"
-    (folder / "exchange.toml").write_text(toml.replace("[liquidation]\n", liq))
+    liq = f"[liquidation]\ncascade = true\nfee_rate = 0.0005\noracle_lag_steps = {lag}\n{SAMPLE_IMPACT}"
+    toml = toml.replace("[liquidation]\n", liq).replace("[margin]\n", "[margin]\n" + tiers)
+    (folder / "exchange.toml").write_text(toml)
     snap = stress.load_snapshot(folder)
     (folder / "mc.toml").write_text(MC.format())
     scen = stress.load_scenarios(folder / "mc.toml", snap)

@@ -81,10 +81,10 @@ def client():
     so nothing in ``stress.cluster`` may rely on one (the CLI's client is not either)."""
     import dask
 
-    with dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}):
-        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                      dashboard_address=":0") as lc, distributed.Client(lc, set_as_default=False) as c:
-            yield c
+    with (dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}),
+          distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as lc,
+          distributed.Client(lc, set_as_default=False) as c):
+        yield c
 
 
 def _toml(fund: float, liquidation: str) -> str:

@@ -376,3 +376,66 @@ def test_stress_run_applies_risk_limit_tiers_at_the_snapshot_and_in_every_scenar
     assert res.accounts.maintenance_margin[0] == pytest.approx(225.0, rel=1e-12)
     assert res.accounts.shortfall_worst[0] == pytest.approx(135.5, rel=1e-9)
     assert res.scenarios.accounts_liquidatable[0] == 1
+
+
+def _pm_book(folder, price: float, marks: dict, iv_shift: float, as_of: str):
+    """A mixed BTC book under the portfolio model, at BTC = ``price`` (futures marks ``marks``,
+    option vols shifted by ``iv_shift``), valued at ``as_of``; balances of 1,000 USDC only."""
+    insts = [{**LIN, "mark_price": marks["LIN"]}, {**LINC, "mark_iv": LINC["mark_iv"] + iv_shift},
+             {"instrument_id": "BTC-PERPETUAL", "mark_price": marks["BTC-PERPETUAL"]},
+             {"instrument_id": "BTC-25DEC26-90000-P", "mark_iv": 0.5 + iv_shift}]
+    rows = [{"account_id": "a", "instrument_id": "LIN", "quantity": 3},
+            {"account_id": "a", "instrument_id": "LINC", "quantity": -4},
+            {"account_id": "a", "instrument_id": "BTC-25DEC26-90000-P", "quantity": -2},
+            {"account_id": "b", "instrument_id": "BTC-PERPETUAL", "quantity": -2500},
+            {"account_id": "b", "instrument_id": "LIN", "quantity": 2}]
+    assets = [{**ASSETS[0]}, {**ASSETS[1], "price": price}]
+    text = toml('model = "portfolio"\n').replace("as_of = 2026-11-23T08:00:00Z", f"as_of = {as_of}")
+    return stress.load_snapshot(write_snapshot(
+        folder, assets=assets, instruments=insts, positions=rows, exchange_toml=text,
+        balances=[{"account_id": a, "asset": "USDC", "amount": 1_000.0} for a in ("a", "b")]))
+
+
+def test_stress_run_recomputes_portfolio_margin_around_every_scenario(tmp_path):
+    # The run's margin at a scenario (BTC -10%, vols +0.10, one day later) must be the portfolio
+    # margin `stress margin` computes on a snapshot *of that scenario*: prices, marks and vols
+    # moved, as_of a day on. With no haircuts and 1,000 USDC each, collateral = equity, so the
+    # shortfall there is MM - (equity + P&L).
+    marks = {"LIN": 100_050.0, "BTC-PERPETUAL": 100_100.0}
+    snap = _pm_book(tmp_path / "now", S, marks, 0.0, "2026-11-23T08:00:00Z")
+    (tmp_path / "s.toml").write_text('[[scenario]]\nname = "down"\nmoves = { BTC = -0.1 }\n'
+                                     'vol_shift = { BTC = 0.1 }\nhorizon_days = 1\n')
+    res = stress.run(snap, stress.load_scenarios(tmp_path / "s.toml", snap))
+    acc = res.accounts.set_index("account_id")
+    now = by_account(snap, "portfolio")
+    np.testing.assert_allclose(acc.maintenance_margin, now.maintenance_margin.astype(float), rtol=1e-10)
+    np.testing.assert_allclose(acc.initial_margin, now.initial_margin.astype(float), rtol=1e-10)
+    assert res.summary["margin_model"] == "portfolio"
+
+    later = _pm_book(tmp_path / "later", 0.9 * S, {k: 0.9 * v for k, v in marks.items()}, 0.1, "2026-11-24T08:00:00Z")
+    mm_there = by_account(later, "portfolio").maintenance_margin.astype(float)
+    assert (acc.shortfall_worst > 0).all()
+    np.testing.assert_allclose(acc.shortfall_worst + acc.equity + acc.pnl_worst, mm_there, rtol=1e-9)
+
+
+def test_portfolio_margin_under_stress_does_not_depend_on_chunking_or_tiling(tmp_path, sample_dir):
+    import shutil
+
+    folder = tmp_path / "snap"
+    shutil.copytree(sample_dir, folder)
+    text = (folder / "exchange.toml").read_text()
+    (folder / "exchange.toml").write_text(text.replace('model = "standard"', 'model = "portfolio"'))
+    snap = stress.load_snapshot(folder)
+    (tmp_path / "s.toml").write_text(
+        '[[scenario]]\nname = "crash"\nmoves = { BTC = -0.3, ETH = -0.35 }\nvol_shift = { BTC = 0.3 }\n\n'
+        '[[montecarlo]]\nname = "mc"\npaths = 16\nsteps = 2\nhorizon_days = 2\nseed = 5\n'
+        'vol = { BTC = 0.8, ETH = 0.9 }\ncorrelation = { "BTC/ETH" = 0.8 }\n')
+    scen = stress.load_scenarios(tmp_path / "s.toml", snap)
+    a = stress.run(snap, scen, chunk_size=16)
+    b = stress.run(snap, scen, chunk_size=128)
+    num = lambda df: df.select_dtypes("number")  # noqa: E731
+    np.testing.assert_allclose(num(a.accounts), num(b.accounts), rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(num(a.scenarios), num(b.scenarios), rtol=1e-12, atol=1e-9)
+    # the snapshot's margin is stress margin's, account by account
+    want = by_account(snap, "portfolio").maintenance_margin.astype(float)
+    np.testing.assert_allclose(a.accounts.set_index("account_id").maintenance_margin, want, rtol=1e-10, atol=1e-9)
