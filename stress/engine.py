@@ -934,6 +934,8 @@ def run(
         }
     )
 
+    cascade_summary = _cascade_columns(snap, scen, scenarios, fund, rnd=np.asarray(scen.random), on=liq_cfg["cascade"],
+                                       chunk_size=chunk_size, dtype=dtype)
     order = np.lexsort((np.arange(S), -scenarios["shortfall_total"].to_numpy(), -bad))
     worst = int(order[0])
     rnd = scen.random
@@ -954,6 +956,7 @@ def run(
         "impact_cost_worst": float(impact.max(initial=0.0)),
         "socialized_loss_worst": float(social.max(initial=0.0)),
         "adl": bool(liq_cfg["adl"]),
+        **cascade_summary,
         "oracle_lags": _by_lag(sums["lag_bad_debt"], fund, rnd),
         "cover2_worst": float(sums["cover2"].max()),
         "cover2_scenario": scen.names[int(np.argmax(sums["cover2"]))],
@@ -966,6 +969,37 @@ def run(
         "runtime_seconds": time.perf_counter() - t0,
     }
     return Result(accounts=accounts, scenarios=scenarios, summary=summary)
+
+
+def _cascade_columns(snap, scen, scenarios, fund, *, rnd, on, chunk_size, dtype) -> dict:
+    """With ``[liquidation] cascade``, run every path again with price feedback
+    (``stress.cascade``) and add its columns beside the engine's: ``bad_debt_feedback``,
+    ``impact_cost_feedback``, ``liquidated_notional_feedback``, ``amplification`` (feedback /
+    no feedback; NaN when cascades are off, inf where only the feedback run has bad debt) and
+    ``price_impact_<ASSET>``; returns the summary's cascade keys."""
+    S = len(scen)
+    if not on:
+        scenarios["amplification"] = np.full(S, np.nan)
+        return {"cascade": False}
+    from . import cascade
+
+    c = cascade.run(snap, scen, chunk_size=chunk_size, dtype=dtype)
+    for k in ("bad_debt", "impact_cost", "liquidated_notional"):
+        scenarios[f"{k}_feedback"] = c[f"{k}_feedback"]
+    scenarios["amplification"] = c["amplification"]
+    moved = {a for a in liquidation.config(snap.liquidation_config)["impact"]}
+    for a, name in enumerate(snap.assets):
+        if name in moved:
+            scenarios[f"price_impact_{name}"] = c["price_impact"][:, a]
+    bad = c["bad_debt_feedback"]
+    amp = c["amplification"]
+    finite = amp[np.isfinite(amp)]
+    fees = scenarios["fees"].to_numpy() if "fees" in scenarios else 0.0
+    depleted = (bad > 0) & (bad >= fund + c.get("fees_feedback", fees))
+    return {"cascade": True, "bad_debt_feedback_worst": float(bad.max(initial=0.0)),
+            "amplification_worst": float(finite.max()) if len(finite) else None,
+            "scenarios_cascade_created_bad_debt": int(np.isinf(amp).sum()),
+            "p_fund_depleted_feedback": float(depleted[rnd].mean()) if rnd.any() else None}
 
 
 def _by_lag(lag_bad: dict, fund: np.ndarray, rnd: np.ndarray) -> list[dict]:

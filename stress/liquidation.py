@@ -69,6 +69,8 @@ def config(cfg: dict) -> dict:
         raise InputError("exchange.toml", "[liquidation]", "partial_target",
                          f"{v!r} must be a number >= 1 (collateral / maintenance margin after a partial close)")
     out["partial_target"] = float(v)
+    if out["mode"] == "partial" and out["cascade"]:
+        raise InputError("exchange.toml", "[liquidation]", "cascade", "cascades are modelled for full close-out only (mode = \"full\")")
     if out["mode"] == "partial" and (out["oracle_lag_steps"] or out["oracle_lags"]):
         key = "oracle_lag_steps" if out["oracle_lag_steps"] else "oracle_lags"
         raise InputError("exchange.toml", "[liquidation]", key, "oracle lags are modelled for full close-out only (mode = \"full\")")

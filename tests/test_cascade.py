@@ -118,9 +118,16 @@ def test_a_chain_of_longs_liquidates_one_after_the_other_step_by_step(tmp_path):
     assert r["amplification"][1] == 1.0 and (r["price_impact"][1] == 0.0).all()
     np.testing.assert_array_equal(r["liquidation_step_feedback"][:, 1], [0, -1, -1, -1])
     # Without feedback the cascade is the engine's model.
-    sc = stress.run(snap, scen).scenarios
+    res = stress.run(snap, scen)
+    sc = res.scenarios
     np.testing.assert_allclose(r["bad_debt_no_feedback"], sc.bad_debt, rtol=1e-12)
     np.testing.assert_allclose(r["impact_cost_no_feedback"], sc.impact_cost, rtol=1e-12)
+    # ... and `stress run` (cascade = true) reports the feedback run beside its own
+    assert sc.bad_debt_feedback[0] == pytest.approx(bad, rel=1e-12)
+    assert sc.amplification[0] == pytest.approx(bad / 3_390.0, rel=1e-12) and sc.amplification[1] == 1.0
+    assert sc.price_impact_BTC[0] == pytest.approx(p3 / p0 - 1.0, rel=1e-12)
+    assert res.summary["cascade"] is True
+    assert res.summary["amplification_worst"] == pytest.approx(bad / 3_390.0, rel=1e-12)
 
 
 def test_an_oracle_lag_delays_each_link_of_the_chain(tmp_path):

@@ -369,7 +369,8 @@ def test_partial_mode_matches_full_mode_when_nothing_is_liquidated_and_results_i
 
 
 @pytest.mark.parametrize("text, column", [('mode = "half"', "mode"), ("partial_target = 0.9", "partial_target"),
-                                          ('mode = "partial"\noracle_lag_steps = 1', "oracle_lag_steps")])
+                                          ('mode = "partial"\noracle_lag_steps = 1', "oracle_lag_steps"),
+                                          ('mode = "partial"\ncascade = true\n' + IMPACT, "cascade")])
 def test_bad_partial_keys_fail_at_load(tmp_path, text, column):
     with pytest.raises(stress.InputError) as err:
         _book(tmp_path / "snap", text)
