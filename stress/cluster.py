@@ -60,8 +60,11 @@ def take_accounts(snap: Snapshot, idx: Any) -> Snapshot:
     new[idx] = np.arange(len(idx))
     at = new[snap.pos_account]
     keep = at >= 0
+    rows, n_groups = engine.group_rows(snap)  # groups span parts: keep the exchange's numbering
     return dataclasses.replace(
         snap,
+        account_group=None if snap.account_group is None else snap.account_group[idx],
+        group_index=(rows[idx], n_groups),
         account_ids=snap.account_ids[idx],
         balances=snap.balances[idx],
         pos_account=at[keep].astype(snap.pos_account.dtype),

@@ -450,7 +450,7 @@ def sharded_closed(n_devices: int) -> Callable:
     mesh = Mesh(np.array(devices()[:n_devices]), ("d",))
 
     def local(h: Holdings, t: Tables, acc: Any) -> Any:
-        body = lambda a, one: (a + closed_contracts(one, t), None)  # noqa: E731
+        body = lambda a, one: (a + closed_contracts(one, t).astype(a.dtype), None)  # noqa: E731
         return jax.lax.scan(body, acc[0], h)[0][None]
 
     specs = dict(mesh=mesh, in_specs=(P("d"), P(), P("d")), out_specs=P("d"))
@@ -480,6 +480,8 @@ def group_rows(snap: Snapshot) -> tuple[np.ndarray, int]:
     accounts are numbered in name order; an account alone (no group, or the only one in its
     group) gets ``n_groups``. ``n_groups`` is 0 when the snapshot has no such group."""
     n = snap.n_accounts
+    if snap.group_index is not None:  # a part of an exchange: the whole exchange's numbering
+        return snap.group_index
     if snap.account_group is None:
         return np.zeros(n, np.int32), 0
     given = np.not_equal(snap.account_group, None).astype(bool)
@@ -636,7 +638,8 @@ class LocalAccounts:
         """Pass 1 of the price impact: ``[T, 2, n_impact, K * W]`` net and gross contracts closed."""
         D = len(devices())
         T, W = t.user.shape
-        acc = jnp.zeros((D, T, 2, t.n_impact, t.value.shape[2]), self.dt)
+        # float64 whatever the run's dtype: net contracts are small differences of large sums
+        acc = jnp.zeros((D, T, 2, t.n_impact, t.value.shape[2]), jnp.float64)
         kernel = sharded_closed(D)
         for _, h in _groups(self.snap, self.chunk_size, self.dt, D):
             acc = kernel(h, t, acc)  # the accumulator stays on the devices
@@ -747,7 +750,7 @@ def _subset(t: Tables, cols: np.ndarray) -> Tables:
     T, W = t.user.shape
     K = t.value.shape[2] // W
     S2 = len(cols)
-    W2 = tile_width(S2)
+    W2 = tile_width(S2, PM_TILE if t.pm is not None else 256)
     T2 = math.ceil(S2 / W2)
     cols = jnp.asarray(cols)
 

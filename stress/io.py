@@ -417,6 +417,8 @@ def _account_groups(bt: _Table, b_idx: np.ndarray, n: int) -> np.ndarray:
     that gives a group must give the same one."""
     grp = bt.strings("group", required=False)
     given = ~pd.isna(grp)
+    if not given.any():
+        return np.full(n, None, dtype=object)
     codes, names = pd.factorize(pd.Series(grp[given], dtype=object))
     first = np.full(n, -1, np.int64)
     rows = np.flatnonzero(given)

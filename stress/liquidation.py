@@ -241,7 +241,9 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
         eq = jnp.sum(e * q, axis=1) - paid
         margin = held * m
         breach = margin > coll
-        f = jnp.clip((target * margin - coll) / (target * margin - (0.0 if fee_rate is None else fee_rate) * held * g), 0.0, 1.0)
+        # when the fee on the whole rest exceeds the target margin, no share restores it: close all
+        den = target * margin - (0.0 if fee_rate is None else fee_rate) * held * g
+        f = jnp.where(den > 0, jnp.clip((target * margin - coll) / jnp.where(den > 0, den, 1.0), 0.0, 1.0), 1.0)
         f = jnp.where(breach, jnp.where(coll <= 0, 1.0, f), 0.0)
         share = held * f  # of the original book
         cost = share * c if c is not None else zero

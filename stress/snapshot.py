@@ -110,6 +110,9 @@ class Snapshot:
     limits: dict  # the optional [limits] table
     source: str  # where it was loaded from
     account_group: Any = None  # [n] object: the optional balances `group` of each account, None where not given
+    # ([n] int32 row of each account's group, n_groups) fixed by the whole exchange, for a part
+    # of it (stress.cluster); None: derived from account_group (engine.group_rows)
+    group_index: Any = None
 
     @property
     def n_accounts(self) -> int:

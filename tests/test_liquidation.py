@@ -424,3 +424,19 @@ def test_an_account_in_two_groups_is_an_input_error(tmp_path):
     with pytest.raises(stress.InputError) as err:
         stress.load_snapshot(folder)
     assert (err.value.file, err.value.row, err.value.column) == ("balances.csv", "line 7", "group")
+
+
+def test_partial_mode_closes_everything_when_the_fee_alone_exceeds_the_target_margin(tmp_path):
+    # fee 2% > 1.25 x the 1% margin rate: no share of the long brings collateral back to 1.25 x
+    # its margin, so it is closed in full at 49,500 and pays what the fee takes of its 150,000.
+    snap = _book(tmp_path / "snap", 'fee_rate = 0.02\nmode = "partial"')
+    sc = stress.run(snap, _scen(tmp_path, snap)).scenarios.set_index("scenario")
+    assert sc.liquidated_notional["down-1"] == pytest.approx(24_750_000.0, rel=1e-12)
+    assert sc.fees["down-1"] == pytest.approx(150_000.0, rel=1e-12)
+
+
+def test_a_group_column_left_empty_means_no_groups(tmp_path):
+    folder = tmp_path / "snap"
+    _cover2_book(folder, [None, None, None, None])
+    snap = stress.load_snapshot(folder)
+    assert all(g is None for g in snap.account_group)
