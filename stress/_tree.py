@@ -17,6 +17,9 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 
+CACHE_MAX_BYTES = 4 << 30  # the compilation cache's size limit, least recently used out first
+
+
 def _compilation_cache() -> None:
     """Keep compiled kernels on disk so a second run of the same shapes skips compilation.
 
@@ -32,6 +35,10 @@ def _compilation_cache() -> None:
         where = str(Path(base) / "stress" / "jax")
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # Several processes share the folder (cluster workers on one machine, runs side by side).
+    # JAX writes entries in place and locks the folder (filelock) only when the cache has a
+    # size limit; without the lock a process can read a half-written kernel and crash.
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 
 
 _compilation_cache()

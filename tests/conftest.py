@@ -10,6 +10,18 @@ import pytest
 from stress import sample
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_jax_caches():
+    """Drop the compiled kernels a test module leaves behind. After several hundred kernels in
+    one process, XLA on CPU (jaxlib 0.10.2) aborted while (de)serialising one more for the disk
+    cache; a run of the tool is one short process, the test session is not. Later modules
+    reload what they share from the disk cache."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def sample_tables() -> dict:
     """The sample exchange's tables, 400 accounts (deterministic)."""
