@@ -50,18 +50,8 @@ LIQUIDATION = {
         "SOL": {"spread": 0.0005, "k": 0.6, "daily_vol": 0.06, "daily_volume": 2e8},
     },
 }
-MC = """[[montecarlo]]
-name = "mc"
-paths = {paths}
-steps = {steps}
-horizon_days = {horizon}
-seed = 1
-df = 4
-vol = {{ BTC = 0.55, ETH = 0.70, SOL = 0.95 }}
-correlation = {{ "BTC/ETH" = 0.80, "BTC/SOL" = 0.70, "ETH/SOL" = 0.75 }}
-jumps = {{ intensity = 8.0, mean = -0.04, std = 0.05 }}
-vol_beta = {{ BTC = -0.8, ETH = -0.9, SOL = -1.0 }}
-"""
+sys.path.insert(0, str(HERE))
+from scenarios import MC  # noqa: E402  (bench/scenarios.py: the Monte Carlo block every bench uses)
 
 
 def _rss_mib() -> float:

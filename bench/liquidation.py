@@ -45,15 +45,16 @@ VARIANTS = {
 }
 
 
-def variant(src: Path, root: Path, name: str, liquidation: str) -> Path:
-    """A snapshot folder sharing ``src``'s tables, with ``liquidation`` as its table."""
+def variant(src: Path, root: Path, name: str, liquidation: str, model: str = "standard") -> Path:
+    """A snapshot folder sharing ``src``'s tables, with ``liquidation`` as its table and
+    ``[margin] model = model``."""
     folder = root / name.replace(" ", "").replace(",", "-").replace("+", "-")
     folder.mkdir()
     for f in src.iterdir():
         if f.name != "exchange.toml":
             (folder / f.name).symlink_to(f.resolve())
     text = (src / "exchange.toml").read_text()
-    head = text.split("[liquidation]")[0]
+    head = text.split("[liquidation]")[0].replace('model = "standard"', f'model = "{model}"')
     (folder / "exchange.toml").write_text(head + "[liquidation]\n" + liquidation)
     return folder
 
@@ -65,16 +66,17 @@ def main(argv=None) -> int:
     p.add_argument("--paths", type=int, default=0, help="Monte Carlo paths instead of explicit shocks")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--only", default="", help="comma-separated variant names")
+    p.add_argument("--only", default="", help="variant names, separated by '/'")
+    p.add_argument("--model", default="standard", help="[margin] model: standard or portfolio")
     args = p.parse_args(argv)
 
     import stress
 
     src = bench.snapshot_dir(args.accounts)
-    names = [v for v in VARIANTS if not args.only or v in args.only.split(",")]
+    names = [v for v in VARIANTS if not args.only or v in args.only.split("/")]
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            snap = stress.load_snapshot(variant(src, Path(tmp), name, VARIANTS[name]))
+            snap = stress.load_snapshot(variant(src, Path(tmp), name, VARIANTS[name], args.model))
             if args.paths:
                 text = (f'[[montecarlo]]\nname = "mc"\npaths = {args.paths}\nsteps = {args.steps}\n'
                         f'horizon_days = {args.steps}\nseed = 1\nvol = {{ BTC = 0.55, ETH = 0.70 }}\n'
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
                 walls.append(time.perf_counter() - t0)
             sc = res.scenarios
             print(json.dumps({
-                "variant": name, "accounts": snap.n_accounts, "scenarios": len(scen), "steps": scen.steps,
+                "variant": name, "model": args.model, "accounts": snap.n_accounts, "scenarios": len(scen), "steps": scen.steps,
                 "first_s": round(walls[0], 3), "warm_min_s": round(min(walls[1:]), 3),
                 "warm_max_s": round(max(walls[1:]), 3), "peak_rss_mib": round(bench.peak_rss_mib()),
                 "bad_debt_max": float(sc.bad_debt.max()), "impact_max": float(sc.impact_cost.max()),

@@ -4,6 +4,8 @@ feedback switched off against the engine; invariance to chunk size and tiling.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import numpy as np
@@ -216,11 +218,11 @@ vol_beta = {{ BTC = -0.8, ETH = -0.9, SOL = -1.0 }}
 TIERS = "future_tiers = [[20000.0, 0.02, 0.01], [100000.0, 0.04, 0.03], [1e15, 0.1, 0.08]]\n"
 
 
-@pytest.fixture(scope="module", params=[(0, ""), (1, TIERS)], ids=["lag0", "lag1-tiers"])
-def sample_run(request, tmp_path_factory, sample_tables):
-    """The 400-account sample with impact tables, a fee and the cascade switched on; with an
-    oracle lag of 0 steps and flat margin rates, or 1 step and risk-limit tiers."""
-    lag, tiers = request.param
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory, sample_tables):
+    """The 400-account sample with impact tables, a fee, an oracle lag of 1 step, risk-limit
+    tiers and the cascade switched on (the chain tests above cover lag 0 and flat rates)."""
+    lag, tiers = 1, TIERS
     folder = tmp_path_factory.mktemp("cascade_sample")
     sample.write_snapshot(folder, sample_tables, "csv")
     toml = (folder / "exchange.toml").read_text()
@@ -235,7 +237,9 @@ def sample_run(request, tmp_path_factory, sample_tables):
 
 def test_without_feedback_the_cascade_is_the_engine(sample_run):
     snap, scen, r = sample_run
-    sc = stress.run(snap, scen).scenarios
+    # the engine alone (stress run with the switch on would run this cascade again)
+    engine_only = dataclasses.replace(snap, liquidation_config={**snap.liquidation_config, "cascade": False})
+    sc = stress.run(engine_only, scen).scenarios
     assert (sc.bad_debt > 0).sum() >= 5  # the comparison has bad debt to compare
     np.testing.assert_allclose(r["bad_debt_no_feedback"], sc.bad_debt, rtol=1e-9, atol=1e-6)
     np.testing.assert_allclose(r["impact_cost_no_feedback"], sc.impact_cost, rtol=1e-9, atol=1e-6)
@@ -252,9 +256,14 @@ def test_without_feedback_the_cascade_is_the_engine(sample_run):
     assert ((steps >= 1) & (r["liquidation_step_no_feedback"][:, paths] != steps)).any()
 
 
-def test_results_do_not_depend_on_chunk_size_or_tiling(sample_run):
-    snap, scen, r = sample_run
-    other = cascade.run(snap, scen, chunk_size=16, paths_per_tile=8, accounts=True)
+def test_results_do_not_depend_on_chunk_size_or_tiling(tmp_path):
+    # the chain, where feedback decides who is closed when (a chunk of one account each, and
+    # tiles of 8 paths, against the defaults)
+    snap = _chain(tmp_path / "snap")
+    scen = _path_scenarios(tmp_path, snap)
+    r = cascade.run(snap, scen, accounts=True)
+    assert r["amplification"][0] > 1.0
+    other = cascade.run(snap, scen, chunk_size=1, paths_per_tile=8, accounts=True)
     assert set(other) == set(r)
     for k, v in r.items():
         if v.dtype.kind in "iu":

@@ -418,24 +418,16 @@ def test_stress_run_recomputes_portfolio_margin_around_every_scenario(tmp_path):
     np.testing.assert_allclose(acc.shortfall_worst + acc.equity + acc.pnl_worst, mm_there, rtol=1e-9)
 
 
-def test_portfolio_margin_under_stress_does_not_depend_on_chunking_or_tiling(tmp_path, sample_dir):
-    import shutil
-
-    folder = tmp_path / "snap"
-    shutil.copytree(sample_dir, folder)
-    text = (folder / "exchange.toml").read_text()
-    (folder / "exchange.toml").write_text(text.replace('model = "standard"', 'model = "portfolio"'))
-    snap = stress.load_snapshot(folder)
+def test_portfolio_margin_under_stress_does_not_depend_on_chunking_or_tiling(tmp_path):
+    marks = {"LIN": 100_050.0, "BTC-PERPETUAL": 100_100.0}
+    snap = _pm_book(tmp_path / "snap", S, marks, 0.0, "2026-11-23T08:00:00Z")
     (tmp_path / "s.toml").write_text(
-        '[[scenario]]\nname = "crash"\nmoves = { BTC = -0.3, ETH = -0.35 }\nvol_shift = { BTC = 0.3 }\n\n'
-        '[[montecarlo]]\nname = "mc"\npaths = 16\nsteps = 2\nhorizon_days = 2\nseed = 5\n'
-        'vol = { BTC = 0.8, ETH = 0.9 }\ncorrelation = { "BTC/ETH" = 0.8 }\n')
+        '[[scenario]]\nname = "crash"\nmoves = { BTC = -0.3 }\nvol_shift = { BTC = 0.3 }\n\n'
+        '[[montecarlo]]\nname = "mc"\npaths = 40\nsteps = 3\nhorizon_days = 3\nseed = 5\nvol = { BTC = 0.8 }\n')
     scen = stress.load_scenarios(tmp_path / "s.toml", snap)
-    a = stress.run(snap, scen, chunk_size=16)
-    b = stress.run(snap, scen, chunk_size=128)
+    a = stress.run(snap, scen, chunk_size=1)  # 41 scenarios: two tiles of 32 columns
+    b = stress.run(snap, scen, chunk_size=2)
     num = lambda df: df.select_dtypes("number")  # noqa: E731
     np.testing.assert_allclose(num(a.accounts), num(b.accounts), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(num(a.scenarios), num(b.scenarios), rtol=1e-12, atol=1e-9)
-    # the snapshot's margin is stress margin's, account by account
-    want = by_account(snap, "portfolio").maintenance_margin.astype(float)
-    np.testing.assert_allclose(a.accounts.set_index("account_id").maintenance_margin, want, rtol=1e-10, atol=1e-9)
+    assert (a.scenarios.accounts_liquidatable > 0).any()  # the margin decides something here
