@@ -54,6 +54,17 @@ class Bucket:
     balance: np.ndarray  # [m, J]
 
 
+def _repeat(count: int, body: Any, carry: Any, unroll: bool) -> Any:
+    """``carry = body(k, carry)`` for ``k`` in ``range(count)``: unrolled, so XLA fuses the
+    small holdings of ordinary accounts, or a ``fori_loop`` for wide ones (market makers), whose
+    unrolling would cost compile time."""
+    if unroll:
+        for k in range(count):
+            carry = body(k, carry)
+        return carry
+    return jax.lax.fori_loop(0, count, body, carry)
+
+
 def _pow2(x: np.ndarray) -> np.ndarray:
     x = np.maximum(x, 1)
     return (1 << np.ceil(np.log2(x)).astype(np.int64)).astype(np.int64)
@@ -208,24 +219,13 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
     def slot(j, carry):
         eq, coll, margin, g = carry
         e = jnp.broadcast_to(h.balance[:, j, None], (n, W)).astype(dt)
-        if unroll:
-            for l in range(L):
-                e, margin, g = position(j, l, (e, margin, g))
-        else:
-            e, margin, g = jax.lax.fori_loop(0, L, lambda l, c: position(j, l, c), (e, margin, g))
+        e, margin, g = _repeat(L, lambda l, c: position(j, l, c), (e, margin, g), unroll)
         a = h.asset[:, j]
         usd = e * price(a)
         return eq + usd, coll + jnp.where(e > 0, 1.0 - haircut[a][:, None], 1.0) * usd, margin, g
 
     zeros = jnp.zeros((n, W), dt)
-    carry = (zeros, zeros, zeros, tuple(zeros for _ in gross))
-    if unroll:
-        for j in range(J):
-            carry = slot(j, carry)
-    else:
-        # Wide accounts (few, e.g. market makers) loop instead: unrolling them costs compile time.
-        carry = jax.lax.fori_loop(0, J, slot, carry)
-    eq, coll, margin, g = carry
+    eq, coll, margin, g = _repeat(J, slot, (zeros, zeros, zeros, tuple(zeros for _ in gross)), unroll)
     return (eq, coll, margin, *g)
 
 
@@ -250,13 +250,7 @@ def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
         return pos + q * value(i), margin, sums
 
     zeros = jnp.zeros(px.shape[::2], px.dtype)  # [n, W]
-    carry = (jnp.zeros_like(px), zeros, tuple(zeros for _ in gross))
-    if J * L <= UNROLL_MAX:
-        for l in range(L):
-            carry = position(l, carry)
-    else:
-        carry = jax.lax.fori_loop(0, L, position, carry)
-    pos, margin, sums = carry
+    pos, margin, sums = _repeat(L, position, (jnp.zeros_like(px), zeros, tuple(zeros for _ in gross)), J * L <= UNROLL_MAX)
     return (pos, h.balance.astype(pos.dtype), px, (1.0 - haircut[h.asset]).astype(pos.dtype), margin, *sums)
 
 
@@ -298,21 +292,12 @@ def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict) -> 
     def slot(j, carry):
         block, dsum, rsum = carry
         sub = jnp.zeros((n, A, W, G), dt)
-        if J * L <= UNROLL_MAX:
-            for l in range(L):
-                sub, dsum, rsum = position(j, l, (sub, dsum, rsum))
-        else:
-            sub, dsum, rsum = jax.lax.fori_loop(0, L, lambda l, c: position(j, l, c), (sub, dsum, rsum))
+        sub, dsum, rsum = _repeat(L, lambda l, c: position(j, l, c), (sub, dsum, rsum), J * L <= UNROLL_MAX)
         off = pm["offset"][h.asset[:, j]][:, None, None, None]
         return block + jnp.where(sub > 0, off * sub, sub), dsum, rsum
 
     carry = (jnp.zeros((n, A, W, G), dt), jnp.zeros((n, A, W), dt), jnp.zeros((n, A, W), dt))
-    if J * L <= UNROLL_MAX:
-        for j in range(J):
-            carry = slot(j, carry)
-    else:
-        carry = jax.lax.fori_loop(0, J, slot, carry)
-    block, dsum, rsum = carry
+    block, dsum, rsum = _repeat(J, slot, carry, J * L <= UNROLL_MAX)
     loss = -jnp.where(pm["extended"][None, None, None, :], pm["frac"][None, :, None, None] * block, block)
     rm = jnp.maximum(jnp.max(loss, axis=-1), 0.0)
     shock = pm["mds"][None, :, None] * jnp.maximum(jnp.abs(dsum) - pm["thr"][None, :, None], 0.0)
