@@ -317,7 +317,7 @@ def _kernel(n_devices: int, K: int, lag: int, with_fee: bool, with_accounts: boo
 # The host loop over tiles
 
 
-def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int = engine.DEFAULT_CHUNK, dtype: str = "float64",
+def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype: str = "float64",
         paths_per_tile: int | None = None, accounts: bool = False) -> dict:
     """Liquidation cascades: every scenario with and without price feedback.
 
@@ -325,7 +325,7 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int = engine.DEFAULT_CHU
       snap: the snapshot (``[liquidation]``: ``impact`` per underlying, ``fee_rate``,
         ``oracle_lag_steps``; without impact parameters nothing moves and both runs agree).
       scen: the scenario set; paths (``montecarlo``, ``replay``) feed back, one-off shocks not.
-      chunk_size: accounts per chunk (results do not depend on it).
+      chunk_size: accounts per chunk (results do not depend on it); ``None``: the backend's.
       dtype: ``"float64"`` (default) or ``"float32"`` (accounts; the per-step instrument
         tables, impact and moves are computed in float64 either way).
       paths_per_tile: ``W``, paths per tile (default ``paths_per_tile(...)``; results do not
@@ -373,7 +373,7 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int = engine.DEFAULT_CHU
 
     kernel, mesh = _kernel(D, K, lag, fee_rate > 0, accounts)
     rep = NamedSharding(mesh, P())
-    hs, rows = stacked(snap, chunk_size, dt)
+    hs, rows = stacked(snap, chunk_size or engine.default_chunk(), dt)
     tiers = engine._tiers(snap.params, snap.params.tier_mm, dt)  # None when untiered
     fixed = jax.device_put((tuple(hs), snap.instruments, snap.market, snap.params, impact_params(snap),
                             np.asarray(snap.params.haircut, dt), np.asarray(fee_rate, dt), tiers), rep)

@@ -86,7 +86,8 @@ def run(
     scenarios: Optional[Path] = typer.Option(None, "--scenarios", "-s", help="Scenario TOML file (default: scenarios/default.toml)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Report folder (default: reports/<UTC timestamp>)."),
     dtype: str = typer.Option("float64", help="float64 (exact reports) or float32 (speed)."),
-    chunk_size: int = typer.Option(128, min=1, help="Accounts per chunk (results do not depend on it)."),
+    chunk_size: Optional[int] = typer.Option(
+        None, min=1, help="Accounts per chunk (results do not depend on it). Default: 128 on CPU, 8192 on GPU."),
     max_bad_debt: Optional[float] = typer.Option(None, help="Exit 1 if the worst scenario's bad debt exceeds this (USD)."),
     max_p_fund_depleted: Optional[float] = typer.Option(None, help="Exit 1 if P(fund depleted) exceeds this."),
     accounts: int = typer.Option(SAMPLE_ACCOUNTS, help="Accounts in the built-in sample (when no SNAPSHOT is given)."),

@@ -166,7 +166,7 @@ class ClusterAccounts:
     """
 
     def __init__(self, snap: Snapshot, client: Any, *, partitions: int | None = None,
-                 chunk_size: int = engine.DEFAULT_CHUNK, dtype: str = "float64",
+                 chunk_size: int | None = None, dtype: str = "float64",
                  progress: Callable[[int, int], None] | None = None):
         if dtype not in engine.DTYPES:
             raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(engine.DTYPES)}")
@@ -258,7 +258,7 @@ def _check_workers(client: Any) -> list[str]:
 
 
 def run(snap: Snapshot, scen: Scenarios, address_or_client: Any, *, partitions: int | None = None,
-        chunk_size: int = engine.DEFAULT_CHUNK, dtype: str = "float64",
+        chunk_size: int | None = None, dtype: str = "float64",
         progress: Callable[[int, int], None] | None = None) -> engine.Result:
     """``engine.run`` with the accounts swept on a Dask cluster; the same ``Result``.
 

@@ -34,7 +34,23 @@ from .snapshot import OPTION, Snapshot
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 PM_TILE = 32  # scenarios per tile under the portfolio margin model
-DEFAULT_CHUNK = 128  # accounts per chunk: [128, 256] tiles keep the working set in L2
+# Accounts per chunk and scenarios per tile, by backend. On CPU, [128, 256] tiles keep a chunk's
+# working set in L2 (docs/benchmarks.md); a GPU needs far more independent work per kernel
+# launch than that (bench/gpu.py measured the values used there).
+CHUNK = {"cpu": 128, "gpu": 8192}
+TILE = {"cpu": 256, "gpu": 2048}
+DEFAULT_CHUNK = CHUNK["cpu"]
+# How the chunk kernel is fused, by backend (and dtype where it differs). ``keep``: each tile's
+# account state (equity, collateral, margin) is materialised once (``optimization_barrier``), as
+# XLA:CPU would otherwise recompute it inside every reduction. ``matvec``: per-scenario sums over
+# accounts as ``[n] @ [n, W]`` products rather than masked reductions. Neither changes a result.
+# On an H200 (docs/benchmarks.md), float32 ran 21% faster recomputing the state inside fused
+# reductions; float64, whose arithmetic is slower there, 49% slower.
+FUSION = {
+    "cpu": {"keep": True, "matvec": True},
+    "gpu": {"keep": True, "matvec": True},
+    "gpu-float32": {"keep": False, "matvec": False},
+}
 VAR_LEVEL = 0.99
 # Per-scenario sums over accounts; ``closed_out``: what positions closed out before a path's end
 # gain after their liquidation (exactly 0 for one-step scenarios); ``fees``: liquidation fees;
@@ -90,6 +106,26 @@ def _tiers(params: Any, rates: Any, dtype: Any = jnp.float64) -> tuple | None:
     return jnp.asarray(np.asarray(params.tier_bound)[:, :-1], dtype), jnp.asarray(step, dtype)
 
 
+def _backend() -> str:
+    return "cpu" if jax.default_backend() == "cpu" else "gpu"  # accelerators share the GPU sizes
+
+
+def default_chunk() -> int:
+    """Accounts per chunk on the default backend (``CHUNK``)."""
+    return CHUNK[_backend()]
+
+
+def max_tile() -> int:
+    """The widest scenario tile on the default backend (``TILE``)."""
+    return TILE[_backend()]
+
+
+def fusion(dtype: Any) -> dict:
+    """The chunk kernel's fusion choices (``FUSION``) on the default backend for ``dtype``."""
+    b = _backend()
+    return FUSION.get(f"{b}-{jnp.dtype(dtype).name}", FUSION[b])
+
+
 def tile_width(n_scenarios: int, max_tile: int = 256) -> int:
     """Scenario tile: a power of two up to ``max_tile``, so chunk working sets stay in cache."""
     return min(max_tile, 1 << max(3, math.ceil(math.log2(max(n_scenarios, 1)))))
@@ -112,7 +148,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     S = len(scen)
     portfolio_model = snap.margin_config.get("model", "standard") == "portfolio"
     # a portfolio-margin tile holds [accounts, underlyings, W, grid] blocks: keep it narrow
-    W = tile_width(S, PM_TILE if portfolio_model else 256)
+    W = tile_width(S, PM_TILE if portfolio_model else max_tile())
     T = math.ceil(S / W)
     A = snap.n_assets
     spot = np.ones((1 + T * W, A))
@@ -238,6 +274,11 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     validf = h.valid.astype(dt)
     keep_pnl = with_pnl or n_random > 0
     paths = t.value.shape[2] > W  # K > 1 steps per scenario
+    fuse = fusion(dt)
+    if fuse["matvec"]:
+        total = lambda x: validf @ x  # noqa: E731
+    else:
+        total = lambda x: jnp.sum(jnp.where(h.valid[:, None], x, 0.0), axis=0)  # noqa: E731
 
     def outcome(value, mm, price, notional, impact, pmx):
         """Per account and scenario: equity at the path's end after closing costs; collateral
@@ -253,7 +294,9 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             return (r["equity"], r["collateral"], r["margin"], r["liquidated"], r["fee"], r["impact"],
                     r["closed_notional"], r["closed_out"], [])
         eq, coll, m, *g = portfolio.state(h, value, mm, price, t.haircut, *per_contract, tiers=t.tiers)
-        eq, coll, m, *g = jax.lax.optimization_barrier((eq, coll, m if m_pm is None else m_pm, *g))
+        m = m if m_pm is None else m_pm
+        if fuse["keep"]:
+            eq, coll, m, *g = jax.lax.optimization_barrier((eq, coll, m, *g))
         eq_end = eq[:, :W]  # as if every position were held to the last step
         # bad debt under other oracle lags, before closing costs (the impact of pass 1 is the
         # configured lag's)
@@ -283,10 +326,10 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         )
         bad = liquidation.bad_debt(eq)
         zero = jnp.zeros(W, dt)
-        sums = jnp.stack([validf @ liqf, validf @ jnp.maximum(gap, 0.0), validf @ bad,
-                          validf @ closed_out if paths else zero,  # nothing closes early in one step
-                          validf @ f, validf @ cost, validf @ closed])
-        lag_bad = jnp.stack([validf @ liquidation.bad_debt(e) for e in lagged]) if lagged else None
+        sums = jnp.stack([total(liqf), total(jnp.maximum(gap, 0.0)), total(bad),
+                          total(closed_out) if paths else zero,  # nothing closes early in one step
+                          total(f), total(cost), total(closed)])
+        lag_bad = jnp.stack([total(liquidation.bad_debt(e)) for e in lagged]) if lagged else None
         bad = bad * validf[:, None]
         group_bad = None
         if t.n_groups:  # Cover 2 counts a group's defaults together, and its accounts not alone
@@ -496,17 +539,21 @@ def group_rows(snap: Snapshot) -> tuple[np.ndarray, int]:
 MAX_CHUNKS_PER_DEVICE = 8  # per call: enough to hide dispatch, few enough to pad little
 
 
-def _groups(snap: Snapshot, chunk: int, dtype: Any, n_devices: int):
+def _groups(snap: Snapshot, chunk_size: int, dtype: Any, n_devices: int, layout: tuple | None = None):
     """Yield ``(account indices per chunk, Holdings [G, chunk, ...])``, bucket by bucket.
 
     A group holds ``G = n_devices * B`` chunks, ``B`` per device, with ``B`` a power of two
     sized to the bucket (so a bucket of 30 market makers is not padded to 8 chunks a
     device). The last group of a bucket is padded with empty chunks and the last chunk with
-    empty rows (``valid`` False), so shapes stay fixed.
+    empty rows (``valid`` False), so shapes stay fixed. ``layout``: ``(buckets(snap),
+    group_rows(snap))`` when the caller has them already.
     """
-    rows, n_groups = group_rows(snap)
-    for b in buckets(snap):
+    bs, (rows, n_groups) = layout or (buckets(snap), group_rows(snap))
+    for b in bs:
         m = len(b.accounts)
+        # a small bucket (the few wide accounts) is not padded to a GPU-sized chunk; never
+        # below DEFAULT_CHUNK, so CPU shapes (and their compiled kernels) do not vary with it
+        chunk = min(chunk_size, max(DEFAULT_CHUNK, 1 << math.ceil(math.log2(max(m, 1)))))
         per_device = math.ceil(m / (chunk * n_devices))
         B = min(MAX_CHUNKS_PER_DEVICE, 1 << max(0, math.ceil(math.log2(max(per_device, 1)))))
         group = n_devices * B
@@ -631,8 +678,16 @@ def merge(parts: list[Partial], index: list[np.ndarray], n: int) -> Partial:
 class LocalAccounts:
     """Sweeps every account of ``snap`` on this machine's devices, chunk group by group."""
 
-    def __init__(self, snap: Snapshot, chunk_size: int, dt: Any, progress: Callable | None = None):
-        self.snap, self.chunk_size, self.dt, self.progress = snap, chunk_size, dt, progress
+    def __init__(self, snap: Snapshot, chunk_size: int | None, dt: Any, progress: Callable | None = None):
+        self.snap, self.chunk_size, self.dt, self.progress = snap, chunk_size or default_chunk(), dt, progress
+        self._layout: tuple | None = None
+
+    def groups(self, n_devices: int):
+        """``_groups`` of the snapshot; the holdings layout is built once for all passes (at
+        1M accounts it costs about a second of host time per pass otherwise)."""
+        if self._layout is None:
+            self._layout = (buckets(self.snap), group_rows(self.snap))
+        return _groups(self.snap, self.chunk_size, self.dt, n_devices, self._layout)
 
     def closed(self, t: Tables) -> np.ndarray:
         """Pass 1 of the price impact: ``[T, 2, n_impact, K * W]`` net and gross contracts closed."""
@@ -641,7 +696,7 @@ class LocalAccounts:
         # float64 whatever the run's dtype: net contracts are small differences of large sums
         acc = jnp.zeros((D, T, 2, t.n_impact, t.value.shape[2]), jnp.float64)
         kernel = sharded_closed(D)
-        for _, h in _groups(self.snap, self.chunk_size, self.dt, D):
+        for _, h in self.groups(D):
             acc = kernel(h, t, acc)  # the accumulator stays on the devices
         return np.asarray(acc, np.float64).sum(axis=0)
 
@@ -698,7 +753,7 @@ class LocalAccounts:
         # (the random losses of a Monte Carlo run are [chunk, paths] per chunk).
         per_group = self.chunk_size * D * MAX_CHUNKS_PER_DEVICE * max(n_random, S if with_pnl else 0) * 8
         in_flight = max(1, min(4, int(256e6 // max(per_group, 1))))
-        for accs, h in _groups(snap, self.chunk_size, self.dt, D):
+        for accs, h in self.groups(D):
             pending.append((accs, kernel(h, t)))
             while len(pending) > in_flight:
                 drain_one(*pending.pop(0))
@@ -750,7 +805,7 @@ def _subset(t: Tables, cols: np.ndarray) -> Tables:
     T, W = t.user.shape
     K = t.value.shape[2] // W
     S2 = len(cols)
-    W2 = tile_width(S2, PM_TILE if t.pm is not None else 256)
+    W2 = tile_width(S2, PM_TILE if t.pm is not None else max_tile())
     T2 = math.ceil(S2 / W2)
     cols = jnp.asarray(cols)
 
@@ -845,7 +900,7 @@ def run(
     snap: Snapshot,
     scen: Scenarios,
     *,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     dtype: str = "float64",
     progress: Callable[[int, int], None] | None = None,
     sweeper: Any = None,
@@ -854,7 +909,8 @@ def run(
 
     Args:
       snap: the snapshot. scen: the scenario set.
-      chunk_size: accounts per chunk (results do not depend on it).
+      chunk_size: accounts per chunk (results do not depend on it); ``None``: the backend's
+        (``CHUNK``: 128 on CPU, 8192 on GPU).
       dtype: ``"float64"`` (default, exact reports) or ``"float32"`` (speed).
       progress: called as ``progress(accounts_done, accounts_total)``.
       sweeper: what sweeps the accounts in each pass: ``LocalAccounts`` (the default, this
@@ -866,6 +922,7 @@ def run(
     import pandas as pd
 
     t0 = time.perf_counter()
+    chunk_size = chunk_size or default_chunk()
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     sweeper = sweeper or LocalAccounts(snap, chunk_size, dt, progress)
     host, acc, sums, _ = _stream(snap, scen, chunk_size, dtype, progress, False, sweeper=sweeper)
@@ -1026,7 +1083,7 @@ def _bad_debt_distribution(bad: np.ndarray) -> dict:
     return {"bad_debt_mean": float(bad.mean()), "bad_debt_q99": float(q[0]), "bad_debt_es99": float(es[0])}
 
 
-def pnl_matrix(snap: Snapshot, scen: Scenarios, *, chunk_size: int = DEFAULT_CHUNK, dtype: str = "float64"):
+def pnl_matrix(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype: str = "float64"):
     """Equity change per account and scenario, USD, collateral included.
 
     Returns:

@@ -757,7 +757,7 @@ def _var_margin(snap: Any) -> dict:
     spot[:, [a for a, _ in used]] = mult[:, -1]
     scen = Scenarios(tuple(f"w{i}" for i in range(S)), ("replay",) * S, spot, np.zeros((S, A)),
                      np.full(S, c["var_horizon_days"]))
-    _, acc, _, _ = engine._stream(snap, scen, engine.DEFAULT_CHUNK, "float64", None, False, level=c["confidence"])
+    _, acc, _, _ = engine._stream(snap, scen, None, "float64", None, False, level=c["confidence"])
     es = np.maximum(acc["es_99"], 0.0)  # a book that gains in every window needs no VaR margin
     std = account_margin(snap, "standard")
     floor = c["var_floor"] * std["accounts"]["initial_margin"].to_numpy()

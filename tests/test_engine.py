@@ -94,6 +94,15 @@ def test_results_do_not_depend_on_chunk_size(snap, scen, base_result, chunk):
     assert_same(base_result, stress.run(snap, scen, chunk_size=chunk))
 
 
+def test_results_do_not_depend_on_scenario_tile_width_or_fusion(snap, scen, base_result, monkeypatch):
+    # GPUs may use wider tiles and other fusion choices than CPUs (engine.TILE, engine.FUSION):
+    # both are schedules, not results
+    monkeypatch.setitem(engine.TILE, "cpu", 8)
+    monkeypatch.setitem(engine.FUSION, "cpu", {"keep": False, "matvec": False})
+    assert len(scen) > 8
+    assert_same(base_result, stress.run(snap, scen, chunk_size=64))
+
+
 def test_results_do_not_depend_on_row_order(sample_tables, tmp_path, base_result, small_default_path):
     rng = np.random.default_rng(3)
     t = {k: (v.sample(frac=1.0, random_state=rng) if isinstance(v, pd.DataFrame) else v) for k, v in sample_tables.items()}
