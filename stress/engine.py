@@ -95,6 +95,12 @@ class Tables:
     pm: Any = None
     lag: int = dataclasses.field(default=0, metadata={"static": True})  # oracle lag, steps
     lags: tuple = dataclasses.field(default=(), metadata={"static": True})  # lags reported side by side
+    # Notional closed per underlying: an instrument's notional per contract is ``und_lin`` times
+    # its underlying's price (linear contracts, options) plus ``und_fix`` USD (inverse futures)
+    und_row: Any = None  # [I] int32: row of each instrument's underlying among ``und_asset``
+    und_lin: Any = None  # [I] contracts' notional per unit of the underlying's USD price
+    und_fix: Any = None  # [I] contracts' fixed notional, USD
+    und_asset: Any = None  # [U] int32: the asset of each underlying row
 
 
 def _tiers(params: Any, rates: Any, dtype: Any = jnp.float64) -> tuple | None:
@@ -241,12 +247,36 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         pm=pm,
         lag=liq_cfg["oracle_lag_steps"],
         lags=liq_cfg["oracle_lags"],
+        **_underlying_rows(snap, dtype),
     )
     # Host copies at float64 for exchange-level numbers.
     price_all = np.asarray(rv["price"])[:, : 1 + S]
     host = {"price_all": price_all, "value": np.asarray(rv["value"])[:, : 1 + S], "im0": np.asarray(im[:, 0]),
             "notional0": np.asarray(rv["notional"][:, 0])}
     return t, host
+
+
+def _underlying_rows(snap: Snapshot, dtype: Any) -> dict:
+    """``Tables``' ``und_*`` fields: the underlyings of the snapshot's instruments, in asset order,
+    and each instrument's notional per contract split into a price-linear and a fixed part."""
+    und = np.asarray(snap.instruments.underlying)
+    assets, row = np.unique(und, return_inverse=True)
+    c = np.asarray(snap.instruments.contract_size, np.float64)
+    fixed = np.asarray(snap.instruments.inverse) & (np.asarray(snap.instruments.kind) != OPTION)
+    return {"und_row": jnp.asarray(row.astype(np.int32)), "und_lin": jnp.asarray(np.where(fixed, 0.0, c), dtype),
+            "und_fix": jnp.asarray(np.where(fixed, c, 0.0), dtype), "und_asset": jnp.asarray(assets.astype(np.int32))}
+
+
+def underlying_notional(h: Holdings, t: Tables) -> tuple[Any, Any]:
+    """``([n, U], [n, U])``: each account's gross contracts on each underlying weighted by the
+    notional per contract's price-linear part, and its fixed USD notional there. The notional
+    of what it holds on underlying ``u`` at asset prices ``P`` is ``lin[:, u] * P[u] + fix[:, u]``."""
+    n = h.inst.shape[0]
+    inst = h.inst.reshape(n, -1)
+    q = jnp.abs(h.qty.reshape(n, -1))  # padding holds 0 contracts
+    onehot = (t.und_row[inst][..., None] == jnp.arange(t.und_asset.shape[0])).astype(q.dtype)  # [n, JL, U]
+    return (jnp.einsum("np,npu->nu", q * t.und_lin[inst], onehot),
+            jnp.einsum("np,npu->nu", q * t.und_fix[inst], onehot))
 
 
 def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, level: float = VAR_LEVEL) -> dict:
@@ -292,7 +322,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             m = m if m_pm is None else m_pm
             r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, imp[0] if imp else None)
             return (r["equity"], r["collateral"], r["margin"], r["liquidated"], r["fee"], r["impact"],
-                    r["closed_notional"], r["closed_out"], [])
+                    r["closed_notional"], r["closed_out"], [], r["closed"])
         eq, coll, m, *g = portfolio.state(h, value, mm, price, t.haircut, *per_contract, tiers=t.tiers)
         m = m if m_pm is None else m_pm
         if fuse["keep"]:
@@ -301,16 +331,16 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         # bad debt under other oracle lags, before closing costs (the impact of pass 1 is the
         # configured lag's)
         lagged = [liquidation.path_outcome(W, eq, coll, m, lag=k)[0] for k in t.lags]
-        eq, coll, m, *g, liq = liquidation.path_outcome(W, eq, coll, m, *g, lag=t.lag)
+        eq, coll, m, *g, liq, at = liquidation.path_outcome(W, eq, coll, m, *g, lag=t.lag, at=True)
         closed = jnp.where(liq, g[0], 0.0)
         cost = jnp.where(liq, g[1], 0.0) if impact is not None else jnp.zeros_like(eq)
         # the impact first, then the fee out of what remains (so a fee never creates bad debt)
         f = liquidation.fee(eq - cost, g[0], liq, t.fee_rate) if t.fee_rate is not None else jnp.zeros_like(eq)
-        return eq - cost - f, coll, m, liq, f, cost, closed, eq_end - eq, lagged
+        return eq - cost - f, coll, m, liq, f, cost, closed, eq_end - eq, lagged, at.astype(dt)
 
     def tile(carry, x):
         value, mm, price, notional, impact, pmx, user, rnd, k = x
-        eq, coll, m, liq, f, cost, closed, closed_out, lagged = outcome(value, mm, price, notional, impact, pmx)
+        eq, coll, m, liq, f, cost, closed, closed_out, lagged, at = outcome(value, mm, price, notional, impact, pmx)
         liqf = liq.astype(dt)
         pnl = eq - eq0[:, None]
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
@@ -330,19 +360,25 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
                           total(closed_out) if paths else zero,  # nothing closes early in one step
                           total(f), total(cost), total(closed)])
         lag_bad = jnp.stack([total(liquidation.bad_debt(e)) for e in lagged]) if lagged else None
+        # notional closed per underlying: the share closed at each step times the account's
+        # notional there, summed over accounts (one [2U, n] @ [n, K*W] product) and steps
+        U = t.und_asset.shape[0]
+        r = und_weights @ at  # [2U, K*W]
+        und_closed = (r[:U] * price[t.und_asset] + r[U:]).reshape(U, -1, W).sum(axis=1)
         bad = bad * validf[:, None]
         group_bad = None
         if t.n_groups:  # Cover 2 counts a group's defaults together, and its accounts not alone
             group_bad = jnp.zeros((t.n_groups + 1, W), dt).at[h.group].add(bad)[: t.n_groups]
             bad = jnp.where((h.group == t.n_groups)[:, None], bad, 0.0)
-        return carry, (sums, largest_two(bad), lag_bad, group_bad,
+        return carry, (sums, largest_two(bad), lag_bad, group_bad, und_closed,
                        pnl if keep_pnl else None, liq if with_pnl else None)
 
     inf = jnp.full(n, jnp.inf, dt)
     init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt), jnp.zeros(n, dt))
     pm_tiles = None if t.pm is None else (t.pm["pnl"], t.pm["delta"], t.pm["roll"])
     xs = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
-    (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, group_bad, pnl, liq) = jax.lax.scan(tile, init, xs)
+    und_weights = jnp.concatenate(underlying_notional(h, t), axis=1).T * validf  # [2U, n]
+    (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, group_bad, und_closed, pnl, liq) = jax.lax.scan(tile, init, xs)
 
     # The worst scenario: revalue each account on its own worst tile, take the first minimum.
     def at_best(x):  # rows i ([n] or [n, J]) of each account's worst tile
@@ -370,6 +406,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         out["group_bad"] = group_bad.transpose(1, 0, 2).reshape(t.n_groups, T * W)
     if lag_bad is not None:  # bad debt per scenario under each reported oracle lag
         out["lag_bad"] = lag_bad.transpose(1, 0, 2).reshape(len(t.lags), T * W)
+    out["und_closed"] = und_closed.transpose(1, 0, 2).reshape(-1, T * W)  # [U, T * W]
     if keep_pnl:
         pnl = pnl.transpose(1, 0, 2).reshape(n, T * W)  # [n, S_pad]
     if n_random:
@@ -629,7 +666,7 @@ def _stream(snap, scen, chunk_size, dtype, progress, with_pnl, level=VAR_LEVEL, 
     sweeper = sweeper or LocalAccounts(snap, chunk_size, dt, progress)
     t, host = tables(snap, scen, dt)
     if t.n_impact:
-        t, host["impact"] = _impact_pass(snap, t, sweeper.closed(t), dt)
+        t = _impact_pass(snap, t, sweeper.closed(t), dt)
     part = sweeper.sweep(t, int(scen.random.sum()), with_pnl, level)
     per_acc, sums, mats = part.finish(len(scen))
     host["tables"] = t
@@ -649,6 +686,7 @@ class Partial:
     mats: dict  # "pnl", "liquidated": [n, S] with with_pnl; else empty
     lags: tuple = ()  # the oracle lags of lag_total's rows
     group_bad: Any = 0.0  # [n_groups, S_pad] bad debt of each group of accounts (0.0: no groups)
+    und_total: Any = 0.0  # [U, S_pad] gross notional closed per underlying (Tables.und_asset), USD
 
     def finish(self, S: int) -> tuple[dict, dict, dict]:
         """``(per-account columns, per-scenario sums [S], matrices)``."""
@@ -658,6 +696,7 @@ class Partial:
         both = np.concatenate([self.largest, groups])
         sums["cover2"] = np.sort(both[:, :S], axis=0)[-2:].sum(axis=0)
         sums["lag_bad_debt"] = dict(zip(self.lags, self.lag_total[:, :S]))
+        sums["liquidated_notional_by"] = np.asarray(self.und_total)[..., :S]  # [U, S] (or 0.0: no accounts)
         return self.per_acc, sums, self.mats
 
 
@@ -672,7 +711,7 @@ def merge(parts: list[Partial], index: list[np.ndarray], n: int) -> Partial:
             mats.setdefault(name, np.empty((n,) + v.shape[1:], v.dtype))[idx] = v
     largest = np.sort(np.concatenate([p.largest for p in parts]), axis=0)[::-1][:2]
     return Partial(per_acc, sum(p.total for p in parts), largest, sum(p.lag_total for p in parts), mats, parts[0].lags,
-                   sum(p.group_bad for p in parts))
+                   sum(p.group_bad for p in parts), sum(p.und_total for p in parts))
 
 
 class LocalAccounts:
@@ -710,6 +749,7 @@ class LocalAccounts:
         largest = np.zeros((2, t.user.size))
         lag_total = np.zeros((len(t.lags), t.user.size))
         group_bad = np.zeros((t.n_groups, t.user.size))
+        und_total = np.zeros((t.und_asset.shape[0], t.user.size))
         per_acc: dict[str, np.ndarray] = {}
         mats = {"pnl": np.empty((snap.n_accounts, S)), "liquidated": np.empty((snap.n_accounts, S), bool)} if with_pnl else {}
         done = 0
@@ -728,6 +768,7 @@ class LocalAccounts:
                 lag_total[:] += out.pop("lag_bad").sum(axis=0, dtype=np.float64)
             if "group_bad" in out:
                 group_bad[:] += out.pop("group_bad").sum(axis=0, dtype=np.float64)
+            und_total[:] += out.pop("und_closed").sum(axis=0, dtype=np.float64)
             top2 = out.pop("top2")  # [G, 2, S_pad]: merge into the two largest so far
             both = np.concatenate([largest[None], top2.astype(np.float64)], axis=0).reshape(-1, top2.shape[-1])
             largest[:] = np.sort(both, axis=0)[-2:][::-1]
@@ -759,10 +800,10 @@ class LocalAccounts:
                 drain_one(*pending.pop(0))
         while pending:
             drain_one(*pending.pop(0))
-        return Partial(per_acc, total, largest, lag_total, mats, t.lags, group_bad if t.n_groups else 0.0)
+        return Partial(per_acc, total, largest, lag_total, mats, t.lags, group_bad if t.n_groups else 0.0, und_total)
 
 
-def _impact_pass(snap: Snapshot, t: Tables, closed: np.ndarray, dt: Any) -> tuple[Tables, dict]:
+def _impact_pass(snap: Snapshot, t: Tables, closed: np.ndarray, dt: Any) -> Tables:
     """Pass 1 of the price impact, exchange-wide: from ``closed`` (``LocalAccounts.closed``:
     the net and gross contracts each instrument closes out at each step of each scenario),
     its cost ``liquidation.impact_cost`` and the charge per contract closed that shares the
@@ -770,12 +811,10 @@ def _impact_pass(snap: Snapshot, t: Tables, closed: np.ndarray, dt: Any) -> tupl
     pass 2).
 
     Returns:
-      ``(t with impact, {"cost": [S_pad] impact per scenario, "liquidated_notional":
-      {underlying: [S_pad] gross notional closed, USD}})``.
+      ``t`` with ``impact``. (What each scenario paid, and the notional closed, are summed
+      over the accounts by pass 2, which charges it.)
     """
-    T, W = t.user.shape
-    KW = t.value.shape[2]
-    K, Ic = KW // W, t.n_impact
+    Ic = t.n_impact
     acc = closed  # [T, 2, Ic, KW] contracts: net, gross
     idx = np.flatnonzero(np.asarray(t.impact_row) < Ic)  # instruments of rows 0 .. Ic - 1
     notional = np.asarray(t.notional, np.float64)[:, idx, :]  # [T, Ic, KW] USD per contract
@@ -790,14 +829,7 @@ def _impact_pass(snap: Snapshot, t: Tables, closed: np.ndarray, dt: Any) -> tupl
     cost = liquidation.impact_cost(acc[:, 0] * notional, par["spread"], par["k"], par["daily_vol"], par["daily_volume"])
     charge = np.zeros(t.notional.shape)
     charge[:, idx, :] = np.divide(cost, gross, out=np.zeros_like(cost), where=gross > 0)
-
-    def per_scenario(x):  # [T, Ic, K*W] -> [Ic, T*W], summed over the steps
-        return x.reshape(T, Ic, K, W).sum(axis=2).transpose(1, 0, 2).reshape(Ic, T * W)
-
-    closed = per_scenario(gross * notional)
-    info = {"cost": per_scenario(cost).sum(axis=0),
-            "liquidated_notional": {snap.assets[u]: closed[und == u].sum(axis=0) for u in np.unique(und)}}
-    return dataclasses.replace(t, impact=jnp.asarray(charge, dt)), info
+    return dataclasses.replace(t, impact=jnp.asarray(charge, dt))
 
 
 def _subset(t: Tables, cols: np.ndarray) -> Tables:
@@ -968,7 +1000,8 @@ def run(
                "adl_loss_expected": np.zeros(snap.n_accounts) if n_random else nan}
     accounts["adl_loss_worst"] = adl["adl_loss_worst"]
     accounts["adl_loss_expected"] = adl["adl_loss_expected"]
-    by_underlying = {f"liquidated_notional_{u}": v[:S] for u, v in host.get("impact", {}).get("liquidated_notional", {}).items()}
+    und_names = [snap.assets[a] for a in np.asarray(host["tables"].und_asset)]
+    by_underlying = {f"liquidated_notional_{u}": v for u, v in zip(und_names, sums["liquidated_notional_by"])}
     scenarios = pd.DataFrame(
         {
             "scenario": list(scen.names),

@@ -103,6 +103,15 @@ def test_results_do_not_depend_on_scenario_tile_width_or_fusion(snap, scen, base
     assert_same(base_result, stress.run(snap, scen, chunk_size=64))
 
 
+def test_liquidated_notional_per_underlying_adds_up_to_the_total(snap, base_result):
+    # linear and inverse futures and options on three underlyings, one-step shocks and paths
+    sc = base_result.scenarios
+    cols = [f"liquidated_notional_{a}" for a in sorted({snap.assets[u] for u in np.asarray(snap.instruments.underlying)})]
+    assert [c for c in sc if c.startswith("liquidated_notional_")] == cols and len(cols) == 3
+    assert (sc.liquidated_notional > 0).sum() > 10 and (sc[cols] >= 0).all().all()
+    np.testing.assert_allclose(sc[cols].sum(axis=1), sc.liquidated_notional, rtol=1e-9, atol=1e-6)
+
+
 def test_results_do_not_depend_on_row_order(sample_tables, tmp_path, base_result, small_default_path):
     rng = np.random.default_rng(3)
     t = {k: (v.sample(frac=1.0, random_state=rng) if isinstance(v, pd.DataFrame) else v) for k, v in sample_tables.items()}

@@ -92,6 +92,8 @@ def test_a_path_closes_out_at_the_breach_pays_the_fee_and_hands_on_the_recovery(
     res = stress.run(snap, scen)
     row = res.scenarios.iloc[0]
     assert (row.fees, row.pnl_closed_out, row.pnl_total) == pytest.approx((49_500.0, 500_000.0, -549_500.0))
+    # 1000 contracts of 0.5 BTC closed at the breach's 49,500, not at the path's end (50,500)
+    assert row.liquidated_notional == row.liquidated_notional_BTC == pytest.approx(24_750_000.0, rel=1e-12)
     assert res.accounts.set_index("account_id").loc["long", "pnl_worst"] == pytest.approx(-299_500.0)
     assert row.insurance_fund_after == pytest.approx(1_049_500.0)
 
@@ -233,8 +235,11 @@ def test_impact_can_create_bad_debt_but_the_fee_cannot(tmp_path):
 
 def test_without_impact_parameters_closing_moves_nothing(tmp_path):
     snap = _three(tmp_path / "snap", "")
-    sc = stress.run(snap, _scen(tmp_path, snap)).scenarios
-    assert (sc.impact_cost == 0).all() and "liquidated_notional_BTC" not in sc
+    sc = stress.run(snap, _scen(tmp_path, snap)).scenarios.set_index("scenario")
+    assert (sc.impact_cost == 0).all()
+    # the same accounts are closed out as with impact: L and S at down-1, S alone when flat
+    assert sc.liquidated_notional_BTC["down-1"] == pytest.approx(2200 * 24_750.0, rel=1e-12)
+    assert sc.liquidated_notional_BTC["flat"] == pytest.approx(1200 * 25_000.0, rel=1e-12)
 
 
 @pytest.mark.parametrize("text, column", [
@@ -354,6 +359,7 @@ def test_partial_liquidation_along_a_path_keeps_the_rest_at_risk(tmp_path):
     assert row.fees == pytest.approx(49_500.0 * F1, rel=1e-12)
     assert row.pnl_closed_out == pytest.approx(500_000.0 * F1, rel=1e-12)
     assert row.pnl_total == pytest.approx(-549_500.0 * F1, rel=1e-12)
+    assert row.liquidated_notional_BTC == pytest.approx(24_750_000.0 * F1, rel=1e-12)
     assert res.accounts.set_index("account_id").loc["long", "pnl_worst"] == pytest.approx(250_000.0 - 549_500.0 * F1, rel=1e-12)
     assert row.accounts_liquidatable == 1
 
