@@ -37,10 +37,12 @@ where it is smooth: an account's margin gap counts while it is positive. Vols ar
 No array of the size ``accounts x scenarios x assets`` is built: positions gather from
 ``[I, S]`` instrument tables into ``[N, S]`` terms, which segment-sum into ``M`` (account,
 asset) slots ``[M, S]`` and then accounts ``[n, S]``. Reverse mode keeps these, so memory is
-of the order of ``(positions + slots) x scenarios x steps x 8 bytes`` times a few: meant for
-exchanges up to a few hundred thousand accounts and a few hundred scenarios at once (the
-default set's 2,000 Monte Carlo paths fit for smaller exchanges, see docs/sensitivities.md).
-There is no chunking: it is one jitted function, differentiated in reverse mode (``jax.vjp``).
+of the order of ``(positions + slots) x scenarios x steps x 8 bytes`` times a few. The
+accounts are therefore taken in chunks (``account_chunks``, about ``CHUNK_CELLS`` positions x
+states each): the totals are sums over accounts, so the forward pass adds the chunks' sums,
+the objectives' derivatives in those sums are taken once (``_outer``), and each chunk pulls
+them back through its own accounts (``_chunk_pullback``, reverse mode, ``jax.vjp``); the
+chunks' gradients add up. Memory is bounded by a chunk, not by the exchange.
 """
 
 from __future__ import annotations
@@ -200,24 +202,28 @@ def first_breach(eq: Any, coll: Any, mm: Any, S: int) -> tuple[Any, Any, Any]:
     return pick(eq), pick(coll), pick(mm)
 
 
-def totals(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b: Book, n: int) -> dict[str, Any]:
-    """Exchange totals per state (``[1 + S]``, state 0 the snapshot), USD, and the smoothed
-    ``p_fund_depleted_smooth`` ``[]`` over the random scenarios (see the module docstring).
-
-    Keys: ``maintenance_margin``, ``shortfall``, ``bad_debt``, ``insurance_fund_before``,
-    ``insurance_fund_after``, ``p_fund_depleted_smooth``. Pure and differentiable in ``x``,
-    ``dv``, ``params`` and ``lam``.
-    """
+def state_sums(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b: Book, n: int) -> Any:
+    """``[3, 1 + S]``: the sums over the book's accounts of maintenance margin, margin
+    shortfall and bad debt per state, USD. Sums over disjoint sets of accounts add up, which
+    is what lets ``sensitivities`` chunk the accounts."""
     st = account_states(x, dv, params, lam, inst, market, b, n)
     eq, coll, mm = first_breach(st["equity"], st["collateral"], st["maintenance_margin"], b.random.shape[0])
-    shortfall = jnp.sum(jnp.maximum(mm - coll, 0.0), axis=0)
-    bad = jnp.sum(jnp.maximum(-eq, 0.0), axis=0)
+    return jnp.stack([jnp.sum(mm, axis=0), jnp.sum(jnp.maximum(mm - coll, 0.0), axis=0),
+                      jnp.sum(jnp.maximum(-eq, 0.0), axis=0)])
+
+
+def exchange_totals(sums: Any, x: Any, market: Any, b: Book) -> dict[str, Any]:
+    """Exchange totals per state (``[1 + S]``, state 0 the snapshot), USD, and the smoothed
+    ``p_fund_depleted_smooth`` ``[]`` over the random scenarios (see the module docstring),
+    from the accounts' ``state_sums`` and the price perturbation ``x`` (the fund's value)."""
     S = b.random.shape[0]
-    fund = b.fund @ jnp.concatenate([st["price"][:, :1], st["price"][:, -S:]], axis=1)  # now, last steps
+    price = market.price[:, None] * (b.spot_mult * (1.0 + x)[None, :]).T  # as pricing.revalue
+    fund = b.fund @ jnp.concatenate([price[:, :1], price[:, -S:]], axis=1)  # now, last steps
+    mm, shortfall, bad = sums
     gap = (bad[1:] - fund[1:]) / b.temperature
     n_random = jnp.maximum(jnp.sum(b.random), 1.0)
     return {
-        "maintenance_margin": jnp.sum(mm, axis=0),
+        "maintenance_margin": mm,
         "shortfall": shortfall,
         "bad_debt": bad,
         "insurance_fund_before": fund,
@@ -226,10 +232,25 @@ def totals(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b:
     }
 
 
+def totals(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b: Book, n: int) -> dict[str, Any]:
+    """Exchange totals per state (``[1 + S]``, state 0 the snapshot), USD, and the smoothed
+    ``p_fund_depleted_smooth`` ``[]`` over the random scenarios (see the module docstring).
+
+    Keys: ``maintenance_margin``, ``shortfall``, ``bad_debt``, ``insurance_fund_before``,
+    ``insurance_fund_after``, ``p_fund_depleted_smooth``. Pure and differentiable in ``x``,
+    ``dv``, ``params`` and ``lam``.
+    """
+    return exchange_totals(state_sums(x, dv, params, lam, inst, market, b, n), x, market, b)
+
+
 def objectives(x, dv, params, lam, inst, market, b: Book, worst: Any, n: int) -> Any:
     """The ``OBJECTIVES`` as one vector ``[len(OBJECTIVES)]``; ``worst`` is the worst
     scenario's index in ``0..S-1`` (state ``1 + worst``)."""
-    t = totals(x, dv, params, lam, inst, market, b, n)
+    return reduced(totals(x, dv, params, lam, inst, market, b, n), worst)
+
+
+def reduced(t: dict, worst: Any) -> Any:
+    """``exchange_totals`` reduced to the ``OBJECTIVES`` vector."""
 
     def reduce(v, scope):
         if scope == "now":
@@ -243,20 +264,89 @@ def objectives(x, dv, params, lam, inst, market, b: Book, worst: Any, n: int) ->
     return jnp.stack([reduce(t[name], scope) for name, scope in OBJECTIVES])
 
 
-_totals = jax.jit(totals, static_argnames=("n",))
+CHUNK_CELLS = 1 << 23  # positions x states per chunk of accounts (reverse mode keeps ~100 B a cell)
+
+_state_sums = jax.jit(state_sums, static_argnames=("n",))
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
-def _jacobian(x, dv, params, lam, inst, market, b: Book, worst: Any, n: int):
-    """Values and reverse-mode Jacobian of ``objectives`` in ``(x, dv, params, lam)``.
+def _chunk_pullback(x, dv, params, lam, inst, market, b: Book, cotangents: Any, n: int):
+    """One chunk's share of the Jacobian: ``state_sums``' reverse mode in ``(x, dv, params,
+    lam)`` for each row of ``cotangents`` ``[K, 3, 1 + S]`` (d objective / d sums). One forward
+    pass keeps its residuals (``jax.vjp``); the ``K`` rows are pulled back one after another
+    (``lax.map``), so the backward pass holds one cotangent of the ``[N, S]`` size at a time."""
+    _, pullback = jax.vjp(lambda *a: state_sums(*a, inst, market, b, n), x, dv, params, lam)
+    return jax.lax.map(pullback, cotangents)
 
-    One forward pass keeps its residuals (``jax.vjp``); the ``K`` rows of the Jacobian are then
-    pulled back one after another (``lax.map``) rather than all at once (``jax.jacrev``
-    vmaps them), so the backward pass holds one cotangent of the ``[N, S]`` size at a time.
+
+@jax.jit
+def _outer(sums: Any, x: Any, market: Any, b: Book, worst: Any):
+    """The objectives, and their Jacobian in the summed state totals and (through the fund's
+    value) in ``x``."""
+    f = lambda s, xx: reduced(exchange_totals(s, xx, market, b), worst)  # noqa: E731
+    return f(sums, x), jax.jacrev(f, argnums=(0, 1))(sums, x)
+
+
+def account_chunks(b: Book, n: int, cells: int = CHUNK_CELLS) -> tuple[int, list[tuple[int, Book]]]:
+    """Split the book into chunks of ``C`` consecutive accounts, each a ``Book`` of its own
+    with accounts, slots and positions renumbered from 0 and padded to one shape (padding
+    holds 0 contracts and 0 balances, so it adds nothing), so one compilation serves all.
+
+    ``C`` keeps an average chunk's positions x states near ``cells``. Returns ``(C, [(first
+    account, chunk book), ...])``.
     """
-    f = lambda *a: objectives(*a, inst, market, b, worst, n)
-    values, pullback = jax.vjp(f, x, dv, params, lam)
-    return values, jax.lax.map(pullback, jnp.eye(values.shape[0], dtype=values.dtype))
+    states = b.spot_mult.shape[0]
+    N = max(len(b.pos_account), 1)
+    C = int(min(n, max(1, cells * n // (N * states))))
+    p_order = np.argsort(b.pos_account, kind="stable")
+    p_acc = np.asarray(b.pos_account)[p_order]
+    lo_acc = np.arange(0, n, C)
+    p_cut = np.searchsorted(p_acc, np.r_[lo_acc, n])
+    s_cut = np.searchsorted(np.asarray(b.slot_account), np.r_[lo_acc, n])  # slots are by account
+    P = max(1, int(np.diff(p_cut).max()))
+    M = max(1, int(np.diff(s_cut).max()))
+
+    def cut(x, lo, hi, size, shift=0):
+        x = np.asarray(x)[lo:hi] - shift
+        return np.pad(x, (0, size - len(x)))
+
+    out = []
+    for k, a0 in enumerate(lo_acc):
+        p = p_order[p_cut[k]:p_cut[k + 1]]
+        s0, s1 = s_cut[k], s_cut[k + 1]
+        out.append((int(a0), dataclasses.replace(
+            b,
+            pos_slot=np.pad(np.asarray(b.pos_slot)[p] - s0, (0, P - len(p))).astype(np.int32),
+            pos_account=np.pad(np.asarray(b.pos_account)[p] - a0, (0, P - len(p))).astype(np.int32),
+            pos_instrument=np.pad(np.asarray(b.pos_instrument)[p], (0, P - len(p))).astype(np.int32),
+            pos_quantity=np.pad(np.asarray(b.pos_quantity)[p], (0, P - len(p))),
+            slot_account=cut(b.slot_account, s0, s1, M, a0).astype(np.int32),
+            slot_asset=cut(b.slot_asset, s0, s1, M).astype(np.int32),
+            slot_balance=cut(b.slot_balance, s0, s1, M),
+        )))
+    return C, out
+
+
+def _jacobian(x, dv, params, inst, market, b: Book, n: int, cells: int = CHUNK_CELLS):
+    """Totals, the worst scenario, objective values and their reverse-mode Jacobian in
+    ``(x, dv, params, lam)``, chunk of accounts by chunk: exchange totals are sums over
+    accounts, so each chunk pulls back the objectives' cotangents in those sums, and the
+    chunks' gradients add up (``lam``'s are placed)."""
+    C, chunks = account_chunks(b, n, cells)
+    lam = jnp.ones(C)
+    sums = sum(np.asarray(_state_sums(x, dv, params, lam, inst, market, bc, n=C), np.float64) for _, bc in chunks)
+    t = {k: np.asarray(v) for k, v in jax.jit(exchange_totals)(sums, x, market, b).items()}
+    worst = worst_scenario(t["bad_debt"][1:], t["shortfall"][1:])
+    values, (d_sums, d_x) = _outer(sums, x, market, b, worst)
+    gx, gv, gp = np.asarray(d_x), 0.0, None
+    gl = np.zeros((len(OBJECTIVES), n))
+    for a0, bc in chunks:
+        cx, cv, cp, cl = _chunk_pullback(x, dv, params, lam, inst, market, bc, d_sums, n=C)
+        gx, gv = gx + np.asarray(cx), gv + np.asarray(cv)
+        gp = jax.tree_util.tree_map(np.asarray, cp) if gp is None else jax.tree_util.tree_map(
+            lambda a, c: a + np.asarray(c), gp, cp)
+        gl[:, a0:a0 + C] = np.asarray(cl)[:, : n - a0]
+    return t, worst, np.asarray(values), (gx, gv, gp, gl)
 
 
 def worst_scenario(bad_debt: np.ndarray, shortfall: np.ndarray) -> int:
@@ -284,7 +374,8 @@ def _float_params(params: Params) -> Params:
     return jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float64), params)
 
 
-def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None = None) -> dict:
+def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None = None,
+                  cells: int = CHUNK_CELLS) -> dict:
     """Gradients of the exchange's stress totals, by reverse-mode autodiff of ``totals``.
 
     Args:
@@ -292,6 +383,7 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
         account is taken at its first breach of maintenance margin, else the last step).
       temperature: smoothing of ``p_fund_depleted_smooth``, USD (> 0); default
         ``TEMPERATURE_FRACTION`` of the fund's value at the snapshot.
+      cells: positions x states per chunk of accounts (memory; results do not depend on it).
 
     Returns:
       A dict:
@@ -329,12 +421,8 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
     params = _float_params(snap.params)
     market = snap.market
     inst = safe_instruments(snap.instruments, market)
-    zero, lam = jnp.zeros(A), jnp.ones(n)
-    t = {k: np.asarray(v) for k, v in _totals(zero, zero, params, lam, inst, market, b, n=n).items()}
-    worst = worst_scenario(t["bad_debt"][1:], t["shortfall"][1:])
-    values, (gx, gv, gp, gl) = _jacobian(zero, zero, params, lam, inst, market, b, worst, n=n)
-    values, gx, gv, gl = (np.asarray(v) for v in (values, gx, gv, gl))
-    gp = jax.tree_util.tree_map(np.asarray, gp)
+    zero = jnp.zeros(A)
+    t, worst, values, (gx, gv, gp, gl) = _jacobian(zero, zero, params, inst, market, b, n, cells)
 
     S = len(scen)
     rnd = np.asarray(scen.random)

@@ -337,6 +337,23 @@ def test_sample_exchange_totals_match_the_run(sample_dir, tmp_path):
         assert np.isfinite(df.gradient).all()
 
 
+def test_results_do_not_depend_on_how_accounts_are_chunked(sample_dir, tmp_path):
+    # 400 accounts in one chunk, and in chunks of a few accounts (uneven positions per chunk)
+    snap = stress.load_snapshot(sample_dir)
+    scen = stress.load_scenarios(scenario_file(tmp_path, SCENARIOS.replace("USDC = -0.07, ", "") + MONTECARLO), snap)
+    whole = sens.sensitivities(snap, scen, cells=1 << 40)
+    b = sens.book(snap, scen)
+    small = 2_000 * b.spot_mult.shape[0] * len(b.pos_account) // snap.n_accounts // 1_000  # ~2 accounts a chunk
+    C, chunks = sens.account_chunks(b, snap.n_accounts, small)
+    assert C < 10 and len(chunks) > 40
+    parts = sens.sensitivities(snap, scen, cells=small)
+    assert parts["worst_scenario"] == whole["worst_scenario"]
+    for key, col in (("totals", "value"), ("scenarios", "bad_debt"), ("market", "gradient"), ("params", "gradient"),
+                     ("accounts", "bad_debt_worst"), ("accounts", "shortfall_sum")):
+        a, w = parts[key][col].to_numpy(), whole[key][col].to_numpy()
+        np.testing.assert_allclose(a, w, rtol=1e-9, atol=1e-9 * max(1.0, np.nanmax(np.abs(w))), err_msg=f"{key}.{col}")
+
+
 def test_cli_prints_tables_and_writes_parquet(snap, scen, tmp_path):
     folder = snap.source
     path = scenario_file(tmp_path, SCENARIOS)
