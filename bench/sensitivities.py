@@ -74,7 +74,8 @@ def worker(accounts: int, scenarios: int, repeat: int) -> dict:
     def grad():
         sums, _ = forward()
         _, (d_sums, d_x) = sens._outer(sums, zero, snap.market, b, 0)
-        out = [sens._chunk_pullback(zero, zero, params, lam, inst, snap.market, bc, d_sums[k:k + 1], n=C) for _, bc in chunks]
+        out = [sens._chunk_pullback(zero, zero, params, lam, 0.0, inst, snap.market, bc, d_sums[k:k + 1], n=C)
+               for _, bc in chunks]
         jax.block_until_ready(out)
 
     rec = {"accounts": n, "positions": len(snap.pos_account), "scenarios": scenarios, "chunk_accounts": C,

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import margin, pricing
+from . import liquidation, margin, pricing
 from ._tree import pytree_dataclass
 from .errors import InputError
 from .scenarios import Scenarios
@@ -173,43 +173,52 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     w = margin.position_weight(inst.kind[b.pos_instrument], b.pos_quantity)
     m = jax.ops.segment_sum(w[:, None] * mm[b.pos_instrument], b.pos_account, num_segments=n)
     seg = functools.partial(jax.ops.segment_sum, segment_ids=b.slot_account, num_segments=n)
+    c = inst.contract_size[:, None]  # notional per contract, USD (SPEC section 2), as the engine
+    notional = jnp.where(inst.inverse[:, None] & (inst.kind != OPTION)[:, None], c, c * rv["spot"])
+    g = jax.ops.segment_sum(jnp.abs(b.pos_quantity)[:, None] * notional[b.pos_instrument], b.pos_account, num_segments=n)
     return {"equity": seg(usd), "collateral": seg(coll), "maintenance_margin": lam[:, None] * m,
-            "price": rv["price"]}
+            "notional": lam[:, None] * g, "price": rv["price"]}
 
 
-def first_breach(eq: Any, coll: Any, mm: Any, S: int) -> tuple[Any, Any, Any]:
+def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any) -> tuple[Any, ...]:
     """Each account's state at the step that decides each path: the first step where its
     collateral is below its maintenance margin (it is closed out there, as
     ``liquidation.path_outcome`` in the engine), else the last step.
 
     Args:
       eq, coll, mm: ``[n, 1 + K * S]``: now, then the ``K`` steps of every scenario, step-major.
-      S: scenarios.
+      S: scenarios. more: further ``[n, 1 + K * S]`` arrays to take at the same step.
 
     Returns:
-      ``(eq, coll, mm)``, each ``[n, 1 + S]``: now, then the deciding step of each scenario.
+      ``(eq, coll, mm, *more)``, each ``[n, 1 + S]``: now, then the deciding step of each
+      scenario (the account is liquidated there iff ``mm > coll`` there).
       Which step decides is piecewise constant in every input, so gradients flow through the
       values at that step only (margin parameters move bad debt by jumps, not by slopes).
     """
     n, cols = eq.shape
     K = (cols - 1) // S
     if K == 1:
-        return eq, coll, mm
+        return (eq, coll, mm, *more)
     timed = lambda x: x[:, 1:].reshape(n, K, S)
     breach = timed(mm) > timed(coll)
     step = jnp.where(breach.any(axis=1), jnp.argmax(breach, axis=1), K - 1)[:, None, :]  # [n, 1, S]
     pick = lambda x: jnp.concatenate([x[:, :1], jnp.take_along_axis(timed(x), step, axis=1)[:, 0]], axis=1)
-    return pick(eq), pick(coll), pick(mm)
+    return tuple(pick(x) for x in (eq, coll, mm, *more))
 
 
-def state_sums(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b: Book, n: int) -> Any:
-    """``[3, 1 + S]``: the sums over the book's accounts of maintenance margin, margin
-    shortfall and bad debt per state, USD. Sums over disjoint sets of accounts add up, which
-    is what lets ``sensitivities`` chunk the accounts."""
+def state_sums(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b: Book, n: int,
+               fee_rate: Any = 0.0) -> Any:
+    """``[4, 1 + S]``: the sums over the book's accounts of maintenance margin, margin
+    shortfall, bad debt and liquidation fees per state, USD. Sums over disjoint sets of
+    accounts add up, which is what lets ``sensitivities`` chunk the accounts. The fee is the
+    engine's (``liquidation.fee``): ``fee_rate`` of the notional an account closes out, capped
+    at its remaining equity, so it never adds bad debt."""
     st = account_states(x, dv, params, lam, inst, market, b, n)
-    eq, coll, mm = first_breach(st["equity"], st["collateral"], st["maintenance_margin"], b.random.shape[0])
+    eq, coll, mm, g = first_breach(st["equity"], st["collateral"], st["maintenance_margin"], b.random.shape[0],
+                                   st["notional"])
+    fees = liquidation.fee(eq, g, mm > coll, fee_rate)
     return jnp.stack([jnp.sum(mm, axis=0), jnp.sum(jnp.maximum(mm - coll, 0.0), axis=0),
-                      jnp.sum(jnp.maximum(-eq, 0.0), axis=0)])
+                      jnp.sum(jnp.maximum(-eq, 0.0), axis=0), jnp.sum(fees, axis=0)])
 
 
 def exchange_totals(sums: Any, x: Any, market: Any, b: Book) -> dict[str, Any]:
@@ -219,15 +228,16 @@ def exchange_totals(sums: Any, x: Any, market: Any, b: Book) -> dict[str, Any]:
     S = b.random.shape[0]
     price = market.price[:, None] * (b.spot_mult * (1.0 + x)[None, :]).T  # as pricing.revalue
     fund = b.fund @ jnp.concatenate([price[:, :1], price[:, -S:]], axis=1)  # now, last steps
-    mm, shortfall, bad = sums
-    gap = (bad[1:] - fund[1:]) / b.temperature
+    mm, shortfall, bad, fees = sums
+    gap = (bad[1:] - fund[1:] - fees[1:]) / b.temperature  # the fees are paid in first
     n_random = jnp.maximum(jnp.sum(b.random), 1.0)
     return {
         "maintenance_margin": mm,
         "shortfall": shortfall,
         "bad_debt": bad,
         "insurance_fund_before": fund,
-        "insurance_fund_after": jnp.maximum(fund - bad, 0.0),
+        "insurance_fund_after": jnp.maximum(fund + fees - bad, 0.0),
+        "fees": fees,
         "p_fund_depleted_smooth": jnp.sum(b.random * jax.nn.sigmoid(gap)) / n_random,
     }
 
@@ -267,15 +277,17 @@ def reduced(t: dict, worst: Any) -> Any:
 CHUNK_CELLS = 1 << 23  # positions x states per chunk of accounts (reverse mode keeps ~100 B a cell)
 
 _state_sums = jax.jit(state_sums, static_argnames=("n",))
+_exchange_totals = jax.jit(exchange_totals)
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
-def _chunk_pullback(x, dv, params, lam, inst, market, b: Book, cotangents: Any, n: int):
+def _chunk_pullback(x, dv, params, lam, fee_rate, inst, market, b: Book, cotangents: Any, n: int):
     """One chunk's share of the Jacobian: ``state_sums``' reverse mode in ``(x, dv, params,
-    lam)`` for each row of ``cotangents`` ``[K, 3, 1 + S]`` (d objective / d sums). One forward
+    lam, fee_rate)`` for each row of ``cotangents`` ``[K, 4, 1 + S]`` (d objective / d sums). One forward
     pass keeps its residuals (``jax.vjp``); the ``K`` rows are pulled back one after another
     (``lax.map``), so the backward pass holds one cotangent of the ``[N, S]`` size at a time."""
-    _, pullback = jax.vjp(lambda *a: state_sums(*a, inst, market, b, n), x, dv, params, lam)
+    f = lambda x, dv, p, lam, fr: state_sums(x, dv, p, lam, inst, market, b, n, fr)  # noqa: E731
+    _, pullback = jax.vjp(f, x, dv, params, lam, fee_rate)
     return jax.lax.map(pullback, cotangents)
 
 
@@ -306,47 +318,45 @@ def account_chunks(b: Book, n: int, cells: int = CHUNK_CELLS) -> tuple[int, list
     P = max(1, int(np.diff(p_cut).max()))
     M = max(1, int(np.diff(s_cut).max()))
 
-    def cut(x, lo, hi, size, shift=0):
-        x = np.asarray(x)[lo:hi] - shift
-        return np.pad(x, (0, size - len(x)))
+    def take(x, rows, size, shift=0):  # rows of x, renumbered by shift, padded with zeros to size
+        x = np.asarray(x)
+        return np.pad(x[rows] - shift, (0, size - len(rows))).astype(x.dtype)
 
     out = []
     for k, a0 in enumerate(lo_acc):
-        p = p_order[p_cut[k]:p_cut[k + 1]]
-        s0, s1 = s_cut[k], s_cut[k + 1]
+        p, s0 = p_order[p_cut[k]:p_cut[k + 1]], s_cut[k]
+        sl = np.arange(s0, s_cut[k + 1])
         out.append((int(a0), dataclasses.replace(
             b,
-            pos_slot=np.pad(np.asarray(b.pos_slot)[p] - s0, (0, P - len(p))).astype(np.int32),
-            pos_account=np.pad(np.asarray(b.pos_account)[p] - a0, (0, P - len(p))).astype(np.int32),
-            pos_instrument=np.pad(np.asarray(b.pos_instrument)[p], (0, P - len(p))).astype(np.int32),
-            pos_quantity=np.pad(np.asarray(b.pos_quantity)[p], (0, P - len(p))),
-            slot_account=cut(b.slot_account, s0, s1, M, a0).astype(np.int32),
-            slot_asset=cut(b.slot_asset, s0, s1, M).astype(np.int32),
-            slot_balance=cut(b.slot_balance, s0, s1, M),
+            pos_slot=take(b.pos_slot, p, P, s0), pos_account=take(b.pos_account, p, P, a0),
+            pos_instrument=take(b.pos_instrument, p, P), pos_quantity=take(b.pos_quantity, p, P),
+            slot_account=take(b.slot_account, sl, M, a0), slot_asset=take(b.slot_asset, sl, M),
+            slot_balance=take(b.slot_balance, sl, M),
         )))
     return C, out
 
 
-def _jacobian(x, dv, params, inst, market, b: Book, n: int, cells: int = CHUNK_CELLS):
+def _jacobian(x, dv, params, fee_rate, inst, market, b: Book, n: int, cells: int = CHUNK_CELLS):
     """Totals, the worst scenario, objective values and their reverse-mode Jacobian in
-    ``(x, dv, params, lam)``, chunk of accounts by chunk: exchange totals are sums over
+    ``(x, dv, params, lam, fee_rate)``, chunk of accounts by chunk: exchange totals are sums over
     accounts, so each chunk pulls back the objectives' cotangents in those sums, and the
     chunks' gradients add up (``lam``'s are placed)."""
     C, chunks = account_chunks(b, n, cells)
     lam = jnp.ones(C)
-    sums = sum(np.asarray(_state_sums(x, dv, params, lam, inst, market, bc, n=C), np.float64) for _, bc in chunks)
-    t = {k: np.asarray(v) for k, v in jax.jit(exchange_totals)(sums, x, market, b).items()}
+    sums = sum(np.asarray(_state_sums(x, dv, params, lam, inst, market, bc, n=C, fee_rate=fee_rate), np.float64)
+               for _, bc in chunks)
+    t = {k: np.asarray(v) for k, v in _exchange_totals(sums, x, market, b).items()}
     worst = worst_scenario(t["bad_debt"][1:], t["shortfall"][1:])
     values, (d_sums, d_x) = _outer(sums, x, market, b, worst)
-    gx, gv, gp = np.asarray(d_x), 0.0, None
+    gx, gv, gp, gf = np.asarray(d_x), 0.0, None, 0.0
     gl = np.zeros((len(OBJECTIVES), n))
     for a0, bc in chunks:
-        cx, cv, cp, cl = _chunk_pullback(x, dv, params, lam, inst, market, bc, d_sums, n=C)
-        gx, gv = gx + np.asarray(cx), gv + np.asarray(cv)
+        cx, cv, cp, cl, cf = _chunk_pullback(x, dv, params, lam, fee_rate, inst, market, bc, d_sums, n=C)
+        gx, gv, gf = gx + np.asarray(cx), gv + np.asarray(cv), gf + np.asarray(cf)
         gp = jax.tree_util.tree_map(np.asarray, cp) if gp is None else jax.tree_util.tree_map(
             lambda a, c: a + np.asarray(c), gp, cp)
         gl[:, a0:a0 + C] = np.asarray(cl)[:, : n - a0]
-    return t, worst, np.asarray(values), (gx, gv, gp, gl)
+    return t, worst, np.asarray(values), (gx, gv, gp, gl, gf)
 
 
 def worst_scenario(bad_debt: np.ndarray, shortfall: np.ndarray) -> int:
@@ -367,6 +377,28 @@ def safe_instruments(inst: Any, market: Any) -> Any:
     is_opt = np.asarray(inst.kind) == OPTION
     price = np.asarray(market.price, np.float64)[np.asarray(inst.underlying)]
     return dataclasses.replace(inst, strike=np.where(is_opt, np.asarray(inst.strike, np.float64), price))
+
+
+def _supported(snap: Snapshot) -> dict:
+    """The snapshot's ``[liquidation]`` settings, after checking that the differentiable model
+    follows them: it closes out in full at the first breach, paying the liquidation fee, under
+    the standard, untiered margin model. Anything else raises ``InputError`` (a gradient of a
+    different exchange would be worse than none)."""
+    from . import engine
+
+    cfg = liquidation.config(snap.liquidation_config)
+    unsupported = [
+        ("[liquidation] impact", bool(cfg["impact"]), "price impact"),
+        ("[liquidation] mode", cfg["mode"] != "full", "partial liquidation"),
+        ("[liquidation] oracle_lag_steps", cfg["oracle_lag_steps"] > 0, "an oracle lag"),
+        ("[margin] model", snap.margin_config.get("model", "standard") != "standard", "this margin model"),
+        ("tier columns", engine._tiers(snap.params, snap.params.tier_mm) is not None, "risk-limit tiers"),
+    ]
+    for column, used, what in unsupported:
+        if used:
+            raise InputError("exchange.toml", None, column,
+                             f"stress sensitivities does not model {what} yet; use stress run for its effect")
+    return cfg
 
 
 def _float_params(params: Params) -> Params:
@@ -392,7 +424,8 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
         over scenarios, ``worst`` scenario, ``random`` scenarios), its ``value`` (USD, or a
         probability) and, for ``p_fund_depleted_smooth``, ``exact`` (the unsmoothed share).
       - ``scenarios``: DataFrame, one row per scenario: ``scenario``, ``maintenance_margin``,
-        ``shortfall_total``, ``bad_debt``, ``insurance_fund_before``, ``insurance_fund_after``.
+        ``shortfall_total``, ``bad_debt``, ``fees`` (liquidation fees, paid into the fund),
+        ``insurance_fund_before``, ``insurance_fund_after``.
       - ``market``: tidy DataFrame, one row per (``factor`` price or vol, ``asset``, ``total``,
         ``scope``): ``sensitivity``, the change per ``bump`` (+1% of the price, +0.01 of vol),
         USD (probability for ``p_fund_depleted_smooth``).
@@ -400,7 +433,7 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
         ``scope``): ``value`` (the parameter, mean over the group), ``gradient`` (per +1.00),
         ``sensitivity`` (per +0.01). ``mm_rate`` and ``im_rate`` are per instrument, summed
         per underlying and kind (the derivative of moving the group's rates together);
-        ``haircut`` per asset; ``option_im_floor`` one row.
+        ``haircut`` per asset; ``option_im_floor`` and ``fee_rate`` (``[liquidation]``) one row each.
       - ``accounts``: DataFrame, one row per account: ``bad_debt_worst`` (Euler allocation of
         the worst scenario's bad debt), ``shortfall_worst`` and ``shortfall_sum`` (of the
         worst scenario's and the summed total shortfall); each column sums to its total.
@@ -408,7 +441,9 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
         random scenarios), ``p_fund_depleted_smooth``.
 
     Raises:
-      InputError: an empty scenario set, or a temperature that is not > 0.
+      InputError: an empty scenario set, a temperature that is not > 0, or a setting the
+        differentiable model does not follow (price impact, partial liquidation, an oracle
+        lag, the portfolio or VaR margin model, risk-limit tiers).
     """
     import pandas as pd
 
@@ -422,12 +457,14 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
     market = snap.market
     inst = safe_instruments(snap.instruments, market)
     zero = jnp.zeros(A)
-    t, worst, values, (gx, gv, gp, gl) = _jacobian(zero, zero, params, inst, market, b, n, cells)
+    fee_rate = jnp.float64(_supported(snap)["fee_rate"])
+    t, worst, values, (gx, gv, gp, gl, gf) = _jacobian(zero, zero, params, fee_rate, inst, market, b, n, cells)
 
     S = len(scen)
     rnd = np.asarray(scen.random)
     fund, bad = t["insurance_fund_before"][1:], t["bad_debt"][1:]
-    exact = float(((bad > 0) & (bad >= fund))[rnd].mean()) if rnd.any() else None
+    fees = t["fees"][1:]
+    exact = float(((bad > 0) & (bad >= fund + fees))[rnd].mean()) if rnd.any() else None
     totals_df = pd.DataFrame({"total": [o[0] for o in OBJECTIVES], "scope": [o[1] for o in OBJECTIVES],
                               "value": values})
     totals_df["exact"] = np.where(totals_df.total == "p_fund_depleted_smooth",
@@ -439,11 +476,12 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
         "maintenance_margin": t["maintenance_margin"][1:],
         "shortfall_total": t["shortfall"][1:],
         "bad_debt": bad,
+        "fees": fees,
         "insurance_fund_before": fund,
         "insurance_fund_after": t["insurance_fund_after"][1:],
     })
     market_df = _market_frame(snap, gx, gv, rnd.any())
-    params_df = _params_frame(snap, gp, rnd.any())
+    params_df = _params_frame(snap, gp, gf, rnd.any())
     k_bad = OBJECTIVES.index(("bad_debt", "worst"))
     k_sw = OBJECTIVES.index(("shortfall", "worst"))
     k_ss = OBJECTIVES.index(("shortfall", "sum"))
@@ -502,7 +540,7 @@ def _market_frame(snap: Snapshot, gx: np.ndarray, gv: np.ndarray, has_random: bo
     return pd.concat([price, vol], ignore_index=True)
 
 
-def _params_frame(snap: Snapshot, gp: Params, has_random: bool):
+def _params_frame(snap: Snapshot, gp: Params, g_fee: np.ndarray, has_random: bool):
     """Sensitivities to the parameters the engine's margin and losses read, tidy."""
     import pandas as pd
 
@@ -525,4 +563,7 @@ def _params_frame(snap: Snapshot, gp: Params, has_random: bool):
                          "group": np.asarray(snap.assets, dtype=object),
                          "value": np.asarray(snap.params.haircut, np.float64)},
                         np.asarray(gp.haircut), PARAM_BUMP, has_random))
+    frames.append(_long({"parameter": np.array(["fee_rate"], object), "group": np.array(["liquidation"], object),
+                         "value": np.array([_supported(snap)["fee_rate"]])},
+                        np.asarray(g_fee).reshape(-1, 1), PARAM_BUMP, has_random))
     return pd.concat(frames, ignore_index=True)

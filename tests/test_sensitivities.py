@@ -314,6 +314,43 @@ def test_smoothed_fund_depletion_and_its_gradient_match_the_run(snap, tmp_path):
     assert_fd(got, plus[key], minus[key], h, scale=1e-3)
 
 
+def with_fee(snap, rate: float):
+    return dataclasses.replace(snap, liquidation_config={**snap.liquidation_config, "fee_rate": rate})
+
+
+def test_liquidation_fee_totals_and_gradient_match_the_run(snap, tmp_path):
+    # on two-step paths accounts are closed out at their first breach and pay the fee there,
+    # out of what equity they have left; the fund receives it before paying bad debt
+    scen = stress.load_scenarios(scenario_file(tmp_path, SCENARIOS + MONTECARLO), snap)
+    rate, h = 0.01, 1e-5
+    r = sens.sensitivities(with_fee(snap, rate), scen, temperature=2e6)
+    res = stress.run(with_fee(snap, rate), scen)
+    assert res.scenarios.fees.sum() > 0 and (res.scenarios.fees > 0).sum() >= 5
+    for col in ("fees", "bad_debt", "insurance_fund_after"):
+        np.testing.assert_allclose(r["scenarios"][col], res.scenarios[col], rtol=1e-9, atol=1e-6, err_msg=col)
+    assert r["p_fund_depleted"] == res.summary["p_fund_depleted"]
+    worst = r["worst_index"]
+    plus = run_totals(with_fee(snap, rate + h), scen, worst)
+    minus = run_totals(with_fee(snap, rate - h), scen, worst)
+    scale = abs(res.scenarios.insurance_fund_after).sum()
+    got = row(r["params"], parameter="fee_rate", total="insurance_fund_after", scope="sum")
+    assert got > 0  # a higher fee leaves more in the fund
+    assert_fd(got, plus[("insurance_fund_after", "sum")], minus[("insurance_fund_after", "sum")], h, scale)
+    # the fee never creates bad debt
+    assert row(r["params"], parameter="fee_rate", total="bad_debt", scope="sum") == 0.0
+
+
+@pytest.mark.parametrize("config, column", [
+    ({"mode": "partial"}, "[liquidation] mode"),
+    ({"oracle_lag_steps": 1}, "[liquidation] oracle_lag_steps"),
+    ({"impact": {"BTC": {"spread": 0.001, "k": 0.5, "daily_vol": 0.04, "daily_volume": 9.6e9}}}, "[liquidation] impact"),
+])
+def test_settings_the_model_does_not_follow_are_refused(snap, scen, config, column):
+    with pytest.raises(stress.InputError) as err:
+        sens.sensitivities(dataclasses.replace(snap, liquidation_config=config), scen)
+    assert err.value.column == column and "does not model" in str(err.value)
+
+
 def test_default_temperature_is_one_percent_of_the_fund(snap, result):
     fund = float(np.asarray(snap.insurance_fund) @ np.asarray(snap.market.price))
     assert result["temperature"] == pytest.approx(0.01 * fund)
