@@ -282,8 +282,9 @@ def underlying_notional(h: Holdings, t: Tables) -> tuple[Any, Any]:
 def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, level: float = VAR_LEVEL) -> dict:
     """All per-scenario account work for one chunk, reduced at once, tile by tile.
 
-    Per tile, the accounts' state (equity, collateral, margin, notional) is computed once and
-    kept (``optimization_barrier``: XLA would otherwise recompute it inside every reduction),
+    Per tile, the accounts' state (equity, collateral, margin, notional) is computed once and,
+    where ``FUSION`` says so, kept (``optimization_barrier``: XLA:CPU would otherwise recompute
+    it inside every reduction; a GPU in float32 is faster recomputing it),
     each account is taken at the step that decides its path (``liquidation.path_outcome``),
     charged its closing costs if liquidated there (price impact ``t.impact``, then the fee out
     of what remains), and reduced: per account, the tile's worst P&L and largest ``margin -
@@ -292,8 +293,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
 
     Returns:
       Per-account ``[n]`` rows and ``sums``, ``[len(SUM_NAMES), T * W]`` per-scenario sums
-      over the chunk's valid accounts (and ``pnl``, ``liquidated`` ``[n, T * W]`` with
-      ``with_pnl``).
+      over the chunk's valid accounts, ``und_closed`` ``[U, T * W]`` the notional closed per
+      underlying (and ``pnl``, ``liquidated`` ``[n, T * W]`` with ``with_pnl``).
     """
     eq0, coll0, mm0, g0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut, t.notional0, tiers=t.tiers))
     if t.pm is not None:
