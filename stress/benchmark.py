@@ -72,7 +72,12 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
         cells = snap.n_accounts * scenarios
         timed("first run (compiles)", lambda: engine.run(snap, scen, dtype=dtype))
         res = timed("warm run", lambda: engine.run(snap, scen, dtype=dtype))
-        stages[-1] = dataclasses.replace(stages[-1], note=f"{cells / stages[-1].seconds:.3g} account-scenarios/s")
+        devices = jax.local_devices()
+        kind, backend = devices[0].device_kind, jax.default_backend()
+        kind = kind if kind == backend else f"{kind} ({backend})"  # "cpu", or "NVIDIA H200 (gpu)"
+        where_run = (f"{len(devices)} x {kind}, chunks of {engine.default_chunk():,} accounts, "
+                     f"tiles of up to {engine.max_tile():,} scenarios")
+        stages[-1] = dataclasses.replace(stages[-1], note=f"{cells / stages[-1].seconds:.3g} account-scenarios/s on {where_run}")
         timed("write report", lambda: report.write(res, Path(tmp) / "report"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stages.append(Stage("peak memory", float("nan"), f"{peak:,.0f} MB resident"))
