@@ -267,16 +267,17 @@ def _underlying_rows(snap: Snapshot, dtype: Any) -> dict:
             "und_fix": jnp.asarray(np.where(fixed, c, 0.0), dtype), "und_asset": jnp.asarray(assets.astype(np.int32))}
 
 
-def underlying_notional(h: Holdings, t: Tables) -> tuple[Any, Any]:
-    """``([n, U], [n, U])``: each account's gross contracts on each underlying weighted by the
-    notional per contract's price-linear part, and its fixed USD notional there. The notional
-    of what it holds on underlying ``u`` at asset prices ``P`` is ``lin[:, u] * P[u] + fix[:, u]``."""
+def underlying_notional(h: Holdings, t: Tables) -> Any:
+    """``[n, 2U]``: each account's gross contracts on each underlying weighted by the notional
+    per contract's price-linear part (``lin``, first ``U`` columns), then its fixed USD notional
+    there (``fix``). The notional of what it holds on underlying ``u`` at asset prices ``P`` is
+    ``lin[:, u] * P[u] + fix[:, u]``."""
     n = h.inst.shape[0]
     inst = h.inst.reshape(n, -1)
     q = jnp.abs(h.qty.reshape(n, -1))  # padding holds 0 contracts
     onehot = (t.und_row[inst][..., None] == jnp.arange(t.und_asset.shape[0])).astype(q.dtype)  # [n, JL, U]
-    return (jnp.einsum("np,npu->nu", q * t.und_lin[inst], onehot),
-            jnp.einsum("np,npu->nu", q * t.und_fix[inst], onehot))
+    per_contract = jnp.stack([t.und_lin[inst], t.und_fix[inst]], axis=-1) * q[..., None]  # [n, JL, 2]
+    return jnp.einsum("npk,npu->nku", per_contract, onehot).reshape(n, -1)
 
 
 def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, level: float = VAR_LEVEL) -> dict:
@@ -378,7 +379,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt), jnp.zeros(n, dt))
     pm_tiles = None if t.pm is None else (t.pm["pnl"], t.pm["delta"], t.pm["roll"])
     xs = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
-    und_weights = jnp.concatenate(underlying_notional(h, t), axis=1).T * validf  # [2U, n]
+    und_weights = underlying_notional(h, t).T * validf  # [2U, n]
     (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, group_bad, und_closed, pnl, liq) = jax.lax.scan(tile, init, xs)
 
     # The worst scenario: revalue each account on its own worst tile, take the first minimum.

@@ -348,15 +348,14 @@ def _jacobian(x, dv, params, fee_rate, inst, market, b: Book, n: int, cells: int
     t = {k: np.asarray(v) for k, v in _exchange_totals(sums, x, market, b).items()}
     worst = worst_scenario(t["bad_debt"][1:], t["shortfall"][1:])
     values, (d_sums, d_x) = _outer(sums, x, market, b, worst)
-    gx, gv, gp, gf = np.asarray(d_x), 0.0, None, 0.0
+    shared = None  # (x, dv, params, fee_rate) gradients, summed over the chunks
     gl = np.zeros((len(OBJECTIVES), n))
     for a0, bc in chunks:
         cx, cv, cp, cl, cf = _chunk_pullback(x, dv, params, lam, fee_rate, inst, market, bc, d_sums, n=C)
-        gx, gv, gf = gx + np.asarray(cx), gv + np.asarray(cv), gf + np.asarray(cf)
-        gp = jax.tree_util.tree_map(np.asarray, cp) if gp is None else jax.tree_util.tree_map(
-            lambda a, c: a + np.asarray(c), gp, cp)
+        shared = (cx, cv, cp, cf) if shared is None else jax.tree_util.tree_map(jnp.add, shared, (cx, cv, cp, cf))
         gl[:, a0:a0 + C] = np.asarray(cl)[:, : n - a0]
-    return t, worst, np.asarray(values), (gx, gv, gp, gl, gf)
+    gx, gv, gp, gf = jax.tree_util.tree_map(np.asarray, shared)
+    return t, worst, np.asarray(values), (np.asarray(d_x) + gx, gv, gp, gl, gf)
 
 
 def worst_scenario(bad_debt: np.ndarray, shortfall: np.ndarray) -> int:
@@ -457,8 +456,8 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
     market = snap.market
     inst = safe_instruments(snap.instruments, market)
     zero = jnp.zeros(A)
-    fee_rate = jnp.float64(_supported(snap)["fee_rate"])
-    t, worst, values, (gx, gv, gp, gl, gf) = _jacobian(zero, zero, params, fee_rate, inst, market, b, n, cells)
+    fee = _supported(snap)["fee_rate"]
+    t, worst, values, (gx, gv, gp, gl, gf) = _jacobian(zero, zero, params, jnp.float64(fee), inst, market, b, n, cells)
 
     S = len(scen)
     rnd = np.asarray(scen.random)
@@ -481,7 +480,7 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
         "insurance_fund_after": t["insurance_fund_after"][1:],
     })
     market_df = _market_frame(snap, gx, gv, rnd.any())
-    params_df = _params_frame(snap, gp, gf, rnd.any())
+    params_df = _params_frame(snap, gp, fee, gf, rnd.any())
     k_bad = OBJECTIVES.index(("bad_debt", "worst"))
     k_sw = OBJECTIVES.index(("shortfall", "worst"))
     k_ss = OBJECTIVES.index(("shortfall", "sum"))
@@ -540,7 +539,7 @@ def _market_frame(snap: Snapshot, gx: np.ndarray, gv: np.ndarray, has_random: bo
     return pd.concat([price, vol], ignore_index=True)
 
 
-def _params_frame(snap: Snapshot, gp: Params, g_fee: np.ndarray, has_random: bool):
+def _params_frame(snap: Snapshot, gp: Params, fee: float, g_fee: np.ndarray, has_random: bool):
     """Sensitivities to the parameters the engine's margin and losses read, tidy."""
     import pandas as pd
 
@@ -564,6 +563,6 @@ def _params_frame(snap: Snapshot, gp: Params, g_fee: np.ndarray, has_random: boo
                          "value": np.asarray(snap.params.haircut, np.float64)},
                         np.asarray(gp.haircut), PARAM_BUMP, has_random))
     frames.append(_long({"parameter": np.array(["fee_rate"], object), "group": np.array(["liquidation"], object),
-                         "value": np.array([_supported(snap)["fee_rate"]])},
+                         "value": np.array([fee])},
                         np.asarray(g_fee).reshape(-1, 1), PARAM_BUMP, has_random))
     return pd.concat(frames, ignore_index=True)
