@@ -45,6 +45,7 @@ per device at a time; each jitted function compiles once per holdings shape.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -55,7 +56,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import engine, liquidation, portfolio
+from . import engine, liquidation, margin, portfolio
 from ._tree import pytree_dataclass
 from .portfolio import Holdings
 from .scenarios import RANDOM_KINDS, Scenarios
@@ -204,6 +205,8 @@ def _settle_chunk(h: Holdings, br: Any, tab: dict, haircut, fee_rate, *, K, lag,
         return lambda i: flat.at[(d * X + i[:, None].astype(d.dtype)) * W2 + col].get(mode="promise_in_bounds")
 
     value = at_step(tab["value"])
+    if "haircut" in tab:  # dynamic haircuts: the vol-scaled haircuts of the deciding step
+        haircut = dataclasses.replace(haircut, base=at_step(tab["haircut"]))
     eq, _, _, gross, charge = portfolio.state(h, value, value, at_step(tab["price"]), haircut,
                                               at_step(tab["notional"]), at_step(tab["charge"]))
     cost = jnp.where(liq, charge, 0.0)
@@ -236,6 +239,7 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
     I = inst.kind.shape[0]
     und = inst.underlying
     f64 = jnp.float64
+    dynamic = isinstance(haircut, portfolio.Haircut)
 
     def per_inst(x):  # [A] -> [I, 1]
         return x[und][:, None]
@@ -246,11 +250,15 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
         rv, mm, move_notional = _market(inst, market, params, m * factor, v, h)
         value, mmd, price = rv["value"].astype(dt), mm.astype(dt), rv["price"].astype(dt)
         notional_dt = rv["notional"].astype(dt)
+        hc = haircut
+        if dynamic:  # the step's vol-scaled haircuts [A, W2]
+            hc_base = margin.scaled_haircut(params, v).T.astype(dt)
+            hc = dataclasses.replace(haircut, base=hc_base)
         contracts, closed_n = jnp.zeros((2, I, W2), dt), jnp.zeros(W2, dt)
         new = []
         for h_b, br_b in zip(hs, brs):  # a handful of holdings shapes, unrolled at trace time
             def body(c, xs):
-                br, contracts, closed_n = _breach_chunk(xs[0], xs[1], *c, value, mmd, price, notional_dt, haircut,
+                br, contracts, closed_n = _breach_chunk(xs[0], xs[1], *c, value, mmd, price, notional_dt, hc,
                                                         tiers, t, K=K, lag=lag)
                 return (contracts, closed_n), br
 
@@ -268,6 +276,8 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
         grow = jnp.where(fb[None, :], jnp.maximum(1.0 + move, MIN_FACTOR), 1.0)
         ys = {"value": value, "price": price, "notional": notional_dt, "charge": charge.astype(dt),
               "cost": cost.sum(axis=0), "closed": closed_n, "net_notional": X, "factor": factor}
+        if dynamic:
+            ys["haircut"] = hc_base
         return (factor * grow.T, tuple(new)), ys
 
     brs = tuple(jnp.full(h.valid.shape + (W2,), K, jnp.int32) for h in hs)
@@ -276,7 +286,7 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
     # checkpoint: reverse mode through the scan keeps one step's residuals, not K steps' accounts
     (_, brs), ys = jax.lax.scan(jax.checkpoint(step), init, xs)
 
-    tab = {k: ys[k] for k in ("value", "price", "notional", "charge")}
+    tab = {k: ys[k] for k in ("value", "price", "notional", "charge", "haircut") if k in ys}
     sums = jnp.zeros((len(SUMS), W2), f64)
     steps_out = []
     for h_b, br_b in zip(hs, brs):
@@ -291,6 +301,15 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
     if with_accounts:
         out["steps"] = tuple(steps_out)
     return out
+
+
+def _haircut(snap: Snapshot, dtype: Any) -> Any:
+    """The snapshot's haircuts: ``[A]`` static, or a ``portfolio.Haircut`` (base at the snapshot,
+    replaced by each step's vol-scaled haircuts)."""
+    hc = margin.dynamic_haircut(snap.params, np.zeros((snap.n_assets, 1)), np.asarray(snap.market.price))
+    if hc is None:
+        return np.asarray(snap.params.haircut, dtype)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), hc)
 
 
 @functools.cache
@@ -376,7 +395,7 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
     hs, rows = stacked(snap, chunk_size or engine.default_chunk(), dt)
     tiers = engine._tiers(snap.params, snap.params.tier_mm, dt)  # None when untiered
     fixed = jax.device_put((tuple(hs), snap.instruments, snap.market, snap.params, impact_params(snap),
-                            np.asarray(snap.params.haircut, dt), np.asarray(fee_rate, dt), tiers), rep)
+                            _haircut(snap, dt), np.asarray(fee_rate, dt), tiers), rep)
 
     def group(g):  # D tiles: [D, K, 2W, ...], columns [W feedback | W plain]
         sl = slice(g * W, (g + D) * W)

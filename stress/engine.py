@@ -79,7 +79,7 @@ class Tables:
     value0: Any  # [I, 1] at the snapshot
     mm0: Any  # [I, 1]
     price0: Any  # [A, 1]
-    haircut: Any  # [A]
+    haircut: Any  # [A] static haircuts, or a portfolio.Haircut at the snapshot (base [A, 1])
     notional0: Any  # [I, 1] notional per contract at the snapshot, USD
     notional: Any  # [T, I, K*W] notional per contract, USD (SPEC section 2)
     fee_rate: Any = None  # [] liquidation fee, of the notional closed out; None: no fee
@@ -101,6 +101,12 @@ class Tables:
     und_lin: Any = None  # [I] contracts' notional per unit of the underlying's USD price
     und_fix: Any = None  # [I] contracts' fixed notional, USD
     und_asset: Any = None  # [U] int32: the asset of each underlying row
+    haircut_base: Any = None  # [T, A, K*W] vol-scaled haircuts of dynamic haircuts; None: static
+
+    def haircut_of(self, base: Any) -> Any:
+        """The haircut of a tile whose vol-scaled haircuts are ``base`` (``[A, K*W]``, a
+        function of rows, or None when static)."""
+        return self.haircut if base is None else dataclasses.replace(self.haircut, base=base)
 
 
 def _tiers(params: Any, rates: Any, dtype: Any = jnp.float64) -> tuple | None:
@@ -167,6 +173,9 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         return x[:, 1:].reshape(x.shape[0], T, W).transpose(1, 0, 2).astype(dtype)
 
     value, mm_t, price, notional = tiled(rv["value"]), tiled(mm), tiled(rv["price"]), tiled(rv["notional"])
+    params = snap.params
+    hc0 = margin.dynamic_haircut(params, np.zeros((snap.n_assets, 1)), np.asarray(snap.market.price))
+    hc_base = None if hc0 is None else tiled(np.asarray(margin.scaled_haircut(params, vol)).T)
     if scen.steps > 1:  # every earlier step of every path, revalued in one call
         K1 = scen.steps - 1
         p_spot, p_vol, p_hor = np.ones((K1, T * W, A)), np.zeros((K1, T * W, A)), np.zeros((K1, T * W))
@@ -183,6 +192,9 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         mm_t = jnp.concatenate([mm_t, steps(pmm)], axis=2)
         price = jnp.concatenate([price, steps(prv["price"])], axis=2)
         notional = jnp.concatenate([notional, steps(prv["notional"])], axis=2)
+        if hc0 is not None:
+            p_hc = np.asarray(margin.scaled_haircut(params, p_vol.reshape(-1, A))).T
+            hc_base = jnp.concatenate([hc_base, steps(p_hc)], axis=2)
 
     pm = None
     if portfolio_model:  # a risk matrix around every scenario state (and every step of a path)
@@ -235,7 +247,8 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         value0=rv["value"][:, :1].astype(dtype),
         mm0=mm[:, :1].astype(dtype),
         price0=rv["price"][:, :1].astype(dtype),
-        haircut=jnp.asarray(snap.params.haircut, dtype),
+        haircut=jnp.asarray(params.haircut, dtype) if hc0 is None else jax.tree_util.tree_map(lambda x: x.astype(dtype), hc0),
+        haircut_base=hc_base,
         notional0=rv["notional"][:, :1].astype(dtype),
         notional=notional,
         fee_rate=jnp.asarray(fee_rate, dtype) if fee_rate > 0 else None,
@@ -312,20 +325,21 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     else:
         total = lambda x: jnp.sum(jnp.where(h.valid[:, None], x, 0.0), axis=0)  # noqa: E731
 
-    def outcome(value, mm, price, notional, impact, pmx):
+    def outcome(value, mm, price, notional, impact, pmx, hc_base):
         """Per account and scenario: equity at the path's end after closing costs; collateral
         and margin at the step that decides the path; liquidated or not; the fee, the impact
         paid, the notional closed, what closed positions gained after their close; and the
         bad debt under each reported oracle lag."""
         per_contract = (notional,) if impact is None else (notional, impact)
         m_pm = None if pmx is None else portfolio.portfolio_margin(h, *pmx, t.pm)
+        hc = t.haircut_of(hc_base)
         if t.partial_target is not None:
-            pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, t.haircut, *per_contract, tiers=t.tiers)
+            pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, hc, *per_contract, tiers=t.tiers)
             m = m if m_pm is None else m_pm
             r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, imp[0] if imp else None)
             return (r["equity"], r["collateral"], r["margin"], r["liquidated"], r["fee"], r["impact"],
                     r["closed_notional"], r["closed_out"], [], r["closed"])
-        eq, coll, m, *g = portfolio.state(h, value, mm, price, t.haircut, *per_contract, tiers=t.tiers)
+        eq, coll, m, *g = portfolio.state(h, value, mm, price, hc, *per_contract, tiers=t.tiers)
         m = m if m_pm is None else m_pm
         if fuse["keep"]:
             eq, coll, m, *g = jax.lax.optimization_barrier((eq, coll, m, *g))
@@ -341,8 +355,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         return eq - cost - f, coll, m, liq, f, cost, closed, eq_end - eq, lagged, at.astype(dt)
 
     def tile(carry, x):
-        value, mm, price, notional, impact, pmx, user, rnd, k = x
-        eq, coll, m, liq, f, cost, closed, closed_out, lagged, at = outcome(value, mm, price, notional, impact, pmx)
+        value, mm, price, notional, impact, pmx, hc_base, user, rnd, k = x
+        eq, coll, m, liq, f, cost, closed, closed_out, lagged, at = outcome(value, mm, price, notional, impact, pmx, hc_base)
         liqf = liq.astype(dt)
         pnl = eq - eq0[:, None]
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
@@ -378,7 +392,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     inf = jnp.full(n, jnp.inf, dt)
     init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt), jnp.zeros(n, dt))
     pm_tiles = None if t.pm is None else (t.pm["pnl"], t.pm["delta"], t.pm["roll"])
-    xs = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
+    xs = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.haircut_base, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
     und_weights = underlying_notional(h, t).T * validf  # [2U, n]
     (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, group_bad, und_closed, pnl, liq) = jax.lax.scan(tile, init, xs)
 
@@ -387,7 +401,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         return None if x is None else (lambda i: x[best_tile.reshape((-1,) + (1,) * (i.ndim - 1)), i])
 
     pm_b = None if pm_tiles is None else tuple(at_best(x) for x in pm_tiles)
-    eq_b = outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional), at_best(t.impact), pm_b)[0]
+    eq_b = outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional), at_best(t.impact), pm_b,
+                   at_best(t.haircut_base))[0]
     masked = jnp.where(t.user[best_tile], eq_b - eq0[:, None], jnp.inf)
     arg = best_tile * W + jnp.argmin(masked, axis=1).astype(jnp.int32)
     out = {
@@ -442,14 +457,15 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
     row = t.impact_row[h.inst.reshape(n, J * L)]  # rows past n_impact collect the rest
 
     def tile(_, x):
-        value, mm, price, notional, pmx = x
+        value, mm, price, notional, pmx, hc_base = x
         m_pm = None if pmx is None else portfolio.portfolio_margin(h, *pmx, t.pm)
+        hc = t.haircut_of(hc_base)
         if t.partial_target is None:
-            eq, coll, m, _ = portfolio.state(h, value, mm, price, t.haircut, notional, tiers=t.tiers)
+            eq, coll, m, _ = portfolio.state(h, value, mm, price, hc, notional, tiers=t.tiers)
             m = m if m_pm is None else m_pm
             *_, at = liquidation.path_outcome(W, eq, coll, m, lag=t.lag, at=True)
         else:  # the share of the book closed at each step, before the impact is known
-            pos, bal, px, keep, m, g = portfolio.slots(h, value, mm, price, t.haircut, notional, tiers=t.tiers)
+            pos, bal, px, keep, m, g = portfolio.slots(h, value, mm, price, hc, notional, tiers=t.tiers)
             m = m if m_pm is None else m_pm
             at = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate)["closed"]
         closed = at * h.valid[:, None].astype(dt)
@@ -462,7 +478,7 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
         return None, acc[:, : t.n_impact]
 
     pm_tiles = None if t.pm is None else (t.pm["pnl"], t.pm["delta"], t.pm["roll"])
-    return jax.lax.scan(tile, None, (t.value, t.mm, t.price, t.notional, pm_tiles))[1]
+    return jax.lax.scan(tile, None, (t.value, t.mm, t.price, t.notional, pm_tiles, t.haircut_base))[1]
 
 
 def largest_two(x: Any) -> Any:
@@ -856,6 +872,7 @@ def _subset(t: Tables, cols: np.ndarray) -> Tables:
     random = flat(t.random)
     return dataclasses.replace(
         t, value=sub(t.value), mm=sub(t.mm), price=sub(t.price), notional=sub(t.notional), impact=sub(t.impact),
+        haircut_base=sub(t.haircut_base),
         user=flat(t.user), random=random, random_index=jnp.asarray(np.flatnonzero(np.asarray(random).reshape(-1)), jnp.int32),
         pm=None if t.pm is None else {**t.pm, **{k: sub(t.pm[k]) for k in ("pnl", "delta", "roll")}},
     )
@@ -1060,6 +1077,7 @@ def run(
         "total_initial_margin": float(im.sum()),
         "total_maintenance_margin": float(accounts["maintenance_margin"].sum()),
         "margin_model": "portfolio" if host["tables"].pm is not None else "standard",
+        "haircut_model": "dynamic" if snap.params.haircut_dynamic else "static",
         "dtype": dtype if isinstance(dtype, str) else np.dtype(dtype).name,
         "runtime_seconds": time.perf_counter() - t0,
     }

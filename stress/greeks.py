@@ -394,6 +394,8 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
     trade variables), under the snapshot and ``scenarios``."""
     from . import scenarios as scen_mod
 
+    margin.require_static_haircuts(snap.params, "stress hedge")
+
     ids = list(snap.instrument_ids.astype(str))
     for i in instruments:
         if i not in ids:

@@ -16,12 +16,14 @@ revaluation of every position held to the end (the conservation law of a matched
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from . import portfolio
 from .errors import InputError
 
 # Defaults of exchange.toml [liquidation].
@@ -212,7 +214,8 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
       pos: ``[n, J, K * W]`` value of the positions settled in each slot's asset, in its units,
         every step in the engine's tile layout (last step first, then steps ``1 .. K - 1``).
       bal: ``[n, J]`` balances. px: ``[n, J, K * W]`` the slot asset's price, USD.
-      keep: ``[n, J]`` 1 - haircut of the slot's asset (applies to a positive net amount).
+      keep: the slot's haircut, ``[n, J]`` or a per-slot ``portfolio.Haircut`` (base ``[n, J,
+        K * W]``), as ``portfolio.slots`` gives it (applies to a positive net amount).
       mm, notional: ``[n, K * W]`` maintenance margin and gross notional of the whole book, USD.
       target: collateral / margin after a close (``>= 1``).
       impact: ``[n, K * W]`` impact charge of closing the whole book at each step, USD, or None.
@@ -230,14 +233,19 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
     order = list(range(1, K)) + [0]  # time order of the tile's step blocks
     timed = lambda x: jnp.moveaxis(x.reshape(x.shape[:-1] + (K, W))[..., order, :], -2, 0)  # noqa: E731
     dt = pos.dtype
-    xs = (timed(pos), timed(px), timed(mm), timed(notional), timed(impact) if impact is not None else None)
+    dynamic = isinstance(keep, portfolio.Haircut)
+    xs = (timed(pos), timed(px), timed(mm), timed(notional), timed(impact) if impact is not None else None,
+          timed(keep.base) if dynamic else None)
     zero = jnp.zeros((n, W), dt)
+
+    def counted(e, base):  # the share of each slot's net amount that counts as collateral
+        return jnp.where(e > 0, portfolio.keep_share(dataclasses.replace(keep, base=base) if dynamic else keep, None, e), 1.0)
 
     def step(carry, x):
         held, locked, paid, first = carry  # share held [n, W], cash of closes [n, J, W], costs, first-breach state
-        p, q, m, g, c = x
+        p, q, m, g, c, base = x
         e = bal[:, :, None] + held[:, None, :] * p + locked  # net amount per slot
-        coll = jnp.sum(jnp.where(e > 0, keep[:, :, None], 1.0) * e * q, axis=1) - paid
+        coll = jnp.sum(counted(e, base) * e * q, axis=1) - paid
         eq = jnp.sum(e * q, axis=1) - paid
         margin = held * m
         breach = margin > coll
@@ -261,7 +269,7 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
     e_end = bal[:, :, None] + held[:, None, :] * p_end + locked
     equity = jnp.sum(e_end * q_end, axis=1) - paid
     full = jnp.sum((bal[:, :, None] + p_end) * q_end, axis=1)
-    coll_end = jnp.sum(jnp.where(e_end > 0, keep[:, :, None], 1.0) * e_end * q_end, axis=1) - paid
+    coll_end = jnp.sum(counted(e_end, timed(keep.base)[-1] if dynamic else None) * e_end * q_end, axis=1) - paid
     block = [K - 1] + list(range(K - 1))  # back to the tile layout
     return {
         "equity": equity,

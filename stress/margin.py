@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import InputError
+from .portfolio import Haircut
 from .pricing import MIN_VOL, YEAR_DAYS, revalue
 from .snapshot import OPTION, PERPETUAL, Instruments, Market, Params
 
@@ -88,6 +89,17 @@ VAR_DEFAULTS: dict[str, Any] = {
     "var_floor": 0.5,  # IM is at least this fraction of the standard model's IM
     "var_min_windows": 250,  # fewer windows than this: an input error, not a margin
 }
+# Dynamic haircuts (docs/margin.md, "Dynamic haircuts"): off by default, as SPEC section 2's
+# static haircuts are the contract. ``haircut_reference_vol`` defaults, per asset, to the median
+# mark_iv of the snapshot's options on it (assets without options: not vol-scaled).
+HAIRCUT_DEFAULTS: dict[str, Any] = {
+    "haircut_model": "static",  # "static" or "dynamic"
+    "haircut_reference_vol": None,  # per asset: the annualised vol at which the asset's haircut holds
+    "haircut_daily_volume": 0.0,  # per asset: USD traded per day; 0: no concentration add-on
+    "haircut_concentration": 0.1,  # per asset: add-on per sqrt(USD held / daily volume)
+    "haircut_max": 0.95,  # the largest haircut, < 1
+}
+HAIRCUT_MODELS = ("static", "dynamic")
 # Per-asset keys -> (Params field, lowest allowed, highest allowed, lowest inclusive).
 _PER_ASSET = {
     "price_range": ("pm_price_range", 0.0, 0.99, False),
@@ -221,7 +233,7 @@ def params_from_config(
     Raises:
       InputError: naming ``exchange.toml``, ``[margin]`` and the key at fault.
     """
-    known = (*DEFAULTS, TIERS_KEY, *PORTFOLIO_DEFAULTS, *VAR_DEFAULTS)
+    known = (*DEFAULTS, TIERS_KEY, *PORTFOLIO_DEFAULTS, *VAR_DEFAULTS, *HAIRCUT_DEFAULTS)
     unknown = set(cfg) - set(known)
     if unknown:
         key = min(unknown)
@@ -275,10 +287,10 @@ def params_from_config(
     min_days = _checked("min_dte_days", scalar["min_dte_days"], 0.0, 365.0, False)
 
     return Params(
+        **_haircut_fields(cfg, inst, np.asarray(haircut, dtype=np.float64), assets),
         im_rate=tier_im[:, 0],
         mm_rate=tier_mm[:, 0],
         option_im_floor=np.float64(values["option_im_floor"]),
-        haircut=np.asarray(haircut, dtype=np.float64),
         im_override=im_over,
         mm_override=mm_over,
         tier_bound=bound,
@@ -290,6 +302,93 @@ def params_from_config(
         pm_min_dte_days=np.float64(min_days),
         pm_buckets=int(buckets),
     )
+
+
+def _median_option_vol(inst: Instruments, n_assets: int) -> np.ndarray:
+    """``[A]``: the median ``mark_iv`` of the options on each asset, 0 for assets without any."""
+    und, iv = np.asarray(inst.underlying), np.asarray(inst.iv, dtype=np.float64)
+    opt = np.asarray(inst.kind) == OPTION
+    return np.array([np.median(iv[opt & (und == a)]) if (opt & (und == a)).any() else 0.0 for a in range(n_assets)])
+
+
+def _haircut_fields(cfg: dict, inst: Instruments, haircut: np.ndarray, assets: tuple[str, ...] | None) -> dict:
+    """``Params``' haircut fields from ``[margin]``'s ``haircut_*`` keys (``HAIRCUT_DEFAULTS``)."""
+    c = {**HAIRCUT_DEFAULTS, **{k: v for k, v in cfg.items() if k in HAIRCUT_DEFAULTS}}
+    if c["haircut_model"] not in HAIRCUT_MODELS:
+        raise _err("haircut_model", f"{c['haircut_model']!r} is not one of {HAIRCUT_MODELS}")
+    n_assets = len(haircut)
+    derived = _median_option_vol(inst, n_assets)
+    builtin_vol = {"default": 0.0, **({a: float(v) for a, v in zip(assets, derived)} if assets else {})}
+    per = {
+        "haircut_reference_vol": (builtin_vol, functools.partial(_checked, lo=0.0, hi=5.0)),
+        "haircut_daily_volume": (0.0, functools.partial(_checked, lo=0.0, hi=math.inf)),
+        "haircut_concentration": (0.1, functools.partial(_checked, lo=0.0, hi=10.0)),
+    }
+    vol, volume, conc = (_per_asset(k, cfg.get(k), builtin, assets, n_assets, check) for k, (builtin, check) in per.items())
+    cap = _checked("haircut_max", c["haircut_max"], 0.0, 1.0, False)
+    if cap >= 1.0:
+        raise _err("haircut_max", f"{cap!r} must be below 1 (a haircut of 1 would make the asset worthless)")
+    dynamic = c["haircut_model"] == "dynamic"
+    if dynamic and n_assets and haircut.max() > cap:
+        raise _err("haircut_max", f"{cap:g} is below the largest static haircut ({haircut.max():g})")
+    off = np.zeros(n_assets)
+    return {
+        "haircut": haircut,
+        "haircut_vol": vol if dynamic else off,
+        "haircut_volume": volume if dynamic else off,
+        "haircut_concentration": conc if dynamic else off,
+        "haircut_max": np.float64(cap),
+        "haircut_dynamic": bool(dynamic and (vol.any() or (volume > 0).any())),
+    }
+
+
+def require_static_haircuts(params: Params, command: str) -> None:
+    """Raise ``InputError`` where ``command`` models collateral with static haircuts only and
+    the exchange's are dynamic (an answer for another exchange would be worse than none)."""
+    if params.haircut_dynamic:
+        raise _err("haircut_model", f"{command} models static haircuts only; use stress run for dynamic haircuts")
+
+
+def scaled_haircut(params: Params, vol_shift: Any, asset: Any = slice(None)) -> Any:
+    """Haircut of ``asset`` (default: every asset, ``[..., A]``) at states where its implied
+    vol moved by ``vol_shift`` (annualised, absolute): ``h * max(1, (v + dv) / v)`` against its
+    reference vol ``v``, and ``h`` where ``v = 0``. Never below ``h``: a calm scenario does not
+    release collateral (the anti-procyclical intent of EMIR RTS 153/2013 art. 28 and 41)."""
+    h, v = params.haircut[asset], params.haircut_vol[asset]
+    return jnp.where(v > 0, h * jnp.maximum(1.0, (v + vol_shift) / jnp.where(v > 0, v, 1.0)), h)
+
+
+def unit_share(params: Params, price0: Any) -> Any:
+    """``[A]``: ``P0 / V``, the share of a day's volume one unit of each asset is (USD per unit
+    at the snapshot over USD traded per day); 0 where no daily volume is given."""
+    V = jnp.asarray(params.haircut_volume)
+    return jnp.where(V > 0, jnp.asarray(price0) / jnp.where(V > 0, V, 1.0), 0.0)
+
+
+def haircut_at(params: Params, asset: Any, net: Any, vol_shift: Any, price0: Any) -> Any:
+    """The haircut of ``asset`` on a holding of ``net`` units (broadcasting) at a state where
+    its vol moved by ``vol_shift``, with asset prices ``price0`` ``[A]`` at the snapshot:
+
+    ``h' = min(h_max, scaled_haircut + c * sqrt(max(net, 0) * P0 / V))``,
+
+    a concentration add-on on the USD held (at the snapshot price, so it measures quantity)
+    against the USD traded per day ``V``: the square root of size of FTX's IMF factors and of
+    the square-root impact law, a continuous form of the amount tiers of Binance, Bybit and
+    OKX. ``V = 0``: no add-on. ``portfolio.state`` computes the same with a ``Haircut``.
+    """
+    share = unit_share(params, price0)[asset]
+    add = params.haircut_concentration[asset] * jnp.sqrt(jnp.maximum(net, 0.0) * share)
+    return jnp.minimum(scaled_haircut(params, vol_shift, asset) + add, params.haircut_max)
+
+
+def dynamic_haircut(params: Params, vol_shift: Any, price0: Any) -> Haircut | None:
+    """The ``Haircut`` of states whose vol shifts are ``vol_shift`` ``[..., A, W]``, with
+    snapshot prices ``price0`` ``[A]``; None for static haircuts (``Params.haircut`` holds)."""
+    if not params.haircut_dynamic:
+        return None
+    base = jnp.swapaxes(scaled_haircut(params, jnp.swapaxes(jnp.asarray(vol_shift), -1, -2)), -1, -2)
+    return Haircut(base=base, coef=jnp.asarray(params.haircut_concentration),
+                   share=unit_share(params, price0), cap=jnp.asarray(params.haircut_max))
 
 
 def var_config(cfg: dict, require_history: bool = False) -> dict:
@@ -622,8 +721,9 @@ def _collateral(snap: Any, value0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                        weights=snap.pos_quantity * value0[snap.pos_instrument], minlength=n * A).reshape(n, A)
     e = snap.balances + held
     usd = e * np.asarray(snap.market.price)[None, :]
-    haircut = np.asarray(snap.params.haircut)
-    return usd.sum(axis=1), np.where(e > 0, usd * (1.0 - haircut[None, :]), usd).sum(axis=1)
+    price0 = np.asarray(snap.market.price)
+    haircut = np.asarray(haircut_at(snap.params, np.arange(A), e, 0.0, price0)) if A else np.zeros((n, 0))
+    return usd.sum(axis=1), np.where(e > 0, usd * (1.0 - haircut), usd).sum(axis=1)
 
 
 def account_margin(snap: Any, model: str | None = None) -> dict:

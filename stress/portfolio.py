@@ -40,6 +40,35 @@ class Holdings:
     group: Any = None  # [n] int32 row of the account's group (Cover 2); n_groups: alone; None: no groups
 
 
+def _rows(x: Any) -> Any:
+    """``x`` as a function of row indices: ``x`` itself when it already is one."""
+    return x if callable(x) else (lambda i: x.at[i].get(mode="promise_in_bounds"))
+
+
+@pytree_dataclass
+class Haircut:
+    """Dynamic collateral haircuts of a tile of states (``margin.haircut_at``): the haircut of
+    asset ``a`` on ``e > 0`` units held is ``min(cap, base[a] + coef[a] * sqrt(e * share[a]))``."""
+
+    base: Any  # [A, W] vol-scaled haircut of each asset at each state (a function of rows, inside kernels)
+    coef: Any  # [A] concentration add-on per sqrt(share of a day's volume held)
+    share: Any  # [A] share of a day's volume one unit of the asset is (P0 / V); 0: no add-on
+    cap: Any  # [] the largest haircut
+
+
+def keep_share(haircut: Any, a: Any, e: Any) -> Any:
+    """``1 - haircut`` of assets ``a`` ``[n]`` (or ``[n, J]``) on net amounts ``e`` ``[n, W]``
+    (``[n, J, W]``): the share of a positive amount that counts as collateral. ``haircut`` is
+    ``[A]`` (static) or a ``Haircut`` (its ``base`` an array or a function of rows); ``a``
+    None: ``haircut`` is already per slot (``slots``)."""
+    pick = (lambda x: x) if a is None else (lambda x: x[a])
+    if not isinstance(haircut, Haircut):
+        return 1.0 - pick(haircut)[..., None]
+    base = haircut.base if a is None else _rows(haircut.base)(a)
+    add = pick(haircut.coef)[..., None] * jnp.sqrt(jnp.maximum(e, 0.0) * pick(haircut.share)[..., None])
+    return 1.0 - jnp.minimum(base + add, haircut.cap)
+
+
 @dataclasses.dataclass(frozen=True)
 class Bucket:
     """All accounts of one padded shape ``(J, L)``, as host arrays to slice into chunks."""
@@ -187,7 +216,7 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
         each of ``gross``).
       mm: ``[I, W]`` maintenance margin per contract of weight, USD.
       price: ``[A, W]`` asset prices, USD.
-      haircut: ``[A]``.
+      haircut: ``[A]``, or a ``Haircut`` (dynamic; its ``base`` ``[A, W]`` or a function of rows).
       gross: further ``[I, W]`` per-contract amounts, USD, each summed per account over
         ``|quantity|`` (the notional of SPEC section 2, a closing cost per contract, ...).
       tiers: optional risk-limit tiers ``(bound, step)`` (``tier_extra``); ``gross[0]`` must
@@ -198,7 +227,7 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
       for each table of ``gross``. Collateral haircuts each asset's positive net amount; a
       negative amount counts in full.
     """
-    rows = lambda x: x if callable(x) else (lambda i: x.at[i].get(mode="promise_in_bounds"))
+    rows = _rows
     value, mm, price = rows(value), rows(mm), rows(price)
     gross = tuple(rows(g) for g in gross)
     n, J, L = h.inst.shape
@@ -222,7 +251,7 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
         e, margin, g = _repeat(L, lambda l, c: position(j, l, c), (e, margin, g), unroll)
         a = h.asset[:, j]
         usd = e * price(a)
-        return eq + usd, coll + jnp.where(e > 0, 1.0 - haircut[a][:, None], 1.0) * usd, margin, g
+        return eq + usd, coll + jnp.where(e > 0, keep_share(haircut, a, e), 1.0) * usd, margin, g
 
     zeros = jnp.zeros((n, W), dt)
     eq, coll, margin, g = _repeat(J, slot, (zeros, zeros, zeros, tuple(zeros for _ in gross)), unroll)
@@ -233,9 +262,9 @@ def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
     """The pieces of ``state`` kept per asset slot, for models that change holdings along a
     path (partial liquidation): ``(pos [n, J, W], bal [n, J], px [n, J, W], keep [n, J],
     margin [n, W], *gross_sums [n, W])``: the value of the positions settled in each slot's
-    asset (its units), the balance, the asset's price (USD), ``1 - haircut``, and the sums of
-    ``state``. ``sum_j (bal + pos) * px`` is ``state``'s equity."""
-    rows = lambda x: x if callable(x) else (lambda i: x.at[i].get(mode="promise_in_bounds"))  # noqa: E731
+    asset (its units), the balance, the asset's price (USD), the slot's haircut (``[n, J]``,
+    or a ``Haircut`` per slot for ``keep_share(keep, None, e)``), and the sums of ``state``. ``sum_j (bal + pos) * px`` is ``state``'s equity."""
+    rows = _rows
     value, mm, gross = rows(value), rows(mm), tuple(rows(g) for g in gross)
     n, J, L = h.inst.shape
     px = rows(price)(h.asset)  # [n, J, W]
@@ -251,7 +280,12 @@ def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
 
     zeros = jnp.zeros(px.shape[::2], px.dtype)  # [n, W]
     pos, margin, sums = _repeat(L, position, (jnp.zeros_like(px), zeros, tuple(zeros for _ in gross)), J * L <= UNROLL_MAX)
-    return (pos, h.balance.astype(pos.dtype), px, (1.0 - haircut[h.asset]).astype(pos.dtype), margin, *sums)
+    if isinstance(haircut, Haircut):  # per slot: base [n, J, W], coef and share [n, J]
+        keep = Haircut(base=_rows(haircut.base)(h.asset), coef=haircut.coef[h.asset], share=haircut.share[h.asset],
+                       cap=haircut.cap)
+    else:
+        keep = haircut[h.asset].astype(pos.dtype)
+    return (pos, h.balance.astype(pos.dtype), px, keep, margin, *sums)
 
 
 def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict) -> Any:
@@ -271,7 +305,7 @@ def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict) -> 
         (extended fraction), ``mds`` (max delta shock), ``thr`` (delta threshold); ``factor``
         ``[]``; ``extended`` ``[G]``.
     """
-    rows = lambda x: x if callable(x) else (lambda i: x.at[i].get(mode="promise_in_bounds"))  # noqa: E731
+    rows = _rows
     pnl, delta, roll = rows(pnl), rows(delta), rows(roll)
     n, J, L = h.inst.shape
     first = pnl(h.inst[:, 0, 0])

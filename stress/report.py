@@ -430,6 +430,7 @@ DETAIL_KEYS = {  # summary keys beyond the headline, and how to show them
     "total_initial_margin": ("Total initial margin (USD)", usd),
     "total_maintenance_margin": ("Total maintenance margin (USD)", usd),
     "margin_model": ("Margin model", text),
+    "haircut_model": ("Collateral haircuts", text),
     "dtype": ("Floating point", text),
 }
 

@@ -111,6 +111,7 @@ class Book:
 def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
     """Lay out the snapshot's holdings as slots and every step of the scenarios as states;
     ``tau`` overrides the temperature of ``p_fund_depleted_smooth`` (USD)."""
+    margin.require_static_haircuts(snap.params, "the differentiable exchange (sensitivities, reverse, calibrate)")
     A = snap.n_assets
     settle = np.asarray(snap.instruments.settlement)[snap.pos_instrument].astype(np.int64)
     b_acc, b_asset = np.nonzero(snap.balances)

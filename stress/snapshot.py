@@ -82,6 +82,13 @@ class Params:
     pm_mm_factor: Any  # [] maintenance margin as a fraction of initial margin, e.g. 0.8
     pm_min_dte_days: Any  # [] days to expiry floor of the DTE-dependent vol shock
     pm_buckets: int = dataclasses.field(default=4, metadata={"static": True})  # price buckets each side of 0
+    # Dynamic haircuts ([margin] haircut_model = "dynamic"; margin.haircut_at). Static: the
+    # vol and volume rows are 0 and the haircut of every state is ``haircut``.
+    haircut_vol: Any = None  # [A] annualised vol at which ``haircut`` holds; 0: not vol-scaled
+    haircut_volume: Any = None  # [A] USD traded per day in the asset; 0: no concentration add-on
+    haircut_concentration: Any = None  # [A] add-on per sqrt(USD held at the snapshot price / daily volume)
+    haircut_max: Any = None  # [] the largest haircut a dynamic haircut reaches, < 1
+    haircut_dynamic: bool = dataclasses.field(default=False, metadata={"static": True})
 
 
 @dataclasses.dataclass(frozen=True)
