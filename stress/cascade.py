@@ -57,7 +57,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import engine, liquidation, margin, portfolio
-from ._tree import pytree_dataclass
+from .liquidation import Impact, impact_params
 from .portfolio import Holdings
 from .scenarios import RANDOM_KINDS, Scenarios
 from .snapshot import OPTION, Snapshot
@@ -75,29 +75,6 @@ MAX_PATHS_PER_TILE = 128  # 2 x 128 columns: the engine's widest tile, [128, 256
 STATE_BYTES = 128e6  # per device, the [accounts, 2W] int32 breach state of one tile at most
 # Per-scenario outputs: each for the feedback run (``_feedback``) and the plain run (``_no_feedback``).
 SUMS = ("bad_debt", "impact_cost", "fees", "liquidated_notional", "accounts_liquidated")
-
-
-@pytree_dataclass
-class Impact:
-    """``[liquidation.impact.<ASSET>]`` as arrays over the snapshot's assets ``[A]``; assets
-    without a table have ``spread = k = 0`` (no cost, no move) and ``daily_volume = 1`` (any
-    positive number: it only keeps the formula finite)."""
-
-    spread: Any  # [A] half-spread, a fraction of the notional closed
-    k: Any  # [A] square-root-law coefficient
-    daily_vol: Any  # [A] daily volatility, a fraction
-    daily_volume: Any  # [A] USD notional traded per day
-
-
-def impact_params(snap: Snapshot) -> Impact:
-    """The snapshot's impact parameters per asset (``liquidation.config``, checked)."""
-    cfg = liquidation.config(snap.liquidation_config)["impact"]
-    par = {"spread": np.zeros(snap.n_assets), "k": np.zeros(snap.n_assets),
-           "daily_vol": np.zeros(snap.n_assets), "daily_volume": np.ones(snap.n_assets)}
-    for asset, table in cfg.items():  # a handful of underlyings
-        for key, v in table.items():
-            par[key][snap.assets.index(asset)] = v
-    return Impact(**par)
 
 
 def time_ordered(scen: Scenarios) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -728,8 +728,8 @@ def sensitivities_cmd(
 
     print_wide(wide(r["market"], ["factor", "asset", "bump"]), "market sensitivities (USD per bump)",
                ["factor", "asset", "bump"])
-    print_wide(wide(r["params"], ["parameter", "group"]), "risk-parameter sensitivities (USD per +0.01)",
-               ["parameter", "group"])
+    print_wide(wide(r["params"], ["parameter", "group", "bump"]), "risk-parameter sensitivities (USD per bump)",
+               ["parameter", "group", "bump"])
     acc = r["accounts"]
     shown = acc.sort_values(["bad_debt_worst", "shortfall_sum"], ascending=False, kind="stable").head(top)
     total_bad = acc.bad_debt_worst.sum()

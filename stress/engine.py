@@ -836,13 +836,9 @@ def _impact_pass(snap: Snapshot, t: Tables, closed: np.ndarray, dt: Any) -> Tabl
     acc = closed  # [T, 2, Ic, KW] contracts: net, gross
     idx = np.flatnonzero(np.asarray(t.impact_row) < Ic)  # instruments of rows 0 .. Ic - 1
     notional = np.asarray(t.notional, np.float64)[:, idx, :]  # [T, Ic, KW] USD per contract
-    cfg = liquidation.config(snap.liquidation_config)["impact"]
     und = np.asarray(snap.instruments.underlying)[idx]
-    par = {k: np.zeros(snap.n_assets) for k in liquidation.IMPACT_KEYS}
-    for asset, table in cfg.items():  # a handful of underlyings
-        for k, v in table.items():
-            par[k][snap.assets.index(asset)] = v
-    par = {k: v[und][None, :, None] for k, v in par.items()}
+    imp = liquidation.impact_params(snap)
+    par = {k: np.asarray(getattr(imp, k))[und][None, :, None] for k in liquidation.IMPACT_KEYS}
     gross = acc[:, 1]
     cost = liquidation.impact_cost(acc[:, 0] * notional, par["spread"], par["k"], par["daily_vol"], par["daily_volume"])
     charge = np.zeros(t.notional.shape)

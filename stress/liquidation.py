@@ -22,8 +22,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import portfolio
+from ._tree import pytree_dataclass
 from .errors import InputError
 
 # Defaults of exchange.toml [liquidation].
@@ -129,6 +131,29 @@ def impact_move(net_notional: Any, k: Any, daily_vol: Any, daily_volume: Any) ->
     x = abs(net_notional)
     sign = (net_notional > 0) * 1.0 - (net_notional < 0) * 1.0
     return -sign * k * daily_vol * (x / daily_volume) ** 0.5
+
+
+@pytree_dataclass
+class Impact:
+    """``[liquidation.impact.<ASSET>]`` as arrays over the snapshot's assets ``[A]``; assets
+    without a table have ``spread = k = 0`` (no cost, no move) and ``daily_volume = 1`` (any
+    positive number: it only keeps the formula finite)."""
+
+    spread: Any  # [A] half-spread, a fraction of the notional closed
+    k: Any  # [A] square-root-law coefficient
+    daily_vol: Any  # [A] daily volatility, a fraction
+    daily_volume: Any  # [A] USD notional traded per day
+
+
+def impact_params(snap: Any) -> Impact:
+    """The snapshot's impact parameters per asset (``config``, checked)."""
+    cfg = config(snap.liquidation_config)["impact"]
+    par = {"spread": np.zeros(snap.n_assets), "k": np.zeros(snap.n_assets),
+           "daily_vol": np.zeros(snap.n_assets), "daily_volume": np.ones(snap.n_assets)}
+    for asset, table in cfg.items():  # a handful of underlyings
+        for key, v in table.items():
+            par[key][snap.assets.index(asset)] = v
+    return Impact(**par)
 
 
 def fee(equity: Any, notional: Any, liquidated: Any, rate: Any) -> Any:

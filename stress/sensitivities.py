@@ -151,17 +151,21 @@ def default_temperature(fund_now: float) -> float:
 
 
 def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b: Book,
-                   n: int) -> dict[str, Any]:
+                   n: int, impact: Any = None) -> dict[str, Any]:
     """Equity, collateral and maintenance margin per account and state, USD.
 
     Args:
       x: ``[A]`` relative price perturbation. dv: ``[A]`` vol perturbation.
       params: risk parameters. lam: ``[n]`` book scale per account. inst, market: the
       snapshot's instruments and market. b: the laid-out book. n: accounts (static).
+      impact: ``(closed, liquidation.Impact)``, or None: the contracts every instrument closes
+        out exchange-wide at each state (``closed_contracts``, ``[2, I, 1 + K * S]``) and the
+        impact parameters, from which each account's price-impact charge is computed.
 
     Returns:
-      ``equity``, ``collateral``, ``maintenance_margin``: ``[n, 1 + K * S]`` each, in the
-      book's state order (state 0 the snapshot); ``price``: ``[A, 1 + K * S]``, USD.
+      ``equity``, ``collateral``, ``maintenance_margin``, ``notional`` (gross, USD) and, with
+      ``impact``, ``impact`` (the charge of closing the whole book there): ``[n, 1 + K * S]``
+      each, in the book's state order (state 0 the snapshot); ``price``: ``[A, 1 + K * S]``, USD.
     """
     rv = pricing.revalue(inst, market, b.spot_mult * (1.0 + x)[None, :], b.vol_shift + dv[None, :], b.horizon_days)
     _, mm = margin.per_contract(inst, params, rv["spot"], rv["option"])  # [I, 1+S]
@@ -176,9 +180,30 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     seg = functools.partial(jax.ops.segment_sum, segment_ids=b.slot_account, num_segments=n)
     c = inst.contract_size[:, None]  # notional per contract, USD (SPEC section 2), as the engine
     notional = jnp.where(inst.inverse[:, None] & (inst.kind != OPTION)[:, None], c, c * rv["spot"])
-    g = jax.ops.segment_sum(jnp.abs(b.pos_quantity)[:, None] * notional[b.pos_instrument], b.pos_account, num_segments=n)
-    return {"equity": seg(usd), "collateral": seg(coll), "maintenance_margin": lam[:, None] * m,
-            "notional": lam[:, None] * g, "price": rv["price"]}
+    absq = jnp.abs(b.pos_quantity)[:, None]
+    g = jax.ops.segment_sum(absq * notional[b.pos_instrument], b.pos_account, num_segments=n)
+    out = {"equity": seg(usd), "collateral": seg(coll), "maintenance_margin": lam[:, None] * m,
+           "notional": lam[:, None] * g, "price": rv["price"]}
+    if impact is not None:
+        charge = impact_charge(impact[0], notional, impact[1], inst.underlying)  # [I, 1+K*S]
+        out["impact"] = lam[:, None] * jax.ops.segment_sum(absq * charge[b.pos_instrument], b.pos_account, num_segments=n)
+    return out
+
+
+def impact_charge(closed: Any, notional: Any, imp: Any, underlying: Any) -> Any:
+    """``[I, states]`` USD per contract closed: each instrument's price-impact cost
+    (``liquidation.impact_cost`` of the net notional it closes out exchange-wide) shared pro
+    rata to the contracts each liquidated account closes, as the engine's pass 1.
+
+    ``closed`` ``[2, I, states]`` (net, gross contracts) is held fixed: who is liquidated is
+    piecewise constant in every input, so the charge moves with prices (the notional) and the
+    impact parameters only. The square root is guarded so that an instrument that closes
+    nothing has a zero, not a NaN, derivative."""
+    X = jnp.abs(closed[0] * notional)
+    safe = jnp.where(X > 0, X, 1.0)
+    p = lambda v: v[underlying][:, None]  # noqa: E731
+    cost = jnp.where(X > 0, X * (p(imp.spread) + p(imp.k) * p(imp.daily_vol) * jnp.sqrt(safe / p(imp.daily_volume))), 0.0)
+    return jnp.where(closed[1] > 0, cost / jnp.where(closed[1] > 0, closed[1], 1.0), 0.0)
 
 
 def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any) -> tuple[Any, ...]:
@@ -201,25 +226,55 @@ def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any) -> tuple[Any, 
     if K == 1:
         return (eq, coll, mm, *more)
     timed = lambda x: x[:, 1:].reshape(n, K, S)
-    breach = timed(mm) > timed(coll)
-    step = jnp.where(breach.any(axis=1), jnp.argmax(breach, axis=1), K - 1)[:, None, :]  # [n, 1, S]
+    step = _deciding_step(coll, mm, S)[0][:, None, :]  # [n, 1, S]
     pick = lambda x: jnp.concatenate([x[:, :1], jnp.take_along_axis(timed(x), step, axis=1)[:, 0]], axis=1)
     return tuple(pick(x) for x in (eq, coll, mm, *more))
 
 
+def _deciding_step(coll: Any, mm: Any, S: int) -> tuple[Any, Any]:
+    """``(step, liquidated)``, each ``[n, S]``: the step that decides each account's path (its
+    first breach, else the last) and whether it is liquidated there (``first_breach``)."""
+    n, cols = coll.shape
+    K = (cols - 1) // S
+    breach = (mm[:, 1:] > coll[:, 1:]).reshape(n, K, S)
+    hit = breach.any(axis=1)
+    return jnp.where(hit, jnp.argmax(breach, axis=1), K - 1), hit
+
+
+def closed_contracts(x: Any, dv: Any, params: Params, inst: Any, market: Any, b: Book, n: int) -> Any:
+    """``[2, I, 1 + K * S]``: the net (signed: longs closed are sold, > 0) and gross contracts
+    each instrument closes out at each state (0 at the snapshot), summed over the book's
+    accounts: the engine's pass 1 of the price impact. Sums over disjoint sets of accounts
+    add up, so chunks of accounts are summed."""
+    st = account_states(x, dv, params, jnp.ones(n), inst, market, b, n)
+    S = b.random.shape[0]
+    step, hit = _deciding_step(st["collateral"], st["maintenance_margin"], S)
+    K = (st["collateral"].shape[1] - 1) // S
+    at = (jnp.arange(K)[None, :, None] == step[:, None, :]) & hit[:, None, :]  # [n, K, S]
+    at = jnp.concatenate([jnp.zeros((n, 1)), at.reshape(n, K * S).astype(jnp.float64)], axis=1)
+    q = b.pos_quantity[:, None] * at[b.pos_account]  # [N, 1 + K * S]
+    I = inst.kind.shape[0]
+    return jnp.stack([jax.ops.segment_sum(q, b.pos_instrument, num_segments=I),
+                      jax.ops.segment_sum(jnp.abs(q), b.pos_instrument, num_segments=I)])
+
+
 def state_sums(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b: Book, n: int,
-               fee_rate: Any = 0.0) -> Any:
-    """``[4, 1 + S]``: the sums over the book's accounts of maintenance margin, margin
-    shortfall, bad debt and liquidation fees per state, USD. Sums over disjoint sets of
-    accounts add up, which is what lets ``sensitivities`` chunk the accounts. The fee is the
-    engine's (``liquidation.fee``): ``fee_rate`` of the notional an account closes out, capped
-    at its remaining equity, so it never adds bad debt."""
-    st = account_states(x, dv, params, lam, inst, market, b, n)
-    eq, coll, mm, g = first_breach(st["equity"], st["collateral"], st["maintenance_margin"], b.random.shape[0],
-                                   st["notional"])
-    fees = liquidation.fee(eq, g, mm > coll, fee_rate)
+               fee_rate: Any = 0.0, impact: Any = None) -> Any:
+    """``[5, 1 + S]``: the sums over the book's accounts of maintenance margin, margin
+    shortfall, bad debt, liquidation fees and price-impact costs per state, USD. Sums over
+    disjoint sets of accounts add up, which is what lets ``sensitivities`` chunk the accounts.
+    As in the engine, a liquidated account pays the impact (``impact``, see
+    ``account_states``; it can create bad debt), then the fee (``liquidation.fee``:
+    ``fee_rate`` of the notional it closes out, capped at what equity remains, so it never
+    adds bad debt)."""
+    st = account_states(x, dv, params, lam, inst, market, b, n, impact)
+    eq, coll, mm, g, *imp = first_breach(st["equity"], st["collateral"], st["maintenance_margin"], b.random.shape[0],
+                                         st["notional"], *([st["impact"]] if impact is not None else []))
+    liq = mm > coll
+    cost = jnp.where(liq, imp[0], 0.0) if impact is not None else jnp.zeros_like(eq)
+    fees = liquidation.fee(eq - cost, g, liq, fee_rate)
     return jnp.stack([jnp.sum(mm, axis=0), jnp.sum(jnp.maximum(mm - coll, 0.0), axis=0),
-                      jnp.sum(jnp.maximum(-eq, 0.0), axis=0), jnp.sum(fees, axis=0)])
+                      jnp.sum(jnp.maximum(cost - eq, 0.0), axis=0), jnp.sum(fees, axis=0), jnp.sum(cost, axis=0)])
 
 
 def exchange_totals(sums: Any, x: Any, market: Any, b: Book) -> dict[str, Any]:
@@ -229,7 +284,7 @@ def exchange_totals(sums: Any, x: Any, market: Any, b: Book) -> dict[str, Any]:
     S = b.random.shape[0]
     price = market.price[:, None] * (b.spot_mult * (1.0 + x)[None, :]).T  # as pricing.revalue
     fund = b.fund @ jnp.concatenate([price[:, :1], price[:, -S:]], axis=1)  # now, last steps
-    mm, shortfall, bad, fees = sums
+    mm, shortfall, bad, fees, impact = sums
     gap = (bad[1:] - fund[1:] - fees[1:]) / b.temperature  # the fees are paid in first
     n_random = jnp.maximum(jnp.sum(b.random), 1.0)
     return {
@@ -239,6 +294,7 @@ def exchange_totals(sums: Any, x: Any, market: Any, b: Book) -> dict[str, Any]:
         "insurance_fund_before": fund,
         "insurance_fund_after": jnp.maximum(fund + fees - bad, 0.0),
         "fees": fees,
+        "impact_cost": impact,
         "p_fund_depleted_smooth": jnp.sum(b.random * jax.nn.sigmoid(gap)) / n_random,
     }
 
@@ -278,17 +334,21 @@ def reduced(t: dict, worst: Any) -> Any:
 CHUNK_CELLS = 1 << 23  # positions x states per chunk of accounts (reverse mode keeps ~100 B a cell)
 
 _state_sums = jax.jit(state_sums, static_argnames=("n",))
+_closed_contracts = jax.jit(closed_contracts, static_argnames=("n",))
 _exchange_totals = jax.jit(exchange_totals)
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
-def _chunk_pullback(x, dv, params, lam, fee_rate, inst, market, b: Book, cotangents: Any, n: int):
+def _chunk_pullback(x, dv, params, lam, fee_rate, imp, closed, inst, market, b: Book, cotangents: Any, n: int):
     """One chunk's share of the Jacobian: ``state_sums``' reverse mode in ``(x, dv, params,
-    lam, fee_rate)`` for each row of ``cotangents`` ``[K, 4, 1 + S]`` (d objective / d sums). One forward
-    pass keeps its residuals (``jax.vjp``); the ``K`` rows are pulled back one after another
+    lam, fee_rate, imp)`` for each row of ``cotangents`` ``[K, 5, 1 + S]`` (d objective / d
+    sums); ``closed`` (exchange-wide, ``closed_contracts``) is held fixed. One forward pass
+    keeps its residuals (``jax.vjp``); the ``K`` rows are pulled back one after another
     (``lax.map``), so the backward pass holds one cotangent of the ``[N, S]`` size at a time."""
-    f = lambda x, dv, p, lam, fr: state_sums(x, dv, p, lam, inst, market, b, n, fr)  # noqa: E731
-    _, pullback = jax.vjp(f, x, dv, params, lam, fee_rate)
+    def f(x, dv, p, lam, fr, im):
+        return state_sums(x, dv, p, lam, inst, market, b, n, fr, None if im is None else (closed, im))
+
+    _, pullback = jax.vjp(f, x, dv, params, lam, fee_rate, imp)
     return jax.lax.map(pullback, cotangents)
 
 
@@ -337,26 +397,32 @@ def account_chunks(b: Book, n: int, cells: int = CHUNK_CELLS) -> tuple[int, list
     return C, out
 
 
-def _jacobian(x, dv, params, fee_rate, inst, market, b: Book, n: int, cells: int = CHUNK_CELLS):
+def _jacobian(x, dv, params, fee_rate, imp, inst, market, b: Book, n: int, cells: int = CHUNK_CELLS):
     """Totals, the worst scenario, objective values and their reverse-mode Jacobian in
-    ``(x, dv, params, lam, fee_rate)``, chunk of accounts by chunk: exchange totals are sums over
-    accounts, so each chunk pulls back the objectives' cotangents in those sums, and the
-    chunks' gradients add up (``lam``'s are placed)."""
+    ``(x, dv, params, lam, fee_rate, imp)``, chunk of accounts by chunk: exchange totals are
+    sums over accounts, so each chunk pulls back the objectives' cotangents in those sums, and
+    the chunks' gradients add up (``lam``'s are placed). With price impact (``imp`` a
+    ``liquidation.Impact``), a first forward pass sums the contracts closed exchange-wide."""
     C, chunks = account_chunks(b, n, cells)
     lam = jnp.ones(C)
-    sums = sum(np.asarray(_state_sums(x, dv, params, lam, inst, market, bc, n=C, fee_rate=fee_rate), np.float64)
-               for _, bc in chunks)
+    closed = None
+    if imp is not None:  # the engine's pass 1: who closes out what, before any closing cost
+        closed = sum(np.asarray(_closed_contracts(x, dv, params, inst, market, bc, n=C)) for _, bc in chunks)
+    impact = None if imp is None else (closed, imp)
+    sums = sum(np.asarray(_state_sums(x, dv, params, lam, inst, market, bc, n=C, fee_rate=fee_rate, impact=impact),
+                          np.float64) for _, bc in chunks)
     t = {k: np.asarray(v) for k, v in _exchange_totals(sums, x, market, b).items()}
     worst = worst_scenario(t["bad_debt"][1:], t["shortfall"][1:])
     values, (d_sums, d_x) = _outer(sums, x, market, b, worst)
-    shared = None  # (x, dv, params, fee_rate) gradients, summed over the chunks
+    shared = None  # (x, dv, params, fee_rate, imp) gradients, summed over the chunks
     gl = np.zeros((len(OBJECTIVES), n))
     for a0, bc in chunks:
-        cx, cv, cp, cl, cf = _chunk_pullback(x, dv, params, lam, fee_rate, inst, market, bc, d_sums, n=C)
-        shared = (cx, cv, cp, cf) if shared is None else jax.tree_util.tree_map(jnp.add, shared, (cx, cv, cp, cf))
+        cx, cv, cp, cl, cf, ci = _chunk_pullback(x, dv, params, lam, fee_rate, imp, closed, inst, market, bc, d_sums, n=C)
+        mine = (cx, cv, cp, cf, ci)
+        shared = mine if shared is None else jax.tree_util.tree_map(jnp.add, shared, mine)
         gl[:, a0:a0 + C] = np.asarray(cl)[:, : n - a0]
-    gx, gv, gp, gf = jax.tree_util.tree_map(np.asarray, shared)
-    return t, worst, np.asarray(values), (np.asarray(d_x) + gx, gv, gp, gl, gf)
+    gx, gv, gp, gf, gi = jax.tree_util.tree_map(np.asarray, shared)
+    return t, worst, np.asarray(values), (np.asarray(d_x) + gx, gv, gp, gl, gf, gi)
 
 
 def worst_scenario(bad_debt: np.ndarray, shortfall: np.ndarray) -> int:
@@ -381,14 +447,13 @@ def safe_instruments(inst: Any, market: Any) -> Any:
 
 def _supported(snap: Snapshot) -> dict:
     """The snapshot's ``[liquidation]`` settings, after checking that the differentiable model
-    follows them: it closes out in full at the first breach, paying the liquidation fee, under
-    the standard, untiered margin model. Anything else raises ``InputError`` (a gradient of a
+    follows them: it closes out in full at the first breach, paying the price impact and the
+    liquidation fee, under the standard, untiered margin model. Anything else raises ``InputError`` (a gradient of a
     different exchange would be worse than none)."""
     from . import engine
 
     cfg = liquidation.config(snap.liquidation_config)
     unsupported = [
-        ("[liquidation] impact", bool(cfg["impact"]), "price impact"),
         ("[liquidation] mode", cfg["mode"] != "full", "partial liquidation"),
         ("[liquidation] oracle_lag_steps", cfg["oracle_lag_steps"] > 0, "an oracle lag"),
         ("[margin] model", snap.margin_config.get("model", "standard") != "standard", "this margin model"),
@@ -457,8 +522,13 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
     market = snap.market
     inst = safe_instruments(snap.instruments, market)
     zero = jnp.zeros(A)
-    fee = _supported(snap)["fee_rate"]
-    t, worst, values, (gx, gv, gp, gl, gf) = _jacobian(zero, zero, params, jnp.float64(fee), inst, market, b, n, cells)
+    cfg = _supported(snap)
+    fee = cfg["fee_rate"]
+    imp = None
+    if cfg["impact"]:
+        imp = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float64), liquidation.impact_params(snap))
+    t, worst, values, (gx, gv, gp, gl, gf, gi) = _jacobian(zero, zero, params, jnp.float64(fee), imp, inst, market,
+                                                           b, n, cells)
 
     S = len(scen)
     rnd = np.asarray(scen.random)
@@ -477,11 +547,12 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
         "shortfall_total": t["shortfall"][1:],
         "bad_debt": bad,
         "fees": fees,
+        "impact_cost": t["impact_cost"][1:],
         "insurance_fund_before": fund,
         "insurance_fund_after": t["insurance_fund_after"][1:],
     })
     market_df = _market_frame(snap, gx, gv, rnd.any())
-    params_df = _params_frame(snap, gp, fee, gf, rnd.any())
+    params_df = _params_frame(snap, gp, fee, gf, gi, cfg["impact"], rnd.any())
     k_bad = OBJECTIVES.index(("bad_debt", "worst"))
     k_sw = OBJECTIVES.index(("shortfall", "worst"))
     k_ss = OBJECTIVES.index(("shortfall", "sum"))
@@ -540,8 +611,10 @@ def _market_frame(snap: Snapshot, gx: np.ndarray, gv: np.ndarray, has_random: bo
     return pd.concat([price, vol], ignore_index=True)
 
 
-def _params_frame(snap: Snapshot, gp: Params, fee: float, g_fee: np.ndarray, has_random: bool):
-    """Sensitivities to the parameters the engine's margin and losses read, tidy."""
+def _params_frame(snap: Snapshot, gp: Params, fee: float, g_fee: np.ndarray, g_imp: Any, impact_cfg: dict,
+                  has_random: bool):
+    """Sensitivities to the parameters the engine's margin and losses read, tidy; ``bump`` is
+    what ``sensitivity`` is per (+0.01, or +1% of the value for an impact's daily volume)."""
     import pandas as pd
 
     inst = snap.instruments
@@ -566,4 +639,20 @@ def _params_frame(snap: Snapshot, gp: Params, fee: float, g_fee: np.ndarray, has
     frames.append(_long({"parameter": np.array(["fee_rate"], object), "group": np.array(["liquidation"], object),
                          "value": np.array([fee])},
                         np.asarray(g_fee).reshape(-1, 1), PARAM_BUMP, has_random))
+    for f in frames:
+        f.insert(3, "bump", "+0.01")
+    # [liquidation.impact.<ASSET>]: one row per key and underlying with a table
+    rows = [snap.assets.index(a) for a in impact_cfg]
+    for key in liquidation.IMPACT_KEYS:
+        if not rows:
+            break
+        g = np.asarray(getattr(g_imp, key))[:, rows]  # [K, U] per +1.00 (per USD for the volume)
+        value = np.array([float(impact_cfg[snap.assets[a]][key]) for a in rows])
+        df = _long({"parameter": np.full(len(rows), f"impact.{key}", object),
+                    "group": np.array([snap.assets[a] for a in rows], object), "value": value}, g, PARAM_BUMP, has_random)
+        relative = key == "daily_volume"  # +0.01 USD of a day's volume means nothing: per +1% of it
+        if relative:
+            df["sensitivity"] = PARAM_BUMP * df["value"].astype(np.float64) * df["gradient"]
+        df.insert(3, "bump", "+1%" if relative else "+0.01")
+        frames.append(df)
     return pd.concat(frames, ignore_index=True)
