@@ -13,7 +13,8 @@ The whole exchange is one pure function (``totals``) of
 evaluated at ``x = 0, dv = 0, lam = 1``. It follows the engine's definitions (``engine.run``,
 SPEC section 2). Multi-step paths are revalued at every step and each account is taken at the
 step that decides its path, as the engine does: the first step where its collateral is below
-its maintenance margin (closed out there, at no cost), else the last step (``first_breach``).
+its maintenance margin (closed out there, an oracle lag late where one is set, paying the
+price impact and the liquidation fee), else the last step (``first_breach``).
 The insurance fund is valued at the last step's prices. In formulas:
 
 - per account ``i`` and state ``s``: net amount of asset ``a``
@@ -106,6 +107,11 @@ class Book:
     horizon_days: Any  # [1 + K * S]
     random: Any  # [S] float 1.0 for a random (Monte Carlo / replay) scenario
     temperature: Any  # [] USD, smoothing of p_fund_depleted
+    # Risk-limit tiers of maintenance margin (engine._tiers): a position pays, on its whole
+    # notional, every rate step whose bound its notional exceeds; None: untiered.
+    tier_bound: Any = None  # [I, T-1] USD notional bounds of tiers 1 .. T-1
+    tier_step: Any = None  # [I, T-1] how much the rate rises past each bound
+    lag: int = dataclasses.field(default=0, metadata={"static": True})  # oracle lag, steps (paths only)
 
 
 def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
@@ -129,6 +135,9 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
     vol = np.vstack([np.zeros((1, A)), path(steps_vol)])
     hor = np.concatenate([[0.0], path(steps_hor)])
     fund_now = float(np.asarray(snap.insurance_fund, np.float64) @ np.asarray(snap.market.price, np.float64))
+    from .engine import _tiers
+
+    tiers = _tiers(snap.params, snap.params.tier_mm)
     return Book(
         pos_slot=np.searchsorted(keys, pos_key).astype(np.int32),
         pos_account=snap.pos_account.astype(np.int32),
@@ -141,6 +150,9 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
         spot_mult=spot, vol_shift=vol, horizon_days=hor,
         random=np.asarray(scen.random, np.float64),
         temperature=np.float64(default_temperature(fund_now) if tau is None else tau),
+        tier_bound=None if tiers is None else np.asarray(tiers[0]),
+        tier_step=None if tiers is None else np.asarray(tiers[1]),
+        lag=int(liquidation.config(snap.liquidation_config)["oracle_lag_steps"]),
     )
 
 
@@ -176,12 +188,17 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     # Haircut on a positive net amount only; the where keeps both branches' gradients finite.
     coll = jnp.where(e > 0, 1.0 - params.haircut[b.slot_asset][:, None], 1.0) * usd
     w = margin.position_weight(inst.kind[b.pos_instrument], b.pos_quantity)
-    m = jax.ops.segment_sum(w[:, None] * mm[b.pos_instrument], b.pos_account, num_segments=n)
+    per_position = w[:, None] * mm[b.pos_instrument]  # [N, 1+S] USD
     seg = functools.partial(jax.ops.segment_sum, segment_ids=b.slot_account, num_segments=n)
     c = inst.contract_size[:, None]  # notional per contract, USD (SPEC section 2), as the engine
     notional = jnp.where(inst.inverse[:, None] & (inst.kind != OPTION)[:, None], c, c * rv["spot"])
     absq = jnp.abs(b.pos_quantity)[:, None]
-    g = jax.ops.segment_sum(absq * notional[b.pos_instrument], b.pos_account, num_segments=n)
+    pn = absq * notional[b.pos_instrument]  # [N, 1+S] each position's notional, USD
+    if b.tier_bound is not None:  # the tier its notional is in at each state (portfolio.tier_extra)
+        bound, step = b.tier_bound[b.pos_instrument][:, None, :], b.tier_step[b.pos_instrument][:, None, :]
+        per_position = per_position + pn * jnp.sum(step * (pn[:, :, None] > bound), axis=-1)
+    m = jax.ops.segment_sum(per_position, b.pos_account, num_segments=n)
+    g = jax.ops.segment_sum(pn, b.pos_account, num_segments=n)
     out = {"equity": seg(usd), "collateral": seg(coll), "maintenance_margin": lam[:, None] * m,
            "notional": lam[:, None] * g, "price": rv["price"]}
     if impact is not None:
@@ -206,37 +223,43 @@ def impact_charge(closed: Any, notional: Any, imp: Any, underlying: Any) -> Any:
     return jnp.where(closed[1] > 0, cost / jnp.where(closed[1] > 0, closed[1], 1.0), 0.0)
 
 
-def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any) -> tuple[Any, ...]:
+def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any, lag: int = 0) -> tuple[Any, ...]:
     """Each account's state at the step that decides each path: the first step where its
     collateral is below its maintenance margin (it is closed out there, as
-    ``liquidation.path_outcome`` in the engine), else the last step.
+    ``liquidation.path_outcome`` in the engine), else the last step. With an oracle ``lag``
+    of ``k`` steps a breach at step ``t`` is acted on at step ``t + k`` (at that step's
+    values), and a breach in the last ``k`` steps not at all; one-step scenarios have no lag.
 
     Args:
       eq, coll, mm: ``[n, 1 + K * S]``: now, then the ``K`` steps of every scenario, step-major.
       S: scenarios. more: further ``[n, 1 + K * S]`` arrays to take at the same step.
 
     Returns:
-      ``(eq, coll, mm, *more)``, each ``[n, 1 + S]``: now, then the deciding step of each
-      scenario (the account is liquidated there iff ``mm > coll`` there).
-      Which step decides is piecewise constant in every input, so gradients flow through the
-      values at that step only (margin parameters move bad debt by jumps, not by slopes).
+      ``(eq, coll, mm, *more, liquidated)``, each ``[n, 1 + S]``: now, then the deciding step
+      of each scenario, and whether the account is closed out there (column 0: ``mm > coll``
+      now). Which step decides is piecewise constant in every input, so gradients flow
+      through the values at that step only (margin parameters move bad debt by jumps, not by
+      slopes).
     """
     n, cols = eq.shape
     K = (cols - 1) // S
     if K == 1:
-        return (eq, coll, mm, *more)
-    timed = lambda x: x[:, 1:].reshape(n, K, S)
-    step = _deciding_step(coll, mm, S)[0][:, None, :]  # [n, 1, S]
-    pick = lambda x: jnp.concatenate([x[:, :1], jnp.take_along_axis(timed(x), step, axis=1)[:, 0]], axis=1)
-    return tuple(pick(x) for x in (eq, coll, mm, *more))
+        return (eq, coll, mm, *more, mm > coll)
+    timed = lambda x: x[:, 1:].reshape(n, K, S)  # noqa: E731
+    step, hit = _deciding_step(coll, mm, S, lag)
+    pick = lambda x: jnp.concatenate([x[:, :1], jnp.take_along_axis(timed(x), step[:, None, :], axis=1)[:, 0]], axis=1)  # noqa: E731
+    return (*(pick(x) for x in (eq, coll, mm, *more)), jnp.concatenate([mm[:, :1] > coll[:, :1], hit], axis=1))
 
 
-def _deciding_step(coll: Any, mm: Any, S: int) -> tuple[Any, Any]:
+def _deciding_step(coll: Any, mm: Any, S: int, lag: int = 0) -> tuple[Any, Any]:
     """``(step, liquidated)``, each ``[n, S]``: the step that decides each account's path (its
-    first breach, else the last) and whether it is liquidated there (``first_breach``)."""
+    first breach, ``lag`` steps late, else the last) and whether it is closed out there
+    (``first_breach``)."""
     n, cols = coll.shape
     K = (cols - 1) // S
     breach = (mm[:, 1:] > coll[:, 1:]).reshape(n, K, S)
+    if lag and K > 1:  # step t acts on step t - lag's breach
+        breach = jnp.concatenate([jnp.zeros((n, min(lag, K), S), bool), breach[:, : max(K - lag, 0)]], axis=1)
     hit = breach.any(axis=1)
     return jnp.where(hit, jnp.argmax(breach, axis=1), K - 1), hit
 
@@ -248,7 +271,7 @@ def closed_contracts(x: Any, dv: Any, params: Params, inst: Any, market: Any, b:
     add up, so chunks of accounts are summed."""
     st = account_states(x, dv, params, jnp.ones(n), inst, market, b, n)
     S = b.random.shape[0]
-    step, hit = _deciding_step(st["collateral"], st["maintenance_margin"], S)
+    step, hit = _deciding_step(st["collateral"], st["maintenance_margin"], S, b.lag)
     K = (st["collateral"].shape[1] - 1) // S
     at = (jnp.arange(K)[None, :, None] == step[:, None, :]) & hit[:, None, :]  # [n, K, S]
     at = jnp.concatenate([jnp.zeros((n, 1)), at.reshape(n, K * S).astype(jnp.float64)], axis=1)
@@ -268,9 +291,8 @@ def state_sums(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any
     ``fee_rate`` of the notional it closes out, capped at what equity remains, so it never
     adds bad debt)."""
     st = account_states(x, dv, params, lam, inst, market, b, n, impact)
-    eq, coll, mm, g, *imp = first_breach(st["equity"], st["collateral"], st["maintenance_margin"], b.random.shape[0],
-                                         st["notional"], *([st["impact"]] if impact is not None else []))
-    liq = mm > coll
+    eq, coll, mm, g, *imp, liq = first_breach(st["equity"], st["collateral"], st["maintenance_margin"], b.random.shape[0],
+                                              st["notional"], *([st["impact"]] if impact is not None else []), lag=b.lag)
     cost = jnp.where(liq, imp[0], 0.0) if impact is not None else jnp.zeros_like(eq)
     fees = liquidation.fee(eq - cost, g, liq, fee_rate)
     return jnp.stack([jnp.sum(mm, axis=0), jnp.sum(jnp.maximum(mm - coll, 0.0), axis=0),
@@ -447,17 +469,14 @@ def safe_instruments(inst: Any, market: Any) -> Any:
 
 def _supported(snap: Snapshot) -> dict:
     """The snapshot's ``[liquidation]`` settings, after checking that the differentiable model
-    follows them: it closes out in full at the first breach, paying the price impact and the
-    liquidation fee, under the standard, untiered margin model. Anything else raises ``InputError`` (a gradient of a
-    different exchange would be worse than none)."""
-    from . import engine
-
+    follows them: it closes out in full at the first breach (seen an oracle lag late), paying
+    the price impact and the liquidation fee, under the standard margin model (tiers
+    included). Anything else raises ``InputError`` (a gradient of a different exchange would
+    be worse than none)."""
     cfg = liquidation.config(snap.liquidation_config)
     unsupported = [
         ("[liquidation] mode", cfg["mode"] != "full", "partial liquidation"),
-        ("[liquidation] oracle_lag_steps", cfg["oracle_lag_steps"] > 0, "an oracle lag"),
         ("[margin] model", snap.margin_config.get("model", "standard") != "standard", "this margin model"),
-        ("tier columns", engine._tiers(snap.params, snap.params.tier_mm) is not None, "risk-limit tiers"),
     ]
     for column, used, what in unsupported:
         if used:
@@ -507,8 +526,8 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
 
     Raises:
       InputError: an empty scenario set, a temperature that is not > 0, or a setting the
-        differentiable model does not follow (price impact, partial liquidation, an oracle
-        lag, the portfolio or VaR margin model, risk-limit tiers).
+        differentiable model does not follow (partial liquidation, the portfolio or VaR
+        margin model, dynamic haircuts).
     """
     import pandas as pd
 

@@ -384,13 +384,70 @@ def test_price_impact_totals_and_gradients_match_the_run(snap, tmp_path):
     assert_fd(got, plus[("bad_debt", "sum")], minus[("bad_debt", "sum")], h, scale)
 
 
-@pytest.mark.parametrize("config, column", [
-    ({"mode": "partial"}, "[liquidation] mode"),
-    ({"oracle_lag_steps": 1}, "[liquidation] oracle_lag_steps"),
+# MM 1% of a position's notional up to 100,000 USD, 2% to 250,000, 5% beyond: BTC-LIN's
+# 180,000 and BTC-PERPETUAL's 300,000 sit in tiers 2 and 3, and paths move them across bounds.
+TIERS = "future_tiers = [[100_000, 0.02, 0.01], [250_000, 0.04, 0.02], [1e12, 0.1, 0.05]]\n"
+
+
+@pytest.fixture(scope="module")
+def tiered(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sens_tiers")
+    toml = EXCHANGE_TOML.replace("[margin]\n", "[margin]\n" + TIERS)
+    return stress.load_snapshot(write_snapshot(folder, assets=ASSETS, instruments=INSTRUMENTS, balances=BALANCES,
+                                               positions=POSITIONS, exchange_toml=toml))
+
+
+@pytest.mark.parametrize("lag", [0, 1])
+def test_tiers_and_an_oracle_lag_match_the_run_and_its_central_differences(tiered, tmp_path, lag):
+    # each position pays the tier its notional is in at each state; with a lag of one step a
+    # breach at step 1 of a two-step path is acted on at step 2 (at its prices), and one at
+    # step 2 not at all
+    snap = dataclasses.replace(tiered, liquidation_config={**tiered.liquidation_config, "oracle_lag_steps": lag,
+                                                           "fee_rate": 0.01})
+    scen = stress.load_scenarios(scenario_file(tmp_path, SCENARIOS + MONTECARLO), snap)
+    r = sens.sensitivities(snap, scen, temperature=2e6)
+    res = stress.run(snap, scen)
+    for col in ("shortfall_total", "bad_debt", "fees", "insurance_fund_after"):
+        np.testing.assert_allclose(r["scenarios"][col], res.scenarios[col], rtol=1e-9, atol=1e-6, err_msg=col)
+    t = r["totals"].set_index(["total", "scope"]).value
+    assert t["maintenance_margin", "now"] == pytest.approx(res.accounts.maintenance_margin.sum(), rel=1e-12)
+    flat = sens.sensitivities(dataclasses.replace(snap, params=dataclasses.replace(
+        snap.params, tier_mm=np.repeat(snap.params.tier_mm[:, :1], 3, axis=1))), scen, temperature=2e6)
+    assert t["maintenance_margin", "now"] > flat["totals"].set_index(["total", "scope"]).value["maintenance_margin", "now"]
+    worst, h = r["worst_index"], 1e-6
+    i = list(snap.instrument_ids.astype(str)).index("BTC-LIN")
+    members = np.flatnonzero((np.asarray(snap.instruments.kind) == 1) & (np.asarray(snap.instruments.underlying) == 1))
+    plus = run_totals(with_param(snap, "mm_rate", members, h), scen, worst)
+    minus = run_totals(with_param(snap, "mm_rate", members, -h), scen, worst)
+    assert i in members
+    for key in (("maintenance_margin", "now"), ("shortfall", "sum"), ("shortfall", "worst")):
+        got = row(r["params"], parameter="mm_rate", group="BTC perpetual", total=key[0], scope=key[1])
+        assert_fd(got, plus[key], minus[key], h, scale=abs(plus[key]) + 1e6)
+    a = snap.asset_index("BTC")
+    plus = run_totals(snap, moved_scenarios(scen, a, dx=h), worst)
+    minus = run_totals(snap, moved_scenarios(scen, a, dx=-h), worst)
+    for key in (("shortfall", "sum"), ("bad_debt", "sum")):
+        got = row(r["market"], factor="price", asset="BTC", total=key[0], scope=key[1])
+        assert_fd(got, plus[key], minus[key], h, scale=abs(plus[key]) + 1e6)
+
+
+def test_an_oracle_lag_changes_who_pays_what(tiered, tmp_path):
+    scen = stress.load_scenarios(scenario_file(tmp_path, SCENARIOS + MONTECARLO), tiered)
+    lagged = dataclasses.replace(tiered, liquidation_config={"oracle_lag_steps": 1})
+    a = sens.sensitivities(tiered, scen, temperature=2e6)["scenarios"]
+    b = sens.sensitivities(lagged, scen, temperature=2e6)["scenarios"]
+    paths = np.asarray(scen.random)
+    assert (a.bad_debt[~paths].to_numpy() == b.bad_debt[~paths].to_numpy()).all()  # one step: no lag
+    assert (a.bad_debt[paths] != b.bad_debt[paths]).any()
+
+
+@pytest.mark.parametrize("liquidation, margin_cfg, column", [
+    ({"mode": "partial"}, {}, "[liquidation] mode"),
+    ({}, {"model": "portfolio"}, "[margin] model"),
 ])
-def test_settings_the_model_does_not_follow_are_refused(snap, scen, config, column):
+def test_settings_the_model_does_not_follow_are_refused(snap, scen, liquidation, margin_cfg, column):
     with pytest.raises(stress.InputError) as err:
-        sens.sensitivities(dataclasses.replace(snap, liquidation_config=config), scen)
+        sens.sensitivities(dataclasses.replace(snap, liquidation_config=liquidation, margin_config=margin_cfg), scen)
     assert err.value.column == column and "does not model" in str(err.value)
 
 
