@@ -525,12 +525,14 @@ def vol_scenarios(inst: Instruments, params: Params) -> Any:
     ``down = max(iv * (1 - range_down * x), 0.01)``. Parameters of the option's underlying.
     """
     u = inst.underlying
-    dte = jnp.maximum(inst.expiry * YEAR_DAYS, params.pm_min_dte_days)
+    is_opt = inst.kind == OPTION
+    # futures and perpetuals (dte inf) keep their iv; 30 days for them keeps 0 ** power (whose
+    # derivative in the power is 0 * log 0) out of gradients
+    dte = jnp.where(is_opt, jnp.maximum(inst.expiry * YEAR_DAYS, params.pm_min_dte_days), 30.0)
     power = jnp.where(dte < 30.0, params.pm_short_vega_power[u], params.pm_long_vega_power[u])
-    x = (30.0 / dte) ** power  # perpetuals: dte inf -> x = 0
+    x = (30.0 / dte) ** power
     up = jnp.maximum(inst.iv * (1.0 + params.pm_vol_up[u] * x), params.pm_min_vol_up[u])
     down = jnp.maximum(inst.iv * (1.0 - params.pm_vol_down[u] * x), MIN_VOL)
-    is_opt = inst.kind == OPTION
     return jnp.stack([jnp.where(is_opt, up, inst.iv), inst.iv, jnp.where(is_opt, down, inst.iv)])
 
 

@@ -112,6 +112,13 @@ class Book:
     tier_bound: Any = None  # [I, T-1] USD notional bounds of tiers 1 .. T-1
     tier_step: Any = None  # [I, T-1] how much the rate rises past each bound
     lag: int = dataclasses.field(default=0, metadata={"static": True})  # oracle lag, steps (paths only)
+    # Portfolio margin model (None: standard): positions summed into sub-blocks (account,
+    # underlying, settlement asset) and blocks (account, underlying), margin.portfolio_requirements.
+    pos_sub: Any = None  # [N] int32 sub-block of each position
+    sub_block: Any = None  # [Ms] int32 block of each sub-block
+    sub_settle: Any = None  # [Ms] int32 settlement asset of each sub-block
+    block_account: Any = None  # [Kb] int32
+    block_underlying: Any = None  # [Kb] int32
 
 
 def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
@@ -138,6 +145,9 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
     from .engine import _tiers
 
     tiers = _tiers(snap.params, snap.params.tier_mm)
+    pm = {}
+    if snap.margin_config.get("model", "standard") == "portfolio":
+        pm = pm_layout(snap.pos_account, np.asarray(snap.instruments.underlying)[snap.pos_instrument], settle, A)
     return Book(
         pos_slot=np.searchsorted(keys, pos_key).astype(np.int32),
         pos_account=snap.pos_account.astype(np.int32),
@@ -153,7 +163,28 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
         tier_bound=None if tiers is None else np.asarray(tiers[0]),
         tier_step=None if tiers is None else np.asarray(tiers[1]),
         lag=int(liquidation.config(snap.liquidation_config)["oracle_lag_steps"]),
+        **pm,
     )
+
+
+def pm_layout(pos_account: np.ndarray, pos_underlying: np.ndarray, pos_settle: np.ndarray, A: int) -> dict:
+    """``Book``'s portfolio-model fields for positions of ``pos_account`` (numbered from 0):
+    sub-blocks (account, underlying, settlement asset) and blocks (account, underlying), in
+    key order."""
+    key = (np.asarray(pos_account, np.int64) * A + pos_underlying) * A + pos_settle
+    subs, pos_sub = np.unique(key, return_inverse=True)
+    blocks, sub_block = np.unique(subs // A, return_inverse=True)
+    return {"pos_sub": pos_sub.astype(np.int32), "sub_block": sub_block.astype(np.int32),
+            "sub_settle": (subs % A).astype(np.int32), "block_account": (blocks // A).astype(np.int32),
+            "block_underlying": (blocks % A).astype(np.int32)}
+
+
+def pm_grids(x: Any, dv: Any, params: Params, inst: Any, market: Any, b: Book) -> dict:
+    """The portfolio model's risk matrix around every state of the book, revalued once per
+    (state, grid point) for the whole exchange: ``pnl [1 + K * S, I, G]``, ``delta``,
+    ``roll`` ``[1 + K * S, I]``, USD per contract (``margin.scenario_grids``)."""
+    return margin.scenario_grids(inst, market, params, b.spot_mult * (1.0 + x)[None, :], b.vol_shift + dv[None, :],
+                                 b.horizon_days)
 
 
 def default_temperature(fund_now: float) -> float:
@@ -163,7 +194,7 @@ def default_temperature(fund_now: float) -> float:
 
 
 def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b: Book,
-                   n: int, impact: Any = None) -> dict[str, Any]:
+                   n: int, impact: Any = None, grids: Any = None) -> dict[str, Any]:
     """Equity, collateral and maintenance margin per account and state, USD.
 
     Args:
@@ -173,6 +204,8 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
       impact: ``(closed, liquidation.Impact)``, or None: the contracts every instrument closes
         out exchange-wide at each state (``closed_contracts``, ``[2, I, 1 + K * S]``) and the
         impact parameters, from which each account's price-impact charge is computed.
+      grids: the portfolio model's ``pm_grids``, from which maintenance margin is computed
+        when the book has the portfolio model's layout (revalued here when None).
 
     Returns:
       ``equity``, ``collateral``, ``maintenance_margin``, ``notional`` (gross, USD) and, with
@@ -197,14 +230,38 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     if b.tier_bound is not None:  # the tier its notional is in at each state (portfolio.tier_extra)
         bound, step = b.tier_bound[b.pos_instrument][:, None, :], b.tier_step[b.pos_instrument][:, None, :]
         per_position = per_position + pn * jnp.sum(step * (pn[:, :, None] > bound), axis=-1)
-    m = jax.ops.segment_sum(per_position, b.pos_account, num_segments=n)
+    m = lam[:, None] * jax.ops.segment_sum(per_position, b.pos_account, num_segments=n)
+    if b.pos_sub is not None:  # grids not given: revalued here (callers that chunk pass them)
+        m = portfolio_maintenance(params, lam, inst, b, n, pm_grids(x, dv, params, inst, market, b) if grids is None else grids)
     g = jax.ops.segment_sum(pn, b.pos_account, num_segments=n)
-    out = {"equity": seg(usd), "collateral": seg(coll), "maintenance_margin": lam[:, None] * m,
+    out = {"equity": seg(usd), "collateral": seg(coll), "maintenance_margin": m,
            "notional": lam[:, None] * g, "price": rv["price"]}
     if impact is not None:
         charge = impact_charge(impact[0], notional, impact[1], inst.underlying)  # [I, 1+K*S]
         out["impact"] = lam[:, None] * jax.ops.segment_sum(absq * charge[b.pos_instrument], b.pos_account, num_segments=n)
     return out
+
+
+def portfolio_maintenance(params: Params, lam: Any, inst: Any, b: Book, n: int, grids: dict) -> Any:
+    """``[n, 1 + K * S]`` portfolio-model maintenance margin per account and state, USD, from
+    the risk matrices ``grids`` (``pm_grids``): ``margin.portfolio_requirements`` per state
+    over the book's sub-blocks and blocks, summed per account. The book is scaled by ``lam``
+    position by position (the delta shock's threshold makes the model not quite homogeneous)."""
+    q = lam[b.pos_account] * b.pos_quantity
+    i = b.pos_instrument
+    u = b.block_underlying
+    extended = margin.grid_moves(params)[2]
+
+    def one(state):  # the risk matrices around one state -> [n]
+        pnl, delta, roll = state
+        r = margin.portfolio_requirements(
+            q[:, None] * pnl[i], q * delta[i], jnp.abs(q) * roll[i], b.pos_sub, b.sub_block,
+            params.pm_pnl_offset[b.sub_settle], params.pm_extended_fraction[u], params.pm_max_delta_shock[u],
+            params.pm_delta_threshold[u], params.pm_mm_factor, extended,
+            n_sub=b.sub_block.shape[0], n_block=b.block_account.shape[0])
+        return jax.ops.segment_sum(r["maintenance_margin"], b.block_account, num_segments=n)
+
+    return jax.lax.map(one, (grids["pnl"], grids["delta"], grids["roll"])).T
 
 
 def impact_charge(closed: Any, notional: Any, imp: Any, underlying: Any) -> Any:
@@ -264,12 +321,12 @@ def _deciding_step(coll: Any, mm: Any, S: int, lag: int = 0) -> tuple[Any, Any]:
     return jnp.where(hit, jnp.argmax(breach, axis=1), K - 1), hit
 
 
-def closed_contracts(x: Any, dv: Any, params: Params, inst: Any, market: Any, b: Book, n: int) -> Any:
+def closed_contracts(x: Any, dv: Any, params: Params, inst: Any, market: Any, b: Book, n: int, grids: Any = None) -> Any:
     """``[2, I, 1 + K * S]``: the net (signed: longs closed are sold, > 0) and gross contracts
     each instrument closes out at each state (0 at the snapshot), summed over the book's
     accounts: the engine's pass 1 of the price impact. Sums over disjoint sets of accounts
     add up, so chunks of accounts are summed."""
-    st = account_states(x, dv, params, jnp.ones(n), inst, market, b, n)
+    st = account_states(x, dv, params, jnp.ones(n), inst, market, b, n, grids=grids)
     S = b.random.shape[0]
     step, hit = _deciding_step(st["collateral"], st["maintenance_margin"], S, b.lag)
     K = (st["collateral"].shape[1] - 1) // S
@@ -282,7 +339,7 @@ def closed_contracts(x: Any, dv: Any, params: Params, inst: Any, market: Any, b:
 
 
 def state_sums(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b: Book, n: int,
-               fee_rate: Any = 0.0, impact: Any = None) -> Any:
+               fee_rate: Any = 0.0, impact: Any = None, grids: Any = None) -> Any:
     """``[5, 1 + S]``: the sums over the book's accounts of maintenance margin, margin
     shortfall, bad debt, liquidation fees and price-impact costs per state, USD. Sums over
     disjoint sets of accounts add up, which is what lets ``sensitivities`` chunk the accounts.
@@ -290,7 +347,7 @@ def state_sums(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any
     ``account_states``; it can create bad debt), then the fee (``liquidation.fee``:
     ``fee_rate`` of the notional it closes out, capped at what equity remains, so it never
     adds bad debt)."""
-    st = account_states(x, dv, params, lam, inst, market, b, n, impact)
+    st = account_states(x, dv, params, lam, inst, market, b, n, impact, grids)
     eq, coll, mm, g, *imp, liq = first_breach(st["equity"], st["collateral"], st["maintenance_margin"], b.random.shape[0],
                                               st["notional"], *([st["impact"]] if impact is not None else []), lag=b.lag)
     cost = jnp.where(liq, imp[0], 0.0) if impact is not None else jnp.zeros_like(eq)
@@ -357,20 +414,23 @@ CHUNK_CELLS = 1 << 23  # positions x states per chunk of accounts (reverse mode 
 
 _state_sums = jax.jit(state_sums, static_argnames=("n",))
 _closed_contracts = jax.jit(closed_contracts, static_argnames=("n",))
+_pm_grids = jax.jit(pm_grids)
 _exchange_totals = jax.jit(exchange_totals)
 
 
 @functools.partial(jax.jit, static_argnames=("n",))
-def _chunk_pullback(x, dv, params, lam, fee_rate, imp, closed, inst, market, b: Book, cotangents: Any, n: int):
+def _chunk_pullback(x, dv, params, lam, fee_rate, imp, grids, closed, inst, market, b: Book, cotangents: Any, n: int):
     """One chunk's share of the Jacobian: ``state_sums``' reverse mode in ``(x, dv, params,
-    lam, fee_rate, imp)`` for each row of ``cotangents`` ``[K, 5, 1 + S]`` (d objective / d
-    sums); ``closed`` (exchange-wide, ``closed_contracts``) is held fixed. One forward pass
+    lam, fee_rate, imp, grids)`` for each row of ``cotangents`` ``[K, 5, 1 + S]`` (d objective
+    / d sums); ``closed`` (exchange-wide, ``closed_contracts``) is held fixed. One forward pass
     keeps its residuals (``jax.vjp``); the ``K`` rows are pulled back one after another
-    (``lax.map``), so the backward pass holds one cotangent of the ``[N, S]`` size at a time."""
-    def f(x, dv, p, lam, fr, im):
-        return state_sums(x, dv, p, lam, inst, market, b, n, fr, None if im is None else (closed, im))
+    (``lax.map``), so the backward pass holds one cotangent of the ``[N, S]`` size at a time.
+    The portfolio model's ``grids`` are an input: the exchange's, revalued once, pulled back
+    into prices, vols and parameters once after every chunk has added its share."""
+    def f(x, dv, p, lam, fr, im, gr):
+        return state_sums(x, dv, p, lam, inst, market, b, n, fr, None if im is None else (closed, im), gr)
 
-    _, pullback = jax.vjp(f, x, dv, params, lam, fee_rate, imp)
+    _, pullback = jax.vjp(f, x, dv, params, lam, fee_rate, imp, grids)
     return jax.lax.map(pullback, cotangents)
 
 
@@ -405,6 +465,18 @@ def account_chunks(b: Book, n: int, cells: int = CHUNK_CELLS) -> tuple[int, list
         x = np.asarray(x)
         return np.pad(x[rows] - shift, (0, size - len(rows))).astype(x.dtype)
 
+    layouts = [{} for _ in lo_acc]
+    if b.pos_sub is not None:  # the portfolio model's blocks, renumbered within each chunk
+        A = b.fund.shape[0]
+        sub = np.asarray(b.pos_sub)
+        und = np.asarray(b.block_underlying)[np.asarray(b.sub_block)[sub]]
+        settle = np.asarray(b.sub_settle)[sub]
+        for k, a0 in enumerate(lo_acc):
+            p = p_order[p_cut[k]:p_cut[k + 1]]
+            layouts[k] = pm_layout(np.asarray(b.pos_account)[p] - a0, und[p], settle[p], A)
+        size = {f: max(1, max(len(lay[f]) for lay in layouts)) for f in layouts[0]}
+        layouts = [{f: np.pad(v, (0, size[f] - len(v))) for f, v in lay.items()} for lay in layouts]
+
     out = []
     for k, a0 in enumerate(lo_acc):
         p, s0 = p_order[p_cut[k]:p_cut[k + 1]], s_cut[k]
@@ -414,7 +486,7 @@ def account_chunks(b: Book, n: int, cells: int = CHUNK_CELLS) -> tuple[int, list
             pos_slot=take(b.pos_slot, p, P, s0), pos_account=take(b.pos_account, p, P, a0),
             pos_instrument=take(b.pos_instrument, p, P), pos_quantity=take(b.pos_quantity, p, P),
             slot_account=take(b.slot_account, sl, M, a0), slot_asset=take(b.slot_asset, sl, M),
-            slot_balance=take(b.slot_balance, sl, M),
+            slot_balance=take(b.slot_balance, sl, M), **layouts[k],
         )))
     return C, out
 
@@ -425,25 +497,34 @@ def _jacobian(x, dv, params, fee_rate, imp, inst, market, b: Book, n: int, cells
     sums over accounts, so each chunk pulls back the objectives' cotangents in those sums, and
     the chunks' gradients add up (``lam``'s are placed). With price impact (``imp`` a
     ``liquidation.Impact``), a first forward pass sums the contracts closed exchange-wide."""
+    grids = grid_pullback = None
+    if b.pos_sub is not None:  # portfolio model: every risk matrix once, for every chunk
+        grids, grid_pullback = jax.vjp(lambda x, dv, p: _pm_grids(x, dv, p, inst, market, b), x, dv, params)
+        cells = max(1, cells // int(grids["pnl"].shape[-1]))  # a position's work is G points per state
     C, chunks = account_chunks(b, n, cells)
     lam = jnp.ones(C)
     closed = None
     if imp is not None:  # the engine's pass 1: who closes out what, before any closing cost
-        closed = sum(np.asarray(_closed_contracts(x, dv, params, inst, market, bc, n=C)) for _, bc in chunks)
+        closed = sum(np.asarray(_closed_contracts(x, dv, params, inst, market, bc, n=C, grids=grids))
+                     for _, bc in chunks)
     impact = None if imp is None else (closed, imp)
-    sums = sum(np.asarray(_state_sums(x, dv, params, lam, inst, market, bc, n=C, fee_rate=fee_rate, impact=impact),
-                          np.float64) for _, bc in chunks)
+    sums = sum(np.asarray(_state_sums(x, dv, params, lam, inst, market, bc, n=C, fee_rate=fee_rate, impact=impact,
+                                      grids=grids), np.float64) for _, bc in chunks)
     t = {k: np.asarray(v) for k, v in _exchange_totals(sums, x, market, b).items()}
     worst = worst_scenario(t["bad_debt"][1:], t["shortfall"][1:])
     values, (d_sums, d_x) = _outer(sums, x, market, b, worst)
-    shared = None  # (x, dv, params, fee_rate, imp) gradients, summed over the chunks
+    shared = None  # (x, dv, params, fee_rate, imp, grids) gradients, summed over the chunks
     gl = np.zeros((len(OBJECTIVES), n))
     for a0, bc in chunks:
-        cx, cv, cp, cl, cf, ci = _chunk_pullback(x, dv, params, lam, fee_rate, imp, closed, inst, market, bc, d_sums, n=C)
-        mine = (cx, cv, cp, cf, ci)
+        cx, cv, cp, cl, cf, ci, cg = _chunk_pullback(x, dv, params, lam, fee_rate, imp, grids, closed, inst, market, bc,
+                                                     d_sums, n=C)
+        mine = (cx, cv, cp, cf, ci, cg)
         shared = mine if shared is None else jax.tree_util.tree_map(jnp.add, shared, mine)
         gl[:, a0:a0 + C] = np.asarray(cl)[:, : n - a0]
-    gx, gv, gp, gf, gi = jax.tree_util.tree_map(np.asarray, shared)
+    if grid_pullback is not None:  # the risk matrices' share, into prices, vols and parameters
+        via = jax.lax.map(grid_pullback, shared[5])
+        shared = (*jax.tree_util.tree_map(jnp.add, shared[:3], via), *shared[3:])
+    gx, gv, gp, gf, gi, _ = jax.tree_util.tree_map(np.asarray, shared)
     return t, worst, np.asarray(values), (np.asarray(d_x) + gx, gv, gp, gl, gf, gi)
 
 
@@ -476,7 +557,7 @@ def _supported(snap: Snapshot) -> dict:
     cfg = liquidation.config(snap.liquidation_config)
     unsupported = [
         ("[liquidation] mode", cfg["mode"] != "full", "partial liquidation"),
-        ("[margin] model", snap.margin_config.get("model", "standard") != "standard", "this margin model"),
+        ("[margin] model", snap.margin_config.get("model", "standard") == "var", "the var margin model"),
     ]
     for column, used, what in unsupported:
         if used:
@@ -526,8 +607,8 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
 
     Raises:
       InputError: an empty scenario set, a temperature that is not > 0, or a setting the
-        differentiable model does not follow (partial liquidation, the portfolio or VaR
-        margin model, dynamic haircuts).
+        differentiable model does not follow (partial liquidation, the VaR margin model,
+        dynamic haircuts).
     """
     import pandas as pd
 
@@ -674,4 +755,36 @@ def _params_frame(snap: Snapshot, gp: Params, fee: float, g_fee: np.ndarray, g_i
             df["sensitivity"] = PARAM_BUMP * df["value"].astype(np.float64) * df["gradient"]
         df.insert(3, "bump", "+1%" if relative else "+0.01")
         frames.append(df)
+    if snap.margin_config.get("model", "standard") == "portfolio":
+        frames += _portfolio_rows(snap, gp, has_random)
     return pd.concat(frames, ignore_index=True)
+
+
+def _portfolio_rows(snap: Snapshot, gp: Params, has_random: bool) -> list:
+    """The portfolio model's parameters, named as in ``[margin]``: per underlying (per
+    settlement asset for ``pnl_offset``), ``mm_factor`` and each ``extended_moves`` entry.
+    USD thresholds are per +1% of their value, the rest per +0.01."""
+    inst = snap.instruments
+    underlyings = np.unique(np.asarray(inst.underlying))
+    settlements = np.unique(np.asarray(inst.settlement))
+    names = np.asarray(snap.assets, dtype=object)
+    frames = []
+    for key, (field, *_) in margin._PER_ASSET.items():
+        rows = settlements if key == "pnl_offset" else underlyings
+        value = np.asarray(getattr(snap.params, field), np.float64)[rows]
+        df = _long({"parameter": np.full(len(rows), key, object), "group": names[rows], "value": value},
+                   np.asarray(getattr(gp, field))[:, rows], PARAM_BUMP, has_random)
+        relative = key == "delta_shock_threshold"  # USD: per +1% of it
+        if relative:
+            df["sensitivity"] = PARAM_BUMP * df["value"].astype(np.float64) * df["gradient"]
+        df.insert(3, "bump", "+1%" if relative else "+0.01")
+        frames.append(df)
+    moves = np.asarray(snap.params.pm_extended_moves, np.float64)
+    for key, field, group, value in (
+            ("mm_factor", "pm_mm_factor", np.array(["all"], object), np.array([float(snap.params.pm_mm_factor)])),
+            ("extended_moves", "pm_extended_moves", np.array([f"{m:+g}" for m in moves], object), moves)):
+        df = _long({"parameter": np.full(len(group), key, object), "group": group, "value": value},
+                   np.asarray(getattr(gp, field)).reshape(-1, len(group)), PARAM_BUMP, has_random)
+        df.insert(3, "bump", "+0.01")
+        frames.append(df)
+    return frames

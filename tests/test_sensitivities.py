@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 import stress
+from stress import margin
 from stress import sensitivities as sens
 from stress.cli import app
 from stress.snapshot import Market
@@ -171,6 +172,16 @@ def row(df, **where) -> float:
         hit = hit[hit[k] == v]
     assert len(hit) == 1, f"expected one row for {where}, got {len(hit)}"
     return float(hit["gradient"].iloc[0])
+
+
+def assert_price_gradients(r: dict, snap, scen, asset: str, keys, h: float = 1e-6):
+    """The ``market`` rows of ``asset``'s price against central differences of the run."""
+    a, worst = snap.asset_index(asset), r["worst_index"]
+    plus = run_totals(snap, moved_scenarios(scen, a, dx=h), worst)
+    minus = run_totals(snap, moved_scenarios(scen, a, dx=-h), worst)
+    for k in keys:
+        got = row(r["market"], factor="price", asset=asset, total=k[0], scope=k[1])
+        assert_fd(got, plus[k], minus[k], h, scale=abs(plus[k]) + 1e6)
 
 
 def assert_fd(got: float, plus: float, minus: float, step: float, scale: float):
@@ -423,12 +434,7 @@ def test_tiers_and_an_oracle_lag_match_the_run_and_its_central_differences(tiere
     for key in (("maintenance_margin", "now"), ("shortfall", "sum"), ("shortfall", "worst")):
         got = row(r["params"], parameter="mm_rate", group="BTC perpetual", total=key[0], scope=key[1])
         assert_fd(got, plus[key], minus[key], h, scale=abs(plus[key]) + 1e6)
-    a = snap.asset_index("BTC")
-    plus = run_totals(snap, moved_scenarios(scen, a, dx=h), worst)
-    minus = run_totals(snap, moved_scenarios(scen, a, dx=-h), worst)
-    for key in (("shortfall", "sum"), ("bad_debt", "sum")):
-        got = row(r["market"], factor="price", asset="BTC", total=key[0], scope=key[1])
-        assert_fd(got, plus[key], minus[key], h, scale=abs(plus[key]) + 1e6)
+    assert_price_gradients(r, snap, scen, "BTC", (("shortfall", "sum"), ("bad_debt", "sum")))
 
 
 def test_an_oracle_lag_changes_who_pays_what(tiered, tmp_path):
@@ -441,9 +447,49 @@ def test_an_oracle_lag_changes_who_pays_what(tiered, tmp_path):
     assert (a.bad_debt[paths] != b.bad_debt[paths]).any()
 
 
+def with_margin(snap, **keys):
+    """The snapshot with ``[margin]`` keys changed and its parameters resolved again (the
+    engine re-resolves the portfolio model's parameters from ``[margin]``)."""
+    moved = dataclasses.replace(snap, margin_config={**snap.margin_config, **keys})
+    return dataclasses.replace(moved, params=margin.resolve(moved))
+
+
+def test_portfolio_margin_totals_and_parameter_gradients_match_the_run(tmp_path):
+    # The risk matrix around every state is revalued once for the exchange and pulled back
+    # into prices and parameters after the chunks (here several) add up their shares.
+    toml = EXCHANGE_TOML.replace("[margin]\n", '[margin]\nmodel = "portfolio"\n')
+    snap = stress.load_snapshot(write_snapshot(tmp_path / "snap", assets=ASSETS, instruments=INSTRUMENTS,
+                                               balances=BALANCES, positions=POSITIONS, exchange_toml=toml))
+    scen = stress.load_scenarios(scenario_file(tmp_path, SCENARIOS + MONTECARLO), snap)
+    r = sens.sensitivities(snap, scen, temperature=2e6, cells=20_000)
+    res = stress.run(snap, scen)
+    t = r["totals"].set_index(["total", "scope"]).value
+    assert t["maintenance_margin", "now"] == pytest.approx(res.accounts.maintenance_margin.sum(), rel=1e-12)
+    for col in ("shortfall_total", "bad_debt", "insurance_fund_after"):
+        np.testing.assert_allclose(r["scenarios"][col], res.scenarios[col], rtol=1e-9, atol=1e-6, err_msg=col)
+    worst, h, p = r["worst_index"], 1e-6, r["params"]
+    eth = float(snap.params.pm_price_range[snap.asset_index("ETH")])
+    for key, group, up, down in (
+            ("price_range", "BTC", {"price_range": {"BTC": 0.16 + h, "ETH": eth}}, {"price_range": {"BTC": 0.16 - h, "ETH": eth}}),
+            ("mm_factor", "all", {"mm_factor": 0.8 + h}, {"mm_factor": 0.8 - h}),
+            ("volatility_range_up", "ETH", {"volatility_range_up": {"BTC": 0.5, "ETH": 0.5 + h}},
+             {"volatility_range_up": {"BTC": 0.5, "ETH": 0.5 - h}})):
+        plus, minus = run_totals(with_margin(snap, **up), scen, worst), run_totals(with_margin(snap, **down), scen, worst)
+        for k in (("maintenance_margin", "now"), ("shortfall", "sum"), ("shortfall", "worst")):
+            got = row(p, parameter=key, group=group, total=k[0], scope=k[1])
+            assert_fd(got, plus[k], minus[k], h, scale=abs(plus[k]) + 1e6)
+        assert row(p, parameter=key, group=group, total="maintenance_margin", scope="sum") > 0
+    assert_price_gradients(r, snap, scen, "BTC", (("shortfall", "sum"), ("bad_debt", "sum")))
+    # standard-model rates enter no total under the portfolio model; one chunk gives the same
+    assert (p[p.parameter == "mm_rate"].gradient == 0).all()
+    whole = sens.sensitivities(snap, scen, temperature=2e6)
+    np.testing.assert_allclose(whole["params"].gradient, p.gradient, rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(whole["accounts"].shortfall_sum, r["accounts"].shortfall_sum, rtol=1e-9, atol=1e-6)
+
+
 @pytest.mark.parametrize("liquidation, margin_cfg, column", [
     ({"mode": "partial"}, {}, "[liquidation] mode"),
-    ({}, {"model": "portfolio"}, "[margin] model"),
+    ({}, {"model": "var"}, "[margin] model"),
 ])
 def test_settings_the_model_does_not_follow_are_refused(snap, scen, liquidation, margin_cfg, column):
     with pytest.raises(stress.InputError) as err:
