@@ -355,7 +355,10 @@ def scaled_haircut(params: Params, vol_shift: Any, asset: Any = slice(None)) -> 
     reference vol ``v``, and ``h`` where ``v = 0``. Never below ``h``: a calm scenario does not
     release collateral (the anti-procyclical intent of EMIR RTS 153/2013 art. 28 and 41)."""
     h, v = params.haircut[asset], params.haircut_vol[asset]
-    return jnp.where(v > 0, h * jnp.maximum(1.0, (v + vol_shift) / jnp.where(v > 0, v, 1.0)), h)
+    # h * max(1, (v + dv) / v), written so that at dv = 0 (the snapshot, a state without a vol
+    # shift) autodiff takes the side of a vol rise, not half of it
+    rise = jnp.where(vol_shift >= 0, vol_shift, 0.0)
+    return jnp.where(v > 0, h + h * rise / jnp.where(v > 0, v, 1.0), h)
 
 
 def unit_share(params: Params, price0: Any) -> Any:

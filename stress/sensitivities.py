@@ -124,7 +124,6 @@ class Book:
 def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
     """Lay out the snapshot's holdings as slots and every step of the scenarios as states;
     ``tau`` overrides the temperature of ``p_fund_depleted_smooth`` (USD)."""
-    margin.require_static_haircuts(snap.params, "the differentiable exchange (sensitivities, reverse, calibrate)")
     A = snap.n_assets
     settle = np.asarray(snap.instruments.settlement)[snap.pos_instrument].astype(np.int64)
     b_acc, b_asset = np.nonzero(snap.balances)
@@ -219,7 +218,7 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     e = lam[b.slot_account][:, None] * (b.slot_balance[:, None] + held)  # [M, 1+S] asset units
     usd = e * rv["price"][b.slot_asset]
     # Haircut on a positive net amount only; the where keeps both branches' gradients finite.
-    coll = jnp.where(e > 0, 1.0 - params.haircut[b.slot_asset][:, None], 1.0) * usd
+    coll = jnp.where(e > 0, 1.0 - slot_haircut(x, dv, params, market, b, e), 1.0) * usd
     w = margin.position_weight(inst.kind[b.pos_instrument], b.pos_quantity)
     per_position = w[:, None] * mm[b.pos_instrument]  # [N, 1+S] USD
     seg = functools.partial(jax.ops.segment_sum, segment_ids=b.slot_account, num_segments=n)
@@ -240,6 +239,22 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
         charge = impact_charge(impact[0], notional, impact[1], inst.underlying)  # [I, 1+K*S]
         out["impact"] = lam[:, None] * jax.ops.segment_sum(absq * charge[b.pos_instrument], b.pos_account, num_segments=n)
     return out
+
+
+def slot_haircut(x: Any, dv: Any, params: Params, market: Any, b: Book, e: Any) -> Any:
+    """``[M, 1 + K * S]`` (or ``[M, 1]``, static) haircut of each slot's asset on its net
+    amount ``e``: the ``[A]`` haircuts, or dynamic ones (``margin.haircut_at``) at each state's
+    vol shift and with the concentration add-on on ``e``. The add-on's share of a day's volume
+    is at the unperturbed snapshot price (a quantity, as in the engine), so ``x`` does not move
+    it. The square root is guarded where nothing is held or no volume is given."""
+    a = b.slot_asset
+    if not params.haircut_dynamic:
+        return params.haircut[a][:, None]
+    base = margin.scaled_haircut(params, (b.vol_shift + dv[None, :]).T[a], a[:, None])
+    ratio = e * margin.unit_share(params, market.price)[a][:, None]
+    held = ratio > 0
+    add = jnp.where(held, params.haircut_concentration[a][:, None] * jnp.sqrt(jnp.where(held, ratio, 1.0)), 0.0)
+    return jnp.minimum(base + add, params.haircut_max)
 
 
 def portfolio_maintenance(params: Params, lam: Any, inst: Any, b: Book, n: int, grids: dict) -> Any:
@@ -607,8 +622,7 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
 
     Raises:
       InputError: an empty scenario set, a temperature that is not > 0, or a setting the
-        differentiable model does not follow (partial liquidation, the VaR margin model,
-        dynamic haircuts).
+        differentiable model does not follow (partial liquidation, the VaR margin model).
     """
     import pandas as pd
 
@@ -696,6 +710,18 @@ def _long(rows: dict[str, np.ndarray], grads: np.ndarray, bump: float, has_rando
     return df
 
 
+def _named_rows(parameter: str, group: np.ndarray, value: np.ndarray, grads: np.ndarray, has_random: bool,
+                 relative: bool = False):
+    """``_long`` rows of one named parameter per ``group`` with a ``bump`` column: per +0.01,
+    or, ``relative``, per +1% of the value (for USD amounts, where +0.01 USD is no unit)."""
+    df = _long({"parameter": np.full(len(group), parameter, object), "group": np.asarray(group, object),
+                "value": np.asarray(value, np.float64)}, grads, PARAM_BUMP, has_random)
+    if relative:
+        df["sensitivity"] = PARAM_BUMP * df["value"].astype(np.float64) * df["gradient"]
+    df.insert(3, "bump", "+1%" if relative else "+0.01")
+    return df
+
+
 def _market_frame(snap: Snapshot, gx: np.ndarray, gv: np.ndarray, has_random: bool):
     """Price (per +1%) and vol (per +0.01) sensitivities per asset, tidy."""
     import pandas as pd
@@ -727,20 +753,13 @@ def _params_frame(snap: Snapshot, gp: Params, fee: float, g_fee: np.ndarray, g_i
     for name in ("mm_rate", "im_rate"):
         g = np.asarray(getattr(gp, name))  # [K, I]
         value = member @ np.asarray(getattr(snap.params, name), np.float64) / member.sum(axis=1)
-        frames.append(_long({"parameter": np.full(len(keys), name, object), "group": labels, "value": value},
-                            g @ member.T, PARAM_BUMP, has_random))
-    frames.append(_long({"parameter": np.array(["option_im_floor"], object), "group": np.array(["all options"], object),
-                         "value": np.array([float(snap.params.option_im_floor)])},
-                        np.asarray(gp.option_im_floor).reshape(-1, 1), PARAM_BUMP, has_random))
-    frames.append(_long({"parameter": np.full(snap.n_assets, "haircut", object),
-                         "group": np.asarray(snap.assets, dtype=object),
-                         "value": np.asarray(snap.params.haircut, np.float64)},
-                        np.asarray(gp.haircut), PARAM_BUMP, has_random))
-    frames.append(_long({"parameter": np.array(["fee_rate"], object), "group": np.array(["liquidation"], object),
-                         "value": np.array([fee])},
-                        np.asarray(g_fee).reshape(-1, 1), PARAM_BUMP, has_random))
-    for f in frames:
-        f.insert(3, "bump", "+0.01")
+        frames.append(_named_rows(name, labels, value, g @ member.T, has_random))
+    frames.append(_named_rows("option_im_floor", np.array(["all options"]), np.array([float(snap.params.option_im_floor)]),
+                              np.asarray(gp.option_im_floor).reshape(-1, 1), has_random))
+    frames.append(_named_rows("haircut", np.asarray(snap.assets), np.asarray(snap.params.haircut, np.float64),
+                              np.asarray(gp.haircut), has_random))
+    frames.append(_named_rows("fee_rate", np.array(["liquidation"]), np.array([fee]), np.asarray(g_fee).reshape(-1, 1),
+                              has_random))
     # [liquidation.impact.<ASSET>]: one row per key and underlying with a table
     rows = [snap.assets.index(a) for a in impact_cfg]
     for key in liquidation.IMPACT_KEYS:
@@ -748,16 +767,35 @@ def _params_frame(snap: Snapshot, gp: Params, fee: float, g_fee: np.ndarray, g_i
             break
         g = np.asarray(getattr(g_imp, key))[:, rows]  # [K, U] per +1.00 (per USD for the volume)
         value = np.array([float(impact_cfg[snap.assets[a]][key]) for a in rows])
-        df = _long({"parameter": np.full(len(rows), f"impact.{key}", object),
-                    "group": np.array([snap.assets[a] for a in rows], object), "value": value}, g, PARAM_BUMP, has_random)
-        relative = key == "daily_volume"  # +0.01 USD of a day's volume means nothing: per +1% of it
-        if relative:
-            df["sensitivity"] = PARAM_BUMP * df["value"].astype(np.float64) * df["gradient"]
-        df.insert(3, "bump", "+1%" if relative else "+0.01")
-        frames.append(df)
+        frames.append(_named_rows(f"impact.{key}", np.array([snap.assets[a] for a in rows], object), value, g,
+                                  has_random, relative=key == "daily_volume"))
     if snap.margin_config.get("model", "standard") == "portfolio":
         frames += _portfolio_rows(snap, gp, has_random)
+    if snap.params.haircut_dynamic:
+        frames += _haircut_rows(snap, gp, has_random)
     return pd.concat(frames, ignore_index=True)
+
+
+def _haircut_rows(snap: Snapshot, gp: Params, has_random: bool) -> list:
+    """Dynamic haircuts' parameters, named as in ``[margin]``, for the assets they apply to:
+    reference vols (per +0.01), concentration coefficients (+0.01), daily volumes (per +1%
+    of their USD value) and ``haircut_max`` (+0.01)."""
+    p = snap.params
+    names = np.asarray(snap.assets, dtype=object)
+    vol, volume = np.asarray(p.haircut_vol, np.float64), np.asarray(p.haircut_volume, np.float64)
+    frames = []
+    for key, field, rows in (("haircut_reference_vol", "haircut_vol", np.flatnonzero(vol > 0)),
+                             ("haircut_concentration", "haircut_concentration", np.flatnonzero(volume > 0)),
+                             ("haircut_daily_volume", "haircut_volume", np.flatnonzero(volume > 0)),
+                             ("haircut_max", "haircut_max", None)):
+        value = np.asarray(getattr(p, field), np.float64)
+        g = np.asarray(getattr(gp, field))
+        if rows is None:
+            value, g, group = value.reshape(1), g.reshape(-1, 1), np.array(["all"], object)
+        else:
+            value, g, group = value[rows], g[:, rows], names[rows]
+        frames.append(_named_rows(key, group, value, g, has_random, relative=key == "haircut_daily_volume"))
+    return frames
 
 
 def _portfolio_rows(snap: Snapshot, gp: Params, has_random: bool) -> list:
@@ -771,20 +809,12 @@ def _portfolio_rows(snap: Snapshot, gp: Params, has_random: bool) -> list:
     frames = []
     for key, (field, *_) in margin._PER_ASSET.items():
         rows = settlements if key == "pnl_offset" else underlyings
-        value = np.asarray(getattr(snap.params, field), np.float64)[rows]
-        df = _long({"parameter": np.full(len(rows), key, object), "group": names[rows], "value": value},
-                   np.asarray(getattr(gp, field))[:, rows], PARAM_BUMP, has_random)
-        relative = key == "delta_shock_threshold"  # USD: per +1% of it
-        if relative:
-            df["sensitivity"] = PARAM_BUMP * df["value"].astype(np.float64) * df["gradient"]
-        df.insert(3, "bump", "+1%" if relative else "+0.01")
-        frames.append(df)
+        frames.append(_named_rows(key, names[rows], np.asarray(getattr(snap.params, field), np.float64)[rows],
+                                  np.asarray(getattr(gp, field))[:, rows], has_random,
+                                  relative=key == "delta_shock_threshold"))
     moves = np.asarray(snap.params.pm_extended_moves, np.float64)
     for key, field, group, value in (
             ("mm_factor", "pm_mm_factor", np.array(["all"], object), np.array([float(snap.params.pm_mm_factor)])),
             ("extended_moves", "pm_extended_moves", np.array([f"{m:+g}" for m in moves], object), moves)):
-        df = _long({"parameter": np.full(len(group), key, object), "group": group, "value": value},
-                   np.asarray(getattr(gp, field)).reshape(-1, len(group)), PARAM_BUMP, has_random)
-        df.insert(3, "bump", "+0.01")
-        frames.append(df)
+        frames.append(_named_rows(key, group, value, np.asarray(getattr(gp, field)).reshape(-1, len(group)), has_random))
     return frames

@@ -487,6 +487,44 @@ def test_portfolio_margin_totals_and_parameter_gradients_match_the_run(tmp_path)
     np.testing.assert_allclose(whole["accounts"].shortfall_sum, r["accounts"].shortfall_sum, rtol=1e-9, atol=1e-6)
 
 
+DYNAMIC = ('haircut_model = "dynamic"\nhaircut_reference_vol = { BTC = 0.6, ETH = 0.7 }\n'
+           "haircut_daily_volume = { BTC = 5e6, ETH = 1e6 }\nhaircut_max = 0.5\n")
+
+
+def test_dynamic_haircut_totals_and_gradients_match_the_run(tmp_path):
+    # vol-scaled haircuts move with each state's vol shift, the concentration add-on with what
+    # each account holds; both enter collateral, so shortfalls
+    toml = EXCHANGE_TOML.replace("[margin]\n", "[margin]\n" + DYNAMIC)
+    snap = stress.load_snapshot(write_snapshot(tmp_path / "snap", assets=ASSETS, instruments=INSTRUMENTS,
+                                               balances=BALANCES, positions=POSITIONS, exchange_toml=toml))
+    scen = stress.load_scenarios(scenario_file(tmp_path, SCENARIOS + MONTECARLO), snap)
+    r = sens.sensitivities(snap, scen, temperature=2e6)
+    res = stress.run(snap, scen)
+    for col in ("shortfall_total", "bad_debt", "insurance_fund_after"):
+        np.testing.assert_allclose(r["scenarios"][col], res.scenarios[col], rtol=1e-9, atol=1e-6, err_msg=col)
+    worst, h, p = r["worst_index"], 1e-6, r["params"]
+    for key, group, step, up, down in (
+            ("haircut_reference_vol", "BTC", h, {"BTC": 0.6 + h, "ETH": 0.7}, {"BTC": 0.6 - h, "ETH": 0.7}),
+            ("haircut_concentration", "ETH", h, {"BTC": 0.1, "ETH": 0.1 + h}, {"BTC": 0.1, "ETH": 0.1 - h}),
+            ("haircut_daily_volume", "BTC", 1.0, {"BTC": 5e6 + 1, "ETH": 1e6}, {"BTC": 5e6 - 1, "ETH": 1e6})):
+        plus = run_totals(with_margin(snap, **{key: up}), scen, worst)
+        minus = run_totals(with_margin(snap, **{key: down}), scen, worst)
+        got = row(p, parameter=key, group=group, total="shortfall", scope="sum")
+        assert got != 0
+        assert_fd(got, plus[("shortfall", "sum")], minus[("shortfall", "sum")], step, scale=1e6)
+    a = snap.asset_index("BTC")
+    plus, minus = run_totals(with_param(snap, "haircut", a, h), scen, worst), run_totals(with_param(snap, "haircut", a, -h), scen, worst)
+    assert_fd(row(p, parameter="haircut", group="BTC", total="shortfall", scope="sum"),
+              plus[("shortfall", "sum")], minus[("shortfall", "sum")], h, scale=1e6)
+    assert_price_gradients(r, snap, scen, "ETH", (("shortfall", "sum"),))
+    # a vol shift of exactly 0 sits on the kink of max(1, (v + dv) / v): the gradient is the
+    # side of a vol rise, so it matches a forward difference
+    base, dvol = run_totals(snap, scen, worst)[("shortfall", "sum")], 1e-7
+    up = run_totals(snap, moved_scenarios(scen, a, dvol=dvol), worst)[("shortfall", "sum")]
+    assert row(r["market"], factor="vol", asset="BTC", total="shortfall", scope="sum") == pytest.approx(
+        (up - base) / dvol, rel=1e-6)
+
+
 @pytest.mark.parametrize("liquidation, margin_cfg, column", [
     ({"mode": "partial"}, {}, "[liquidation] mode"),
     ({}, {"model": "var"}, "[margin] model"),
