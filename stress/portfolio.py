@@ -65,7 +65,9 @@ def keep_share(haircut: Any, a: Any, e: Any) -> Any:
     if not isinstance(haircut, Haircut):
         return 1.0 - pick(haircut)[..., None]
     base = haircut.base if a is None else _rows(haircut.base)(a)
-    add = pick(haircut.coef)[..., None] * jnp.sqrt(jnp.maximum(e, 0.0) * pick(haircut.share)[..., None])
+    ratio = e * pick(haircut.share)[..., None]  # share of a day's volume held
+    held = ratio > 0  # the square root is guarded so that its gradient stays finite at 0
+    add = jnp.where(held, pick(haircut.coef)[..., None] * jnp.sqrt(jnp.where(held, ratio, 1.0)), 0.0)
     return 1.0 - jnp.minimum(base + add, haircut.cap)
 
 

@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import liquidation, margin, pricing
+from . import liquidation, margin, portfolio, pricing
 from ._tree import pytree_dataclass
 from .errors import InputError
 from .scenarios import Scenarios
@@ -119,6 +119,10 @@ class Book:
     sub_settle: Any = None  # [Ms] int32 settlement asset of each sub-block
     block_account: Any = None  # [Kb] int32
     block_underlying: Any = None  # [Kb] int32
+    # Partial liquidation ([liquidation] mode = "partial"; None: full close-out at the breach)
+    partial_target: Any = None  # [] collateral / maintenance margin after a partial close
+    slot_rank: Any = None  # [M] int32 place of the slot among its account's (slot_width: padding)
+    slot_width: int = dataclasses.field(default=0, metadata={"static": True})  # J: most slots of one account
 
 
 def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
@@ -144,6 +148,13 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
     from .engine import _tiers
 
     tiers = _tiers(snap.params, snap.params.tier_mm)
+    cfg = liquidation.config(snap.liquidation_config)
+    partial = {}
+    if cfg["mode"] == "partial":  # slots laid out [account, J] for liquidation.partial_path
+        first = np.searchsorted(slot_acc, slot_acc)  # slots are sorted by account
+        rank = np.arange(len(slot_acc)) - first
+        partial = {"partial_target": np.float64(cfg["partial_target"]), "slot_rank": rank.astype(np.int32),
+                   "slot_width": int(rank.max(initial=0)) + 1}
     pm = {}
     if snap.margin_config.get("model", "standard") == "portfolio":
         pm = pm_layout(snap.pos_account, np.asarray(snap.instruments.underlying)[snap.pos_instrument], settle, A)
@@ -161,8 +172,9 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
         temperature=np.float64(default_temperature(fund_now) if tau is None else tau),
         tier_bound=None if tiers is None else np.asarray(tiers[0]),
         tier_step=None if tiers is None else np.asarray(tiers[1]),
-        lag=int(liquidation.config(snap.liquidation_config)["oracle_lag_steps"]),
+        lag=int(cfg["oracle_lag_steps"]),
         **pm,
+        **partial,
     )
 
 
@@ -218,7 +230,8 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     e = lam[b.slot_account][:, None] * (b.slot_balance[:, None] + held)  # [M, 1+S] asset units
     usd = e * rv["price"][b.slot_asset]
     # Haircut on a positive net amount only; the where keeps both branches' gradients finite.
-    coll = jnp.where(e > 0, 1.0 - slot_haircut(x, dv, params, market, b, e), 1.0) * usd
+    hc = slot_haircuts(dv, params, market, b)
+    coll = jnp.where(e > 0, portfolio.keep_share(hc, None, e), 1.0) * usd
     w = margin.position_weight(inst.kind[b.pos_instrument], b.pos_quantity)
     per_position = w[:, None] * mm[b.pos_instrument]  # [N, 1+S] USD
     seg = functools.partial(jax.ops.segment_sum, segment_ids=b.slot_account, num_segments=n)
@@ -235,26 +248,26 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     g = jax.ops.segment_sum(pn, b.pos_account, num_segments=n)
     out = {"equity": seg(usd), "collateral": seg(coll), "maintenance_margin": m,
            "notional": lam[:, None] * g, "price": rv["price"]}
+    if b.partial_target is not None:  # what liquidation.partial_path needs, per slot
+        out["slots"] = (lam[b.slot_account][:, None] * held, lam[b.slot_account] * b.slot_balance,
+                        rv["price"][b.slot_asset], hc)
     if impact is not None:
         charge = impact_charge(impact[0], notional, impact[1], inst.underlying)  # [I, 1+K*S]
         out["impact"] = lam[:, None] * jax.ops.segment_sum(absq * charge[b.pos_instrument], b.pos_account, num_segments=n)
     return out
 
 
-def slot_haircut(x: Any, dv: Any, params: Params, market: Any, b: Book, e: Any) -> Any:
-    """``[M, 1 + K * S]`` (or ``[M, 1]``, static) haircut of each slot's asset on its net
-    amount ``e``: the ``[A]`` haircuts, or dynamic ones (``margin.haircut_at``) at each state's
-    vol shift and with the concentration add-on on ``e``. The add-on's share of a day's volume
-    is at the unperturbed snapshot price (a quantity, as in the engine), so ``x`` does not move
-    it. The square root is guarded where nothing is held or no volume is given."""
+def slot_haircuts(dv: Any, params: Params, market: Any, b: Book) -> Any:
+    """Each slot's haircut: ``[M]`` static, or a per-slot ``portfolio.Haircut`` (``base``
+    ``[M, 1 + K * S]`` vol-scaled at each state's vol shift; the concentration add-on on the
+    slot's net amount, ``portfolio.keep_share``). The add-on's share of a day's volume is at
+    the unperturbed snapshot price (a quantity, as in the engine), so prices do not move it."""
     a = b.slot_asset
     if not params.haircut_dynamic:
-        return params.haircut[a][:, None]
-    base = margin.scaled_haircut(params, (b.vol_shift + dv[None, :]).T[a], a[:, None])
-    ratio = e * margin.unit_share(params, market.price)[a][:, None]
-    held = ratio > 0
-    add = jnp.where(held, params.haircut_concentration[a][:, None] * jnp.sqrt(jnp.where(held, ratio, 1.0)), 0.0)
-    return jnp.minimum(base + add, params.haircut_max)
+        return params.haircut[a]
+    return portfolio.Haircut(base=margin.scaled_haircut(params, (b.vol_shift + dv[None, :]).T[a], a[:, None]),
+                             coef=params.haircut_concentration[a], share=margin.unit_share(params, market.price)[a],
+                             cap=params.haircut_max)
 
 
 def portfolio_maintenance(params: Params, lam: Any, inst: Any, b: Book, n: int, grids: dict) -> Any:
@@ -293,6 +306,44 @@ def impact_charge(closed: Any, notional: Any, imp: Any, underlying: Any) -> Any:
     p = lambda v: v[underlying][:, None]  # noqa: E731
     cost = jnp.where(X > 0, X * (p(imp.spread) + p(imp.k) * p(imp.daily_vol) * jnp.sqrt(safe / p(imp.daily_volume))), 0.0)
     return jnp.where(closed[1] > 0, cost / jnp.where(closed[1] > 0, closed[1], 1.0), 0.0)
+
+
+def _to_tiles(x: Any, K: int, S: int) -> Any:
+    """``[..., 1 + K * S]`` in the book's state order (now, then steps 1 .. K step-major) ->
+    ``[..., K * S]`` in the engine's tile layout (the last step first, then steps 1 .. K-1)."""
+    steps = x[..., 1:].reshape(x.shape[:-1] + (K, S))
+    return jnp.concatenate([steps[..., K - 1:, :], steps[..., : K - 1, :]], axis=-2).reshape(x.shape[:-1] + (K * S,))
+
+
+def _from_tiles(x: Any, K: int, S: int) -> Any:
+    """``_to_tiles``' inverse without the snapshot column: ``[..., K * S]`` -> ``[..., K * S]``."""
+    blocks = x.reshape(x.shape[:-1] + (K, S))
+    return jnp.concatenate([blocks[..., 1:, :], blocks[..., :1, :]], axis=-2).reshape(x.shape)
+
+
+def partial_outcome(st: dict, b: Book, n: int, fee_rate: Any, impact: Any = None) -> dict:
+    """Partial liquidation along every path, as the engine: ``liquidation.partial_path`` on
+    the book's slots laid out ``[n, J]`` (``slot_rank``) and its states in the engine's tile
+    layout. ``st``: ``account_states`` with its ``slots``; ``impact``: ``[n, 1 + K * S]``
+    charge of closing the whole book, or None. Returns ``partial_path``'s dict (``[n, S]``
+    values; ``closed`` ``[n, K * S]`` in the tile layout)."""
+    S = b.random.shape[0]
+    K = (st["collateral"].shape[1] - 1) // S
+    J = b.slot_width
+    value, balance, price, hc = st["slots"]
+
+    def dense(v):  # [M, ...] -> [n, J, ...]; padding slots (rank J) are dropped
+        return jnp.zeros((n, J) + v.shape[1:], v.dtype).at[b.slot_account, b.slot_rank].add(v, mode="drop")
+
+    if isinstance(hc, portfolio.Haircut):
+        keep = portfolio.Haircut(base=dense(_to_tiles(hc.base, K, S)), coef=dense(hc.coef), share=dense(hc.share),
+                                 cap=hc.cap)
+    else:
+        keep = dense(hc)
+    tiles = lambda x: _to_tiles(x, K, S)  # noqa: E731
+    return liquidation.partial_path(S, dense(tiles(value)), dense(balance), dense(tiles(price)), keep,
+                                    tiles(st["maintenance_margin"]), tiles(st["notional"]), b.partial_target,
+                                    fee_rate, None if impact is None else tiles(impact))
 
 
 def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any, lag: int = 0) -> tuple[Any, ...]:
@@ -336,17 +387,22 @@ def _deciding_step(coll: Any, mm: Any, S: int, lag: int = 0) -> tuple[Any, Any]:
     return jnp.where(hit, jnp.argmax(breach, axis=1), K - 1), hit
 
 
-def closed_contracts(x: Any, dv: Any, params: Params, inst: Any, market: Any, b: Book, n: int, grids: Any = None) -> Any:
+def closed_contracts(x: Any, dv: Any, params: Params, inst: Any, market: Any, b: Book, n: int, grids: Any = None,
+                     fee_rate: Any = 0.0) -> Any:
     """``[2, I, 1 + K * S]``: the net (signed: longs closed are sold, > 0) and gross contracts
     each instrument closes out at each state (0 at the snapshot), summed over the book's
     accounts: the engine's pass 1 of the price impact. Sums over disjoint sets of accounts
     add up, so chunks of accounts are summed."""
     st = account_states(x, dv, params, jnp.ones(n), inst, market, b, n, grids=grids)
     S = b.random.shape[0]
-    step, hit = _deciding_step(st["collateral"], st["maintenance_margin"], S, b.lag)
     K = (st["collateral"].shape[1] - 1) // S
-    at = (jnp.arange(K)[None, :, None] == step[:, None, :]) & hit[:, None, :]  # [n, K, S]
-    at = jnp.concatenate([jnp.zeros((n, 1)), at.reshape(n, K * S).astype(jnp.float64)], axis=1)
+    if b.partial_target is not None:  # the share of the book closed at each step
+        closed = partial_outcome(st, b, n, fee_rate)["closed"]  # [n, K * S], tile layout
+        at = jnp.concatenate([jnp.zeros((n, 1)), _from_tiles(closed, K, S)], axis=1)
+    else:
+        step, hit = _deciding_step(st["collateral"], st["maintenance_margin"], S, b.lag)
+        at = (jnp.arange(K)[None, :, None] == step[:, None, :]) & hit[:, None, :]  # [n, K, S]
+        at = jnp.concatenate([jnp.zeros((n, 1)), at.reshape(n, K * S).astype(jnp.float64)], axis=1)
     q = b.pos_quantity[:, None] * at[b.pos_account]  # [N, 1 + K * S]
     I = inst.kind.shape[0]
     return jnp.stack([jax.ops.segment_sum(q, b.pos_instrument, num_segments=I),
@@ -363,6 +419,16 @@ def state_sums(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any
     ``fee_rate`` of the notional it closes out, capped at what equity remains, so it never
     adds bad debt)."""
     st = account_states(x, dv, params, lam, inst, market, b, n, impact, grids)
+    if b.partial_target is not None:
+        r = partial_outcome(st, b, n, fee_rate, st.get("impact"))
+        now = lambda k: st[k][:, 0]  # noqa: E731  (state 0, the snapshot: nothing is closed)
+        first = lambda v0, v: jnp.concatenate([v0[None], jnp.sum(v, axis=0)])  # noqa: E731
+        zero = jnp.zeros(())
+        return jnp.stack([first(jnp.sum(now("maintenance_margin")), r["margin"]),
+                          first(jnp.sum(jnp.maximum(now("maintenance_margin") - now("collateral"), 0.0)),
+                                jnp.maximum(r["margin"] - r["collateral"], 0.0)),
+                          first(jnp.sum(jnp.maximum(-now("equity"), 0.0)), jnp.maximum(-r["equity"], 0.0)),
+                          first(zero, r["fee"]), first(zero, r["impact"])])
     eq, coll, mm, g, *imp, liq = first_breach(st["equity"], st["collateral"], st["maintenance_margin"], b.random.shape[0],
                                               st["notional"], *([st["impact"]] if impact is not None else []), lag=b.lag)
     cost = jnp.where(liq, imp[0], 0.0) if impact is not None else jnp.zeros_like(eq)
@@ -436,16 +502,30 @@ _exchange_totals = jax.jit(exchange_totals)
 @functools.partial(jax.jit, static_argnames=("n",))
 def _chunk_pullback(x, dv, params, lam, fee_rate, imp, grids, closed, inst, market, b: Book, cotangents: Any, n: int):
     """One chunk's share of the Jacobian: ``state_sums``' reverse mode in ``(x, dv, params,
-    lam, fee_rate, imp, grids)`` for each row of ``cotangents`` ``[K, 5, 1 + S]`` (d objective
-    / d sums); ``closed`` (exchange-wide, ``closed_contracts``) is held fixed. One forward pass
+    lam, fee_rate, imp, grids, closed)`` for each row of ``cotangents`` ``[K, 5, 1 + S]`` (d
+    objective / d sums); ``closed`` is the exchange-wide ``closed_contracts`` (its cotangent
+    matters under partial liquidation, where the shares closed are smooth). One forward pass
     keeps its residuals (``jax.vjp``); the ``K`` rows are pulled back one after another
     (``lax.map``), so the backward pass holds one cotangent of the ``[N, S]`` size at a time.
     The portfolio model's ``grids`` are an input: the exchange's, revalued once, pulled back
     into prices, vols and parameters once after every chunk has added its share."""
-    def f(x, dv, p, lam, fr, im, gr):
-        return state_sums(x, dv, p, lam, inst, market, b, n, fr, None if im is None else (closed, im), gr)
+    def f(x, dv, p, lam, fr, im, gr, cl):
+        return state_sums(x, dv, p, lam, inst, market, b, n, fr, None if im is None else (cl, im), gr)
 
-    _, pullback = jax.vjp(f, x, dv, params, lam, fee_rate, imp, grids)
+    _, pullback = jax.vjp(f, x, dv, params, lam, fee_rate, imp, grids, closed)
+    return jax.lax.map(pullback, cotangents)
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _closed_pullback(x, dv, params, fee_rate, grids, inst, market, b: Book, cotangents: Any, n: int):
+    """One chunk's ``closed_contracts`` in reverse mode, in ``(x, dv, params, fee_rate,
+    grids)``, for each row of ``cotangents`` ``[K, 2, I, 1 + K * S]``: under partial
+    liquidation the contracts closed move smoothly with every input, and with them the impact
+    charge per contract."""
+    def f(x, dv, p, fr, gr):
+        return closed_contracts(x, dv, p, inst, market, b, n, gr, fr)
+
+    _, pullback = jax.vjp(f, x, dv, params, fee_rate, grids)
     return jax.lax.map(pullback, cotangents)
 
 
@@ -502,6 +582,8 @@ def account_chunks(b: Book, n: int, cells: int = CHUNK_CELLS) -> tuple[int, list
             pos_instrument=take(b.pos_instrument, p, P), pos_quantity=take(b.pos_quantity, p, P),
             slot_account=take(b.slot_account, sl, M, a0), slot_asset=take(b.slot_asset, sl, M),
             slot_balance=take(b.slot_balance, sl, M), **layouts[k],
+            **({} if b.slot_rank is None else
+               {"slot_rank": np.pad(np.asarray(b.slot_rank)[sl], (0, M - len(sl)), constant_values=b.slot_width)}),
         )))
     return C, out
 
@@ -520,7 +602,7 @@ def _jacobian(x, dv, params, fee_rate, imp, inst, market, b: Book, n: int, cells
     lam = jnp.ones(C)
     closed = None
     if imp is not None:  # the engine's pass 1: who closes out what, before any closing cost
-        closed = sum(np.asarray(_closed_contracts(x, dv, params, inst, market, bc, n=C, grids=grids))
+        closed = sum(np.asarray(_closed_contracts(x, dv, params, inst, market, bc, n=C, grids=grids, fee_rate=fee_rate))
                      for _, bc in chunks)
     impact = None if imp is None else (closed, imp)
     sums = sum(np.asarray(_state_sums(x, dv, params, lam, inst, market, bc, n=C, fee_rate=fee_rate, impact=impact,
@@ -530,12 +612,19 @@ def _jacobian(x, dv, params, fee_rate, imp, inst, market, b: Book, n: int, cells
     values, (d_sums, d_x) = _outer(sums, x, market, b, worst)
     shared = None  # (x, dv, params, fee_rate, imp, grids) gradients, summed over the chunks
     gl = np.zeros((len(OBJECTIVES), n))
+    add = lambda a, b: b if a is None else jax.tree_util.tree_map(jnp.add, a, b)  # noqa: E731
+    d_closed = None
     for a0, bc in chunks:
-        cx, cv, cp, cl, cf, ci, cg = _chunk_pullback(x, dv, params, lam, fee_rate, imp, grids, closed, inst, market, bc,
-                                                     d_sums, n=C)
-        mine = (cx, cv, cp, cf, ci, cg)
-        shared = mine if shared is None else jax.tree_util.tree_map(jnp.add, shared, mine)
+        cx, cv, cp, cl, cf, ci, cg, cc = _chunk_pullback(x, dv, params, lam, fee_rate, imp, grids, closed, inst, market,
+                                                         bc, d_sums, n=C)
+        shared = add(shared, (cx, cv, cp, cf, ci, cg))
+        d_closed = add(d_closed, cc)
         gl[:, a0:a0 + C] = np.asarray(cl)[:, : n - a0]
+    if closed is not None and b.partial_target is not None:  # through pass 1: shares closed are smooth
+        for _, bc in chunks:
+            cx, cv, cp, cf, cg = _closed_pullback(x, dv, params, fee_rate, grids, inst, market, bc, d_closed, n=C)
+            gx_, gv_, gp_, gf_, gi_, gg_ = shared
+            shared = (gx_ + cx, gv_ + cv, add(gp_, cp), gf_ + cf, gi_, add(gg_, cg))
     if grid_pullback is not None:  # the risk matrices' share, into prices, vols and parameters
         via = jax.lax.map(grid_pullback, shared[5])
         shared = (*jax.tree_util.tree_map(jnp.add, shared[:3], via), *shared[3:])
@@ -565,13 +654,12 @@ def safe_instruments(inst: Any, market: Any) -> Any:
 
 def _supported(snap: Snapshot) -> dict:
     """The snapshot's ``[liquidation]`` settings, after checking that the differentiable model
-    follows them: it closes out in full at the first breach (seen an oracle lag late), paying
-    the price impact and the liquidation fee, under the standard margin model (tiers
-    included). Anything else raises ``InputError`` (a gradient of a different exchange would
-    be worse than none)."""
+    follows them: it closes out in full at the first breach (seen an oracle lag late) or
+    partially, paying the price impact and the liquidation fee, under the standard (tiers
+    included) or portfolio margin model. The VaR model raises ``InputError`` (a gradient of a
+    different exchange would be worse than none)."""
     cfg = liquidation.config(snap.liquidation_config)
     unsupported = [
-        ("[liquidation] mode", cfg["mode"] != "full", "partial liquidation"),
         ("[margin] model", snap.margin_config.get("model", "standard") == "var", "the var margin model"),
     ]
     for column, used, what in unsupported:
@@ -622,7 +710,7 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
 
     Raises:
       InputError: an empty scenario set, a temperature that is not > 0, or a setting the
-        differentiable model does not follow (partial liquidation, the VaR margin model).
+        differentiable model does not follow (the VaR margin model).
     """
     import pandas as pd
 

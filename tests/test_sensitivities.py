@@ -525,14 +525,38 @@ def test_dynamic_haircut_totals_and_gradients_match_the_run(tmp_path):
         (up - base) / dvol, rel=1e-6)
 
 
-@pytest.mark.parametrize("liquidation, margin_cfg, column", [
-    ({"mode": "partial"}, {}, "[liquidation] mode"),
-    ({}, {"model": "var"}, "[margin] model"),
-])
-def test_settings_the_model_does_not_follow_are_refused(snap, scen, liquidation, margin_cfg, column):
+@pytest.mark.parametrize("impact", [False, True])
+def test_partial_liquidation_totals_and_gradients_match_the_run(snap, tmp_path, impact):
+    # each breach closes just enough of the book to restore the target ratio, so the closed
+    # share is a smooth function of margin and collateral: margin rates now move bad debt
+    # by slopes, not only by jumps
+    liq = {"mode": "partial", "partial_target": 1.25, "fee_rate": 0.01, **({"impact": IMPACT} if impact else {})}
+    part = dataclasses.replace(snap, liquidation_config=liq)
+    scen = stress.load_scenarios(scenario_file(tmp_path, SCENARIOS + MONTECARLO), part)
+    r = sens.sensitivities(part, scen, temperature=2e6, cells=2_000)
+    res = stress.run(part, scen)
+    assert res.scenarios.fees.sum() > 0
+    for col in ("shortfall_total", "bad_debt", "fees", "impact_cost", "insurance_fund_after"):
+        np.testing.assert_allclose(r["scenarios"][col], res.scenarios[col], rtol=1e-9, atol=1e-6, err_msg=col)
+    worst, h = r["worst_index"], 1e-6
+    # the short ETH put: a higher option MM rate closes more of it earlier, so less bad debt
+    members = np.flatnonzero((np.asarray(snap.instruments.kind) == 2) & (np.asarray(snap.instruments.underlying) == 2))
+    plus = run_totals(with_param(part, "mm_rate", members, h), scen, worst)
+    minus = run_totals(with_param(part, "mm_rate", members, -h), scen, worst)
+    for key in (("bad_debt", "sum"), ("insurance_fund_after", "sum"), ("shortfall", "sum")):
+        got = row(r["params"], parameter="mm_rate", group="ETH option", total=key[0], scope=key[1])
+        assert_fd(got, plus[key], minus[key], h, scale=abs(plus[key]) + 1e6)
+    assert row(r["params"], parameter="mm_rate", group="ETH option", total="bad_debt", scope="sum") < 0
+    plus, minus = run_totals(with_fee(part, 0.01 + h), scen, worst), run_totals(with_fee(part, 0.01 - h), scen, worst)
+    got = row(r["params"], parameter="fee_rate", group="liquidation", total="bad_debt", scope="sum")
+    assert_fd(got, plus[("bad_debt", "sum")], minus[("bad_debt", "sum")], h, scale=1e6)
+    assert_price_gradients(r, part, scen, "BTC", (("bad_debt", "sum"), ("shortfall", "sum")))
+
+
+def test_settings_the_model_does_not_follow_are_refused(snap, scen):
     with pytest.raises(stress.InputError) as err:
-        sens.sensitivities(dataclasses.replace(snap, liquidation_config=liquidation, margin_config=margin_cfg), scen)
-    assert err.value.column == column and "does not model" in str(err.value)
+        sens.sensitivities(dataclasses.replace(snap, margin_config={"model": "var"}), scen)
+    assert err.value.column == "[margin] model" and "does not model" in str(err.value)
 
 
 def test_default_temperature_is_one_percent_of_the_fund(snap, result):
