@@ -652,21 +652,13 @@ def safe_instruments(inst: Any, market: Any) -> Any:
     return dataclasses.replace(inst, strike=np.where(is_opt, np.asarray(inst.strike, np.float64), price))
 
 
-def _supported(snap: Snapshot) -> dict:
-    """The snapshot's ``[liquidation]`` settings, after checking that the differentiable model
-    follows them: it closes out in full at the first breach (seen an oracle lag late) or
-    partially, paying the price impact and the liquidation fee, under the standard (tiers
-    included) or portfolio margin model. The VaR model raises ``InputError`` (a gradient of a
-    different exchange would be worse than none)."""
-    cfg = liquidation.config(snap.liquidation_config)
-    unsupported = [
-        ("[margin] model", snap.margin_config.get("model", "standard") == "var", "the var margin model"),
-    ]
-    for column, used, what in unsupported:
-        if used:
-            raise InputError("exchange.toml", None, column,
-                             f"stress sensitivities does not model {what} yet; use stress run for its effect")
-    return cfg
+def _settings(snap: Snapshot) -> dict:
+    """The snapshot's ``[liquidation]`` settings. The differentiable model follows every
+    setting ``stress run`` models: full (first breach, an oracle lag late) or partial
+    close-out, price impact and the liquidation fee, the standard (tiers included) and
+    portfolio margin models, static and dynamic haircuts. Under the var model ``stress run``
+    applies the standard model at every state (docs/margin.md), and so does this."""
+    return liquidation.config(snap.liquidation_config)
 
 
 def _float_params(params: Params) -> Params:
@@ -709,8 +701,7 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
         random scenarios), ``p_fund_depleted_smooth``.
 
     Raises:
-      InputError: an empty scenario set, a temperature that is not > 0, or a setting the
-        differentiable model does not follow (the VaR margin model).
+      InputError: an empty scenario set, or a temperature that is not > 0.
     """
     import pandas as pd
 
@@ -724,7 +715,7 @@ def sensitivities(snap: Snapshot, scen: Scenarios, *, temperature: float | None 
     market = snap.market
     inst = safe_instruments(snap.instruments, market)
     zero = jnp.zeros(A)
-    cfg = _supported(snap)
+    cfg = _settings(snap)
     fee = cfg["fee_rate"]
     imp = None
     if cfg["impact"]:

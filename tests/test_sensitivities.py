@@ -553,10 +553,13 @@ def test_partial_liquidation_totals_and_gradients_match_the_run(snap, tmp_path, 
     assert_price_gradients(r, part, scen, "BTC", (("bad_debt", "sum"), ("shortfall", "sum")))
 
 
-def test_settings_the_model_does_not_follow_are_refused(snap, scen):
-    with pytest.raises(stress.InputError) as err:
-        sens.sensitivities(dataclasses.replace(snap, margin_config={"model": "var"}), scen)
-    assert err.value.column == "[margin] model" and "does not model" in str(err.value)
+def test_under_the_var_model_sensitivities_follow_the_run_which_uses_the_standard_model(snap, scen, result):
+    var = dataclasses.replace(snap, margin_config={"model": "var", "var_history": "history.csv"})
+    r = sens.sensitivities(var, scen)
+    res = stress.run(var, scen)
+    assert res.summary["margin_model"] == "standard"
+    np.testing.assert_allclose(r["scenarios"].shortfall_total, res.scenarios.shortfall_total, rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(r["params"].gradient, result["params"].gradient, rtol=1e-12, atol=1e-9)
 
 
 def test_default_temperature_is_one_percent_of_the_fund(snap, result):
