@@ -54,25 +54,34 @@ def _sample(accounts: int) -> Path:
     return folder
 
 
-def _worker(folder: str, config: str, scenarios: int) -> dict:
+def configured_snapshot(folder: str | Path, margin_keys: str = "", liquidation_keys: str = ""):
+    """The sample exchange in ``folder`` loaded with ``margin_keys`` added to its ``[margin]``
+    table (a ``model`` replaces the sample's) and ``liquidation_keys`` to ``[liquidation]``."""
     import shutil
     import tempfile
 
+    import stress
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "snap"
+        shutil.copytree(folder, copy)
+        toml = (copy / "exchange.toml").read_text()
+        if "model =" in margin_keys:  # the sample names its model: this one replaces it
+            toml = toml.replace('model = "standard"\n', "", 1)
+        toml = toml.replace("[margin]\n", "[margin]\n" + margin_keys, 1)
+        toml = toml.replace("[liquidation]\n", "[liquidation]\n" + liquidation_keys, 1)
+        (copy / "exchange.toml").write_text(toml)
+        return stress.load_snapshot(copy)
+
+
+def _worker(folder: str, config: str, scenarios: int) -> dict:
     import numpy as np
 
     import stress
     from stress import margin
     from stress.scenarios import Scenarios
 
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "snap"
-        shutil.copytree(folder, copy)
-        toml = (copy / "exchange.toml").read_text()
-        extra = CONFIGS[config]
-        if "model =" in extra:  # the sample names its model: this one replaces it
-            toml = toml.replace('model = "standard"\n', "", 1)
-        (copy / "exchange.toml").write_text(toml.replace("[margin]\n", "[margin]\n" + extra, 1))
-        snap = stress.load_snapshot(copy)
+    snap = configured_snapshot(folder, CONFIGS[config])
     rng = np.random.default_rng(0)
     A = snap.n_assets
     scen = Scenarios(names=tuple(f"s{i}" for i in range(scenarios)), kinds=("explicit",) * scenarios,

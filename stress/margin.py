@@ -616,17 +616,23 @@ def shifted(inst: Instruments, market: Market, spot_mult: Any, vol_shift: Any, h
     return inst, dataclasses.replace(market, price=market.price * spot_mult)
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("batch",))
 def scenario_grids(inst: Instruments, market: Market, params: Params, spot_mult: Any, vol_shift: Any,
-                   horizon_days: Any) -> dict:
+                   horizon_days: Any, batch: int = 0) -> dict:
     """``instrument_grid`` around each of ``X`` scenario states (``spot_mult``, ``vol_shift``
     ``[X, A]``, ``horizon_days`` ``[X]``): ``pnl [X, I, G]``, ``delta [X, I]``, ``roll [X, I]``
-    (the portfolio model's margin under stress: revalued once per (scenario, grid point))."""
-    def one(sm, vs, h):
-        g = instrument_grid(*shifted(inst, market, sm, vs, h), params)
+    (the portfolio model's margin under stress: revalued once per (scenario, grid point)).
+
+    ``batch > 0`` revalues ``batch`` states at a time and recomputes them in reverse mode
+    (``jax.checkpoint``), so a gradient keeps one batch's intermediates, not every state's."""
+    def one(state):
+        g = instrument_grid(*shifted(inst, market, *state), params)
         return {"pnl": g["pnl"], "delta": g["delta"], "roll": g["roll"]}
 
-    return jax.vmap(one)(spot_mult, vol_shift, horizon_days)
+    states = (spot_mult, vol_shift, horizon_days)
+    if batch:
+        return jax.lax.map(jax.checkpoint(one), states, batch_size=batch)
+    return jax.vmap(one)(states)
 
 
 def risk_matrix_margin(pnl: Any, extended: Any, extended_fraction: Any) -> tuple[Any, Any]:

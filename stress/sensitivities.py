@@ -67,6 +67,7 @@ VOL_BUMP = 0.01  # vol sensitivities are per +0.01 (one vol point) of implied vo
 PARAM_BUMP = 0.01  # rates and haircuts: per +0.01 (one percentage point)
 TEMPERATURE_FRACTION = 0.01  # smoothing of p_fund_depleted: 1% of the fund's value now
 KIND_NAMES = {0: "future", 1: "perpetual", 2: "option"}
+GRID_BATCH = 32  # states revalued at a time in pm_grids (reverse mode recomputes them per batch)
 
 # The scalar objectives differentiated, in order: (total, scope). ``now`` is the unshocked
 # snapshot, ``sum`` the sum over the scenarios, ``worst`` the worst scenario (largest bad
@@ -195,7 +196,7 @@ def pm_grids(x: Any, dv: Any, params: Params, inst: Any, market: Any, b: Book) -
     (state, grid point) for the whole exchange: ``pnl [1 + K * S, I, G]``, ``delta``,
     ``roll`` ``[1 + K * S, I]``, USD per contract (``margin.scenario_grids``)."""
     return margin.scenario_grids(inst, market, params, b.spot_mult * (1.0 + x)[None, :], b.vol_shift + dv[None, :],
-                                 b.horizon_days)
+                                 b.horizon_days, batch=GRID_BATCH)
 
 
 def default_temperature(fund_now: float) -> float:
@@ -598,6 +599,8 @@ def _jacobian(x, dv, params, fee_rate, imp, inst, market, b: Book, n: int, cells
     if b.pos_sub is not None:  # portfolio model: every risk matrix once, for every chunk
         grids, grid_pullback = jax.vjp(lambda x, dv, p: _pm_grids(x, dv, p, inst, market, b), x, dv, params)
         cells = max(1, cells // int(grids["pnl"].shape[-1]))  # a position's work is G points per state
+    if b.partial_target is not None:  # partial_path holds [accounts, J slots, states] blocks, several of them
+        cells = max(1, cells // (2 * b.slot_width))
     C, chunks = account_chunks(b, n, cells)
     lam = jnp.ones(C)
     closed = None
