@@ -34,6 +34,7 @@ from .snapshot import OPTION, Snapshot
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 PM_TILE = 32  # scenarios per tile under the portfolio margin model
+PM_GRID_BATCH = 256  # states revalued at a time for the risk matrices: bounds the transient memory
 # Accounts per chunk and scenarios per tile, by backend. On CPU, [128, 256] tiles keep a chunk's
 # working set in L2 (docs/benchmarks.md); a GPU needs far more independent work per kernel
 # launch than that (bench/gpu.py measured the values used there).
@@ -199,7 +200,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     pm = None
     if portfolio_model:  # a risk matrix around every scenario state (and every step of a path)
         params = margin.resolve(snap)
-        g = margin.scenario_grids(snap.instruments, snap.market, params, spot, vol, hor)
+        g = margin.scenario_grids(snap.instruments, snap.market, params, spot, vol, hor, batch=PM_GRID_BATCH)
 
         def cols(x, first=1):  # [X, I, ...] -> [T, I, W, ...]
             x = np.asarray(x)[first:]
@@ -208,7 +209,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         pnl, delta, roll = (cols(g[k]) for k in ("pnl", "delta", "roll"))
         if scen.steps > 1:
             pg = margin.scenario_grids(snap.instruments, snap.market, params, p_spot.reshape(-1, A),
-                                       p_vol.reshape(-1, A), p_hor.reshape(-1))
+                                       p_vol.reshape(-1, A), p_hor.reshape(-1), batch=PM_GRID_BATCH)
 
             def path_cols(x):  # [K1 * T * W, I, ...] -> [T, I, K1 * W, ...]
                 x = np.asarray(x).reshape((K1, T, W) + x.shape[1:])
