@@ -280,15 +280,6 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
     return out
 
 
-def _haircut(snap: Snapshot, dtype: Any) -> Any:
-    """The snapshot's haircuts: ``[A]`` static, or a ``portfolio.Haircut`` (base at the snapshot,
-    replaced by each step's vol-scaled haircuts)."""
-    hc = margin.dynamic_haircut(snap.params, np.zeros((snap.n_assets, 1)), np.asarray(snap.market.price))
-    if hc is None:
-        return np.asarray(snap.params.haircut, dtype)
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), hc)
-
-
 @functools.cache
 def _kernel(n_devices: int, K: int, lag: int, with_fee: bool, with_accounts: bool):
     """``_tile`` over ``n_devices`` tiles at once, one per device (``shard_map``); holdings and
@@ -372,7 +363,8 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
     hs, rows = stacked(snap, chunk_size or engine.default_chunk(), dt)
     tiers = engine._tiers(snap.params, snap.params.tier_mm, dt)  # None when untiered
     fixed = jax.device_put((tuple(hs), snap.instruments, snap.market, snap.params, impact_params(snap),
-                            _haircut(snap, dt), np.asarray(fee_rate, dt), tiers), rep)
+                            margin.snapshot_haircut(snap.params, np.asarray(snap.market.price), dt),
+                            np.asarray(fee_rate, dt), tiers), rep)
 
     def group(g):  # D tiles: [D, K, 2W, ...], columns [W feedback | W plain]
         sl = slice(g * W, (g + D) * W)

@@ -175,8 +175,9 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
 
     value, mm_t, price, notional = tiled(rv["value"]), tiled(mm), tiled(rv["price"]), tiled(rv["notional"])
     params = snap.params
-    hc0 = margin.dynamic_haircut(params, np.zeros((snap.n_assets, 1)), np.asarray(snap.market.price))
-    hc_base = None if hc0 is None else tiled(np.asarray(margin.scaled_haircut(params, vol)).T)
+    haircut = margin.snapshot_haircut(params, np.asarray(snap.market.price), dtype)
+    dynamic = isinstance(haircut, portfolio.Haircut)
+    hc_base = tiled(np.asarray(margin.scaled_haircut(params, vol)).T) if dynamic else None
     if scen.steps > 1:  # every earlier step of every path, revalued in one call
         K1 = scen.steps - 1
         p_spot, p_vol, p_hor = np.ones((K1, T * W, A)), np.zeros((K1, T * W, A)), np.zeros((K1, T * W))
@@ -193,7 +194,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         mm_t = jnp.concatenate([mm_t, steps(pmm)], axis=2)
         price = jnp.concatenate([price, steps(prv["price"])], axis=2)
         notional = jnp.concatenate([notional, steps(prv["notional"])], axis=2)
-        if hc0 is not None:
+        if dynamic:
             p_hc = np.asarray(margin.scaled_haircut(params, p_vol.reshape(-1, A))).T
             hc_base = jnp.concatenate([hc_base, steps(p_hc)], axis=2)
 
@@ -248,7 +249,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         value0=rv["value"][:, :1].astype(dtype),
         mm0=mm[:, :1].astype(dtype),
         price0=rv["price"][:, :1].astype(dtype),
-        haircut=jnp.asarray(params.haircut, dtype) if hc0 is None else jax.tree_util.tree_map(lambda x: x.astype(dtype), hc0),
+        haircut=haircut,
         haircut_base=hc_base,
         notional0=rv["notional"][:, :1].astype(dtype),
         notional=notional,

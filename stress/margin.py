@@ -384,14 +384,15 @@ def haircut_at(params: Params, asset: Any, net: Any, vol_shift: Any, price0: Any
     return jnp.minimum(scaled_haircut(params, vol_shift, asset) + add, params.haircut_max)
 
 
-def dynamic_haircut(params: Params, vol_shift: Any, price0: Any) -> Haircut | None:
-    """The ``Haircut`` of states whose vol shifts are ``vol_shift`` ``[..., A, W]``, with
-    snapshot prices ``price0`` ``[A]``; None for static haircuts (``Params.haircut`` holds)."""
+def snapshot_haircut(params: Params, price0: Any, dtype: Any = jnp.float64) -> Any:
+    """The haircuts the engine starts from: ``[A]`` when static; for dynamic haircuts a
+    ``Haircut`` at the snapshot (``base`` ``[A, 1]`` = ``h``, no vol shift yet), whose ``base``
+    each scenario tile replaces with its vol-scaled haircuts (``scaled_haircut``)."""
     if not params.haircut_dynamic:
-        return None
-    base = jnp.swapaxes(scaled_haircut(params, jnp.swapaxes(jnp.asarray(vol_shift), -1, -2)), -1, -2)
-    return Haircut(base=base, coef=jnp.asarray(params.haircut_concentration),
-                   share=unit_share(params, price0), cap=jnp.asarray(params.haircut_max))
+        return jnp.asarray(params.haircut, dtype)
+    as_dt = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    return Haircut(base=as_dt(params.haircut)[:, None], coef=as_dt(params.haircut_concentration),
+                   share=as_dt(unit_share(params, price0)), cap=as_dt(params.haircut_max))
 
 
 def var_config(cfg: dict, require_history: bool = False) -> dict:
