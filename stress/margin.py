@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import InputError
-from .portfolio import Haircut
+from .portfolio import Haircut, keep_share
 from .pricing import MIN_VOL, YEAR_DAYS, revalue
 from .snapshot import OPTION, PERPETUAL, Instruments, Market, Params
 
@@ -377,11 +377,12 @@ def haircut_at(params: Params, asset: Any, net: Any, vol_shift: Any, price0: Any
     a concentration add-on on the USD held (at the snapshot price, so it measures quantity)
     against the USD traded per day ``V``: the square root of size of FTX's IMF factors and of
     the square-root impact law, a continuous form of the amount tiers of Binance, Bybit and
-    OKX. ``V = 0``: no add-on. ``portfolio.state`` computes the same with a ``Haircut``.
+    OKX. ``V = 0``: no add-on. One formula with the engine's: ``portfolio.keep_share``.
     """
-    share = unit_share(params, price0)[asset]
-    add = params.haircut_concentration[asset] * jnp.sqrt(jnp.maximum(net, 0.0) * share)
-    return jnp.minimum(scaled_haircut(params, vol_shift, asset) + add, params.haircut_max)
+    hc = Haircut(base=jnp.asarray(scaled_haircut(params, vol_shift, asset))[..., None],
+                 coef=params.haircut_concentration[asset], share=unit_share(params, price0)[asset],
+                 cap=params.haircut_max)
+    return 1.0 - keep_share(hc, None, jnp.asarray(net)[..., None])[..., 0]
 
 
 def snapshot_haircut(params: Params, price0: Any, dtype: Any = jnp.float64) -> Any:
