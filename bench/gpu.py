@@ -11,7 +11,8 @@ Usage (from the repository root)::
 of ``stress.sample.write(..., fmt="parquet")``) and ``S`` explicit scenarios (``make_scenarios``).
 For each dtype and each ``CHUNK:TILE[:KEEP,MATVEC]`` (accounts per chunk, widest scenario tile, and optionally
 the kernel's fusion choices as 0/1; they set ``engine.CHUNK``, ``engine.TILE`` and
-``engine.FUSION`` for the backend) it times, in one process:
+``engine.FUSION`` for the backend), or ``CHUNK:TILE:p[BA,BS,PER,WARPS]`` (the fused Pallas
+kernel, ``engine.PALLAS``, with ``fused.BLOCKS`` for the dtype if given) it times, in one process:
 
 - ``first``: the first ``stress.run`` with those sizes (compilation included; the disk
   compilation cache is off, ``STRESS_COMPILATION_CACHE=0``, so it is a cold start);
@@ -53,8 +54,6 @@ sys.path.insert(0, str(HERE.parent))
 
 from run import engine_version, make_scenarios, snapshot_dir  # noqa: E402
 
-ACCOUNT_KEYS = ("equity", "maintenance_margin", "pnl_worst", "shortfall_worst", "bad_debt_worst")
-SCENARIO_KEYS = ("pnl_total", "accounts_liquidatable", "shortfall_total", "bad_debt")
 
 
 def now() -> float:
@@ -77,8 +76,17 @@ def rel_diff(a, b) -> float:
 
 
 def compare(res, ref) -> dict:
-    out = {f"accounts.{k}": rel_diff(res.accounts[k], ref.accounts[k]) for k in ACCOUNT_KEYS}
-    out.update({f"scenarios.{k}": rel_diff(res.scenarios[k], ref.scenarios[k]) for k in SCENARIO_KEYS})
+    """Largest relative difference of every numeric column (NaN where both are NaN counts as
+    equal), and the share of accounts with the same worst scenario."""
+    out = {}
+    for table in ("accounts", "scenarios"):
+        a, b = getattr(res, table), getattr(ref, table)
+        for c in a.columns:
+            if c == "scenario_worst" or not np.issubdtype(np.asarray(a[c]).dtype, np.number):
+                continue
+            x, y = np.asarray(a[c], np.float64), np.asarray(b[c], np.float64)
+            nan = np.isnan(x) & np.isnan(y)
+            out[f"{table}.{c}"] = rel_diff(np.where(nan, 0, x), np.where(nan, 0, y)) if (np.isnan(x) == np.isnan(y)).all() else float("inf")
     out["scenario_worst_same"] = float((res.accounts.scenario_worst == ref.accounts.scenario_worst).mean())
     return out
 
@@ -95,10 +103,11 @@ def sweep(args) -> int:
     import jax
 
     import stress
-    from stress import engine
+    from stress import engine, fused
 
     backend = engine._backend()
     defaults = {dtype: dict(engine.fusion(engine.DTYPES[dtype])) for dtype in args.dtype}
+    default_blocks = dict(fused.BLOCKS)
     info = {"jax": jax.__version__, "devices": [str(d) for d in jax.local_devices()],
             "device_kind": jax.local_devices()[0].device_kind, "host": platform.node(),
             "engine": engine_version(), "accounts": args.accounts, "scenarios": args.scenarios}
@@ -119,13 +128,19 @@ def sweep(args) -> int:
                 break
             chunk, tile, *flags = cfg.split(":")
             chunk, tile = int(chunk), int(tile)
-            fusion = dict(zip(("keep", "matvec"), (f == "1" for f in flags[0].split(",")))) if flags else defaults[dtype]
-            if fusion != engine.fusion(dt):  # traced into the kernels: compile them again
+            pallas = bool(flags) and flags[0].startswith("p")
+            blocks = tuple(int(b) for b in flags[0][1:].split(",")) if pallas and len(flags[0]) > 1 else default_blocks[dtype]
+            fusion = dict(zip(("keep", "matvec"), (f == "1" for f in flags[0].split(",")))) if flags and not pallas else defaults[dtype]
+            if (fusion, pallas, blocks) != (engine.fusion(dt), engine.PALLAS[backend], fused.BLOCKS[dtype]):
+                # traced into the kernels: compile them again
                 engine.FUSION[f"{backend}-{dtype}"] = fusion
+                engine.PALLAS[backend] = pallas
+                fused.BLOCKS[dtype] = blocks
                 engine.sharded_kernel.cache_clear()
                 jax.clear_caches()
             engine.CHUNK[backend], engine.TILE[backend] = chunk, tile
-            rec = {**info, "dtype": dtype, "chunk": chunk, "tile": tile, "fusion": fusion}
+            rec = {**info, "dtype": dtype, "chunk": chunk, "tile": tile, "fusion": fusion,
+                   "pallas": list(blocks) if pallas else None}
             t = now()
             res = stress.run(snap, scen, dtype=dtype)
             rec["first_s"] = now() - t
@@ -163,13 +178,13 @@ def sweep(args) -> int:
         with open(Path(args.out) / "gpu.jsonl", "a") as f:
             f.write(json.dumps({**info, "float32_vs_float64": d}) + "\n")
     print(f"\n{A:,} accounts x {S:,} scenarios on {info['device_kind']} (jax {info['jax']}), seconds")
-    print(f"{'dtype':8} {'chunk':>6} {'tile':>5} {'fuse':>4} {'first':>7} {'run':>7} {'tables':>7} {'layout':>7} "
+    print(f"{'dtype':8} {'chunk':>6} {'tile':>5} {'fuse':>14} {'first':>7} {'run':>7} {'tables':>7} {'layout':>7} "
           f"{'kernel':>7} {'acc*scen/s':>10} {'sweep':>7} {'peak MiB':>9} {'max rel diff':>12}")
     for r in rows:
         diffs = (r.get("vs_first_config") or {}).items()
         worst = max((d for k, d in diffs if not k.endswith("_same")), default=0.0)
-        fz = "".join("1" if r["fusion"][k] else "0" for k in ("keep", "matvec"))
-        print(f"{r['dtype']:8} {r['chunk']:>6} {r['tile']:>5} {fz:>4} {r['first_s']:7.2f} {r['run_s']:7.2f} {r['tables_s']:7.3f} "
+        fz = "P" + ",".join(map(str, r["pallas"])) if r["pallas"] else "".join("1" if r["fusion"][k] else "0" for k in ("keep", "matvec"))
+        print(f"{r['dtype']:8} {r['chunk']:>6} {r['tile']:>5} {fz:>14} {r['first_s']:7.2f} {r['run_s']:7.2f} {r['tables_s']:7.3f} "
               f"{r['layout_s']:7.2f} {r['kernel_s']:7.3f} {r['kernel_rate']:10.2e} {r['sweep_s']:7.2f} "
               f"{r['peak_device_mib'] or float('nan'):9.0f} {worst:12.1e}")
     return 0

@@ -1,0 +1,91 @@
+"""The fused Pallas chunk kernel (run here in Pallas's interpret mode) against the XLA kernel:
+the same stress run, column for column, on the sample exchange with a liquidation fee."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import stress
+from stress import engine, fused, sample
+from stress.scenarios import Scenarios
+
+
+@pytest.fixture(scope="module")
+def fee_snapshot(tmp_path_factory, sample_tables):
+    folder = tmp_path_factory.mktemp("fused")
+    sample.write_snapshot(folder, sample_tables, "parquet")
+    toml = folder / "exchange.toml"
+    text = toml.read_text()
+    assert "[liquidation]" in text
+    toml.write_text(text.replace("[liquidation]", "[liquidation]\nfee_rate = 0.002"))
+    return stress.load_snapshot(folder)
+
+
+def _shocks(n: int, n_assets: int) -> Scenarios:
+    """Large joint moves (30% lognormal spot, vol shifts of 0.2), so that accounts breach,
+    pay the fee and leave bad debt; one repeated scenario makes ties for the worst."""
+    rng = np.random.default_rng(3)
+    spot = np.exp(0.3 * rng.standard_normal((n, n_assets)))
+    spot[7] = spot[2]
+    vol = 0.2 * rng.standard_normal((n, n_assets))
+    vol[7] = vol[2]
+    return Scenarios(tuple(f"s{i:03d}" for i in range(n)), ("explicit",) * n, spot, vol, np.zeros(n), source="test")
+
+
+def test_the_fused_kernel_reproduces_the_xla_kernel_run(fee_snapshot, monkeypatch, dtype="float64", rtol=1e-12):
+    scen = _shocks(40, fee_snapshot.n_assets)
+    ref = stress.run(fee_snapshot, scen, dtype=dtype)
+    assert ref.scenarios.fees.sum() > 0 and ref.scenarios.bad_debt.sum() > 0  # the run exercises both
+
+    calls = []
+    real = fused.chunk_kernel
+    monkeypatch.setattr(fused, "chunk_kernel", lambda h, t: calls.append(h.inst.shape) or real(h, t))
+    monkeypatch.setattr(fused, "MAX_POSITIONS", 4)  # wider buckets interpret slowly: XLA takes them
+    monkeypatch.setitem(engine.PALLAS, "cpu", True)
+    engine.sharded_kernel.cache_clear()
+    try:
+        res = stress.run(fee_snapshot, scen, dtype=dtype)
+    finally:
+        engine.sharded_kernel.cache_clear()
+    assert {s[-2:] for s in calls} == {(1, 1), (2, 1), (2, 2)}  # it ran, on several slots and positions too
+
+    for frame in ("accounts", "scenarios"):
+        a, b = getattr(res, frame), getattr(ref, frame)
+        assert list(a.columns) == list(b.columns)
+        for c in a.columns:
+            x, y = a[c].to_numpy(), b[c].to_numpy()
+            if np.issubdtype(x.dtype, np.floating):
+                scale = max(1.0, float(np.max(np.abs(np.nan_to_num(y)))))
+                np.testing.assert_allclose(x, y, rtol=0, atol=rtol * scale, err_msg=f"{frame}.{c}")  # NaN where NaN
+            else:
+                assert (x == y).all(), f"{frame}.{c}"
+
+
+def test_the_fused_kernel_leaves_other_runs_to_the_xla_kernel(fee_snapshot):
+    scen = _shocks(8, fee_snapshot.n_assets)
+    t, _ = engine.tables(fee_snapshot, scen, engine.DTYPES["float64"])
+    groups = list(engine._groups(fee_snapshot, 128, np.float64, 1))
+    h = groups[0][1]
+    assert fused.applies(h, t, 0, False)
+    assert not fused.applies(h, t, 0, True)  # the P&L matrix is asked for
+    assert not fused.applies(h, t, 16, False)  # Monte Carlo tail losses
+    wide = [g for _, g in groups if g.inst.shape[-2] * g.inst.shape[-1] > fused.MAX_POSITIONS]
+    assert wide and not fused.applies(wide[0], t, 0, False)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_fused_kernel_lowers_to_triton_for_a_gpu(fee_snapshot, dtype):
+    # Lowered for CUDA on this CPU machine: every operation of the kernel has a Triton
+    # lowering (compiling it to GPU code needs the GPU; bench/gpu.py runs it there).
+    import jax
+
+    dt = engine.DTYPES[dtype]
+    t, _ = engine.tables(fee_snapshot, _shocks(8, fee_snapshot.n_assets), dt)
+    h = next(g for _, g in engine._groups(fee_snapshot, 128, dt, 1) if g.inst.shape[-2:] == (2, 2))
+    one = jax.device_put(jax.tree_util.tree_map(lambda x: None if x is None else x[0], h))
+    lowered = jax.export.export(
+        jax.jit(lambda h, t: fused.chunk_kernel(h, t, interpret=False)), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(one, t)
+    assert "__gpu$xla.gpu.triton" in lowered.mlir_module()
