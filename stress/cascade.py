@@ -341,7 +341,7 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
     cfg = liquidation.config(snap.liquidation_config)
     if cfg.get("mode", "full") != "full":
         raise NotImplementedError("cascades are modelled for full close-out only ([liquidation] mode = \"full\")")
-    if snap.margin_config.get("model", "standard") == "portfolio":
+    if snap.margin_config.get("model", "standard") in ("portfolio", "var"):
         raise NotImplementedError("cascades are modelled under the standard margin model only ([margin] model)")
     S, K, A = len(scen), scen.steps, snap.n_assets
     lag = cfg["oracle_lag_steps"] if K > 1 else 0  # a one-step set is an instantaneous shock

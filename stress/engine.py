@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import time
+import weakref
 from typing import Any, Callable
 
 import jax
@@ -109,6 +110,36 @@ class Tables:
     und_fix: Any = None  # [I] contracts' fixed notional, USD
     und_asset: Any = None  # [U] int32: the asset of each underlying row
     haircut_base: Any = None  # [T, A, K*W] vol-scaled haircuts of dynamic haircuts; None: static
+    # Var margin model (None: another model): the windows around every state, "pnl" [T, I, K*W,
+    # H] USD per contract and "dp" [T, A, K*W, H] USD per unit of each asset, "im" [T, I, K*W]
+    # standard IM per contract of weight (the floor), "*0" at the snapshot, "floor", "factor".
+    var: Any = None
+    var_tail: int = dataclasses.field(default=0, metadata={"static": True})  # windows in the ES tail
+
+    def model_tiles(self) -> tuple | None:
+        """The per-tile tables of the portfolio or var margin model (``model_margin``)."""
+        if self.pm is not None:
+            return self.pm["pnl"], self.pm["delta"], self.pm["roll"]
+        if self.var is not None:
+            return self.var["pnl"], self.var["dp"], self.var["im"]
+        return None
+
+    def model_margin(self, h: Holdings, x: tuple | None) -> Any:
+        """``[n, W]`` maintenance margin under the portfolio or var model from tiles ``x``
+        (``model_tiles``, or rows of them), or None under the standard model."""
+        if x is None:
+            return None
+        if self.pm is not None:
+            return portfolio.portfolio_margin(h, *x, self.pm)
+        return portfolio.var_margin(h, *x, self.var, self.var_tail)
+
+    def model_margin0(self, h: Holdings) -> Any:
+        """``[n]`` the same at the snapshot, or None under the standard model."""
+        if self.pm is not None:
+            return self.model_margin(h, (self.pm["pnl0"], self.pm["delta0"], self.pm["roll0"]))[:, 0]
+        if self.var is not None:
+            return self.model_margin(h, (self.var["pnl0"], self.var["dp0"], self.var["im0"]))[:, 0]
+        return None
 
     def haircut_of(self, base: Any) -> Any:
         """The haircut of a tile whose vol-scaled haircuts are ``base`` (``[A, K*W]``, a
@@ -165,9 +196,11 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     liq_cfg = liquidation.config(snap.liquidation_config)
     fee_rate = liq_cfg["fee_rate"]
     S = len(scen)
-    portfolio_model = snap.margin_config.get("model", "standard") == "portfolio"
-    # a portfolio-margin tile holds [accounts, underlyings, W, grid] blocks: keep it narrow
-    W = tile_width(S, PM_TILE if portfolio_model else max_tile())
+    model = snap.margin_config.get("model", "standard")
+    portfolio_model = model == "portfolio"
+    # a portfolio-margin tile holds [accounts, underlyings, W, grid] blocks (a var tile [accounts,
+    # W, windows]): keep it narrow
+    W = tile_width(S, PM_TILE if model in ("portfolio", "var") else max_tile())
     T = math.ceil(S / W)
     A = snap.n_assets
     spot = np.ones((1 + T * W, A))
@@ -190,7 +223,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         p_spot[:, :S] = scen.path_spot_mult.transpose(1, 0, 2)
         p_vol[:, :S] = scen.path_vol_shift.transpose(1, 0, 2)
         p_hor[:, :S] = scen.path_horizon_days.T
-        prv, _, pmm = _revalue_and_margin(snap.instruments, snap.market, snap.params, p_spot.reshape(-1, A),
+        prv, p_im, pmm = _revalue_and_margin(snap.instruments, snap.market, snap.params, p_spot.reshape(-1, A),
                                           p_vol.reshape(-1, A), p_hor.reshape(-1))
 
         def steps(x):  # [X, K1 * T * W] -> [T, X, K1 * W], step-major within a tile
@@ -204,26 +237,26 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
             p_hc = np.asarray(margin.scaled_haircut(params, p_vol.reshape(-1, A))).T
             hc_base = jnp.concatenate([hc_base, steps(p_hc)], axis=2)
 
+    def cols(x, first=1):  # [X, I, ...] -> [T, I, W, ...]
+        x = np.asarray(x)[first:]
+        return x.reshape((T, W) + x.shape[1:]).swapaxes(1, 2)
+
+    def path_cols(x):  # [K1 * T * W, I, ...] -> [T, I, K1 * W, ...]
+        x = np.asarray(x).reshape((K1, T, W) + x.shape[1:])
+        x = np.moveaxis(x, 3, 1)  # [K1, I, T, W, ...]
+        x = np.moveaxis(x, 2, 0)  # [T, K1, I, W, ...]
+        x = np.swapaxes(x, 1, 2)  # [T, I, K1, W, ...]
+        return x.reshape(x.shape[:2] + (K1 * W,) + x.shape[4:])
+
     pm = None
     if portfolio_model:  # a risk matrix around every scenario state (and every step of a path)
         params = margin.resolve(snap)
         g = margin.scenario_grids(snap.instruments, snap.market, params, spot, vol, hor, batch=PM_GRID_BATCH)
 
-        def cols(x, first=1):  # [X, I, ...] -> [T, I, W, ...]
-            x = np.asarray(x)[first:]
-            return x.reshape((T, W) + x.shape[1:]).swapaxes(1, 2)
-
         pnl, delta, roll = (cols(g[k]) for k in ("pnl", "delta", "roll"))
         if scen.steps > 1:
             pg = margin.scenario_grids(snap.instruments, snap.market, params, p_spot.reshape(-1, A),
                                        p_vol.reshape(-1, A), p_hor.reshape(-1), batch=PM_GRID_BATCH)
-
-            def path_cols(x):  # [K1 * T * W, I, ...] -> [T, I, K1 * W, ...]
-                x = np.asarray(x).reshape((K1, T, W) + x.shape[1:])
-                x = np.moveaxis(x, 3, 1)  # [K1, I, T, W, ...]
-                x = np.moveaxis(x, 2, 0)  # [T, K1, I, W, ...]
-                x = np.swapaxes(x, 1, 2)  # [T, I, K1, W, ...]
-                return x.reshape(x.shape[:2] + (K1 * W,) + x.shape[4:])
 
             pnl, delta, roll = (np.concatenate([a, path_cols(pg[k])], axis=2)
                                 for a, k in ((pnl, "pnl"), (delta, "delta"), (roll, "roll")))
@@ -237,6 +270,25 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
               "mds": jnp.asarray(params.pm_max_delta_shock, dtype), "thr": jnp.asarray(params.pm_delta_threshold, dtype),
               "factor": jnp.asarray(params.pm_mm_factor, dtype),
               "extended": jnp.asarray(margin.grid_moves(params)[2])}
+
+    var, var_tail = None, 0
+    if model == "var":  # the var model's windows around every scenario state (and step)
+        vc, windows = margin.var_windows(snap)
+        grids = functools.partial(margin.var_grids, snap.instruments, snap.market, window_mult=windows,
+                                  window_days=vc["var_horizon_days"], batch=PM_GRID_BATCH)
+        g = grids(spot, vol, hor)
+        pnl, dp, im_t = cols(g["pnl"]), cols(g["dp"]), np.asarray(tiled(im))
+        if scen.steps > 1:
+            pg = grids(p_spot.reshape(-1, A), p_vol.reshape(-1, A), p_hor.reshape(-1))
+            pnl = np.concatenate([pnl, path_cols(pg["pnl"])], axis=2)
+            dp = np.concatenate([dp, path_cols(pg["dp"])], axis=2)
+            im_t = np.concatenate([im_t, np.asarray(steps(p_im))], axis=2)
+        var = {"pnl": jnp.asarray(pnl, dtype), "dp": jnp.asarray(dp, dtype), "im": jnp.asarray(im_t, dtype),
+               "pnl0": jnp.asarray(np.asarray(g["pnl"])[0][:, None, :], dtype),
+               "dp0": jnp.asarray(np.asarray(g["dp"])[0][:, None, :], dtype),
+               "im0": jnp.asarray(np.asarray(im)[:, :1], dtype),
+               "floor": jnp.asarray(vc["var_floor"], dtype), "factor": jnp.asarray(margin.resolve(snap).pm_mm_factor, dtype)}
+        var_tail = _tail_size(windows.shape[0], vc["confidence"])
 
     user = np.arange(T * W) < S
     random = np.zeros(T * W, bool)
@@ -266,6 +318,8 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         n_groups=group_rows(snap)[1],
         tiers=_tiers(snap.params, snap.params.tier_mm, dtype),
         pm=pm,
+        var=var,
+        var_tail=var_tail,
         lag=liq_cfg["oracle_lag_steps"],
         lags=liq_cfg["oracle_lags"],
         **_underlying_rows(snap, dtype),
@@ -319,8 +373,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
       underlying (and ``pnl``, ``liquidated`` ``[n, T * W]`` with ``with_pnl``).
     """
     eq0, coll0, mm0, g0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut, t.notional0, tiers=t.tiers))
-    if t.pm is not None:
-        mm0 = portfolio.portfolio_margin(h, t.pm["pnl0"], t.pm["delta0"], t.pm["roll0"], t.pm)[:, 0]
+    if t.pm is not None or t.var is not None:
+        mm0 = t.model_margin0(h)
     n = eq0.shape[0]
     T, W = t.user.shape
     dt = eq0.dtype
@@ -339,7 +393,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         paid, the notional closed, what closed positions gained after their close; and the
         bad debt under each reported oracle lag."""
         per_contract = (notional,) if impact is None else (notional, impact)
-        m_pm = None if pmx is None else portfolio.portfolio_margin(h, *pmx, t.pm)
+        m_pm = t.model_margin(h, pmx)
         hc = t.haircut_of(hc_base)
         if t.partial_target is not None:
             pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, hc, *per_contract, tiers=t.tiers)
@@ -399,7 +453,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
 
     inf = jnp.full(n, jnp.inf, dt)
     init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt), jnp.zeros(n, dt))
-    pm_tiles = None if t.pm is None else (t.pm["pnl"], t.pm["delta"], t.pm["roll"])
+    pm_tiles = t.model_tiles()
     xs = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.haircut_base, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
     und_weights = underlying_notional(h, t).T * validf  # [2U, n]
     (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, group_bad, und_closed, pnl, liq) = jax.lax.scan(tile, init, xs)
@@ -474,7 +528,7 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
 
     def tile(_, x):
         value, mm, price, notional, pmx, hc_base = x
-        m_pm = None if pmx is None else portfolio.portfolio_margin(h, *pmx, t.pm)
+        m_pm = t.model_margin(h, pmx)
         hc = t.haircut_of(hc_base)
         if t.partial_target is None:
             eq, coll, m, _ = portfolio.state(h, value, mm, price, hc, notional, tiers=t.tiers)
@@ -493,7 +547,7 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
         acc = jax.lax.fori_loop(0, J * L, add, jnp.zeros((2, t.n_impact + 1, KW), dt))
         return None, acc[:, : t.n_impact]
 
-    pm_tiles = None if t.pm is None else (t.pm["pnl"], t.pm["delta"], t.pm["roll"])
+    pm_tiles = t.model_tiles()
     return jax.lax.scan(tile, None, (t.value, t.mm, t.price, t.notional, pm_tiles, t.haircut_base))[1]
 
 
@@ -586,7 +640,7 @@ def sharded_closed(n_devices: int) -> Callable:
 def position_weights(snap: Snapshot) -> np.ndarray:
     """``[N]`` contracts of each position that carry its instrument's margin."""
     kind = np.asarray(snap.instruments.kind)
-    return np.asarray(margin.position_weight(kind[snap.pos_instrument], snap.pos_quantity))
+    return margin.position_weight(kind[snap.pos_instrument], np.asarray(snap.pos_quantity, np.float64), xp=np)
 
 
 def buckets(snap: Snapshot) -> list[portfolio.Bucket]:
@@ -613,6 +667,21 @@ def group_rows(snap: Snapshot) -> tuple[np.ndarray, int]:
     rows = np.full(n, shared.sum(), np.int32)
     rows[given] = new_row[inverse]
     return rows, int(shared.sum())
+
+
+_LAYOUTS: dict[int, tuple] = {}
+
+
+def layout_of(snap: Snapshot) -> tuple:
+    """``(buckets(snap), group_rows(snap))``, built once per snapshot object and kept while it
+    lives: every pass of a run, and every later run on the same loaded snapshot, reuses it (at
+    1M accounts it costs about a second of host time). A snapshot is frozen; a changed one
+    (``dataclasses.replace``) is a new object with a layout of its own."""
+    key = id(snap)
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = (buckets(snap), group_rows(snap))
+        weakref.finalize(snap, _LAYOUTS.pop, key, None)
+    return _LAYOUTS[key]
 
 
 MAX_CHUNKS_PER_DEVICE = 8  # per call: enough to hide dispatch, few enough to pad little
@@ -761,14 +830,10 @@ class LocalAccounts:
 
     def __init__(self, snap: Snapshot, chunk_size: int | None, dt: Any, progress: Callable | None = None):
         self.snap, self.chunk_size, self.dt, self.progress = snap, chunk_size or default_chunk(), dt, progress
-        self._layout: tuple | None = None
 
     def groups(self, n_devices: int):
-        """``_groups`` of the snapshot; the holdings layout is built once for all passes (at
-        1M accounts it costs about a second of host time per pass otherwise)."""
-        if self._layout is None:
-            self._layout = (buckets(self.snap), group_rows(self.snap))
-        return _groups(self.snap, self.chunk_size, self.dt, n_devices, self._layout)
+        """``_groups`` of the snapshot, from its holdings layout (``layout_of``)."""
+        return _groups(self.snap, self.chunk_size, self.dt, n_devices, layout_of(self.snap))
 
     def closed(self, t: Tables) -> np.ndarray:
         """Pass 1 of the price impact: ``[T, 2, n_impact, K * W]`` net and gross contracts closed."""
@@ -875,7 +940,7 @@ def _subset(t: Tables, cols: np.ndarray) -> Tables:
     T, W = t.user.shape
     K = t.value.shape[2] // W
     S2 = len(cols)
-    W2 = tile_width(S2, PM_TILE if t.pm is not None else max_tile())
+    W2 = tile_width(S2, PM_TILE if t.model_tiles() is not None else max_tile())
     T2 = math.ceil(S2 / W2)
     cols = jnp.asarray(cols)
 
@@ -895,6 +960,7 @@ def _subset(t: Tables, cols: np.ndarray) -> Tables:
         haircut_base=sub(t.haircut_base),
         user=flat(t.user), random=random, random_index=jnp.asarray(np.flatnonzero(np.asarray(random).reshape(-1)), jnp.int32),
         pm=None if t.pm is None else {**t.pm, **{k: sub(t.pm[k]) for k in ("pnl", "delta", "roll")}},
+        var=None if t.var is None else {**t.var, **{k: sub(t.var[k]) for k in ("pnl", "dp", "im")}},
     )
 
 
@@ -1002,8 +1068,9 @@ def run(
     S = len(scen)
     nan = np.full(snap.n_accounts, np.nan)
 
-    if host["tables"].pm is not None:  # portfolio model: MM = mm_factor x IM
-        im = acc["maintenance_margin"] / float(host["tables"].pm["factor"])
+    tab = host["tables"]
+    if tab.pm is not None or tab.var is not None:  # portfolio and var models: MM = mm_factor x IM
+        im = acc["maintenance_margin"] / float((tab.pm or tab.var)["factor"])
     else:
         im = _initial_margin(snap, host["im0"], host["notional0"])
     names = np.array(scen.names, dtype=object)
@@ -1096,7 +1163,7 @@ def run(
         "total_equity": float(accounts["equity"].sum()),
         "total_initial_margin": float(im.sum()),
         "total_maintenance_margin": float(accounts["maintenance_margin"].sum()),
-        "margin_model": "portfolio" if host["tables"].pm is not None else "standard",
+        "margin_model": "portfolio" if tab.pm is not None else "var" if tab.var is not None else "standard",
         "haircut_model": "dynamic" if snap.params.haircut_dynamic else "static",
         "dtype": dtype if isinstance(dtype, str) else np.dtype(dtype).name,
         "runtime_seconds": time.perf_counter() - t0,

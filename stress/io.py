@@ -349,7 +349,7 @@ def load_snapshot(path: str | Path) -> Snapshot:
     instruments, instrument_ids, rates = _load_instruments(folder, asset_names, as_of)
     params = _margin.params_from_config(cfg.get("margin", {}), instruments, haircut, rates, assets=asset_names)
     liq_cfg = _liquidation.config(cfg.get("liquidation", {}))  # checked here, so bad keys fail at load
-    if liq_cfg["cascade"] and cfg.get("margin", {}).get("model", "standard") == "portfolio":
+    if liq_cfg["cascade"] and cfg.get("margin", {}).get("model", "standard") in ("portfolio", "var"):
         raise InputError(file, "[liquidation]", "cascade", "cascades are modelled under the standard margin model only")
     for name in liq_cfg["impact"]:
         if name not in asset_names:

@@ -428,9 +428,10 @@ def resolve(snap: Any) -> Params:
 # Standard model
 
 
-def position_weight(kind: Any, quantity: Any) -> Any:
-    """How many contracts of a position carry the per-contract requirement."""
-    return jnp.where(kind == OPTION, jnp.maximum(-quantity, 0.0), jnp.abs(quantity))
+def position_weight(kind: Any, quantity: Any, xp: Any = jnp) -> Any:
+    """How many contracts of a position carry the per-contract requirement (``xp``: ``numpy``
+    for host arrays, such as the engine's holdings layout)."""
+    return xp.where(kind == OPTION, xp.maximum(-quantity, 0.0), xp.abs(quantity))
 
 
 def per_contract(inst: Instruments, params: Params, spot: Any, value: Any) -> tuple[Any, Any]:
@@ -837,19 +838,13 @@ def account_margin(snap: Any, model: str | None = None) -> dict:
 # The var model
 
 
-def _var_margin(snap: Any) -> dict:
-    """``account_margin`` for the ``var`` model (README "Margin: the var model").
-
-    IM = max(ES_c, var_floor * standard IM), with ES_c the expected shortfall at ``confidence``
-    of the account's equity change (collateral included) over every overlapping window of
-    ``var_horizon_days`` in ``var_history``, filtered by today's EWMA vol when ``var_filtered``;
-    MM = ``mm_factor`` (0.8) * IM, as for the portfolio model. The per-underlying breakdown is
-    the standard model's (the floor's); the var requirement is a whole-portfolio number.
-    """
+def var_windows(snap: Any) -> tuple[dict, np.ndarray]:
+    """The var model's settings (``var_config``) and its windows: ``[H, A]`` each asset's price
+    at the window's end over its start (1 for assets the history has no column for)."""
     from pathlib import Path
 
-    from . import engine, replay
-    from .scenarios import Scenarios, read_history
+    from . import replay
+    from .scenarios import read_history
 
     c = var_config(snap.margin_config, require_history=True)
     path = Path(c["var_history"])
@@ -865,12 +860,50 @@ def _var_margin(snap: Any) -> dict:
     if len(starts) < c["var_min_windows"]:
         raise _err("var_history", f"{len(starts)} windows of {c['var_horizon_days']:g} days in {path.name}; "
                                   f"the var model needs at least var_min_windows = {c['var_min_windows']}")
-    S, A = len(starts), snap.n_assets
-    spot = np.ones((S, A))
+    spot = np.ones((len(starts), snap.n_assets))
     spot[:, [a for a, _ in used]] = mult[:, -1]
+    return c, spot
+
+
+def var_grids(inst: Instruments, market: Market, spot_mult: Any, vol_shift: Any, horizon_days: Any,
+              window_mult: Any, window_days: float, batch: int = 0) -> dict:
+    """The var model's windows around each of ``X`` scenario states (``spot_mult``,
+    ``vol_shift`` ``[X, A]``, ``horizon_days`` ``[X]``): each window ``w`` moves the state's
+    asset prices by ``window_mult[w]`` (``[H, A]``) and lets ``window_days`` more pass. Returns
+    ``pnl [X, I, H]``, each instrument's USD value change per contract (settlement asset
+    converted at its own moved price), and ``dp [X, A, H]``, each asset's USD price change:
+    an account's equity change in a window is ``sum qty * pnl + sum balance * dp``."""
+    def one(state):
+        s, v, h = state
+        sp = jnp.concatenate([s[None, :], s[None, :] * window_mult])  # [1 + H, A]
+        hor = jnp.concatenate([h[None], h + window_days + jnp.zeros(window_mult.shape[0], h.dtype)])
+        rv = revalue(inst, market, sp, jnp.broadcast_to(v, sp.shape), hor)
+        usd = rv["value"] * rv["price"][inst.settlement]  # [I, 1 + H]
+        return {"pnl": usd[:, 1:] - usd[:, :1], "dp": rv["price"][:, 1:] - rv["price"][:, :1]}
+
+    states = (spot_mult, vol_shift, horizon_days)
+    return jax.lax.map(one, states, batch_size=batch) if batch else jax.vmap(one)(states)
+
+
+def _var_margin(snap: Any) -> dict:
+    """``account_margin`` for the ``var`` model (README "Margin: the var model").
+
+    IM = max(ES_c, var_floor * standard IM), with ES_c the expected shortfall at ``confidence``
+    of the account's equity change (collateral included) over every overlapping window of
+    ``var_horizon_days`` in ``var_history``, filtered by today's EWMA vol when ``var_filtered``;
+    MM = ``mm_factor`` (0.8) * IM, as for the portfolio model. The per-underlying breakdown is
+    the standard model's (the floor's); the var requirement is a whole-portfolio number.
+    """
+    from . import engine
+    from .scenarios import Scenarios
+
+    c, spot = var_windows(snap)
+    S, A = spot.shape
     scen = Scenarios(tuple(f"w{i}" for i in range(S)), ("replay",) * S, spot, np.zeros((S, A)),
                      np.full(S, c["var_horizon_days"]))
-    _, acc, _, _ = engine._stream(snap, scen, None, "float64", None, False, level=c["confidence"])
+    # the windows' P&L only: the engine need not take the var model's margin in every window
+    plain = dataclasses.replace(snap, margin_config={**snap.margin_config, "model": "standard"})
+    _, acc, _, _ = engine._stream(plain, scen, None, "float64", None, False, level=c["confidence"])
     es = np.maximum(acc["es_99"], 0.0)  # a book that gains in every window needs no VaR margin
     std = account_margin(snap, "standard")
     floor = c["var_floor"] * std["accounts"]["initial_margin"].to_numpy()

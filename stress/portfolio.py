@@ -338,3 +338,37 @@ def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict) -> 
     rm = jnp.maximum(jnp.max(loss, axis=-1), 0.0)
     shock = pm["mds"][None, :, None] * jnp.maximum(jnp.abs(dsum) - pm["thr"][None, :, None], 0.0)
     return pm["factor"] * jnp.sum(rm + rsum + shock, axis=1)
+
+
+def var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, var: dict, tail: int) -> Any:
+    """Var-model maintenance margin of a chunk of accounts at every scenario state, USD ``[n, W]``:
+    ``mm_factor * max(ES, var_floor * standard IM)``, with ES the mean of the ``tail`` largest
+    losses of the account's equity over the windows around the state (floored at 0).
+
+    Args:
+      h: holdings ``[n, J, L]``.
+      pnl: ``[I, W, H]`` USD value change per contract in each window around each state
+        (``margin.var_grids``), or a function of instrument indices; ``dp``: ``[A, W, H]``
+        each asset's USD price change (its balances'), likewise.
+      im: ``[I, W]`` standard initial margin per contract of weight at each state, USD.
+      var: ``floor`` (``var_floor``) and ``factor`` (``mm_factor``), ``[]`` each.
+      tail: losses in the tail, ``m - ceil(confidence * m) + 1`` of ``H`` windows.
+    """
+    pnl, dp, im = _rows(pnl), _rows(dp), _rows(im)
+    n, J, L = h.inst.shape
+    first = pnl(h.inst[:, 0, 0])
+    W, H = first.shape[1:]
+    unroll = J * L <= UNROLL_MAX
+
+    def position(j, l, carry):
+        gain, std = carry
+        i = h.inst[:, j, l]
+        return gain + h.qty[:, j, l, None, None] * pnl(i), std + h.weight[:, j, l, None] * im(i)
+
+    def slot(j, carry):
+        gain, std = _repeat(L, lambda l, c: position(j, l, c), carry, unroll)
+        return gain + h.balance[:, j, None, None] * dp(h.asset[:, j]), std
+
+    gain, std = _repeat(J, slot, (jnp.zeros((n, W, H), first.dtype), jnp.zeros((n, W), first.dtype)), unroll)
+    es = jnp.maximum(jnp.mean(jax.lax.top_k(-gain, tail)[0], axis=-1), 0.0)  # a book gaining in every window needs none
+    return var["factor"] * jnp.maximum(es, var["floor"] * std)

@@ -659,8 +659,12 @@ def _settings(snap: Snapshot) -> dict:
     """The snapshot's ``[liquidation]`` settings. The differentiable model follows every
     setting ``stress run`` models: full (first breach, an oracle lag late) or partial
     close-out, price impact and the liquidation fee, the standard (tiers included) and
-    portfolio margin models, static and dynamic haircuts. Under the var model ``stress run``
-    applies the standard model at every state (docs/margin.md), and so does this."""
+    portfolio margin models, static and dynamic haircuts. The var model, whose margin under
+    stress is an expected shortfall over the windows around every state, is refused."""
+    if snap.margin_config.get("model", "standard") == "var":
+        raise InputError("exchange.toml", "[margin]", "model",
+                         "stress sensitivities does not differentiate the var model (an expected shortfall over "
+                         "historical windows around every state); use model = \"standard\" or \"portfolio\"")
     return liquidation.config(snap.liquidation_config)
 
 

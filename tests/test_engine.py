@@ -103,6 +103,26 @@ def test_results_do_not_depend_on_scenario_tile_width_or_fusion(snap, scen, base
     assert_same(base_result, stress.run(snap, scen, chunk_size=64))
 
 
+def test_the_holdings_layout_is_built_once_per_snapshot_and_follows_a_changed_one(snap, scen, base_result):
+    import dataclasses
+    import gc
+
+    first = engine.layout_of(snap)
+    assert engine.layout_of(snap) is first  # a second run on the same snapshot reuses it
+    doubled = dataclasses.replace(snap, pos_quantity=2 * snap.pos_quantity)
+    mine = engine.layout_of(doubled)
+    assert mine is not first
+    b0, b1 = first[0][0], mine[0][0]
+    np.testing.assert_array_equal(b1.qty, 2 * b0.qty)
+    # a run on the changed snapshot sees its own holdings: twice the (untiered) margin
+    res = stress.run(doubled, scen)
+    np.testing.assert_allclose(res.accounts.maintenance_margin, 2 * base_result.accounts.maintenance_margin, rtol=1e-12)
+    n = len(engine._LAYOUTS)
+    del doubled, res, mine, b1
+    gc.collect()
+    assert len(engine._LAYOUTS) == n - 1  # dropped with its snapshot
+
+
 def test_liquidated_notional_per_underlying_adds_up_to_the_total(snap, base_result):
     # linear and inverse futures and options on three underlyings, one-step shocks and paths
     sc = base_result.scenarios

@@ -79,3 +79,64 @@ def test_short_history_and_missing_history_are_input_errors(tmp_path):
     with pytest.raises(stress.InputError) as err:
         _snap(tmp_path / "c", BASE.replace("confidence = 0.9", "confidence = 1.5"))
     assert err.value.column == "confidence"
+
+
+def _thin(tmp_path, margin: str):
+    """The book above with account a holding 30 USDC instead of 10,000."""
+    _snap(tmp_path, margin)
+    bal = pd.read_csv(tmp_path / "balances.csv")
+    bal.loc[bal.account_id == "a", "amount"] = 30.0
+    bal.to_csv(tmp_path / "balances.csv", index=False)
+    return stress.load_snapshot(tmp_path)
+
+
+def _scen():
+    from stress.scenarios import Scenarios
+
+    spot = np.array([[1.0, 1.0], [1.0, 0.98], [1.0, 1.1]])  # USDC, BTC
+    return Scenarios(("flat", "down2", "up10"), ("explicit",) * 3, spot, np.zeros((3, 2)), np.zeros(3))
+
+
+def test_the_run_recomputes_var_margin_around_every_scenario(tmp_path):
+    # down2 (BTC 98): a's equity 30 - 10 x 2 = 10. Windows re-based at 98: losses -10 x 98 x r,
+    # the three largest 58.8, 49, 39.2 -> ES 49; floor 0.5 x 2% x 980 = 9.8; MM 0.8 x 49 = 39.2;
+    # shortfall 39.2 - 10 = 29.2. b (short, 10,000 USDC) is far from its margin.
+    # flat: MM 40 (the snapshot's, as stress margin says) - 30 = 10.
+    # up10 (BTC 110): equity 130; losses -1,100 r -> 66, 55, 44 -> MM 0.8 x 55 = 44 < 130.
+    res = stress.run(_thin(tmp_path / "var", BASE + "var_floor = 0.5\n"), _scen())
+    sc = res.scenarios.set_index("scenario")
+    np.testing.assert_allclose(sc.shortfall_total, [10.0, 29.2, 0.0], rtol=1e-12)
+    assert sc.accounts_liquidatable.tolist() == [1, 1, 0]
+    acc = res.accounts.set_index("account_id")
+    np.testing.assert_allclose(acc.maintenance_margin, [40.0, 0.8 * 65.0 / 3], rtol=1e-12)
+    np.testing.assert_allclose(acc.initial_margin, [50.0, 65.0 / 3], rtol=1e-12)
+    assert res.summary["margin_model"] == "var"
+    # the same at the snapshot as stress margin --model var
+    m = account_margin(_thin(tmp_path / "var", BASE + "var_floor = 0.5\n"))["accounts"].set_index("account_id")
+    np.testing.assert_allclose(acc.maintenance_margin, m.maintenance_margin, rtol=1e-12)
+
+    # Under the standard model a needs 1% x 980 = 9.8 < 10 in down2: not liquidatable there.
+    std = stress.run(_thin(tmp_path / "std", ""), _scen()).scenarios.set_index("scenario")
+    assert std.accounts_liquidatable.tolist() == [0, 0, 0]
+
+
+def test_var_margin_under_stress_is_floored_at_the_standard_margin_of_the_state(tmp_path):
+    # var_floor = 5: floor at down2 = 5 x 19.6 = 98 > ES 49 -> MM 0.8 x 98 = 78.4; shortfall 68.4.
+    res = stress.run(_thin(tmp_path, BASE + "var_floor = 5.0\n"), _scen())
+    assert res.scenarios.set_index("scenario").shortfall_total["down2"] == pytest.approx(78.4 - 10.0, rel=1e-12)
+
+
+def test_var_margin_under_stress_does_not_depend_on_chunking_or_path_steps(tmp_path):
+    # A two-step path, down2 then back to flat, is decided at its first step, where the
+    # margin is the var margin around down2 (29.2 short, not flat's 10); chunk sizes 1 and 128
+    # agree.
+    from stress.scenarios import Scenarios
+
+    snap = _thin(tmp_path, BASE + "var_floor = 0.5\n")
+    path = Scenarios(("p",), ("montecarlo",), np.array([[1.0, 1.0]]), np.zeros((1, 2)), np.zeros(1),
+                     path_spot_mult=np.array([[[1.0, 0.98]]]), path_vol_shift=np.zeros((1, 1, 2)),
+                     path_horizon_days=np.zeros((1, 1)))
+    a = stress.run(snap, path, chunk_size=1).scenarios
+    b = stress.run(snap, path).scenarios
+    assert a.shortfall_total[0] == pytest.approx(29.2, rel=1e-12) == b.shortfall_total[0]
+    assert a.accounts_liquidatable[0] == b.accounts_liquidatable[0] == 1
