@@ -370,5 +370,19 @@ def var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, var: dict, tail: int) ->
         return gain + h.balance[:, j, None, None] * dp(h.asset[:, j]), std
 
     gain, std = _repeat(J, slot, (jnp.zeros((n, W, H), first.dtype), jnp.zeros((n, W), first.dtype)), unroll)
-    es = jnp.maximum(jnp.mean(jax.lax.top_k(-gain, tail)[0], axis=-1), 0.0)  # a book gaining in every window needs none
+    es = jnp.maximum(largest_mean(-gain, tail), 0.0)  # a book gaining in every window needs none
     return var["factor"] * jnp.maximum(es, var["floor"] * std)
+
+
+def largest_mean(x: Any, r: int) -> Any:
+    """Mean of the ``r`` largest entries along the last axis (ties counted as often as they
+    occur). A few passes of ``max`` for a short tail: on XLA:CPU ``lax.top_k`` over ``[128, 32,
+    299]`` took 180 ms, three passes 5 ms."""
+    if r > 8:
+        return jnp.mean(jax.lax.top_k(x, r)[0], axis=-1)
+    idx = jnp.arange(x.shape[-1])
+    total = jnp.zeros(x.shape[:-1], x.dtype)
+    for _ in range(r):
+        total = total + jnp.max(x, axis=-1)
+        x = jnp.where(idx == jnp.argmax(x, axis=-1)[..., None], -jnp.inf, x)
+    return total / r

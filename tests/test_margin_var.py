@@ -140,3 +140,12 @@ def test_var_margin_under_stress_does_not_depend_on_chunking_or_path_steps(tmp_p
     b = stress.run(snap, path).scenarios
     assert a.shortfall_total[0] == pytest.approx(29.2, rel=1e-12) == b.shortfall_total[0]
     assert a.accounts_liquidatable[0] == b.accounts_liquidatable[0] == 1
+
+
+@pytest.mark.parametrize("r", [1, 3, 12])
+def test_the_tail_mean_counts_ties_as_often_as_they_occur(r):
+    from stress.portfolio import largest_mean
+
+    x = np.random.default_rng(5).integers(0, 6, (4, 3, 40)).astype(float)  # many ties
+    want = np.sort(x, axis=-1)[..., -r:].mean(axis=-1)
+    np.testing.assert_allclose(np.asarray(largest_mean(x, r)), want, rtol=1e-15)
