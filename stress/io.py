@@ -369,12 +369,16 @@ def load_snapshot(path: str | Path) -> Snapshot:
     p_entry = pt.numbers("entry_price", required=False)
     pt.check(p_entry <= 0, "entry_price", "entry_price must be > 0")
 
-    # Accounts are every id in balances or positions, sorted (hash-based, no Python strings).
-    ids = pc.unique(pa.concat_arrays([b_acc, p_acc]))
-    ids = ids.take(pc.sort_indices(ids))
-    account_ids = np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object)
-    b_idx = pc.index_in(b_acc, value_set=ids).to_numpy(zero_copy_only=False).astype(np.int32)
-    p_idx = pc.index_in(p_acc, value_set=ids).to_numpy(zero_copy_only=False).astype(np.int32)
+    # Accounts are every id in balances or positions, sorted: one hashing pass (dictionary
+    # encoding) gives each row an integer code, then codes are renumbered in sorted id order
+    # (no Python strings; at 1M accounts half the time of unique + two index_in lookups).
+    enc = pa.concat_arrays([b_acc, p_acc]).dictionary_encode()
+    order = pc.sort_indices(enc.dictionary).to_numpy()
+    account_ids = np.asarray(enc.dictionary.take(order).to_numpy(zero_copy_only=False), dtype=object)
+    rank = np.empty(len(order), np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    codes = rank[enc.indices.to_numpy(zero_copy_only=False)]
+    b_idx, p_idx = codes[: len(b_acc)], codes[len(b_acc) :]
 
     account_group = _account_groups(bt, b_idx, len(account_ids)) if bt.has("group") else None
 
