@@ -10,8 +10,10 @@ pass's inputs and outputs travel (docs/cluster.md):
 - each worker's sub-snapshot, once (``client.scatter``), kept there for every pass;
 - per pass, to every worker: the tables, ``[T, I, K*W]`` per instrument, step and scenario;
 - per pass, back: per-scenario sums (``[S]`` rows; contracts closed ``[T, 2, n_impact, K*W]``
-  for the impact's pass 1) and the partition's per-account columns; the auto-deleveraging pass also returns
-  P&L and liquidated ``[accounts, deficit scenarios]``, in batches (``engine.ADL_BYTES``).
+  for the impact's pass 1) and the partition's per-account columns; the auto-deleveraging pass
+  returns, per deficit scenario, only the partition's accounts that ADL may charge there (its
+  winners, by rank, until their profit covers the deficit: ``engine.adl_candidates``), not
+  the partition's P&L.
 
 Partials of disjoint accounts merge exactly (``engine.merge``), so the results are those of the
 single-machine run, to rounding in the order of the exchange-wide sums.
@@ -129,6 +131,12 @@ def _sweep_part(sub: Snapshot, t: engine.Tables, chunk_size: int, dtype: str, n_
     return engine.LocalAccounts(sub, chunk_size, engine.DTYPES[dtype]).sweep(_device_tables(t), n_random, with_pnl, level)
 
 
+def _adl_part(sub: Snapshot, t: engine.Tables, chunk_size: int, dtype: str, deficit: np.ndarray,
+              terms: tuple) -> tuple:
+    """``engine.adl_candidates`` of one partition (``terms``: its slices of the ranking terms)."""
+    return engine.LocalAccounts(sub, chunk_size, engine.DTYPES[dtype]).adl(_device_tables(t), deficit, *terms)
+
+
 # --- the client side ----------------------------------------------------------------------------
 
 
@@ -197,14 +205,23 @@ class ClusterAccounts:
         parts = self._map(_closed_part, t)
         return np.sum(np.stack([np.asarray(p, np.float64) for p in parts]), axis=0)
 
+    def adl(self, t: engine.Tables, deficit: np.ndarray, *terms: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``engine.adl_candidates`` over every partition: each worker sends only its candidates
+        (a prefix of its winners per deficit scenario), with rows made exchange-wide."""
+        parts = self._map(_adl_part, t, deficit, per_part=[tuple(x[idx] for x in terms) for idx in self.index])
+        col, _, *rest = (np.concatenate(x) for x in zip(*parts))
+        rows = np.concatenate([idx[p[1]] for idx, p in zip(self.index, parts)])
+        return (col, rows, *rest)
+
     def sweep(self, t: engine.Tables, n_random: int, with_pnl: bool, level: float = engine.VAR_LEVEL) -> engine.Partial:
         """One pass of every account through ``engine.chunk_kernel``, merged over partitions."""
         parts = self._map(_sweep_part, t, n_random, with_pnl, level)
         return engine.merge(parts, self.index, self.snap.n_accounts)
 
-    def _map(self, fn: Callable, t: engine.Tables, *args: Any) -> list:
-        """``fn(sub_snapshot, tables, chunk_size, dtype, *args)`` on every partition's worker;
-        results in partition order. The tables go to each worker once per pass."""
+    def _map(self, fn: Callable, t: engine.Tables, *args: Any, per_part: list | None = None) -> list:
+        """``fn(sub_snapshot, tables, chunk_size, dtype, *args[, per_part[k]])`` on every
+        partition's worker; results in partition order. The tables go to each worker once per
+        pass."""
         from distributed import as_completed
 
         if self.progress is not None:
@@ -214,9 +231,10 @@ class ClusterAccounts:
                              "give engine.run and ClusterAccounts the same dtype")
         tables = self.client.scatter(_to_host(t), workers=sorted(set(self.workers)), broadcast=True, hash=False)
         try:
-            futures = [self.client.submit(fn, sub, tables, self.chunk_size, self.dtype, *args,
+            extra = [()] * len(self._subs) if per_part is None else [(x,) for x in per_part]
+            futures = [self.client.submit(fn, sub, tables, self.chunk_size, self.dtype, *args, *e,
                                           workers=[w], allow_other_workers=True, pure=False)
-                       for sub, w in zip(self._subs, self.workers)]
+                       for sub, w, e in zip(self._subs, self.workers, extra)]
             size = {f.key: len(idx) for f, idx in zip(futures, self.index)}
             done = 0
             for f in as_completed(futures, loop=self.client.loop):  # this client's, not a default one

@@ -846,6 +846,12 @@ class LocalAccounts:
             acc = kernel(h, t, acc)  # the accumulator stays on the devices
         return np.asarray(acc, np.float64).sum(axis=0)
 
+    def adl(self, t: Tables, deficit: np.ndarray, unrealised: np.ndarray, base: np.ndarray,
+            leverage: np.ndarray, tie: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``adl_candidates`` of every account in the deficit scenarios of ``t`` (``[n]`` terms)."""
+        mats = self.sweep(t, 0, True).mats
+        return adl_candidates(mats["pnl"], mats["liquidated"], deficit, unrealised, base, leverage, tie)
+
     def sweep(self, t: Tables, n_random: int, with_pnl: bool, level: float = VAR_LEVEL) -> Partial:
         """One pass of every account through ``chunk_kernel`` on tables ``t``."""
         snap, progress = self.snap, self.progress
@@ -1011,26 +1017,59 @@ def auto_deleverage(snap: Snapshot, t: Tables, deficit: np.ndarray, random: np.n
     n, S = snap.n_accounts, len(deficit)
     worst, on_random, total = np.zeros(n), np.zeros(n), np.zeros(S)
     cols = np.flatnonzero(deficit > 0)
-    unrealised, base, leverage = adl_basis(snap, per_acc["collateral_value"], per_acc["gross_notional"])
-    by_id = np.argsort(snap.account_ids, kind="stable")
+    basis = adl_basis(snap, per_acc["collateral_value"], per_acc["gross_notional"])
+    tie = np.empty(n, np.int64)
+    tie[np.argsort(snap.account_ids, kind="stable")] = np.arange(n)  # ties go by account id
     batch = max(1, int(ADL_BYTES // (17 * max(n, 1))))
     for lo in range(0, len(cols), batch):  # batches of scenarios, each a full pass over accounts
         c = cols[lo : lo + batch]
-        mats = sweeper.sweep(_subset(t, c), 0, True).mats
-        pnl, liq = mats["pnl"][by_id], mats["liquidated"][by_id]
-        profit = np.where(liq, 0.0, np.maximum(pnl, 0.0))
-        rank = (unrealised[by_id, None] + pnl) / base[by_id, None] * leverage[by_id, None]
-        order = np.argsort(-rank, axis=0, kind="stable")
-        p = np.take_along_axis(profit, order, axis=0)
-        charged = np.clip(deficit[c][None, :] - (np.cumsum(p, axis=0) - p), 0.0, p)
-        charge = np.empty_like(charged)
-        np.put_along_axis(charge, order, charged, axis=0)
-        worst[by_id] = np.maximum(worst[by_id], charge.max(axis=1))
-        on_random[by_id] += charge[:, random[c]].sum(axis=1)
-        total[c] = charge.sum(axis=0)
+        col, row, charge = adl_charges(sweeper.adl(_subset(t, c), deficit[c], *basis, tie), deficit[c])
+        np.maximum.at(worst, row, charge)
+        on = random[c][col]
+        np.add.at(on_random, row[on], charge[on])
+        total[c] = np.bincount(col, weights=charge, minlength=len(c))
     n_random = int(random.sum())
     expected = on_random / n_random if n_random else np.full(n, np.nan)
     return {"adl_loss_worst": worst, "adl_loss_expected": expected, "adl_total": total}
+
+
+def adl_candidates(pnl: np.ndarray, liquidated: np.ndarray, deficit: np.ndarray, unrealised: np.ndarray,
+                   base: np.ndarray, leverage: np.ndarray, tie: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The accounts of a set that auto-deleveraging may charge in each of ``C`` deficit
+    scenarios, from their ``[n, C]`` P&L and liquidated flags there (``adl_basis`` terms and
+    the exchange-wide ``tie`` rank of their ids ``[n]``).
+
+    Ranked within the set (rank highest first, then id), an account can be charged only if the
+    profit ranked before it *in the set* is below the deficit: the profit ranked before it
+    exchange-wide is at least that. So each part of the exchange sends only these candidates,
+    a prefix of its winners, and ``adl_charges`` of all parts' candidates is exact.
+
+    Returns:
+      Flat arrays over the candidates: ``(column, row, rank, tie, profit)``.
+    """
+    profit = np.where(liquidated, 0.0, np.maximum(pnl, 0.0))
+    rank = (unrealised[:, None] + pnl) / base[:, None] * leverage[:, None]
+    order = np.lexsort((np.broadcast_to(tie[:, None], rank.shape), -rank), axis=0)
+    p = np.take_along_axis(profit, order, axis=0)
+    take = (np.cumsum(p, axis=0) - p < deficit[None, :]) & (p > 0)
+    at, col = np.nonzero(take)
+    row = order[at, col]
+    return col, row, rank[row, col], tie[row], profit[row, col]
+
+
+def adl_charges(cand: tuple[np.ndarray, ...], deficit: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(column, row, charge)`` of every candidate (``adl_candidates``, of one or several sets
+    of accounts): in each column, the winners in rank order (ties by id) are charged up to their
+    whole profit until ``deficit[column]`` is covered."""
+    col, row, rank, tie, profit = cand
+    order = np.lexsort((tie, -rank, col))
+    col, row, profit = col[order], row[order], profit[order]
+    charge = np.empty_like(profit)
+    starts = np.flatnonzero(np.r_[True, col[1:] != col[:-1]]) if len(col) else np.zeros(0, np.int64)
+    for lo, hi in zip(starts, np.r_[starts[1:], len(col)]):
+        p = profit[lo:hi]
+        charge[lo:hi] = np.clip(deficit[col[lo]] - (np.cumsum(p) - p), 0.0, p)
+    return col, row, charge
 
 
 def run(

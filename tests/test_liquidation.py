@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import stress
+from stress import engine
 
 from .conftest import write_snapshot
 
@@ -446,3 +447,37 @@ def test_a_group_column_left_empty_means_no_groups(tmp_path):
     _cover2_book(folder, [None, None, None, None])
     snap = stress.load_snapshot(folder)
     assert all(g is None for g in snap.account_group)
+
+
+def test_adl_charges_from_each_parts_candidates_equal_the_whole_exchanges():
+    # Auto-deleveraging by hand (a loop over winners in rank order, ties by id) against the
+    # candidates of three parts of the exchange merged (what a cluster's workers send).
+    rng = np.random.default_rng(4)
+    n, C = 300, 6
+    pnl = rng.normal(0.0, 100.0, (n, C))
+    pnl[:40] = np.round(pnl[:40])  # equal P&L, equal terms below: ties in rank
+    liq = rng.random((n, C)) < 0.2
+    unrealised, base = np.where(np.arange(n) < 40, 0.0, rng.normal(0, 50, n)), np.where(np.arange(n) < 40, 100.0, rng.uniform(50, 500, n))
+    leverage = np.where(np.arange(n) < 40, 2.0, rng.uniform(0, 10, n))
+    tie = rng.permutation(n)  # the id order
+    deficit = np.array([0.0, 10.0, 500.0, 3_000.0, 1e9, 50.0])
+
+    want = np.zeros((n, C))
+    for c in range(C):
+        rank = (unrealised + pnl[:, c]) / base * leverage
+        left = deficit[c]
+        for a in sorted(range(n), key=lambda a: (-rank[a], tie[a])):
+            profit = 0.0 if liq[a, c] else max(pnl[a, c], 0.0)
+            want[a, c] = min(max(left, 0.0), profit)
+            left -= profit
+
+    parts = np.array_split(np.arange(n), 3)
+    cands = [engine.adl_candidates(pnl[p], liq[p], deficit, unrealised[p], base[p], leverage[p], tie[p]) for p in parts]
+    col, _, *rest = (np.concatenate(x) for x in zip(*cands))
+    rows = np.concatenate([p[c[1]] for p, c in zip(parts, cands)])
+    assert len(col) < n * C / 2  # a part sends its winners up to the deficit, not its P&L
+    got = np.zeros((n, C))
+    c, r, charge = engine.adl_charges((col, rows, *rest), deficit)
+    got[r, c] = charge
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
+    assert got[:, 4].sum() == pytest.approx(np.where(liq[:, 4], 0, np.maximum(pnl[:, 4], 0)).sum())  # all winners
