@@ -30,6 +30,7 @@ except ImportError:  # jax < 0.6
 
 from . import insurance, liquidation, margin, portfolio, pricing
 from ._tree import pytree_dataclass
+from .errors import InputError
 from .portfolio import Holdings
 from .scenarios import Scenarios
 from .snapshot import OPTION, Snapshot
@@ -251,6 +252,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     pm = None
     if portfolio_model:  # a risk matrix around every scenario state (and every step of a path)
         params = margin.resolve(snap)
+        _check_model_table(scen, len(snap.instrument_ids), model, len(margin.grid_moves(params)[2]))
         g = margin.scenario_grids(snap.instruments, snap.market, params, spot, vol, hor, batch=PM_GRID_BATCH)
 
         pnl, delta, roll = (cols(g[k]) for k in ("pnl", "delta", "roll"))
@@ -274,6 +276,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     var, var_tail = None, 0
     if model == "var":  # the var model's windows around every scenario state (and step)
         vc, windows = margin.var_windows(snap)
+        _check_model_table(scen, len(snap.instrument_ids), model, len(windows))
         grids = functools.partial(margin.var_grids, snap.instruments, snap.market, window_mult=windows,
                                   window_days=vc["var_horizon_days"], batch=PM_GRID_BATCH)
         g = grids(spot, vol, hor)
@@ -329,6 +332,32 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     host = {"price_all": price_all, "value": np.asarray(rv["value"])[:, : 1 + S], "im0": np.asarray(im[:, 0]),
             "notional0": np.asarray(rv["notional"][:, 0])}
     return t, host
+
+
+def _memory_bytes() -> float:
+    """This machine's physical memory, bytes (infinite where the OS does not say)."""
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return math.inf
+
+
+MODEL_TABLE_SHARE = 0.5  # of physical memory that the portfolio or var model's tables may take
+
+
+def _check_model_table(scen: Scenarios, n_instruments: int, model: str, points: int) -> None:
+    """Refuse, with what it would take, a run whose portfolio- or var-model table (``[states,
+    instruments, grid points or windows]``, built whole, about twice over while it is built)
+    would not fit in ``MODEL_TABLE_SHARE`` of this machine's memory, rather than run out of it."""
+    states = len(scen) * scen.steps + 1
+    need = 2 * 8.0 * states * n_instruments * points
+    have = MODEL_TABLE_SHARE * _memory_bytes()
+    if need > have:
+        what = "risk-matrix points" if model == "portfolio" else "history windows"
+        raise InputError(scen.source or "scenarios", None, None,
+                         f"the {model} margin model revalues every instrument at {points} {what} around each of "
+                         f"{states:,} scenario states: {need / 1e9:.1f} GB of tables, over the {have / 1e9:.1f} GB "
+                         f"it may use here; use fewer scenarios, paths or steps, or [margin] model = \"standard\"")
 
 
 def _underlying_rows(snap: Snapshot, dtype: Any) -> dict:

@@ -149,3 +149,15 @@ def test_the_tail_mean_counts_ties_as_often_as_they_occur(r):
     x = np.random.default_rng(5).integers(0, 6, (4, 3, 40)).astype(float)  # many ties
     want = np.sort(x, axis=-1)[..., -r:].mean(axis=-1)
     np.testing.assert_allclose(np.asarray(largest_mean(x, r)), want, rtol=1e-15)
+
+
+def test_a_model_table_too_large_for_memory_is_refused_with_its_size(tmp_path, monkeypatch):
+    # 3 scenarios -> 4 states x 1 instrument x 20 windows x 8 bytes, twice: 1,280 bytes
+    from stress import engine
+    from stress.errors import InputError
+
+    monkeypatch.setattr(engine, "_memory_bytes", lambda: 2_000.0)  # half of it: 1,000 bytes
+    with pytest.raises(InputError, match=r"20 history windows around each of 4 scenario states"):
+        stress.run(_thin(tmp_path, BASE), _scen())
+    monkeypatch.setattr(engine, "_memory_bytes", lambda: 3_000.0)
+    assert stress.run(_thin(tmp_path, BASE), _scen()).summary["margin_model"] == "var"
