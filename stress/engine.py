@@ -402,8 +402,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
       underlying (and ``pnl``, ``liquidated`` ``[n, T * W]`` with ``with_pnl``).
     """
     eq0, coll0, mm0, g0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut, t.notional0, tiers=t.tiers))
-    if t.pm is not None or t.var is not None:
-        mm0 = t.model_margin0(h)
+    mm0 = mm0 if t.model_tiles() is None else t.model_margin0(h)
     n = eq0.shape[0]
     T, W = t.user.shape
     dt = eq0.dtype
