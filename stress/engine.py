@@ -136,11 +136,11 @@ class Tables:
 
     def model_margin0(self, h: Holdings) -> Any:
         """``[n]`` the same at the snapshot, or None under the standard model."""
-        if self.pm is not None:
-            return self.model_margin(h, (self.pm["pnl0"], self.pm["delta0"], self.pm["roll0"]))[:, 0]
-        if self.var is not None:
-            return self.model_margin(h, (self.var["pnl0"], self.var["dp0"], self.var["im0"]))[:, 0]
-        return None
+        tables = self.pm or self.var
+        if tables is None:
+            return None
+        names = ("pnl0", "delta0", "roll0") if self.pm is not None else ("pnl0", "dp0", "im0")
+        return self.model_margin(h, tuple(tables[k] for k in names))[:, 0]
 
     def haircut_of(self, base: Any) -> Any:
         """The haircut of a tile whose vol-scaled haircuts are ``base`` (``[A, K*W]``, a
@@ -252,7 +252,8 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     pm = None
     if portfolio_model:  # a risk matrix around every scenario state (and every step of a path)
         params = margin.resolve(snap)
-        _check_model_table(scen, len(snap.instrument_ids), model, len(margin.grid_moves(params)[2]))
+        extended = margin.grid_moves(params)[2]
+        _check_model_table(scen, len(snap.instrument_ids), model, len(extended))
         g = margin.scenario_grids(snap.instruments, snap.market, params, spot, vol, hor, batch=PM_GRID_BATCH)
 
         pnl, delta, roll = (cols(g[k]) for k in ("pnl", "delta", "roll"))
@@ -271,7 +272,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
               "offset": jnp.asarray(params.pm_pnl_offset, dtype), "frac": jnp.asarray(params.pm_extended_fraction, dtype),
               "mds": jnp.asarray(params.pm_max_delta_shock, dtype), "thr": jnp.asarray(params.pm_delta_threshold, dtype),
               "factor": jnp.asarray(params.pm_mm_factor, dtype),
-              "extended": jnp.asarray(margin.grid_moves(params)[2])}
+              "extended": jnp.asarray(extended)}
 
     var, var_tail = None, 0
     if model == "var":  # the var model's windows around every scenario state (and step)

@@ -632,7 +632,12 @@ def scenario_grids(inst: Instruments, market: Market, params: Params, spot_mult:
         g = instrument_grid(*shifted(inst, market, *state), params)
         return {"pnl": g["pnl"], "delta": g["delta"], "roll": g["roll"]}
 
-    states = (spot_mult, vol_shift, horizon_days)
+    return _each_state(one, (spot_mult, vol_shift, horizon_days), batch)
+
+
+def _each_state(one: Any, states: tuple, batch: int) -> Any:
+    """``one`` over the leading axis of ``states``: ``batch`` states at a time, recomputed in
+    reverse mode (``jax.checkpoint``), or all at once (``batch`` 0)."""
     if batch:
         return jax.lax.map(jax.checkpoint(one), states, batch_size=batch)
     return jax.vmap(one)(states)
@@ -881,8 +886,7 @@ def var_grids(inst: Instruments, market: Market, spot_mult: Any, vol_shift: Any,
         usd = rv["value"] * rv["price"][inst.settlement]  # [I, 1 + H]
         return {"pnl": usd[:, 1:] - usd[:, :1], "dp": rv["price"][:, 1:] - rv["price"][:, :1]}
 
-    states = (spot_mult, vol_shift, horizon_days)
-    return jax.lax.map(one, states, batch_size=batch) if batch else jax.vmap(one)(states)
+    return _each_state(one, (spot_mult, vol_shift, horizon_days), batch)
 
 
 def _var_margin(snap: Any) -> dict:
