@@ -56,9 +56,9 @@ FUSION = {
     "gpu-float32": {"keep": False, "matvec": False},
 }
 # The plain run's chunks through one fused Pallas kernel (``fused.py``), by backend. On CPU it
-# would run only interpreted. On an H200 (docs/benchmarks.md) it took the gather-and-reduce
-# from 0.70 to 0.44 s in float64 and 0.22 to 0.18 s in float32 at 1M accounts x 10,000
-# scenarios, with half the device memory; STRESS_PALLAS=0 keeps the XLA kernel there.
+# would run only interpreted. On an H100 (docs/benchmarks.md) it takes the gather-and-reduce
+# at 1M accounts x 10,000 scenarios from 0.228 s (XLA) to 0.108 s in float32, with less
+# device memory; STRESS_PALLAS=0 keeps the XLA kernel there.
 PALLAS = {"cpu": False, "gpu": os.environ.get("STRESS_PALLAS", "1") != "0"}
 VAR_LEVEL = 0.99
 # Per-scenario sums over accounts; ``closed_out``: what positions closed out before a path's end
@@ -632,12 +632,12 @@ def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float =
     pallas = PALLAS[_backend()]
 
     def local(h: Holdings, t: Tables) -> dict:
-        kernel = functools.partial(chunk_kernel, n_random=n_random, with_pnl=with_pnl, level=level)
         if pallas:
             from . import fused
 
             if fused.applies(h, t, n_random, with_pnl):  # shapes and settings are static
-                kernel = fused.chunk_kernel
+                return fused.group_kernel(h, t)  # the device's chunks in one launch
+        kernel = functools.partial(chunk_kernel, n_random=n_random, with_pnl=with_pnl, level=level)
         return jax.lax.map(lambda one: kernel(one, t), h)
 
     specs = dict(mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"))

@@ -6,14 +6,17 @@ between the fusions that compute and reduce them (about twenty passes of 4-8 byt
 account and scenario). Here one program takes a block of scenarios and walks over blocks of
 accounts: it gathers each position's value, margin and notional from the instrument tables
 (small enough to stay in the L2 cache), builds the account state in registers, decides
-liquidation and the fee, and folds the block into per-scenario sums and per-account extremes.
-Nothing of size accounts x scenarios is written.
+liquidation and the fee, and folds the block into per-account extremes and elementwise
+per-scenario accumulators, reduced over their rows once at the end. Nothing of size accounts x
+scenarios is written. A device's whole group of chunks is one launch, so that its programs
+fill the device (one chunk's few hundred programs did not), and blocks past a program's last
+real account (a group's padding) are not computed.
 
 It covers the plain run only, the one a nightly stress of explicit scenarios is: one step per
 scenario, the standard margin model, static haircuts, full liquidation with an optional fee,
 no price impact, risk-limit tiers, account groups or reported oracle lags, and holdings of at
 most ``MAX_POSITIONS`` slots x positions (the market makers' wide bucket takes the XLA
-kernel). ``applies`` says whether a chunk qualifies; the results are those of
+kernel). ``applies`` says whether a group of chunks qualifies; the results are those of
 ``engine.chunk_kernel`` up to the order of floating-point sums. On CPU it runs only in
 Pallas's interpret mode, which the tests use to check it against the XLA kernel.
 """
@@ -29,14 +32,16 @@ from jax.experimental import pallas as pl
 from . import engine, portfolio
 
 # (accounts per block, scenarios per program, accounts per program, warps), per dtype: a block
-# of accounts x scenarios is one set of registers, so float64 takes fewer. The fastest of those
-# tried on an H200 at 1M accounts x 10,000 scenarios (bench/gpu.py; docs/benchmarks.md).
-BLOCKS = {"float32": (32, 256, 1024, 8), "float64": (16, 128, 1024, 4)}
+# of accounts x scenarios is one set of registers (and each per-scenario sum keeps one such
+# block), so float64 takes fewer. The fastest of those tried on an H100 at 1M accounts x
+# 10,000 scenarios (bench/gpu.py; docs/benchmarks.md). Blocks of 64 scenarios beat 128 and 256
+# by 15%: presumably a program's slice of the instrument tables then stays in L1 (not profiled).
+BLOCKS = {"float32": (8, 64, 1024, 4), "float64": (4, 64, 1024, 4)}
 MAX_POSITIONS = 16  # slots x positions unrolled in the kernel
 
 
 def blocks(dtype: Any, n: int, W: int) -> tuple[int, int, int, int]:
-    """``(BA, BS, R, warps)`` for a chunk of ``n`` accounts and tiles of ``W`` scenarios: blocks
+    """``(BA, BS, R, warps)`` for chunks of ``n`` accounts and tiles of ``W`` scenarios: blocks
     of ``BA`` accounts, ``R`` of them per program, ``BS`` scenarios per program."""
     ba, bs, per_program, warps = BLOCKS[jnp.dtype(dtype).name]
     ba, bs = min(ba, n), min(bs, W)
@@ -47,8 +52,9 @@ def blocks(dtype: Any, n: int, W: int) -> tuple[int, int, int, int]:
 
 
 def applies(h: portfolio.Holdings, t: Any, n_random: int, with_pnl: bool) -> bool:
-    """Whether ``chunk_kernel`` computes this chunk (shapes and configuration are static)."""
-    n, J, L = h.inst.shape[-3:]  # one chunk, or a group of them
+    """Whether ``group_kernel`` computes this group of chunks (shapes and configuration are
+    static)."""
+    n, J, L = h.inst.shape[-3:]
     T, W = t.user.shape
     ba = blocks(t.value.dtype, n, W)[0]
     return (
@@ -60,11 +66,15 @@ def applies(h: portfolio.Holdings, t: Any, n_random: int, with_pnl: bool) -> boo
     )
 
 
+N_SUMS = 5  # liquidatable, shortfall, bad debt, fees, notional closed
+
+
 def _kernel(J: int, L: int, BA: int, BS: int, R: int, U: int):
     """The Pallas body for holdings of ``J`` slots x ``L`` positions."""
+    INT_MAX = jnp.iinfo(jnp.int32).max
 
-    def kernel(inst, qty, wgt, asset, bal, valid, eq0, ulin, ufix, value, mm, notional, price, keep, user, rate,
-               o_min, o_arg, o_gap, o_cost, s_liq, s_short, s_bad, s_fee, s_closed, s_top1, s_top2, *s_und):
+    def kernel(nblk, inst, qty, wgt, asset, bal, valid, eq0, ulin, ufix, value, mm, notional, price, keep, user, rate,
+               o_min, o_arg, o_gap, o_cost, *s_out):
         p, s = pl.program_id(0), pl.program_id(1)
         s0 = pl.multiple_of(s * BS, BS)
         cols = pl.ds(s0, BS)
@@ -72,10 +82,13 @@ def _kernel(J: int, L: int, BA: int, BS: int, R: int, U: int):
         col = jax.lax.broadcasted_iota(jnp.int32, (BA, BS), 1) + s0
         f_rate = rate[0]
         dt = value.dtype
-        zero_b = jnp.zeros((BS,), dt)
+        weights = [*ulin, *ufix]
+
+        def out_rows(r):
+            return pl.ds(pl.multiple_of(r * BA, BA), BA)
 
         def block(r, carry):
-            liq_n, short, bad_s, fee_s, closed_s, top1, top2, *und = carry
+            sums, top1, top2, und = carry
             lo = pl.multiple_of((p * R + r) * BA, BA)
             rows = pl.ds(lo, BA)
             zero = jnp.zeros((BA, BS), dt)
@@ -103,61 +116,88 @@ def _kernel(J: int, L: int, BA: int, BS: int, R: int, U: int):
             # per account: the block's worst P&L (its first scenario), largest gap and cost
             worst = jnp.where(usr, pnl, jnp.inf)
             lowest = jnp.min(worst, axis=1)
-            at = jnp.min(jnp.where(worst == lowest[:, None], col, jnp.iinfo(jnp.int32).max), axis=1)
-            out = pl.ds(pl.multiple_of(r * BA, BA), BA)
+            out = out_rows(r)
             o_min[out] = lowest
-            o_arg[out] = at
+            o_arg[out] = jnp.min(jnp.where(worst == lowest[:, None], col, INT_MAX), axis=1)
             o_gap[out] = jnp.max(jnp.where(usr, gap, -jnp.inf), axis=1)
             o_cost[out] = jnp.max(jnp.where(usr, fee, 0.0), axis=1)
 
-            # per scenario: sums over the block's real accounts
+            # per scenario, over the block's real accounts: added elementwise into [BA, BS]
+            # accumulators, reduced over their rows once per program (reducing every block
+            # across its accounts cost more than the rest of the block on an H100)
             ok = valid[rows][:, None] > 0
             hit = jnp.where(ok & liq, 1.0, 0.0).astype(dt)
             bad = jnp.where(ok, jnp.maximum(-eq, 0.0), 0.0)
-            first = jnp.max(bad, axis=0)
-            is_first = bad == first[None, :]
-            twice = jnp.sum(jnp.where(is_first, 1.0, 0.0), axis=0) > 1
-            second = jnp.where(twice, first, jnp.max(jnp.where(is_first, 0.0, bad), axis=0))
-            und = [u + jnp.sum(hit * w[rows][:, None], axis=0) for u, w in zip(und, [*ulin, *ufix])] if U else []
-            return (
-                liq_n + jnp.sum(hit, axis=0),
-                short + jnp.sum(jnp.where(ok, jnp.maximum(gap, 0.0), 0.0), axis=0),
-                bad_s + jnp.sum(bad, axis=0),
-                fee_s + jnp.sum(jnp.where(ok, fee, 0.0), axis=0),
-                closed_s + jnp.sum(hit * g, axis=0),
-                jnp.maximum(top1, first),
-                jnp.maximum(jnp.minimum(top1, first), jnp.maximum(top2, second)),
-                *und,
-            )
+            terms = (hit, jnp.where(ok, jnp.maximum(gap, 0.0), 0.0), bad, jnp.where(ok, fee, 0.0), hit * g)
+            sums = tuple(c + x for c, x in zip(sums, terms))
+            # each row's two largest bad debts so far (a tie counts twice)
+            top1, top2 = jnp.maximum(top1, bad), jnp.maximum(top2, jnp.minimum(top1, bad))
+            und = tuple(u + hit * w[rows][:, None] for u, w in zip(und, weights))
+            return sums, top1, top2, und
 
-        carry = jax.lax.fori_loop(0, R, block, tuple(zero_b for _ in range(7 + 2 * U)))
-        for ref, x in zip((s_liq, s_short, s_bad, s_fee, s_closed, s_top1, s_top2, *s_und), carry):
+        def empty(r, c):  # a block of padding rows only: defined values, nothing computed
+            out = out_rows(r)
+            o_min[out] = jnp.full((BA,), jnp.inf, dt)
+            o_arg[out] = jnp.zeros((BA,), jnp.int32)
+            o_gap[out] = jnp.full((BA,), -jnp.inf, dt)
+            o_cost[out] = jnp.zeros((BA,), dt)
+            return c
+
+        zero = jnp.zeros((BA, BS), dt)
+        init = ((zero,) * N_SUMS, zero, zero, (zero,) * len(weights))
+        n_blocks = nblk[p]
+        sums, top1, top2, und = jax.lax.fori_loop(0, n_blocks, block, init)
+        jax.lax.fori_loop(n_blocks, R, empty, 0)
+        # the program's two largest: the largest row maximum, then the next of the rows'
+        # maxima (that one again if two rows share it) or the largest row runner-up
+        first = jnp.max(top1, axis=0)
+        is_first = top1 == first[None, :]
+        twice = jnp.sum(jnp.where(is_first, 1.0, 0.0), axis=0) > 1
+        second = jnp.where(twice, first, jnp.max(jnp.where(is_first, 0.0, top1), axis=0))
+        reduced = (*(jnp.sum(x, axis=0) for x in sums), first, jnp.maximum(second, jnp.max(top2, axis=0)),
+                   *(jnp.sum(x, axis=0) for x in und))
+        for ref, x in zip(s_out, reduced):
             ref[...] = x
 
     # the underlyings' weights come in as 2U refs of [n]: split them out of the argument list
     def unpack(*refs):
-        head, tail = refs[:7], refs[7:]
+        head, tail = refs[:8], refs[8:]
         ulin, ufix, rest = tail[:U], tail[U : 2 * U], tail[2 * U :]
         return kernel(*head, ulin, ufix, *rest)
 
     return unpack
 
 
-def chunk_kernel(h: portfolio.Holdings, t: Any, interpret: bool | None = None) -> dict:
-    """``engine.chunk_kernel(h, t, 0, False)`` for a chunk that ``applies``: the same outputs."""
+def group_kernel(h: portfolio.Holdings, t: Any, interpret: bool | None = None) -> dict:
+    """``engine.chunk_kernel(h, t, 0, False)`` over a group of ``G`` chunks ``[G, n, ...]``
+    that ``applies``, in one Pallas call (one kernel launch for the group, so its programs
+    fill the device rather than one chunk's few hundred at a time).
+
+    Returns:
+      The per-account rows ``[G, n]`` of ``engine.chunk_kernel`` under ``lax.map``, and the
+      group's per-scenario ``sums`` ``[1, len(SUM_NAMES), S]``, ``top2`` ``[1, 2, S]`` and
+      ``und_closed`` ``[1, U, S]``: summed (or, for the two largest bad debts, merged) over its
+      chunks, which is all the caller does with them.
+    """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    n, J, L = h.inst.shape
+    G, n, J, L = h.inst.shape
+    N = G * n
     T, W = t.user.shape
     S = T * W
     dt = t.value.dtype
     U = t.und_asset.shape[0]
     BA, BS, R, warps = blocks(dt, n, W)
-    nsplit, nS = n // (BA * R), S // BS
+    n_prog, nS = N // (BA * R), S // BS
+    flat_h = jax.tree_util.tree_map(lambda x: None if x is None else x.reshape((N,) + x.shape[2:]), h)
 
-    eq0, coll0, mm0, g0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut, t.notional0))
-    validf = h.valid.astype(dt)
-    und = (engine.underlying_notional(h, t) * validf[:, None]).T  # [2U, n]
+    eq0, coll0, mm0, g0 = (x[:, 0] for x in portfolio.state(flat_h, t.value0, t.mm0, t.price0, t.haircut, t.notional0))
+    validf = flat_h.valid.astype(dt)
+    und = (engine.underlying_notional(flat_h, t) * validf[:, None]).T  # [2U, N]
+    # each program computes its blocks up to the last that holds a real account: a group's
+    # padding (rows, or whole chunks, at its end) costs nothing
+    last = jnp.max(jnp.where(flat_h.valid, jnp.arange(N), -1).reshape(n_prog, R * BA), axis=1)
+    nblk = jnp.where(last >= 0, last - jnp.arange(n_prog) * R * BA, -1) // BA + 1  # [n_prog]
 
     def flat(x):  # [T, X, W] -> [X, T * W], scenario s at column s
         return x.transpose(1, 0, 2).reshape(x.shape[1], S)
@@ -165,8 +205,10 @@ def chunk_kernel(h: portfolio.Holdings, t: Any, interpret: bool | None = None) -
     price = flat(t.price)
     keep = (1.0 - t.haircut).astype(dt)
     rate = jnp.reshape(jnp.asarray(0.0 if t.fee_rate is None else t.fee_rate, dt), (1,))
-    hold = (h.inst.reshape(n, J * L).T, h.qty.reshape(n, J * L).T, h.weight.reshape(n, J * L).T, h.asset.T, h.balance.T)
-    ins = (*hold, validf, eq0, *und, flat(t.value), flat(t.mm), flat(t.notional), price, keep,
+    JL = J * L
+    hold = (flat_h.inst.reshape(N, JL).T, flat_h.qty.reshape(N, JL).T, flat_h.weight.reshape(N, JL).T,
+            flat_h.asset.T, flat_h.balance.T)
+    ins = (nblk.astype(jnp.int32), *hold, validf, eq0, *und, flat(t.value), flat(t.mm), flat(t.notional), price, keep,
            t.user.reshape(S).astype(jnp.int32), rate)
 
     def whole(x):
@@ -174,17 +216,18 @@ def chunk_kernel(h: portfolio.Holdings, t: Any, interpret: bool | None = None) -
 
     per_account = pl.BlockSpec((pl.squeezed, BA * R), lambda p, s: (s, p))
     per_scenario = pl.BlockSpec((pl.squeezed, BS), lambda p, s: (p, s))
+    n_sc = N_SUMS + 2 + 2 * U
     out_shape = (
-        [jax.ShapeDtypeStruct((nS, n), dt), jax.ShapeDtypeStruct((nS, n), jnp.int32)]
-        + [jax.ShapeDtypeStruct((nS, n), dt)] * 2
-        + [jax.ShapeDtypeStruct((nsplit, S), dt)] * (7 + 2 * U)
+        [jax.ShapeDtypeStruct((nS, N), dt), jax.ShapeDtypeStruct((nS, N), jnp.int32)]
+        + [jax.ShapeDtypeStruct((nS, N), dt)] * 2
+        + [jax.ShapeDtypeStruct((n_prog, S), dt)] * n_sc
     )
     extra = {} if interpret else {"compiler_params": _triton_params(warps)}
     outs = pl.pallas_call(
         _kernel(J, L, BA, BS, R, U),
-        grid=(nsplit, nS),
+        grid=(n_prog, nS),
         in_specs=[whole(x) for x in ins],
-        out_specs=[per_account] * 4 + [per_scenario] * (7 + 2 * U),
+        out_specs=[per_account] * 4 + [per_scenario] * n_sc,
         out_shape=out_shape,
         interpret=interpret,
         **extra,
@@ -197,19 +240,19 @@ def chunk_kernel(h: portfolio.Holdings, t: Any, interpret: bool | None = None) -
     arg = jnp.take_along_axis(o_arg, b[None, :], axis=0)[0]
     by_name = {"liquidatable": liq, "shortfall": short, "bad_debt": bad, "fees": fee, "liquidated_notional": closed}
     sums = jnp.stack([by_name[k].sum(0) if k in by_name else jnp.zeros(S, dt) for k in engine.SUM_NAMES])
-    both = jnp.concatenate([top1, top2])  # the two largest of each block: the chunk's two largest
-    top2_chunk = jax.lax.top_k(both.T, 2)[0].T
+    top2_group = jax.lax.top_k(jnp.concatenate([top1, top2]).T, 2)[0].T  # each program's two largest
     if U:
         r_lin = jnp.stack([x.sum(0) for x in und_s[:U]])
         r_fix = jnp.stack([x.sum(0) for x in und_s[U:]])
         und_closed = r_lin * price[t.und_asset] + r_fix
     else:
         und_closed = jnp.zeros((0, S), dt)
+    rows = engine.account_rows(eq0, coll0, mm0, g0, best, arg, jnp.max(o_gap, axis=0), jnp.max(o_cost, axis=0))
     return {
-        **engine.account_rows(eq0, coll0, mm0, g0, best, arg, jnp.max(o_gap, axis=0), jnp.max(o_cost, axis=0)),
-        "sums": sums,
-        "top2": top2_chunk,
-        "und_closed": und_closed,
+        **{k: v.reshape((G, n) + v.shape[1:]) for k, v in rows.items()},
+        "sums": sums[None],
+        "top2": top2_group[None],
+        "und_closed": und_closed[None],
     }
 
 
