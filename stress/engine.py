@@ -411,6 +411,11 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     keep_pnl = with_pnl or n_random > 0
     paths = t.value.shape[2] > W  # K > 1 steps per scenario
     fuse = fusion(dt)
+    # Closing costs (and tiers, and partial close-outs) need each account's notional in every
+    # scenario. Without them it is not gathered: the notional closed is then the sum of the
+    # per-underlying notional closed, from each account's fixed weights (``und_weights``).
+    charged = t.fee_rate is not None or t.impact is not None
+    gather_notional = charged or t.tiers is not None or t.partial_target is not None
     if fuse["matvec"]:
         total = lambda x: validf @ x  # noqa: E731
     else:
@@ -422,6 +427,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         paid, the notional closed, what closed positions gained after their close; and the
         bad debt under each reported oracle lag."""
         per_contract = (notional,) if impact is None else (notional, impact)
+        per_contract = per_contract if gather_notional else ()
         m_pm = t.model_margin(h, pmx)
         hc = t.haircut_of(hc_base)
         if t.partial_target is not None:
@@ -439,7 +445,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         # configured lag's)
         lagged = [liquidation.path_outcome(W, eq, coll, m, lag=k)[0] for k in t.lags]
         eq, coll, m, *g, liq, at = liquidation.path_outcome(W, eq, coll, m, *g, lag=t.lag, at=True)
-        closed = jnp.where(liq, g[0], 0.0)
+        closed = jnp.where(liq, g[0], 0.0) if g else None
         cost = jnp.where(liq, g[1], 0.0) if impact is not None else jnp.zeros_like(eq)
         # the impact first, then the fee out of what remains (so a fee never creates bad debt)
         f = liquidation.fee(eq - cost, g[0], liq, t.fee_rate) if t.fee_rate is not None else jnp.zeros_like(eq)
@@ -459,19 +465,20 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             jnp.where(better, k, best_tile),
             jnp.maximum(gap_max, jnp.max(jnp.where(user[None, :], gap, -jnp.inf), axis=1)),
             n_liq + (jnp.sum(liqf * rnd[None, :], axis=1) if n_random else 0.0),
-            jnp.maximum(cost_max, jnp.max(jnp.where(user[None, :], f + cost, 0.0), axis=1)),
+            jnp.maximum(cost_max, jnp.max(jnp.where(user[None, :], f + cost, 0.0), axis=1)) if charged else cost_max,
         )
         bad = liquidation.bad_debt(eq)
-        zero = jnp.zeros(W, dt)
-        sums = jnp.stack([total(liqf), total(jnp.maximum(gap, 0.0)), total(bad),
-                          total(closed_out) if paths else zero,  # nothing closes early in one step
-                          total(f), total(cost), total(closed)])
-        lag_bad = jnp.stack([total(liquidation.bad_debt(e)) for e in lagged]) if lagged else None
         # notional closed per underlying: the share closed at each step times the account's
         # notional there, summed over accounts (one [2U, n] @ [n, K*W] product) and steps
         U = t.und_asset.shape[0]
         r = und_weights @ at  # [2U, K*W]
         und_closed = (r[:U] * price[t.und_asset] + r[U:]).reshape(U, -1, W).sum(axis=1)
+        zero = jnp.zeros(W, dt)
+        sums = jnp.stack([total(liqf), total(jnp.maximum(gap, 0.0)), total(bad),
+                          total(closed_out) if paths else zero,  # nothing closes early in one step
+                          total(f) if t.fee_rate is not None else zero, total(cost) if impact is not None else zero,
+                          total(closed) if closed is not None else und_closed.sum(axis=0)])
+        lag_bad = jnp.stack([total(liquidation.bad_debt(e)) for e in lagged]) if lagged else None
         bad = bad * validf[:, None]
         group_bad = None
         if t.n_groups:  # Cover 2 counts a group's defaults together, and its accounts not alone

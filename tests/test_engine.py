@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -130,6 +132,17 @@ def test_liquidated_notional_per_underlying_adds_up_to_the_total(snap, base_resu
     assert [c for c in sc if c.startswith("liquidated_notional_")] == cols and len(cols) == 3
     assert (sc.liquidated_notional > 0).sum() > 10 and (sc[cols] >= 0).all().all()
     np.testing.assert_allclose(sc[cols].sum(axis=1), sc.liquidated_notional, rtol=1e-9, atol=1e-6)
+
+
+def test_liquidated_notional_is_the_same_gathered_per_position_as_from_the_underlyings(snap, scen, base_result):
+    # Without closing costs the total is the sum over underlyings of each account's fixed
+    # notional weights times prices; a fee makes the kernel gather every position's notional
+    # in every scenario and step instead. A fee of 1e-9 decides no liquidation differently.
+    feed = dataclasses.replace(snap, liquidation_config={**snap.liquidation_config, "fee_rate": 1e-9})
+    res = stress.run(feed, scen)
+    assert res.scenarios.fees.sum() > 0
+    np.testing.assert_allclose(res.scenarios.liquidated_notional, base_result.scenarios.liquidated_notional,
+                               rtol=1e-9, atol=1e-6)
 
 
 def test_results_do_not_depend_on_row_order(sample_tables, tmp_path, base_result, small_default_path):
