@@ -284,6 +284,20 @@ def test_tail_loss_takes_the_ceil_099_m_order_statistic():
     assert all(math.isnan(x) for x in report.tail_loss([]))
 
 
+@pytest.mark.parametrize("levels", [3, 1000])
+def test_riskiest_accounts_are_those_of_a_full_sort_with_ties_broken_by_id(levels):
+    # many accounts tied at the cut (3 shortfall levels), or few; NaN as the least risky
+    rng = np.random.default_rng(5)
+    n = 2000
+    short = rng.integers(0, levels, n).astype(float)
+    short[rng.choice(n, 50, replace=False)] = np.nan
+    acc = pd.DataFrame({"account_id": [f"acct-{i:05d}" for i in rng.permutation(n)], "shortfall_worst": short})
+    expect = acc.assign(neg=-acc.shortfall_worst.fillna(-np.inf)).sort_values(["neg", "account_id"]).head(report.TOP)
+    got = report.riskiest(acc)
+    assert got.account_id.tolist() == expect.account_id.tolist()
+    assert report.riskiest(acc, n=5).account_id.tolist() == expect.account_id.tolist()[:5]
+
+
 def test_concentration_shares_of_the_largest_accounts():
     c = report.concentration([20.0, np.nan, 50.0, 30.0])
     assert c["total"] == 100.0
