@@ -24,21 +24,27 @@ def fee_snapshot(tmp_path_factory, sample_tables):
 
 def _shocks(n: int, n_assets: int) -> Scenarios:
     """Large joint moves (30% lognormal spot, vol shifts of 0.2), so that accounts breach,
-    pay the fee and leave bad debt; one repeated scenario makes ties for the worst."""
+    pay the fee and leave bad debt; one scenario repeated twice makes ties for the worst, in the
+    same tile of scenarios and (with tiles of 16) in another."""
     rng = np.random.default_rng(3)
     spot = np.exp(0.3 * rng.standard_normal((n, n_assets)))
-    spot[7] = spot[2]
     vol = 0.2 * rng.standard_normal((n, n_assets))
-    vol[7] = vol[2]
+    for twin in (7, 20)[: (n > 7) + (n > 20)]:
+        spot[twin], vol[twin] = spot[2], vol[2]
     return Scenarios(tuple(f"s{i:03d}" for i in range(n)), ("explicit",) * n, spot, vol, np.zeros(n), source="test")
 
 
 # block shapes: one program per chunk; two per chunk (so that some hold only padding rows) of
 # one-account blocks (so that a scenario's two largest bad debts often share a row of the
-# kernel's accumulators)
-@pytest.mark.parametrize("blocks", [(16, 128, 1024, 4), (1, 64, 64, 4)])
-def test_the_fused_kernel_reproduces_the_xla_kernel_run(fee_snapshot, monkeypatch, blocks, dtype="float64", rtol=1e-12):
+# kernel's accumulators); and tiles of 16 scenarios, one launch per tile (merged across launches)
+@pytest.mark.parametrize("blocks, tile, pass_bytes", [((16, 128, 1024, 4), None, None), ((1, 64, 64, 4), None, None),
+                                                       ((4, 16, 32, 4), 16, 1)])
+def test_the_fused_kernel_reproduces_the_xla_kernel_run(fee_snapshot, monkeypatch, blocks, tile, pass_bytes,
+                                                        dtype="float64", rtol=1e-12):
     monkeypatch.setitem(fused.BLOCKS, dtype, blocks)
+    if tile:
+        monkeypatch.setitem(engine.TILE, "cpu", tile)
+        monkeypatch.setattr(fused, "PASS_BYTES", pass_bytes)
     scen = _shocks(40, fee_snapshot.n_assets)
     ref = stress.run(fee_snapshot, scen, dtype=dtype)
     assert ref.scenarios.fees.sum() > 0 and ref.scenarios.bad_debt.sum() > 0  # the run exercises both
