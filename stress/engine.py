@@ -426,8 +426,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         and margin at the step that decides the path; liquidated or not; the fee, the impact
         paid, the notional closed, what closed positions gained after their close; and the
         bad debt under each reported oracle lag."""
-        per_contract = (notional,) if impact is None else (notional, impact)
-        per_contract = per_contract if gather_notional else ()
+        per_contract = ((notional,) if impact is None else (notional, impact)) if gather_notional else ()
         m_pm = t.model_margin(h, pmx)
         hc = t.haircut_of(hc_base)
         if t.partial_target is not None:
@@ -588,13 +587,18 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
 
 
 def largest_two(x: Any) -> Any:
-    """``[2, W]``: the largest and second-largest entry of each column of ``x`` ``[n, W]``,
-    ``x >= 0``: the maximum, then the maximum below it, or the maximum again when it occurs
-    twice (plain fused reductions: a variadic (first, second) reduce doubled the kernel's time)."""
+    """``[2, W]``: ``two_largest`` stacked."""
+    return jnp.stack(two_largest(x))
+
+
+def two_largest(x: Any) -> tuple[Any, Any]:
+    """The largest and second-largest entry of each column of ``x`` ``[n, W]``, ``x >= 0``, each
+    ``[W]``: the maximum, then the maximum below it, or the maximum again when it occurs twice
+    (plain fused reductions: a variadic (first, second) reduce doubled the kernel's time)."""
     first = jnp.max(x, axis=0)
     below = jnp.max(jnp.where(x < first[None, :], x, 0.0), axis=0)
     twice = jnp.sum((x == first[None, :]).astype(x.dtype), axis=0) > 1
-    return jnp.stack([first, jnp.where(twice, first, below)])
+    return first, jnp.where(twice, first, below)
 
 
 def _tail_size(m: int, level: float) -> int:

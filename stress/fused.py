@@ -155,10 +155,7 @@ def _kernel(J: int, L: int, BA: int, BS: int, R: int, U: int):
         jax.lax.fori_loop(n_blocks, R, empty, 0)
         # the program's two largest: the largest row maximum, then the next of the rows'
         # maxima (that one again if two rows share it) or the largest row runner-up
-        first = jnp.max(top1, axis=0)
-        is_first = top1 == first[None, :]
-        twice = jnp.sum(jnp.where(is_first, 1.0, 0.0), axis=0) > 1
-        second = jnp.where(twice, first, jnp.max(jnp.where(is_first, 0.0, top1), axis=0))
+        first, second = engine.two_largest(top1)
         reduced = (*(jnp.sum(x, axis=0) for x in sums), first, jnp.maximum(second, jnp.max(top2, axis=0)),
                    *(jnp.sum(x, axis=0) for x in und))
         for ref, x in zip(s_out, reduced):
