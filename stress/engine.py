@@ -113,7 +113,8 @@ class Tables:
     haircut_base: Any = None  # [T, A, K*W] vol-scaled haircuts of dynamic haircuts; None: static
     # Var margin model (None: another model): the windows around every state, "pnl" [T, I, K*W,
     # H] USD per contract and "dp" [T, A, K*W, H] USD per unit of each asset, "im" [T, I, K*W]
-    # standard IM per contract of weight (the floor), "*0" at the snapshot, "floor", "factor".
+    # standard IM per contract of weight (the floor), "*0" at the snapshot, "floor", "factor",
+    # "tiers" (risk-limit tiers of IM, ``_tiers``; None: untiered).
     var: Any = None
     var_tail: int = dataclasses.field(default=0, metadata={"static": True})  # windows in the ES tail
 
@@ -121,8 +122,8 @@ class Tables:
         """The per-tile tables of the portfolio or var margin model (``model_margin``)."""
         if self.pm is not None:
             return self.pm["pnl"], self.pm["delta"], self.pm["roll"]
-        if self.var is not None:
-            return self.var["pnl"], self.var["dp"], self.var["im"]
+        if self.var is not None:  # the notional tiers the floor, where IM has tiers
+            return self.var["pnl"], self.var["dp"], self.var["im"], self.notional if self.var["tiers"] else None
         return None
 
     def model_margin(self, h: Holdings, x: tuple | None) -> Any:
@@ -139,8 +140,11 @@ class Tables:
         tables = self.pm or self.var
         if tables is None:
             return None
-        names = ("pnl0", "delta0", "roll0") if self.pm is not None else ("pnl0", "dp0", "im0")
-        return self.model_margin(h, tuple(tables[k] for k in names))[:, 0]
+        if self.pm is not None:
+            x = tuple(tables[k] for k in ("pnl0", "delta0", "roll0"))
+        else:
+            x = tuple(tables[k] for k in ("pnl0", "dp0", "im0")) + (self.notional0 if tables["tiers"] else None,)
+        return self.model_margin(h, x)[:, 0]
 
     def haircut_of(self, base: Any) -> Any:
         """The haircut of a tile whose vol-scaled haircuts are ``base`` (``[A, K*W]``, a
@@ -291,7 +295,8 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
                "pnl0": jnp.asarray(np.asarray(g["pnl"])[0][:, None, :], dtype),
                "dp0": jnp.asarray(np.asarray(g["dp"])[0][:, None, :], dtype),
                "im0": jnp.asarray(np.asarray(im)[:, :1], dtype),
-               "floor": jnp.asarray(vc["var_floor"], dtype), "factor": jnp.asarray(margin.resolve(snap).pm_mm_factor, dtype)}
+               "floor": jnp.asarray(vc["var_floor"], dtype), "factor": jnp.asarray(margin.resolve(snap).pm_mm_factor, dtype),
+               "tiers": _tiers(snap.params, snap.params.tier_im, dtype)}
         var_tail = _tail_size(windows.shape[0], vc["confidence"])
 
     user = np.arange(T * W) < S

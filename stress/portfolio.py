@@ -340,7 +340,7 @@ def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict) -> 
     return pm["factor"] * jnp.sum(rm + rsum + shock, axis=1)
 
 
-def var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, var: dict, tail: int) -> Any:
+def var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, notional: Any, var: dict, tail: int) -> Any:
     """Var-model maintenance margin of a chunk of accounts at every scenario state, USD ``[n, W]``:
     ``mm_factor * max(ES, var_floor * standard IM)``, with ES the mean of the ``tail`` largest
     losses of the account's equity over the windows around the state (floored at 0).
@@ -351,10 +351,13 @@ def var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, var: dict, tail: int) ->
         (``margin.var_grids``), or a function of instrument indices; ``dp``: ``[A, W, H]``
         each asset's USD price change (its balances'), likewise.
       im: ``[I, W]`` standard initial margin per contract of weight at each state, USD.
-      var: ``floor`` (``var_floor``) and ``factor`` (``mm_factor``), ``[]`` each.
+      notional: ``[I, W]`` notional per contract at each state, USD, when ``var["tiers"]``
+        (risk-limit tiers of initial margin, ``tier_extra``) tier the floor; else None.
+      var: ``floor`` (``var_floor``) and ``factor`` (``mm_factor``), ``[]`` each, and ``tiers``.
       tail: losses in the tail, ``m - ceil(confidence * m) + 1`` of ``H`` windows.
     """
     pnl, dp, im = _rows(pnl), _rows(dp), _rows(im)
+    notional = None if notional is None else _rows(notional)
     n, J, L = h.inst.shape
     first = pnl(h.inst[:, 0, 0])
     W, H = first.shape[1:]
@@ -363,7 +366,10 @@ def var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, var: dict, tail: int) ->
     def position(j, l, carry):
         gain, std = carry
         i = h.inst[:, j, l]
-        return gain + h.qty[:, j, l, None, None] * pnl(i), std + h.weight[:, j, l, None] * im(i)
+        std = std + h.weight[:, j, l, None] * im(i)
+        if notional is not None:  # the position's tier at the state's prices, as at the snapshot
+            std = std + tier_extra(jnp.abs(h.qty[:, j, l, None]) * notional(i), i, var["tiers"])
+        return gain + h.qty[:, j, l, None, None] * pnl(i), std
 
     def slot(j, carry):
         gain, std = _repeat(L, lambda l, c: position(j, l, c), carry, unroll)

@@ -126,6 +126,23 @@ def test_var_margin_under_stress_is_floored_at_the_standard_margin_of_the_state(
     assert res.scenarios.set_index("scenario").shortfall_total["down2"] == pytest.approx(78.4 - 10.0, rel=1e-12)
 
 
+def test_var_floor_under_stress_takes_the_risk_limit_tier_of_the_state(tmp_path):
+    # IM 2% up to 900 USD of notional, 4% above; var_floor = 5, so the floor binds everywhere.
+    # flat (BTC 100): notional 1,000 -> IM 40, floor 200, MM 0.8 x 200 = 160; a's equity 30.
+    # down2 (98): 980 -> IM 39.2, floor 196, MM 156.8; equity 10 -> shortfall 146.8.
+    # up10 (110): 1,100 -> IM 44, floor 220, MM 176; equity 130 -> shortfall 46.
+    # (Untiered, 2%, the floors would be 100, 98 and 110.) b holds 10,000 USDC: never short.
+    tiers = "future_tiers = [[900, 0.02, 0.01], [1e9, 0.04, 0.02]]\n"
+    res = stress.run(_thin(tmp_path / "run", BASE + "var_floor = 5.0\n" + tiers), _scen())
+    sc = res.scenarios.set_index("scenario")
+    np.testing.assert_allclose(sc.shortfall_total, [130.0, 146.8, 46.0], rtol=1e-12)
+    acc = res.accounts.set_index("account_id")
+    np.testing.assert_allclose(acc.maintenance_margin, [160.0, 160.0], rtol=1e-12)
+    # at the snapshot, the same as stress margin --model var, whose floor is the tiered IM
+    m = account_margin(_thin(tmp_path / "margin", BASE + "var_floor = 5.0\n" + tiers))["accounts"].set_index("account_id")
+    np.testing.assert_allclose(acc.maintenance_margin, m.maintenance_margin, rtol=1e-12)
+
+
 def test_var_margin_under_stress_does_not_depend_on_chunking_or_path_steps(tmp_path):
     # A two-step path, down2 then back to flat, is decided at its first step, where the
     # margin is the var margin around down2 (29.2 short, not flat's 10); chunk sizes 1 and 128
