@@ -905,8 +905,10 @@ def _var_margin(snap: Any) -> dict:
     S, A = spot.shape
     scen = Scenarios(tuple(f"w{i}" for i in range(S)), ("replay",) * S, spot, np.zeros((S, A)),
                      np.full(S, c["var_horizon_days"]))
-    # the windows' P&L only: the engine need not take the var model's margin in every window
-    plain = dataclasses.replace(snap, margin_config={**snap.margin_config, "model": "standard"})
+    # the windows' revaluation only, as the run's var margin under stress takes it: not the var
+    # model's margin in every window, and no closing fee or impact netted where the engine
+    # would liquidate the account in a window
+    plain = dataclasses.replace(snap, margin_config={**snap.margin_config, "model": "standard"}, liquidation_config={})
     _, acc, _, _ = engine._stream(plain, scen, None, "float64", None, False, level=c["confidence"])
     es = np.maximum(acc["es_99"], 0.0)  # a book that gains in every window needs no VaR margin
     std = account_margin(snap, "standard")

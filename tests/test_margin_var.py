@@ -81,11 +81,11 @@ def test_short_history_and_missing_history_are_input_errors(tmp_path):
     assert err.value.column == "confidence"
 
 
-def _thin(tmp_path, margin: str):
-    """The book above with account a holding 30 USDC instead of 10,000."""
+def _thin(tmp_path, margin: str, amount: float = 30.0):
+    """The book above with account a holding 30 USDC (or ``amount``) instead of 10,000."""
     _snap(tmp_path, margin)
     bal = pd.read_csv(tmp_path / "balances.csv")
-    bal.loc[bal.account_id == "a", "amount"] = 30.0
+    bal.loc[bal.account_id == "a", "amount"] = amount
     bal.to_csv(tmp_path / "balances.csv", index=False)
     return stress.load_snapshot(tmp_path)
 
@@ -141,6 +141,18 @@ def test_var_floor_under_stress_takes_the_risk_limit_tier_of_the_state(tmp_path)
     # at the snapshot, the same as stress margin --model var, whose floor is the tiered IM
     m = account_margin(_thin(tmp_path / "margin", BASE + "var_floor = 5.0\n" + tiers))["accounts"].set_index("account_id")
     np.testing.assert_allclose(acc.maintenance_margin, m.maintenance_margin, rtol=1e-12)
+
+
+def test_var_margin_takes_no_liquidation_fee_at_the_snapshot_or_under_stress(tmp_path):
+    # a holds 65 USDC: in the worst window (r = -6%) its equity is 5, under the standard MM of
+    # 1% x 940, so the engine would close it there and charge the 5% fee out of those 5. The
+    # var model's losses are the revaluation's: the three largest 60, 50, 40, ES 50, MM 40,
+    # in stress margin as in the run's snapshot margin.
+    margin = BASE + "var_floor = 0.5\n[liquidation]\nfee_rate = 0.05\n"
+    m = account_margin(_thin(tmp_path / "margin", margin, 65.0))["accounts"].set_index("account_id")
+    assert m.expected_shortfall["a"] == pytest.approx(50.0, rel=1e-12)
+    res = stress.run(_thin(tmp_path / "run", margin, 65.0), _scen())
+    np.testing.assert_allclose(res.accounts.set_index("account_id").maintenance_margin, m.maintenance_margin, rtol=1e-12)
 
 
 def test_var_margin_under_stress_does_not_depend_on_chunking_or_path_steps(tmp_path):
