@@ -233,7 +233,7 @@ def group_kernel(h: portfolio.Holdings, t: Any, interpret: bool | None = None) -
     call = pl.pallas_call(
         _kernel(J, L, BA, BS, R, U),
         grid=(n_prog, nS),
-        in_specs=[whole(x) for x in (jnp.zeros(1, jnp.int32), *ins)],
+        in_specs=[pl.BlockSpec((1,), lambda p, s: (0,))] + [whole(x) for x in ins],  # the offset, then ins
         out_specs=[per_account] * 4 + [per_scenario] * n_sc,
         out_shape=out_shape,
         interpret=interpret,

@@ -154,6 +154,7 @@ def coverage(fund: Any, bad_debt: Any) -> float:
 def riskiest(accounts: pd.DataFrame, n: int = TOP) -> pd.DataFrame:
     """The ``n`` accounts with the largest worst-case margin shortfall (ties: account id)."""
     s = pd.to_numeric(accounts["shortfall_worst"], errors="coerce").fillna(-np.inf).to_numpy(np.float64)
+    rows = np.arange(len(s))
     if 0 < n < len(s) // 4:
         # sort only the rows that can make the table (a full sort of a million rows is most of
         # the report's time): those above the n-th largest value, and the first ids among the
@@ -162,9 +163,9 @@ def riskiest(accounts: pd.DataFrame, n: int = TOP) -> pd.DataFrame:
         above, tied = np.flatnonzero(s > cut), np.flatnonzero(s == cut)
         ids = accounts["account_id"].to_numpy()[tied].astype(str)
         tied = tied[np.argsort(ids, kind="stable")[: n - len(above)]]
-        accounts = accounts.iloc[np.sort(np.concatenate([above, tied]))]
-    df = accounts.assign(_s=pd.to_numeric(accounts["shortfall_worst"], errors="coerce").fillna(-np.inf),
-                         _id=accounts["account_id"].astype(str))
+        rows = np.sort(np.concatenate([above, tied]))
+    df = accounts.iloc[rows]
+    df = df.assign(_s=s[rows], _id=df["account_id"].astype(str))
     df = df.sort_values(["_s", "_id"], ascending=[False, True], kind="mergesort")
     return df.drop(columns=["_s", "_id"]).head(n)
 
