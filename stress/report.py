@@ -36,6 +36,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ LEVEL = 0.99  # VaR / ES confidence
 TOP = 20  # riskiest accounts shown
 MAX_BARS = 40  # scenarios per bar chart: the worst ones, so a 10,000-path run stays readable
 TOP_RANDOM_ROWS = 20  # random scenarios listed in the scenario table (the worst by bad debt)
+MAX_FIXED_ROWS = 500  # explicit, grid and event scenarios listed; beyond it, the worst ones
 CONCENTRATION_TOP = (1, 10, 100)
 LABEL_CHARS = 40  # chart tick labels are cut to this many characters (tables show ids whole)
 
@@ -369,15 +371,20 @@ def write(res: Any, out: str | Path, breaches: list[str] | None = None,
     try:
         summary = _jsonable({**res.summary, "limit_breaches": breaches or []})
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        res.accounts.to_parquet(tmp / "accounts.parquet", index=False)
-        res.scenarios.to_parquet(tmp / "scenarios.parquet", index=False)
+        frames = {"accounts.parquet": res.accounts, "scenarios.parquet": res.scenarios}
         names = list(FILES)
         if exposure is not None:
-            exposure.to_parquet(tmp / EXPOSURE_FILE, index=False)
+            frames[EXPOSURE_FILE] = exposure
             names.append(EXPOSURE_FILE)
-        ctx = context(summary, res.accounts, res.scenarios, exposure)
-        (tmp / "report.md").write_text(markdown(ctx))
-        (tmp / "report.html").write_text(html(ctx))
+        # Parquet encoding runs in Arrow's C++ with the GIL released, so the tables are written
+        # on a thread while the charts (pure Python) are drawn: at 1M accounts, 0.7 s of 3 s.
+        # Both only read the frames.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            written = pool.submit(lambda: [df.to_parquet(tmp / name, index=False) for name, df in frames.items()])
+            ctx = context(summary, res.accounts, res.scenarios, exposure)
+            (tmp / "report.md").write_text(markdown(ctx))
+            (tmp / "report.html").write_text(html(ctx))
+            written.result()
         if out.exists():
             for name in names:
                 os.replace(tmp / name, out / name)
@@ -478,6 +485,12 @@ def _details(summary: dict) -> list[tuple[str, str]]:
     return out
 
 
+def _worst(scenarios: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The ``k`` scenarios of largest bad debt, ties by lowest P&L, then file order."""
+    keyed = scenarios.assign(_b=scenarios["bad_debt"], _p=scenarios["pnl_total"])
+    return keyed.sort_values(["_b", "_p"], ascending=[False, True], kind="mergesort").head(k).drop(columns=["_b", "_p"])
+
+
 def context(summary: dict, accounts: pd.DataFrame, scenarios: pd.DataFrame,
             exposure: pd.DataFrame | None = None, top: int = TOP) -> dict:
     """Everything report.md and report.html show, as formatted text (no further arithmetic)."""
@@ -485,11 +498,15 @@ def context(summary: dict, accounts: pd.DataFrame, scenarios: pd.DataFrame,
     fixed = scenarios.drop(index=rnd.index)
     top_acc = riskiest(accounts, top)
     notes = []
-    sc_tables = [table(fixed, SCENARIO_TABLE, "Scenarios", "" if len(fixed) else "No explicit, grid or event scenarios.")]
+    if len(fixed) <= MAX_FIXED_ROWS:  # named scenarios: all of them, in file order
+        sc_tables = [table(fixed, SCENARIO_TABLE, "Scenarios", "" if len(fixed) else "No explicit, grid or event scenarios.")]
+    else:  # thousands of rows would make the page unreadable (and slow to write)
+        sc_tables = [table(_worst(fixed, MAX_FIXED_ROWS), SCENARIO_TABLE,
+                           f"Worst {MAX_FIXED_ROWS:,} of {len(fixed):,} scenarios (by bad debt, then P&L)",
+                           "Every scenario is in scenarios.parquet.")]
     if len(rnd):
-        worst_rnd = rnd.assign(_b=rnd["bad_debt"], _p=rnd["pnl_total"]).sort_values(
-            ["_b", "_p"], ascending=[False, True], kind="mergesort").head(TOP_RANDOM_ROWS)
-        sc_tables.append(table(worst_rnd.drop(columns=["_b", "_p"]), SCENARIO_TABLE,
+        worst_rnd = _worst(rnd, TOP_RANDOM_ROWS)
+        sc_tables.append(table(worst_rnd, SCENARIO_TABLE,
                                f"Worst {len(worst_rnd):,} of {len(rnd):,} random scenarios (by bad debt, then P&L)"))
         var, es = tail_loss(rnd["pnl_total"])
         pnl_stats = _pairs("Exchange P&L over random scenarios", [

@@ -487,6 +487,22 @@ def test_numbers_shown_equal_the_parquet_files(mc_report, fmt):
     _check_concentration(tables, acc)
 
 
+def test_a_long_list_of_named_scenarios_shows_its_worst_and_points_to_the_parquet(mc, tmp_path, monkeypatch):
+    res = mc[2]
+    fixed = res.scenarios[~res.scenarios.kind.isin(["montecarlo", "replay"])]
+    assert len(fixed) > 3 and (fixed.bad_debt > 0).sum() >= 2
+    monkeypatch.setattr(report, "MAX_FIXED_ROWS", 3)
+    out = report.write(res, tmp_path / "r")
+    for fmt in ("md", "html"):
+        text = (out / f"report.{fmt}").read_text()
+        tables = md_tables(text) if fmt == "md" else html_tables(text)
+        t = find(tables, f"Worst 3 of {len(fixed)} scenarios")
+        expect = fixed.sort_values(["bad_debt", "pnl_total"], ascending=[False, True], kind="mergesort").head(3)
+        assert [r[0] for r in t["rows"]] == list(expect.scenario)
+        assert "Every scenario is in scenarios.parquet." in text
+    assert len(pd.read_parquet(out / "scenarios.parquet")) == len(res.scenarios)  # the file keeps them all
+
+
 def test_html_sort_keys_are_the_values_to_the_cent(mc_report):
     """Sortable cells carry the number to the cent, so sorting is finer than the display."""
     page = (mc_report / "report.html").read_text()
