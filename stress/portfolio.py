@@ -77,7 +77,7 @@ class Bucket:
 
     J: int
     L: int
-    accounts: np.ndarray  # [m] account index, ascending
+    accounts: np.ndarray  # [m] account index of each row (ascending, unless ``layout`` was given an order)
     inst: np.ndarray  # [m, J, L] int32
     qty: np.ndarray  # [m, J, L]
     weight: np.ndarray  # [m, J, L]
@@ -127,6 +127,7 @@ def layout(
     pos_weight: np.ndarray,
     settlement: np.ndarray,
     balances: np.ndarray,
+    order: np.ndarray | None = None,
 ) -> list[Bucket]:
     """Group accounts into ``(J, L)`` buckets of slot-major holdings (vectorised, no row loop).
 
@@ -136,6 +137,9 @@ def layout(
     Args:
       pos_*: positions in COO form ``[N]``. settlement: ``[I]`` settlement asset index.
       balances: ``[n, A]`` balances.
+      order: optional ``[n]`` rank of each account (a permutation of ``0 .. n-1``): within a
+        bucket, accounts are laid out in this order (default: by index). Only which chunk an
+        account lands in depends on it, not any of its values.
 
     Returns:
       One ``Bucket`` per padded shape, in ascending ``(J, L)``.
@@ -171,7 +175,11 @@ def layout(
         Jp[big], Lp[big] = _pow2(J[big].max()), _pow2(L[big].max())
     shape_key = Jp * (1 << 32) + Lp
     shapes, bucket = np.unique(shape_key, return_inverse=True)
-    row = _rank_in_group_unsorted(bucket)  # each account's row within its bucket
+    rank = np.arange(n) if order is None else np.asarray(order, np.int64)
+    by_row = np.argsort(bucket.astype(np.int64) * max(n, 1) + rank)  # by bucket, then rank
+    row = np.empty(n, np.int64)
+    row[by_row] = _rank_in_group(bucket[by_row])  # each account's row within its bucket
+    first_row = np.searchsorted(bucket[by_row], np.arange(len(shapes) + 1))
     s_order = np.argsort(bucket[slot_acc], kind="stable")
     p_order = np.argsort(bucket[pos_account], kind="stable")
     s_split = np.searchsorted(bucket[slot_acc][s_order], np.arange(1, len(shapes)))
@@ -179,7 +187,7 @@ def layout(
     out = []
     for b, (key, s, p) in enumerate(zip(shapes, np.split(s_order, s_split), np.split(p_order, p_split))):
         bj, bl = int(key >> 32), int(key & 0xFFFFFFFF)
-        acc = np.flatnonzero(bucket == b)
+        acc = by_row[first_row[b] : first_row[b + 1]]  # the bucket's accounts, in row order
         m = len(acc)
         asset = np.zeros((m, bj), np.int32)
         bal = np.zeros((m, bj))

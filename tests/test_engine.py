@@ -105,6 +105,55 @@ def test_results_do_not_depend_on_scenario_tile_width_or_fusion(snap, scen, base
     assert_same(base_result, stress.run(snap, scen, chunk_size=64))
 
 
+@pytest.fixture
+def fresh_kernels():
+    """Kernels traced anew (``FUSION`` is read while tracing), before and after the test."""
+    engine.sharded_kernel.cache_clear()
+    yield
+    engine.sharded_kernel.cache_clear()
+
+
+def test_skipping_the_sums_of_tiles_that_liquidate_no_one_changes_no_result(snap, monkeypatch, fresh_kernels):
+    # Narrow tiles of moderate shocks: some tiles of the riskiest chunks liquidate accounts,
+    # the calm chunks' tiles none; the skipped sums must be exactly the zeros they replace.
+    scen = random_scenarios(snap, 40, seed=3)
+    monkeypatch.setitem(engine.TILE, "cpu", 8)
+    monkeypatch.setitem(engine.FUSION, "cpu", {**engine.FUSION["cpu"], "skip": True})
+    skipped = stress.run(snap, scen, chunk_size=64)
+    liq = skipped.scenarios.accounts_liquidatable
+    assert (liq > 0).any() and (skipped.scenarios.bad_debt > 0).any()
+    engine.sharded_kernel.cache_clear()
+    monkeypatch.setitem(engine.FUSION, "cpu", {**engine.FUSION["cpu"], "skip": False})
+    summed = stress.run(snap, scen, chunk_size=64)
+    assert_same(summed, skipped, rtol=1e-12)
+    for c in ("cover2", "liquidated_notional", "fees", "impact_cost", "pnl_closed_out"):
+        np.testing.assert_allclose(skipped.scenarios[c], summed.scenarios[c], rtol=1e-12, atol=1e-6, err_msg=c)
+
+
+def test_accounts_are_laid_out_riskiest_first_within_each_bucket(snap, base_result):
+    # the order the layout uses, against the margin ratio the engine itself reports
+    t, _ = engine.tables(snap, random_scenarios(snap, 1))
+    rank = engine.risk_order(snap, t)
+    assert sorted(rank) == list(range(snap.n_accounts))
+    a = base_result.accounts
+    coll, mm = a.collateral_value.to_numpy(), a.maintenance_margin.to_numpy()
+    ratio = np.where(coll > 0, mm / np.where(coll > 0, coll, 1.0), np.inf)
+    by_rank = ratio[np.argsort(rank)]
+    finite = by_rank[np.isfinite(by_rank)]
+    assert np.all(np.isinf(by_rank[: (~np.isfinite(by_rank)).sum()]))  # no positive collateral: first
+    assert np.all(np.diff(finite) <= 1e-9 * np.abs(finite[:-1]) + 1e-15)
+    for b in engine.buckets(snap, rank):
+        assert np.all(np.diff(rank[b.accounts]) > 0)
+    # the same holdings, row for row, as the layout by index
+    plain = {(b.J, b.L): b for b in engine.buckets(snap)}
+    for b in engine.buckets(snap, rank):
+        p = plain[(b.J, b.L)]
+        rows = np.searchsorted(p.accounts, b.accounts)
+        np.testing.assert_array_equal(p.accounts[rows], b.accounts)
+        for f in ("inst", "qty", "weight", "asset", "balance"):
+            np.testing.assert_array_equal(getattr(p, f)[rows], getattr(b, f), err_msg=f)
+
+
 def test_the_holdings_layout_is_built_once_per_snapshot_and_follows_a_changed_one(snap, scen, base_result):
     import dataclasses
     import gc
@@ -115,7 +164,9 @@ def test_the_holdings_layout_is_built_once_per_snapshot_and_follows_a_changed_on
     mine = engine.layout_of(doubled)
     assert mine is not first
     b0, b1 = first[0][0], mine[0][0]
-    np.testing.assert_array_equal(b1.qty, 2 * b0.qty)
+    # rows follow each snapshot's own risk order: compare account by account
+    np.testing.assert_array_equal(np.sort(b1.accounts), np.sort(b0.accounts))
+    np.testing.assert_array_equal(b1.qty[np.argsort(b1.accounts)], 2 * b0.qty[np.argsort(b0.accounts)])
     # a run on the changed snapshot sees its own holdings: twice the (untiered) margin
     res = stress.run(doubled, scen)
     np.testing.assert_allclose(res.accounts.maintenance_margin, 2 * base_result.accounts.maintenance_margin, rtol=1e-12)
