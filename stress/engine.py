@@ -199,6 +199,24 @@ def _revalue_and_margin(inst, market, params, spot, vol, horizon):
     return rv, im, mm
 
 
+@functools.partial(jax.jit, static_argnames=("T", "W", "dtype"))
+def _tiled_tables(inst, market, params, spot, vol, horizon, *, T: int, W: int, dtype: Any):
+    """``_revalue_and_margin`` under the snapshot (column 0) and ``T * W`` scenarios, with its
+    tables cut into tiles ``[T, X, W]`` and the snapshot columns ``[X, 1]`` in ``dtype``, in
+    the same compilation: done eagerly, each slice and transpose was one more small
+    executable to compile (or load from the disk cache) in every new process."""
+    rv, im, mm = _revalue_and_margin(inst, market, params, spot, vol, horizon)
+
+    def tiled(x):  # [X, 1 + T*W] -> [T, X, W]
+        return x[:, 1:].reshape(x.shape[0], T, W).transpose(1, 0, 2).astype(dtype)
+
+    tiles = {"value": tiled(rv["value"]), "mm": tiled(mm), "price": tiled(rv["price"]),
+             "notional": tiled(rv["notional"]), "im": tiled(im)}
+    first = {"value0": rv["value"][:, :1], "mm0": mm[:, :1], "price0": rv["price"][:, :1],
+             "notional0": rv["notional"][:, :1]}
+    return rv, im, tiles, {k: v.astype(dtype) for k, v in first.items()}
+
+
 def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[Tables, dict]:
     """Revalue every instrument under the snapshot and every scenario, tiled and padded."""
     liq_cfg = liquidation.config(snap.liquidation_config)
@@ -215,12 +233,13 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     vol = np.zeros((1 + T * W, A))
     hor = np.zeros(1 + T * W)
     spot[1 : 1 + S], vol[1 : 1 + S], hor[1 : 1 + S] = scen.spot_mult, scen.vol_shift, scen.horizon_days
-    rv, im, mm = _revalue_and_margin(snap.instruments, snap.market, snap.params, spot, vol, hor)
+    rv, im, tiles, first = _tiled_tables(snap.instruments, snap.market, snap.params, spot, vol, hor,
+                                         T=T, W=W, dtype=jnp.dtype(dtype))
 
     def tiled(x):  # [X, 1 + T*W] -> [T, X, W]
         return x[:, 1:].reshape(x.shape[0], T, W).transpose(1, 0, 2).astype(dtype)
 
-    value, mm_t, price, notional = tiled(rv["value"]), tiled(mm), tiled(rv["price"]), tiled(rv["notional"])
+    value, mm_t, price, notional = tiles["value"], tiles["mm"], tiles["price"], tiles["notional"]
     params = snap.params
     haircut = margin.snapshot_haircut(params, np.asarray(snap.market.price), dtype)
     dynamic = isinstance(haircut, portfolio.Haircut)
@@ -288,7 +307,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         grids = functools.partial(margin.var_grids, snap.instruments, snap.market, window_mult=windows,
                                   window_days=vc["var_horizon_days"], batch=PM_GRID_BATCH)
         g = grids(spot, vol, hor)
-        pnl, dp, im_t = cols(g["pnl"]), cols(g["dp"]), np.asarray(tiled(im))
+        pnl, dp, im_t = cols(g["pnl"]), cols(g["dp"]), np.asarray(tiles["im"])
         if scen.steps > 1:
             pg = grids(p_spot.reshape(-1, A), p_vol.reshape(-1, A), p_hor.reshape(-1))
             pnl = np.concatenate([pnl, path_cols(pg["pnl"])], axis=2)
@@ -316,12 +335,12 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         user=jnp.asarray(user.reshape(T, W)),
         random=jnp.asarray(random.reshape(T, W)),
         random_index=jnp.asarray(np.flatnonzero(random).astype(np.int32)),
-        value0=rv["value"][:, :1].astype(dtype),
-        mm0=mm[:, :1].astype(dtype),
-        price0=rv["price"][:, :1].astype(dtype),
+        value0=first["value0"],
+        mm0=first["mm0"],
+        price0=first["price0"],
         haircut=haircut,
         haircut_base=hc_base,
-        notional0=rv["notional"][:, :1].astype(dtype),
+        notional0=first["notional0"],
         notional=notional,
         fee_rate=jnp.asarray(fee_rate, dtype) if fee_rate > 0 else None,
         impact_row=jnp.asarray(impact_row),
@@ -338,8 +357,8 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     )
     # Host copies at float64 for exchange-level numbers.
     price_all = np.asarray(rv["price"])[:, : 1 + S]
-    host = {"price_all": price_all, "value": np.asarray(rv["value"])[:, : 1 + S], "im0": np.asarray(im[:, 0]),
-            "notional0": np.asarray(rv["notional"][:, 0])}
+    host = {"price_all": price_all, "value": np.asarray(rv["value"])[:, : 1 + S], "im0": np.asarray(im)[:, 0],
+            "notional0": np.asarray(rv["notional"])[:, 0]}
     return t, host
 
 
