@@ -53,7 +53,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import engine, liquidation, margin, portfolio
@@ -284,7 +284,7 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
 def _kernel(n_devices: int, K: int, lag: int, with_fee: bool, with_accounts: bool):
     """``_tile`` over ``n_devices`` tiles at once, one per device (``shard_map``); holdings and
     instrument terms replicated. Compiled once per holdings shapes and tile width."""
-    mesh = Mesh(np.array(engine.devices()[:n_devices]), ("d",))
+    mesh = engine._mesh(n_devices)
 
     def local(hs, inst, market, params, imp, haircut, fee_rate, tiers, mult, vol, hor, fb):
         out = _tile(hs, inst, market, params, imp, haircut, fee_rate, tiers, mult[0], vol[0], hor[0], fb[0],

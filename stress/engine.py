@@ -199,6 +199,11 @@ def _revalue_and_margin(inst, market, params, spot, vol, horizon):
     return rv, im, mm
 
 
+def _tiles(x: Any, T: int, W: int, dtype: Any) -> Any:
+    """``[X, 1 + T*W]`` (the snapshot, then the scenarios) -> ``[T, X, W]`` scenario tiles."""
+    return x[:, 1:].reshape(x.shape[0], T, W).transpose(1, 0, 2).astype(dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("T", "W", "dtype"))
 def _tiled_tables(inst, market, params, spot, vol, horizon, *, T: int, W: int, dtype: Any):
     """``_revalue_and_margin`` under the snapshot (column 0) and ``T * W`` scenarios, with its
@@ -206,10 +211,7 @@ def _tiled_tables(inst, market, params, spot, vol, horizon, *, T: int, W: int, d
     the same compilation: done eagerly, each slice and transpose was one more small
     executable to compile (or load from the disk cache) in every new process."""
     rv, im, mm = _revalue_and_margin(inst, market, params, spot, vol, horizon)
-
-    def tiled(x):  # [X, 1 + T*W] -> [T, X, W]
-        return x[:, 1:].reshape(x.shape[0], T, W).transpose(1, 0, 2).astype(dtype)
-
+    tiled = functools.partial(_tiles, T=T, W=W, dtype=dtype)
     tiles = {"value": tiled(rv["value"]), "mm": tiled(mm), "price": tiled(rv["price"]),
              "notional": tiled(rv["notional"]), "im": tiled(im)}
     first = {"value0": rv["value"][:, :1], "mm0": mm[:, :1], "price0": rv["price"][:, :1],
@@ -236,14 +238,11 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     rv, im, tiles, first = _tiled_tables(snap.instruments, snap.market, snap.params, spot, vol, hor,
                                          T=T, W=W, dtype=jnp.dtype(dtype))
 
-    def tiled(x):  # [X, 1 + T*W] -> [T, X, W]
-        return x[:, 1:].reshape(x.shape[0], T, W).transpose(1, 0, 2).astype(dtype)
-
     value, mm_t, price, notional = tiles["value"], tiles["mm"], tiles["price"], tiles["notional"]
     params = snap.params
     haircut = margin.snapshot_haircut(params, np.asarray(snap.market.price), dtype)
     dynamic = isinstance(haircut, portfolio.Haircut)
-    hc_base = tiled(np.asarray(margin.scaled_haircut(params, vol)).T) if dynamic else None
+    hc_base = _tiles(np.asarray(margin.scaled_haircut(params, vol)).T, T, W, dtype) if dynamic else None
     if scen.steps > 1:  # every earlier step of every path, revalued in one call
         K1 = scen.steps - 1
         p_spot, p_vol, p_hor = np.ones((K1, T * W, A)), np.zeros((K1, T * W, A)), np.zeros((K1, T * W))
