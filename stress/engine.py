@@ -752,15 +752,14 @@ def risk_order(snap: Snapshot, t: Tables) -> np.ndarray:
     chunks, and on CPU the tiles that liquidate no one skip their per-scenario sums (``FUSION``
     ``skip``). Values do not depend on it; sums over accounts only round differently.
     """
-    n, A = snap.n_accounts, snap.n_assets
-    inst, acc = snap.pos_instrument, snap.pos_account.astype(np.int64)
+    n = snap.n_accounts
     value0, mm0, price0 = (np.asarray(x, np.float64)[:, 0] for x in (t.value0, t.mm0, t.price0))
-    settle = np.asarray(snap.instruments.settlement)[inst].astype(np.int64)
-    amount = np.bincount(acc * A + settle, weights=snap.pos_quantity * value0[inst], minlength=n * A).reshape(n, A)
-    amount += snap.balances
+    amount = margin.net_amounts(snap, value0)
+    # static haircuts only (margin._collateral prices dynamic ones with eager JAX: a second of
+    # compilation in a new process, for an order that needs no such precision)
     haircut = 0.0 if isinstance(t.haircut, portfolio.Haircut) else np.asarray(t.haircut, np.float64)
     coll = (amount * price0 * np.where(amount > 0, 1.0 - haircut, 1.0)).sum(axis=1)
-    mm = np.bincount(acc, weights=position_weights(snap) * mm0[inst], minlength=n)
+    mm = np.bincount(snap.pos_account, weights=position_weights(snap) * mm0[snap.pos_instrument], minlength=n)
     risk = np.where(coll > 0, mm / np.where(coll > 0, coll, 1.0), np.inf)
     rank = np.empty(n, np.int64)
     rank[np.lexsort((np.arange(n), -risk))] = np.arange(n)

@@ -732,13 +732,20 @@ def _at_snapshot(inst: Instruments, market: Market) -> dict:
     return revalue(inst, market, jnp.ones((1, A)), jnp.zeros((1, A)), jnp.zeros(1))
 
 
-def _collateral(snap: Any, value0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Equity and collateral value per account at the snapshot, USD (SPEC section 2)."""
+def net_amounts(snap: Any, value0: np.ndarray) -> np.ndarray:
+    """``[n, A]`` net amount of each asset per account at the snapshot, in the asset's units:
+    its balance plus the value of the positions settled in it (``value0`` ``[I]`` per contract)."""
     n, A = snap.balances.shape
     settle = np.asarray(snap.instruments.settlement)[snap.pos_instrument]
     held = np.bincount(snap.pos_account.astype(np.int64) * A + settle,
                        weights=snap.pos_quantity * value0[snap.pos_instrument], minlength=n * A).reshape(n, A)
-    e = snap.balances + held
+    return snap.balances + held
+
+
+def _collateral(snap: Any, value0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Equity and collateral value per account at the snapshot, USD (SPEC section 2)."""
+    n, A = snap.balances.shape
+    e = net_amounts(snap, value0)
     usd = e * np.asarray(snap.market.price)[None, :]
     price0 = np.asarray(snap.market.price)
     haircut = np.asarray(haircut_at(snap.params, np.arange(A), e, 0.0, price0)) if A else np.zeros((n, 0))
