@@ -134,10 +134,10 @@ def run(
             bar.stop()
         if client is not None:
             client.close()
-    from .greeks import account_greeks, gross_notional
+    from .greeks import exposure as greeks_exposure
 
     # exposure by underlying in the report: Greeks by autodiff, and the gross notional
-    exposure = account_greeks(snap).merge(gross_notional(snap), on=["account_id", "underlying"], how="left")
+    exposure = greeks_exposure(snap)
     res.summary["runtime_seconds"] = time.perf_counter() - started  # load and run, as a user waits
     breaches = _breaches(res.summary, limits)
     target = out_dir or Path("reports") / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -436,3 +436,16 @@ def test_gross_notional_per_account_and_underlying(tmp_path):
     g = gross_notional(snap).set_index(["account_id", "underlying"]).gross_notional
     assert g.loc[("a", "BTC")] == pytest.approx((6 * 0.5 + 30 * 0.01) * S0, rel=1e-12)
     assert g.loc[("b", "BTC")] == pytest.approx(100 * 10.0, rel=1e-12)
+
+
+def test_exposure_rows_are_the_greeks_with_their_gross_notional(sample_dir):
+    # exposure() matches (account, underlying) by integer codes; it must give exactly the
+    # rows of a merge on the id strings, NaN where the account holds no position on the
+    # asset (a settlement or collateral asset only).
+    from stress.greeks import account_greeks, exposure, gross_notional
+
+    snap = stress.load_snapshot(sample_dir)
+    want = account_greeks(snap).merge(gross_notional(snap), on=["account_id", "underlying"], how="left")
+    got = exposure(snap)
+    assert want.gross_notional.isna().any() and want.gross_notional.notna().any()
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-12, atol=0.0)
