@@ -192,6 +192,16 @@ def _unique(table: _Table, values: np.ndarray, column: str) -> None:
         raise table.error(i, column, f"duplicate id {values[i]!r}")
 
 
+def _repeats(key: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``[len(key)]`` True on every row whose integer ``key`` an earlier row already has, from
+    ``order``, a stable argsort of ``key`` (which the loader needs anyway): equal keys sit
+    side by side there, in row order. Hashing the keys instead (pandas) took 0.7 s at 3M rows."""
+    ranked = key[order]
+    dup = np.zeros(len(key), bool)
+    dup[order[1:][ranked[1:] == ranked[:-1]]] = True
+    return dup
+
+
 def _first(mask: pa.Array) -> int:
     """Index of the first True of a boolean pyarrow array."""
     return int(np.flatnonzero(mask.to_numpy(zero_copy_only=False))[0])
@@ -392,15 +402,15 @@ def _load_snapshot(folder: Path) -> Snapshot:
     account_group = _account_groups(bt, b_idx, len(account_ids)) if bt.has("group") else None
 
     key_b = b_idx.astype(np.int64) * len(asset_names) + b_asset
-    dup = pd.Series(key_b).duplicated().to_numpy()
-    bt.check(dup, "asset", "duplicate balance: this account already has a row for this asset")
+    bt.check(_repeats(key_b, np.argsort(key_b, kind="stable")), "asset",
+             "duplicate balance: this account already has a row for this asset")
     balances = np.zeros((len(account_ids), len(asset_names)))
     balances[b_idx, b_asset] = b_amt
 
     key_p = p_idx.astype(np.int64) * len(instrument_ids) + p_inst
-    dup = pd.Series(key_p).duplicated().to_numpy()
-    pt.check(dup, "instrument_id", "duplicate position: this account already has a row for this instrument")
     order = np.argsort(key_p, kind="stable")
+    pt.check(_repeats(key_p, order), "instrument_id",
+             "duplicate position: this account already has a row for this instrument")
 
     return Snapshot(
         as_of=as_of,

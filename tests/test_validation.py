@@ -303,6 +303,10 @@ CASES = [
          "assets.{ext}", 2, "asset", r"duplicate.*BTC"),
     Case("duplicate-balance", append("balances", {"account_id": "A", "asset": "USDC", "amount": 1.0}),
          "balances.{ext}", 4, "asset", r"duplicate"),
+    # the second row of the pair is named, though it sorts before other rows of its account
+    Case("duplicate-position", append("positions", {"account_id": "B", "instrument_id": "BTC-PERPETUAL",
+                                                     "quantity": 5.0, "entry_price": None}),
+         "positions.{ext}", 5, "instrument_id", r"duplicate position"),
     # missing tables and columns
     Case("missing-table-positions", drop("positions"), "positions.{ext}", None, None, r"missing table"),
     Case("missing-table-assets", drop("assets"), "assets.{ext}", None, None, r"missing table"),
