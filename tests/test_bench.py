@@ -25,3 +25,45 @@ def test_bench_command_prints_the_table_and_rejects_a_bad_dtype():
     assert r.exit_code == 0, r.output
     assert "warm run" in r.output and "30 accounts x 8 scenarios" in r.output
     assert runner.invoke(app, ["bench", "--dtype", "float16"]).exit_code == 2
+
+
+def test_roofline_counts_the_work_of_a_hand_built_book(tmp_path):
+    # bench/roofline.py's lower bound rests on these counts. Account a: USDC and BTC balances,
+    # an inverse perpetual (settles in BTC) and a linear option (settles in USDC): 2 positions,
+    # 2 slots. Account b: a USDT balance of 0 (no slot) and the other side of the perpetual:
+    # 1 position, 1 slot (BTC). So P = 3, slots = 3, n = 2, one option and one perpetual.
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import stress
+
+    from .conftest import write_snapshot
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("roofline", bench / "roofline.py")
+        roofline = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(roofline)
+    finally:
+        sys.path.remove(str(bench))
+    assets = [{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "USDT", "price": 1.0, "haircut": 0.02},
+              {"asset": "BTC", "price": 90_000.0, "haircut": 0.05}]
+    instruments = [
+        {"instrument_id": "BTC-PERPETUAL", "mark_price": 90_000.0},
+        {"instrument_id": "C", "kind": "option", "underlying": "BTC", "settlement": "USDC", "contract_size": 1.0,
+         "expiry": "2026-12-25T08:00:00Z", "strike": 100_000.0, "option_type": "call", "mark_iv": 0.5},
+    ]
+    balances = [{"account_id": "a", "asset": "USDC", "amount": 1_000.0}, {"account_id": "a", "asset": "BTC", "amount": 1.0},
+                {"account_id": "b", "asset": "USDT", "amount": 0.0}]
+    positions = [{"account_id": "a", "instrument_id": "BTC-PERPETUAL", "quantity": 10},
+                 {"account_id": "a", "instrument_id": "C", "quantity": -1},
+                 {"account_id": "b", "instrument_id": "BTC-PERPETUAL", "quantity": -10}]
+    snap = stress.load_snapshot(write_snapshot(tmp_path, assets=assets, instruments=instruments, balances=balances,
+                                               positions=positions, exchange_toml="as_of = 2026-11-23T08:00:00Z\n"))
+    w = roofline.work(snap)
+    assert (w["accounts"], w["positions"], w["slots"]) == (2, 3, 3)
+    assert w["pnl"] == 3 + 3 + 2 * 2
+    assert w["state"] == 2 * 3 + 2 * 3 + 9 * 2
+    assert w["revalue"] == roofline.BS_OPS + roofline.LINEAR_OPS
