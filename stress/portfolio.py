@@ -24,7 +24,10 @@ UNROLL_MAX = 8  # holdings of up to J * L = 8 are unrolled (XLA fuses them); wid
 # Padded shapes (J slots, L positions per slot) for ordinary accounts, smallest first. Each
 # shape is one compilation (about a second on CPU), so a short ladder beats a shape per power
 # of two; accounts beyond the last rung share one shape, (pow2(max J), pow2(max L)) over them.
-LADDER = ((1, 1), (2, 1), (2, 2), (4, 2), (4, 4))
+# (4, 1), not (4, 2): an account with collateral in 3-4 assets mostly holds one position per
+# settlement asset; padded to (4, 2) such accounts were 17% of the sample's accounts and 40%
+# of the kernel's time (17 ns per account-scenario, against 8 ns at (4, 1)).
+LADDER = ((1, 1), (2, 1), (2, 2), (4, 1), (4, 4))
 
 
 @pytree_dataclass
