@@ -108,7 +108,7 @@ def run(
                              "a P(fund depleted) limit needs random scenarios (Monte Carlo or replay) in the set")
     except InputError as exc:
         _fail(exc)
-    from . import engine, report
+    from . import _memory, engine, report
 
     client, cluster_error = None, ()  # except (): catches nothing
     if cluster is not None:  # Dask is imported only here: an optional extra
@@ -134,6 +134,8 @@ def run(
             bar.stop()
         if client is not None:
             client.close()
+    engine.forget_layout(snap)  # the run is over: its layout would only add to the report's peak
+    _memory.trim()  # and what it held goes back to the system, not to a heap Arrow cannot use
     from .greeks import exposure as greeks_exposure
 
     # exposure by underlying in the report: Greeks by autodiff, and the gross notional

@@ -23,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import _memory
 from . import liquidation as _liquidation
 from . import margin as _margin
 from .errors import InputError
@@ -325,7 +326,7 @@ def load_snapshot(path: str | Path) -> Snapshot:
     # Arrow's allocator keeps the pages of the tables just read (about 400 MiB at 1M
     # accounts) for reuse; nothing else will read tables this run, so give them back now
     # rather than carry them through the whole stress run's peak.
-    pa.default_memory_pool().release_unused()
+    _memory.trim()
     return snap
 
 

@@ -174,6 +174,13 @@ def test_the_holdings_layout_is_built_once_per_snapshot_and_follows_a_changed_on
     del doubled, res, mine, b1
     gc.collect()
     assert len(engine._LAYOUTS) == n - 1  # dropped with its snapshot
+    # dropped on request (the CLI, once its run is over) and built again, the same, when needed
+    engine.forget_layout(snap)
+    assert len(engine._LAYOUTS) == n - 2
+    again = engine.layout_of(snap)
+    assert again is not first and [(b.J, b.L) for b in again[0]] == [(b.J, b.L) for b in first[0]]
+    for b0, b1 in zip(first[0], again[0]):  # the same accounts per bucket (here in index order: no run's tables)
+        np.testing.assert_array_equal(np.sort(b1.accounts), np.sort(b0.accounts))
 
 
 def test_liquidated_notional_per_underlying_adds_up_to_the_total(snap, base_result):
