@@ -37,7 +37,6 @@ See ``docs/greeks.md``.
 
 from __future__ import annotations
 
-import functools
 import sys
 import types
 from collections.abc import Sequence
@@ -176,10 +175,7 @@ def account_greeks(snap: Snapshot, accounts: Sequence[str] | None = None):
     P = np.asarray(snap.market.price, np.float64)
     A = len(P)
 
-    exposed = bal != 0
-    exposed[pos_acc, under[pos_inst]] = True
-    exposed[pos_acc, np.asarray(inst.settlement)[pos_inst]] = True
-    rows = np.flatnonzero(exposed)  # row-major: by account, then asset order
+    rows = _exposed(bal, pos_acc, pos_inst, inst)
     acc, a = rows // A, rows % A
     # each [n, A] sum is taken at the exposed rows and dropped at once: at 1M accounts the
     # dense arrays and their derived copies were most of this function's peak memory
@@ -500,15 +496,19 @@ def exposure(snap: Snapshot):
     key = snap.pos_account.astype(np.int64) * A + und[snap.pos_instrument]
     total = np.bincount(key, weights=notional, minlength=n * A)
     held = np.bincount(key, minlength=n * A) > 0
-    # account_greeks' rows are the exposed (account, asset) pairs in row-major order; an
-    # underlying of a position is always exposed, so these are the same pairs
-    exposed = np.asarray(snap.balances) != 0
-    exposed.reshape(-1)[key] = True
-    settle = snap.pos_account.astype(np.int64) * A + np.asarray(inst.settlement)[snap.pos_instrument]
-    exposed.reshape(-1)[settle] = True
-    rows = np.flatnonzero(exposed.reshape(-1))
+    rows = _exposed(np.asarray(snap.balances), snap.pos_account, snap.pos_instrument, inst)  # account_greeks' rows
     g["gross_notional"] = np.where(held[rows], total[rows], np.nan)
     return g
+
+
+def _exposed(bal: np.ndarray, pos_account: np.ndarray, pos_instrument: np.ndarray, inst: Instruments) -> np.ndarray:
+    """The (account, asset) pairs an account is exposed to, as flat indices into ``[n, A]`` in
+    row-major order (by account, then asset): a non-zero balance ``bal`` ``[n, A]``, or the
+    underlying or settlement asset of one of its positions."""
+    exposed = bal != 0
+    exposed[pos_account, np.asarray(inst.underlying)[pos_instrument]] = True
+    exposed[pos_account, np.asarray(inst.settlement)[pos_instrument]] = True
+    return np.flatnonzero(exposed)
 
 
 def _ids(snap: Snapshot) -> np.ndarray:
