@@ -145,7 +145,8 @@ def main(argv=None) -> int:
          stage("numpy", "gather+reduce")),
         ("revaluation (instrument tables)", "revalue", stage("engine", "tables"), stage("numpy", "tables")),
     ]
-    print(f"machine: {machine()['cpu']}, {machine()['cores']} cores")
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores")
     print(f"peak {args.dtype}: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items())
           + f" -> {fma / 1e9:.1f} G multiply-adds/s")
     print(f"snapshot: {w['accounts']:,} accounts, {w['positions']:,} positions, {w['slots']:,} slots; {S:,} scenarios")
