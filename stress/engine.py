@@ -28,7 +28,7 @@ try:
 except ImportError:  # jax < 0.6
     from jax.experimental.shard_map import shard_map
 
-from . import insurance, liquidation, margin, portfolio, pricing
+from . import _exported, insurance, liquidation, margin, portfolio, pricing
 from ._tree import pytree_dataclass
 from .errors import InputError
 from .portfolio import Holdings
@@ -219,6 +219,13 @@ def _tiled_tables(inst, market, params, spot, vol, horizon, *, T: int, W: int, d
     return rv, im, tiles, {k: v.astype(dtype) for k, v in first.items()}
 
 
+@functools.lru_cache(maxsize=None)
+def _kept_tables(T: int, W: int, dtype: Any) -> Callable:
+    """``_tiled_tables`` for these static sizes, kept traced on disk (``_exported``)."""
+    fn = jax.jit(functools.partial(_tiled_tables, T=T, W=W, dtype=dtype))
+    return _exported.Kept(fn, ("tiled_tables", T, W, dtype.name))
+
+
 def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[Tables, dict]:
     """Revalue every instrument under the snapshot and every scenario, tiled and padded."""
     liq_cfg = liquidation.config(snap.liquidation_config)
@@ -235,8 +242,8 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     vol = np.zeros((1 + T * W, A))
     hor = np.zeros(1 + T * W)
     spot[1 : 1 + S], vol[1 : 1 + S], hor[1 : 1 + S] = scen.spot_mult, scen.vol_shift, scen.horizon_days
-    rv, im, tiles, first = _tiled_tables(snap.instruments, snap.market, snap.params, spot, vol, hor,
-                                         T=T, W=W, dtype=jnp.dtype(dtype))
+    rv, im, tiles, first = _kept_tables(T, W, jnp.dtype(dtype))(snap.instruments, snap.market, snap.params,
+                                                                spot, vol, hor)
 
     value, mm_t, price, notional = tiles["value"], tiles["mm"], tiles["price"], tiles["notional"]
     params = snap.params
@@ -707,7 +714,8 @@ def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float =
         mapped = shard_map(local, check_vma=False, **specs)
     except TypeError:  # jax < 0.6 calls it check_rep
         mapped = shard_map(local, check_rep=False, **specs)
-    return jax.jit(mapped)
+    # kept traced on disk: a new process loads each holdings shape's module instead of tracing
+    return _exported.Kept(jax.jit(mapped), ("sharded_kernel", n_random, with_pnl, n_devices, level))
 
 
 @functools.lru_cache(maxsize=None)

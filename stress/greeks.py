@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import margin, pricing
+from . import _exported, margin, pricing
 from ._tree import pytree_dataclass
 from .errors import InputError
 from .snapshot import OPTION, PERPETUAL, Instruments, Market, Snapshot
@@ -55,8 +55,13 @@ VOL_POINT = 0.01  # vega is the equity change per +0.01 of implied vol
 COLUMNS = ("account_id", "underlying", "delta", "gamma", "vega", "theta", "delta_usd")
 
 
-@jax.jit
 def instrument_greeks(inst: Instruments, market: Market) -> dict[str, Any]:
+    """``_instrument_greeks``, kept traced on disk (``_exported``): a new process loads it."""
+    return _kept_greeks(inst, market)
+
+
+@jax.jit
+def _instrument_greeks(inst: Instruments, market: Market) -> dict[str, Any]:
     """Derivatives of each instrument's USD value per contract at the unshocked market.
 
     The USD value of one contract is ``u = value * P_settle`` with ``value`` from
@@ -87,6 +92,9 @@ def instrument_greeks(inst: Instruments, market: Market) -> dict[str, Any]:
     dv = jax.vmap(lambda e: jax.jvp(lambda v: usd(one, v, now), (zero,), (e,))[1])(eye)
     u, dh = jax.jvp(lambda h: usd(one, zero, h), (now,), (jnp.ones(()),))
     return {"dm": dm.T, "dm2": dm2.T, "dv": dv.T, "dh": dh, "u": u}
+
+
+_kept_greeks = _exported.Kept(_instrument_greeks, ("instrument_greeks",))
 
 
 def _account_sums(g: dict, underlying: np.ndarray, pos_account: np.ndarray, pos_instrument: np.ndarray,

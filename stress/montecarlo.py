@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _exported
 from ._tree import pytree_dataclass
 
 YEAR_DAYS = 365.0
@@ -113,7 +114,15 @@ def simulate(seed: int, model: Model, *, paths: int, steps: int, dt: float, df: 
       asset from the start to the end of each step, and the implied-vol shift there.
     """
     kmax = max_jumps(float(model.jump_intensity) * dt)
-    return _simulate(seed, model, paths=paths, steps=steps, dt=dt, df=int(df), kmax=kmax)
+    return _kept_simulate(paths, steps, float(dt), int(df), kmax)(np.int64(seed), model)
+
+
+@functools.lru_cache(maxsize=None)
+def _kept_simulate(paths: int, steps: int, dt: float, df: int, kmax: int) -> Callable:
+    """``_simulate`` for these static sizes, kept traced on disk (``_exported``): a new
+    process loads it instead of tracing the path model again."""
+    fn = jax.jit(functools.partial(_simulate, paths=paths, steps=steps, dt=dt, df=df, kmax=kmax))
+    return _exported.Kept(fn, ("simulate", paths, steps, dt, df, kmax))
 
 
 def model(

@@ -22,6 +22,17 @@ def _fresh_jax_caches():
     jax.clear_caches()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _kept_kernels(tmp_path_factory):
+    """Kernels kept traced on disk (``stress._exported``) go to a folder of this session, so
+    that what a test traces does not depend on what earlier sessions left in the user cache."""
+    import os
+
+    os.environ["STRESS_EXPORT_CACHE"] = str(tmp_path_factory.mktemp("exported"))
+    yield
+    del os.environ["STRESS_EXPORT_CACHE"]
+
+
 @pytest.fixture(scope="session")
 def sample_tables() -> dict:
     """The sample exchange's tables, 400 accounts (deterministic)."""

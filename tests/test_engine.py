@@ -277,10 +277,10 @@ def test_kernel_compiles_once_per_bucket_shape(sample_tables, tmp_path, scen, sm
     sa = stress.load_scenarios(small_default_path, a)
     stress.run(a, sa)
     kernel = engine.sharded_kernel(int(sa.random.sum()), False, len(engine.devices()), engine.VAR_LEVEL)
-    before = kernel._cache_size()
+    before = kernel.cache_size()
     assert before > 0
     stress.run(b, stress.load_scenarios(small_default_path, b))
-    assert kernel._cache_size() == before
+    assert kernel.cache_size() == before
 
 
 def test_results_do_not_depend_on_device_count(sample_dir, tmp_path, small_default_path):

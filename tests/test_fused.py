@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import stress
-from stress import engine, fused, sample
+from stress import _exported, engine, fused, sample
 from stress.scenarios import Scenarios
 
 
@@ -53,6 +53,7 @@ def test_the_fused_kernel_reproduces_the_xla_kernel_run(fee_snapshot, monkeypatc
     calls = []
     real = fused.group_kernel
     monkeypatch.setattr(fused, "group_kernel", lambda h, t: calls.append(h.inst.shape) or real(h, t))
+    monkeypatch.setenv("STRESS_EXPORT_CACHE", "0")  # the calls are recorded while tracing: always trace
     monkeypatch.setattr(fused, "MAX_POSITIONS", 4)  # wider buckets interpret slowly: XLA takes them
     monkeypatch.setitem(engine.PALLAS, "cpu", True)
     engine.sharded_kernel.cache_clear()
@@ -96,8 +97,10 @@ def test_the_fused_kernel_lowers_to_triton_for_a_gpu(fee_snapshot, dtype):
     dt = engine.DTYPES[dtype]
     t, _ = engine.tables(fee_snapshot, _shocks(8, fee_snapshot.n_assets), dt)
     h = next(g for _, g in engine._groups(fee_snapshot, 128, dt, 1) if g.inst.shape[-2:] == (2, 2))
-    lowered = jax.export.export(
-        jax.jit(lambda h, t: fused.group_kernel(h, t, interpret=False)), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(jax.device_put(h), t)
+    # exported as stress._exported keeps kernels on disk: flat arguments, Triton's check disabled
+    leaves, treedef = jax.tree_util.tree_flatten((jax.device_put(h), t))
+    lowered = _exported.export(lambda h, t: fused.group_kernel(h, t, interpret=False), treedef,
+                               [_exported.spec(x) for x in leaves], platforms=["cuda"])
     assert "__gpu$xla.gpu.triton" in lowered.mlir_module()
+    kept = jax.export.deserialize(lowered.serialize())  # and it round-trips
+    assert kept.platforms == ("cuda",) and "__gpu$xla.gpu.triton" in kept.mlir_module()

@@ -1,0 +1,156 @@
+"""Kernels kept on disk traced and lowered (``jax.export``), so a new process need not trace.
+
+JAX's persistent compilation cache (``_tree``) keeps compiled executables, but it finds one by
+its lowered module, so every new process still traces and lowers each kernel before the
+lookup: on CPU about 0.25 s per holdings shape, six shapes in a plain run; on a GPU more
+(the Pallas kernel's Triton lowering). ``kept(fn, tag)`` wraps a jitted function: the first
+call of each argument signature exports ``fn`` (trace and lower, as ``jax.jit`` would) and
+writes the serialized module next to the compilation cache; a later process deserializes it
+instead, and the executable itself still comes from the compilation cache. A plain run on
+20,000 accounts (CPU, cache filled) spent 0.78 s tracing and 1.02 s lowering its first call,
+and 0.06 s and 0.31 s with the modules kept.
+
+A kept module is only valid for what tracing read, so its key holds all of it: the ``tag``
+(the wrapped function's name and static arguments), each argument's tree structure (with the
+pytrees' static fields), shapes, dtypes and shardings, the source of every module of the
+package, the current value of every upper-case module setting (``engine.FUSION``,
+``fused.BLOCKS``, ...; tests and benchmarks change them at run time), the ``STRESS_``, ``JAX_``
+and ``XLA_`` environment, the JAX version and the devices. A change to any of them is a new
+key. Anything that goes wrong (an unreadable file, a module JAX cannot serialize) falls back
+to the plain jitted call.
+
+``STRESS_EXPORT_CACHE`` names another folder, or ``0`` turns it off; without it, it is off
+whenever the compilation cache is.
+Files are flatbuffers written by ``jax.export`` (no pickle); the folder keeps the newest
+``MAX_FILES``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+MAX_FILES = 2048  # about 50 KB each; a package edit or a new shape adds files, the oldest go
+
+# Pallas kernels on a GPU lower to Triton IR, which JAX does not promise to read back in
+# another version; the key holds the JAX version, so within one it is safe.
+_UNSTABLE_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call")
+
+
+def folder() -> Path | None:
+    """Where kept modules go, or None when off: ``STRESS_EXPORT_CACHE`` (``0``: off), else
+    ``exported/`` in the compilation cache folder, and off when that cache is."""
+    where = os.environ.get("STRESS_EXPORT_CACHE")
+    if where == "0":
+        return None
+    if where:
+        return Path(where)
+    base = jax.config.jax_compilation_cache_dir
+    return Path(base) / "exported" if base else None
+
+
+@functools.cache
+def _source_digest() -> str:
+    """Digest of every module of the package (tracing runs their code)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _settings() -> str:
+    """Everything outside the arguments that tracing may read, as text."""
+    mods = sorted((name, m) for name, m in list(sys.modules.items()) if name == "stress" or name.startswith("stress."))
+    consts = [(name, k, repr(v)) for name, m in mods for k, v in list(vars(m).items())
+              if k.isupper() and not k.startswith("_")]
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("STRESS_", "JAX_", "XLA_")))
+    devs = jax.local_devices()
+    device = (jax.__version__, devs[0].platform, getattr(devs[0].client, "platform_version", ""),
+              tuple(d.device_kind for d in devs), jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
+    return repr((consts, env, device))
+
+
+def spec(x: Any) -> jax.ShapeDtypeStruct:
+    sharding = getattr(x, "sharding", None)
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype, sharding=sharding)
+
+
+class Kept:
+    """``fn`` (a jitted function of pytrees of arrays) with its traced modules kept on disk.
+
+    Calls take the same arguments as ``fn``; each new argument signature costs one export (or
+    one read) and one ``jax.jit`` of the exported call, after which calls go straight to it.
+    """
+
+    def __init__(self, fn: Callable, tag: tuple):
+        self.fn, self.tag = fn, tag
+        self._calls: dict = {}  # signature -> callable on the flat leaves
+
+    def __call__(self, *args: Any) -> Any:
+        leaves, treedef = jax.tree_util.tree_flatten(args)
+        if any(isinstance(x, jax.core.Tracer) for x in leaves):  # inside another trace: inline it
+            return self.fn(*args)
+        specs = tuple(spec(x) for x in leaves)
+        sig = (treedef, specs)
+        call = self._calls.get(sig)
+        if call is None:
+            call = self._calls[sig] = self._prepare(treedef, specs)
+        return call(*leaves)
+
+    def cache_size(self) -> int:
+        """Compiled signatures held in this process (``jax.jit``'s ``_cache_size``, summed)."""
+        size = lambda c: c._cache_size() if hasattr(c, "_cache_size") else 0  # noqa: E731
+        return sum(size(c) for c in self._calls.values()) + size(self.fn)
+
+    def _prepare(self, treedef: Any, specs: tuple) -> Callable:
+        where = folder()
+        if where is None:
+            return lambda *leaves: self.fn(*jax.tree_util.tree_unflatten(treedef, leaves))
+        key = repr((self.tag, str(treedef), [(s.shape, str(s.dtype), str(s.sharding)) for s in specs],
+                    _source_digest(), _settings()))
+        path = where / (hashlib.sha256(key.encode()).hexdigest() + ".jaxexport")
+        try:
+            exp = None
+            if path.exists():
+                try:
+                    exp = jax.export.deserialize(bytearray(path.read_bytes()))
+                except Exception:  # written by a crashed process, or unreadable: make it anew
+                    exp = None
+            if exp is None:
+                exp = export(self.fn, treedef, specs)
+                _write(path, exp.serialize())
+            return jax.jit(exp.call)
+        except Exception:  # no flatbuffers, or a module JAX cannot export: the plain call
+            return lambda *leaves: self.fn(*jax.tree_util.tree_unflatten(treedef, leaves))
+
+
+def export(fn: Callable, treedef: Any, specs: Sequence[jax.ShapeDtypeStruct],
+           platforms: Sequence[str] | None = None) -> Any:
+    """``fn``, called on arguments of tree ``treedef`` whose leaves are ``specs``, traced and
+    lowered as a function of the leaves (``jax.export.Exported``; its argument tree then holds
+    no package types, which it could not serialize). ``platforms``: lower for these instead of
+    the default backend."""
+    flat = lambda *leaves: fn(*jax.tree_util.tree_unflatten(treedef, leaves))  # noqa: E731
+    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in _UNSTABLE_TARGETS]
+    return jax.export.export(jax.jit(flat), platforms=platforms, disabled_checks=checks)(*specs)
+
+
+def _write(path: Path, blob: bytes) -> None:
+    """Write ``blob`` whole or not at all (processes share the folder), then keep the newest."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+        files = sorted(path.parent.glob("*.jaxexport"), key=lambda p: p.stat().st_mtime)
+        for old in files[: max(0, len(files) - MAX_FILES)]:
+            old.unlink(missing_ok=True)
+    except OSError:  # a read-only or full cache folder costs only the saving
+        pass

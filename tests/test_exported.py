@@ -1,0 +1,122 @@
+"""Kernels kept traced on disk (``stress._exported``): a later process loads them instead of
+tracing, with results identical to the traced kernel's, and a stale or broken file is never used."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+import stress
+from stress import _exported, engine, greeks, montecarlo
+
+
+@pytest.fixture
+def snap(sample_dir):
+    return stress.load_snapshot(sample_dir)
+
+
+@pytest.fixture
+def scen(snap, small_default_path):
+    return stress.load_scenarios(small_default_path, snap)
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """Counts the chunk kernel's traces; kernels are dropped from memory before and after."""
+    count = []
+    real = engine.chunk_kernel
+    monkeypatch.setattr(engine, "chunk_kernel", lambda *a, **k: count.append(1) or real(*a, **k))
+    engine.sharded_kernel.cache_clear()
+    yield count
+    engine.sharded_kernel.cache_clear()
+
+
+def run_fresh(snap, scen, **kw):
+    """``stress.run`` as a new process would start it: no kernel in memory."""
+    engine.sharded_kernel.cache_clear()
+    return stress.run(snap, scen, **kw)
+
+
+def assert_identical(a, b):
+    pd.testing.assert_frame_equal(a.accounts, b.accounts, check_exact=True)
+    pd.testing.assert_frame_equal(a.scenarios, b.scenarios, check_exact=True)
+
+
+def test_a_kept_kernel_is_loaded_not_traced_and_gives_identical_results(snap, scen, tmp_path, monkeypatch, traces):
+    monkeypatch.setenv("STRESS_EXPORT_CACHE", "0")
+    traced = run_fresh(snap, scen)
+    assert traces and not list(tmp_path.iterdir())
+
+    monkeypatch.setenv("STRESS_EXPORT_CACHE", str(tmp_path))
+    traces.clear()
+    first = run_fresh(snap, scen)  # exports: traces once per holdings shape, and keeps each
+    shapes = len(traces)
+    kept = sorted(tmp_path.glob("*.jaxexport"))
+    assert shapes > 1 and len(kept) == shapes
+
+    traces.clear()
+    again = run_fresh(snap, scen)
+    assert traces == []  # every shape came from disk
+    assert sorted(tmp_path.glob("*.jaxexport")) == kept
+    assert_identical(first, traced)
+    assert_identical(again, traced)
+
+
+def test_a_changed_setting_is_a_new_kept_kernel(snap, scen, tmp_path, monkeypatch, traces):
+    # engine.FUSION is read while tracing: a kernel kept under one value must not serve another
+    monkeypatch.setenv("STRESS_EXPORT_CACHE", str(tmp_path))
+    run_fresh(snap, scen)
+    before = set(tmp_path.glob("*.jaxexport"))
+    monkeypatch.setitem(engine.FUSION, "cpu", {**engine.FUSION["cpu"], "keep": not engine.FUSION["cpu"].get("keep")})
+    traces.clear()
+    changed = run_fresh(snap, scen)
+    assert traces and set(tmp_path.glob("*.jaxexport")) > before
+    monkeypatch.setenv("STRESS_EXPORT_CACHE", "0")
+    assert_identical(changed, run_fresh(snap, scen))
+
+
+def test_an_unreadable_kept_kernel_is_made_anew(snap, scen, tmp_path, monkeypatch, traces):
+    monkeypatch.setenv("STRESS_EXPORT_CACHE", str(tmp_path))
+    good = run_fresh(snap, scen)
+    for f in tmp_path.glob("*.jaxexport"):
+        f.write_bytes(b"half-written by a process that died")
+    traces.clear()
+    assert_identical(run_fresh(snap, scen), good)
+    assert traces  # traced again, and written again whole
+    traces.clear()
+    run_fresh(snap, scen)
+    assert traces == []
+
+
+def test_kept_kernels_are_bounded_oldest_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(_exported, "MAX_FILES", 3)
+    for i in range(5):
+        _exported._write(tmp_path / f"{i}.jaxexport", b"x")
+        __import__("os").utime(tmp_path / f"{i}.jaxexport", (i, i))
+    _exported._write(tmp_path / "5.jaxexport", b"x")
+    assert sorted(p.name for p in tmp_path.glob("*.jaxexport")) == ["3.jaxexport", "4.jaxexport", "5.jaxexport"]
+
+
+def test_kept_paths_and_greeks_equal_the_traced_ones(snap, tmp_path, monkeypatch):
+    # the Monte Carlo paths and the instruments' Greeks are kept too; a kept one, loaded as a new
+    # process would, draws the same paths and gives the same Greeks, bit for bit
+    import numpy as np
+
+    model = montecarlo.model(np.array([0.6, 0.8]), np.array([[1.0, 0.7], [0.7, 1.0]]), jump_intensity=5.0,
+                             jump_mean=-0.03, jump_std=0.05)
+    draw = lambda: montecarlo.simulate(20261125, model, paths=64, steps=3, dt=1 / 365, df=4)  # noqa: E731
+    results = {}
+    for where in ("0", str(tmp_path), str(tmp_path)):  # traced; exported; read back
+        monkeypatch.setenv("STRESS_EXPORT_CACHE", where)
+        montecarlo._kept_simulate.cache_clear()
+        greeks._kept_greeks._calls.clear()
+        results.setdefault("paths", []).append([np.asarray(x) for x in draw()])
+        g = greeks.instrument_greeks(snap.instruments, snap.market)
+        results.setdefault("greeks", []).append({k: np.asarray(v) for k, v in g.items()})
+    assert len(list(tmp_path.glob("*.jaxexport"))) == 2
+    for paths in results["paths"][1:]:
+        for a, b in zip(paths, results["paths"][0]):
+            np.testing.assert_array_equal(a, b)
+    for g in results["greeks"][1:]:
+        for k, v in results["greeks"][0].items():
+            np.testing.assert_array_equal(g[k], v)
