@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -68,13 +69,27 @@ def _source_digest() -> str:
 def _settings() -> str:
     """Everything outside the arguments that tracing may read, as text."""
     mods = sorted((name, m) for name, m in list(sys.modules.items()) if name == "stress" or name.startswith("stress."))
-    consts = [(name, k, repr(v)) for name, m in mods for k, v in list(vars(m).items())
+    consts = [(name, k, _canonical(v)) for name, m in mods for k, v in list(vars(m).items())
               if k.isupper() and not k.startswith("_")]
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("STRESS_", "JAX_", "XLA_")))
     devs = jax.local_devices()
     device = (jax.__version__, devs[0].platform, getattr(devs[0].client, "platform_version", ""),
               tuple(d.device_kind for d in devs), jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision)
     return repr((consts, env, device))
+
+
+def _canonical(v: Any) -> str:
+    """``repr(v)`` that is the same in every process: sets in sorted order, no object addresses
+    (a function's repr holds one: the report's column tables hold functions)."""
+    if isinstance(v, (set, frozenset)):
+        return "{" + ", ".join(sorted(_canonical(x) for x in v)) + "}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_canonical(k)}: {_canonical(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__}(" + ", ".join(_canonical(x) for x in v) + ")"
+    if callable(v) and hasattr(v, "__qualname__"):
+        return f"{getattr(v, '__module__', '')}.{v.__qualname__}"
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(v))
 
 
 def spec(x: Any) -> jax.ShapeDtypeStruct:

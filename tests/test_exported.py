@@ -120,3 +120,17 @@ def test_kept_paths_and_greeks_equal_the_traced_ones(snap, tmp_path, monkeypatch
     for g in results["greeks"][1:]:
         for k, v in results["greeks"][0].items():
             np.testing.assert_array_equal(g[k], v)
+
+
+def test_the_key_is_the_same_in_every_process():
+    # whatever the package holds in its settings (the report's column tables hold functions,
+    # a set of names prints in a per-process order), two processes must agree on the key
+    import subprocess
+    import sys
+
+    code = ("import stress.cli, stress.report, stress.engine, stress.greeks, stress.montecarlo, stress.cluster;"
+            "from stress import _exported; print(_exported._settings())")
+    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout
+            for seed in (1, 2)}
+    assert len(keys) == 1 and "at 0x" not in keys.pop()
