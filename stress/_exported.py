@@ -3,12 +3,14 @@
 JAX's persistent compilation cache (``_tree``) keeps compiled executables, but it finds one by
 its lowered module, so every new process still traces and lowers each kernel before the
 lookup: on CPU about 0.25 s per holdings shape, six shapes in a plain run; on a GPU more
-(the Pallas kernel's Triton lowering). ``kept(fn, tag)`` wraps a jitted function: the first
+(the Pallas kernel's Triton lowering). ``Kept(fn, tag)`` wraps a jitted function: the first
 call of each argument signature exports ``fn`` (trace and lower, as ``jax.jit`` would) and
 writes the serialized module next to the compilation cache; a later process deserializes it
 instead, and the executable itself still comes from the compilation cache. A plain run on
 20,000 accounts (CPU, cache filled) spent 0.78 s tracing and 1.02 s lowering its first call,
-and 0.06 s and 0.31 s with the modules kept.
+and 0.06 s and 0.31 s with the modules kept; a new ``stress run`` process at 100,000
+accounts took 15–16 s instead of 19–20 s. On an H200 the new process measured the same
+either way (15–17 s at 1,000,000 accounts; ``docs/benchmarks.md``).
 
 A kept module is only valid for what tracing read, so its key holds all of it: the ``tag``
 (the wrapped function's name and static arguments), each argument's tree structure (with the
@@ -20,8 +22,7 @@ key. Anything that goes wrong (an unreadable file, a module JAX cannot serialize
 to the plain jitted call.
 
 ``STRESS_EXPORT_CACHE`` names another folder, or ``0`` turns it off; without it, it is off
-whenever the compilation cache is.
-Files are flatbuffers written by ``jax.export`` (no pickle); the folder keeps the newest
+whenever the compilation cache is. Files are flatbuffers written by ``jax.export`` (no pickle); the folder keeps the newest
 ``MAX_FILES``.
 """
 
