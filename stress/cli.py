@@ -7,6 +7,7 @@ file, row and column, and no report written.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -40,7 +41,7 @@ def _fail(exc: InputError) -> None:
     raise typer.Exit(2)
 
 
-def _load(snapshot: Optional[Path], scenarios: Optional[Path], accounts: int):
+def _load(snapshot: Optional[Path], scenarios: Optional[Path], accounts: int, mark=lambda stage: None):
     from . import io, scenarios as scen_mod
 
     if snapshot is None:
@@ -50,11 +51,49 @@ def _load(snapshot: Optional[Path], scenarios: Optional[Path], accounts: int):
         sample.write(tmp, accounts=accounts)
         snapshot = tmp
     snap = io.load_snapshot(snapshot)
+    mark("load snapshot")
     if scenarios is None:  # the built-in set names common assets a snapshot may not have
         scen = scen_mod.load_scenarios(scen_mod.default_path(), snap, skip_unknown_assets=True)
     else:
         scen = scen_mod.load_scenarios(scenarios, snap)
+    mark("build scenarios")
     return snap, scen
+
+
+class _Stages:
+    """Seconds of each stage of a command, printed to stderr at the end (``--timings``)."""
+
+    def __init__(self, on: bool):
+        self.on, self.rows, self.last = on, [], time.perf_counter()
+        if on:  # what the process spent before the command: interpreter start and imports
+            self.rows.append(("start python, import stress", _since_process_start()))
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.rows.append((stage, now - self.last))
+        self.last = now
+
+    def print(self) -> None:
+        if not self.on:
+            return
+        t = Table(title="stages, seconds")
+        t.add_column("stage")
+        t.add_column("seconds", justify="right")
+        for stage, sec in self.rows:
+            t.add_row(stage, "?" if sec is None else f"{sec:.3f}")
+        known = [sec for _, sec in self.rows if sec is not None]
+        t.add_row("total", f"{sum(known):.3f}")
+        err.print(t)
+
+
+def _since_process_start() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), else None."""
+    try:
+        start_ticks = float(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def _progress_bar():
@@ -94,14 +133,16 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the report path."),
     cluster: Optional[str] = typer.Option(None, "--cluster", metavar="ADDRESS",
                                           help="Sweep the accounts on a Dask cluster, e.g. tcp://host:8786 (needs stress[cluster])."),
+    timings: bool = typer.Option(False, "--timings", help="Print the seconds of each stage to stderr at the end."),
 ) -> None:
     """Stress a snapshot under a scenario set and write a report folder."""
     started = time.perf_counter()
+    mark = _Stages(timings)
     if dtype not in ("float64", "float32"):
         sys.stderr.write(f"error: --dtype {dtype!r}: expected float64 or float32\n")
         raise typer.Exit(2)
     try:
-        snap, scen = _load(snapshot, scenarios, accounts)
+        snap, scen = _load(snapshot, scenarios, accounts, mark)
         limits = _limits(snap, max_bad_debt, max_p_fund_depleted)
         if limits.get("max_p_fund_depleted") is not None and not scen.random.any():
             raise InputError(Path(scen.source).name, None, None,
@@ -136,18 +177,22 @@ def run(
             client.close()
     engine.forget_layout(snap)  # the run is over: its layout would only add to the report's peak
     _memory.trim()  # and what it held goes back to the system, not to a heap Arrow cannot use
+    mark("run (compile, revalue, sweep)")
     from .greeks import exposure as greeks_exposure
 
     # exposure by underlying in the report: Greeks by autodiff, and the gross notional
     exposure = greeks_exposure(snap)
+    mark("exposure (Greeks)")
     res.summary["runtime_seconds"] = time.perf_counter() - started  # load and run, as a user waits
     breaches = _breaches(res.summary, limits)
     target = out_dir or Path("reports") / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     report.write(res, target, breaches, exposure=exposure)
+    mark("write report")
     if quiet:
         out.print(str(target))
     else:
         _print_summary(res, target, breaches)
+    mark.print()
     if breaches:
         raise typer.Exit(1)
 

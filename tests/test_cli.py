@@ -259,3 +259,26 @@ def test_run_without_scenarios_uses_the_default_set_on_any_snapshot(tmp_path, mo
     assert len(runs) == 1 and re.fullmatch(r"\d{8}T\d{6}Z", runs[0].name)
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["scenarios"] == len(stress.load_scenarios(default_path(), stress.load_snapshot(snap), skip_unknown_assets=True))
+
+
+def test_run_with_timings_prints_each_stage_after_writing_the_report(tmp_path, monkeypatch):
+    import re
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    snap, scen = build(tmp_path)
+    out = tmp_path / "report"
+    t = time.perf_counter()
+    result = invoke("run", snap, "--scenarios", scen, "--out", out, "--timings", "-q")
+    wall = time.perf_counter() - t
+    assert result.exit_code == 0, result.output
+    assert (out / "summary.json").is_file()
+    stages = ("load snapshot", "build scenarios", "run (compile, revalue, sweep)", "exposure (Greeks)", "write report")
+    seconds = []
+    for stage in stages:
+        m = re.search(re.escape(stage) + r"\s*│\s*([0-9.]+)", result.output)
+        assert m, (stage, result.output)
+        seconds.append(float(m.group(1)))
+    # the stages after the start are this invocation's own time (here the "start" row is the
+    # whole test process's, which a real command's is not)
+    assert 0 < sum(seconds) <= wall + 0.01
