@@ -126,9 +126,10 @@ class Kept:
         return sum(size(c) for c in self._calls.values()) + size(self.fn)
 
     def _prepare(self, treedef: Any, specs: tuple) -> Callable:
+        plain = lambda *leaves: self.fn(*jax.tree_util.tree_unflatten(treedef, leaves))  # noqa: E731
         where = folder()
         if where is None:
-            return lambda *leaves: self.fn(*jax.tree_util.tree_unflatten(treedef, leaves))
+            return plain
         key = repr((self.tag, str(treedef), [(s.shape, str(s.dtype), str(s.sharding)) for s in specs],
                     _source_digest(), _settings()))
         path = where / (hashlib.sha256(key.encode()).hexdigest() + ".jaxexport")
@@ -144,7 +145,7 @@ class Kept:
                 _write(path, exp.serialize())
             return jax.jit(exp.call)
         except Exception:  # no flatbuffers, or a module JAX cannot export: the plain call
-            return lambda *leaves: self.fn(*jax.tree_util.tree_unflatten(treedef, leaves))
+            return plain
 
 
 def export(fn: Callable, treedef: Any, specs: Sequence[jax.ShapeDtypeStruct],

@@ -56,12 +56,6 @@ COLUMNS = ("account_id", "underlying", "delta", "gamma", "vega", "theta", "delta
 
 
 def instrument_greeks(inst: Instruments, market: Market) -> dict[str, Any]:
-    """``_instrument_greeks``, kept traced on disk (``_exported``): a new process loads it."""
-    return _kept_greeks(inst, market)
-
-
-@jax.jit
-def _instrument_greeks(inst: Instruments, market: Market) -> dict[str, Any]:
     """Derivatives of each instrument's USD value per contract at the unshocked market.
 
     The USD value of one contract is ``u = value * P_settle`` with ``value`` from
@@ -76,6 +70,12 @@ def _instrument_greeks(inst: Instruments, market: Market) -> dict[str, Any]:
       1.00 of vol), ``dh [I]`` = du/dh (USD per day), all by forward-mode autodiff at
       ``m = 1, v = 0, h = 0``; ``u [I]`` the USD value itself.
     """
+    return _kept_greeks(inst, market)
+
+
+@jax.jit
+def _instrument_greeks(inst: Instruments, market: Market) -> dict[str, Any]:
+    """``instrument_greeks`` as one jitted function, kept traced on disk (``_exported``)."""
     A = market.price.shape[0]
     one, zero, now = jnp.ones(A), jnp.zeros(A), jnp.zeros(())
 
