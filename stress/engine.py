@@ -501,8 +501,11 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         )
         def exchange():
             """Per-scenario sums over the chunk's accounts: all exactly zero when no account
-            of the tile is liquidated in any of its scenarios (bad debt needs equity < 0, so
-            collateral < 0 <= margin; fees, impact and notional closed need a close-out)."""
+            of the tile is liquidated, short of margin at the step that decides its path, or
+            below zero equity (under any reported oracle lag) in any of its scenarios (fees,
+            impact and notional closed need a close-out). Liquidated alone is not enough:
+            under an oracle lag a breach in a path's last steps is never acted on, and leaves
+            a shortfall and possibly bad debt at the path's end."""
             bad = liquidation.bad_debt(eq)
             # notional closed per underlying: the share closed at each step times the account's
             # notional there, summed over accounts (one [2U, n] @ [n, K*W] product) and steps
@@ -526,8 +529,11 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             # On CPU most tiles of a calm book liquidate no one: skip their reductions (half
             # the kernel's work) rather than add up zeros. A partial close-out is not covered
             # by the argument above, so it always reduces.
+            busy = jnp.any(liq) | jnp.any(gap > 0) | jnp.any(eq < 0)
+            for e in lagged:
+                busy = busy | jnp.any(e < 0)
             sums, top2, lag_bad, group_bad, und_closed = jax.lax.cond(
-                jnp.any(liq), exchange, lambda: jax.tree_util.tree_map(jnp.zeros_like, exchange()))
+                busy, exchange, lambda: jax.tree_util.tree_map(jnp.zeros_like, exchange()))
         else:
             sums, top2, lag_bad, group_bad, und_closed = exchange()
         return carry, (sums, top2, lag_bad, group_bad, und_closed,

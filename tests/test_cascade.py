@@ -149,6 +149,27 @@ def test_an_oracle_lag_delays_each_link_of_the_chain(tmp_path):
     np.testing.assert_allclose(r["bad_debt_no_feedback"], sc.bad_debt, rtol=1e-12)
 
 
+def test_a_breach_the_lag_leaves_unacted_on_counts_its_shortfall_and_bad_debt(tmp_path):
+    # BTC flat at 50,000 for three steps, 49,000 at the last. A (9,000 USDC, long 10) breaches
+    # only there; with a lag of one step the liquidation engine never acts on it, so nobody is
+    # closed out, and A ends the path 1,000 underwater: margin 0.01 * 10 * 49,000 = 4,900
+    # against collateral 9,000 - 10,000 = -1,000, a shortfall of 5,900 and bad debt of 1,000.
+    # (The engine once skipped the sums of a tile where no account was closed out, and
+    # reported 0 for both; whether it did depended on who shared the chunk.)
+    snap = _chain(tmp_path / "snap", balances=(9_000.0, 17_000.0, 22_000.0), extra="oracle_lag_steps = 1")
+    (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,50000\n2024-01-03,50000\n"
+                                    "2024-01-04,50000\n2024-01-05,49000\n")
+    (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 4\n')
+    scen = stress.load_scenarios(tmp_path / "p.toml", snap)
+    for chunk in (None, 1):
+        res = stress.run(snap, scen, chunk_size=chunk)
+        sc = res.scenarios
+        assert sc.accounts_liquidatable[0] == 0
+        assert sc.shortfall_total[0] == pytest.approx(5_900.0, rel=1e-12)
+        assert sc.bad_debt[0] == pytest.approx(1_000.0, rel=1e-12)
+        assert sc.bad_debt_feedback[0] == pytest.approx(1_000.0, rel=1e-12)  # nothing sold: nothing moved
+
+
 def test_float32_follows_float64(tmp_path):
     snap = _chain(tmp_path / "snap")
     scen = _path_scenarios(tmp_path, snap)
