@@ -40,7 +40,9 @@ integer per account and path: the step it first breached. Everything else about 
 (its equity, notional and impact charge where it was closed out) is recomputed once after the
 scan from the small per-step tables ``[K, I, W]``. Paths are independent, so they are processed
 in tiles (``W`` paths, the feedback and the plain run side by side: ``2W`` columns), one tile
-per device at a time; each jitted function compiles once per holdings shape.
+per device at a time; each jitted function compiles once per holdings shape. Where the
+accounts are spread over a cluster (``run(parts=...)``), each tile is driven a step at a time
+from the client instead, out of the same three step functions (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ MAX_PATHS_PER_TILE = 128  # 2 x 128 columns: the engine's widest tile, [128, 256
 STATE_BYTES = 128e6  # per device, the [accounts, 2W] int32 breach state of one tile at most
 # Per-scenario outputs: each for the feedback run (``_feedback``) and the plain run (``_no_feedback``).
 SUMS = ("bad_debt", "impact_cost", "fees", "liquidated_notional", "accounts_liquidated")
+# The per-step tables ``[K, X, W2]`` that settle each account at the step that decided its path.
+TABLE_KEYS = ("value", "price", "notional", "charge", "haircut")
 
 
 def time_ordered(scen: Scenarios) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -195,9 +199,93 @@ def _settle_chunk(h: Holdings, br: Any, tab: dict, haircut, fee_rate, *, K, lag,
     return sums, jnp.where(liq, d, -1).astype(jnp.int32)
 
 
+def _market_step(inst, market, params, mult, vol, hor, *, dt: Any, dynamic: bool):
+    """The exchange's side of one step, before the accounts: every instrument at the step's
+    (moved) prices ``mult [W2, A]``, vol shifts ``vol [W2, A]``, horizon ``hor [W2]``.
+
+    Returns ``(acc, notional, move_notional)``: ``acc``, what the accounts read, in the
+    accounts' dtype ``dt``: ``value``, ``mm``, ``notional`` ``[I, W2]`` per contract, ``price
+    [A, W2]`` and, with dynamic haircuts, ``haircut [A, W2]``; ``notional`` and
+    ``move_notional`` ``[I, W2]`` (float64) for ``_exchange_step``."""
+    rv, mm, move_notional = _market(inst, market, params, mult, vol, hor)
+    acc = {"value": rv["value"].astype(dt), "mm": mm.astype(dt), "price": rv["price"].astype(dt),
+           "notional": rv["notional"].astype(dt)}
+    if dynamic:  # the step's vol-scaled haircuts [A, W2]
+        acc["haircut"] = margin.scaled_haircut(params, vol).T.astype(dt)
+    return acc, rv["notional"], move_notional
+
+
+def _accounts_step(hs, brs, acc, haircut, tiers, t, *, K, lag):
+    """The accounts' side of step ``t``: every chunk of every bucket through ``_breach_chunk``.
+
+    Args:
+      hs: tuple of ``Holdings [C_b, chunk, J, L]``, one per bucket; brs: their first-breach
+        steps ``[C_b, chunk, W2]`` (``K``: none yet). acc: ``_market_step``'s tables.
+
+    Returns the new ``brs`` and, summed over these accounts, ``contracts [2, I, W2]`` (net
+    signed, closing longs > 0; gross) and ``closed [W2]`` (accounts closed out at ``t``), in
+    the accounts' dtype. Any set of accounts may be stepped on its own and the sums added:
+    only ``_exchange_step`` couples them.
+    """
+    dt = hs[0].qty.dtype
+    I, W2 = acc["value"].shape
+    hc = dataclasses.replace(haircut, base=acc["haircut"]) if "haircut" in acc else haircut
+    contracts, closed_n = jnp.zeros((2, I, W2), dt), jnp.zeros(W2, dt)
+    new = []
+    for h_b, br_b in zip(hs, brs):  # a handful of holdings shapes, unrolled at trace time
+        def body(c, xs):
+            br, contracts, closed_n = _breach_chunk(xs[0], xs[1], *c, acc["value"], acc["mm"], acc["price"],
+                                                    acc["notional"], hc, tiers, t, K=K, lag=lag)
+            return (contracts, closed_n), br
+
+        (contracts, closed_n), br_b = jax.lax.scan(body, (contracts, closed_n), (h_b, br_b))
+        new.append(br_b)
+    return tuple(new), contracts, closed_n
+
+
+def _exchange_step(contracts, notional, move_notional, imp: Impact, und, fb, factor):
+    """The exchange's side of one step, after the accounts: from the contracts closed
+    exchange-wide (``contracts [2, I, W2]``, float64), the engine's pass 1 (impact ``cost [I,
+    W2]`` of each instrument's net notional, ``charge [I, W2]`` per contract closed, shared pro
+    rata) and the feedback: ``X [A, W2]``, the net notional per underlying, moves the price
+    factor ``factor [W2, A]`` of the later steps of the feedback columns (``fb [W2]``).
+
+    Returns ``(cost, charge, X, next factor)``."""
+    A = factor.shape[1]
+
+    def per_inst(x):  # [A] -> [I, 1]
+        return x[und][:, None]
+
+    net, gross = contracts[0], contracts[1]
+    cost = liquidation.impact_cost(net * notional, per_inst(imp.spread), per_inst(imp.k),
+                                   per_inst(imp.daily_vol), per_inst(imp.daily_volume))
+    charge = jnp.where(gross > 0, cost / jnp.where(gross > 0, gross, 1.0), 0.0)
+    X = jax.ops.segment_sum(net * move_notional, und, num_segments=A)  # [A, W2]
+    move = liquidation.impact_move(X, imp.k[:, None], imp.daily_vol[:, None], imp.daily_volume[:, None])
+    grow = jnp.where(fb[None, :], jnp.maximum(1.0 + move, MIN_FACTOR), 1.0)
+    return cost, charge, X, factor * grow.T
+
+
+def _settle_all(hs, brs, tab, haircut, fee_rate, *, K, lag, with_fee, with_accounts):
+    """After the last step: ``_settle_chunk`` over every chunk of every bucket. Returns ``sums
+    [len(SUMS), W2]`` (float64) and, with ``with_accounts``, the close-out step of each
+    account per bucket ``[C_b, chunk, W2]`` (else None)."""
+    sums = jnp.zeros((len(SUMS), brs[0].shape[-1]), jnp.float64)
+    steps_out = []
+    for h_b, br_b in zip(hs, brs):
+        def body(s, xs):
+            out, at = _settle_chunk(xs[0], xs[1], tab, haircut, fee_rate, K=K, lag=lag, with_fee=with_fee)
+            return s + out.astype(jnp.float64), (at if with_accounts else None)
+
+        sums, at = jax.lax.scan(body, sums, (h_b, br_b))
+        steps_out.append(at)
+    return sums, (tuple(steps_out) if with_accounts else None)
+
+
 def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult, vol, hor, fb, *, K, lag, with_fee,
           with_accounts):
-    """One tile of ``W2`` columns (paths), every step, every account.
+    """One tile of ``W2`` columns (paths), every step, every account: the three sides of a
+    step (``_market_step``, ``_accounts_step``, ``_exchange_step``) in one ``lax.scan``.
 
     Args:
       hs: tuple of ``Holdings [C_b, chunk, J, L]``, one per bucket.
@@ -213,70 +301,32 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
     """
     dt = hs[0].qty.dtype
     W2, A = mult.shape[1], mult.shape[2]
-    I = inst.kind.shape[0]
-    und = inst.underlying
-    f64 = jnp.float64
     dynamic = isinstance(haircut, portfolio.Haircut)
-
-    def per_inst(x):  # [A] -> [I, 1]
-        return x[und][:, None]
 
     def step(carry, x):
         factor, brs = carry
         m, v, h, t = x
-        rv, mm, move_notional = _market(inst, market, params, m * factor, v, h)
-        value, mmd, price = rv["value"].astype(dt), mm.astype(dt), rv["price"].astype(dt)
-        notional_dt = rv["notional"].astype(dt)
-        hc = haircut
-        if dynamic:  # the step's vol-scaled haircuts [A, W2]
-            hc_base = margin.scaled_haircut(params, v).T.astype(dt)
-            hc = dataclasses.replace(haircut, base=hc_base)
-        contracts, closed_n = jnp.zeros((2, I, W2), dt), jnp.zeros(W2, dt)
-        new = []
-        for h_b, br_b in zip(hs, brs):  # a handful of holdings shapes, unrolled at trace time
-            def body(c, xs):
-                br, contracts, closed_n = _breach_chunk(xs[0], xs[1], *c, value, mmd, price, notional_dt, hc,
-                                                        tiers, t, K=K, lag=lag)
-                return (contracts, closed_n), br
-
-            (contracts, closed_n), br_b = jax.lax.scan(body, (contracts, closed_n), (h_b, br_b))
-            new.append(br_b)
-        net, gross = contracts[0].astype(f64), contracts[1].astype(f64)
-        notional = rv["notional"]
-        # the engine's pass 1: impact of each instrument's net notional, shared pro rata
-        cost = liquidation.impact_cost(net * notional, per_inst(imp.spread), per_inst(imp.k),
-                                       per_inst(imp.daily_vol), per_inst(imp.daily_volume))
-        charge = jnp.where(gross > 0, cost / jnp.where(gross > 0, gross, 1.0), 0.0)
-        # the feedback: net notional per underlying moves its later prices
-        X = jax.ops.segment_sum(net * move_notional, und, num_segments=A)  # [A, W2]
-        move = liquidation.impact_move(X, imp.k[:, None], imp.daily_vol[:, None], imp.daily_volume[:, None])
-        grow = jnp.where(fb[None, :], jnp.maximum(1.0 + move, MIN_FACTOR), 1.0)
-        ys = {"value": value, "price": price, "notional": notional_dt, "charge": charge.astype(dt),
-              "cost": cost.sum(axis=0), "closed": closed_n, "net_notional": X, "factor": factor}
-        if dynamic:
-            ys["haircut"] = hc_base
-        return (factor * grow.T, tuple(new)), ys
+        acc, notional, move_notional = _market_step(inst, market, params, m * factor, v, h, dt=dt, dynamic=dynamic)
+        brs, contracts, closed_n = _accounts_step(hs, brs, acc, haircut, tiers, t, K=K, lag=lag)
+        cost, charge, X, grown = _exchange_step(contracts.astype(jnp.float64), notional, move_notional, imp,
+                                                inst.underlying, fb, factor)
+        ys = {"charge": charge.astype(dt), "cost": cost.sum(axis=0), "closed": closed_n, "net_notional": X,
+              "factor": factor, **{k: v for k, v in acc.items() if k != "mm"}}
+        return (grown, brs), ys
 
     brs = tuple(jnp.full(h.valid.shape + (W2,), K, jnp.int32) for h in hs)
-    init = (jnp.ones((W2, A), f64), brs)
+    init = (jnp.ones((W2, A), jnp.float64), brs)
     xs = (mult, vol, hor, jnp.arange(K, dtype=jnp.int32))
     # checkpoint: reverse mode through the scan keeps one step's residuals, not K steps' accounts
     (_, brs), ys = jax.lax.scan(jax.checkpoint(step), init, xs)
 
-    tab = {k: ys[k] for k in ("value", "price", "notional", "charge", "haircut") if k in ys}
-    sums = jnp.zeros((len(SUMS), W2), f64)
-    steps_out = []
-    for h_b, br_b in zip(hs, brs):
-        def body(s, xs):
-            out, at = _settle_chunk(xs[0], xs[1], tab, haircut, fee_rate, K=K, lag=lag, with_fee=with_fee)
-            return s + out.astype(f64), (at if with_accounts else None)
-
-        sums, at = jax.lax.scan(body, sums, (h_b, br_b))
-        steps_out.append(at)
-    out = {"sums": sums, "price": ys["price"].astype(f64), "impact_cost": ys["cost"], "closed": ys["closed"].astype(f64),
-           "net_notional": ys["net_notional"], "factor": ys["factor"][-1]}
+    tab = {k: ys[k] for k in TABLE_KEYS if k in ys}
+    sums, steps = _settle_all(hs, brs, tab, haircut, fee_rate, K=K, lag=lag, with_fee=with_fee,
+                              with_accounts=with_accounts)
+    out = {"sums": sums, "price": ys["price"].astype(jnp.float64), "impact_cost": ys["cost"],
+           "closed": ys["closed"].astype(jnp.float64), "net_notional": ys["net_notional"], "factor": ys["factor"][-1]}
     if with_accounts:
-        out["steps"] = tuple(steps_out)
+        out["steps"] = steps
     return out
 
 
@@ -301,11 +351,119 @@ def _kernel(n_devices: int, K: int, lag: int, with_fee: bool, with_accounts: boo
 
 
 # --------------------------------------------------------------------------------------------
+# Accounts held elsewhere: the steps one at a time, the accounts' side in parts
+#
+# Where the accounts are spread over several processes (``stress.cluster``), a tile cannot be
+# one scan: between two steps the contracts closed by every part must meet. ``run(parts=...)``
+# then drives each tile step by step from here: ``_market_step`` and ``_exchange_step`` run in
+# this process, the parts run ``_accounts_step`` and, after the last step, ``_settle_all`` on
+# their own accounts (``part_begin``, ``part_step``, ``part_settle``), and only ``[2, I, W2]``
+# contracts and ``[W2]`` counts per part and step come back.
+
+_market_step_jit = jax.jit(_market_step, static_argnames=("dt", "dynamic"))
+_exchange_step_jit = jax.jit(_exchange_step)
+_accounts_step_jit = jax.jit(_accounts_step, static_argnames=("K", "lag"))
+_settle_jit = jax.jit(_settle_all, static_argnames=("K", "lag", "with_fee", "with_accounts"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """A set of accounts between the steps of one tile: what ``part_step`` carries."""
+
+    hs: tuple  # Holdings [C_b, chunk, J, L] per holdings bucket, on this process's device
+    rows: tuple  # [m_b] int account indices (within the part's snapshot) of each bucket's rows
+    brs: tuple  # [C_b, chunk, W2] int32 step each account first breached, K: not yet
+    haircut: Any  # margin.snapshot_haircut: [A], or a Haircut for dynamic haircuts
+    tiers: Any  # engine._tiers of maintenance margin, or None
+    n_accounts: int
+
+
+def part_begin(snap: Snapshot, chunk_size: int | None, dtype: str, W2: int, K: int) -> Part:
+    """The accounts of ``snap`` (a partition's sub-snapshot) before the first step of a tile
+    of ``W2`` columns."""
+    dt = engine.DTYPES[dtype] if isinstance(dtype, str) else dtype
+    hs, rows = stacked(snap, chunk_size or engine.default_chunk(), dt)
+    hs = jax.device_put(tuple(hs))
+    brs = tuple(jnp.full(h.valid.shape + (W2,), K, jnp.int32) for h in hs)
+    return Part(hs, tuple(rows), brs, margin.snapshot_haircut(snap.params, np.asarray(snap.market.price), dt),
+                engine._tiers(snap.params, snap.params.tier_mm, dt), snap.n_accounts)
+
+
+def part_step(p: Part, t: int, acc: dict, K: int, lag: int) -> tuple[Part, tuple[np.ndarray, np.ndarray]]:
+    """Step ``t`` of the part's accounts on the step's tables ``acc`` (``_market_step``):
+    the part carried to the next step, and its ``contracts [2, I, W2]`` and ``closed [W2]``
+    (float64)."""
+    brs, contracts, closed = _accounts_step_jit(p.hs, p.brs, acc, p.haircut, p.tiers, np.int32(t), K=K, lag=lag)
+    return dataclasses.replace(p, brs=brs), (np.asarray(contracts, np.float64), np.asarray(closed, np.float64))
+
+
+def part_settle(p: Part, tab: dict, fee_rate: float, K: int, lag: int,
+                with_accounts: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """After the last step: the part's ``sums [len(SUMS), W2]`` and, with ``with_accounts``,
+    each of its accounts' close-out step ``[n, W2]`` (-1: none), in the part's account order."""
+    dt = p.hs[0].qty.dtype
+    sums, steps = _settle_jit(p.hs, p.brs, tab, p.haircut, np.asarray(fee_rate, dt), K=K, lag=lag,
+                              with_fee=fee_rate > 0, with_accounts=with_accounts)
+    if not with_accounts:
+        return np.asarray(sums), None
+    W2 = p.brs[0].shape[-1]
+    out = np.full((p.n_accounts, W2), -1, np.int64)
+    for b, acc in enumerate(p.rows):
+        out[acc] = np.asarray(steps[b]).reshape(-1, W2)[: len(acc)]
+    return np.asarray(sums), out
+
+
+def add_steps(got: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """``part_step``'s ``(contracts, closed)`` of every part, added in part order."""
+    return (np.sum(np.stack([g[0] for g in got]), axis=0), np.sum(np.stack([g[1] for g in got]), axis=0))
+
+
+def add_settled(got: list[tuple], index: list[np.ndarray], n_accounts: int,
+                with_accounts: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``part_settle``'s results of every part (part ``k`` holding the snapshot's accounts
+    ``index[k]``): sums added in part order, account steps placed in the snapshot's order."""
+    sums = np.sum(np.stack([g[0] for g in got]), axis=0)
+    if not with_accounts:
+        return sums, None
+    steps = np.full((n_accounts, got[0][1].shape[1]), -1, np.int64)
+    for idx, g in zip(index, got):
+        steps[idx] = g[1]
+    return sums, steps
+
+
+def _stepped_tile(parts: Any, inst, market, params, imp: Impact, mult, vol, hor, fb, *, K, lag, fee_rate, dt,
+                  dynamic, with_accounts) -> dict:
+    """``_tile`` with the accounts in ``parts``: the same outputs (a leading axis of one tile;
+    ``account_steps [1, n, W2]`` in place of ``steps``), driven a step at a time from here."""
+    W2, A = mult.shape[1], mult.shape[2]
+    factor = np.ones((W2, A))
+    parts.cascade_begin(W2=W2, K=K, lag=lag, fee_rate=fee_rate, dtype=np.dtype(dt).name)
+    ys = []
+    for t in range(K):
+        acc, notional, move_notional = _market_step_jit(inst, market, params, mult[t] * factor, vol[t], hor[t],
+                                                        dt=dt, dynamic=dynamic)
+        acc = jax.device_get(acc)
+        contracts, closed = parts.cascade_step(t, acc)  # summed over the parts, float64
+        cost, charge, X, grown = _exchange_step_jit(contracts, notional, move_notional, imp, inst.underlying, fb,
+                                                    factor)
+        ys.append(jax.device_get({"charge": charge.astype(dt), "cost": cost.sum(axis=0), "closed": closed,
+                                  "net_notional": X, "factor": factor, **{k: v for k, v in acc.items() if k != "mm"}}))
+        factor = np.asarray(grown)
+    ys = {k: np.stack([y[k] for y in ys]) for k in ys[0]}
+    sums, steps = parts.cascade_settle({k: ys[k] for k in TABLE_KEYS if k in ys}, with_accounts)
+    out = {"sums": sums, "price": ys["price"].astype(np.float64), "impact_cost": ys["cost"],
+           "closed": ys["closed"].astype(np.float64), "net_notional": ys["net_notional"], "factor": ys["factor"][-1]}
+    if with_accounts:
+        out["account_steps"] = steps
+    return {k: np.asarray(v)[None] for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
 # The host loop over tiles
 
 
 def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype: str = "float64",
-        paths_per_tile: int | None = None, accounts: bool = False) -> dict:
+        paths_per_tile: int | None = None, accounts: bool = False, parts: Any = None) -> dict:
     """Liquidation cascades: every scenario with and without price feedback.
 
     Args:
@@ -318,6 +476,12 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
       paths_per_tile: ``W``, paths per tile (default ``paths_per_tile(...)``; results do not
         depend on it).
       accounts: also return each account's close-out step per scenario (``[n, S]``).
+      parts: the accounts held elsewhere (``stress.cluster.ClusterAccounts``): each tile is
+        then driven one step at a time from here, and ``parts`` steps the accounts, with
+        ``cascade_begin(W2=, K=, lag=, fee_rate=, dtype=)``, ``cascade_step(t, acc)`` (the sums
+        of ``part_step`` over its parts) and ``cascade_settle(tab, with_accounts)`` (the sums
+        of ``part_settle``, its account steps placed in the snapshot's order). Results are
+        this process's own to rounding in the order of the exchange-wide sums.
 
     Returns:
       NumPy arrays, scenarios in file order, USD unless stated:
@@ -349,7 +513,7 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
     mult, vol, hor = time_ordered(scen)
     feedback = np.isin(np.array(scen.kinds, dtype=object), RANDOM_KINDS) & (K > 1)
 
-    D = len(engine.devices())
+    D = 1 if parts is not None else len(engine.devices())  # parts: one tile at a time, stepped
     W = paths_per_tile or globals()["paths_per_tile"](S, snap.n_accounts, D)
     T = math.ceil(math.ceil(S / W) / D) * D  # tiles, a whole number per device
     pad = T * W - S
@@ -358,13 +522,18 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
     hor = np.concatenate([hor, np.zeros((pad, K))])
     feedback = np.concatenate([feedback, np.zeros(pad, bool)])
 
-    kernel, mesh = _kernel(D, K, lag, fee_rate > 0, accounts)
-    rep = NamedSharding(mesh, P())
-    hs, rows = stacked(snap, chunk_size or engine.default_chunk(), dt)
-    tiers = engine._tiers(snap.params, snap.params.tier_mm, dt)  # None when untiered
-    fixed = jax.device_put((tuple(hs), snap.instruments, snap.market, snap.params, impact_params(snap),
-                            margin.snapshot_haircut(snap.params, np.asarray(snap.market.price), dt),
-                            np.asarray(fee_rate, dt), tiers), rep)
+    if parts is None:
+        kernel, mesh = _kernel(D, K, lag, fee_rate > 0, accounts)
+        rep = NamedSharding(mesh, P())
+        hs, rows = stacked(snap, chunk_size or engine.default_chunk(), dt)
+        tiers = engine._tiers(snap.params, snap.params.tier_mm, dt)  # None when untiered
+        fixed = jax.device_put((tuple(hs), snap.instruments, snap.market, snap.params, impact_params(snap),
+                                margin.snapshot_haircut(snap.params, np.asarray(snap.market.price), dt),
+                                np.asarray(fee_rate, dt), tiers), rep)
+    else:
+        terms = (snap.instruments, snap.market, snap.params, impact_params(snap))
+        stepped = functools.partial(_stepped_tile, parts, *terms, K=K, lag=lag, fee_rate=fee_rate, dt=dt,
+                                    dynamic=bool(snap.params.haircut_dynamic), with_accounts=accounts)
 
     def group(g):  # D tiles: [D, K, 2W, ...], columns [W feedback | W plain]
         sl = slice(g * W, (g + D) * W)
@@ -374,6 +543,8 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
             return np.concatenate([x, x], axis=2)
 
         fb = np.concatenate([feedback[sl].reshape(D, W), np.zeros((D, W), bool)], axis=1)
+        if parts is not None:
+            return stepped(cols(mult)[0], cols(vol)[0], cols(hor)[0], fb[0])
         return kernel(*fixed, cols(mult), cols(vol), cols(hor), fb)
 
     outs = []
@@ -406,6 +577,10 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
     res["net_notional_steps"] = flat("net_notional")[0]
     if accounts:
         for half, name in ((slice(0, W), "feedback"), (slice(W, 2 * W), "no_feedback")):
+            if parts is not None:  # [T, n, 2W] -> [n, S]
+                x = np.concatenate([o["account_steps"] for o in outs])[..., half]
+                res[f"liquidation_step_{name}"] = x.transpose(1, 0, 2).reshape(snap.n_accounts, T * W)[:, :S]
+                continue
             m = np.full((snap.n_accounts, S), -1, np.int64)
             for b, acc in enumerate(rows):
                 x = np.concatenate([o["steps"][b] for o in outs])  # [T, C, chunk, 2W]

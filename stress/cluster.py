@@ -13,7 +13,10 @@ pass's inputs and outputs travel (docs/cluster.md):
   for the impact's pass 1) and the partition's per-account columns; the auto-deleveraging pass
   returns, per deficit scenario, only the partition's accounts that ADL may charge there (its
   winners, by rank, until their profit covers the deficit: ``engine.adl_candidates``), not
-  the partition's P&L.
+  the partition's P&L;
+- liquidation cascades, per step of each tile of paths: the step's instrument tables out, the
+  contracts each partition closed back (``cascade.run(parts=...)``); each partition's
+  first-breach steps stay on its worker between the steps.
 
 Partials of disjoint accounts merge exactly (``engine.merge``), so the results are those of the
 single-machine run, to rounding in the order of the exchange-wide sums.
@@ -137,6 +140,24 @@ def _adl_part(sub: Snapshot, t: engine.Tables, chunk_size: int, dtype: str, defi
     return engine.LocalAccounts(sub, chunk_size, engine.DTYPES[dtype]).adl(_device_tables(t), deficit, *terms)
 
 
+def _cascade_begin(sub: Snapshot, chunk_size: int, dtype: str, W2: int, K: int) -> Any:
+    from . import cascade
+
+    return cascade.part_begin(sub, chunk_size, dtype, W2, K)
+
+
+def _cascade_step(part: Any, t: int, acc: dict, K: int, lag: int) -> tuple:
+    from . import cascade
+
+    return cascade.part_step(part, t, acc, K, lag)
+
+
+def _cascade_settle(part: Any, tab: dict, fee_rate: float, K: int, lag: int, with_accounts: bool) -> tuple:
+    from . import cascade
+
+    return cascade.part_settle(part, tab, fee_rate, K, lag, with_accounts)
+
+
 # --- the client side ----------------------------------------------------------------------------
 
 
@@ -186,6 +207,7 @@ class ClusterAccounts:
         # one scatter per partition, to the worker that will sweep it, so it is sent once
         self._subs = [client.scatter(take_accounts(host, idx), workers=[w], hash=False)
                       for idx, w in zip(self.index, self.workers)]
+        self._parts: list = []  # a cascade tile's state per partition, between its steps
 
     def __enter__(self) -> "ClusterAccounts":
         return self
@@ -194,7 +216,8 @@ class ClusterAccounts:
         self.close()
 
     def close(self) -> None:
-        """Release the sub-snapshots held on the workers."""
+        """Release the sub-snapshots (and any cascade state) held on the workers."""
+        self._cascade_release()
         if self._subs:
             self.client.cancel(self._subs)
             self._subs = []
@@ -217,6 +240,59 @@ class ClusterAccounts:
         """One pass of every account through ``engine.chunk_kernel``, merged over partitions."""
         parts = self._map(_sweep_part, t, n_random, with_pnl, level)
         return engine.merge(parts, self.index, self.snap.n_accounts)
+
+    # Liquidation cascades (``stress.cascade.run(parts=self)``): the client drives each tile of
+    # paths a step at a time; each worker keeps its partition's state between the steps (a
+    # future pinned to it) and sends back the contracts its accounts closed at the step.
+
+    def cascade_begin(self, *, W2: int, K: int, lag: int, fee_rate: float, dtype: str) -> None:
+        """A new tile of ``W2`` columns: every partition's accounts before its first step."""
+        if dtype != self.dtype:
+            raise ValueError(f"the cascade runs in {dtype}, the cluster sweeper in {self.dtype}: "
+                             "give engine.run and ClusterAccounts the same dtype")
+        self._cascade_release()
+        self._cascade = (K, lag, fee_rate)
+        self._parts = [self._pinned(_cascade_begin, w, sub, self.chunk_size, self.dtype, W2, K)
+                       for sub, w in zip(self._subs, self.workers)]
+
+    def cascade_step(self, t: int, acc: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Step ``t`` on every partition: contracts closed ``[2, I, W2]`` and accounts closed
+        ``[W2]``, added over partitions in partition order."""
+        import operator
+
+        K, lag, _ = self._cascade
+        both = [self._pinned(_cascade_step, w, part, t, acc, K, lag) for part, w in zip(self._parts, self.workers)]
+        parts = [self._pinned(operator.itemgetter(0), w, f) for f, w in zip(both, self.workers)]
+        sent = [self._pinned(operator.itemgetter(1), w, f) for f, w in zip(both, self.workers)]
+        got = self.client.gather(sent)
+        # the last step's futures are let go, not cancelled: the scheduler frees each once
+        # what depends on it has run (the next states may still be waiting on ``both``)
+        self._parts = parts
+        from . import cascade
+
+        return cascade.add_steps(got)
+
+    def cascade_settle(self, tab: dict, with_accounts: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """After the last step: sums ``[len(SUMS), W2]`` over every partition and, with
+        ``with_accounts``, every account's close-out step ``[n, W2]``."""
+        from . import cascade
+
+        K, lag, fee_rate = self._cascade
+        futures = [self._pinned(_cascade_settle, w, part, tab, fee_rate, K, lag, with_accounts)
+                   for part, w in zip(self._parts, self.workers)]
+        got = self.client.gather(futures)
+        self.client.cancel(futures)
+        self._cascade_release()
+        return cascade.add_settled(got, self.index, self.snap.n_accounts, with_accounts)
+
+    def _cascade_release(self) -> None:
+        if getattr(self, "_parts", None):
+            self.client.cancel(self._parts)
+        self._parts = []
+
+    def _pinned(self, fn: Callable, worker: str, *args: Any) -> Any:
+        """``fn(*args)`` on ``worker`` and nowhere else: the partition's state stays there."""
+        return self.client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False)
 
     def _map(self, fn: Callable, t: engine.Tables, *args: Any, per_part: list | None = None) -> list:
         """``fn(sub_snapshot, tables, chunk_size, dtype, *args[, per_part[k]])`` on every

@@ -1316,7 +1316,8 @@ def run(
     )
 
     cascade_summary = _cascade_columns(snap, scen, scenarios, fund, rnd=np.asarray(scen.random), on=liq_cfg["cascade"],
-                                       chunk_size=chunk_size, dtype=dtype)
+                                       chunk_size=chunk_size, dtype=dtype,
+                                       parts=sweeper if hasattr(sweeper, "cascade_step") else None)
     order = np.lexsort((np.arange(S), -scenarios["shortfall_total"].to_numpy(), -bad))
     worst = int(order[0])
     rnd = scen.random
@@ -1353,19 +1354,20 @@ def run(
     return Result(accounts=accounts, scenarios=scenarios, summary=summary)
 
 
-def _cascade_columns(snap, scen, scenarios, fund, *, rnd, on, chunk_size, dtype) -> dict:
+def _cascade_columns(snap, scen, scenarios, fund, *, rnd, on, chunk_size, dtype, parts=None) -> dict:
     """With ``[liquidation] cascade``, run every path again with price feedback
     (``stress.cascade``) and add its columns beside the engine's: ``bad_debt_feedback``,
     ``impact_cost_feedback``, ``liquidated_notional_feedback``, ``amplification`` (feedback /
     no feedback; NaN when cascades are off, inf where only the feedback run has bad debt) and
-    ``price_impact_<ASSET>``; returns the summary's cascade keys."""
+    ``price_impact_<ASSET>``; returns the summary's cascade keys. ``parts``: the sweeper,
+    where it steps cascades itself (``cascade.run(parts=...)``: a cluster)."""
     S = len(scen)
     if not on:
         scenarios["amplification"] = np.full(S, np.nan)
         return {"cascade": False}
     from . import cascade
 
-    c = cascade.run(snap, scen, chunk_size=chunk_size, dtype=dtype)
+    c = cascade.run(snap, scen, chunk_size=chunk_size, dtype=dtype, parts=parts)
     for k in ("bad_debt", "impact_cost", "liquidated_notional"):
         scenarios[f"{k}_feedback"] = c[f"{k}_feedback"]
     scenarios["amplification"] = c["amplification"]

@@ -291,3 +291,65 @@ def test_results_do_not_depend_on_chunk_size_or_tiling(tmp_path):
             np.testing.assert_array_equal(other[k], v, err_msg=k)
         else:
             np.testing.assert_allclose(other[k], v, rtol=1e-12, atol=1e-9, err_msg=k)
+
+
+class PartsHere:
+    """The protocol of ``cascade.run(parts=...)`` in this process: the accounts cut into
+    partitions as the cluster cuts them (``cluster.split_accounts``, ``take_accounts``), each
+    stepped on its own with ``cascade.part_*``. It is what ``cluster.ClusterAccounts`` does
+    over Dask, without the workers."""
+
+    def __init__(self, snap, n_parts: int, chunk_size: int | None = None):
+        from stress import cluster
+
+        self.index = cluster.split_accounts(snap, n_parts)
+        self.subs = [cluster.take_accounts(snap, idx) for idx in self.index]
+        self.n, self.chunk_size, self.steps = snap.n_accounts, chunk_size, 0
+
+    def cascade_begin(self, *, W2, K, lag, fee_rate, dtype):
+        self.args = (K, lag, fee_rate)
+        self.states = [cascade.part_begin(sub, self.chunk_size, dtype, W2, K) for sub in self.subs]
+
+    def cascade_step(self, t, acc):
+        K, lag, _ = self.args
+        out = [cascade.part_step(p, t, acc, K, lag) for p in self.states]
+        self.states = [o[0] for o in out]
+        self.steps += 1
+        return cascade.add_steps([o[1] for o in out])
+
+    def cascade_settle(self, tab, with_accounts):
+        K, lag, fee_rate = self.args
+        got = [cascade.part_settle(p, tab, fee_rate, K, lag, with_accounts) for p in self.states]
+        return cascade.add_settled(got, self.index, self.n, with_accounts)
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if v.dtype.kind in "iu":
+            np.testing.assert_array_equal(got[k], v, err_msg=k)
+        else:
+            scale = np.abs(v).max(initial=0.0)
+            np.testing.assert_allclose(got[k], v, rtol=1e-12, atol=1e-12 * scale, err_msg=k)
+
+
+@pytest.mark.parametrize("n_parts", [1, 3])
+def test_the_chain_stepped_over_account_parts_is_the_one_scan_run(tmp_path, n_parts):
+    # the chain, where each step's price depends on who the previous steps closed out: the
+    # parts (three: one long each, then C with the short) only meet through the contracts
+    snap = _chain(tmp_path / "snap", extra="oracle_lag_steps = 1")
+    scen = _path_scenarios(tmp_path, snap)
+    want = cascade.run(snap, scen, accounts=True)
+    parts = PartsHere(snap, n_parts, chunk_size=1)
+    got = cascade.run(snap, scen, accounts=True, parts=parts)
+    assert parts.steps == scen.steps * math.ceil(len(scen) / 8)  # one round per step and tile
+    np.testing.assert_array_equal(got["liquidation_step_feedback"][:, 0], [1, 3, -1, -1])
+    _assert_same(got, want)
+
+
+def test_the_sample_stepped_over_account_parts_is_the_one_scan_run(sample_run):
+    # risk-limit tiers, a fee, an oracle lag and Monte Carlo paths that feed back
+    snap, scen, want = sample_run
+    got = cascade.run(snap, scen, accounts=True, parts=PartsHere(snap, 3))
+    assert (want["amplification"][np.isfinite(want["amplification"])] != 1.0).any()  # feedback acts
+    _assert_same(got, want)

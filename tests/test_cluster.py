@@ -236,6 +236,27 @@ def test_impact_and_adl_books_match_for_any_number_of_partitions(client, books, 
     assert_same(got, want)
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_a_liquidation_cascade_over_partitions_matches_the_local_run(client, tmp_path, monkeypatch, parts):
+    # test_cascade's chain under an oracle lag: A's forced sale moves the price that closes B
+    # out two steps later; A and B sit in different partitions, so the feedback crosses workers
+    from stress import cascade
+
+    from .test_cascade import _chain, _path_scenarios
+
+    snap = _chain(tmp_path / "snap", extra="oracle_lag_steps = 1")
+    scen = _path_scenarios(tmp_path, snap)
+    want = engine.run(snap, scen)
+    assert want.summary["cascade"] and want.scenarios.amplification[0] > 1.0
+
+    def here(*args, **kwargs):
+        raise AssertionError("the client ran the cascade's accounts itself")
+
+    monkeypatch.setattr(cascade, "_kernel", here)  # the one-scan kernel: accounts in this process
+    got = cluster.run(snap, scen, client, partitions=parts)
+    assert_same(got, want)
+
+
 def test_the_sweeper_rejects_a_run_of_another_dtype(client, books):
     _, snap, scen, _ = books["adl"]
     with cluster.ClusterAccounts(snap, client, dtype="float32") as sweeper:
