@@ -357,8 +357,8 @@ def _kernel(n_devices: int, K: int, lag: int, with_fee: bool, with_accounts: boo
 # one scan: between two steps the contracts closed by every part must meet. ``run(parts=...)``
 # then drives each tile step by step from here: ``_market_step`` and ``_exchange_step`` run in
 # this process, the parts run ``_accounts_step`` and, after the last step, ``_settle_all`` on
-# their own accounts (``part_begin``, ``part_step``, ``part_settle``), and only ``[2, I, W2]``
-# contracts and ``[W2]`` counts per part and step come back.
+# their own accounts (``part_of``, ``part_begin``, ``part_step``, ``part_settle``), and only
+# ``[2, I, W2]`` contracts and ``[W2]`` counts per part and step come back.
 
 _market_step_jit = jax.jit(_market_step, static_argnames=("dt", "dynamic"))
 _exchange_step_jit = jax.jit(_exchange_step)
@@ -372,21 +372,25 @@ class Part:
 
     hs: tuple  # Holdings [C_b, chunk, J, L] per holdings bucket, on this process's device
     rows: tuple  # [m_b] int account indices (within the part's snapshot) of each bucket's rows
-    brs: tuple  # [C_b, chunk, W2] int32 step each account first breached, K: not yet
+    brs: tuple  # [C_b, chunk, W2] int32 step each account first breached, K: not yet (() between tiles)
     haircut: Any  # margin.snapshot_haircut: [A], or a Haircut for dynamic haircuts
     tiers: Any  # engine._tiers of maintenance margin, or None
     n_accounts: int
 
 
-def part_begin(snap: Snapshot, chunk_size: int | None, dtype: str, W2: int, K: int) -> Part:
-    """The accounts of ``snap`` (a partition's sub-snapshot) before the first step of a tile
-    of ``W2`` columns."""
+def part_of(snap: Snapshot, chunk_size: int | None, dtype: str) -> Part:
+    """The accounts of ``snap`` (a partition's sub-snapshot) laid out for the steps, once per
+    run: ``part_begin`` starts each tile from it."""
     dt = engine.DTYPES[dtype] if isinstance(dtype, str) else dtype
     hs, rows = stacked(snap, chunk_size or engine.default_chunk(), dt)
-    hs = jax.device_put(tuple(hs))
-    brs = tuple(jnp.full(h.valid.shape + (W2,), K, jnp.int32) for h in hs)
-    return Part(hs, tuple(rows), brs, margin.snapshot_haircut(snap.params, np.asarray(snap.market.price), dt),
-                engine._tiers(snap.params, snap.params.tier_mm, dt), snap.n_accounts)
+    haircut = margin.snapshot_haircut(snap.params, np.asarray(snap.market.price), dt)
+    tiers = engine._tiers(snap.params, snap.params.tier_mm, dt)
+    return Part(jax.device_put(tuple(hs)), tuple(rows), (), haircut, tiers, snap.n_accounts)
+
+
+def part_begin(p: Part, W2: int, K: int) -> Part:
+    """``p`` before the first step of a tile of ``W2`` columns: no account has breached."""
+    return dataclasses.replace(p, brs=tuple(jnp.full(h.valid.shape + (W2,), K, jnp.int32) for h in p.hs))
 
 
 def part_step(p: Part, t: int, acc: dict, K: int, lag: int) -> tuple[Part, tuple[np.ndarray, np.ndarray]]:

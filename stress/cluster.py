@@ -140,10 +140,16 @@ def _adl_part(sub: Snapshot, t: engine.Tables, chunk_size: int, dtype: str, defi
     return engine.LocalAccounts(sub, chunk_size, engine.DTYPES[dtype]).adl(_device_tables(t), deficit, *terms)
 
 
-def _cascade_begin(sub: Snapshot, chunk_size: int, dtype: str, W2: int, K: int) -> Any:
+def _cascade_part(sub: Snapshot, chunk_size: int, dtype: str) -> Any:
     from . import cascade
 
-    return cascade.part_begin(sub, chunk_size, dtype, W2, K)
+    return cascade.part_of(sub, chunk_size, dtype)
+
+
+def _cascade_begin(part: Any, W2: int, K: int) -> Any:
+    from . import cascade
+
+    return cascade.part_begin(part, W2, K)
 
 
 def _cascade_step(part: Any, t: int, acc: dict, K: int, lag: int) -> tuple:
@@ -208,6 +214,7 @@ class ClusterAccounts:
         self._subs = [client.scatter(take_accounts(host, idx), workers=[w], hash=False)
                       for idx, w in zip(self.index, self.workers)]
         self._parts: list = []  # a cascade tile's state per partition, between its steps
+        self._laid_out: list = []  # each partition's accounts laid out for the cascade's steps
 
     def __enter__(self) -> "ClusterAccounts":
         return self
@@ -218,6 +225,9 @@ class ClusterAccounts:
     def close(self) -> None:
         """Release the sub-snapshots (and any cascade state) held on the workers."""
         self._cascade_release()
+        if self._laid_out:
+            self.client.cancel(self._laid_out)
+            self._laid_out = []
         if self._subs:
             self.client.cancel(self._subs)
             self._subs = []
@@ -252,8 +262,10 @@ class ClusterAccounts:
                              "give engine.run and ClusterAccounts the same dtype")
         self._cascade_release()
         self._cascade = (K, lag, fee_rate)
-        self._parts = [self._pinned(_cascade_begin, w, sub, self.chunk_size, self.dtype, W2, K)
-                       for sub, w in zip(self._subs, self.workers)]
+        if not self._laid_out:  # each partition's stacked holdings, built once per run
+            self._laid_out = [self._pinned(_cascade_part, w, sub, self.chunk_size, self.dtype)
+                              for sub, w in zip(self._subs, self.workers)]
+        self._parts = [self._pinned(_cascade_begin, w, part, W2, K) for part, w in zip(self._laid_out, self.workers)]
 
     def cascade_step(self, t: int, acc: dict) -> tuple[np.ndarray, np.ndarray]:
         """Step ``t`` on every partition: contracts closed ``[2, I, W2]`` and accounts closed

@@ -320,7 +320,8 @@ class PartsHere:
 
     def cascade_begin(self, *, W2, K, lag, fee_rate, dtype):
         self.args = (K, lag, fee_rate)
-        self.states = [cascade.part_begin(sub, self.chunk_size, dtype, W2, K) for sub in self.subs]
+        laid_out = [cascade.part_of(sub, self.chunk_size, dtype) for sub in self.subs]
+        self.states = [cascade.part_begin(p, W2, K) for p in laid_out]
 
     def cascade_step(self, t, acc):
         K, lag, _ = self.args
