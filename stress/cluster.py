@@ -16,7 +16,7 @@ pass's inputs and outputs travel (docs/cluster.md):
   the partition's P&L;
 - liquidation cascades, per step of each tile of paths: the step's instrument tables out, the
   contracts each partition closed back (``cascade.run(parts=...)``); each partition's
-  first-breach steps stay on its worker between the steps.
+  first-breach steps stay on its worker between the steps, in a Dask actor (``CascadePart``).
 
 Partials of disjoint accounts merge exactly (``engine.merge``), so the results are those of the
 single-machine run, to rounding in the order of the exchange-wide sums.
@@ -140,28 +140,35 @@ def _adl_part(sub: Snapshot, t: engine.Tables, chunk_size: int, dtype: str, defi
     return engine.LocalAccounts(sub, chunk_size, engine.DTYPES[dtype]).adl(_device_tables(t), deficit, *terms)
 
 
-def _cascade_part(sub: Snapshot, chunk_size: int, dtype: str) -> Any:
-    from . import cascade
+class CascadePart:
+    """One partition's accounts on its worker, for a liquidation cascade's steps: a Dask actor,
+    so its state (``cascade.Part``: the laid-out holdings, built once per run, and the current
+    tile's first-breach steps) stays on the worker between calls, and each call goes straight
+    to the worker without a round through the scheduler."""
 
-    return cascade.part_of(sub, chunk_size, dtype)
+    def __init__(self, sub: Snapshot, chunk_size: int | None, dtype: str):
+        from . import cascade
 
+        self.laid_out = cascade.part_of(sub, chunk_size, dtype)
+        self.part = None
 
-def _cascade_begin(part: Any, W2: int, K: int) -> Any:
-    from . import cascade
+    def begin(self, W2: int, K: int) -> None:
+        from . import cascade
 
-    return cascade.part_begin(part, W2, K)
+        self.part = cascade.part_begin(self.laid_out, W2, K)
 
+    def step(self, t: int, acc: dict, K: int, lag: int) -> tuple:
+        from . import cascade
 
-def _cascade_step(part: Any, t: int, acc: dict, K: int, lag: int) -> tuple:
-    from . import cascade
+        self.part, out = cascade.part_step(self.part, t, acc, K, lag)
+        return out
 
-    return cascade.part_step(part, t, acc, K, lag)
+    def settle(self, tab: dict, fee_rate: float, K: int, lag: int, with_accounts: bool) -> tuple:
+        from . import cascade
 
-
-def _cascade_settle(part: Any, tab: dict, fee_rate: float, K: int, lag: int, with_accounts: bool) -> tuple:
-    from . import cascade
-
-    return cascade.part_settle(part, tab, fee_rate, K, lag, with_accounts)
+        out = cascade.part_settle(self.part, tab, fee_rate, K, lag, with_accounts)
+        self.part = None
+        return out
 
 
 # --- the client side ----------------------------------------------------------------------------
@@ -213,8 +220,8 @@ class ClusterAccounts:
         # one scatter per partition, to the worker that will sweep it, so it is sent once
         self._subs = [client.scatter(take_accounts(host, idx), workers=[w], hash=False)
                       for idx, w in zip(self.index, self.workers)]
-        self._parts: list = []  # a cascade tile's state per partition, between its steps
-        self._laid_out: list = []  # each partition's accounts laid out for the cascade's steps
+        self._actors: list = []  # CascadePart per partition, made by a run's first cascade tile
+        self._actor_futures: list = []
 
     def __enter__(self) -> "ClusterAccounts":
         return self
@@ -224,10 +231,9 @@ class ClusterAccounts:
 
     def close(self) -> None:
         """Release the sub-snapshots (and any cascade state) held on the workers."""
-        self._cascade_release()
-        if self._laid_out:
-            self.client.cancel(self._laid_out)
-            self._laid_out = []
+        if self._actor_futures:
+            self.client.cancel(self._actor_futures)
+            self._actors, self._actor_futures = [], []
         if self._subs:
             self.client.cancel(self._subs)
             self._subs = []
@@ -252,37 +258,31 @@ class ClusterAccounts:
         return engine.merge(parts, self.index, self.snap.n_accounts)
 
     # Liquidation cascades (``stress.cascade.run(parts=self)``): the client drives each tile of
-    # paths a step at a time; each worker keeps its partition's state between the steps (a
-    # future pinned to it) and sends back the contracts its accounts closed at the step.
+    # paths a step at a time; each partition's worker holds its accounts' state in an actor
+    # (``CascadePart``) and sends back the contracts its accounts closed at the step.
 
     def cascade_begin(self, *, W2: int, K: int, lag: int, fee_rate: float, dtype: str) -> None:
         """A new tile of ``W2`` columns: every partition's accounts before its first step."""
         if dtype != self.dtype:
             raise ValueError(f"the cascade runs in {dtype}, the cluster sweeper in {self.dtype}: "
                              "give engine.run and ClusterAccounts the same dtype")
-        self._cascade_release()
         self._cascade = (K, lag, fee_rate)
-        if not self._laid_out:  # each partition's stacked holdings, built once per run
-            self._laid_out = [self._pinned(_cascade_part, w, sub, self.chunk_size, self.dtype)
-                              for sub, w in zip(self._subs, self.workers)]
-        self._parts = [self._pinned(_cascade_begin, w, part, W2, K) for part, w in zip(self._laid_out, self.workers)]
+        if not self._actors:  # made once per run: each lays its partition's holdings out once
+            futures = [self.client.submit(CascadePart, sub, self.chunk_size, self.dtype, actor=True,
+                                          workers=[w], allow_other_workers=False, pure=False)
+                       for sub, w in zip(self._subs, self.workers)]
+            self._actor_futures = futures
+            with self.client.as_current():  # an actor binds to the current client, not the default
+                self._actors = [f.result() for f in futures]
+        self._on_every_part(lambda a: a.begin(W2, K))
 
     def cascade_step(self, t: int, acc: dict) -> tuple[np.ndarray, np.ndarray]:
         """Step ``t`` on every partition: contracts closed ``[2, I, W2]`` and accounts closed
         ``[W2]``, added over partitions in partition order."""
-        import operator
-
-        K, lag, _ = self._cascade
-        both = [self._pinned(_cascade_step, w, part, t, acc, K, lag) for part, w in zip(self._parts, self.workers)]
-        parts = [self._pinned(operator.itemgetter(0), w, f) for f, w in zip(both, self.workers)]
-        sent = [self._pinned(operator.itemgetter(1), w, f) for f, w in zip(both, self.workers)]
-        got = self.client.gather(sent)
-        # the last step's futures are let go, not cancelled: the scheduler frees each once
-        # what depends on it has run (the next states may still be waiting on ``both``)
-        self._parts = parts
         from . import cascade
 
-        return cascade.add_steps(got)
+        K, lag, _ = self._cascade
+        return cascade.add_steps(self._on_every_part(lambda a: a.step(t, acc, K, lag)))
 
     def cascade_settle(self, tab: dict, with_accounts: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """After the last step: sums ``[len(SUMS), W2]`` over every partition and, with
@@ -290,21 +290,13 @@ class ClusterAccounts:
         from . import cascade
 
         K, lag, fee_rate = self._cascade
-        futures = [self._pinned(_cascade_settle, w, part, tab, fee_rate, K, lag, with_accounts)
-                   for part, w in zip(self._parts, self.workers)]
-        got = self.client.gather(futures)
-        self.client.cancel(futures)
-        self._cascade_release()
+        got = self._on_every_part(lambda a: a.settle(tab, fee_rate, K, lag, with_accounts))
         return cascade.add_settled(got, self.index, self.snap.n_accounts, with_accounts)
 
-    def _cascade_release(self) -> None:
-        if getattr(self, "_parts", None):
-            self.client.cancel(self._parts)
-        self._parts = []
-
-    def _pinned(self, fn: Callable, worker: str, *args: Any) -> Any:
-        """``fn(*args)`` on ``worker`` and nowhere else: the partition's state stays there."""
-        return self.client.submit(fn, *args, workers=[worker], allow_other_workers=False, pure=False)
+    def _on_every_part(self, call: Callable) -> list:
+        """``call(actor)`` on every partition's actor at once; the results in partition order."""
+        with self.client.as_current():
+            return [f.result() for f in [call(a) for a in self._actors]]
 
     def _map(self, fn: Callable, t: engine.Tables, *args: Any, per_part: list | None = None) -> list:
         """``fn(sub_snapshot, tables, chunk_size, dtype, *args[, per_part[k]])`` on every
