@@ -583,6 +583,8 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
         for half, name in ((slice(0, W), "feedback"), (slice(W, 2 * W), "no_feedback")):
             if parts is not None:  # [T, n, 2W] -> [n, S]
                 x = np.concatenate([o["account_steps"] for o in outs])[..., half]
+                if x.shape[1] != snap.n_accounts:
+                    raise ValueError(f"the parts hold {x.shape[1]} accounts, the snapshot {snap.n_accounts}")
                 res[f"liquidation_step_{name}"] = x.transpose(1, 0, 2).reshape(snap.n_accounts, T * W)[:, :S]
                 continue
             m = np.full((snap.n_accounts, S), -1, np.int64)

@@ -142,9 +142,10 @@ def _adl_part(sub: Snapshot, t: engine.Tables, chunk_size: int, dtype: str, defi
 
 class CascadePart:
     """One partition's accounts on its worker, for a liquidation cascade's steps: a Dask actor,
-    so its state (``cascade.Part``: the laid-out holdings, built once per run, and the current
-    tile's first-breach steps) stays on the worker between calls, and each call goes straight
-    to the worker without a round through the scheduler."""
+    so its state (``cascade.Part``: the laid-out holdings, built at the first tile, and the
+    current tile's first-breach steps) stays on the worker between calls. Each call is one
+    message, through the scheduler, or straight to the worker where the client was made with
+    ``direct_to_workers=True``."""
 
     def __init__(self, sub: Snapshot, chunk_size: int | None, dtype: str):
         from . import cascade
@@ -267,13 +268,17 @@ class ClusterAccounts:
             raise ValueError(f"the cascade runs in {dtype}, the cluster sweeper in {self.dtype}: "
                              "give engine.run and ClusterAccounts the same dtype")
         self._cascade = (K, lag, fee_rate)
-        if not self._actors:  # made once per run: each lays its partition's holdings out once
+        if not self._actors:  # at the first tile, kept until close(): holdings laid out once
             futures = [self.client.submit(CascadePart, sub, self.chunk_size, self.dtype, actor=True,
                                           workers=[w], allow_other_workers=False, pure=False)
                        for sub, w in zip(self._subs, self.workers)]
+            try:
+                with self.client.as_current():  # an actor binds to the current client, not the default
+                    self._actors = [f.result() for f in futures]
+            except BaseException:
+                self.client.cancel(futures)
+                raise
             self._actor_futures = futures
-            with self.client.as_current():  # an actor binds to the current client, not the default
-                self._actors = [f.result() for f in futures]
         self._on_every_part(lambda a: a.begin(W2, K))
 
     def cascade_step(self, t: int, acc: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -316,12 +316,13 @@ class PartsHere:
 
         self.index = cluster.split_accounts(snap, n_parts)
         self.subs = [cluster.take_accounts(snap, idx) for idx in self.index]
-        self.n, self.chunk_size, self.steps = snap.n_accounts, chunk_size, 0
+        self.n, self.chunk_size, self.steps, self.laid_out = snap.n_accounts, chunk_size, 0, None
 
     def cascade_begin(self, *, W2, K, lag, fee_rate, dtype):
         self.args = (K, lag, fee_rate)
-        laid_out = [cascade.part_of(sub, self.chunk_size, dtype) for sub in self.subs]
-        self.states = [cascade.part_begin(p, W2, K) for p in laid_out]
+        if self.laid_out is None:  # once, as each cluster worker does: tiles reuse it
+            self.laid_out = [cascade.part_of(sub, self.chunk_size, dtype) for sub in self.subs]
+        self.states = [cascade.part_begin(p, W2, K) for p in self.laid_out]
 
     def cascade_step(self, t, acc):
         K, lag, _ = self.args
@@ -336,33 +337,37 @@ class PartsHere:
         return cascade.add_settled(got, self.index, self.n, with_accounts)
 
 
-def _assert_same(got: dict, want: dict) -> None:
+def assert_same_cascade(got: dict, want: dict) -> None:
+    """Same keys; integer results equal; floats to 1e-12 of each result's largest magnitude."""
     assert set(got) == set(want)
     for k, v in want.items():
         if v.dtype.kind in "iu":
             np.testing.assert_array_equal(got[k], v, err_msg=k)
         else:
-            scale = np.abs(v).max(initial=0.0)
+            scale = np.abs(v[np.isfinite(v)]).max(initial=0.0)  # amplification may be inf
             np.testing.assert_allclose(got[k], v, rtol=1e-12, atol=1e-12 * scale, err_msg=k)
 
 
-@pytest.mark.parametrize("n_parts", [1, 3])
+@pytest.mark.parametrize("n_parts", [1, 4])
 def test_the_chain_stepped_over_account_parts_is_the_one_scan_run(tmp_path, n_parts):
-    # the chain, where each step's price depends on who the previous steps closed out: the
-    # parts (three: one long each, then C with the short) only meet through the contracts
+    # the chain, where each step's price depends on who the previous steps closed out: with
+    # four parts, one account each, A's close-out reaches B's part only through the contracts
     snap = _chain(tmp_path / "snap", extra="oracle_lag_steps = 1")
     scen = _path_scenarios(tmp_path, snap)
     want = cascade.run(snap, scen, accounts=True)
     parts = PartsHere(snap, n_parts, chunk_size=1)
+    assert len(parts.index) == n_parts
     got = cascade.run(snap, scen, accounts=True, parts=parts)
     assert parts.steps == scen.steps * math.ceil(len(scen) / 8)  # one round per step and tile
     np.testing.assert_array_equal(got["liquidation_step_feedback"][:, 0], [1, 3, -1, -1])
-    _assert_same(got, want)
+    assert_same_cascade(got, want)
 
 
 def test_the_sample_stepped_over_account_parts_is_the_one_scan_run(sample_run):
     # risk-limit tiers, a fee, an oracle lag and Monte Carlo paths that feed back
     snap, scen, want = sample_run
-    got = cascade.run(snap, scen, accounts=True, parts=PartsHere(snap, 3))
+    parts = PartsHere(snap, 3)
+    got = cascade.run(snap, scen, accounts=True, parts=parts, paths_per_tile=8)  # 3 tiles of 8 paths
+    assert parts.steps == scen.steps * 3
     assert (want["amplification"][np.isfinite(want["amplification"])] != 1.0).any()  # feedback acts
-    _assert_same(got, want)
+    assert_same_cascade(got, want)

@@ -236,25 +236,30 @@ def test_impact_and_adl_books_match_for_any_number_of_partitions(client, books, 
     assert_same(got, want)
 
 
-@pytest.mark.parametrize("parts", [2, 3])
-def test_a_liquidation_cascade_over_partitions_matches_the_local_run(client, tmp_path, monkeypatch, parts):
+def test_a_liquidation_cascade_over_partitions_matches_the_local_run(client, tmp_path, monkeypatch):
     # test_cascade's chain under an oracle lag: A's forced sale moves the price that closes B
-    # out two steps later; A and B sit in different partitions, so the feedback crosses workers
+    # out two steps later; in four partitions, one account each on two workers, the feedback
+    # crosses partitions and workers
     from stress import cascade
 
-    from .test_cascade import _chain, _path_scenarios
+    from .test_cascade import _chain, _path_scenarios, assert_same_cascade
 
     snap = _chain(tmp_path / "snap", extra="oracle_lag_steps = 1")
     scen = _path_scenarios(tmp_path, snap)
     want = engine.run(snap, scen)
     assert want.summary["cascade"] and want.scenarios.amplification[0] > 1.0
+    steps = cascade.run(snap, scen, accounts=True)
 
     def here(*args, **kwargs):
         raise AssertionError("the client ran the cascade's accounts itself")
 
     monkeypatch.setattr(cascade, "_kernel", here)  # the one-scan kernel: accounts in this process
-    got = cluster.run(snap, scen, client, partitions=parts)
+    got = cluster.run(snap, scen, client, partitions=4)
     assert_same(got, want)
+    # each account's close-out step, placed back from its partition
+    with cluster.ClusterAccounts(snap, client, partitions=4) as sweeper:
+        assert [len(i) for i in sweeper.index] == [1, 1, 1, 1]
+        assert_same_cascade(cascade.run(snap, scen, accounts=True, parts=sweeper), steps)
 
 
 def test_the_sweeper_rejects_a_run_of_another_dtype(client, books):

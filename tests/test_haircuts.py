@@ -185,6 +185,10 @@ def test_the_cascade_without_feedback_matches_the_engine_under_dynamic_haircuts(
     np.testing.assert_allclose(r["bad_debt_no_feedback"], sc.bad_debt, rtol=1e-9, atol=1e-6)
     np.testing.assert_allclose(r["fees_no_feedback"], sc.fees, rtol=1e-9, atol=1e-6)
     np.testing.assert_array_equal(r["accounts_liquidated_no_feedback"], sc.accounts_liquidatable)
+    # stepped over account parts (as on a cluster), the step's haircuts travel with its tables
+    from .test_cascade import PartsHere, assert_same_cascade
+
+    assert_same_cascade(cascade.run(snap, scen, parts=PartsHere(snap, 3)), r)
     (folder / "exchange.toml").write_text(toml)
     static = stress.run(stress.load_snapshot(folder), scen).scenarios
     # a dynamic haircut is never below the static one, so every state breached before still is
