@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import engine
+from . import cascade, engine
 from .scenarios import Scenarios
 from .snapshot import Snapshot
 
@@ -148,25 +148,17 @@ class CascadePart:
     ``direct_to_workers=True``."""
 
     def __init__(self, sub: Snapshot, chunk_size: int | None, dtype: str):
-        from . import cascade
-
         self.laid_out = cascade.part_of(sub, chunk_size, dtype)
         self.part = None
 
     def begin(self, W2: int, K: int) -> None:
-        from . import cascade
-
         self.part = cascade.part_begin(self.laid_out, W2, K)
 
     def step(self, t: int, acc: dict, K: int, lag: int) -> tuple:
-        from . import cascade
-
         self.part, out = cascade.part_step(self.part, t, acc, K, lag)
         return out
 
     def settle(self, tab: dict, fee_rate: float, K: int, lag: int, with_accounts: bool) -> tuple:
-        from . import cascade
-
         out = cascade.part_settle(self.part, tab, fee_rate, K, lag, with_accounts)
         self.part = None
         return out
@@ -284,16 +276,12 @@ class ClusterAccounts:
     def cascade_step(self, t: int, acc: dict) -> tuple[np.ndarray, np.ndarray]:
         """Step ``t`` on every partition: contracts closed ``[2, I, W2]`` and accounts closed
         ``[W2]``, added over partitions in partition order."""
-        from . import cascade
-
         K, lag, _ = self._cascade
         return cascade.add_steps(self._on_every_part(lambda a: a.step(t, acc, K, lag)))
 
     def cascade_settle(self, tab: dict, with_accounts: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """After the last step: sums ``[len(SUMS), W2]`` over every partition and, with
         ``with_accounts``, every account's close-out step ``[n, W2]``."""
-        from . import cascade
-
         K, lag, fee_rate = self._cascade
         got = self._on_every_part(lambda a: a.settle(tab, fee_rate, K, lag, with_accounts))
         return cascade.add_settled(got, self.index, self.snap.n_accounts, with_accounts)
