@@ -282,6 +282,19 @@ def _settle_all(hs, brs, tab, haircut, fee_rate, *, K, lag, with_fee, with_accou
     return sums, (tuple(steps_out) if with_accounts else None)
 
 
+def _step_record(acc, charge, cost, closed, X, factor, dt) -> dict:
+    """What a tile keeps of one step: the tables that settle its accounts (``TABLE_KEYS``)
+    and the per-step outputs of ``_tile_out``."""
+    return {"charge": charge.astype(dt), "cost": cost.sum(axis=0), "closed": closed, "net_notional": X,
+            "factor": factor, **{k: v for k, v in acc.items() if k != "mm"}}
+
+
+def _tile_out(sums, ys) -> dict:
+    """A tile's outputs from its settled ``sums`` and its steps' records stacked ``[K, ...]``."""
+    return {"sums": sums, "price": ys["price"].astype("float64"), "impact_cost": ys["cost"],
+            "closed": ys["closed"].astype("float64"), "net_notional": ys["net_notional"], "factor": ys["factor"][-1]}
+
+
 def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult, vol, hor, fb, *, K, lag, with_fee,
           with_accounts):
     """One tile of ``W2`` columns (paths), every step, every account: the three sides of a
@@ -310,9 +323,7 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
         brs, contracts, closed_n = _accounts_step(hs, brs, acc, haircut, tiers, t, K=K, lag=lag)
         cost, charge, X, grown = _exchange_step(contracts.astype(jnp.float64), notional, move_notional, imp,
                                                 inst.underlying, fb, factor)
-        ys = {"charge": charge.astype(dt), "cost": cost.sum(axis=0), "closed": closed_n, "net_notional": X,
-              "factor": factor, **{k: v for k, v in acc.items() if k != "mm"}}
-        return (grown, brs), ys
+        return (grown, brs), _step_record(acc, charge, cost, closed_n, X, factor, dt)
 
     brs = tuple(jnp.full(h.valid.shape + (W2,), K, jnp.int32) for h in hs)
     init = (jnp.ones((W2, A), jnp.float64), brs)
@@ -323,8 +334,7 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
     tab = {k: ys[k] for k in TABLE_KEYS if k in ys}
     sums, steps = _settle_all(hs, brs, tab, haircut, fee_rate, K=K, lag=lag, with_fee=with_fee,
                               with_accounts=with_accounts)
-    out = {"sums": sums, "price": ys["price"].astype(jnp.float64), "impact_cost": ys["cost"],
-           "closed": ys["closed"].astype(jnp.float64), "net_notional": ys["net_notional"], "factor": ys["factor"][-1]}
+    out = _tile_out(sums, ys)
     if with_accounts:
         out["steps"] = steps
     return out
@@ -450,13 +460,11 @@ def _stepped_tile(parts: Any, inst, market, params, imp: Impact, mult, vol, hor,
         contracts, closed = parts.cascade_step(t, acc)  # summed over the parts, float64
         cost, charge, X, grown = _exchange_step_jit(contracts, notional, move_notional, imp, inst.underlying, fb,
                                                     factor)
-        ys.append(jax.device_get({"charge": charge.astype(dt), "cost": cost.sum(axis=0), "closed": closed,
-                                  "net_notional": X, "factor": factor, **{k: v for k, v in acc.items() if k != "mm"}}))
+        ys.append(jax.device_get(_step_record(acc, charge, cost, closed, X, factor, dt)))
         factor = np.asarray(grown)
     ys = {k: np.stack([y[k] for y in ys]) for k in ys[0]}
     sums, steps = parts.cascade_settle({k: ys[k] for k in TABLE_KEYS if k in ys}, with_accounts)
-    out = {"sums": sums, "price": ys["price"].astype(np.float64), "impact_cost": ys["cost"],
-           "closed": ys["closed"].astype(np.float64), "net_notional": ys["net_notional"], "factor": ys["factor"][-1]}
+    out = _tile_out(sums, ys)
     if with_accounts:
         out["account_steps"] = steps
     return {k: np.asarray(v)[None] for k, v in out.items()}
@@ -529,11 +537,10 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
     if parts is None:
         kernel, mesh = _kernel(D, K, lag, fee_rate > 0, accounts)
         rep = NamedSharding(mesh, P())
-        hs, rows = stacked(snap, chunk_size or engine.default_chunk(), dt)
-        tiers = engine._tiers(snap.params, snap.params.tier_mm, dt)  # None when untiered
-        fixed = jax.device_put((tuple(hs), snap.instruments, snap.market, snap.params, impact_params(snap),
-                                margin.snapshot_haircut(snap.params, np.asarray(snap.market.price), dt),
-                                np.asarray(fee_rate, dt), tiers), rep)
+        p = part_of(snap, chunk_size, dt)  # tiers None when untiered
+        rows = p.rows
+        fixed = jax.device_put((p.hs, snap.instruments, snap.market, snap.params, impact_params(snap), p.haircut,
+                                np.asarray(fee_rate, dt), p.tiers), rep)
     else:
         terms = (snap.instruments, snap.market, snap.params, impact_params(snap))
         stepped = functools.partial(_stepped_tile, parts, *terms, K=K, lag=lag, fee_rate=fee_rate, dt=dt,
