@@ -43,6 +43,11 @@ PM_GRID_BATCH = 256  # states revalued at a time for the risk matrices: bounds t
 # launch than that (bench/gpu.py measured the values used there).
 CHUNK = {"cpu": 128, "gpu": 8192}
 TILE = {"cpu": 256, "gpu": 2048}
+# Whether a path of K steps gets 1/K of the tile's scenarios, by backend. A tile's state is
+# [chunk, K * W] per quantity: on CPU, the 100,000-account sample under the default set (paths
+# of 4 steps) swept in 6.2-7.0 s at W = 64 against 11.2-12.9 s at 256 (docs/benchmarks.md). On a
+# GPU it has not been measured, so W stays.
+PATH_TILE_SHRINKS = {"cpu": True, "gpu": False}
 DEFAULT_CHUNK = CHUNK["cpu"]
 # How the chunk kernel is fused, by backend (and dtype where it differs). ``keep``: each tile's
 # account state (equity, collateral, margin) is materialised once (``optimization_barrier``), as
@@ -189,6 +194,18 @@ def tile_width(n_scenarios: int, max_tile: int = 256) -> int:
     return min(max_tile, 1 << max(3, math.ceil(math.log2(max(n_scenarios, 1)))))
 
 
+def scenario_tile(n_scenarios: int, steps: int = 1, model_tiles: bool = False) -> int:
+    """``W``, the scenarios of one tile, for ``n_scenarios`` paths of ``steps`` steps each:
+    ``tile_width`` up to ``PM_TILE`` under the portfolio and var models (``model_tiles``), else
+    ``max_tile()``; where ``PATH_TILE_SHRINKS`` says so, that widest tile divided by the steps
+    (rounded down to a power of two, at least 8), so a tile holds about as many states as a
+    one-step tile would."""
+    widest = PM_TILE if model_tiles else max_tile()
+    if PATH_TILE_SHRINKS[_backend()] and steps > 1:
+        widest = max(8, 1 << ((widest // steps).bit_length() - 1))
+    return tile_width(n_scenarios, widest)
+
+
 @jax.jit
 def _revalue_and_margin(inst, market, params, spot, vol, horizon):
     """Instrument values and margin per contract under every scenario, in one compilation."""
@@ -235,7 +252,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     portfolio_model = model == "portfolio"
     # a portfolio-margin tile holds [accounts, underlyings, W, grid] blocks (a var tile [accounts,
     # W, windows]): keep it narrow
-    W = tile_width(S, PM_TILE if model in ("portfolio", "var") else max_tile())
+    W = scenario_tile(S, scen.steps, model in ("portfolio", "var"))
     T = math.ceil(S / W)
     A = snap.n_assets
     spot = np.ones((1 + T * W, A))
@@ -1088,7 +1105,7 @@ def _subset(t: Tables, cols: np.ndarray) -> Tables:
     T, W = t.user.shape
     K = t.value.shape[2] // W
     S2 = len(cols)
-    W2 = tile_width(S2, PM_TILE if t.model_tiles() is not None else max_tile())
+    W2 = scenario_tile(S2, K, t.model_tiles() is not None)
     T2 = math.ceil(S2 / W2)
     cols = jnp.asarray(cols)
 

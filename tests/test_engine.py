@@ -105,6 +105,23 @@ def test_results_do_not_depend_on_scenario_tile_width_or_fusion(snap, scen, base
     assert_same(base_result, stress.run(snap, scen, chunk_size=64))
 
 
+def test_paths_get_tiles_of_fewer_scenarios_and_the_same_results(snap, scen, base_result, monkeypatch):
+    # A tile of W paths of K steps holds K * W states per account: on CPU W shrinks with K so
+    # the tile stays in cache. It is a schedule, not a result.
+    assert scen.steps == 4 and engine.max_tile() == 256
+    assert engine.scenario_tile(len(scen), 1) == 256
+    assert engine.scenario_tile(len(scen), 4) == 64
+    assert engine.scenario_tile(len(scen), 3) == 64  # 256 / 3, down to a power of two
+    assert engine.scenario_tile(len(scen), 64) == 8  # never below 8
+    assert engine.scenario_tile(len(scen), 4, model_tiles=True) == engine.PM_TILE // 4
+    t, _ = engine.tables(snap, scen)
+    assert t.user.shape[1] == 64 and t.value.shape[2] == 4 * 64
+    monkeypatch.setitem(engine.PATH_TILE_SHRINKS, "cpu", False)
+    wide, _ = engine.tables(snap, scen)
+    assert wide.user.shape[1] == 256
+    assert_same(base_result, stress.run(snap, scen))
+
+
 @pytest.fixture
 def fresh_kernels():
     """Kernels traced anew (``FUSION`` is read while tracing), before and after the test."""
