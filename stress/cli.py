@@ -2,7 +2,8 @@
 
 Exit codes (SPEC section 4): 0 done; 1 done but a limit given on the command line (or in
 ``exchange.toml [limits]``) was breached; 2 bad input or usage, with one message naming the
-file, row and column, and no report written.
+file, row and column, and no report written. Beyond SPEC: 3 for an internal error (a bug),
+with its traceback, so that a crash is never read as a breached limit.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ out = Console()
 err = Console(stderr=True)
 
 SAMPLE_ACCOUNTS = 10_000
+DEFAULT_CORRELATIONS = ("BTC/ETH=0.80", "BTC/SOL=0.70", "ETH/SOL=0.75")  # stress generate scenarios
 
 
 def _fail(exc: InputError) -> None:
@@ -141,7 +143,9 @@ def run(
     if dtype not in ("float64", "float32"):
         sys.stderr.write(f"error: --dtype {dtype!r}: expected float64 or float32\n")
         raise typer.Exit(2)
+    target = out_dir or Path("reports") / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     try:
+        _check_out_dir(target)
         snap, scen = _load(snapshot, scenarios, accounts, mark)
         limits = _limits(snap, max_bad_debt, max_p_fund_depleted)
         if limits.get("max_p_fund_depleted") is not None and not scen.random.any():
@@ -185,7 +189,6 @@ def run(
     mark("exposure (Greeks)")
     res.summary["runtime_seconds"] = time.perf_counter() - started  # load and run, as a user waits
     breaches = _breaches(res.summary, limits)
-    target = out_dir or Path("reports") / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     report.write(res, target, breaches, exposure=exposure)
     mark("write report")
     if quiet:
@@ -205,11 +208,38 @@ def _limits(snap, max_bad_debt, max_p) -> dict:
     for k, v in cfg.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise InputError("exchange.toml", "[limits]", k, f"{v!r} is not a number")
+        _check_limit("exchange.toml", "[limits]", k, v)
     if max_bad_debt is not None:
-        cfg["max_bad_debt"] = max_bad_debt
+        cfg["max_bad_debt"] = _check_limit("--max-bad-debt", None, None, max_bad_debt)
     if max_p is not None:
-        cfg["max_p_fund_depleted"] = max_p
+        cfg["max_p_fund_depleted"] = _check_limit("--max-p-fund-depleted", None, None, max_p)
     return cfg
+
+
+def _check_limit(file: str, row: str | None, column: str | None, v: float) -> float:
+    """A limit a breach can be measured against: a NaN one is never breached (every comparison
+    with it is false), so a nightly job would silently never fail; bad debt is USD >= 0 and a
+    probability in [0, 1]."""
+    name = column or file.lstrip("-").replace("-", "_")
+    hi = 1.0 if name == "max_p_fund_depleted" else float("inf")
+    if not 0.0 <= v <= hi:
+        allowed = "in [0, 1]" if hi == 1.0 else "a finite number >= 0 (USD)"
+        raise InputError(file, row, column, f"{v!r}: the limit must be {allowed}")
+    if v == float("inf"):
+        raise InputError(file, row, column, f"{v!r}: the limit must be finite")
+    return float(v)
+
+
+def _check_out_dir(target: Path) -> None:
+    """Fail before a run, not after it, where its report folder cannot be written: the path
+    is a file, or its nearest existing parent is not a writable folder."""
+    if target.exists() and not target.is_dir():
+        raise InputError("--out", None, None, f"{target} exists and is not a folder")
+    parent = target
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError("--out", None, None, f"cannot write {target}: {parent} is not a writable folder")
 
 
 def _breaches(summary: dict, limits: dict) -> list[str]:
@@ -402,7 +432,15 @@ def generate_sample(
         sys.stderr.write(f"error: --format {fmt!r}: expected csv or parquet\n")
         raise typer.Exit(2)
     from . import sample
+    from .io import TABLES
 
+    other = "parquet" if fmt == "csv" else "csv"
+    clash = [f"{t}.{other}" for t in TABLES if (folder / f"{t}.{other}").exists()]
+    if folder.exists() and not folder.is_dir():
+        _fail(InputError(str(folder), None, None, "exists and is not a folder"))
+    if clash:  # the folder would hold both formats of a table, which no loader can read
+        _fail(InputError(str(folder / clash[0]), None, None,
+                         f"the folder holds {other.upper()} tables: write --format {other}, or into another folder"))
     sample.write(folder, accounts=accounts, seed=seed, fmt=fmt)
     out.print(f"wrote sample exchange with {accounts:,} accounts to {folder}", highlight=False)
 
@@ -434,7 +472,9 @@ def generate_scenarios(
     seed: int = typer.Option(0, min=0, help="montecarlo: random seed."),
     df: int = typer.Option(4, min=0, help="montecarlo: Student-t degrees of freedom (0: Gaussian)."),
     vol: list[str] = typer.Option(["BTC=0.55", "ETH=0.70", "SOL=0.95"], help="montecarlo: ASSET=annual vol (repeat)."),
-    corr: list[str] = typer.Option(["BTC/ETH=0.80", "BTC/SOL=0.70", "ETH/SOL=0.75"], help="montecarlo: A/B=correlation (repeat)."),
+    corr: Optional[list[str]] = typer.Option(
+        None, help="montecarlo: A/B=correlation (repeat). Default: BTC/ETH=0.80, BTC/SOL=0.70, ETH/SOL=0.75, "
+                   "the pairs of those whose two assets have a --vol."),
     vol_beta: list[str] = typer.Option([], help="montecarlo: ASSET=implied-vol change per unit log return (repeat)."),
     jump_intensity: float = typer.Option(0.0, min=0.0, help="montecarlo: jumps per year."),
     jump_mean: float = typer.Option(0.0, help="montecarlo: mean log jump size."),
@@ -451,8 +491,11 @@ def generate_scenarios(
     from . import scenarios as scen_mod
 
     if kind == "montecarlo":
+        vols = _pairs(vol, "--vol")
+        if corr is None:  # the default pairs only where both assets are simulated (a pair needs their vols)
+            corr = [c for c in DEFAULT_CORRELATIONS if all(a in vols for a in c.split("=")[0].split("/"))]
         table = {"name": name or "mc", "paths": paths, "steps": steps, "horizon_days": horizon_days,
-                 "seed": seed, "df": df, "vol": _pairs(vol, "--vol"), "correlation": _pairs(corr, "--corr"),
+                 "seed": seed, "df": df, "vol": vols, "correlation": _pairs(corr, "--corr"),
                  "vol_beta": _pairs(vol_beta, "--vol-beta") or None,
                  "jumps": {"intensity": jump_intensity, "mean": jump_mean, "std": jump_std} if jump_intensity else None}
     elif kind == "grid":
@@ -579,6 +622,8 @@ def report_cmd(
 
     limits = {k: v for k, v in (("max_bad_debt", max_bad_debt), ("max_p_fund_depleted", max_p_fund_depleted)) if v is not None}
     try:
+        for k, v in limits.items():
+            _check_limit("--" + k.replace("_", "-"), None, None, v)
         rep = report_mod.load(report_dir)
         old = report_mod.load(against) if against is not None else None
         if "max_p_fund_depleted" in limits and rep.summary.get("p_fund_depleted") is None:
@@ -959,8 +1004,22 @@ def _write_reverse(r, path: Path) -> None:
     pq.write_table(table.replace_schema_metadata(meta), path)
 
 
+INTERNAL_ERROR = 3  # not in SPEC's 0/1/2: a crash must not read as "a limit was breached" (1)
+
+
 def main() -> None:
-    app()
+    """The console script: ``app``, with any exception that escapes a command (a bug, not bad
+    input, which exits 2) reported with its traceback and exit code ``INTERNAL_ERROR``."""
+    try:
+        app()
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.write("stress: internal error (exit 3): please report it with the traceback above\n")
+        raise SystemExit(INTERNAL_ERROR) from None
 
 
 if __name__ == "__main__":

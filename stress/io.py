@@ -144,6 +144,11 @@ def _read_table(folder: Path, name: str, required: tuple[str, ...]) -> _Table:
         # Name the file in the format the snapshot's other tables use.
         ext = "parquet" if any((folder / f"{t}.parquet").exists() for t in TABLES) else "csv"
         raise InputError(f"{name}.{ext}", None, None, f"missing table: {folder} has no {name}.csv or {name}.parquet")
+    seen: set = set()
+    for column in data.column_names:
+        if column in seen:  # Arrow keeps both; reading the column would fail without a message
+            raise InputError(path.name, "line 1" if path.suffix == ".csv" else None, column, "column appears twice")
+        seen.add(column)
     table = _Table(path, data)
     for column in required:
         if not table.has(column):
@@ -395,6 +400,8 @@ def _load_snapshot(folder: Path) -> Snapshot:
     enc = pa.concat_arrays([b_acc, p_acc]).dictionary_encode()
     order = pc.sort_indices(enc.dictionary).to_numpy()
     account_ids = np.asarray(enc.dictionary.take(order).to_numpy(zero_copy_only=False), dtype=object)
+    if not len(account_ids):
+        raise bt.error(None, None, "no accounts: balances and positions both have no rows")
     rank = np.empty(len(order), np.int32)
     rank[order] = np.arange(len(order), dtype=np.int32)
     codes = rank[enc.indices.to_numpy(zero_copy_only=False)]
@@ -469,6 +476,8 @@ def _load_instruments(
     ids = t.strings("instrument_id")
     _unique(t, ids, "instrument_id")
     n = len(ids)
+    if not n:  # every revaluation is [instruments, scenarios]: an exchange lists at least one
+        raise t.error(None, None, "no instruments: the table has a header and no rows")
 
     cols = {c: t.strings(c, required=False) for c in ("kind", "underlying", "settlement", "option_type")}
     contract_size = t.numbers("contract_size", required=False)

@@ -324,8 +324,11 @@ def _event(ctx: _Ctx, row: dict) -> _Block:
     proxy = row.get("proxy", {})
     if not isinstance(proxy, dict) or not all(isinstance(v, str) for v in proxy.values()):
         raise ctx.error("proxy", "must be a table of asset = asset it moves like where an event does not list it")
+    listed = sorted({k for e in library for key in ("moves", "vol_shift") if isinstance(e.get(key), dict) for k in e[key]})
     proxies = {}
     for a_name, like in proxy.items():
+        if like not in listed:  # a typo would otherwise leave the asset silently unmoved
+            raise ctx.error(f"proxy.{a_name}", f"{like!r} is not an asset the shipped events list (known: {', '.join(listed)})")
         a = ctx.asset(a_name, f"proxy.{a_name}")
         if a is not None:
             proxies[a] = like

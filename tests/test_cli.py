@@ -282,3 +282,66 @@ def test_run_with_timings_prints_each_stage_after_writing_the_report(tmp_path, m
     # the stages after the start are this invocation's own time (here the "start" row is the
     # whole test process's, which a real command's is not)
     assert 0 < sum(seconds) <= wall + 0.01
+
+
+@pytest.mark.parametrize("option, value", [("--max-bad-debt", "nan"), ("--max-bad-debt", "-5"), ("--max-bad-debt", "inf"),
+                                           ("--max-p-fund-depleted", "nan"), ("--max-p-fund-depleted", "2")])
+def test_a_limit_that_can_never_be_measured_against_exits_2_before_the_run(tmp_path, monkeypatch, option, value):
+    # NaN compares false with everything: such a limit would never be breached, silently
+    monkeypatch.chdir(tmp_path)
+    snap, scen = build(tmp_path)
+    out = tmp_path / "report"
+    result = invoke("run", snap, "--scenarios", scen, "--out", out, option, value)
+    assert result.exit_code == 2, result.output
+    assert_no_crash(result)
+    assert one_error_line(result.stderr).startswith(f"error: {option}: {float(value)!r}: the limit must be")
+    assert not out.exists()
+
+
+def test_a_nan_limit_in_exchange_toml_exits_2(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    snap, scen = build(tmp_path)
+    with open(snap / "exchange.toml", "a") as f:
+        f.write("\n[limits]\nmax_bad_debt = nan\n")
+    result = invoke("run", snap, "--scenarios", scen, "--out", tmp_path / "report")
+    assert result.exit_code == 2, result.output
+    assert "exchange.toml [limits], column max_bad_debt: nan" in one_error_line(result.stderr)
+
+
+def test_an_out_path_that_cannot_be_a_folder_exits_2_before_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    snap, scen = build(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "below"):
+        result = invoke("run", snap, "--scenarios", scen, "--out", out)
+        assert result.exit_code == 2, result.output
+        assert_no_crash(result)
+        assert one_error_line(result.stderr).startswith("error: --out: ")
+    assert (tmp_path / "afile").read_text() == "x"
+    assert not (tmp_path / "reports").exists()
+
+
+def test_an_internal_error_exits_3_with_its_traceback_not_1(tmp_path, monkeypatch):
+    # exit 1 means "a limit was breached": a crash must not look like one to a scheduler
+    from stress import cli, engine
+
+    snap, scen = build(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(engine, "run", broken)
+    monkeypatch.setattr(sys, "argv", ["stress", "run", str(snap), "--scenarios", str(scen), "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == cli.INTERNAL_ERROR == 3
+
+
+def test_generate_sample_will_not_mix_formats_in_one_folder(tmp_path):
+    folder = tmp_path / "snap"
+    assert invoke("generate", "sample", folder, "--accounts", "20").exit_code == 0
+    result = invoke("generate", "sample", folder, "--accounts", "20", "--format", "parquet")
+    assert result.exit_code == 2, result.output
+    assert "holds CSV tables" in one_error_line(result.stderr)
+    assert not list(folder.glob("*.parquet"))
+    stress.load_snapshot(folder)  # still the CSV snapshot it was

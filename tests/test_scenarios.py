@@ -323,6 +323,14 @@ def test_event_proxy_moves_an_unlisted_asset_like_another(tmp_path, linear_snap)
     assert scen.spot_mult[0, linear_snap.asset_index("USDC")] == pytest.approx(1 + first["moves"]["ETH"])
 
 
+
+def test_event_proxy_naming_an_asset_no_event_lists_is_an_error(tmp_path, linear_snap):
+    # a typo ("ETC" for "ETH") would otherwise leave the asset unmoved without a word
+    path = write(tmp_path, '[[event]]\nuse = "all"\nproxy = { USDC = "ETC" }\n')
+    with pytest.raises(stress.InputError) as err:
+        stress.load_scenarios(path, linear_snap)
+    assert err.value.column == "proxy.USDC" and "'ETC' is not an asset the shipped events list" in err.value.message
+
 def _history(n=60, seed=1):
     rng = np.random.default_rng(seed)
     dates = pd.date_range("2024-01-01", periods=n, freq="D")
@@ -447,6 +455,22 @@ def test_default_set_holds_every_form(sample_dir):
     assert set(scen.kinds) == {"explicit", "grid", "event", "montecarlo"}
     assert scen.steps > 1 and scen.random.sum() >= 1000
 
+
+
+def test_generated_monte_carlo_keeps_only_the_default_correlations_of_the_assets_it_simulates(tmp_path, linear_snap):
+    # one --vol and no --corr: the default BTC/ETH and BTC/SOL pairs would need ETH's and SOL's vols
+    from typer.testing import CliRunner
+
+    out = tmp_path / "mc.toml"
+    r = CliRunner().invoke(app, ["generate", "scenarios", "--out", str(out), "--paths", "20", "--vol", "BTC=0.5"])
+    assert r.exit_code == 0, r.output
+    with open(out, "rb") as f:
+        assert tomllib.load(f)["montecarlo"][0].get("correlation", {}) == {}
+    assert len(stress.load_scenarios(out, linear_snap)) == 20
+    r = CliRunner().invoke(app, ["generate", "scenarios", "--out", str(out), "--paths", "20",
+                                 "--vol", "BTC=0.5", "--vol", "ETH=0.6"])
+    with open(out, "rb") as f:
+        assert tomllib.load(f)["montecarlo"][0]["correlation"] == {"BTC/ETH": 0.8}
 
 def test_generate_scenarios_writes_a_file_that_loads(tmp_path, linear_snap):
     from typer.testing import CliRunner

@@ -568,3 +568,32 @@ def test_csv_row_with_too_many_fields_names_its_line(tmp_path):
     assert exc.file == "positions.csv"
     assert exc.row == "line 3", str(exc)
     assert str(exc).startswith("positions.csv line 3"), str(exc)
+
+
+def _header_only(path: Path) -> None:
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+
+
+def test_a_column_named_twice_in_a_header_is_an_input_error(tmp_path):
+    snap, _ = build(tmp_path)
+    path = snap / "balances.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(["account_id,asset,amount,amount"] + [f"{line},1" for line in lines[1:]]) + "\n")
+    with pytest.raises(stress.InputError) as err:
+        stress.load_snapshot(snap)
+    assert (err.value.file, err.value.row, err.value.column) == ("balances.csv", "line 1", "amount")
+    assert "twice" in err.value.message
+
+
+@pytest.mark.parametrize("emptied, file, words", [
+    (("instruments", "positions"), "instruments.csv", "no instruments"),
+    (("balances", "positions"), "balances.csv", "no accounts"),
+])
+def test_a_snapshot_without_instruments_or_accounts_is_an_input_error(tmp_path, emptied, file, words):
+    # both once crashed inside the engine (exit 1, a traceback) while `validate` said all was well
+    snap, _ = build(tmp_path)
+    for table in emptied:
+        _header_only(snap / f"{table}.csv")
+    with pytest.raises(stress.InputError) as err:
+        stress.load_snapshot(snap)
+    assert err.value.file == file and words in err.value.message
