@@ -218,15 +218,12 @@ def _limits(snap, max_bad_debt, max_p) -> dict:
 
 def _check_limit(file: str, row: str | None, column: str | None, v: float) -> float:
     """A limit a breach can be measured against: a NaN one is never breached (every comparison
-    with it is false), so a nightly job would silently never fail; bad debt is USD >= 0 and a
-    probability in [0, 1]."""
-    name = column or file.lstrip("-").replace("-", "_")
-    hi = 1.0 if name == "max_p_fund_depleted" else float("inf")
-    if not 0.0 <= v <= hi:
-        allowed = "in [0, 1]" if hi == 1.0 else "a finite number >= 0 (USD)"
+    with it is false), so a nightly job would silently never fail; bad debt is finite USD >= 0
+    and a probability in [0, 1]."""
+    probability = "p_fund_depleted" in (column or file).replace("-", "_")
+    if not (0.0 <= v <= 1.0 if probability else 0.0 <= v < float("inf")):
+        allowed = "in [0, 1]" if probability else "a finite number >= 0 (USD)"
         raise InputError(file, row, column, f"{v!r}: the limit must be {allowed}")
-    if v == float("inf"):
-        raise InputError(file, row, column, f"{v!r}: the limit must be finite")
     return float(v)
 
 
