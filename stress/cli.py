@@ -208,35 +208,35 @@ def _limits(snap, max_bad_debt, max_p) -> dict:
     for k, v in cfg.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise InputError("exchange.toml", "[limits]", k, f"{v!r} is not a number")
-        _check_limit("exchange.toml", "[limits]", k, v)
-    if max_bad_debt is not None:
-        cfg["max_bad_debt"] = _check_limit("--max-bad-debt", None, None, max_bad_debt)
-    if max_p is not None:
-        cfg["max_p_fund_depleted"] = _check_limit("--max-p-fund-depleted", None, None, max_p)
+        _check_limit(k, v, ("exchange.toml", "[limits]", k))
+    for k, v in (("max_bad_debt", max_bad_debt), ("max_p_fund_depleted", max_p)):
+        if v is not None:
+            cfg[k] = _check_limit(k, v)
     return cfg
 
 
-def _check_limit(file: str, row: str | None, column: str | None, v: float) -> float:
-    """A limit a breach can be measured against: a NaN one is never breached (every comparison
-    with it is false), so a nightly job would silently never fail; bad debt is finite USD >= 0
-    and a probability in [0, 1]."""
-    probability = "p_fund_depleted" in (column or file).replace("-", "_")
+def _check_limit(key: str, v: float, where: tuple | None = None) -> float:
+    """Limit ``key`` (``max_bad_debt`` or ``max_p_fund_depleted``) as one a breach can be
+    measured against: a NaN one is never breached (every comparison with it is false), so a
+    nightly job would silently never fail; bad debt is finite USD >= 0 and a probability in
+    [0, 1]. ``where``: ``(file, row, column)`` of the value, else its command-line option."""
+    probability = key == "max_p_fund_depleted"
     if not (0.0 <= v <= 1.0 if probability else 0.0 <= v < float("inf")):
         allowed = "in [0, 1]" if probability else "a finite number >= 0 (USD)"
-        raise InputError(file, row, column, f"{v!r}: the limit must be {allowed}")
+        raise InputError(*(where or ("--" + key.replace("_", "-"), None, None)), f"{v!r}: the limit must be {allowed}")
     return float(v)
 
 
-def _check_out_dir(target: Path) -> None:
-    """Fail before a run, not after it, where its report folder cannot be written: the path
+def _check_out_dir(target: Path, option: str = "--out") -> None:
+    """Fail before the work, not after it, where its output folder cannot be written: the path
     is a file, or its nearest existing parent is not a writable folder."""
     if target.exists() and not target.is_dir():
-        raise InputError("--out", None, None, f"{target} exists and is not a folder")
+        raise InputError(option, None, None, f"{target} exists and is not a folder")
     parent = target
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError("--out", None, None, f"cannot write {target}: {parent} is not a writable folder")
+        raise InputError(option, None, None, f"cannot write {target}: {parent} is not a writable folder")
 
 
 def _breaches(summary: dict, limits: dict) -> list[str]:
@@ -433,11 +433,13 @@ def generate_sample(
 
     other = "parquet" if fmt == "csv" else "csv"
     clash = [f"{t}.{other}" for t in TABLES if (folder / f"{t}.{other}").exists()]
-    if folder.exists() and not folder.is_dir():
-        _fail(InputError(str(folder), None, None, "exists and is not a folder"))
-    if clash:  # the folder would hold both formats of a table, which no loader can read
-        _fail(InputError(str(folder / clash[0]), None, None,
-                         f"the folder holds {other.upper()} tables: write --format {other}, or into another folder"))
+    try:
+        _check_out_dir(folder, "FOLDER")
+        if clash:  # the folder would hold both formats of a table, which no loader can read
+            raise InputError(str(folder / clash[0]), None, None,
+                             f"the folder holds {other.upper()} tables: write --format {other}, or into another folder")
+    except InputError as exc:
+        _fail(exc)
     sample.write(folder, accounts=accounts, seed=seed, fmt=fmt)
     out.print(f"wrote sample exchange with {accounts:,} accounts to {folder}", highlight=False)
 
@@ -620,7 +622,7 @@ def report_cmd(
     limits = {k: v for k, v in (("max_bad_debt", max_bad_debt), ("max_p_fund_depleted", max_p_fund_depleted)) if v is not None}
     try:
         for k, v in limits.items():
-            _check_limit("--" + k.replace("_", "-"), None, None, v)
+            _check_limit(k, v)
         rep = report_mod.load(report_dir)
         old = report_mod.load(against) if against is not None else None
         if "max_p_fund_depleted" in limits and rep.summary.get("p_fund_depleted") is None:
