@@ -149,8 +149,9 @@ def run(
         snap, scen = _load(snapshot, scenarios, accounts, mark)
         limits = _limits(snap, max_bad_debt, max_p_fund_depleted)
         if limits.get("max_p_fund_depleted") is not None and not scen.random.any():
+            given = "--max-p-fund-depleted" if max_p_fund_depleted is not None else "exchange.toml [limits] max_p_fund_depleted"
             raise InputError(Path(scen.source).name, None, None,
-                             "a P(fund depleted) limit needs random scenarios (Monte Carlo or replay) in the set")
+                             f"the P(fund depleted) limit ({given}) needs random scenarios (Monte Carlo or replay) in the set")
     except InputError as exc:
         _fail(exc)
     from . import _memory, engine, report
@@ -232,11 +233,25 @@ def _check_out_dir(target: Path, option: str = "--out") -> None:
     is a file, or its nearest existing parent is not a writable folder."""
     if target.exists() and not target.is_dir():
         raise InputError(option, None, None, f"{target} exists and is not a folder")
-    parent = target
+    _check_writable_parent(target, option)
+
+
+def _check_out_file(target: Path, option: str = "--out") -> None:
+    """Likewise for an output file: the path is a folder, or no file can be made there."""
+    if target.is_dir():
+        raise InputError(option, None, None, f"{target} is a folder, not a file")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise InputError(option, None, None, f"cannot write {target}: the file is read-only")
+    _check_writable_parent(target.parent, option, target)
+
+
+def _check_writable_parent(folder: Path, option: str, target: Path | None = None) -> None:
+    """``folder`` exists as a writable folder or can be made: its nearest existing parent is one."""
+    parent = folder
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(option, None, None, f"cannot write {target}: {parent} is not a writable folder")
+        raise InputError(option, None, None, f"cannot write {target or folder}: {parent} is not a writable folder")
 
 
 def _breaches(summary: dict, limits: dict) -> list[str]:
@@ -314,7 +329,12 @@ def greeks(
     try:
         if out_file is not None and out_file.suffix not in (".parquet", ".csv"):
             raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .parquet or .csv")
+        if out_file is not None:
+            _check_out_file(out_file)
         snap = io.load_snapshot(snapshot)
+        unknown = sorted(set(account or ()) - set(snap.account_ids.astype(str)))
+        if unknown:
+            raise InputError("--account", None, None, f"unknown account {unknown[0]!r} (not in balances or positions)")
         g = compute(snap, accounts=account or None)
     except InputError as exc:
         _fail(exc)
@@ -489,6 +509,10 @@ def generate_scenarios(
     """Write a scenario file: a Monte Carlo, grid or historical-replay table."""
     from . import scenarios as scen_mod
 
+    try:
+        _check_out_file(out_file)
+    except InputError as exc:
+        _fail(exc)
     if kind == "montecarlo":
         vols = _pairs(vol, "--vol")
         if corr is None:  # the default pairs only where both assets are simulated (a pair needs their vols)
@@ -541,6 +565,8 @@ def _check_model_and_out(model: Optional[str], out_file: Optional[Path]) -> None
         raise InputError("--model", None, None, f"{model!r} is not one of {', '.join(margin_mod.MODELS)}")
     if out_file is not None and out_file.suffix != ".parquet":
         raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .parquet")
+    if out_file is not None:
+        _check_out_file(out_file)
 
 
 @app.command("margin")
@@ -625,6 +651,8 @@ def report_cmd(
             _check_limit(k, v)
         rep = report_mod.load(report_dir)
         old = report_mod.load(against) if against is not None else None
+        if old is not None:
+            _check_out_dir(out_dir or report_dir)
         if "max_p_fund_depleted" in limits and rep.summary.get("p_fund_depleted") is None:
             raise InputError(str(report_dir / "summary.json"), None, "p_fund_depleted",
                              "null (the run has no random scenarios): a P(fund depleted) limit cannot be checked")
@@ -777,6 +805,8 @@ def sensitivities_cmd(
     from .sensitivities import sensitivities as compute
 
     try:
+        if out_dir is not None:
+            _check_out_dir(out_dir)
         snap, scen = _load(snapshot, scenarios, SAMPLE_ACCOUNTS)
         r = compute(snap, scen, temperature=temperature)
     except InputError as exc:
@@ -853,6 +883,8 @@ def calibrate(
 
     try:
         goal = cal.parse_target(target)
+        if out_dir is not None:
+            _check_out_dir(out_dir)
         snap, scen = _load(snapshot, scenarios, SAMPLE_ACCOUNTS)
     except InputError as exc:
         _fail(exc)
@@ -934,6 +966,8 @@ def reverse_cmd(
     try:
         if out_file is not None and out_file.suffix not in (".json", ".parquet"):
             raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .json or .parquet")
+        if out_file is not None:
+            _check_out_file(out_file)
         snap, scen = _load(snapshot, scenarios, accounts)
         with err.status("searching for the smallest fund-exhausting move"):
             r = find(snap, scen, target, norm=norm, top=top)

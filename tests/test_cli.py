@@ -148,9 +148,15 @@ def test_max_p_fund_depleted_without_random_scenarios_exits_2(tmp_path, monkeypa
     assert result.exit_code == 2, result.output
     assert_no_crash(result)
     line = one_error_line(result.stderr)
-    assert scen.name in line
+    assert scen.name in line and "(--max-p-fund-depleted)" in line
     assert not out.exists()
     assert not (tmp_path / "reports").exists()
+    with open(snap / "exchange.toml", "a") as f:  # the same limit set nightly: the message says where
+        f.write("\n[limits]\nmax_p_fund_depleted = 0.001\n")
+    result = invoke("run", snap, "--scenarios", scen, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert "(exchange.toml [limits] max_p_fund_depleted)" in one_error_line(result.stderr)
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,6 +325,39 @@ def test_an_out_path_that_cannot_be_a_folder_exits_2_before_the_run(tmp_path, mo
         assert one_error_line(result.stderr).startswith("error: --out: ")
     assert (tmp_path / "afile").read_text() == "x"
     assert not (tmp_path / "reports").exists()
+
+
+# Every verb that writes checks its --out before the work: (verb and its arguments, suffix of
+# the file it writes, or None for a folder). The snapshot and scenario file come from build().
+WRITERS = [
+    (("greeks", "{snap}"), ".parquet"),
+    (("margin", "{snap}"), ".parquet"),
+    (("backtest", "{snap}", "--prices", "{snap}/none.csv", "--horizon-days", "1"), ".parquet"),
+    (("reverse", "{snap}", "--scenarios", "{scen}"), ".json"),
+    (("generate", "scenarios", "--kind", "grid"), ".toml"),
+    (("sensitivities", "{snap}", "--scenarios", "{scen}"), None),
+    (("calibrate", "{snap}", "--scenarios", "{scen}", "--target", "p_fund_depleted<=0.01"), None),
+]
+
+
+@pytest.mark.parametrize("args,suffix", WRITERS, ids=[" ".join(a[:2]).replace(" {snap}", "") for a, _ in WRITERS])
+def test_every_verb_that_writes_exits_2_on_an_unusable_out_path_before_the_work(tmp_path, monkeypatch, args, suffix):
+    monkeypatch.chdir(tmp_path)
+    snap, scen = build(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    name = "out" + (suffix or "")
+    unusable = [tmp_path / "afile", tmp_path / "afile" / name]  # a file where a folder must be, or under one
+    if suffix is not None:  # a folder where the file must be
+        (tmp_path / name).mkdir()
+        unusable = [tmp_path / name, tmp_path / "afile" / name]
+    for out in unusable:
+        result = invoke(*(a.format(snap=snap, scen=scen) for a in args), "--out", out)
+        assert result.exit_code == 2, result.output
+        assert_no_crash(result)
+        assert one_error_line(result.stderr).startswith("error: --out: "), result.stderr
+    assert (tmp_path / "afile").read_text() == "x"
+    if suffix is not None:
+        assert list((tmp_path / name).iterdir()) == []
 
 
 def test_an_internal_error_exits_3_with_its_traceback_not_1(tmp_path, monkeypatch):
