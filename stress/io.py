@@ -4,9 +4,9 @@ Everything a user can get wrong is checked here, once, with vectorised checks ov
 columns, and reported as one ``InputError`` naming the file, the row and the column. Jitted
 code downstream never sees strings and never validates.
 
-Row references: in a CSV file the header is line 1, so the first data row is "line 2" (files
-with line breaks inside quoted fields are not supported); in a Parquet file rows are counted
-from 1 ("row 1" is the first row).
+Row references: in a CSV file the header is line 1, so the first data row is "line 2" (a row
+whose quoted field holds a line break is named by the line it starts on); in a Parquet file
+rows are counted from 1 ("row 1" is the first row).
 """
 
 from __future__ import annotations
@@ -54,15 +54,20 @@ class _Table:
         return f"line {self._csv_line(i)}" if self.is_csv else f"row {i + 1}"
 
     def _csv_line(self, i: int) -> int:
-        """Line number of data row ``i``: the header is line 1 and blank lines are skipped
-        by the reader, so count them out (only ever done for the one row an error names)."""
-        seen = -1
-        with open(self.path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                if number > 1 and raw.strip(b"\r\n"):
-                    seen += 1
+        """Line on which data row ``i`` starts: the header is line 1, the reader skips blank
+        lines, and a quoted field may hold line breaks, so records are counted as Python's
+        csv module reads them (only ever done for the one row an error names)."""
+        import csv as pycsv
+
+        with open(self.path, newline="", encoding="utf-8") as f:
+            reader = pycsv.reader(f)
+            seen, end = -1, 0  # the header is record -1
+            for fields in reader:
+                start, end = end + 1, reader.line_num
+                if fields:
                     if seen == i:
-                        return number
+                        return start
+                    seen += 1
         return i + 2
 
     def error(self, i: int | None, column: str | None, message: str) -> InputError:
@@ -183,10 +188,12 @@ def _read_csv(path: Path) -> pa.Table:
     except pa.ArrowInvalid as exc:
         # Find the line at fault ourselves: pyarrow's message has no line number.
         with open(path, newline="", encoding="utf-8") as f:
-            for number, fields in enumerate(pycsv.reader(f), start=1):
+            reader, end = pycsv.reader(f), 0
+            for fields in reader:  # a record starts on the line after the last one ended
+                start, end = end + 1, reader.line_num
                 if fields and len(fields) != len(header):
                     raise InputError(
-                        path.name, f"line {number}", None, f"expected {len(header)} fields, found {len(fields)}"
+                        path.name, f"line {start}", None, f"expected {len(header)} fields, found {len(fields)}"
                     ) from None
         raise InputError(path.name, None, None, f"not a readable CSV table: {exc}") from None
 

@@ -549,6 +549,23 @@ def test_csv_line_numbers_count_blank_lines(tmp_path):
     assert_points_at(info.value, "positions.csv", "line 4", "quantity", r"'abc' is not a number")
 
 
+def test_csv_line_numbers_count_line_breaks_inside_quoted_fields(tmp_path):
+    """A free-text column whose quoted cell spans two lines pushes every later row down one
+    line: B's bad quantity, data row 2, starts on line 4."""
+    snap, _ = build(tmp_path)
+    path = snap / "positions.csv"
+    lines = path.read_text().splitlines()
+    lines[0] += ",note"
+    lines[1] += ',"hedge for\nthe desk"'
+    lines[2] = lines[2].replace("-1000.0", "abc") + ",plain"
+    lines[3:] = [line + "," for line in lines[3:]]
+    path.write_text("\n".join(lines) + "\n")
+    assert path.read_text().splitlines()[3].startswith("B,BTC-PERPETUAL,abc")
+    with pytest.raises(stress.InputError) as info:
+        stress.load_snapshot(snap)
+    assert_points_at(info.value, "positions.csv", "line 4", "quantity", r"'abc' is not a number")
+
+
 def test_csv_trailing_blank_lines_are_harmless(tmp_path):
     snap, _ = build(tmp_path)
     path = snap / "positions.csv"
@@ -568,6 +585,20 @@ def test_csv_row_with_too_many_fields_names_its_line(tmp_path):
     assert exc.file == "positions.csv"
     assert exc.row == "line 3", str(exc)
     assert str(exc).startswith("positions.csv line 3"), str(exc)
+
+
+def test_csv_row_with_too_many_fields_after_a_two_line_cell_names_its_first_line(tmp_path):
+    snap, _ = build(tmp_path)
+    path = snap / "positions.csv"
+    lines = path.read_text().splitlines()
+    lines[0] += ",note"
+    lines[1] += ',"two\nlines"'  # data row 1 spans lines 2 and 3
+    lines[2] += ",x,7"  # data row 2, on line 4, has 6 fields under a 5-column header
+    lines[3:] = [line + "," for line in lines[3:]]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(stress.InputError) as info:
+        stress.load_snapshot(snap)
+    assert (info.value.file, info.value.row) == ("positions.csv", "line 4"), str(info.value)
 
 
 def _header_only(path: Path) -> None:
