@@ -171,6 +171,35 @@ def test_var_margin_under_stress_does_not_depend_on_chunking_or_path_steps(tmp_p
     assert a.accounts_liquidatable[0] == b.accounts_liquidatable[0] == 1
 
 
+def test_var_margin_along_many_paths_matches_hand_arithmetic_at_every_step(tmp_path):
+    # 40 paths of 3 steps: tiles of 8 paths x 3 steps, so the var margin is taken in blocks of
+    # states (portfolio.VAR_BLOCK). a holds 80 USDC and is long 10 BTC: at price P its equity
+    # is 80 + 10 (P - 100); its window losses -10 P r, the three largest 10 P (6%, 5%, 4%), so
+    # ES = 0.5 P, the floor 0.5 x 2% x 10 P = 0.1 P does not bind and MM = 0.8 x 0.5 P = 0.4 P.
+    # A path is decided at its first step with MM > equity (P < 95.83), its shortfall taken
+    # there. b (short, 10,000 USDC) never comes near its margin.
+    from stress import engine, portfolio
+    from stress.scenarios import Scenarios
+
+    snap = _thin(tmp_path, BASE + "var_floor = 0.5\n", 80.0)
+    rng = np.random.default_rng(3)
+    P = 100.0 * np.exp(np.cumsum(0.03 * rng.standard_normal((40, 3)), axis=1))  # [path, step]
+    spot = np.stack([np.ones_like(P), P / 100.0], axis=2)  # [path, step, (USDC, BTC)]
+    scen = Scenarios(tuple(f"p{i}" for i in range(40)), ("montecarlo",) * 40, spot[:, -1], np.zeros((40, 2)),
+                     np.zeros(40), path_spot_mult=spot[:, :-1], path_vol_shift=np.zeros((40, 2, 2)),
+                     path_horizon_days=np.zeros((40, 2)))
+    assert engine.scenario_tile(40, 3, True) * 3 > portfolio.VAR_BLOCK
+    gap = 0.4 * P - (80.0 + 10.0 * (P - 100.0))  # [path, step]
+    breached = gap > 0
+    first = np.argmax(breached, axis=1)
+    want = np.where(breached.any(axis=1), gap[np.arange(40), first], 0.0)
+    assert 5 <= breached.any(axis=1).sum() <= 35  # both kinds of path are there
+    for chunk in (1, None):
+        sc = stress.run(snap, scen, chunk_size=chunk).scenarios
+        np.testing.assert_allclose(sc.shortfall_total, want, rtol=1e-12, atol=1e-9)
+        assert sc.accounts_liquidatable.tolist() == breached.any(axis=1).astype(int).tolist()
+
+
 @pytest.mark.parametrize("r", [1, 3, 12])
 def test_the_tail_mean_counts_ties_as_often_as_they_occur(r):
     from stress.portfolio import largest_mean
