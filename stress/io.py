@@ -84,7 +84,7 @@ class _Table:
         if not self.has(column):
             return pa.nulls(len(self), pa.string())
         col = self.raw(column)
-        if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+        if not pa.types.is_string(col.type):  # large_string too: ids of two tables are joined
             col = pc.cast(col, pa.string())
         col = pc.utf8_trim_whitespace(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
         col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
