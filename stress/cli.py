@@ -236,13 +236,26 @@ def _check_out_dir(target: Path, option: str = "--out") -> None:
     _check_writable_parent(target, option)
 
 
-def _check_out_file(target: Path, option: str = "--out") -> None:
-    """Likewise for an output file: the path is a folder, or no file can be made there."""
+def _check_out_file(target: Path | None, suffixes: tuple[str, ...] | None, option: str = "--out") -> None:
+    """Likewise for an output file (None: none asked for): its suffix is not one of
+    ``suffixes`` (None: any), the path is a folder, or no file can be made there."""
+    if target is None:
+        return
+    if suffixes is not None and target.suffix not in suffixes:
+        raise InputError(str(target), None, None,
+                         f"{option}: {target.suffix or 'no suffix'!r}: expected {' or '.join(suffixes)}")
     if target.is_dir():
         raise InputError(option, None, None, f"{target} is a folder, not a file")
     if target.exists() and not os.access(target, os.W_OK):
         raise InputError(option, None, None, f"cannot write {target}: the file is read-only")
     _check_writable_parent(target.parent, option, target)
+
+
+def _check_accounts(snap, ids) -> None:
+    """Every account id asked for with ``--account`` is in the snapshot."""
+    unknown = sorted(set(ids) - set(snap.account_ids.astype(str)))
+    if unknown:
+        raise InputError("--account", None, None, f"unknown account {unknown[0]!r} (not in balances or positions)")
 
 
 def _check_writable_parent(folder: Path, option: str, target: Path | None = None) -> None:
@@ -327,14 +340,9 @@ def greeks(
     from .greeks import account_greeks as compute
 
     try:
-        if out_file is not None and out_file.suffix not in (".parquet", ".csv"):
-            raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .parquet or .csv")
-        if out_file is not None:
-            _check_out_file(out_file)
+        _check_out_file(out_file, (".parquet", ".csv"))
         snap = io.load_snapshot(snapshot)
-        unknown = sorted(set(account or ()) - set(snap.account_ids.astype(str)))
-        if unknown:
-            raise InputError("--account", None, None, f"unknown account {unknown[0]!r} (not in balances or positions)")
+        _check_accounts(snap, account or ())
         g = compute(snap, accounts=account or None)
     except InputError as exc:
         _fail(exc)
@@ -510,7 +518,7 @@ def generate_scenarios(
     from . import scenarios as scen_mod
 
     try:
-        _check_out_file(out_file)
+        _check_out_file(out_file, None)
     except InputError as exc:
         _fail(exc)
     if kind == "montecarlo":
@@ -563,10 +571,7 @@ def _check_model_and_out(model: Optional[str], out_file: Optional[Path]) -> None
 
     if model is not None and model not in margin_mod.MODELS:
         raise InputError("--model", None, None, f"{model!r} is not one of {', '.join(margin_mod.MODELS)}")
-    if out_file is not None and out_file.suffix != ".parquet":
-        raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .parquet")
-    if out_file is not None:
-        _check_out_file(out_file)
+    _check_out_file(out_file, (".parquet",))
 
 
 @app.command("margin")
@@ -584,8 +589,7 @@ def margin_cmd(
     try:
         _check_model_and_out(model, out_file)
         snap = io.load_snapshot(snapshot)
-        if account is not None and account not in set(snap.account_ids.astype(str)):
-            raise InputError("--account", None, None, f"unknown account {account!r} (not in balances or positions)")
+        _check_accounts(snap, [account] if account is not None else [])
         res = margin_mod.account_margin(snap, model)
     except InputError as exc:
         _fail(exc)
@@ -964,10 +968,7 @@ def reverse_cmd(
     from .reverse import reverse as find
 
     try:
-        if out_file is not None and out_file.suffix not in (".json", ".parquet"):
-            raise InputError(str(out_file), None, None, f"--out: {out_file.suffix or 'no suffix'!r}: expected .json or .parquet")
-        if out_file is not None:
-            _check_out_file(out_file)
+        _check_out_file(out_file, (".json", ".parquet"))
         snap, scen = _load(snapshot, scenarios, accounts)
         with err.status("searching for the smallest fund-exhausting move"):
             r = find(snap, scen, target, norm=norm, top=top)

@@ -57,17 +57,12 @@ class _Table:
         """Line on which data row ``i`` starts: the header is line 1, the reader skips blank
         lines, and a quoted field may hold line breaks, so records are counted as Python's
         csv module reads them (only ever done for the one row an error names)."""
-        import csv as pycsv
-
-        with open(self.path, newline="", encoding="utf-8") as f:
-            reader = pycsv.reader(f)
-            seen, end = -1, 0  # the header is record -1
-            for fields in reader:
-                start, end = end + 1, reader.line_num
-                if fields:
-                    if seen == i:
-                        return start
-                    seen += 1
+        seen = -1  # the header is record -1
+        for start, fields in _csv_records(self.path):
+            if fields:
+                if seen == i:
+                    return start
+                seen += 1
         return i + 2
 
     def error(self, i: int | None, column: str | None, message: str) -> InputError:
@@ -161,17 +156,27 @@ def _read_table(folder: Path, name: str, required: tuple[str, ...]) -> _Table:
     return table
 
 
+def _csv_records(path: Path):
+    """``(line, fields)`` of each record of a CSV file as Python's csv module reads it, ``line``
+    the one it starts on: a quoted field may hold line breaks, and a blank line is a record
+    with no fields."""
+    import csv as pycsv
+
+    with open(path, newline="", encoding="utf-8") as f:
+        reader, end = pycsv.reader(f), 0
+        for fields in reader:  # a record starts on the line after the last one ended
+            start, end = end + 1, reader.line_num
+            yield start, fields
+
+
 def _read_csv(path: Path) -> pa.Table:
     """Read a CSV table with every column as text (numbers are parsed, and reported with
     their line, by ``_Table.numbers``). Only empty cells count as missing: ``nan`` or ``NA``
     is a value, and an error where a number is expected."""
-    import csv as pycsv
-
     from pyarrow import csv as pacsv
 
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            header = next(pycsv.reader(f), None)
+        header = next((fields for _, fields in _csv_records(path)), None)
     except UnicodeDecodeError:
         raise InputError(path.name, None, None, "not a CSV text file (not UTF-8)") from None
     if not header:
@@ -187,14 +192,11 @@ def _read_csv(path: Path) -> pa.Table:
         )
     except pa.ArrowInvalid as exc:
         # Find the line at fault ourselves: pyarrow's message has no line number.
-        with open(path, newline="", encoding="utf-8") as f:
-            reader, end = pycsv.reader(f), 0
-            for fields in reader:  # a record starts on the line after the last one ended
-                start, end = end + 1, reader.line_num
-                if fields and len(fields) != len(header):
-                    raise InputError(
-                        path.name, f"line {start}", None, f"expected {len(header)} fields, found {len(fields)}"
-                    ) from None
+        for start, fields in _csv_records(path):
+            if fields and len(fields) != len(header):
+                raise InputError(
+                    path.name, f"line {start}", None, f"expected {len(header)} fields, found {len(fields)}"
+                ) from None
         raise InputError(path.name, None, None, f"not a readable CSV table: {exc}") from None
 
 
