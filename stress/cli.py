@@ -228,9 +228,12 @@ def _check_limit(key: str, v: float, where: tuple | None = None) -> float:
     return float(v)
 
 
-def _check_out_dir(target: Path, option: str = "--out") -> None:
-    """Fail before the work, not after it, where its output folder cannot be written: the path
-    is a file, or its nearest existing parent is not a writable folder."""
+def _check_out_dir(target: Path | None, option: str = "--out") -> None:
+    """Fail before the work, not after it, where its output folder (None: none asked for)
+    cannot be written: the path is a file, or its nearest existing parent is not a writable
+    folder."""
+    if target is None:
+        return
     if target.exists() and not target.is_dir():
         raise InputError(option, None, None, f"{target} exists and is not a folder")
     _check_writable_parent(target, option)
@@ -809,8 +812,7 @@ def sensitivities_cmd(
     from .sensitivities import sensitivities as compute
 
     try:
-        if out_dir is not None:
-            _check_out_dir(out_dir)
+        _check_out_dir(out_dir)
         snap, scen = _load(snapshot, scenarios, SAMPLE_ACCOUNTS)
         r = compute(snap, scen, temperature=temperature)
     except InputError as exc:
@@ -887,8 +889,7 @@ def calibrate(
 
     try:
         goal = cal.parse_target(target)
-        if out_dir is not None:
-            _check_out_dir(out_dir)
+        _check_out_dir(out_dir)
         snap, scen = _load(snapshot, scenarios, SAMPLE_ACCOUNTS)
     except InputError as exc:
         _fail(exc)

@@ -373,9 +373,11 @@ def var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, notional: Any, var: dict
     losses at once (10 MB at 128 x 32 x 299 in float64) fall out of cache between the passes
     that select the tail, and ran 1.3-2.3x slower on CPU than blocks of 8 states.
     """
-    W = im.shape[1] if not callable(im) else 0
+    if any(callable(x) for x in (pnl, dp, im, notional)):  # rows of one tile each: no blocks
+        return _var_margin(h, pnl, dp, im, notional, var, tail)
+    W = im.shape[1]
     block = math.gcd(W, VAR_BLOCK)
-    if W <= block or any(callable(x) for x in (pnl, dp, notional)):
+    if block == W:
         return _var_margin(h, pnl, dp, im, notional, var, tail)
 
     def one(b):
@@ -393,9 +395,6 @@ def _var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, notional: Any, var: dic
     n, J, L = h.inst.shape
     first = pnl(h.inst[:, 0, 0])
     W, H = first.shape[1:]
-    # A loop, never unrolled: unrolled, XLA fuses every position's [n, W, H] gather into one
-    # loop that ran 1.6-2.7x slower than a gather-multiply-add per iteration (2-4 slots)
-    unroll = False
 
     def position(j, l, carry):
         gain, std = carry
@@ -405,11 +404,13 @@ def _var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, notional: Any, var: dic
             std = std + tier_extra(jnp.abs(h.qty[:, j, l, None]) * notional(i), i, var["tiers"])
         return gain + h.qty[:, j, l, None, None] * pnl(i), std
 
+    # Loops, never unrolled: unrolled, XLA fuses every position's [n, W, H] gather into one
+    # loop that ran 1.6-2.7x slower than a gather-multiply-add per iteration (2-4 slots)
     def slot(j, carry):
-        gain, std = _repeat(L, lambda l, c: position(j, l, c), carry, unroll)
+        gain, std = _repeat(L, lambda l, c: position(j, l, c), carry, False)
         return gain + h.balance[:, j, None, None] * dp(h.asset[:, j]), std
 
-    gain, std = _repeat(J, slot, (jnp.zeros((n, W, H), first.dtype), jnp.zeros((n, W), first.dtype)), unroll)
+    gain, std = _repeat(J, slot, (jnp.zeros((n, W, H), first.dtype), jnp.zeros((n, W), first.dtype)), False)
     es = jnp.maximum(largest_mean(-gain, tail), 0.0)  # a book gaining in every window needs none
     return var["factor"] * jnp.maximum(es, var["floor"] * std)
 
