@@ -508,51 +508,71 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
         best, best_tile, gap_max, n_liq, cost_max = carry
         t_min = jnp.min(jnp.where(user[None, :], pnl, jnp.inf), axis=1)
+        t_gap = jnp.max(jnp.where(user[None, :], gap, -jnp.inf), axis=1)
         better = t_min < best  # strict: ties keep the earlier tile (file order)
         carry = (
             jnp.where(better, t_min, best),
             jnp.where(better, k, best_tile),
-            jnp.maximum(gap_max, jnp.max(jnp.where(user[None, :], gap, -jnp.inf), axis=1)),
+            jnp.maximum(gap_max, t_gap),
             n_liq + (jnp.sum(liqf * rnd[None, :], axis=1) if n_random else 0.0),
             jnp.maximum(cost_max, jnp.max(jnp.where(user[None, :], f + cost, 0.0), axis=1)) if charged else cost_max,
         )
-        def exchange():
-            """Per-scenario sums over the chunk's accounts: all exactly zero when no account
-            of the tile is liquidated, short of margin at the step that decides its path, or
-            below zero equity (under any reported oracle lag) in any of its scenarios (fees,
-            impact and notional closed need a close-out). Liquidated alone is not enough:
-            under an oracle lag a breach in a path's last steps is never acted on, and leaves
-            a shortfall and possibly bad debt at the path's end."""
-            bad = liquidation.bad_debt(eq)
+        def closeouts():
+            """Per-scenario sums of what liquidation does (accounts liquidated, shortfall,
+            gains of positions closed early, fees, impact, notional closed, also per
+            underlying): all exactly zero when no account of the tile is liquidated or short
+            of margin at the step that decides its path in any of its scenarios. Liquidated
+            alone is not enough: under an oracle lag a breach in a path's last steps is never
+            acted on, and leaves a shortfall at the path's end."""
             # notional closed per underlying: the share closed at each step times the account's
             # notional there, summed over accounts (one [2U, n] @ [n, K*W] product) and steps
             U = t.und_asset.shape[0]
             r = und_weights @ at  # [2U, K*W]
             und_closed = (r[:U] * price[t.und_asset] + r[U:]).reshape(U, -1, W).sum(axis=1)
             zero = jnp.zeros(W, dt)
-            sums = jnp.stack([total(liqf), total(jnp.maximum(gap, 0.0)), total(bad),
+            sums = jnp.stack([total(liqf), total(jnp.maximum(gap, 0.0)),
                               total(closed_out) if paths else zero,  # nothing closes early in one step
                               total(f) if t.fee_rate is not None else zero, total(cost) if impact is not None else zero,
                               total(closed) if closed is not None else und_closed.sum(axis=0)])
+            return sums, und_closed
+
+        def defaults():
+            """Per-scenario bad debt: its sum, the two largest accounts' (Cover 2), per group of
+            accounts, and under each reported oracle lag: all exactly zero when no account of
+            the tile has equity below zero (under any reported lag) in any of its scenarios."""
+            bad = liquidation.bad_debt(eq)
             lag_bad = jnp.stack([total(liquidation.bad_debt(e)) for e in lagged]) if lagged else None
+            bad_total = total(bad)
             bad = bad * validf[:, None]
             group_bad = None
             if t.n_groups:  # Cover 2 counts a group's defaults together, and its accounts not alone
                 group_bad = jnp.zeros((t.n_groups + 1, W), dt).at[h.group].add(bad)[: t.n_groups]
                 bad = jnp.where((h.group == t.n_groups)[:, None], bad, 0.0)
-            return sums, largest_two(bad), lag_bad, group_bad, und_closed
+            return bad_total, largest_two(bad), lag_bad, group_bad
 
         if fuse.get("skip") and t.partial_target is None:
-            # On CPU most tiles of a calm book liquidate no one: skip their reductions (half
-            # the kernel's work) rather than add up zeros. A partial close-out is not covered
-            # by the argument above, so it always reduces.
-            busy = jnp.any(liq) | jnp.any(gap > 0) | jnp.any(eq < 0)
+            # On CPU most tiles of a calm book liquidate no one, and more of them leave no bad
+            # debt: skip the reductions that would only add up zeros, each group on its own.
+            # A partial close-out is not covered by the arguments above, so it always
+            # reduces. Both tests come from the per-account reductions above, not from more
+            # passes over the tile; they cover the set's scenarios only, which is all that is
+            # kept of the sums. Without an oracle lag an account is liquidated iff its margin
+            # exceeds its collateral at the step that decides its path (gap > 0); under a lag
+            # it may not be. Equity below zero shows as pnl = fl(eq - eq0) <= -eq0 (rounding
+            # is monotone), and equality with eq0 == 0 means eq == 0 exactly.
+            liquidating = jnp.any(h.valid & (t_gap > 0))
+            if paths and t.lag:
+                liquidating = liquidating | jnp.any(liq)
+            below = (t_min < -eq0) | ((t_min <= -eq0) & (eq0 != 0))
+            defaulting = jnp.any(h.valid & below)
             for e in lagged:
-                busy = busy | jnp.any(e < 0)
-            sums, top2, lag_bad, group_bad, und_closed = jax.lax.cond(
-                busy, exchange, lambda: jax.tree_util.tree_map(jnp.zeros_like, exchange()))
+                defaulting = defaulting | jnp.any(e < 0)
+            sums, und_closed = _when(liquidating, closeouts)
+            bad_total, top2, lag_bad, group_bad = _when(defaulting, defaults)
         else:
-            sums, top2, lag_bad, group_bad, und_closed = exchange()
+            sums, und_closed = closeouts()
+            bad_total, top2, lag_bad, group_bad = defaults()
+        sums = jnp.concatenate([sums[:2], bad_total[None], sums[2:]])  # SUM_NAMES order
         return carry, (sums, top2, lag_bad, group_bad, und_closed,
                        pnl if keep_pnl else None, liq if with_pnl else None)
 
@@ -595,6 +615,11 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         out["pnl"] = pnl
         out["liquidated"] = liq.transpose(1, 0, 2).reshape(n, T * W)
     return out
+
+
+def _when(flag: Any, fn: Callable) -> Any:
+    """``fn()``, or zeros of the same shapes without computing it where ``flag`` is False."""
+    return jax.lax.cond(flag, fn, lambda: jax.tree_util.tree_map(jnp.zeros_like, fn()))
 
 
 def account_rows(eq0, coll0, mm0, g0, best, arg, gap_max, cost_max) -> dict:

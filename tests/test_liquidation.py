@@ -152,6 +152,19 @@ def test_oracle_lag_closes_out_later_and_deeper(tmp_path):
     assert [r["p_fund_depleted"] for r in res.summary["oracle_lags"]] == [0.0, 1.0, 0.0]  # fund 1,000,000
 
 
+def test_a_close_out_acted_on_after_the_recovery_still_counts_as_a_liquidation(tmp_path):
+    # The path above under a lag of 2 steps: the breach at 49,000 is acted on at 50,500,
+    # where the long's collateral (400,000 + 500 x 500 = 650,000) is back above its margin
+    # (1% x 500 x 50,500 = 252,500). It is closed out all the same, with no shortfall and no
+    # bad debt; the kernel's test for a tile with close-outs must not rest on the shortfall.
+    snap = _book(tmp_path / "snap", "oracle_lag_steps = 2")
+    (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,49000\n2024-01-03,47000\n2024-01-04,50500\n")
+    (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 3\n')
+    row = stress.run(snap, stress.load_scenarios(tmp_path / "p.toml", snap)).scenarios.iloc[0]
+    assert row.accounts_liquidatable == 1
+    assert row.shortfall_total == 0.0 and row.bad_debt == 0.0
+
+
 @pytest.mark.parametrize("text", ["oracle_lag_steps = -1", "oracle_lag_steps = 1.5", "oracle_lags = [1, -2]",
                                   "oracle_lags = 3"])
 def test_bad_oracle_lags_fail_at_load(tmp_path, text):
