@@ -81,7 +81,9 @@ class Tables:
     """Per-run matrices every chunk reads, the scenario axis split into ``T`` tiles of ``W``.
 
     Scenario ``s`` of the set sits at tile ``s // W``, column ``s % W``; columns past the end
-    of the set are padding (``user`` False). The unshocked market is kept apart (``*0``).
+    of the set are padding (``user`` False), copies of the set's last scenario, so that a
+    maximum or minimum over a whole tile is one over the set (``chunk_kernel`` takes them
+    unmasked). The unshocked market is kept apart (``*0``).
     For paths of ``K`` steps a tile holds ``K`` blocks of ``W`` columns: the last step first,
     then the steps before it, so one state evaluation covers every step; each account is then
     taken at its first breaching step, or the last (``liquidation.path_outcome``).
@@ -259,6 +261,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     vol = np.zeros((1 + T * W, A))
     hor = np.zeros(1 + T * W)
     spot[1 : 1 + S], vol[1 : 1 + S], hor[1 : 1 + S] = scen.spot_mult, scen.vol_shift, scen.horizon_days
+    spot[1 + S :], vol[1 + S :], hor[1 + S :] = spot[S], vol[S], hor[S]  # padding: the last scenario again
     rv, im, tiles, first = _kept_tables(T, W, jnp.dtype(dtype))(snap.instruments, snap.market, snap.params,
                                                                 spot, vol, hor)
 
@@ -273,6 +276,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         p_spot[:, :S] = scen.path_spot_mult.transpose(1, 0, 2)
         p_vol[:, :S] = scen.path_vol_shift.transpose(1, 0, 2)
         p_hor[:, :S] = scen.path_horizon_days.T
+        p_spot[:, S:], p_vol[:, S:], p_hor[:, S:] = p_spot[:, S - 1 : S], p_vol[:, S - 1 : S], p_hor[:, S - 1 : S]
         prv, p_im, pmm = _revalue_and_margin(snap.instruments, snap.market, snap.params, p_spot.reshape(-1, A),
                                           p_vol.reshape(-1, A), p_hor.reshape(-1))
 
@@ -501,21 +505,23 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         return eq - cost - f, coll, m, liq, f, cost, closed, eq_end - eq, lagged, at.astype(dt)
 
     def tile(carry, x):
-        value, mm, price, notional, impact, pmx, hc_base, user, rnd, k = x
+        value, mm, price, notional, impact, pmx, hc_base, rnd, k = x
         eq, coll, m, liq, f, cost, closed, closed_out, lagged, at = outcome(value, mm, price, notional, impact, pmx, hc_base)
         liqf = liq.astype(dt)
         pnl = eq - eq0[:, None]
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
         best, best_tile, gap_max, n_liq, cost_max = carry
-        t_min = jnp.min(jnp.where(user[None, :], pnl, jnp.inf), axis=1)
-        t_gap = jnp.max(jnp.where(user[None, :], gap, -jnp.inf), axis=1)
+        # Over whole tiles: padding repeats a scenario of the set. min(eq) - eq0 is exactly
+        # the minimum of pnl (rounding is monotone), without a pass to form pnl.
+        t_min = jnp.min(eq, axis=1) - eq0
+        t_gap = jnp.max(gap, axis=1)
         better = t_min < best  # strict: ties keep the earlier tile (file order)
         carry = (
             jnp.where(better, t_min, best),
             jnp.where(better, k, best_tile),
             jnp.maximum(gap_max, t_gap),
             n_liq + (jnp.sum(liqf * rnd[None, :], axis=1) if n_random else 0.0),
-            jnp.maximum(cost_max, jnp.max(jnp.where(user[None, :], f + cost, 0.0), axis=1)) if charged else cost_max,
+            jnp.maximum(cost_max, jnp.max(f + cost, axis=1)) if charged else cost_max,
         )
         def closeouts():
             """Per-scenario sums of what liquidation does (accounts liquidated, shortfall,
@@ -579,7 +585,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     inf = jnp.full(n, jnp.inf, dt)
     init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt), jnp.zeros(n, dt))
     pm_tiles = t.model_tiles()
-    xs = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.haircut_base, t.user, t.random, jnp.arange(T, dtype=jnp.int32))
+    xs = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.haircut_base, t.random, jnp.arange(T, dtype=jnp.int32))
     und_weights = underlying_notional(h, t).T * validf  # [2U, n]
     (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, group_bad, und_closed, pnl, liq) = jax.lax.scan(tile, init, xs)
 
@@ -1132,18 +1138,18 @@ def _subset(t: Tables, cols: np.ndarray) -> Tables:
     S2 = len(cols)
     W2 = scenario_tile(S2, K, t.model_tiles() is not None)
     T2 = math.ceil(S2 / W2)
-    cols = jnp.asarray(cols)
+    picked = jnp.asarray(cols)
+    flat = lambda x: jnp.pad(x.reshape(-1)[picked], (0, T2 * W2 - S2)).reshape(T2, W2)  # noqa: E731
+    cols = jnp.asarray(np.pad(np.asarray(cols), (0, T2 * W2 - S2), mode="edge"))  # padding repeats the last (Tables)
 
     def sub(x):  # [T, X, K*W, ...] -> [T2, X, K*W2, ...]
         if x is None:
             return None
         X, rest = x.shape[1], x.shape[3:]
         x = jnp.moveaxis(x.reshape((T, X, K, W) + rest), 0, 2).reshape((X, K, T * W) + rest)[:, :, cols]
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, T2 * W2 - S2)) + ((0, 0),) * len(rest))
         x = jnp.moveaxis(x.reshape((X, K, T2, W2) + rest), 2, 0)
         return x.reshape((T2, X, K * W2) + rest)
 
-    flat = lambda x: jnp.pad(x.reshape(-1)[cols], (0, T2 * W2 - S2)).reshape(T2, W2)  # noqa: E731
     random = flat(t.random)
     return dataclasses.replace(
         t, value=sub(t.value), mm=sub(t.mm), price=sub(t.price), notional=sub(t.notional), impact=sub(t.impact),

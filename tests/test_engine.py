@@ -202,6 +202,33 @@ def test_skipping_the_sums_of_tiles_that_liquidate_or_default_no_one_changes_no_
         assert len(summed.summary["oracle_lags"]) == 2
 
 
+def test_a_set_that_does_not_fill_its_last_tile_reports_only_its_own_scenarios(snap, monkeypatch):
+    # The last tile's padding columns repeat the set's last scenario (engine.Tables), so the
+    # kernel takes its per-account extremes over whole tiles. Five rallies on tiles of 8:
+    # longs gain in every one, so their worst P&L is a gain (an unshocked padding column
+    # would make it 0), and no extreme may come from anything but the five.
+    monkeypatch.setitem(engine.TILE, "cpu", 8)
+    stable = np.isin(snap.assets, ["USDC", "USDT"])
+
+    def rallies(moves):
+        spot = np.where(stable[None, :], 1.0, np.asarray(moves)[:, None])
+        n = len(moves)
+        return Scenarios(tuple(f"up-{i}" for i in range(n)), ("explicit",) * n, spot, np.zeros((n, snap.n_assets)),
+                         np.zeros(n))
+
+    five = [1.05, 1.10, 1.15, 1.20, 1.25]
+    res = stress.run(snap, rallies(five))
+    assert engine.tables(snap, rallies(five))[0].user.shape == (1, 8)
+    pnl = stress.pnl_matrix(snap, rallies(five)).to_numpy()
+    assert (res.accounts.pnl_worst > 0).any()
+    np.testing.assert_allclose(res.accounts.pnl_worst, pnl.min(axis=1), rtol=1e-12, atol=1e-9)  # another kernel
+    np.testing.assert_array_equal(res.accounts.scenario_worst, np.array([f"up-{i}" for i in range(5)])[pnl.argmin(axis=1)])
+    # the user's own copies filling the tile instead: the same extremes, to the bit
+    full = stress.run(snap, rallies(five + [1.25] * 3))
+    for c in ("pnl_worst", "shortfall_worst", "bad_debt_worst", "liquidation_cost_worst"):
+        np.testing.assert_array_equal(res.accounts[c], full.accounts[c], err_msg=c)
+
+
 def test_accounts_are_laid_out_riskiest_first_within_each_bucket(snap, base_result):
     # the order the layout uses, against the margin ratio the engine itself reports
     t, _ = engine.tables(snap, random_scenarios(snap, 1))
