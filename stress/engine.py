@@ -508,7 +508,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         value, mm, price, notional, impact, pmx, hc_base, rnd, k = x
         eq, coll, m, liq, f, cost, closed, closed_out, lagged, at = outcome(value, mm, price, notional, impact, pmx, hc_base)
         liqf = liq.astype(dt)
-        pnl = eq - eq0[:, None]
+        pnl = eq - eq0[:, None] if keep_pnl else None
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
         best, best_tile, gap_max, n_liq, cost_max = carry
         # Over whole tiles: padding repeats a scenario of the set. min(eq) - eq0 is exactly
@@ -1138,18 +1138,18 @@ def _subset(t: Tables, cols: np.ndarray) -> Tables:
     S2 = len(cols)
     W2 = scenario_tile(S2, K, t.model_tiles() is not None)
     T2 = math.ceil(S2 / W2)
-    picked = jnp.asarray(cols)
-    flat = lambda x: jnp.pad(x.reshape(-1)[picked], (0, T2 * W2 - S2)).reshape(T2, W2)  # noqa: E731
-    cols = jnp.asarray(np.pad(np.asarray(cols), (0, T2 * W2 - S2), mode="edge"))  # padding repeats the last (Tables)
+    cols = np.asarray(cols)
+    padded = jnp.asarray(np.pad(cols, (0, T2 * W2 - S2), mode="edge"))  # padding repeats the last (Tables)
 
     def sub(x):  # [T, X, K*W, ...] -> [T2, X, K*W2, ...]
         if x is None:
             return None
         X, rest = x.shape[1], x.shape[3:]
-        x = jnp.moveaxis(x.reshape((T, X, K, W) + rest), 0, 2).reshape((X, K, T * W) + rest)[:, :, cols]
+        x = jnp.moveaxis(x.reshape((T, X, K, W) + rest), 0, 2).reshape((X, K, T * W) + rest)[:, :, padded]
         x = jnp.moveaxis(x.reshape((X, K, T2, W2) + rest), 2, 0)
         return x.reshape((T2, X, K * W2) + rest)
 
+    flat = lambda x: jnp.pad(x.reshape(-1)[cols], (0, T2 * W2 - S2)).reshape(T2, W2)  # noqa: E731
     random = flat(t.random)
     return dataclasses.replace(
         t, value=sub(t.value), mm=sub(t.mm), price=sub(t.price), notional=sub(t.notional), impact=sub(t.impact),
