@@ -502,12 +502,11 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         cost = jnp.where(liq, g[1], 0.0) if impact is not None else jnp.zeros_like(eq)
         # the impact first, then the fee out of what remains (so a fee never creates bad debt)
         f = liquidation.fee(eq - cost, g[0], liq, t.fee_rate) if t.fee_rate is not None else jnp.zeros_like(eq)
-        return eq - cost - f, coll, m, liq, f, cost, closed, eq_end - eq, lagged, at.astype(dt)
+        return eq - cost - f, coll, m, liq, f, cost, closed, eq_end - eq, lagged, at
 
     def tile(carry, x):
         value, mm, price, notional, impact, pmx, hc_base, rnd, k = x
         eq, coll, m, liq, f, cost, closed, closed_out, lagged, at = outcome(value, mm, price, notional, impact, pmx, hc_base)
-        liqf = liq.astype(dt)
         pnl = eq - eq0[:, None] if keep_pnl else None
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
         best, best_tile, gap_max, n_liq, cost_max = carry
@@ -520,7 +519,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             jnp.where(better, t_min, best),
             jnp.where(better, k, best_tile),
             jnp.maximum(gap_max, t_gap),
-            n_liq + (jnp.sum(liqf * rnd[None, :], axis=1) if n_random else 0.0),
+            n_liq + (jnp.sum(liq & rnd[None, :], axis=1).astype(dt) if n_random else 0.0),
             jnp.maximum(cost_max, jnp.max(f + cost, axis=1)) if charged else cost_max,
         )
         def closeouts():
@@ -532,11 +531,14 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             acted on, and leaves a shortfall at the path's end."""
             # notional closed per underlying: the share closed at each step times the account's
             # notional there, summed over accounts (one [2U, n] @ [n, K*W] product) and steps
+            # In one step, liquidated is margin above collateral: formed from the shortfall
+            # here rather than on every tile (paths need the flags to pick their step anyway)
+            liquidated = liq if paths else gap > 0
             U = t.und_asset.shape[0]
-            r = und_weights @ at  # [2U, K*W]
+            r = und_weights @ (at if paths else liquidated).astype(dt)  # [2U, K*W]
             und_closed = (r[:U] * price[t.und_asset] + r[U:]).reshape(U, -1, W).sum(axis=1)
             zero = jnp.zeros(W, dt)
-            sums = jnp.stack([total(liqf), total(jnp.maximum(gap, 0.0)),
+            sums = jnp.stack([total(liquidated.astype(dt)), total(jnp.maximum(gap, 0.0)),
                               total(closed_out) if paths else zero,  # nothing closes early in one step
                               total(f) if t.fee_rate is not None else zero, total(cost) if impact is not None else zero,
                               total(closed) if closed is not None else und_closed.sum(axis=0)])
