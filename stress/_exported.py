@@ -15,8 +15,8 @@ either way (15–17 s at 1,000,000 accounts; ``docs/benchmarks.md``).
 A kept module is only valid for what tracing read, so its key holds all of it: the ``tag``
 (the wrapped function's name and static arguments), each argument's tree structure (with the
 pytrees' static fields), shapes, dtypes and shardings, the source of every module of the
-package, the current value of every upper-case module setting (``engine.FUSION``,
-``fused.BLOCKS``, ...; tests and benchmarks change them at run time), the ``STRESS_``, ``JAX_``
+package, the current value of every upper-case setting of the modules that tracing runs
+(``engine.FUSION``, ``fused.BLOCKS``, ...; tests and benchmarks change them at run time), the ``STRESS_``, ``JAX_``
 and ``XLA_`` environment, the JAX version and the devices. A change to any of them is a new
 key. Anything that goes wrong (an unreadable file, a module JAX cannot serialize) falls back
 to the plain jitted call.
@@ -28,11 +28,13 @@ whenever the compilation cache is. Files are flatbuffers written by ``jax.export
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -67,9 +69,20 @@ def _source_digest() -> str:
     return h.hexdigest()
 
 
+# Modules whose code never runs while a kept function traces (the engine's tables and sweep,
+# the Greeks, the Monte Carlo paths): loading, reports, the command line, and drivers that
+# call the engine or run jits of their own. Their settings stay out of the key: which of them
+# a process imported differs between `stress run`, `stress bench` and a script on the Python
+# API, and counting them made each of those miss the others' kept modules. A module left off
+# this list only costs misses, never a wrong hit.
+NOT_TRACED = frozenset({"backtest", "benchmark", "calibrate", "cascade", "cli", "cluster", "io", "replay",
+                        "report", "reverse", "sample", "sensitivities", "_memory"})
+
+
 def _settings() -> str:
     """Everything outside the arguments that tracing may read, as text."""
-    mods = sorted((name, m) for name, m in list(sys.modules.items()) if name == "stress" or name.startswith("stress."))
+    mods = sorted((name, m) for name, m in list(sys.modules.items())
+                  if name == "stress" or (name.startswith("stress.") and name[7:] not in NOT_TRACED))
     consts = [(name, k, _canonical(v)) for name, m in mods for k, v in list(vars(m).items())
               if k.isupper() and not k.startswith("_")]
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(("STRESS_", "JAX_", "XLA_")))
@@ -143,9 +156,38 @@ class Kept:
             if exp is None:
                 exp = export(self.fn, treedef, specs)
                 _write(path, exp.serialize())
-            return jax.jit(exp.call)
+            call = jax.jit(exp.call)
+            if b"lapack" not in exp.mlir_module_serialized:  # target names are plain bytes in it
+                with _lapack_unneeded():
+                    call.lower(*specs)  # lowered now; the first call finds it in JAX's cache
+            return call
         except Exception:  # no flatbuffers, or a module JAX cannot export: the plain call
             return plain
+
+
+_PATCHING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _lapack_unneeded():
+    """Lower exported calls without JAX's LAPACK set-up. Calling an exported module on CPU
+    first registers the LAPACK kernels it might call, which imports ``scipy.linalg``: 0.2–0.4 s
+    of a new process's warm start here, for kernels that call no LAPACK routine. This swaps
+    a private JAX function for a no-op while held; where JAX has moved it, nothing is skipped."""
+    try:
+        from jax._src.export import _export as ex
+    except ImportError:
+        ex = None
+    original = getattr(ex, "_ensure_backends_initialized", None)
+    if original is None:
+        yield
+        return
+    with _PATCHING:
+        ex._ensure_backends_initialized = lambda platforms: None
+        try:
+            yield
+        finally:
+            ex._ensure_backends_initialized = original
 
 
 def export(fn: Callable, treedef: Any, specs: Sequence[jax.ShapeDtypeStruct],

@@ -123,14 +123,47 @@ def test_kept_paths_and_greeks_equal_the_traced_ones(snap, tmp_path, monkeypatch
 
 
 def test_the_key_is_the_same_in_every_process():
-    # whatever the package holds in its settings (the report's column tables hold functions,
-    # a set of names prints in a per-process order), two processes must agree on the key
+    # whatever the package holds in its settings (a set of names prints in a per-process
+    # order), and whichever host-side modules a process imported (`stress run` imports the
+    # command line and the report, a script on the Python API neither), processes must agree
+    # on the key
     import subprocess
     import sys
 
-    code = ("import stress.cli, stress.report, stress.engine, stress.greeks, stress.montecarlo, stress.cluster;"
-            "from stress import _exported; print(_exported._settings())")
-    keys = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    traced = "import stress.engine, stress.greeks, stress.montecarlo; "
+    host = "import stress.cli, stress.report, stress.cluster, stress.benchmark, stress.sample, stress.calibrate; "
+    key = "from stress import _exported; print(_exported._settings())"
+    keys = {subprocess.run([sys.executable, "-c", imports + key], capture_output=True, text=True, check=True,
                            env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout
-            for seed in (1, 2)}
+            for seed, imports in ((1, host + traced), (2, host + traced), (3, traced))}
     assert len(keys) == 1 and "at 0x" not in keys.pop()
+
+
+def test_a_new_process_loads_kept_kernels_without_lapack_unless_they_call_it(sample_dir, tmp_path):
+    # calling an exported module sets up JAX's LAPACK kernels first, which imports scipy.linalg
+    # (0.2-0.4 s); the engine's kernels call no LAPACK routine, so a new process reading them
+    # skips that. A kept function that does solve a linear system must still work (JAX sets
+    # LAPACK up elsewhere too, so this half guards the skip, not the set-up)
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, numpy as np, jax, jax.numpy as jnp, stress
+from stress import _exported, benchmark
+snap = stress.load_snapshot({str(sample_dir)!r})
+res = stress.run(snap, benchmark.random_shocks(snap, 8))
+print("run", float(res.scenarios["bad_debt"].sum()), "scipy.linalg" in sys.modules)
+jax.config.update("jax_enable_x64", True)
+solve = _exported.Kept(jax.jit(jnp.linalg.solve), ("test_solve",))
+x = solve(jnp.array([[2.0, 1.0], [1.0, 3.0]]), jnp.array([3.0, 5.0]))
+print("solve", *np.asarray(x).round(12))
+"""
+    env = {**os.environ, "STRESS_EXPORT_CACHE": str(tmp_path)}
+    run = lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,  # noqa: E731
+                                 env=env, check=True).stdout.split("\n")
+    first = run()  # traces and keeps
+    assert len(list(tmp_path.glob("*.jaxexport"))) >= 3
+    second = run()  # loads what the first kept
+    assert second[0].split()[:2] == first[0].split()[:2] and second[0].split()[2] == "False"
+    assert second[1] == first[1] == "solve 0.8 1.4"  # 2x + y = 3, x + 3y = 5
