@@ -30,6 +30,15 @@ UNROLL_MAX = 8  # holdings of up to J * L = 8 are unrolled (XLA fuses them); wid
 # settlement asset; padded to (4, 2) such accounts were 17% of the sample's accounts and 40%
 # of the kernel's time (17 ns per account-scenario, against 8 ns at (4, 1)).
 LADDER = ((1, 1), (2, 1), (2, 2), (4, 1), (4, 4))
+# A rung costs a compilation per kernel variant (1.5-2.5 s each on CPU; a cold run on the
+# default set's paths compiles several) and a part-filled group of chunks; what it saves is
+# per account. So a snapshot leaves out a rung that would hold fewer accounts than this when
+# the next rung that holds them has the same positions per slot and at most twice the slots,
+# a padding slot being cheap: (1, 1) goes into (2, 1). At 100,000 x 5,000 that took 2-3 s
+# off a cold run and nothing off a warm one; at 1,000,000, whose (1, 1) rung holds 170,000
+# accounts, the rung is worth 2-5 s a warm run. (2, 1) into (2, 2) saved more compilation but
+# cost a quarter of a warm run at 20,000 accounts (docs/benchmarks.md).
+RUNG_MIN_ACCOUNTS = 32_768
 
 
 @pytree_dataclass
@@ -125,6 +134,25 @@ def _rank_in_group_unsorted(group: np.ndarray) -> np.ndarray:
     return rank
 
 
+def _ladder(J: np.ndarray, L: np.ndarray) -> list[tuple[int, int]]:
+    """``LADDER`` less the rungs not worth a compilation for accounts of ``J`` slots and ``L``
+    positions per slot (``[n]`` each): see ``RUNG_MIN_ACCOUNTS``."""
+    rungs = list(LADDER)
+    k = 0
+    while k < len(rungs) - 1:
+        lj, ll = rungs[k]
+        smaller = np.zeros(len(J), bool)
+        for pj, pl in rungs[:k]:
+            smaller |= (J <= pj) & (L <= pl)
+        here = int(np.count_nonzero(~smaller & (J <= lj) & (L <= ll)))
+        nxt = next(((a, b) for a, b in rungs[k + 1:] if a >= lj and b >= ll), None)
+        if here < RUNG_MIN_ACCOUNTS and nxt is not None and nxt[1] == ll and nxt[0] <= 2 * lj:
+            del rungs[k]  # its accounts go to the next rung that fits them
+        else:
+            k += 1
+    return rungs
+
+
 def layout(
     pos_account: np.ndarray,
     pos_instrument: np.ndarray,
@@ -172,7 +200,7 @@ def layout(
     big = np.ones(n, bool)
     Jp = np.full(n, int(_pow2(J.max(initial=1))), np.int64)
     Lp = np.full(n, int(_pow2(L.max(initial=1))), np.int64)
-    for lj, ll in reversed(LADDER):  # smallest rung that fits wins
+    for lj, ll in reversed(_ladder(J, L)):  # smallest rung that fits wins
         fits = (J <= lj) & (L <= ll)
         Jp[fits], Lp[fits] = lj, ll
         big &= ~fits

@@ -253,6 +253,29 @@ def test_accounts_are_laid_out_riskiest_first_within_each_bucket(snap, base_resu
             np.testing.assert_array_equal(getattr(p, f)[rows], getattr(b, f), err_msg=f)
 
 
+def test_a_rung_holding_few_accounts_is_left_to_the_next_rung_that_holds_them(monkeypatch):
+    # accounts 0-5: one position (1 slot x 1); 6-8: one position in each of two settlement
+    # assets (2 x 1); 9: two positions settled in one asset and one in the other (2 x 2).
+    # Instruments 0 and 2 settle in asset 0, instrument 1 in asset 1.
+    from stress import portfolio
+
+    acc = np.array([0, 1, 2, 3, 4, 5, 6, 6, 7, 7, 8, 8, 9, 9, 9])
+    inst = np.array([0, 0, 2, 0, 2, 0, 0, 1, 2, 1, 0, 1, 0, 2, 1])
+    qty = np.arange(1.0, len(acc) + 1)
+    settlement, balances = np.array([0, 1, 0]), np.zeros((10, 2))
+
+    def shapes(min_accounts):
+        monkeypatch.setattr(portfolio, "RUNG_MIN_ACCOUNTS", min_accounts)
+        buckets = portfolio.layout(acc, inst, qty, np.ones_like(qty), settlement, balances)
+        return {(b.J, b.L): sorted(b.accounts.tolist()) for b in buckets}
+
+    assert shapes(0) == shapes(6) == {(1, 1): [0, 1, 2, 3, 4, 5], (2, 1): [6, 7, 8], (2, 2): [9]}
+    # six accounts do not pay for the (1, 1) kernel: (2, 1), one more slot of one position,
+    # takes them. (2, 1) and (2, 2) keep their few accounts: the next rungs that hold them,
+    # (2, 2) and (4, 4), have more positions per slot.
+    assert shapes(7) == shapes(100) == {(2, 1): [0, 1, 2, 3, 4, 5, 6, 7, 8], (2, 2): [9]}
+
+
 def test_the_holdings_layout_is_built_once_per_snapshot_and_follows_a_changed_one(snap, scen, base_result):
     import dataclasses
     import gc

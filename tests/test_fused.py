@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import stress
-from stress import _exported, engine, fused, sample
+from stress import _exported, engine, fused, portfolio, sample
 from stress.scenarios import Scenarios
 
 
@@ -45,6 +45,9 @@ def test_the_fused_kernel_reproduces_the_xla_kernel_run(fee_snapshot, monkeypatc
     if tile:
         monkeypatch.setitem(engine.TILE, "cpu", tile)
         monkeypatch.setattr(fused, "PASS_BYTES", pass_bytes)
+    # every rung of the ladder, though this small exchange would leave the smallest ones out
+    monkeypatch.setattr(portfolio, "RUNG_MIN_ACCOUNTS", 0)
+    engine.forget_layout(fee_snapshot)
     scen = _shocks(40, fee_snapshot.n_assets)
     ref = stress.run(fee_snapshot, scen, dtype=dtype)
     assert ref.scenarios.fees.sum() > 0 and ref.scenarios.bad_debt.sum() > 0  # the run exercises both
@@ -61,6 +64,7 @@ def test_the_fused_kernel_reproduces_the_xla_kernel_run(fee_snapshot, monkeypatc
         res = stress.run(fee_snapshot, scen, dtype=dtype)
     finally:
         engine.sharded_kernel.cache_clear()
+        engine.forget_layout(fee_snapshot)  # laid out with every rung: not for later tests
     # it ran, on several slots and positions too: every bucket of at most MAX_POSITIONS entries
     assert {s[-2:] for s in calls} == {(1, 1), (2, 1), (2, 2), (4, 1)}
 
