@@ -137,20 +137,15 @@ def _rank_in_group_unsorted(group: np.ndarray) -> np.ndarray:
 def _ladder(J: np.ndarray, L: np.ndarray) -> list[tuple[int, int]]:
     """``LADDER`` less the rungs not worth a compilation for accounts of ``J`` slots and ``L``
     positions per slot (``[n]`` each): see ``RUNG_MIN_ACCOUNTS``."""
-    rungs = list(LADDER)
-    k = 0
-    while k < len(rungs) - 1:
-        lj, ll = rungs[k]
-        smaller = np.zeros(len(J), bool)
-        for pj, pl in rungs[:k]:
-            smaller |= (J <= pj) & (L <= pl)
-        here = int(np.count_nonzero(~smaller & (J <= lj) & (L <= ll)))
-        nxt = next(((a, b) for a, b in rungs[k + 1:] if a >= lj and b >= ll), None)
-        if here < RUNG_MIN_ACCOUNTS and nxt is not None and nxt[1] == ll and nxt[0] <= 2 * lj:
-            del rungs[k]  # its accounts go to the next rung that fits them
-        else:
-            k += 1
-    return rungs
+    kept, taken = [], np.zeros(len(J), bool)
+    for k, (lj, ll) in enumerate(LADDER):
+        here = ~taken & (J <= lj) & (L <= ll)  # the accounts this rung is the smallest fit for
+        nxt = next(((a, b) for a, b in LADDER[k + 1:] if a >= lj and b >= ll), None)
+        if nxt is not None and nxt[1] == ll and nxt[0] <= 2 * lj and np.count_nonzero(here) < RUNG_MIN_ACCOUNTS:
+            continue  # its accounts go to the next rung that fits them
+        kept.append((lj, ll))
+        taken |= here
+    return kept
 
 
 def layout(

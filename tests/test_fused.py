@@ -45,7 +45,7 @@ def test_the_fused_kernel_reproduces_the_xla_kernel_run(fee_snapshot, monkeypatc
     if tile:
         monkeypatch.setitem(engine.TILE, "cpu", tile)
         monkeypatch.setattr(fused, "PASS_BYTES", pass_bytes)
-    # every rung of the ladder, though this small exchange would leave the smallest ones out
+    # every rung of the ladder, though this small exchange would leave the smallest one out
     monkeypatch.setattr(portfolio, "RUNG_MIN_ACCOUNTS", 0)
     engine.forget_layout(fee_snapshot)
     scen = _shocks(40, fee_snapshot.n_assets)
