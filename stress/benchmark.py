@@ -3,20 +3,33 @@
 The side-by-side comparison against a plain NumPy implementation lives in ``bench/`` (it
 needs the reference code, which is not part of the package); this is the quick, installable
 answer to "how fast is it on this machine": generate a sample exchange, then time loading,
-scenario building, instrument revaluation, the first run (compilation included), a warm run
-and writing the report, each once, in one process.
+scenario building, instrument revaluation, compilation, the account work stage by stage (the
+P&L gather, margin, liquidation and losses), a warm run and writing the report, each once, in
+one process.
+
+The engine does the whole per-scenario account work in one fused kernel, so its stages cannot
+be timed inside a run. ``stage_kernel`` builds the first parts of it on their own, over the same
+chunks, tiles and devices: the P&L gather-and-reduce, then that with collateral, margin and
+shortfall. Each stage's time is the difference between consecutive parts, and liquidation and
+losses are the warm run minus the margin part.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import resource
 import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from . import engine, portfolio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,13 +51,100 @@ def random_shocks(snap, n: int, seed: int = 0):
     return Scenarios(tuple(f"shock-{i}" for i in range(n)), ("explicit",) * n, spot, vol, np.zeros(n))
 
 
+STAGES = ("pnl", "margin")  # stage_kernel's parts, each containing the one before
+
+
+@functools.lru_cache(maxsize=None)
+def stage_kernel(stage: str, n_devices: int) -> Callable:
+    """The first part of ``engine.chunk_kernel`` over a group of chunks, as
+    ``engine.sharded_kernel`` runs it (chunks in turn on each device, scenarios tile by tile).
+
+    ``"pnl"``, the P&L gather-and-reduce: each account's equity in every scenario (its
+    positions' values gathered from the tables, its balances revalued), reduced to its worst
+    P&L ``pnl_worst`` ``[n]`` and the exchange's P&L per scenario (``sums`` row 0).
+    ``"margin"``: that, and collateral (haircuts), maintenance margin and shortfall, reduced to
+    the largest ``margin - collateral`` per account ``gap_max`` ``[n]`` and, per scenario, the
+    accounts short of margin and their shortfall (``sums`` rows 1 and 2).
+    Liquidation along paths, closing costs and bad debt are left out. The margin part follows
+    ``engine.fusion``'s settings as ``chunk_kernel`` does. The tables must hold one-step
+    scenarios (``t.value`` ``[T, I, W]``).
+    """
+
+    def one(h, t):
+        eq0, *_ = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut, t.notional0, tiers=t.tiers))
+        T, W = t.user.shape
+        fuse = engine.fusion(eq0.dtype)
+        total = engine.account_total(h.valid, fuse)
+
+        def tile(carry, x):
+            value, mm, price, notional, hc_base, pmx = x
+            if stage == "pnl":  # state's margin and collateral go unused here: XLA drops their work
+                eq = portfolio.state(h, value, value, price, t.haircut)[0]
+            else:
+                eq, coll, m, *_ = portfolio.state(h, value, mm, price, t.haircut_of(hc_base),
+                                                  *(() if t.tiers is None else (notional,)), tiers=t.tiers)
+                m = m if pmx is None else t.model_margin(h, pmx)
+                if fuse["keep"]:  # as chunk_kernel keeps them
+                    eq, coll, m = jax.lax.optimization_barrier((eq, coll, m))
+            worst, gap_max = carry
+            rows = [total(eq - eq0[:, None])]
+            worst = jnp.minimum(worst, jnp.min(eq, axis=1) - eq0)
+            if stage != "pnl":
+                gap = m - coll
+                t_gap = jnp.max(gap, axis=1)
+                gap_max = jnp.maximum(gap_max, t_gap)
+                short = lambda: jnp.stack([total((gap > 0).astype(eq.dtype)), total(jnp.maximum(gap, 0.0))])  # noqa: E731
+                # as chunk_kernel does, summed only in tiles where an account is short of margin
+                rows += list(engine._when(jnp.any(h.valid & (t_gap > 0)), short) if fuse.get("skip") else short())
+            return (worst, gap_max), jnp.stack(rows)
+
+        n = eq0.shape[0]
+        init = (jnp.full(n, jnp.inf, eq0.dtype), jnp.full(n, -jnp.inf, eq0.dtype))
+        xs = (t.value, t.mm, t.price, t.notional, t.haircut_base, t.model_tiles())
+        (worst, gap_max), sums = jax.lax.scan(tile, init, xs)
+        return {"pnl_worst": worst, "gap_max": gap_max, "sums": sums.transpose(1, 0, 2).reshape(-1, T * W)}
+
+    local = lambda h, t: jax.lax.map(lambda c: one(c, t), h)  # noqa: E731
+    return jax.jit(engine.on_devices(local, n_devices, (P("d"), P())))
+
+
+def sweep_stage(snap, t, stage: str, dtype) -> tuple[dict, np.ndarray]:
+    """``stage_kernel(stage)`` over every account of ``snap`` on tables ``t`` (``engine.tables``),
+    chunked and dispatched as a run's sweep is. Returns the per-account rows (``[n_accounts]``
+    each, snapshot order) and the per-scenario sums ``[rows, S]`` (float64)."""
+    D = len(engine.devices())
+    kernel = stage_kernel(stage, D)
+    if t.value.shape[2] != t.user.shape[1]:
+        raise ValueError("stage timing takes one-step scenarios only")
+    S = int(np.asarray(t.user).sum())
+    accounts = engine.LocalAccounts(snap, None, dtype)
+    t_dev = engine.replicated(t, D)
+    per_acc = {k: np.empty(snap.n_accounts) for k in ("pnl_worst", "gap_max")}
+    total = 0.0
+    pending: list = []
+
+    def drain(accs, out) -> None:
+        nonlocal total
+        out = jax.device_get(out)
+        total = total + out.pop("sums").sum(axis=0, dtype=np.float64)[:, :S]
+        for g, acc in enumerate(accs):
+            for k, v in out.items():
+                per_acc[k][acc] = v[g, : len(acc)]
+
+    for accs, h in accounts.groups(D, t):
+        pending.append((accs, kernel(h, t_dev)))
+        if len(pending) > 2:  # the devices work on the next groups while this one is read
+            drain(*pending.pop(0))
+    for p in pending:
+        drain(*p)
+    return per_acc, total
+
+
 def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Path | None = None,
                progress: Callable[[str], None] | None = None) -> list[Stage]:
     """Time every stage once; returns them in order. ``folder`` keeps the sample (reused when
     it already holds one of the same size)."""
-    import jax
-
-    from . import engine, io, report, sample
+    from . import io, report, sample
 
     stages: list[Stage] = []
 
@@ -67,17 +167,39 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
                      lambda s: f"{s.n_accounts:,} accounts, {s.n_positions:,} positions")
         scen = timed("build scenarios", lambda: random_shocks(snap, scenarios), lambda s: f"{len(s):,} explicit shocks")
         dt = engine.DTYPES[dtype]
-        timed("revalue instruments", lambda: engine.tables(snap, scen, dt)[0],
-              lambda _: f"{len(snap.instrument_ids):,} instruments x {scenarios:,} scenarios")
+        t = timed("revalue instruments", lambda: engine.tables(snap, scen, dt)[0],
+                  lambda _: f"{len(snap.instrument_ids):,} instruments x {scenarios:,} scenarios")
         cells = snap.n_accounts * scenarios
-        timed("first run (compiles)", lambda: engine.run(snap, scen, dtype=dtype))
+        rate = lambda seconds: f"{cells / seconds:.3g} account-scenarios/s"  # noqa: E731
+        # differences of two timings, floored at 0 where noise outweighs the stage (tiny runs)
+        timed("first run", lambda: engine.run(snap, scen, dtype=dtype))
         res = timed("warm run", lambda: engine.run(snap, scen, dtype=dtype))
+        first, warm = stages.pop(-2).seconds, stages[-1]
+        stages.insert(-1, Stage("compile", max(first - warm.seconds, 0.0),
+                                f"first run {first:.3f} s minus the warm run"))
+        parts = []
+        for stage in STAGES:  # each compiled by a first call, then timed
+            sweep_stage(snap, t, stage, dt)
+            if progress:
+                progress(f"{stage} stage")
+            start = time.perf_counter()
+            sweep_stage(snap, t, stage, dt)
+            parts.append(time.perf_counter() - start)
+        (pnl, margin), whole = parts, warm.seconds
+        stages[-1:-1] = [
+            Stage("gather (P&L)", pnl, f"{rate(pnl)}: every account's equity in every scenario, "
+                  "its worst P&L, the exchange's P&L per scenario"),
+            Stage("margin", max(margin - pnl, 0.0), f"collateral, maintenance margin, shortfall; with the gather "
+                  f"{margin:.3f} s, {rate(margin)}"),
+            Stage("liquidation", max(whole - margin, 0.0), "liquidation, closing costs, bad debt, per-account results "
+                  "(the warm run minus the two stages above)"),
+        ]
         devices = jax.local_devices()
         kind, backend = devices[0].device_kind, jax.default_backend()
         kind = kind if kind == backend else f"{kind} ({backend})"  # "cpu", or "NVIDIA H200 (gpu)"
         where_run = (f"{len(devices)} x {kind}, chunks of {engine.default_chunk():,} accounts, "
                      f"tiles of up to {engine.max_tile():,} scenarios")
-        stages[-1] = dataclasses.replace(stages[-1], note=f"{cells / stages[-1].seconds:.3g} account-scenarios/s on {where_run}")
+        stages[-1] = dataclasses.replace(warm, note=f"{rate(whole)} on {where_run}")
         timed("write report", lambda: report.write(res, Path(tmp) / "report"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stages.append(Stage("peak memory", float("nan"), f"{peak:,.0f} MB resident"))

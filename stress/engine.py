@@ -470,10 +470,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     # per-underlying notional closed, from each account's fixed weights (``und_weights``).
     charged = t.fee_rate is not None or t.impact is not None
     gather_notional = charged or t.tiers is not None or t.partial_target is not None
-    if fuse["matvec"]:
-        total = lambda x: validf @ x  # noqa: E731
-    else:
-        total = lambda x: jnp.sum(jnp.where(h.valid[:, None], x, 0.0), axis=0)  # noqa: E731
+    total = account_total(h.valid, fuse)
 
     def outcome(value, mm, price, notional, impact, pmx, hc_base):
         """Per account and scenario: equity at the path's end after closing costs; collateral
@@ -625,6 +622,14 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     return out
 
 
+def account_total(valid: Any, fuse: dict) -> Callable:
+    """``x`` ``[n, W]`` -> ``[W]``: the sum over a chunk's real accounts (``valid`` ``[n]``), as
+    a product with the mask where ``fuse["matvec"]`` says it is faster."""
+    if fuse["matvec"]:
+        return lambda x: valid.astype(x.dtype) @ x
+    return lambda x: jnp.sum(jnp.where(valid[:, None], x, 0.0), axis=0)
+
+
 def _when(flag: Any, fn: Callable) -> Any:
     """``fn()``, or zeros of the same shapes without computing it where ``flag`` is False."""
     return jax.lax.cond(flag, fn, lambda: jax.tree_util.tree_map(jnp.zeros_like, fn()))
@@ -753,7 +758,6 @@ def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float =
     ``B`` chunks in turn (``lax.map``), all devices at once (``shard_map``); compiled once per
     holdings shape for the whole device mesh. Where ``PALLAS`` says so and the chunk
     ``fused.applies``, the fused kernel takes its place."""
-    mesh = _mesh(n_devices)
     pallas = PALLAS[_backend()]
 
     def local(h: Holdings, t: Tables) -> dict:
@@ -765,31 +769,31 @@ def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float =
         kernel = functools.partial(chunk_kernel, n_random=n_random, with_pnl=with_pnl, level=level)
         return jax.lax.map(lambda one: kernel(one, t), h)
 
-    specs = dict(mesh=mesh, in_specs=(P("d"), P()), out_specs=P("d"))
-    try:  # every device runs the same per-chunk code; no cross-device values to check
-        mapped = shard_map(local, check_vma=False, **specs)
-    except TypeError:  # jax < 0.6 calls it check_rep
-        mapped = shard_map(local, check_rep=False, **specs)
+    mapped = on_devices(local, n_devices, (P("d"), P()))
     # kept traced on disk: a new process loads each holdings shape's module instead of tracing
     return _exported.Kept(jax.jit(mapped), ("sharded_kernel", n_random, with_pnl, n_devices, level))
+
+
+def on_devices(local: Callable, n_devices: int, in_specs: tuple) -> Callable:
+    """``local`` (one device's share of a group of chunks) run on every device of the mesh at
+    once (``shard_map``); ``in_specs``: ``P("d")`` for arguments split over the devices, ``P()``
+    for the ones each device holds whole. Outputs are split over the devices."""
+    specs = dict(mesh=_mesh(n_devices), in_specs=in_specs, out_specs=P("d"))
+    try:  # every device runs the same per-chunk code; no cross-device values to check
+        return shard_map(local, check_vma=False, **specs)
+    except TypeError:  # jax < 0.6 calls it check_rep
+        return shard_map(local, check_rep=False, **specs)
 
 
 @functools.lru_cache(maxsize=None)
 def sharded_closed(n_devices: int) -> Callable:
     """``closed_contracts`` over a group of chunks, added into a per-device accumulator
     ``[n_devices, T, 2, n_impact, K * W]`` that stays on the devices between calls."""
-    mesh = _mesh(n_devices)
-
     def local(h: Holdings, t: Tables, acc: Any) -> Any:
         body = lambda a, one: (a + closed_contracts(one, t).astype(a.dtype), None)  # noqa: E731
         return jax.lax.scan(body, acc[0], h)[0][None]
 
-    specs = dict(mesh=mesh, in_specs=(P("d"), P(), P("d")), out_specs=P("d"))
-    try:
-        mapped = shard_map(local, check_vma=False, **specs)
-    except TypeError:  # jax < 0.6
-        mapped = shard_map(local, check_rep=False, **specs)
-    return jax.jit(mapped, donate_argnums=2)
+    return jax.jit(on_devices(local, n_devices, (P("d"), P(), P("d"))), donate_argnums=2)
 
 
 def position_weights(snap: Snapshot) -> np.ndarray:

@@ -11,19 +11,51 @@ from stress.cli import app
 def test_bench_times_every_stage_and_reuses_a_kept_sample(tmp_path):
     stages = run_stages(40, 12, "float64", tmp_path / "snap")
     names = [s.name for s in stages]
-    assert names == ["generate sample", "load snapshot", "build scenarios", "revalue instruments",
-                     "first run (compiles)", "warm run", "write report", "peak memory"]
+    assert names == ["generate sample", "load snapshot", "build scenarios", "revalue instruments", "compile",
+                     "gather (P&L)", "margin", "liquidation", "warm run", "write report", "peak memory"]
     assert all(s.seconds >= 0 for s in stages[:-1])
-    assert "account-scenarios/s" in stages[5].note
-    again = [s.name for s in run_stages(40, 12, "float32", tmp_path / "snap")]
+    assert "account-scenarios/s" in stages[5].note and "account-scenarios/s" in stages[8].note
+    again = [s.name for s in run_stages(40, 12, "float64", tmp_path / "snap")]
     assert "generate sample" not in again  # the kept sample of the same size is reused
+
+
+def test_the_timed_stages_compute_what_the_run_computes(tmp_path):
+    # The stage kernels time parts of the run's fused kernel, so they must do that work: each
+    # account's worst P&L as the run has it, the exchange's P&L per scenario as the instrument-
+    # level sum (open interest x value change, no account in it: engine.exchange_pnl), and the
+    # run's accounts short of margin and shortfall per scenario. Shocks large enough that some
+    # accounts are short of margin.
+    import jax.numpy as jnp
+    import numpy as np
+
+    from stress import benchmark, engine, io, sample
+    from stress.scenarios import Scenarios
+
+    sample.write(tmp_path, accounts=40, fmt="parquet")  # the size and scenario count the tests
+    snap = io.load_snapshot(tmp_path)                   # above and below compile for
+    rng = np.random.default_rng(3)
+    S, A = 12, snap.n_assets
+    scen = Scenarios(tuple(f"s{i}" for i in range(S)), ("explicit",) * S, np.exp(0.25 * rng.standard_normal((S, A))),
+                     rng.normal(0.0, 0.2, (S, A)), np.zeros(S))
+    res = engine.run(snap, scen)
+    t, host = engine.tables(snap, scen, jnp.float64)
+    total, gross = engine.exchange_pnl(snap, host)
+    short = res.scenarios["accounts_liquidatable"].to_numpy()
+    assert short.sum() > 0
+    for stage in benchmark.STAGES:
+        per, sums = benchmark.sweep_stage(snap, t, stage, jnp.float64)
+        np.testing.assert_allclose(per["pnl_worst"], res.accounts["pnl_worst"], rtol=1e-12)
+        assert np.abs(sums[0] - total).max() <= 1e-12 * gross.max()
+    np.testing.assert_array_equal(sums[1], short)
+    np.testing.assert_allclose(sums[2], res.scenarios["shortfall_total"], rtol=1e-12)
+    np.testing.assert_allclose(np.maximum(per["gap_max"], 0.0), res.accounts["shortfall_worst"], rtol=1e-12)
 
 
 def test_bench_command_prints_the_table_and_rejects_a_bad_dtype():
     runner = CliRunner()
-    r = runner.invoke(app, ["bench", "--accounts", "30", "--scenarios", "8"])
+    r = runner.invoke(app, ["bench", "--accounts", "40", "--scenarios", "12"])
     assert r.exit_code == 0, r.output
-    assert "warm run" in r.output and "30 accounts x 8 scenarios" in r.output
+    assert "warm run" in r.output and "gather (P&L)" in r.output and "40 accounts x 12 scenarios" in r.output
     assert runner.invoke(app, ["bench", "--dtype", "float16"]).exit_code == 2
 
 
