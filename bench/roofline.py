@@ -140,7 +140,7 @@ def main(argv=None) -> int:
             return None
 
     rows = [
-        ("P&L gather-and-reduce", "pnl", None, None),
+        ("P&L gather-and-reduce (engine: pnl gather+reduce)", "pnl", stage("engine", "pnl gather+reduce"), None),
         ("whole per-scenario account work (engine: gather+reduce)", "state", stage("engine", "gather+reduce"),
          stage("numpy", "gather+reduce")),
         ("revaluation (instrument tables)", "revalue", stage("engine", "tables"), stage("numpy", "tables")),

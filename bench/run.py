@@ -31,6 +31,9 @@ Engine stages (warm: minima over ``--repeat`` calls after a first call compiled 
 - ``gather+reduce``: the chunk loop of ``stress.engine._stream`` (host-side chunking, the
   jitted chunk kernel, results fetched), measured as ``_stream`` minus ``tables`` (``_stream``
   builds the tables first).
+- ``pnl gather+reduce``: the P&L gather-and-reduce alone (``stress.benchmark.sweep_stage``,
+  stage ``"pnl"``: each account's worst P&L and the exchange's P&L per scenario), after the
+  tables are built.
 - ``chunking (host)``: the engine's chunk generator alone (``_groups``, or ``_chunks`` in older
   versions): the NumPy host work inside gather+reduce, holdings layout included.
 
@@ -211,6 +214,16 @@ def worker_engine(args) -> dict:
             "cpu": stages["tables+gather+reduce"]["cpu"] - stages["tables"]["cpu"],
             "derived": "_stream minus tables",
         }
+
+    try:  # the P&L gather-and-reduce alone (stress.benchmark's stage kernel; newer engines only)
+        from stress import benchmark
+
+        t_run = engine.tables(snap, scen, dt)[0]
+        benchmark.sweep_stage(snap, t_run, "pnl", dt)  # compiles
+        timed("pnl gather+reduce", lambda: benchmark.sweep_stage(snap, t_run, "pnl", dt))
+        del t_run
+    except (ImportError, AttributeError) as exc:
+        errors["pnl gather+reduce"] = f"{type(exc).__name__}: {exc}"
 
     n_chunks = [0]
 
@@ -489,6 +502,7 @@ def table(rec: dict) -> str:
     row("instrument tables [I,S]", g(es, "tables"), g(ns, "tables"), c(es, "tables"), rate=False)
     row("gather + reduce (accounts)", g(es, "gather+reduce"), g(ns, "gather+reduce"), c(es, "gather+reduce"))
     row("  of which host chunking", g(es, "chunking (host)"), None, c(es, "chunking (host)"), rate=False)
+    row("P&L gather + reduce alone", g(es, "pnl gather+reduce"), None, c(es, "pnl gather+reduce"))
     if g(es, "run") and g(es, "tables+gather+reduce"):
         row("run minus _stream (result assembly)", g(es, "run") - g(es, "tables+gather+reduce"), None, rate=False)
     lines.append("")
