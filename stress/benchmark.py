@@ -11,7 +11,9 @@ The engine does the whole per-scenario account work in one fused kernel, so its 
 be timed inside a run. ``stage_kernel`` builds the first parts of it on their own, over the same
 chunks, tiles and devices: the P&L gather-and-reduce, then that with collateral, margin and
 shortfall. Each stage's time is the difference between consecutive parts, and liquidation and
-losses are the warm run minus the margin part.
+losses are the warm run minus the margin part. On a GPU, where a run may take the fused Pallas
+kernel (``engine.PALLAS``), the parts still run through XLA, so there the differences set two
+different codes against each other.
 """
 
 from __future__ import annotations
