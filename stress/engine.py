@@ -1062,7 +1062,6 @@ class LocalAccounts:
         per_acc: dict[str, np.ndarray] = {}
         mats = {"pnl": np.empty((snap.n_accounts, S)), "liquidated": np.empty((snap.n_accounts, S), bool)} if with_pnl else {}
         done = 0
-        pending: list = []
 
         def put(name: str, acc: np.ndarray, values: np.ndarray) -> None:
             if name not in per_acc:
@@ -1103,13 +1102,21 @@ class LocalAccounts:
         # (the random losses of a Monte Carlo run are [chunk, paths] per chunk).
         per_group = self.chunk_size * D * MAX_CHUNKS_PER_DEVICE * max(n_random, S if with_pnl else 0) * 8
         in_flight = max(1, min(4, int(256e6 // max(per_group, 1))))
-        for accs, h in self.groups(D, t_snap):
-            pending.append((accs, kernel(h, t)))
-            while len(pending) > in_flight:
-                drain_one(*pending.pop(0))
-        while pending:
-            drain_one(*pending.pop(0))
+        pipelined(self.groups(D, t_snap), lambda h: kernel(h, t), drain_one, in_flight)
         return Partial(per_acc, total, largest, lag_total, mats, t.lags, group_bad if t.n_groups else 0.0, und_total)
+
+
+def pipelined(groups: Any, call: Callable, drain: Callable, in_flight: int) -> None:
+    """``drain(accs, call(h))`` for each ``(accs, h)`` of ``groups``, with up to ``in_flight``
+    calls dispatched ahead: JAX dispatches asynchronously, so the devices compute the next
+    groups while Python prepares more and reads back the ones before."""
+    pending: list = []
+    for accs, h in groups:
+        pending.append((accs, call(h)))
+        while len(pending) > in_flight:
+            drain(*pending.pop(0))
+    while pending:
+        drain(*pending.pop(0))
 
 
 def _impact_pass(snap: Snapshot, t: Tables, closed: np.ndarray, dt: Any) -> Tables:
