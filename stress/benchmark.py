@@ -67,9 +67,12 @@ def stage_kernel(stage: str, n_devices: int) -> Callable:
     ``"margin"``: that, and collateral (haircuts), maintenance margin and shortfall, reduced to
     the largest ``margin - collateral`` per account ``gap_max`` ``[n]`` and, per scenario, the
     accounts short of margin and their shortfall (``sums`` rows 1 and 2).
-    Liquidation along paths, closing costs and bad debt are left out. The margin part follows
-    ``engine.fusion``'s settings as ``chunk_kernel`` does. The tables must hold one-step
-    scenarios (``t.value`` ``[T, I, W]``).
+    Liquidation, closing costs, partial close-outs and bad debt are left out, so the worst P&L
+    and the shortfall equal a run's where those are off (without fees, impact or
+    ``partial_target``). The margin part follows ``engine.fusion``'s settings as
+    ``chunk_kernel`` does. The run itself sums the exchange's P&L on the host
+    (``engine.exchange_pnl``), not per chunk: that sum is work the P&L part adds. The tables must
+    hold one-step scenarios (``t.value`` ``[T, I, W]``).
     """
 
     def one(h, t):
@@ -80,8 +83,8 @@ def stage_kernel(stage: str, n_devices: int) -> Callable:
 
         def tile(carry, x):
             value, mm, price, notional, hc_base, pmx = x
-            if stage == "pnl":  # state's margin and collateral go unused here: XLA drops their work
-                eq = portfolio.state(h, value, value, price, t.haircut)[0]
+            if stage == "pnl":  # margin and collateral unused: XLA drops their work (at least in
+                eq = portfolio.state(h, value, value, price, t.haircut)[0]  # unrolled holdings)
             else:
                 eq, coll, m, *_ = portfolio.state(h, value, mm, price, t.haircut_of(hc_base),
                                                   *(() if t.tiers is None else (notional,)), tiers=t.tiers)
@@ -104,7 +107,8 @@ def stage_kernel(stage: str, n_devices: int) -> Callable:
         init = (jnp.full(n, jnp.inf, eq0.dtype), jnp.full(n, -jnp.inf, eq0.dtype))
         xs = (t.value, t.mm, t.price, t.notional, t.haircut_base, t.model_tiles())
         (worst, gap_max), sums = jax.lax.scan(tile, init, xs)
-        return {"pnl_worst": worst, "gap_max": gap_max, "sums": sums.transpose(1, 0, 2).reshape(-1, T * W)}
+        out = {"pnl_worst": worst, "sums": sums.transpose(1, 0, 2).reshape(-1, T * W)}
+        return out if stage == "pnl" else {**out, "gap_max": gap_max}
 
     local = lambda h, t: jax.lax.map(lambda c: one(c, t), h)  # noqa: E731
     return jax.jit(engine.on_devices(local, n_devices, (P("d"), P())))
@@ -121,24 +125,19 @@ def sweep_stage(snap, t, stage: str, dtype) -> tuple[dict, np.ndarray]:
     S = int(np.asarray(t.user).sum())
     accounts = engine.LocalAccounts(snap, None, dtype)
     t_dev = engine.replicated(t, D)
-    per_acc = {k: np.empty(snap.n_accounts) for k in ("pnl_worst", "gap_max")}
+    per_acc: dict[str, np.ndarray] = {}
     total = 0.0
-    pending: list = []
 
     def drain(accs, out) -> None:
         nonlocal total
         out = jax.device_get(out)
         total = total + out.pop("sums").sum(axis=0, dtype=np.float64)[:, :S]
-        for g, acc in enumerate(accs):
-            for k, v in out.items():
-                per_acc[k][acc] = v[g, : len(acc)]
+        for k, v in out.items():
+            rows = per_acc.setdefault(k, np.empty(snap.n_accounts))
+            for g, acc in enumerate(accs):
+                rows[acc] = v[g, : len(acc)]
 
-    for accs, h in accounts.groups(D, t):
-        pending.append((accs, kernel(h, t_dev)))
-        if len(pending) > 2:  # the devices work on the next groups while this one is read
-            drain(*pending.pop(0))
-    for p in pending:
-        drain(*p)
+    engine.pipelined(accounts.groups(D, t), lambda h: kernel(h, t_dev), drain, in_flight=2)
     return per_acc, total
 
 
@@ -150,14 +149,22 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
 
     stages: list[Stage] = []
 
-    def timed(name: str, fn: Callable, note: Callable[[object], str] = lambda _: ""):
+    def seconds(fn: Callable, name: str) -> tuple[float, object]:
         if progress:
             progress(name)
         t = time.perf_counter()
         value = fn()
         jax.block_until_ready(value) if not isinstance(value, (engine.Result, Path, type(None))) else None
-        stages.append(Stage(name, time.perf_counter() - t, note(value)))
+        return time.perf_counter() - t, value
+
+    def timed(name: str, fn: Callable, note: Callable[[object], str] = lambda _: ""):
+        took, value = seconds(fn, name)
+        stages.append(Stage(name, took, note(value)))
         return value
+
+    def difference(name: str, a: float, b: float, note: str) -> Stage:
+        """A stage timed as ``a - b``; below 0 (noise on a tiny run) it shows as 0, and says so."""
+        return Stage(name, max(a - b, 0.0), note + (f" (measured {a - b:.3f} s: noise)" if a < b else ""))
 
     with tempfile.TemporaryDirectory(prefix="stress-bench-") as tmp:
         where = Path(folder) if folder else Path(tmp) / "snapshot"
@@ -172,36 +179,29 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
         t = timed("revalue instruments", lambda: engine.tables(snap, scen, dt)[0],
                   lambda _: f"{len(snap.instrument_ids):,} instruments x {scenarios:,} scenarios")
         cells = snap.n_accounts * scenarios
-        rate = lambda seconds: f"{cells / seconds:.3g} account-scenarios/s"  # noqa: E731
-        # differences of two timings, floored at 0 where noise outweighs the stage (tiny runs)
-        timed("first run", lambda: engine.run(snap, scen, dtype=dtype))
-        res = timed("warm run", lambda: engine.run(snap, scen, dtype=dtype))
-        first, warm = stages.pop(-2).seconds, stages[-1]
-        stages.insert(-1, Stage("compile", max(first - warm.seconds, 0.0),
-                                f"first run {first:.3f} s minus the warm run"))
-        parts = []
-        for stage in STAGES:  # each compiled by a first call, then timed
-            sweep_stage(snap, t, stage, dt)
-            if progress:
-                progress(f"{stage} stage")
-            start = time.perf_counter()
-            sweep_stage(snap, t, stage, dt)
-            parts.append(time.perf_counter() - start)
-        (pnl, margin), whole = parts, warm.seconds
-        stages[-1:-1] = [
-            Stage("gather (P&L)", pnl, f"{rate(pnl)}: every account's equity in every scenario, "
-                  "its worst P&L, the exchange's P&L per scenario"),
-            Stage("margin", max(margin - pnl, 0.0), f"collateral, maintenance margin, shortfall; with the gather "
-                  f"{margin:.3f} s, {rate(margin)}"),
-            Stage("liquidation", max(whole - margin, 0.0), "liquidation, closing costs, bad debt, per-account results "
-                  "(the warm run minus the two stages above)"),
-        ]
+        rate = lambda took: f"{cells / took:.3g} account-scenarios/s"  # noqa: E731
+        first, _ = seconds(lambda: engine.run(snap, scen, dtype=dtype), "first run")
+        whole, res = seconds(lambda: engine.run(snap, scen, dtype=dtype), "warm run")
+        part = {}
+        for stage in STAGES:
+            sweep_stage(snap, t, stage, dt)  # compiles
+            part[stage], _ = seconds(lambda: sweep_stage(snap, t, stage, dt), f"{stage} part")
         devices = jax.local_devices()
         kind, backend = devices[0].device_kind, jax.default_backend()
         kind = kind if kind == backend else f"{kind} ({backend})"  # "cpu", or "NVIDIA H200 (gpu)"
         where_run = (f"{len(devices)} x {kind}, chunks of {engine.default_chunk():,} accounts, "
                      f"tiles of up to {engine.max_tile():,} scenarios")
-        stages[-1] = dataclasses.replace(warm, note=f"{rate(whole)} on {where_run}")
+        stages += [
+            difference("compile", first, whole, "the first run minus the warm run: compilation, and the "
+                       "first run's host work (the holdings layout)"),
+            Stage("gather (P&L)", part["pnl"], f"{rate(part['pnl'])}: every account's equity in every "
+                  "scenario, its worst P&L, the exchange's P&L per scenario"),
+            difference("margin", part["margin"], part["pnl"], "collateral, maintenance margin, shortfall; "
+                       f"with the gather {part['margin']:.3f} s, {rate(part['margin'])}"),
+            difference("liquidation", whole, part["margin"], "the warm run minus the margin part: liquidation, "
+                       "closing costs, bad debt, the tables, per-account results"),
+            Stage("warm run", whole, f"{rate(whole)} on {where_run}"),
+        ]
         timed("write report", lambda: report.write(res, Path(tmp) / "report"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     stages.append(Stage("peak memory", float("nan"), f"{peak:,.0f} MB resident"))
