@@ -83,8 +83,8 @@ def stage_kernel(stage: str, n_devices: int) -> Callable:
 
         def tile(carry, x):
             value, mm, price, notional, hc_base, pmx = x
-            if stage == "pnl":  # margin and collateral unused: XLA drops their work (at least in
-                eq = portfolio.state(h, value, value, price, t.haircut)[0]  # unrolled holdings)
+            if stage == "pnl":  # margin and collateral unused: XLA drops their work (checked in
+                eq = portfolio.state(h, value, value, price, t.haircut)[0]  # the compiled (8, 64) loop too)
             else:
                 eq, coll, m, *_ = portfolio.state(h, value, mm, price, t.haircut_of(hc_base),
                                                   *(() if t.tiers is None else (notional,)), tiers=t.tiers)
