@@ -76,7 +76,7 @@ def stage_kernel(stage: str, n_devices: int) -> Callable:
     """
 
     def one(h, t):
-        eq0, *_ = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut, t.notional0, tiers=t.tiers))
+        eq0 = t.state0(h)[0]
         T, W = t.user.shape
         fuse = engine.fusion(eq0.dtype)
         total = engine.account_total(h.valid, fuse)

@@ -128,6 +128,12 @@ class Tables:
     var: Any = None
     var_tail: int = dataclasses.field(default=0, metadata={"static": True})  # windows in the ES tail
 
+    def state0(self, h: Holdings) -> tuple:
+        """``(equity, collateral, maintenance margin, gross notional)`` of a chunk of accounts
+        at the snapshot, USD, ``[n]`` each (the standard model's margin, tiers applied)."""
+        x = portfolio.state(h, self.value0, self.mm0, self.price0, self.haircut, self.notional0, tiers=self.tiers)
+        return tuple(v[:, 0] for v in x)
+
     def model_tiles(self) -> tuple | None:
         """The per-tile tables of the portfolio or var margin model (``model_margin``)."""
         if self.pm is not None:
@@ -456,7 +462,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
       over the chunk's valid accounts, ``und_closed`` ``[U, T * W]`` the notional closed per
       underlying (and ``pnl``, ``liquidated`` ``[n, T * W]`` with ``with_pnl``).
     """
-    eq0, coll0, mm0, g0 = (x[:, 0] for x in portfolio.state(h, t.value0, t.mm0, t.price0, t.haircut, t.notional0, tiers=t.tiers))
+    eq0, coll0, mm0, g0 = t.state0(h)
     mm0 = mm0 if t.model_tiles() is None else t.model_margin0(h)
     n = eq0.shape[0]
     T, W = t.user.shape

@@ -199,7 +199,7 @@ def group_kernel(h: portfolio.Holdings, t: Any, interpret: bool | None = None) -
     nS, n_pass = tiles * W // BS, T // tiles  # scenario blocks per launch, launches
     flat_h = jax.tree_util.tree_map(lambda x: None if x is None else x.reshape((N,) + x.shape[2:]), h)
 
-    eq0, coll0, mm0, g0 = (x[:, 0] for x in portfolio.state(flat_h, t.value0, t.mm0, t.price0, t.haircut, t.notional0))
+    eq0, coll0, mm0, g0 = t.state0(flat_h)  # applies() leaves out tiers
     validf = flat_h.valid.astype(dt)
     und = (engine.underlying_notional(flat_h, t) * validf[:, None]).T  # [2U, N]
     # each program computes its blocks up to the last that holds a real account: a group's
