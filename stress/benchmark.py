@@ -132,10 +132,9 @@ def sweep_stage(snap, t, stage: str, dtype) -> tuple[dict, np.ndarray]:
         nonlocal total
         out = jax.device_get(out)
         total = total + out.pop("sums").sum(axis=0, dtype=np.float64)[:, :S]
+        acc = np.concatenate(accs)
         for k, v in out.items():
-            rows = per_acc.setdefault(k, np.empty(snap.n_accounts))
-            for g, acc in enumerate(accs):
-                rows[acc] = v[g, : len(acc)]
+            per_acc.setdefault(k, np.empty(snap.n_accounts))[acc] = engine.real_rows(accs, v)
 
     engine.pipelined(accounts.groups(D, t), lambda h: kernel(h, t_dev), drain, in_flight=2)
     return per_acc, total

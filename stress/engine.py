@@ -923,6 +923,13 @@ def _groups(snap: Snapshot, chunk_size: int, dtype: Any, n_devices: int, layout:
             )
 
 
+def real_rows(accs: list[np.ndarray], v: np.ndarray) -> np.ndarray:
+    """A group's output ``[G, chunk, ...]`` (``accs``: its chunks' accounts, from ``_groups``)
+    -> ``[m, ...]``, the rows of its ``m`` real accounts in the order of ``np.concatenate(accs)``:
+    ``_groups`` pads only at a group's end, so they are the first rows, a view."""
+    return v.reshape((-1,) + v.shape[2:])[: sum(len(a) for a in accs)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
     """A stress run: per-account rows, per-scenario rows and the summary (SPEC section 5)."""
@@ -1094,9 +1101,7 @@ class LocalAccounts:
             largest[:] = two_largest(both, xp=np)
             acc = np.concatenate(accs)
             for k, v in out.items():
-                # ``_groups`` pads only at the end of a group: its real accounts are the first
-                # rows of the flattened [G * chunk] outputs
-                v = v.reshape((-1,) + v.shape[2:])[: len(acc)]
+                v = real_rows(accs, v)
                 if k in mats:
                     mats[k][acc] = v[:, :S]
                 elif k == "random_loss":
