@@ -237,7 +237,7 @@ def worker_engine(args) -> dict:
     timed("chunking (host)", host_chunks)
 
     try:  # the holdings layout is the engine's design and changes; best effort
-        buckets = [(b.J, b.L, len(b.accounts)) for b in engine.buckets(snap)]
+        buckets = [(b.J, getattr(b, "P", b.J), b.L, len(b.accounts)) for b in engine.buckets(snap)]
     except Exception:  # noqa: BLE001
         buckets = None
     return {

@@ -92,7 +92,7 @@ def time_ordered(scen: Scenarios) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def stacked(snap: Snapshot, chunk: int, dtype: Any) -> tuple[list[Holdings], list[np.ndarray]]:
-    """Every account as stacked chunks, one ``Holdings [C_b, chunk, J, L]`` per holdings
+    """Every account as stacked chunks, one ``Holdings [C_b, chunk, ...]`` per holdings
     bucket (the last chunk padded with ``valid`` False rows), and each bucket's account indices
     ``[m_b]`` in row order."""
     out, rows = [], []
@@ -157,14 +157,14 @@ def _breach_chunk(h: Holdings, br: Any, contracts: Any, closed_n: Any, value, mm
     br = jnp.where((br == K) & (m > coll), t, br)
     closed = (br + lag == t) & h.valid[:, None]
     cf = closed.astype(contracts.dtype)
-    n, J, L = h.inst.shape
-    qty, inst = h.qty.reshape(n, J * L), h.inst.reshape(n, J * L)
+    n, P, L = h.inst.shape
+    qty, inst = h.qty.reshape(n, P * L), h.inst.reshape(n, P * L)
 
     def add(p, acc):
         q = qty[:, p, None] * cf
         return acc.at[0, inst[:, p]].add(q).at[1, inst[:, p]].add(jnp.abs(q))
 
-    contracts = jax.lax.fori_loop(0, J * L, add, contracts)
+    contracts = jax.lax.fori_loop(0, P * L, add, contracts)
     return br, contracts, closed_n + jnp.sum(cf, axis=0)
 
 
@@ -380,7 +380,7 @@ _settle_jit = jax.jit(_settle_all, static_argnames=("K", "lag", "with_fee", "wit
 class Part:
     """A set of accounts between the steps of one tile: what ``part_step`` carries."""
 
-    hs: tuple  # Holdings [C_b, chunk, J, L] per holdings bucket, on this process's device
+    hs: tuple  # Holdings [C_b, chunk, ...] per holdings bucket, on this process's device
     rows: tuple  # [m_b] int account indices (within the part's snapshot) of each bucket's rows
     brs: tuple  # [C_b, chunk, W2] int32 step each account first breached, K: not yet (() between tiles)
     haircut: Any  # margin.snapshot_haircut: [A], or a Haircut for dynamic haircuts

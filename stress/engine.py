@@ -668,12 +668,12 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
       ``[T, 2, n_impact, K * W]``: the chunk's net (signed: longs closed are sold, > 0) and
       gross contracts closed of each instrument with impact parameters, in the tile layout.
     """
-    n, J, L = h.inst.shape
+    n, P, L = h.inst.shape
     T, W = t.user.shape
     KW = t.value.shape[2]
     dt = t.value.dtype
-    qty = h.qty.reshape(n, J * L)
-    row = t.impact_row[h.inst.reshape(n, J * L)]  # rows past n_impact collect the rest
+    qty = h.qty.reshape(n, P * L)
+    row = t.impact_row[h.inst.reshape(n, P * L)]  # rows past n_impact collect the rest
 
     def tile(_, x):
         value, mm, price, notional, pmx, hc_base = x
@@ -693,7 +693,7 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
             q = qty[:, p, None] * closed
             return acc.at[0, row[:, p]].add(q).at[1, row[:, p]].add(jnp.abs(q))
 
-        acc = jax.lax.fori_loop(0, J * L, add, jnp.zeros((2, t.n_impact + 1, KW), dt))
+        acc = jax.lax.fori_loop(0, P * L, add, jnp.zeros((2, t.n_impact + 1, KW), dt))
         return None, acc[:, : t.n_impact]
 
     pm_tiles = t.model_tiles()
@@ -810,7 +810,7 @@ def position_weights(snap: Snapshot) -> np.ndarray:
 
 
 def buckets(snap: Snapshot, order: np.ndarray | None = None) -> list[portfolio.Bucket]:
-    """The snapshot's accounts grouped by padded holdings shape ``(J, L)``; ``order``: the
+    """The snapshot's accounts grouped by padded holdings shape ``(J, P, L)``; ``order``: the
     rank of each account within its bucket (``risk_order``; default: by index)."""
     return portfolio.layout(
         snap.pos_account, snap.pos_instrument, snap.pos_quantity, position_weights(snap),

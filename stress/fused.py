@@ -15,7 +15,7 @@ real account (a group's padding) are not computed.
 It covers the plain run only, the one a nightly stress of explicit scenarios is: one step per
 scenario, the standard margin model, static haircuts, full liquidation with an optional fee,
 no price impact, risk-limit tiers, account groups or reported oracle lags, and holdings of at
-most ``MAX_POSITIONS`` slots x positions (the market makers' wide bucket takes the XLA
+most ``MAX_POSITIONS`` position slots x positions (the market makers' wide bucket takes the XLA
 kernel). ``applies`` says whether a group of chunks qualifies; the results are those of
 ``engine.chunk_kernel`` up to the order of floating-point sums. On CPU it runs only in
 Pallas's interpret mode, which the tests use to check it against the XLA kernel.
@@ -37,7 +37,7 @@ from . import engine, portfolio
 # 10,000 scenarios (bench/gpu.py; docs/benchmarks.md). Blocks of 64 scenarios beat 128 and 256
 # by 15%: presumably a program's slice of the instrument tables then stays in L1 (not profiled).
 BLOCKS = {"float32": (8, 64, 1024, 4), "float64": (4, 64, 1024, 4)}
-MAX_POSITIONS = 16  # slots x positions unrolled in the kernel
+MAX_POSITIONS = 16  # position slots x positions unrolled in the kernel
 # Device memory for one launch's outputs (per account: a block's extremes for every block of
 # scenarios; per scenario: every program's sums). A launch covers as many scenario tiles as fit,
 # and the launches' results are merged as they come, so memory does not grow with scenarios.
@@ -59,7 +59,7 @@ def blocks(dtype: Any, n: int, W: int) -> tuple[int, int, int, int]:
 def applies(h: portfolio.Holdings, t: Any, n_random: int, with_pnl: bool) -> bool:
     """Whether ``group_kernel`` computes this group of chunks (shapes and configuration are
     static)."""
-    n, J, L = h.inst.shape[-3:]
+    n, P, L = h.inst.shape[-3:]
     T, W = t.user.shape
     ba = blocks(t.value.dtype, n, W)[0]
     return (
@@ -67,15 +67,15 @@ def applies(h: portfolio.Holdings, t: Any, n_random: int, with_pnl: bool) -> boo
         and t.pm is None and t.var is None and t.tiers is None and t.impact is None and t.partial_target is None
         and not t.n_groups and not t.lags and t.haircut_base is None
         and not isinstance(t.haircut, portfolio.Haircut) and h.group is None
-        and J * L <= MAX_POSITIONS and n % ba == 0 and (n & (n - 1)) == 0 and (W & (W - 1)) == 0
+        and P * L <= MAX_POSITIONS and n % ba == 0 and (n & (n - 1)) == 0 and (W & (W - 1)) == 0
     )
 
 
 N_SUMS = 5  # liquidatable, shortfall, bad debt, fees, notional closed
 
 
-def _kernel(J: int, L: int, BA: int, BS: int, R: int, U: int):
-    """The Pallas body for holdings of ``J`` slots x ``L`` positions."""
+def _kernel(J: int, P: int, L: int, BA: int, BS: int, R: int, U: int):
+    """The Pallas body for holdings of ``J`` slots, the first ``P`` of them with ``L`` positions."""
     INT_MAX = jnp.iinfo(jnp.int32).max
 
     def kernel(off, nblk, inst, qty, wgt, asset, bal, valid, eq0, ulin, ufix, value, mm, notional, price, keep, user,
@@ -100,7 +100,7 @@ def _kernel(J: int, L: int, BA: int, BS: int, R: int, U: int):
             eq, coll, m, g = zero, zero, zero, zero
             for j in range(J):
                 e = zero + bal[j, rows][:, None]
-                for l in range(L):
+                for l in range(L if j < P else 0):
                     k = j * L + l
                     i = inst[k, rows]
                     q = qty[k, rows][:, None]
@@ -184,7 +184,8 @@ def group_kernel(h: portfolio.Holdings, t: Any, interpret: bool | None = None) -
     """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    G, n, J, L = h.inst.shape
+    G, n, P, L = h.inst.shape
+    J = h.asset.shape[-1]
     N = G * n
     T, W = t.user.shape
     S = T * W
@@ -213,8 +214,8 @@ def group_kernel(h: portfolio.Holdings, t: Any, interpret: bool | None = None) -
     price = flat(t.price)
     keep = (1.0 - t.haircut).astype(dt)
     rate = jnp.reshape(jnp.asarray(0.0 if t.fee_rate is None else t.fee_rate, dt), (1,))
-    JL = J * L
-    hold = (flat_h.inst.reshape(N, JL).T, flat_h.qty.reshape(N, JL).T, flat_h.weight.reshape(N, JL).T,
+    PL = P * L
+    hold = (flat_h.inst.reshape(N, PL).T, flat_h.qty.reshape(N, PL).T, flat_h.weight.reshape(N, PL).T,
             flat_h.asset.T, flat_h.balance.T)
     ins = (nblk.astype(jnp.int32), *hold, validf, eq0, *und, flat(t.value), flat(t.mm), flat(t.notional), price, keep,
            t.user.reshape(S).astype(jnp.int32), rate)
@@ -231,7 +232,7 @@ def group_kernel(h: portfolio.Holdings, t: Any, interpret: bool | None = None) -
     )
     extra = {} if interpret else {"compiler_params": _triton_params(warps)}
     call = pl.pallas_call(
-        _kernel(J, L, BA, BS, R, U),
+        _kernel(J, P, L, BA, BS, R, U),
         grid=(n_prog, nS),
         in_specs=[pl.BlockSpec((1,), lambda p, s: (0,))] + [whole(x) for x in ins],  # the offset, then ins
         out_specs=[per_account] * 4 + [per_scenario] * n_sc,

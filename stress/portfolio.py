@@ -1,11 +1,12 @@
 """From instruments to accounts: holdings layout, equity, collateral and margin per account.
 
-Each account's holdings are laid out as ``J`` asset *slots* of ``L`` positions each: a slot is
-one asset the account has a balance in or holds positions settled in, and its positions are
-those settled in that asset. The net amount of the asset is then
+Each account's holdings are laid out as ``J`` asset *slots*: a slot is one asset the account
+has a balance in or holds positions settled in. The first ``P`` slots hold positions, ``L``
+each (those settled in the slot's asset); the others are balances only, and cost no gather from
+the per-instrument tables. The net amount of the asset is then
 ``e_j = balance_j + sum_l qty_jl * value[inst_jl]``, the haircut applies to ``max(e_j, 0)``, and
 no account pays for assets it does not touch. Accounts are grouped into buckets by
-``(J, L)`` rounded up to powers of two, so a trader with one position is not padded to the
+``(J, P, L)`` rounded up to powers of two, so a trader with one position is not padded to the
 width of a market maker with three hundred, and each bucket shape compiles once.
 """
 
@@ -22,32 +23,35 @@ import numpy as np
 from ._tree import pytree_dataclass
 
 VAR_BLOCK = 8  # states per block of the var model's window losses (var_margin)
-UNROLL_MAX = 8  # holdings of up to J * L = 8 are unrolled (XLA fuses them); wider ones loop
-# Padded shapes (J slots, L positions per slot) for ordinary accounts, smallest first. Each
-# shape is one compilation (about a second on CPU), so a short ladder beats a shape per power
-# of two; accounts beyond the last rung share one shape, (pow2(max J), pow2(max L)) over them.
-# (4, 1), not (4, 2): an account with collateral in 3-4 assets mostly holds one position per
-# settlement asset; padded to (4, 2) such accounts were 17% of the sample's accounts and 40%
-# of the kernel's time (17 ns per account-scenario, against 8 ns at (4, 1)).
-LADDER = ((1, 1), (2, 1), (2, 2), (4, 1), (4, 4))
+UNROLL_MAX = 8  # holdings of up to P * L = 8 positions are unrolled (XLA fuses them); wider ones loop
+# Padded shapes (J slots, P of them with positions, L positions per slot) for ordinary accounts,
+# smallest first. Each shape is one compilation (about two seconds on CPU), so a short ladder
+# beats a shape per power of two; accounts beyond the last rung share one shape, the powers of
+# two of their largest J, P and L. Slots without positions are kept apart because most
+# accounts hold a balance in an asset they trade nothing settled in: in the 100,000-account
+# sample 44,409 accounts are one position and a second asset's balance, and as (2 slots x 1
+# position) they gathered a padding position from every per-instrument table. A balance-only
+# slot costs one price gather. (4, 2, 1), not (2, 2, 1) and (4, 2, 1): a third and fourth
+# balance-only slot is cheap, a compilation is not.
+LADDER = ((1, 1, 1), (2, 1, 1), (4, 2, 1), (4, 2, 2), (4, 4, 1), (4, 4, 4))
 # A rung costs a compilation per kernel variant (1.5-2.5 s each on CPU; a cold run on the
 # default set's paths compiles several) and a part-filled group of chunks; what it saves is
 # per account. So a snapshot leaves out a rung that would hold fewer accounts than this when
-# the next rung that holds them has the same positions per slot and at most twice the slots,
-# a padding slot being cheap: (1, 1) goes into (2, 1). At 100,000 x 5,000 that took 2-3 s
-# off a cold run and nothing off a warm one; at 1,000,000, whose (1, 1) rung holds 170,000
-# accounts, the rung is worth 2-5 s a warm run. (2, 1) into (2, 2) saved more compilation but
-# cost a quarter of a warm run at 20,000 accounts (docs/benchmarks.md).
+# the next rung that holds them has the same positions (P and L) and at most twice the slots,
+# a balance-only slot being cheap: (1, 1, 1) goes into (2, 1, 1). At 100,000 x 5,000 that took
+# 2-3 s off a cold run and nothing off a warm one; at 1,000,000, whose (1, 1) rung holds
+# 170,000 accounts, the rung is worth 2-5 s a warm run (measured with the (J, L) ladder).
 RUNG_MIN_ACCOUNTS = 32_768
 
 
 @pytree_dataclass
 class Holdings:
-    """A chunk of ``n`` accounts, padded to a fixed shape ``[n, J, L]``."""
+    """A chunk of ``n`` accounts, padded to a fixed shape: ``J`` slots, the first ``P`` of them
+    with ``L`` positions each (``P <= J``; the positions of slot ``j < P`` are ``[:, j, :]``)."""
 
-    inst: Any  # [n, J, L] int32 instrument index (0 in padding)
-    qty: Any  # [n, J, L] contracts, signed; 0 in padding
-    weight: Any  # [n, J, L] margin weight (see margin.position_weight); 0 in padding
+    inst: Any  # [n, P, L] int32 instrument index (0 in padding)
+    qty: Any  # [n, P, L] contracts, signed; 0 in padding
+    weight: Any  # [n, P, L] margin weight (see margin.position_weight); 0 in padding
     asset: Any  # [n, J] int32 asset of each slot (0 in padding)
     balance: Any  # [n, J] balance of the slot's asset, in its units; 0 in padding
     valid: Any  # [n] bool: a real account (False for padding rows)
@@ -87,14 +91,15 @@ def keep_share(haircut: Any, a: Any, e: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Bucket:
-    """All accounts of one padded shape ``(J, L)``, as host arrays to slice into chunks."""
+    """All accounts of one padded shape ``(J, P, L)``, as host arrays to slice into chunks."""
 
     J: int
+    P: int
     L: int
     accounts: np.ndarray  # [m] account index of each row (ascending, unless ``layout`` was given an order)
-    inst: np.ndarray  # [m, J, L] int32
-    qty: np.ndarray  # [m, J, L]
-    weight: np.ndarray  # [m, J, L]
+    inst: np.ndarray  # [m, P, L] int32
+    qty: np.ndarray  # [m, P, L]
+    weight: np.ndarray  # [m, P, L]
     asset: np.ndarray  # [m, J] int32
     balance: np.ndarray  # [m, J]
 
@@ -134,16 +139,17 @@ def _rank_in_group_unsorted(group: np.ndarray) -> np.ndarray:
     return rank
 
 
-def _ladder(J: np.ndarray, L: np.ndarray) -> list[tuple[int, int]]:
-    """``LADDER`` less the rungs not worth a compilation for accounts of ``J`` slots and ``L``
-    positions per slot (``[n]`` each): see ``RUNG_MIN_ACCOUNTS``."""
+def _ladder(J: np.ndarray, P: np.ndarray, L: np.ndarray) -> list[tuple[int, int, int]]:
+    """``LADDER`` less the rungs not worth a compilation for accounts of ``J`` slots, ``P`` of
+    them with positions, and ``L`` positions per slot (``[n]`` each): see ``RUNG_MIN_ACCOUNTS``."""
     kept, taken = [], np.zeros(len(J), bool)
-    for k, (lj, ll) in enumerate(LADDER):
-        here = ~taken & (J <= lj) & (L <= ll)  # the accounts this rung is the smallest fit for
-        nxt = next(((a, b) for a, b in LADDER[k + 1:] if a >= lj and b >= ll), None)
-        if nxt is not None and nxt[1] == ll and nxt[0] <= 2 * lj and np.count_nonzero(here) < RUNG_MIN_ACCOUNTS:
+    for k, (lj, lp, ll) in enumerate(LADDER):
+        here = ~taken & (J <= lj) & (P <= lp) & (L <= ll)  # the accounts this rung is the smallest fit for
+        nxt = next((r for r in LADDER[k + 1:] if r[0] >= lj and r[1] >= lp and r[2] >= ll), None)
+        if (nxt is not None and nxt[1:] == (lp, ll) and nxt[0] <= 2 * lj
+                and np.count_nonzero(here) < RUNG_MIN_ACCOUNTS):
             continue  # its accounts go to the next rung that fits them
-        kept.append((lj, ll))
+        kept.append((lj, lp, ll))
         taken |= here
     return kept
 
@@ -157,10 +163,11 @@ def layout(
     balances: np.ndarray,
     order: np.ndarray | None = None,
 ) -> list[Bucket]:
-    """Group accounts into ``(J, L)`` buckets of slot-major holdings (vectorised, no row loop).
+    """Group accounts into ``(J, P, L)`` buckets of slot-major holdings (vectorised, no row loop).
 
     Each account goes to the smallest ``LADDER`` shape that holds it; those beyond the ladder
-    (market makers) share one power-of-two shape.
+    (market makers) share one power-of-two shape. An account's slots with positions come
+    first, each group in asset order.
 
     Args:
       pos_*: positions in COO form ``[N]``. settlement: ``[I]`` settlement asset index.
@@ -170,7 +177,7 @@ def layout(
         account lands in depends on it, not any of its values.
 
     Returns:
-      One ``Bucket`` per padded shape, in ascending ``(J, L)``.
+      One ``Bucket`` per padded shape, in ascending ``(J, P, L)``.
     """
     n, A = balances.shape
     settle = settlement[pos_instrument].astype(np.int64)
@@ -179,12 +186,17 @@ def layout(
     keys = np.sort(np.concatenate([pos_key, b_acc.astype(np.int64) * A + b_asset]))
     keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys  # np.unique, 30x faster
     slot_acc, slot_asset = keys // A, keys % A
-    slot_rank = _rank_in_group(slot_acc)
-    J = np.bincount(slot_acc, minlength=n)
-
     pos_slot = np.searchsorted(keys, pos_key)
     within = _rank_in_group_unsorted(pos_slot)
     per_slot = np.bincount(pos_slot, minlength=len(keys))
+    # each account's slots with positions first, then its balance-only ones, each in asset
+    # order (slots are sorted by account, then asset, and so is either subset)
+    held = per_slot > 0
+    J = np.bincount(slot_acc, minlength=n)
+    P = np.bincount(slot_acc[held], minlength=n)
+    slot_rank = np.empty(len(keys), np.int64)
+    slot_rank[held] = _rank_in_group(slot_acc[held])
+    slot_rank[~held] = P[slot_acc[~held]] + _rank_in_group(slot_acc[~held])
     L = np.zeros(n, np.int64)
     if len(keys):  # slots are sorted by account: the widest slot of each account
         first = np.flatnonzero(np.r_[True, slot_acc[1:] != slot_acc[:-1]])
@@ -193,16 +205,16 @@ def layout(
     # Beyond the ladder (market makers, accounts in many assets): one shape for them all,
     # since a compilation costs more than padding a few hundred large accounts.
     big = np.ones(n, bool)
-    Jp = np.full(n, int(_pow2(J.max(initial=1))), np.int64)
-    Lp = np.full(n, int(_pow2(L.max(initial=1))), np.int64)
-    for lj, ll in reversed(_ladder(J, L)):  # smallest rung that fits wins
-        fits = (J <= lj) & (L <= ll)
-        Jp[fits], Lp[fits] = lj, ll
+    shape = np.empty((n, 3), np.int64)
+    for lj, lp, ll in reversed(_ladder(J, P, L)):  # smallest rung that fits wins
+        fits = (J <= lj) & (P <= lp) & (L <= ll)
+        shape[fits] = lj, lp, ll
         big &= ~fits
     if big.any():
-        Jp[big], Lp[big] = _pow2(J[big].max()), _pow2(L[big].max())
-    shape_key = Jp * (1 << 32) + Lp
-    shapes, bucket = np.unique(shape_key, return_inverse=True)
+        shape[big] = [int(_pow2(x[big].max())) for x in (J, P, L)]
+    key = (shape[:, 0] << 42) | (shape[:, 1] << 21) | shape[:, 2]  # np.unique(axis=0) took 1.3 s at 1M
+    keys_b, bucket = np.unique(key, return_inverse=True)
+    shapes = np.stack([keys_b >> 42, (keys_b >> 21) & (2**21 - 1), keys_b & (2**21 - 1)], axis=1)
     rank = np.arange(n) if order is None else np.asarray(order, np.int64)
     by_row = np.argsort(bucket.astype(np.int64) * max(n, 1) + rank)  # by bucket, then rank
     row = np.empty(n, np.int64)
@@ -213,22 +225,22 @@ def layout(
     s_split = np.searchsorted(bucket[slot_acc][s_order], np.arange(1, len(shapes)))
     p_split = np.searchsorted(bucket[pos_account][p_order], np.arange(1, len(shapes)))
     out = []
-    for b, (key, s, p) in enumerate(zip(shapes, np.split(s_order, s_split), np.split(p_order, p_split))):
-        bj, bl = int(key >> 32), int(key & 0xFFFFFFFF)
+    parts = zip(shapes.tolist(), np.split(s_order, s_split), np.split(p_order, p_split))
+    for b, ((bj, bp, bl), s, p) in enumerate(parts):
         acc = by_row[first_row[b] : first_row[b + 1]]  # the bucket's accounts, in row order
         m = len(acc)
         asset = np.zeros((m, bj), np.int32)
         bal = np.zeros((m, bj))
         asset[row[slot_acc[s]], slot_rank[s]] = slot_asset[s]
         bal[row[slot_acc[s]], slot_rank[s]] = balances[slot_acc[s], slot_asset[s]]
-        inst = np.zeros((m, bj, bl), np.int32)
-        qty = np.zeros((m, bj, bl))
-        w = np.zeros((m, bj, bl))
+        inst = np.zeros((m, bp, bl), np.int32)
+        qty = np.zeros((m, bp, bl))
+        w = np.zeros((m, bp, bl))
         r, j, l = row[pos_account[p]], slot_rank[pos_slot[p]], within[p]
         inst[r, j, l] = pos_instrument[p]
         qty[r, j, l] = pos_quantity[p]
         w[r, j, l] = pos_weight[p]
-        out.append(Bucket(bj, bl, acc, inst, qty, w, asset, bal))
+        out.append(Bucket(bj, bp, bl, acc, inst, qty, w, asset, bal))
     return out
 
 
@@ -248,7 +260,7 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
     """Equity, collateral value and maintenance margin of a chunk of accounts, USD.
 
     Args:
-      h: holdings ``[n, J, L]``.
+      h: holdings (``[n, P, L]`` positions, ``[n, J]`` slots).
       value: ``[I, W]`` value per contract in its settlement asset's units, or a function
         mapping instrument indices ``[n]`` to rows ``[n, W]`` (likewise ``mm``, ``price`` and
         each of ``gross``).
@@ -268,10 +280,11 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
     rows = _rows
     value, mm, price = rows(value), rows(mm), rows(price)
     gross = tuple(rows(g) for g in gross)
-    n, J, L = h.inst.shape
-    first = value(h.inst[:, 0, 0])
+    n, P, L = h.inst.shape
+    J = h.asset.shape[1]
+    first = price(h.asset[:, 0])
     W, dt = first.shape[1], first.dtype
-    unroll = J * L <= UNROLL_MAX
+    unroll = P * L <= UNROLL_MAX
 
     def position(j, l, carry):
         e, m, g = carry
@@ -283,16 +296,18 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
         g = tuple(gk + p for gk, p in zip(g, per))
         return e + h.qty[:, j, l, None] * value(i), m, g
 
-    def slot(j, carry):
+    def slot(j, carry, positions):
         eq, coll, margin, g = carry
         e = jnp.broadcast_to(h.balance[:, j, None], (n, W)).astype(dt)
-        e, margin, g = _repeat(L, lambda l, c: position(j, l, c), (e, margin, g), unroll)
+        if positions:
+            e, margin, g = _repeat(L, lambda l, c: position(j, l, c), (e, margin, g), unroll)
         a = h.asset[:, j]
         usd = e * price(a)
         return eq + usd, coll + jnp.where(e > 0, keep_share(haircut, a, e), 1.0) * usd, margin, g
 
     zeros = jnp.zeros((n, W), dt)
-    eq, coll, margin, g = _repeat(J, slot, (zeros, zeros, zeros, tuple(zeros for _ in gross)), unroll)
+    carry = _repeat(P, lambda j, c: slot(j, c, True), (zeros, zeros, zeros, tuple(zeros for _ in gross)), unroll)
+    eq, coll, margin, g = _repeat(J - P, lambda j, c: slot(P + j, c, False), carry, unroll)  # balances only
     return (eq, coll, margin, *g)
 
 
@@ -304,20 +319,23 @@ def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
     or a ``Haircut`` per slot for ``keep_share(keep, None, e)``), and the sums of ``state``. ``sum_j (bal + pos) * px`` is ``state``'s equity."""
     rows = _rows
     value, mm, gross = rows(value), rows(mm), tuple(rows(g) for g in gross)
-    n, J, L = h.inst.shape
+    n, P, L = h.inst.shape
+    J = h.asset.shape[1]
     px = rows(price)(h.asset)  # [n, J, W]
 
-    def position(l, carry):  # the l-th position of every slot at once: [n, J, W] terms
+    def position(l, carry):  # the l-th position of every slot at once: [n, P, W] terms
         pos, margin, sums = carry
         i, q = h.inst[:, :, l], h.qty[:, :, l, None]
         margin = margin + jnp.sum(h.weight[:, :, l, None] * mm(i), axis=1)
         if tiers is not None:  # slot by slot: tier_extra takes [n] instruments
-            margin = margin + sum(tier_extra(jnp.abs(q[:, j]) * gross[0](i[:, j]), i[:, j], tiers) for j in range(J))
+            margin = margin + sum(tier_extra(jnp.abs(q[:, j]) * gross[0](i[:, j]), i[:, j], tiers) for j in range(P))
         sums = tuple(s + jnp.sum(jnp.abs(q) * g(i), axis=1) for s, g in zip(sums, gross))
         return pos + q * value(i), margin, sums
 
     zeros = jnp.zeros(px.shape[::2], px.dtype)  # [n, W]
-    pos, margin, sums = _repeat(L, position, (jnp.zeros_like(px), zeros, tuple(zeros for _ in gross)), J * L <= UNROLL_MAX)
+    pos = jnp.zeros((n, P) + px.shape[2:], px.dtype)
+    pos, margin, sums = _repeat(L, position, (pos, zeros, tuple(zeros for _ in gross)), P * L <= UNROLL_MAX)
+    pos = jnp.pad(pos, ((0, 0), (0, J - P), (0, 0)))  # balance-only slots hold no positions
     if isinstance(haircut, Haircut):  # per slot: base [n, J, W], coef and share [n, J]
         keep = Haircut(base=_rows(haircut.base)(h.asset), coef=haircut.coef[h.asset], share=haircut.share[h.asset],
                        cap=haircut.cap)
@@ -336,7 +354,7 @@ def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict) -> 
     plus the roll shock and the delta shock; MM = ``mm_factor`` × their sum over underlyings.
 
     Args:
-      h: holdings ``[n, J, L]``.
+      h: holdings (``[n, P, L]`` positions).
       pnl: ``[I, W, G]`` USD P&L per contract at each grid point around each state, or a
         function of instrument indices (likewise ``delta`` ``[I, W]``, ``roll`` ``[I, W]``).
       pm: ``und [I]`` underlying of each instrument; per asset ``[A]``: ``offset``, ``frac``
@@ -345,7 +363,7 @@ def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict) -> 
     """
     rows = _rows
     pnl, delta, roll = rows(pnl), rows(delta), rows(roll)
-    n, J, L = h.inst.shape
+    n, P, L = h.inst.shape  # balance-only slots add nothing to a grid P&L
     first = pnl(h.inst[:, 0, 0])
     W, G = first.shape[1:]
     A = pm["offset"].shape[0]
@@ -364,12 +382,12 @@ def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict) -> 
     def slot(j, carry):
         block, dsum, rsum = carry
         sub = jnp.zeros((n, A, W, G), dt)
-        sub, dsum, rsum = _repeat(L, lambda l, c: position(j, l, c), (sub, dsum, rsum), J * L <= UNROLL_MAX)
+        sub, dsum, rsum = _repeat(L, lambda l, c: position(j, l, c), (sub, dsum, rsum), P * L <= UNROLL_MAX)
         off = pm["offset"][h.asset[:, j]][:, None, None, None]
         return block + jnp.where(sub > 0, off * sub, sub), dsum, rsum
 
     carry = (jnp.zeros((n, A, W, G), dt), jnp.zeros((n, A, W), dt), jnp.zeros((n, A, W), dt))
-    block, dsum, rsum = _repeat(J, slot, carry, J * L <= UNROLL_MAX)
+    block, dsum, rsum = _repeat(P, slot, carry, P * L <= UNROLL_MAX)
     loss = -jnp.where(pm["extended"][None, None, None, :], pm["frac"][None, :, None, None] * block, block)
     rm = jnp.maximum(jnp.max(loss, axis=-1), 0.0)
     shock = pm["mds"][None, :, None] * jnp.maximum(jnp.abs(dsum) - pm["thr"][None, :, None], 0.0)
@@ -382,7 +400,7 @@ def var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, notional: Any, var: dict
     losses of the account's equity over the windows around the state (floored at 0).
 
     Args:
-      h: holdings ``[n, J, L]``.
+      h: holdings (``[n, P, L]`` positions, ``[n, J]`` slots).
       pnl: ``[I, W, H]`` USD value change per contract in each window around each state
         (``margin.var_grids``), or a function of instrument indices; ``dp``: ``[A, W, H]``
         each asset's USD price change (its balances'), likewise.
@@ -415,7 +433,8 @@ def _var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, notional: Any, var: dic
     """``var_margin`` of one block of states."""
     pnl, dp, im = _rows(pnl), _rows(dp), _rows(im)
     notional = None if notional is None else _rows(notional)
-    n, J, L = h.inst.shape
+    n, P, L = h.inst.shape
+    J = h.asset.shape[1]
     first = pnl(h.inst[:, 0, 0])
     W, H = first.shape[1:]
 
@@ -433,7 +452,12 @@ def _var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, notional: Any, var: dic
         gain, std = _repeat(L, lambda l, c: position(j, l, c), carry, False)
         return gain + h.balance[:, j, None, None] * dp(h.asset[:, j]), std
 
-    gain, std = _repeat(J, slot, (jnp.zeros((n, W, H), first.dtype), jnp.zeros((n, W), first.dtype)), False)
+    def balance_only(j, carry):
+        gain, std = carry
+        return gain + h.balance[:, P + j, None, None] * dp(h.asset[:, P + j]), std
+
+    carry = _repeat(P, slot, (jnp.zeros((n, W, H), first.dtype), jnp.zeros((n, W), first.dtype)), False)
+    gain, std = _repeat(J - P, balance_only, carry, False)
     es = jnp.maximum(largest_mean(-gain, tail), 0.0)  # a book gaining in every window needs none
     return var["factor"] * jnp.maximum(es, var["floor"] * std)
 

@@ -244,9 +244,9 @@ def test_accounts_are_laid_out_riskiest_first_within_each_bucket(snap, base_resu
     for b in engine.buckets(snap, rank):
         assert np.all(np.diff(rank[b.accounts]) > 0)
     # the same holdings, row for row, as the layout by index
-    plain = {(b.J, b.L): b for b in engine.buckets(snap)}
+    plain = {(b.J, b.P, b.L): b for b in engine.buckets(snap)}
     for b in engine.buckets(snap, rank):
-        p = plain[(b.J, b.L)]
+        p = plain[(b.J, b.P, b.L)]
         rows = np.searchsorted(p.accounts, b.accounts)
         np.testing.assert_array_equal(p.accounts[rows], b.accounts)
         for f in ("inst", "qty", "weight", "asset", "balance"):
@@ -255,25 +255,72 @@ def test_accounts_are_laid_out_riskiest_first_within_each_bucket(snap, base_resu
 
 def test_a_rung_holding_few_accounts_is_left_to_the_next_rung_that_holds_them(monkeypatch):
     # accounts 0-5: one position (1 slot x 1); 6-8: one position in each of two settlement
-    # assets (2 x 1); 9: two positions settled in one asset and one in the other (2 x 2).
+    # assets (2 position slots x 1); 9: two positions settled in one asset and one in the
+    # other (2 x 2); 10-11: one position and a balance in another asset (a balance-only slot).
     # Instruments 0 and 2 settle in asset 0, instrument 1 in asset 1.
     from stress import portfolio
 
-    acc = np.array([0, 1, 2, 3, 4, 5, 6, 6, 7, 7, 8, 8, 9, 9, 9])
-    inst = np.array([0, 0, 2, 0, 2, 0, 0, 1, 2, 1, 0, 1, 0, 2, 1])
+    acc = np.array([0, 1, 2, 3, 4, 5, 6, 6, 7, 7, 8, 8, 9, 9, 9, 10, 11])
+    inst = np.array([0, 0, 2, 0, 2, 0, 0, 1, 2, 1, 0, 1, 0, 2, 1, 1, 0])
     qty = np.arange(1.0, len(acc) + 1)
-    settlement, balances = np.array([0, 1, 0]), np.zeros((10, 2))
+    settlement, balances = np.array([0, 1, 0]), np.zeros((12, 2))
+    balances[10, 0] = balances[11, 1] = 5.0
 
     def shapes(min_accounts):
         monkeypatch.setattr(portfolio, "RUNG_MIN_ACCOUNTS", min_accounts)
         buckets = portfolio.layout(acc, inst, qty, np.ones_like(qty), settlement, balances)
-        return {(b.J, b.L): sorted(b.accounts.tolist()) for b in buckets}
+        return {(b.J, b.P, b.L): sorted(b.accounts.tolist()) for b in buckets}
 
-    assert shapes(0) == shapes(6) == {(1, 1): [0, 1, 2, 3, 4, 5], (2, 1): [6, 7, 8], (2, 2): [9]}
-    # six accounts do not pay for the (1, 1) kernel: (2, 1), one more slot of one position,
-    # takes them. (2, 1) and (2, 2) keep their few accounts: the next rungs that hold them,
-    # (2, 2) and (4, 4), have more positions per slot.
-    assert shapes(7) == shapes(100) == {(2, 1): [0, 1, 2, 3, 4, 5, 6, 7, 8], (2, 2): [9]}
+    assert shapes(0) == shapes(2) == {(1, 1, 1): [0, 1, 2, 3, 4, 5], (2, 1, 1): [10, 11], (4, 2, 1): [6, 7, 8],
+                                      (4, 2, 2): [9]}
+    # six accounts do not pay for the (1, 1, 1) kernel: (2, 1, 1), one more (balance-only)
+    # slot, takes them. (4, 2, 1) and (4, 2, 2) keep their few accounts: the next rungs that
+    # hold them have more positions.
+    assert shapes(7) == shapes(100) == {(2, 1, 1): [0, 1, 2, 3, 4, 5, 10, 11], (4, 2, 1): [6, 7, 8], (4, 2, 2): [9]}
+
+
+def test_a_balance_only_slot_comes_after_the_slots_with_positions():
+    # account 0: a balance in asset 0 and a position settled in asset 1; account 1: a position
+    # settled in asset 0, balances in both. Slots with positions first, each kind by asset.
+    from stress import portfolio
+
+    buckets = portfolio.layout(np.array([0, 1]), np.array([1, 0]), np.array([3.0, -2.0]), np.ones(2),
+                               np.array([0, 1]), np.array([[7.0, 0.0], [4.0, 9.0]]))
+    [b] = buckets
+    assert (b.J, b.P, b.L) == (2, 1, 1) and b.accounts.tolist() == [0, 1]
+    np.testing.assert_array_equal(b.asset, [[1, 0], [0, 1]])
+    np.testing.assert_array_equal(b.balance, [[0.0, 7.0], [4.0, 9.0]])
+    np.testing.assert_array_equal(b.inst[:, :, 0], [[1], [0]])
+    np.testing.assert_array_equal(b.qty[:, :, 0], [[3.0], [-2.0]])
+
+
+def test_a_balance_only_slot_values_as_a_slot_of_empty_positions():
+    # The same accounts laid out with their second slot as balance-only (P = 1) and as a slot
+    # of padding positions (P = 2, quantity 0): equity, collateral, margin, notional and the
+    # per-slot pieces of partial liquidation agree, in float64, to rounding.
+    import jax.numpy as jnp
+
+    from stress import portfolio
+
+    rng = np.random.default_rng(3)
+    n, I, A, W = 16, 5, 3, 7
+    value, mm, notional = rng.normal(size=(I, W)), rng.uniform(size=(I, W)), rng.uniform(1, 2, size=(I, W))
+    price, haircut = rng.uniform(1, 3, size=(A, W)), np.array([0.0, 0.1, 0.2])
+    inst = rng.integers(0, I, size=(n, 1, 2)).astype(np.int32)
+    qty, w = rng.normal(size=(n, 1, 2)), rng.uniform(size=(n, 1, 2))
+    asset = np.stack([rng.integers(0, A, n), rng.integers(0, A, n)], axis=1).astype(np.int32)
+    bal = rng.normal(size=(n, 2))
+    valid = np.ones(n, bool)
+    apart = portfolio.Holdings(jnp.asarray(inst), jnp.asarray(qty), jnp.asarray(w), jnp.asarray(asset),
+                               jnp.asarray(bal), jnp.asarray(valid))
+    pad = lambda x: jnp.asarray(np.concatenate([x, np.zeros_like(x)], axis=1))  # noqa: E731
+    padded = portfolio.Holdings(pad(inst), pad(qty), pad(w), jnp.asarray(asset), jnp.asarray(bal), jnp.asarray(valid))
+    args = tuple(jnp.asarray(x) for x in (value, mm, price, haircut, notional))
+    for a, b in zip(portfolio.state(apart, *args), portfolio.state(padded, *args)):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+    for a, b in zip(portfolio.slots(apart, *args), portfolio.slots(padded, *args)):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+    assert np.abs(np.asarray(portfolio.state(apart, *args)[1])).min() > 0  # not vacuous
 
 
 def test_the_holdings_layout_is_built_once_per_snapshot_and_follows_a_changed_one(snap, scen, base_result):
@@ -300,7 +347,7 @@ def test_the_holdings_layout_is_built_once_per_snapshot_and_follows_a_changed_on
     engine.forget_layout(snap)
     assert len(engine._LAYOUTS) == n - 2
     again = engine.layout_of(snap)
-    assert again is not first and [(b.J, b.L) for b in again[0]] == [(b.J, b.L) for b in first[0]]
+    assert again is not first and [(b.J, b.P, b.L) for b in again[0]] == [(b.J, b.P, b.L) for b in first[0]]
     for b0, b1 in zip(first[0], again[0]):  # the same accounts per bucket (here in index order: no run's tables)
         np.testing.assert_array_equal(np.sort(b1.accounts), np.sort(b0.accounts))
 
@@ -394,7 +441,7 @@ def test_kernel_compiles_once_per_bucket_shape(sample_tables, tmp_path, scen, sm
     small["balances"] = t["balances"][~t["balances"].account_id.isin(drop)]
     sample.write_snapshot(tmp_path / "b", small)
     a, b = stress.load_snapshot(tmp_path / "a"), stress.load_snapshot(tmp_path / "b")
-    widths = lambda s: {(bk.J, bk.L) for bk in engine.buckets(s)}
+    widths = lambda s: {(bk.J, bk.P, bk.L) for bk in engine.buckets(s)}
     assert widths(a) == widths(b) and a.n_accounts != b.n_accounts
     sa = stress.load_scenarios(small_default_path, a)
     stress.run(a, sa)

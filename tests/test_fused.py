@@ -55,7 +55,8 @@ def test_the_fused_kernel_reproduces_the_xla_kernel_run(fee_snapshot, monkeypatc
 
     calls = []
     real = fused.group_kernel
-    monkeypatch.setattr(fused, "group_kernel", lambda h, t: calls.append(h.inst.shape) or real(h, t))
+    shape = lambda h: h.asset.shape[-1:] + h.inst.shape[-2:]  # noqa: E731  (J, P, L)
+    monkeypatch.setattr(fused, "group_kernel", lambda h, t: calls.append(shape(h)) or real(h, t))
     monkeypatch.setenv("STRESS_EXPORT_CACHE", "0")  # the calls are recorded while tracing: always trace
     monkeypatch.setattr(fused, "MAX_POSITIONS", 4)  # wider buckets interpret slowly: XLA takes them
     monkeypatch.setitem(engine.PALLAS, "cpu", True)
@@ -65,8 +66,9 @@ def test_the_fused_kernel_reproduces_the_xla_kernel_run(fee_snapshot, monkeypatc
     finally:
         engine.sharded_kernel.cache_clear()
         engine.forget_layout(fee_snapshot)  # laid out with every rung: not for later tests
-    # it ran, on several slots and positions too: every bucket of at most MAX_POSITIONS entries
-    assert {s[-2:] for s in calls} == {(1, 1), (2, 1), (2, 2), (4, 1)}
+    # it ran, on several slots and positions too, and on balance-only slots: every bucket
+    # (J slots, P of them with L positions each) of at most MAX_POSITIONS positions
+    assert set(calls) == {(1, 1, 1), (2, 1, 1), (4, 2, 1), (4, 2, 2), (4, 4, 1)}
 
     for frame in ("accounts", "scenarios"):
         a, b = getattr(res, frame), getattr(ref, frame)
@@ -100,7 +102,8 @@ def test_the_fused_kernel_lowers_to_triton_for_a_gpu(fee_snapshot, dtype):
 
     dt = engine.DTYPES[dtype]
     t, _ = engine.tables(fee_snapshot, _shocks(8, fee_snapshot.n_assets), dt)
-    h = next(g for _, g in engine._groups(fee_snapshot, 128, dt, 1) if g.inst.shape[-2:] == (2, 2))
+    groups = engine._groups(fee_snapshot, 128, dt, 1)
+    h = next(g for _, g in groups if g.inst.shape[-2:] == (2, 2) and g.asset.shape[-1] == 4)  # (4, 2, 2)
     # exported as stress._exported keeps kernels on disk: flat arguments, Triton's check disabled
     leaves, treedef = jax.tree_util.tree_flatten((jax.device_put(h), t))
     lowered = _exported.export(lambda h, t: fused.group_kernel(h, t, interpret=False), treedef,
