@@ -154,9 +154,11 @@ def main(argv=None) -> int:
         commit = rec["engine"].get("engine_version", {}).get("commit", "?")
         print(f"measured: bench/out/results.jsonl record of {rec.get('when', '?')} (engine {commit})")
         buckets = rec["engine"].get("buckets")
-        if buckets:  # [J, L, accounts] per holdings shape: what the engine computes, padding included
-            pos = sum(J * L * m for J, L, m in buckets)
-            slots = sum(J * m for J, L, m in buckets)
+        if buckets:  # [J, P, L, accounts] per holdings shape ([J, L, accounts] before the
+            # balance-only slots, when P was J): what the engine computes, padding included
+            shapes = [b if len(b) == 4 else (b[0], b[0], b[1], b[2]) for b in buckets]
+            pos = sum(P * L * m for J, P, L, m in shapes)
+            slots = sum(J * m for J, P, L, m in shapes)
             print(f"engine layout: {pos:,} position and {slots:,} slot entries per scenario with padding "
                   f"({pos / w['positions']:.2f}x and {slots / w['slots']:.2f}x the snapshot's)")
     print(f"{'stage':<58} {'MA/scen':>12} {'bound s':>9} {'engine s':>9} {'x bound':>8} {'numpy s':>9} {'x bound':>8}")

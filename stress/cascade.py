@@ -219,7 +219,7 @@ def _accounts_step(hs, brs, acc, haircut, tiers, t, *, K, lag):
     """The accounts' side of step ``t``: every chunk of every bucket through ``_breach_chunk``.
 
     Args:
-      hs: tuple of ``Holdings [C_b, chunk, J, L]``, one per bucket; brs: their first-breach
+      hs: tuple of ``Holdings [C_b, chunk, ...]``, one per bucket; brs: their first-breach
         steps ``[C_b, chunk, W2]`` (``K``: none yet). acc: ``_market_step``'s tables.
 
     Returns the new ``brs`` and, summed over these accounts, ``contracts [2, I, W2]`` (net
@@ -301,7 +301,7 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
     step (``_market_step``, ``_accounts_step``, ``_exchange_step``) in one ``lax.scan``.
 
     Args:
-      hs: tuple of ``Holdings [C_b, chunk, J, L]``, one per bucket.
+      hs: tuple of ``Holdings [C_b, chunk, ...]``, one per bucket.
       tiers: ``(bound, step)`` ``[I, K_tiers - 1]`` risk-limit tiers of maintenance margin, or None.
       mult, vol: ``[K, W2, A]`` the paths' spot multipliers and vol shifts, time order.
       hor: ``[K, W2]`` horizon days. fb: ``[W2]`` bool: the column's closes move later prices.

@@ -440,8 +440,8 @@ def underlying_notional(h: Holdings, t: Tables) -> Any:
     n = h.inst.shape[0]
     inst = h.inst.reshape(n, -1)
     q = jnp.abs(h.qty.reshape(n, -1))  # padding holds 0 contracts
-    onehot = (t.und_row[inst][..., None] == jnp.arange(t.und_asset.shape[0])).astype(q.dtype)  # [n, JL, U]
-    per_contract = jnp.stack([t.und_lin[inst], t.und_fix[inst]], axis=-1) * q[..., None]  # [n, JL, 2]
+    onehot = (t.und_row[inst][..., None] == jnp.arange(t.und_asset.shape[0])).astype(q.dtype)  # [n, PL, U]
+    per_contract = jnp.stack([t.und_lin[inst], t.und_fix[inst]], axis=-1) * q[..., None]  # [n, PL, 2]
     return jnp.einsum("npk,npu->nku", per_contract, onehot).reshape(n, -1)
 
 
