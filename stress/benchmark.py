@@ -86,8 +86,9 @@ def stage_kernel(stage: str, n_devices: int) -> Callable:
             if stage == "pnl":  # margin and collateral unused: XLA drops their work (checked in
                 eq = portfolio.state(h, value, value, price, t.haircut)[0]  # the compiled (8, 64) loop too)
             else:
-                eq, coll, m, *_ = portfolio.state(h, value, mm, price, t.haircut_of(hc_base),
-                                                  *(() if t.tiers is None else (notional,)), tiers=t.tiers)
+                eq, coll, m, *_ = engine.tile_state(h, value, mm, price, t.haircut_of(hc_base),
+                                                    *(() if t.tiers is None else (notional,)), tiers=t.tiers,
+                                                    fuse=fuse)
                 m = m if pmx is None else t.model_margin(h, pmx)
                 if fuse["keep"]:  # as chunk_kernel keeps them
                     eq, coll, m = jax.lax.optimization_barrier((eq, coll, m))

@@ -55,11 +55,13 @@ DEFAULT_CHUNK = CHUNK["cpu"]
 # accounts as ``[n] @ [n, W]`` products rather than masked reductions. ``skip``: a tile in which
 # no account is liquidated in any scenario skips its per-scenario sums (``lax.cond``: on CPU a real
 # branch), and accounts are laid out riskiest first (``risk_order``) so that calm ones share
-# chunks; on a GPU chunk of 8,192 accounts a tile is never calm. None of them changes a result.
+# chunks; on a GPU chunk of 8,192 accounts a tile is never calm. ``regather``: collateral is
+# computed from gathers of its own rather than from those of equity (``tile_state``; on CPU
+# they were otherwise written to memory and read back). None of them changes a result.
 # On an H200 (docs/benchmarks.md), float32 ran 21% faster recomputing the state inside fused
 # reductions; float64, whose arithmetic is slower there, 49% slower.
 FUSION = {
-    "cpu": {"keep": True, "matvec": True, "skip": True},
+    "cpu": {"keep": True, "matvec": True, "skip": True, "regather": True},
     "gpu": {"keep": True, "matvec": True},
     "gpu-float32": {"keep": False, "matvec": False},
 }
@@ -492,7 +494,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, imp[0] if imp else None)
             return (r["equity"], r["collateral"], r["margin"], r["liquidated"], r["fee"], r["impact"],
                     r["closed_notional"], r["closed_out"], [], r["closed"])
-        eq, coll, m, *g = portfolio.state(h, value, mm, price, hc, *per_contract, tiers=t.tiers)
+        eq, coll, m, *g = tile_state(h, value, mm, price, hc, *per_contract, tiers=t.tiers, fuse=fuse)
         m = m if m_pm is None else m_pm
         if fuse["keep"]:
             eq, coll, m, *g = jax.lax.optimization_barrier((eq, coll, m, *g))
@@ -628,6 +630,26 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     return out
 
 
+def tile_state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: Any, tiers: Any,
+               fuse: dict) -> tuple[Any, ...]:
+    """``portfolio.state`` of a chunk on one tile of tables, as the backend computes it fastest.
+
+    Where ``fuse["regather"]`` says so (and the tables are arrays), collateral is computed from
+    gathers of its own: XLA:CPU otherwise writes every gathered row (a position's value, a
+    slot's price) to memory once and reads it back in both the equity and the collateral
+    fusions, and at 100k accounts x 5,000 scenarios that took 0.8 of the 1.1 s that collateral
+    and margin add to the P&L (docs/benchmarks.md). Gathering twice from the small tables is
+    cheaper. The barrier only makes the second gathers distinct operations, so that XLA does not
+    merge them with the first; the values are the same.
+    """
+    out = portfolio.state(h, value, mm, price, haircut, *gross, tiers=tiers)
+    if not fuse.get("regather") or callable(value) or callable(price):
+        return out
+    value2, price2 = jax.lax.optimization_barrier((value, price))
+    coll = portfolio.state(h, value2, mm, price2, haircut)[1]  # its margin is unused: dropped
+    return (out[0], coll, *out[2:])
+
+
 def account_total(valid: Any, fuse: dict) -> Callable:
     """``x`` ``[n, W]`` -> ``[W]``: the sum over a chunk's real accounts (``valid`` ``[n]``), as
     a product with the mask where ``fuse["matvec"]`` says it is faster."""
@@ -680,7 +702,7 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
         m_pm = t.model_margin(h, pmx)
         hc = t.haircut_of(hc_base)
         if t.partial_target is None:
-            eq, coll, m, _ = portfolio.state(h, value, mm, price, hc, notional, tiers=t.tiers)
+            eq, coll, m, _ = tile_state(h, value, mm, price, hc, notional, tiers=t.tiers, fuse=fusion(dt))
             m = m if m_pm is None else m_pm
             *_, at = liquidation.path_outcome(W, eq, coll, m, lag=t.lag, at=True)
         else:  # the share of the book closed at each step, before the impact is known
