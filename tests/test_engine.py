@@ -126,8 +126,10 @@ def test_paths_get_tiles_of_fewer_scenarios_and_the_same_results(snap, scen, bas
 def fresh_kernels():
     """Kernels traced anew (``FUSION`` is read while tracing), before and after the test."""
     engine.sharded_kernel.cache_clear()
+    engine.sharded_closed.cache_clear()
     yield
     engine.sharded_kernel.cache_clear()
+    engine.sharded_closed.cache_clear()
 
 
 MC_PATHS = """
@@ -192,6 +194,7 @@ def test_skipping_the_sums_of_tiles_that_liquidate_or_default_no_one_changes_no_
     kinds = _tile_kinds(snap, scen, skipped, chunk_size=64)
     assert kinds["liquidating, not defaulting"] > 0 and kinds["neither"] > 0 and kinds["defaulting"] > 0, kinds
     engine.sharded_kernel.cache_clear()
+    engine.sharded_closed.cache_clear()
     monkeypatch.setitem(engine.FUSION, "cpu", {**engine.FUSION["cpu"], "skip": False})
     summed = stress.run(snap, scen, chunk_size=64)
     assert_same(summed, skipped, rtol=1e-12)
