@@ -635,12 +635,12 @@ def tile_state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gros
     """``portfolio.state`` of a chunk on one tile of tables, as the backend computes it fastest.
 
     Where ``fuse["regather"]`` says so (and the tables are arrays), collateral is computed from
-    gathers of its own: XLA:CPU otherwise writes every gathered row (a position's value, a
+    gathers of its own. Otherwise XLA:CPU writes every gathered row (a position's value, a
     slot's price) to memory once and reads it back in both the equity and the collateral
-    fusions: at 100k accounts x 5,000 scenarios, gathering again took about 0.6 s off the 1.1 s
-    that collateral and margin added to the P&L (docs/benchmarks.md). Gathering twice from the small tables is
-    cheaper. The barrier only makes the second gathers distinct operations, so that XLA does not
-    merge them with the first; the values are the same.
+    fusions; gathering twice from the small tables is cheaper (at 100k accounts x 5,000
+    scenarios it took about 0.6 s off the 1.1 s that collateral and margin added to the P&L,
+    docs/benchmarks.md). The barrier only makes the second gathers distinct operations, so
+    that XLA does not merge them with the first; the values are the same.
     """
     out = portfolio.state(h, value, mm, price, haircut, *gross, tiers=tiers)
     if not fuse.get("regather") or callable(value) or callable(price):
