@@ -31,8 +31,8 @@ UNROLL_MAX = 8  # holdings of up to P * L = 8 positions are unrolled (XLA fuses 
 # accounts hold a balance in an asset they trade nothing settled in: in the 100,000-account
 # sample 44,409 accounts are one position and a second asset's balance, and as (2 slots x 1
 # position) they gathered a padding position from every per-instrument table. A balance-only
-# slot costs one price gather (with static haircuts). (4, 2, 1), not (2, 2, 1) and (4, 2, 1): a third and fourth
-# balance-only slot is cheap, a compilation is not.
+# slot costs one price gather (with static haircuts). (4, 2, 1), not (2, 2, 1) and (4, 2, 1):
+# a third and fourth balance-only slot is cheap, a compilation is not.
 LADDER = ((1, 1, 1), (2, 1, 1), (4, 2, 1), (4, 2, 2), (4, 4, 1), (4, 4, 4))
 # A rung costs a compilation per kernel variant (1.5-2.5 s each on CPU; a cold run on the
 # default set's paths compiles several) and a part-filled group of chunks; what it saves is
@@ -306,7 +306,8 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
         return eq + usd, coll + jnp.where(e > 0, keep_share(haircut, a, e), 1.0) * usd, margin, g
 
     zeros = jnp.zeros((n, W), dt)
-    carry = _repeat(P, lambda j, c: slot(j, c, True), (zeros, zeros, zeros, tuple(zeros for _ in gross)), unroll)
+    carry = (zeros, zeros, zeros, tuple(zeros for _ in gross))
+    carry = _repeat(P, lambda j, c: slot(j, c, True), carry, unroll)
     eq, coll, margin, g = _repeat(J - P, lambda j, c: slot(P + j, c, False), carry, unroll)  # balances only
     return (eq, coll, margin, *g)
 
@@ -448,16 +449,15 @@ def _var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, notional: Any, var: dic
 
     # Loops, never unrolled: unrolled, XLA fuses every position's [n, W, H] gather into one
     # loop that ran 1.6-2.7x slower than a gather-multiply-add per iteration (2-4 slots)
-    def slot(j, carry):
-        gain, std = _repeat(L, lambda l, c: position(j, l, c), carry, False)
+    def slot(j, carry, positions):
+        if positions:
+            carry = _repeat(L, lambda l, c: position(j, l, c), carry, False)
+        gain, std = carry
         return gain + h.balance[:, j, None, None] * dp(h.asset[:, j]), std
 
-    def balance_only(j, carry):
-        gain, std = carry
-        return gain + h.balance[:, P + j, None, None] * dp(h.asset[:, P + j]), std
-
-    carry = _repeat(P, slot, (jnp.zeros((n, W, H), first.dtype), jnp.zeros((n, W), first.dtype)), False)
-    gain, std = _repeat(J - P, balance_only, carry, False)
+    carry = (jnp.zeros((n, W, H), first.dtype), jnp.zeros((n, W), first.dtype))
+    carry = _repeat(P, lambda j, c: slot(j, c, True), carry, False)
+    gain, std = _repeat(J - P, lambda j, c: slot(P + j, c, False), carry, False)  # balances only
     es = jnp.maximum(largest_mean(-gain, tail), 0.0)  # a book gaining in every window needs none
     return var["factor"] * jnp.maximum(es, var["floor"] * std)
 
