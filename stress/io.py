@@ -104,15 +104,24 @@ class _Table:
                 bad = np.flatnonzero(np.isnan(values) & ~missing)[0]
                 raise self.error(bad, column, "NaN is not a valid value")
         else:
-            text = self.strings(column, required=False)
-            missing = pd.isna(text)
-            values = pd.to_numeric(pd.Series(text, dtype=object), errors="coerce").to_numpy(
-                dtype=np.float64, na_value=np.nan
-            )
-            bad = np.isnan(values) & ~missing
+            text = self.text(column, required=False)
+            try:  # Arrow's parser, correctly rounded, reads a subset of what pandas reads
+                parsed = pc.cast(text, pa.float64())
+            except pa.ArrowInvalid:  # something it does not read: pandas says which row is bad
+                parsed = None
+            if parsed is not None:
+                missing = np.asarray(parsed.is_null().to_numpy(zero_copy_only=False))
+                values = parsed.to_numpy(zero_copy_only=False)
+            else:  # 20x slower at a million rows, through Python objects
+                strings = np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
+                missing = pd.isna(strings)
+                values = pd.to_numeric(pd.Series(strings, dtype=object), errors="coerce").to_numpy(
+                    dtype=np.float64, na_value=np.nan
+                )
+            bad = np.isnan(values) & ~missing  # 'nan' parses, and is not a number here
             if bad.any():
                 i = np.flatnonzero(bad)[0]
-                raise self.error(i, column, f"{text[i]!r} is not a number")
+                raise self.error(i, column, f"{text[int(i)].as_py()!r} is not a number")
         if np.isinf(values).any():
             raise self.error(np.flatnonzero(np.isinf(values))[0], column, "infinite value")
         if required and missing.any():

@@ -517,6 +517,18 @@ def test_nan_in_parquet_float_column(tmp_path, table, i, column):
     assert_points_at(info.value, f"{table}.parquet", f"row {i + 1}", column, r"nan")
 
 
+def test_csv_numbers_in_every_spelling_read_as_python_reads_them(tmp_path):
+    # Exponents, signs, bare points, surrounding spaces, and a value one ulp above 1: each
+    # must come out as Python's correctly rounded float() of the text.
+    texts = ["1e3", " -1.0000000000000002 ", "+.5", "-3.", "0.1"]
+    inputs = base_inputs()
+    for row, text in zip(inputs["positions"], texts):
+        row["quantity"] = text
+    snap, _ = build(tmp_path, inputs, "csv")
+    loaded = stress.load_snapshot(snap)
+    np.testing.assert_array_equal(np.sort(loaded.pos_quantity), np.sort([float(x) for x in texts]))
+
+
 def test_nan_in_optional_parquet_column(tmp_path):
     snap, _ = build(tmp_path, fmt="parquet")
     _rewrite_parquet_column(snap / "positions.parquet", "entry_price", 1, float("nan"))
