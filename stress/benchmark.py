@@ -93,8 +93,11 @@ def stage_kernel(stage: str, n_devices: int) -> Callable:
                 if fuse["keep"]:  # as chunk_kernel keeps them
                     eq, coll, m = jax.lax.optimization_barrier((eq, coll, m))
             worst, gap_max = carry
-            rows = [total(eq - eq0[:, None])]
-            worst = jnp.minimum(worst, jnp.min(eq, axis=1) - eq0)
+            # min(fl(eq - eq0)) == fl(min(eq) - eq0) (rounding is monotone), so both reductions
+            # can read the P&L: one [n, W] array in memory on CPU instead of two
+            pnl = eq - eq0[:, None]
+            rows = [total(pnl)]
+            worst = jnp.minimum(worst, jnp.min(pnl, axis=1))
             if stage != "pnl":
                 gap = m - coll
                 t_gap = jnp.max(gap, axis=1)
