@@ -447,7 +447,8 @@ def underlying_notional(h: Holdings, t: Tables) -> Any:
     return jnp.einsum("npk,npu->nku", per_contract, onehot).reshape(n, -1)
 
 
-def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, level: float = VAR_LEVEL) -> dict:
+def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, level: float = VAR_LEVEL,
+                 top: Any = None) -> dict:
     """All per-scenario account work for one chunk, reduced at once, tile by tile.
 
     Per tile, the accounts' state (equity, collateral, margin, notional) is computed once and,
@@ -459,10 +460,17 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     collateral``; per scenario, the sums of ``SUM_NAMES``. The scenario of the worst P&L is
     found after the scan, by revaluing each account on its worst tile only.
 
+    ``top``, optional ``[T, 2, W]``: the two largest bad debts per scenario of the chunks run
+    before this one (zeros for none). The chunk's own are then merged into it, only in the tiles
+    where one of them is larger than the second of ``top``, and ``top2`` is the result, in the
+    same layout. Without it ``top2`` is the chunk's own. Either way ``top2`` holds the same
+    values the host would merge them into (``two_largest`` of the union).
+
     Returns:
       Per-account ``[n]`` rows and ``sums``, ``[len(SUM_NAMES), T * W]`` per-scenario sums
-      over the chunk's valid accounts, ``und_closed`` ``[U, T * W]`` the notional closed per
-      underlying (and ``pnl``, ``liquidated`` ``[n, T * W]`` with ``with_pnl``).
+      over the chunk's valid accounts, ``top2`` ``[2, T * W]`` (or ``[T, 2, W]``, see ``top``),
+      ``und_closed`` ``[U, T * W]`` the notional closed per underlying (and ``pnl``,
+      ``liquidated`` ``[n, T * W]`` with ``with_pnl``).
     """
     eq0, coll0, mm0, g0 = t.state0(h)
     mm0 = mm0 if t.model_tiles() is None else t.model_margin0(h)
@@ -510,7 +518,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         return eq - cost - f, coll, m, liq, f, cost, closed, eq_end - eq, lagged, at
 
     def tile(carry, x):
-        value, mm, price, notional, impact, pmx, hc_base, rnd, k = x
+        value, mm, price, notional, impact, pmx, hc_base, rnd, k, top_k = x
         eq, coll, m, liq, f, cost, closed, closed_out, lagged, at = outcome(value, mm, price, notional, impact, pmx, hc_base)
         pnl = eq - eq0[:, None] if keep_pnl else None
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
@@ -549,19 +557,30 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
                               total(closed) if closed is not None else und_closed.sum(axis=0)])
             return sums, und_closed
 
+        def alone(bad):
+            """``bad`` ``[n, W]`` of the chunk's real accounts that default alone: Cover 2 counts
+            a group's defaults together (``group_bad``), and its accounts not alone."""
+            bad = bad * validf[:, None]
+            return bad if not t.n_groups else jnp.where((h.group == t.n_groups)[:, None], bad, 0.0)
+
         def defaults():
-            """Per-scenario bad debt: its sum, the two largest accounts' (Cover 2), per group of
-            accounts, and under each reported oracle lag: all exactly zero when no account of
-            the tile has equity below zero (under any reported lag) in any of its scenarios."""
+            """Per-scenario bad debt: its sum, the two largest accounts' (Cover 2; with ``top``,
+            only the largest, ``first``), per group of accounts, and under each reported oracle
+            lag: all exactly zero when no account of the tile has equity below zero (under any
+            reported lag) in any of its scenarios."""
             bad = liquidation.bad_debt(eq)
             lag_bad = jnp.stack([total(liquidation.bad_debt(e)) for e in lagged]) if lagged else None
             bad_total = total(bad)
-            bad = bad * validf[:, None]
             group_bad = None
-            if t.n_groups:  # Cover 2 counts a group's defaults together, and its accounts not alone
-                group_bad = jnp.zeros((t.n_groups + 1, W), dt).at[h.group].add(bad)[: t.n_groups]
-                bad = jnp.where((h.group == t.n_groups)[:, None], bad, 0.0)
-            return bad_total, largest_two(bad), lag_bad, group_bad
+            if t.n_groups:
+                group_bad = jnp.zeros((t.n_groups + 1, W), dt).at[h.group].add(bad * validf[:, None])[: t.n_groups]
+            if top is None:
+                return bad_total, largest_two(alone(bad)), lag_bad, group_bad
+            # the largest alone: max(0, -eq) over the accounts counted, straight from eq (on
+            # CPU a select or a shared bad-debt array would be written to memory first)
+            counted = validf if not t.n_groups else validf * (h.group == t.n_groups).astype(dt)
+            first = jnp.maximum(column_max(-(eq * counted[:, None])), 0.0)
+            return bad_total, first[None], lag_bad, group_bad
 
         if fuse.get("skip") and t.partial_target is None:
             # On CPU most tiles of a calm book liquidate no one, and more of them leave no bad
@@ -585,6 +604,13 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         else:
             sums, und_closed = closeouts()
             bad_total, top2, lag_bad, group_bad = defaults()
+        if top is not None:
+            # Most tiles hold no bad debt above the second largest of the chunks before: the
+            # union's two largest are then those of before, and are kept without the three
+            # passes over the tile that finding a tile's two largest takes on CPU.
+            top2 = jax.lax.cond(jnp.any(top2[0] > top_k[1]),
+                                lambda: largest_two(jnp.concatenate([alone(liquidation.bad_debt(eq)), top_k])),
+                                lambda: top_k)
         sums = jnp.concatenate([sums[:2], bad_total[None], sums[2:]])  # SUM_NAMES order
         return carry, (sums, top2, lag_bad, group_bad, und_closed,
                        pnl if keep_pnl else None, liq if with_pnl else None)
@@ -592,7 +618,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     inf = jnp.full(n, jnp.inf, dt)
     init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt), jnp.zeros(n, dt))
     pm_tiles = t.model_tiles()
-    xs = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.haircut_base, t.random, jnp.arange(T, dtype=jnp.int32))
+    xs = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.haircut_base, t.random, jnp.arange(T, dtype=jnp.int32),
+          top)
     und_weights = underlying_notional(h, t).T * validf  # [2U, n]
     (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, group_bad, und_closed, pnl, liq) = jax.lax.scan(tile, init, xs)
 
@@ -604,11 +631,12 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     eq_b = outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional), at_best(t.impact), pm_b,
                    at_best(t.haircut_base))[0]
     masked = jnp.where(t.user[best_tile], eq_b - eq0[:, None], jnp.inf)
-    arg = best_tile * W + jnp.argmin(masked, axis=1).astype(jnp.int32)
+    arg = best_tile * W + first_argmin(masked)
     out = {
         **account_rows(eq0, coll0, mm0, g0, best, arg, gap_max, cost_max),
         "sums": sums.transpose(1, 0, 2).reshape(len(SUM_NAMES), T * W),
-        "top2": top2.transpose(1, 0, 2).reshape(2, T * W),  # the chunk's two largest bad debts
+        # the chunk's two largest bad debts (with ``top``: of it and the chunks before, [T, 2, W])
+        "top2": top2 if top is not None else top2.transpose(1, 0, 2).reshape(2, T * W),
     }
     if group_bad is not None:  # bad debt per group of accounts and scenario
         out["group_bad"] = group_bad.transpose(1, 0, 2).reshape(t.n_groups, T * W)
@@ -722,6 +750,29 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
     return jax.lax.scan(tile, None, (t.value, t.mm, t.price, t.notional, pm_tiles, t.haircut_base))[1]
 
 
+def column_max(x: Any) -> Any:
+    """``jnp.max(x, axis=0)`` of ``x`` ``[n, W]`` as a tree of elementwise maxima of halves.
+
+    XLA:CPU fuses the tree into one pass over ``x``, with no copy of it; its column reduction
+    (a library call) took 46 us a ``[128, 256]`` float64 tile, more than the gathers that
+    form ``x``. The result is the same: a maximum does not round.
+    """
+    while x.shape[0] > 1:
+        half = x.shape[0] // 2
+        top = jnp.maximum(x[:half], x[half : 2 * half])
+        x = top if x.shape[0] % 2 == 0 else jnp.concatenate([top, x[2 * half :]])
+    return x[0]
+
+
+def first_argmin(x: Any) -> Any:
+    """``jnp.argmin(x, axis=1)`` (int32) of ``x`` ``[n, W]``, no NaN: the first column holding
+    each row's minimum, found by a minimum and then a minimum of column numbers. XLA:CPU
+    compiled the argmin to a variadic reduction that took 132 us a ``[128, 256]`` tile."""
+    lowest = jnp.min(x, axis=1, keepdims=True)
+    column = jnp.arange(x.shape[1], dtype=jnp.int32)
+    return jnp.min(jnp.where(x == lowest, column, x.shape[1]), axis=1)
+
+
 def largest_two(x: Any) -> Any:
     """``[2, W]``: ``two_largest`` stacked."""
     return jnp.stack(two_largest(x))
@@ -784,23 +835,54 @@ def replicated(t: Any, n_devices: int) -> Any:
 @functools.lru_cache(maxsize=None)
 def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float = VAR_LEVEL) -> Callable:
     """``chunk_kernel`` over a group of chunks ``[n_devices * B, ...]``: each device runs its
-    ``B`` chunks in turn (``lax.map``), all devices at once (``shard_map``); compiled once per
-    holdings shape for the whole device mesh. Where ``PALLAS`` says so and the chunk
-    ``fused.applies``, the fused kernel takes its place."""
+    ``B`` chunks in turn, all devices at once (``shard_map``); compiled once per holdings shape
+    for the whole device mesh. Where ``PALLAS`` says so and the chunk ``fused.applies``, the
+    fused kernel takes its place.
+
+    Called as ``kernel(h, t, top)``: ``top`` ``[n_devices, 2, S_pad]`` (``no_top``) holds each
+    device's two largest bad debts per scenario over the groups before, and ``top2`` in the
+    result the same with this group's merged in; the other outputs are the group's own.
+    Carried from call to call on the devices, they are read once, after the last group.
+    """
     pallas = PALLAS[_backend()]
 
-    def local(h: Holdings, t: Tables) -> dict:
+    def local(h: Holdings, t: Tables, top: Any) -> dict:
         if pallas:
             from . import fused
 
             if fused.applies(h, t, n_random, with_pnl):  # shapes and settings are static
-                return fused.group_kernel(h, t)  # the device's chunks in one launch
+                return merged(fused.group_kernel(h, t), top)  # the device's chunks in one launch
         kernel = functools.partial(chunk_kernel, n_random=n_random, with_pnl=with_pnl, level=level)
-        return jax.lax.map(lambda one: kernel(one, t), h)
+        if not fusion(t.value.dtype).get("skip"):
+            return merged(jax.lax.map(lambda one: kernel(one, t), h), top)
+        # Where tiles can skip work (CPU), the chunks carry the two largest so far, in the
+        # tile layout: most tiles then hold no bad debt above the second of them, and skip
+        T, W = t.user.shape
 
-    mapped = on_devices(local, n_devices, (P("d"), P()))
+        def chunk(two, one):
+            out = kernel(one, t, top=two)
+            return out.pop("top2"), out
+
+        two, out = jax.lax.scan(chunk, top.reshape(2, T, W).transpose(1, 0, 2), h)
+        return {**out, "top2": two.transpose(1, 0, 2).reshape(top.shape)}
+
+    mapped = on_devices(local, n_devices, (P("d"), P(), P("d")))
     # kept traced on disk: a new process loads each holdings shape's module instead of tracing
     return _exported.Kept(jax.jit(mapped), ("sharded_kernel", n_random, with_pnl, n_devices, level))
+
+
+def merged(out: dict, top: Any) -> dict:
+    """``out`` with its ``top2`` ``[G, 2, S]`` (per chunk, or once for the group) merged into
+    ``top`` ``[1, 2, S]``: the two largest of their union."""
+    both = jnp.concatenate([top[0], out["top2"].reshape(-1, top.shape[-1]).astype(top.dtype)])
+    return {**out, "top2": largest_two(both)[None]}
+
+
+def no_top(t: Tables, n_devices: int) -> Any:
+    """``sharded_kernel``'s ``top`` before the first group: zeros (bad debt is >= 0), on the
+    devices."""
+    zeros = np.zeros((n_devices, 2, t.user.size), np.dtype(t.value.dtype))
+    return jax.device_put(zeros, NamedSharding(_mesh(n_devices), P("d")))
 
 
 def on_devices(local: Callable, n_devices: int, in_specs: tuple) -> Callable:
@@ -1091,7 +1173,7 @@ class LocalAccounts:
         kernel = sharded_kernel(n_random, with_pnl, D, level)
         t_snap, t = t, replicated(t, D)
         total = np.zeros((len(SUM_NAMES), t.user.size))
-        largest = np.zeros((2, t.user.size))
+        top = no_top(t, D)  # each device's two largest bad debts so far: stays on the devices
         lag_total = np.zeros((len(t.lags), t.user.size))
         group_bad = np.zeros((t.n_groups, t.user.size))
         und_total = np.zeros((t.und_asset.shape[0], t.user.size))
@@ -1114,13 +1196,8 @@ class LocalAccounts:
                 group_bad[:] += out.pop("group_bad").sum(axis=0, dtype=np.float64)
             und_total[:] += out.pop("und_closed").sum(axis=0, dtype=np.float64)
             # On CPU this host work shares the cores with the kernels, so it is kept to a few
-            # whole-array operations per group: the two largest by maxima, not a sort over
-            # the group's chunks; each output's real-account rows taken at once, not chunk by
-            # chunk (at 100k x 5,000 the two took 0.3 s and 0.1 s of a 2.6 s run; 0.4 s and
-            # 1.2 s at 1M).
-            top2 = out.pop("top2")  # [G, 2, S_pad]: merge into the two largest so far
-            both = np.concatenate([largest, top2.reshape(-1, top2.shape[-1])], axis=0, dtype=np.float64)
-            largest[:] = two_largest(both, xp=np)
+            # whole-array operations per group: each output's real-account rows taken at once,
+            # not chunk by chunk (at 1M accounts x 5,000 scenarios it took 1.2 s that way)
             acc = np.concatenate(accs)
             for k, v in out.items():
                 v = real_rows(accs, v)
@@ -1141,7 +1218,15 @@ class LocalAccounts:
         # (the random losses of a Monte Carlo run are [chunk, paths] per chunk).
         per_group = self.chunk_size * D * MAX_CHUNKS_PER_DEVICE * max(n_random, S if with_pnl else 0) * 8
         in_flight = max(1, min(4, int(256e6 // max(per_group, 1))))
-        pipelined(self.groups(D, t_snap), lambda h: kernel(h, t), drain_one, in_flight)
+
+        def call(h: Holdings) -> dict:
+            nonlocal top
+            out = kernel(h, t, top)
+            top = out.pop("top2")  # the next group's, not drained
+            return out
+
+        pipelined(self.groups(D, t_snap), call, drain_one, in_flight)
+        largest = np.stack(two_largest(np.asarray(top, np.float64).reshape(-1, t.user.size), xp=np))  # of all devices
         return Partial(per_acc, total, largest, lag_total, mats, t.lags, group_bad if t.n_groups else 0.0, und_total)
 
 

@@ -205,6 +205,31 @@ def test_skipping_the_sums_of_tiles_that_liquidate_or_default_no_one_changes_no_
         assert len(summed.summary["oracle_lags"]) == 2
 
 
+def test_cover2_is_the_sum_of_the_two_largest_bad_debts_of_each_scenario(snap):
+    # The reference: every account's equity in every scenario (the P&L matrix plus equity at
+    # the snapshot), its bad debt max(0, -equity), the two largest per scenario by a sort.
+    # Small chunks and tiles: the kernel carries the two largest from chunk to chunk and group
+    # to group, and merges a tile's only where it beats them.
+    scen = random_scenarios(snap, 40, seed=5, kind="explicit", scale=3.0)
+    res = stress.run(snap, scen, chunk_size=16)
+    pnl = stress.pnl_matrix(snap, scen, chunk_size=16)
+    equity0 = res.accounts.set_index("account_id").equity.reindex(pnl.index).to_numpy()
+    bad = np.maximum(-(equity0[:, None] + pnl.to_numpy()), 0.0)
+    assert ((bad > 0).sum(axis=0) >= 2).sum() >= 10  # most scenarios have two defaulters
+    expected = np.sort(bad, axis=0)[-2:].sum(axis=0)
+    np.testing.assert_allclose(res.scenarios.cover2, expected, rtol=1e-12, atol=1e-6)
+
+
+def test_column_max_and_first_argmin_match_numpy():
+    rng = np.random.default_rng(3)
+    for n, w in ((128, 16), (7, 5), (1, 3), (33, 1)):
+        x = rng.integers(-3, 4, size=(n, w)).astype(np.float64)  # small integers: many ties
+        np.testing.assert_array_equal(np.asarray(engine.column_max(x)), x.max(axis=0))
+        np.testing.assert_array_equal(np.asarray(engine.first_argmin(x)), np.argmin(x, axis=1))
+    x = np.array([[np.inf, np.inf, 2.0, 2.0, -np.inf, -np.inf]])
+    assert int(engine.first_argmin(x)[0]) == 4
+
+
 def test_a_set_that_does_not_fill_its_last_tile_reports_only_its_own_scenarios(snap, monkeypatch):
     # The last tile's padding columns repeat the set's last scenario (engine.Tables), so the
     # kernel takes its per-account extremes over whole tiles. Five rallies on tiles of 8:
