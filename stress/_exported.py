@@ -126,11 +126,12 @@ class Kept:
         leaves, treedef = jax.tree_util.tree_flatten(args)
         if any(isinstance(x, jax.core.Tracer) for x in leaves):  # inside another trace: inline it
             return self.fn(*args)
-        specs = tuple(spec(x) for x in leaves)
-        sig = (treedef, specs)
+        # the signature from plain attributes: building a ShapeDtypeStruct per leaf and call
+        # cost about 0.2 s of the 500 calls of a 1M-account run on CPU
+        sig = (treedef, tuple((np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "sharding", None)) for x in leaves))
         call = self._calls.get(sig)
         if call is None:
-            call = self._calls[sig] = self._prepare(treedef, specs)
+            call = self._calls[sig] = self._prepare(treedef, tuple(spec(x) for x in leaves))
         return call(*leaves)
 
     def cache_size(self) -> int:
