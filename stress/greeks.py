@@ -49,7 +49,7 @@ import numpy as np
 from . import _exported, margin, pricing
 from ._tree import pytree_dataclass
 from .errors import InputError
-from .snapshot import OPTION, PERPETUAL, Instruments, Market, Snapshot
+from .snapshot import OPTION, PERPETUAL, Instruments, Market, Snapshot, account_id_column
 
 VOL_POINT = 0.01  # vega is the equity change per +0.01 of implied vol
 COLUMNS = ("account_id", "underlying", "delta", "gamma", "vega", "theta", "delta_usd")
@@ -196,7 +196,7 @@ def _greeks_rows(snap: Snapshot, accounts: Sequence[str] | None):
     delta = at(s.pop("dm")) / P[a] + at(bal)  # a balance's USD value is amount * P, its delta the amount
     frame = pd.DataFrame(
         {
-            "account_id": _ids(snap)[idx[acc]],
+            "account_id": account_id_column(snap, idx[acc]),
             "underlying": np.asarray(snap.assets, dtype=object)[a],
             "delta": delta,
             "gamma": at(s.pop("dm2")) / P[a] ** 2,
@@ -481,7 +481,7 @@ def gross_notional(snap: Snapshot):
     keys = np.flatnonzero(held)
     A = snap.n_assets
     names = np.asarray(snap.assets, dtype=object)
-    return pd.DataFrame({"account_id": _ids(snap)[keys // A],
+    return pd.DataFrame({"account_id": account_id_column(snap, keys // A),
                          "underlying": names[keys % A].astype(str), "gross_notional": total[keys]})
 
 
@@ -520,13 +520,6 @@ def _exposed(bal: np.ndarray, pos_account: np.ndarray, pos_instrument: np.ndarra
     exposed[pos_account, np.asarray(inst.underlying)[pos_instrument]] = True
     exposed[pos_account, np.asarray(inst.settlement)[pos_instrument]] = True
     return np.flatnonzero(exposed)
-
-
-def _ids(snap: Snapshot) -> np.ndarray:
-    """The account ids as an object array of str: the loader's own objects, not copies (1M
-    new strings cost about 150 MiB)."""
-    ids = snap.account_ids
-    return ids if ids.dtype == object else ids.astype(str).astype(object)
 
 
 class _CallableModule(types.ModuleType):
