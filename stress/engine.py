@@ -941,7 +941,7 @@ def risk_order(snap: Snapshot, t: Tables) -> np.ndarray:
     mm = np.bincount(snap.pos_account, weights=position_weights(snap) * mm0[snap.pos_instrument], minlength=n)
     risk = np.where(coll > 0, mm / np.where(coll > 0, coll, 1.0), np.inf)
     rank = np.empty(n, np.int64)
-    rank[np.lexsort((np.arange(n), -risk))] = np.arange(n)
+    rank[np.argsort(-risk, kind="stable")] = np.arange(n)  # ties keep index order
     return rank
 
 

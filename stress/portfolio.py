@@ -215,8 +215,13 @@ def layout(
     M = int(shape.max(initial=0)) + 1  # one integer key per shape: np.unique(axis=0) took 1.3 s at 1M
     keys_b, bucket = np.unique((shape[:, 0] * M + shape[:, 1]) * M + shape[:, 2], return_inverse=True)
     shapes = np.stack([keys_b // (M * M), keys_b // M % M, keys_b % M], axis=1)
-    rank = np.arange(n) if order is None else np.asarray(order, np.int64)
-    by_row = np.argsort(bucket.astype(np.int64) * max(n, 1) + rank)  # by bucket, then rank
+    # Bucket numbers are small: as int16, NumPy's stable argsort is a radix sort, linear in n
+    # (by account, by slot, by position: 0.2 s of comparison sorts at 1M accounts before)
+    bucket = bucket.astype(np.int16)
+    by_rank = np.arange(n)  # the accounts in rank order: the inverse of the permutation ``order``
+    if order is not None:
+        by_rank[np.asarray(order, np.int64)] = np.arange(n)
+    by_row = by_rank[np.argsort(bucket[by_rank], kind="stable")]  # by bucket, then rank
     row = np.empty(n, np.int64)
     row[by_row] = _rank_in_group(bucket[by_row])  # each account's row within its bucket
     first_row = np.searchsorted(bucket[by_row], np.arange(len(shapes) + 1))
