@@ -193,7 +193,7 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
         kind, backend = devices[0].device_kind, jax.default_backend()
         kind = kind if kind == backend else f"{kind} ({backend})"  # "cpu", or "NVIDIA H200 (gpu)"
         where_run = (f"{len(devices)} x {kind}, chunks of {engine.default_chunk():,} accounts, "
-                     f"tiles of up to {engine.max_tile():,} scenarios")
+                     f"tiles of up to {engine.max_tile(dt):,} scenarios")
         stages += [
             difference("compile", first, whole, "the first run minus the warm run: compilation, and the "
                        "first run's host work (the holdings layout)"),

@@ -38,11 +38,12 @@ from .snapshot import OPTION, Snapshot, account_id_column
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 PM_TILE = 32  # scenarios per tile under the portfolio margin model
 PM_GRID_BATCH = 256  # states revalued at a time for the risk matrices: bounds the transient memory
-# Accounts per chunk and scenarios per tile, by backend. On CPU, [128, 256] tiles keep a chunk's
-# working set in L2 (docs/benchmarks.md); a GPU needs far more independent work per kernel
-# launch than that (bench/gpu.py measured the values used there).
+# Accounts per chunk and scenarios per tile, by backend (and dtype where it differs). On CPU,
+# [128, 256] float32 and [128, 128] float64 tiles (128 KiB per quantity) keep a chunk's working
+# set in L2 (docs/benchmarks.md); a GPU needs far more independent work per kernel launch than
+# that (bench/gpu.py measured the values used there).
 CHUNK = {"cpu": 128, "gpu": 8192}
-TILE = {"cpu": 256, "gpu": 2048}
+TILE = {"cpu": 256, "cpu-float64": 128, "gpu": 2048}
 # Whether a path of K steps gets 1/K of the tile's scenarios, by backend. A tile's state is
 # [chunk, K * W] per quantity: on CPU, the 100,000-account sample under the default set (paths
 # of 4 steps) swept in 6.2-7.0 s at W = 64 against 11.2-12.9 s at 256 (docs/benchmarks.md). On a
@@ -188,9 +189,10 @@ def default_chunk() -> int:
     return CHUNK[_backend()]
 
 
-def max_tile() -> int:
-    """The widest scenario tile on the default backend (``TILE``)."""
-    return TILE[_backend()]
+def max_tile(dtype: Any = None) -> int:
+    """The widest scenario tile on the default backend for ``dtype`` (``TILE``)."""
+    b = _backend()
+    return TILE.get(f"{b}-{jnp.dtype(dtype).name}", TILE[b]) if dtype is not None else TILE[b]
 
 
 def fusion(dtype: Any) -> dict:
@@ -204,13 +206,13 @@ def tile_width(n_scenarios: int, max_tile: int = 256) -> int:
     return min(max_tile, 1 << max(3, math.ceil(math.log2(max(n_scenarios, 1)))))
 
 
-def scenario_tile(n_scenarios: int, steps: int = 1, model_tiles: bool = False) -> int:
+def scenario_tile(n_scenarios: int, steps: int = 1, model_tiles: bool = False, dtype: Any = None) -> int:
     """``W``, the scenarios of one tile, for ``n_scenarios`` paths of ``steps`` steps each:
     ``tile_width`` up to ``PM_TILE`` under the portfolio and var models (``model_tiles``), else
-    ``max_tile()``; where ``PATH_TILE_SHRINKS`` says so, that widest tile divided by the steps
-    (rounded down to a power of two, at least 8), so a tile holds about as many states as a
-    one-step tile would."""
-    widest = PM_TILE if model_tiles else max_tile()
+    ``max_tile(dtype)``; where ``PATH_TILE_SHRINKS`` says so, that widest tile divided by the
+    steps (rounded down to a power of two, at least 8), so a tile holds about as many states as
+    a one-step tile would."""
+    widest = PM_TILE if model_tiles else max_tile(dtype)
     if PATH_TILE_SHRINKS[_backend()] and steps > 1:
         widest = max(8, 1 << ((widest // steps).bit_length() - 1))
     return tile_width(n_scenarios, widest)
@@ -262,7 +264,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     portfolio_model = model == "portfolio"
     # a portfolio-margin tile holds [accounts, underlyings, W, grid] blocks (a var tile [accounts,
     # W, windows]): keep it narrow
-    W = scenario_tile(S, scen.steps, model in ("portfolio", "var"))
+    W = scenario_tile(S, scen.steps, model in ("portfolio", "var"), dtype)
     T = math.ceil(S / W)
     A = snap.n_assets
     spot = np.ones((1 + T * W, A))
@@ -1273,7 +1275,7 @@ def _subset(t: Tables, cols: np.ndarray) -> Tables:
     T, W = t.user.shape
     K = t.value.shape[2] // W
     S2 = len(cols)
-    W2 = scenario_tile(S2, K, t.model_tiles() is not None)
+    W2 = scenario_tile(S2, K, t.model_tiles() is not None, t.value.dtype)
     T2 = math.ceil(S2 / W2)
     cols = np.asarray(cols)
     padded = jnp.asarray(np.pad(cols, (0, T2 * W2 - S2), mode="edge"))  # padding repeats the last (Tables)

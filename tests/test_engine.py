@@ -100,6 +100,7 @@ def test_results_do_not_depend_on_scenario_tile_width_or_fusion(snap, scen, base
     # GPUs may use wider tiles and other fusion choices than CPUs (engine.TILE, engine.FUSION):
     # both are schedules, not results
     monkeypatch.setitem(engine.TILE, "cpu", 8)
+    monkeypatch.setitem(engine.TILE, "cpu-float64", 8)
     monkeypatch.setitem(engine.FUSION, "cpu", {"keep": False, "matvec": False})
     assert len(scen) > 8
     assert_same(base_result, stress.run(snap, scen, chunk_size=64))
@@ -114,11 +115,14 @@ def test_paths_get_tiles_of_fewer_scenarios_and_the_same_results(snap, scen, bas
     assert engine.scenario_tile(len(scen), 3) == 64  # 256 / 3, down to a power of two
     assert engine.scenario_tile(len(scen), 64) == 8  # never below 8
     assert engine.scenario_tile(len(scen), 4, model_tiles=True) == engine.PM_TILE // 4
-    t, _ = engine.tables(snap, scen)
-    assert t.user.shape[1] == 64 and t.value.shape[2] == 4 * 64
+    # float64 tiles are half as wide on CPU: the same bytes per quantity as float32's
+    assert engine.max_tile("float64") == 128 and engine.max_tile("float32") == 256
+    assert engine.scenario_tile(len(scen), 4, dtype="float64") == 32
+    t, _ = engine.tables(snap, scen)  # float64
+    assert t.user.shape[1] == 32 and t.value.shape[2] == 4 * 32
     monkeypatch.setitem(engine.PATH_TILE_SHRINKS, "cpu", False)
     wide, _ = engine.tables(snap, scen)
-    assert wide.user.shape[1] == 256
+    assert wide.user.shape[1] == 128
     assert_same(base_result, stress.run(snap, scen))
 
 
@@ -189,6 +193,7 @@ def test_skipping_the_sums_of_tiles_that_liquidate_or_default_no_one_changes_no_
         scen = stress.load_scenarios(tmp_path / "mc.toml", snap)
         assert scen.steps == 3
     monkeypatch.setitem(engine.TILE, "cpu", 8)
+    monkeypatch.setitem(engine.TILE, "cpu-float64", 8)
     monkeypatch.setitem(engine.FUSION, "cpu", {**engine.FUSION["cpu"], "skip": True})
     skipped = stress.run(snap, scen, chunk_size=64)
     kinds = _tile_kinds(snap, scen, skipped, chunk_size=64)
@@ -236,6 +241,7 @@ def test_a_set_that_does_not_fill_its_last_tile_reports_only_its_own_scenarios(s
     # longs gain in every one, so their worst P&L is a gain (an unshocked padding column
     # would make it 0), and no extreme may come from anything but the five.
     monkeypatch.setitem(engine.TILE, "cpu", 8)
+    monkeypatch.setitem(engine.TILE, "cpu-float64", 8)
     stable = np.isin(snap.assets, ["USDC", "USDT"])
 
     def rallies(moves):

@@ -44,6 +44,7 @@ def test_the_fused_kernel_reproduces_the_xla_kernel_run(fee_snapshot, monkeypatc
     monkeypatch.setitem(fused.BLOCKS, dtype, blocks)
     if tile:
         monkeypatch.setitem(engine.TILE, "cpu", tile)
+        monkeypatch.setitem(engine.TILE, "cpu-float64", tile)
         monkeypatch.setattr(fused, "PASS_BYTES", pass_bytes)
     # every rung of the ladder, though this small exchange would leave the smallest one out
     monkeypatch.setattr(portfolio, "RUNG_MIN_ACCOUNTS", 0)
