@@ -489,6 +489,9 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     charged = t.fee_rate is not None or t.impact is not None
     gather_notional = charged or t.tiers is not None or t.partial_target is not None
     total = account_total(h.valid, fuse)
+    # [n] 1 for the real accounts that default alone, else 0: Cover 2 counts a group's defaults
+    # together (``group_bad``), and its accounts not alone
+    alone = validf if not t.n_groups else validf * (h.group == t.n_groups).astype(dt)
 
     def outcome(value, mm, price, notional, impact, pmx, hc_base):
         """Per account and scenario: equity at the path's end after closing costs; collateral
@@ -559,12 +562,6 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
                               total(closed) if closed is not None else und_closed.sum(axis=0)])
             return sums, und_closed
 
-        def alone(bad):
-            """``bad`` ``[n, W]`` of the chunk's real accounts that default alone: Cover 2 counts
-            a group's defaults together (``group_bad``), and its accounts not alone."""
-            bad = bad * validf[:, None]
-            return bad if not t.n_groups else jnp.where((h.group == t.n_groups)[:, None], bad, 0.0)
-
         def defaults():
             """Per-scenario bad debt: its sum, the two largest accounts' (Cover 2; with ``top``,
             only the largest, ``first``), per group of accounts, and under each reported oracle
@@ -577,11 +574,10 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             if t.n_groups:
                 group_bad = jnp.zeros((t.n_groups + 1, W), dt).at[h.group].add(bad * validf[:, None])[: t.n_groups]
             if top is None:
-                return bad_total, largest_two(alone(bad)), lag_bad, group_bad
-            # the largest alone: max(0, -eq) over the accounts counted, straight from eq (on
-            # CPU a select or a shared bad-debt array would be written to memory first)
-            counted = validf if not t.n_groups else validf * (h.group == t.n_groups).astype(dt)
-            first = jnp.maximum(column_max(-(eq * counted[:, None])), 0.0)
+                return bad_total, largest_two(bad * alone[:, None]), lag_bad, group_bad
+            # the largest: max(0, -eq) over the accounts counted, straight from eq (on CPU a
+            # select or a shared bad-debt array would be written to memory first)
+            first = jnp.maximum(column_max(-(eq * alone[:, None])), 0.0)
             return bad_total, first[None], lag_bad, group_bad
 
         if fuse.get("skip") and t.partial_target is None:
@@ -611,7 +607,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             # union's two largest are then those of before, and are kept without the three
             # passes over the tile that finding a tile's two largest takes on CPU.
             top2 = jax.lax.cond(jnp.any(top2[0] > top_k[1]),
-                                lambda: largest_two(jnp.concatenate([alone(liquidation.bad_debt(eq)), top_k])),
+                                lambda: largest_two(jnp.concatenate([liquidation.bad_debt(eq) * alone[:, None], top_k])),
                                 lambda: top_k)
         sums = jnp.concatenate([sums[:2], bad_total[None], sums[2:]])  # SUM_NAMES order
         return carry, (sums, top2, lag_bad, group_bad, und_closed,
