@@ -73,7 +73,7 @@ except ImportError:  # jax < 0.6
 # enough to reach it (|X| ~ daily_volume / (k * daily_vol)^2) is far outside the square-root
 # law's range anyway.
 MIN_FACTOR = 1e-3
-MAX_PATHS_PER_TILE = 128  # 2 x 128 columns: the engine's widest tile, [128, 256] per chunk
+MAX_PATHS_PER_TILE = 128  # 2 x 128 columns: the engine's widest CPU tile (float32), [128, 256] per chunk
 STATE_BYTES = 128e6  # per device, the [accounts, 2W] int32 breach state of one tile at most
 # Per-scenario outputs: each for the feedback run (``_feedback``) and the plain run (``_no_feedback``).
 SUMS = ("bad_debt", "impact_cost", "fees", "liquidated_notional", "accounts_liquidated")
