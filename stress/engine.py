@@ -14,7 +14,6 @@ import functools
 import math
 import os
 import time
-import weakref
 from typing import Any, Callable
 
 import jax
@@ -33,7 +32,7 @@ from ._tree import pytree_dataclass
 from .errors import InputError
 from .portfolio import Holdings
 from .scenarios import Scenarios
-from .snapshot import OPTION, Snapshot, account_id_column
+from .snapshot import OPTION, Snapshot, account_id_column, kept_for
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 PM_TILE = 32  # scenarios per tile under the portfolio margin model
@@ -970,11 +969,8 @@ def layout_of(snap: Snapshot, t: Tables | None = None) -> tuple:
     it (at 1M accounts it costs about a second of host time). A snapshot is frozen; a changed
     one (``dataclasses.replace``) is a new object with a layout of its own. ``t``: tables of a
     run on it, to lay accounts out in ``risk_order`` (the first call builds what is kept)."""
-    key = id(snap)
-    if key not in _LAYOUTS:
-        _LAYOUTS[key] = (buckets(snap, None if t is None else risk_order(snap, t)), group_rows(snap))
-        weakref.finalize(snap, _LAYOUTS.pop, key, None)
-    return _LAYOUTS[key]
+    order = lambda: None if t is None else risk_order(snap, t)  # noqa: E731
+    return kept_for(_LAYOUTS, snap, lambda: (buckets(snap, order()), group_rows(snap)))
 
 
 def forget_layout(snap: Snapshot) -> None:

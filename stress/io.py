@@ -113,7 +113,7 @@ class _Table:
                 missing = np.asarray(parsed.is_null().to_numpy(zero_copy_only=False))
                 values = parsed.to_numpy(zero_copy_only=False)
             else:  # 20x slower at a million rows, through Python objects
-                strings = np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
+                strings = self.strings(column, required=False)
                 missing = pd.isna(strings)
                 values = pd.to_numeric(pd.Series(strings, dtype=object), errors="coerce").to_numpy(
                     dtype=np.float64, na_value=np.nan

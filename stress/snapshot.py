@@ -138,6 +138,16 @@ class Snapshot:
         return self.assets.index(name)
 
 
+def kept_for(store: dict, snap: Snapshot, build: Any) -> Any:
+    """``build()``, computed once per snapshot object and kept in ``store`` while the snapshot
+    lives (a snapshot is frozen; a changed one is a new object with values of its own)."""
+    key = id(snap)
+    if key not in store:
+        store[key] = build()
+        weakref.finalize(snap, store.pop, key, None)
+    return store[key]
+
+
 _ID_COLUMNS: dict[int, Any] = {}
 
 
@@ -150,10 +160,7 @@ def account_id_column(snap: Snapshot, rows: Any = None) -> Any:
     """
     import pandas as pd
 
-    key = id(snap)
-    if key not in _ID_COLUMNS:
-        ids = snap.account_ids  # the loader's str objects (1M new ones cost about 150 MiB)
-        _ID_COLUMNS[key] = pd.Series(ids if ids.dtype == object else ids.astype(str).astype(object)).array
-        weakref.finalize(snap, _ID_COLUMNS.pop, key, None)
-    column = _ID_COLUMNS[key]
+    ids = snap.account_ids  # the loader's str objects (1M new ones cost about 150 MiB)
+    as_str = ids if ids.dtype == object else ids.astype(str).astype(object)
+    column = kept_for(_ID_COLUMNS, snap, lambda: pd.Series(as_str).array)
     return column if rows is None else column.take(np.asarray(rows, np.intp))
