@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +42,37 @@ DEFAULT_CORRELATIONS = ("BTC/ETH=0.80", "BTC/SOL=0.70", "ETH/SOL=0.75")  # stres
 def _fail(exc: InputError) -> None:
     sys.stderr.write(f"error: {exc}\n")
     raise typer.Exit(2)
+
+
+WARM_BYTES = 64 << 20  # the first copy to an accelerator: large enough to set up its staging
+
+
+def _start_devices() -> threading.Thread:
+    """Import JAX and start its devices on a thread while the main thread loads the inputs.
+
+    In a new process the first copy to a GPU sets up the driver's context and staging buffers,
+    about 2 s (docs/benchmarks.md), which would otherwise come after loading and the holdings
+    layout, in series with them. Loading spends most of its time in Arrow and NumPy, which
+    release the GIL. On CPU only the import of JAX moves earlier. Errors are left to the main
+    thread, which meets them again when it needs the devices.
+    """
+
+    import numpy as np  # here: the two threads then import nothing in common
+
+    def start() -> None:
+        try:
+            from . import _tree  # noqa: F401  (JAX, with the package's settings)
+
+            import jax
+
+            if jax.default_backend() != "cpu":
+                jax.block_until_ready(jax.device_put(np.zeros(WARM_BYTES // 4, np.float32)))
+        except Exception:  # noqa: BLE001 - reported by the main thread's own use of JAX
+            pass
+
+    thread = threading.Thread(target=start, name="stress-devices", daemon=True)
+    thread.start()
+    return thread
 
 
 def _load(snapshot: Optional[Path], scenarios: Optional[Path], accounts: int, mark=lambda stage: None):
@@ -146,6 +178,7 @@ def run(
     target = out_dir or Path("reports") / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     try:
         _check_out_dir(target)
+        devices = _start_devices() if cluster is None else None
         snap, scen = _load(snapshot, scenarios, accounts, mark)
         limits = _limits(snap, max_bad_debt, max_p_fund_depleted)
         if limits.get("max_p_fund_depleted") is not None and not scen.random.any():
@@ -166,6 +199,8 @@ def run(
         except cluster_mod.ClusterError as exc:
             sys.stderr.write(f"error: --cluster: {exc}\n")
             raise typer.Exit(2) from None
+    if devices is not None:
+        devices.join()  # before the bar: the wait is part of the first device work
     bar, progress = _progress_bar()
     try:
         if client is None:
