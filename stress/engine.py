@@ -536,14 +536,15 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             jnp.where(better, t_min, best),
             jnp.where(better, k, best_tile),
             jnp.maximum(gap_max, t_gap),
-            n_liq + (jnp.sum(liq & rnd[None, :], axis=1).astype(dt) if n_random else 0.0),
+            n_liq,  # the tile's random liquidations are added below, where it has any
             jnp.maximum(cost_max, jnp.max(f + cost, axis=1)) if charged else cost_max,
         )
         def closeouts():
             """Per-scenario sums of what liquidation does (accounts liquidated, shortfall,
             gains of positions closed early, fees, impact, notional closed, also per
-            underlying): all exactly zero when no account of the tile is liquidated or short
-            of margin at the step that decides its path in any of its scenarios. Liquidated
+            underlying), and each account's liquidations in the random scenarios: all
+            exactly zero when no account of the tile is liquidated or short of margin at the
+            step that decides its path in any of its scenarios. Liquidated
             alone is not enough: under an oracle lag a breach in a path's last steps is never
             acted on, and leaves a shortfall at the path's end."""
             # notional closed per underlying: the share closed at each step times the account's
@@ -559,7 +560,10 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
                               total(closed_out) if paths else zero,  # nothing closes early in one step
                               total(f) if t.fee_rate is not None else zero, total(cost) if impact is not None else zero,
                               total(closed) if closed is not None else und_closed.sum(axis=0)])
-            return sums, und_closed
+            # per account, its liquidations in the random scenarios, summed in the run's dtype
+            # (a bool sum is an int64 array XLA:CPU writes out, in every tile)
+            liq_random = jnp.sum((liquidated & rnd[None, :]).astype(dt), axis=1) if n_random else None
+            return sums, und_closed, liq_random
 
         def defaults():
             """Per-scenario bad debt: its sum, the two largest accounts' (Cover 2; with ``top``,
@@ -596,11 +600,13 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             defaulting = jnp.any(h.valid & below)
             for e in lagged:
                 defaulting = defaulting | jnp.any(e < 0)
-            sums, und_closed = _when(liquidating, closeouts)
+            sums, und_closed, liq_random = _when(liquidating, closeouts)
             bad_total, top2, lag_bad, group_bad = _when(defaulting, defaults)
         else:
-            sums, und_closed = closeouts()
+            sums, und_closed, liq_random = closeouts()
             bad_total, top2, lag_bad, group_bad = defaults()
+        if n_random:
+            carry = (*carry[:3], carry[3] + liq_random, carry[4])
         if top is not None:
             # Most tiles hold no bad debt above the second largest of the chunks before: the
             # union's two largest are then those of before, and are kept without the three
@@ -645,7 +651,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     if n_random:
         out["p_liquidation"] = n_liq / n_random
         loss = -pnl[:, t.random_index]  # [n, m]
-        if jax.default_backend() == "cpu":  # selected on the host: see tail_loss
+        if returns_losses():  # selected on the host: see tail_loss_host
             out["random_loss"] = loss
         else:
             out["var_99"], out["es_99"] = tail_loss(loss, level)
@@ -802,6 +808,12 @@ def tail_loss(loss: Any, level: float = VAR_LEVEL) -> tuple[Any, Any]:
     return tail[:, -1], jnp.mean(tail, axis=1)
 
 
+def returns_losses() -> bool:
+    """Whether the kernels return each account's random losses for ``tail_loss_host`` (CPU),
+    rather than their VaR and ES (``tail_loss``)."""
+    return jax.default_backend() == "cpu"
+
+
 def tail_loss_host(loss: np.ndarray, level: float = VAR_LEVEL) -> tuple[np.ndarray, np.ndarray]:
     """``tail_loss`` on the host by NumPy's introselect (``np.partition``): on CPU, XLA's sort
     and ``top_k`` select at a few million elements per second, 30x slower, and a host callback
@@ -860,7 +872,12 @@ def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float =
             out = kernel(one, t, top=two)
             return out.pop("top2"), out
 
-        two, out = jax.lax.scan(chunk, top.reshape(2, T, W).transpose(1, 0, 2), h)
+        two = top.reshape(2, T, W).transpose(1, 0, 2)
+        if h.valid.shape[0] == 1:  # no loop: its outputs would be stacked by a copy
+            two, out = chunk(two, jax.tree_util.tree_map(lambda x: x[0], h))
+            out = jax.tree_util.tree_map(lambda x: x[None], out)
+        else:
+            two, out = jax.lax.scan(chunk, two, h)
         return {**out, "top2": two.transpose(1, 0, 2).reshape(top.shape)}
 
     mapped = on_devices(local, n_devices, (P("d"), P(), P("d")))
@@ -981,16 +998,33 @@ def forget_layout(snap: Snapshot) -> None:
 
 
 MAX_CHUNKS_PER_DEVICE = 8  # per call: enough to hide dispatch, few enough to pad little
+# On CPU a run with random scenarios returns each chunk's losses ``[chunk, m]`` (``tail_loss_host``),
+# stacked per call into a buffer XLA first fills with zeros, then copies every chunk's into:
+# memory traffic as large as the chunk's work at 10,000 paths. Fewer chunks a call then pay:
+# at 200k accounts, 10,000 paths in float32 (5 MB a chunk) 4 chunks took 6.62 s against 8.51 s
+# for 8 (2: 6.95 s); in float64 2 chunks 11.71 s against 13.90 s for 4 and 14.89 s for 8; at
+# 3,000 paths in float32, 8 stayed best (2.02 s against 2.21 s for 4): dispatch dominates.
+RANDOM_BYTES_PER_DEVICE = 24 << 20
 
 
-def _groups(snap: Snapshot, chunk_size: int, dtype: Any, n_devices: int, layout: tuple | None = None):
+def chunks_per_device(chunk_size: int, n_random: int, dtype: Any) -> int:
+    """The most chunks a device runs per call: ``MAX_CHUNKS_PER_DEVICE``, fewer where the call
+    returns random losses of more than ``RANDOM_BYTES_PER_DEVICE`` a device (a power of two)."""
+    if not n_random or not returns_losses():
+        return MAX_CHUNKS_PER_DEVICE
+    per_chunk = chunk_size * n_random * np.dtype(dtype).itemsize
+    return min(MAX_CHUNKS_PER_DEVICE, 1 << max(0, int(math.log2(max(RANDOM_BYTES_PER_DEVICE // per_chunk, 1)))))
+
+
+def _groups(snap: Snapshot, chunk_size: int, dtype: Any, n_devices: int, layout: tuple | None = None,
+            max_b: int = MAX_CHUNKS_PER_DEVICE):
     """Yield ``(account indices per chunk, Holdings [G, chunk, ...])``, bucket by bucket.
 
     A group holds ``G = n_devices * B`` chunks, ``B`` per device, with ``B`` a power of two
-    sized to the bucket (so a bucket of 30 market makers is not padded to 8 chunks a
-    device). The last group of a bucket is padded with empty chunks and the last chunk with
-    empty rows (``valid`` False), so shapes stay fixed. ``layout``: ``(buckets(snap),
-    group_rows(snap))`` when the caller has them already.
+    up to ``max_b`` sized to the bucket (so a bucket of 30 market makers is not padded to 8
+    chunks a device). The last group of a bucket is padded with empty chunks and the last
+    chunk with empty rows (``valid`` False), so shapes stay fixed. ``layout``:
+    ``(buckets(snap), group_rows(snap))`` when the caller has them already.
     """
     bs, (rows, n_groups) = layout or (buckets(snap), group_rows(snap))
     for b in bs:
@@ -999,7 +1033,7 @@ def _groups(snap: Snapshot, chunk_size: int, dtype: Any, n_devices: int, layout:
         # below DEFAULT_CHUNK, so CPU shapes (and their compiled kernels) do not vary with it
         chunk = min(chunk_size, max(DEFAULT_CHUNK, 1 << math.ceil(math.log2(max(m, 1)))))
         per_device = math.ceil(m / (chunk * n_devices))
-        B = min(MAX_CHUNKS_PER_DEVICE, 1 << max(0, math.ceil(math.log2(max(per_device, 1)))))
+        B = min(max_b, 1 << max(0, math.ceil(math.log2(max(per_device, 1)))))
         group = n_devices * B
         step = chunk * group
         for lo in range(0, m, step):
@@ -1019,6 +1053,22 @@ def _groups(snap: Snapshot, chunk_size: int, dtype: Any, n_devices: int, layout:
                 balance=take(b.balance, dtype), valid=(np.arange(step) < hi - lo).reshape(group, chunk),
                 group=take(rows[b.accounts]) if n_groups else None,
             )
+
+
+def host_rows(x: Any, k: int) -> list[np.ndarray]:
+    """``real_rows`` of a group's output ``x`` ``[G, chunk, ...]`` (sharded along ``G``) with
+    ``k`` real accounts, as NumPy arrays ``[rows, ...]``, one per device's part, in order. On
+    CPU they are views of the devices' buffers: ``jax.device_get`` would first copy the parts
+    into one array, at 1M accounts x 10,000 paths in float32 40 GB, about 20 s of a 75 s run on
+    this machine (docs/benchmarks.md)."""
+    chunk = x.shape[1]
+    parts = []
+    for s in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
+        start = (s.index[0].start or 0) * chunk
+        if start < k:
+            part = np.asarray(s.data)
+            parts.append(part.reshape((-1,) + part.shape[2:])[: k - start])
+    return parts
 
 
 def real_rows(accs: list[np.ndarray], v: np.ndarray) -> np.ndarray:
@@ -1134,11 +1184,11 @@ class LocalAccounts:
     def __init__(self, snap: Snapshot, chunk_size: int | None, dt: Any, progress: Callable | None = None):
         self.snap, self.chunk_size, self.dt, self.progress = snap, chunk_size or default_chunk(), dt, progress
 
-    def groups(self, n_devices: int, t: Tables | None = None):
+    def groups(self, n_devices: int, t: Tables | None = None, max_b: int = MAX_CHUNKS_PER_DEVICE):
         """``_groups`` of the snapshot, from its holdings layout (``layout_of``; ``t`` the
         run's tables)."""
         order_by = t if fusion(self.dt).get("skip") else None  # the order only pays where tiles skip
-        return _groups(self.snap, self.chunk_size, self.dt, n_devices, layout_of(self.snap, order_by))
+        return _groups(self.snap, self.chunk_size, self.dt, n_devices, layout_of(self.snap, order_by), max_b)
 
     def closed(self, t: Tables) -> np.ndarray:
         """Pass 1 of the price impact: ``[T, 2, n_impact, K * W]`` net and gross contracts closed."""
@@ -1182,6 +1232,7 @@ class LocalAccounts:
 
         def drain_one(accs, out) -> None:
             nonlocal done, total
+            losses = out.pop("random_loss", None)  # [G * chunk, m], read in place below
             out = jax.device_get(out)
             total = total + out.pop("sums").sum(axis=0, dtype=np.float64)
             if "lag_bad" in out:
@@ -1197,12 +1248,12 @@ class LocalAccounts:
                 v = real_rows(accs, v)
                 if k in mats:
                     mats[k][acc] = v[:, :S]
-                elif k == "random_loss":
-                    var, es = tail_loss_host(v, level)
-                    put("var_99", acc, var)
-                    put("es_99", acc, es)
                 else:
                     put(k, acc, v)
+            if losses is not None:
+                tails = [tail_loss_host(part, level) for part in host_rows(losses, len(acc))]
+                put("var_99", acc, np.concatenate([var for var, _ in tails]))
+                put("es_99", acc, np.concatenate([es for _, es in tails]))
             done += len(acc)
             if progress:
                 progress(done, snap.n_accounts)
@@ -1210,7 +1261,8 @@ class LocalAccounts:
         # Dispatch is asynchronous: the devices compute while Python prepares the next group
         # and finishes the ones before. Groups in flight are bounded by the bytes they return
         # (the random losses of a Monte Carlo run are [chunk, paths] per chunk).
-        per_group = self.chunk_size * D * MAX_CHUNKS_PER_DEVICE * max(n_random, S if with_pnl else 0) * 8
+        max_b = chunks_per_device(self.chunk_size, n_random, self.dt)
+        per_group = self.chunk_size * D * max_b * max(n_random, S if with_pnl else 0) * 8
         in_flight = max(1, min(4, int(256e6 // max(per_group, 1))))
 
         def call(h: Holdings) -> dict:
@@ -1219,7 +1271,7 @@ class LocalAccounts:
             top = out.pop("top2")  # the next group's, not drained
             return out
 
-        pipelined(self.groups(D, t_snap), call, drain_one, in_flight)
+        pipelined(self.groups(D, t_snap, max_b), call, drain_one, in_flight)
         largest = np.stack(two_largest(np.asarray(top, np.float64).reshape(-1, t.user.size), xp=np))  # of all devices
         return Partial(per_acc, total, largest, lag_total, mats, t.lags, group_bad if t.n_groups else 0.0, und_total)
 

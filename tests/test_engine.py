@@ -438,6 +438,26 @@ def test_pnl_matrix_agrees_with_run(snap, scen, base_result):
     np.testing.assert_allclose(pnl.sum(axis=0), base_result.scenarios.pnl_total, rtol=0, atol=1e-9 * base_result.scenarios.pnl_gross.max())
 
 
+def test_random_tails_and_liquidation_odds_do_not_depend_on_chunks_per_call(snap, monkeypatch):
+    # On CPU each call returns its chunks' random losses, read on the host device by device
+    # (engine.host_rows); runs with many random scenarios take fewer chunks a call, down to one
+    # a device with no loop over chunks at all. The liquidations counted per account are only
+    # counted in tiles where someone is liquidated: the reference is the P&L pass's own flags.
+    mc = random_scenarios(snap, 250, seed=2, scale=2.0)
+    base = stress.run(snap, mc, chunk_size=32)
+    assert engine.chunks_per_device(32, 250, np.float64) == engine.MAX_CHUNKS_PER_DEVICE
+    monkeypatch.setattr(engine, "RANDOM_BYTES_PER_DEVICE", 1)
+    assert engine.chunks_per_device(32, 250, np.float64) == 1
+    one = stress.run(snap, mc, chunk_size=32)
+    for c in ("var_99", "es_99", "p_liquidation", "pnl_worst", "shortfall_worst"):
+        np.testing.assert_array_equal(one.accounts[c], base.accounts[c], err_msg=c)
+    dt = engine.DTYPES["float64"]
+    t, _ = engine.tables(snap, mc, dt)
+    liquidated = engine.LocalAccounts(snap, 32, dt).sweep(t, 0, True).mats["liquidated"]
+    assert 0 < liquidated.mean() < 0.5
+    np.testing.assert_array_equal(np.rint(base.accounts.p_liquidation * 250), liquidated.sum(axis=1))
+
+
 def test_random_scenario_statistics_use_documented_estimators(snap):
     mc = random_scenarios(snap, 250)
     res = stress.run(snap, mc, chunk_size=33)
