@@ -199,7 +199,7 @@ def check(args) -> int:
     out = Path(args.out)
     if args.worker:
         snap = stress.load_snapshot(folder)
-        res = stress.run(snap, make_scenarios(args.scenarios, snap.n_assets))
+        res = stress.run(snap, make_scenarios(args.scenarios, snap.n_assets, kind=args.kind))
         res.accounts.to_parquet(out / f"check-{args.worker}-accounts.parquet")
         res.scenarios.to_parquet(out / f"check-{args.worker}-scenarios.parquet")
         return 0
@@ -207,7 +207,8 @@ def check(args) -> int:
     import pandas as pd
 
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    base = [sys.executable, __file__, "check", "--accounts", str(args.accounts), "--scenarios", str(args.scenarios), "--out", str(out)]
+    base = [sys.executable, __file__, "check", "--accounts", str(args.accounts), "--scenarios", str(args.scenarios),
+            "--kind", args.kind, "--out", str(out)]
     timings = {}
     for name, e in (("device", os.environ), ("cpu", env)):
         t = now()
@@ -243,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float32", "float64"])
     p.add_argument("--config", nargs="+", default=["8192:2048"], help="CHUNK:TILE[:KEEP,MATVEC] configurations")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--kind", choices=("explicit", "montecarlo"), default="explicit", help="check: the scenarios' kind")
     p.add_argument("--budget", type=float, default=1e9, help="seconds; no new configuration starts after it")
     p.add_argument("--out", default=str(HERE / "out"))
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -104,15 +104,17 @@ def snapshot_dir(accounts: int, generate: bool = True) -> Path:
     return folder
 
 
-def make_scenarios(n_scenarios: int, n_assets: int, seed: int = 0):
-    """``S`` explicit scenarios: lognormal spot moves (5% vol), vol shifts N(0, 0.05), horizon 0."""
+def make_scenarios(n_scenarios: int, n_assets: int, seed: int = 0, kind: str = "explicit"):
+    """``S`` scenarios of ``kind`` (``explicit``, or ``montecarlo`` for the random scenarios'
+    per-account VaR, ES and liquidation odds): lognormal spot moves (5% vol), vol shifts
+    N(0, 0.05), horizon 0."""
     from stress.scenarios import Scenarios
 
     rng = np.random.default_rng(seed)
     spot = np.exp(0.05 * rng.standard_normal((n_scenarios, n_assets)))
     vol = 0.05 * rng.standard_normal((n_scenarios, n_assets))
     names = tuple(f"bench-{i:05d}" for i in range(n_scenarios))
-    return Scenarios(names, ("explicit",) * n_scenarios, spot, vol, np.zeros(n_scenarios), source="bench")
+    return Scenarios(names, (kind,) * n_scenarios, spot, vol, np.zeros(n_scenarios), source="bench")
 
 
 def peak_rss_mib() -> float:
