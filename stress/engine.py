@@ -254,6 +254,20 @@ def _kept_tables(T: int, W: int, dtype: Any) -> Callable:
     return _exported.Kept(fn, ("tiled_tables", T, W, dtype.name))
 
 
+@functools.partial(jax.jit, static_argnames=("K1", "dtype"))
+def _with_steps(last: dict, before: dict, K1: int, dtype: str) -> dict:
+    """Each table of ``last`` ``[T, X, W]`` (the paths' last step) followed, in every tile, by
+    the same of ``before`` ``[X, K1 * T * W]`` (the steps before it, step-major): ``[T, X,
+    (1 + K1) * W]``. One compiled call: as eager operations they were eight executables, each
+    a read from the compilation cache in a new process (about 0.1 s apiece on a GPU)."""
+
+    def steps(x):
+        T, X, W = last["value"].shape[0], x.shape[0], last["value"].shape[2]
+        return x.reshape(X, K1, T, W).transpose(2, 0, 1, 3).reshape(T, X, K1 * W).astype(dtype)
+
+    return {k: jnp.concatenate([last[k], steps(before[k])], axis=2) for k in last}
+
+
 def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[Tables, dict]:
     """Revalue every instrument under the snapshot and every scenario, tiled and padded."""
     liq_cfg = liquidation.config(snap.liquidation_config)
@@ -289,16 +303,16 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         prv, p_im, pmm = _revalue_and_margin(snap.instruments, snap.market, snap.params, p_spot.reshape(-1, A),
                                           p_vol.reshape(-1, A), p_hor.reshape(-1))
 
-        def steps(x):  # [X, K1 * T * W] -> [T, X, K1 * W], step-major within a tile
-            return x.reshape(x.shape[0], K1, T, W).transpose(2, 0, 1, 3).reshape(T, x.shape[0], K1 * W).astype(dtype)
-
-        value = jnp.concatenate([value, steps(prv["value"])], axis=2)
-        mm_t = jnp.concatenate([mm_t, steps(pmm)], axis=2)
-        price = jnp.concatenate([price, steps(prv["price"])], axis=2)
-        notional = jnp.concatenate([notional, steps(prv["notional"])], axis=2)
+        last = {"value": value, "mm": mm_t, "price": price, "notional": notional}
+        before = {"value": prv["value"], "mm": pmm, "price": prv["price"], "notional": prv["notional"]}
         if dynamic:
-            p_hc = np.asarray(margin.scaled_haircut(params, p_vol.reshape(-1, A))).T
-            hc_base = jnp.concatenate([hc_base, steps(p_hc)], axis=2)
+            last["hc"] = hc_base
+            before["hc"] = np.asarray(margin.scaled_haircut(params, p_vol.reshape(-1, A))).T
+        if model == "var":  # its floor, the standard IM, at every step too
+            last["im"], before["im"] = tiles["im"], p_im
+        both = _with_steps(last, before, K1=K1, dtype=jnp.dtype(dtype).name)
+        value, mm_t, price, notional = both["value"], both["mm"], both["price"], both["notional"]
+        hc_base = both.get("hc")
 
     def cols(x, first=1):  # [X, I, ...] -> [T, I, W, ...]
         x = np.asarray(x)[first:]
@@ -330,11 +344,11 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
               "pnl0": jnp.asarray(np.asarray(g["pnl"])[0][:, None, :], dtype),
               "delta0": jnp.asarray(np.asarray(g["delta"])[0][:, None], dtype),
               "roll0": jnp.asarray(np.asarray(g["roll"])[0][:, None], dtype),
-              "und": jnp.asarray(u.astype(np.int32)),
+              "und": jax.device_put(u.astype(np.int32)),
               "offset": jnp.asarray(params.pm_pnl_offset, dtype), "frac": jnp.asarray(params.pm_extended_fraction, dtype),
               "mds": jnp.asarray(params.pm_max_delta_shock, dtype), "thr": jnp.asarray(params.pm_delta_threshold, dtype),
               "factor": jnp.asarray(params.pm_mm_factor, dtype),
-              "extended": jnp.asarray(extended)}
+              "extended": jax.device_put(extended)}
 
     var, var_tail = None, 0
     if model == "var":  # the var model's windows around every scenario state (and step)
@@ -348,7 +362,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
             pg = grids(p_spot.reshape(-1, A), p_vol.reshape(-1, A), p_hor.reshape(-1))
             pnl = np.concatenate([pnl, path_cols(pg["pnl"])], axis=2)
             dp = np.concatenate([dp, path_cols(pg["dp"])], axis=2)
-            im_t = np.concatenate([im_t, np.asarray(steps(p_im))], axis=2)
+            im_t = np.asarray(both["im"])
         var = {"pnl": jnp.asarray(pnl, dtype), "dp": jnp.asarray(dp, dtype), "im": jnp.asarray(im_t, dtype),
                "pnl0": jnp.asarray(np.asarray(g["pnl"])[0][:, None, :], dtype),
                "dp0": jnp.asarray(np.asarray(g["dp"])[0][:, None, :], dtype),
@@ -368,9 +382,12 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         value=value,
         mm=mm_t,
         price=price,
-        user=jnp.asarray(user.reshape(T, W)),
-        random=jnp.asarray(random.reshape(T, W)),
-        random_index=jnp.asarray(np.flatnonzero(random).astype(np.int32)),
+        # device_put, not jnp.asarray: on jax 0.10 that stages each host array through an
+        # identity executable per shape, each a compilation-cache read in a new process (about
+        # 0.1 s apiece on a GPU)
+        user=jax.device_put(user.reshape(T, W)),
+        random=jax.device_put(random.reshape(T, W)),
+        random_index=jax.device_put(np.flatnonzero(random).astype(np.int32)),
         value0=first["value0"],
         mm0=first["mm0"],
         price0=first["price0"],
@@ -379,7 +396,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         notional0=first["notional0"],
         notional=notional,
         fee_rate=jnp.asarray(fee_rate, dtype) if fee_rate > 0 else None,
-        impact_row=jnp.asarray(impact_row),
+        impact_row=jax.device_put(impact_row),
         n_impact=int(has_impact.sum()),
         partial_target=jnp.asarray(liq_cfg["partial_target"], dtype) if liq_cfg["mode"] == "partial" else None,
         n_groups=group_rows(snap)[1],
@@ -431,8 +448,9 @@ def _underlying_rows(snap: Snapshot, dtype: Any) -> dict:
     assets, row = np.unique(und, return_inverse=True)
     c = np.asarray(snap.instruments.contract_size, np.float64)
     fixed = np.asarray(snap.instruments.inverse) & (np.asarray(snap.instruments.kind) != OPTION)
-    return {"und_row": jnp.asarray(row.astype(np.int32)), "und_lin": jnp.asarray(np.where(fixed, 0.0, c), dtype),
-            "und_fix": jnp.asarray(np.where(fixed, c, 0.0), dtype), "und_asset": jnp.asarray(assets.astype(np.int32))}
+    on = lambda x: jax.device_put(np.asarray(x, dtype))  # converted here, not on the device
+    return {"und_row": jax.device_put(row.astype(np.int32)), "und_lin": on(np.where(fixed, 0.0, c)),
+            "und_fix": on(np.where(fixed, c, 0.0)), "und_asset": jax.device_put(assets.astype(np.int32))}
 
 
 def underlying_notional(h: Holdings, t: Tables) -> Any:
@@ -1316,31 +1334,46 @@ def _impact_pass(snap: Snapshot, t: Tables, closed: np.ndarray, dt: Any) -> Tabl
 
 def _subset(t: Tables, cols: np.ndarray) -> Tables:
     """The tables of scenarios ``cols`` only (flat indices into the set), re-tiled."""
-    T, W = t.user.shape
+    W = t.user.shape[1]
     K = t.value.shape[2] // W
     S2 = len(cols)
     W2 = scenario_tile(S2, K, t.model_tiles() is not None, t.value.dtype)
     T2 = math.ceil(S2 / W2)
     cols = np.asarray(cols)
-    padded = jnp.asarray(np.pad(cols, (0, T2 * W2 - S2), mode="edge"))  # padding repeats the last (Tables)
+    padded = np.pad(cols, (0, T2 * W2 - S2), mode="edge")  # padding repeats the last (Tables)
+    flat = lambda x: np.pad(np.asarray(x).reshape(-1)[cols], (0, T2 * W2 - S2)).reshape(T2, W2)  # noqa: E731
+    random = flat(t.random)
+    pm_keys, var_keys = ("pnl", "delta", "roll"), ("pnl", "dp", "im")
+    xs = {"value": t.value, "mm": t.mm, "price": t.price, "notional": t.notional, "impact": t.impact,
+          "haircut_base": t.haircut_base,
+          "pm": None if t.pm is None else {k: t.pm[k] for k in pm_keys},
+          "var": None if t.var is None else {k: t.var[k] for k in var_keys}}
+    ys = _retile(xs, jax.device_put(padded), K=K, W2=W2)
+    return dataclasses.replace(
+        t, value=ys["value"], mm=ys["mm"], price=ys["price"], notional=ys["notional"], impact=ys["impact"],
+        haircut_base=ys["haircut_base"],
+        user=jax.device_put(flat(t.user)), random=jax.device_put(random),
+        random_index=jax.device_put(np.flatnonzero(random.reshape(-1)).astype(np.int32)),
+        pm=None if t.pm is None else {**t.pm, **ys["pm"]},
+        var=None if t.var is None else {**t.var, **ys["var"]},
+    )
 
-    def sub(x):  # [T, X, K*W, ...] -> [T2, X, K*W2, ...]
-        if x is None:
-            return None
-        X, rest = x.shape[1], x.shape[3:]
-        x = jnp.moveaxis(x.reshape((T, X, K, W) + rest), 0, 2).reshape((X, K, T * W) + rest)[:, :, padded]
+
+@functools.partial(jax.jit, static_argnames=("K", "W2"))
+def _retile(xs: dict, cols: Any, K: int, W2: int) -> dict:
+    """Every table of ``xs`` ``[T, X, K*W, ...]`` (None: absent) at the flat scenario indices
+    ``cols`` ``[T2 * W2]``, re-tiled to ``[T2, X, K*W2, ...]``: one compiled call (as eager
+    operations, about 25 executables to read from the compilation cache in a new process)."""
+    T2 = cols.shape[0] // W2
+
+    def sub(x):
+        T, X, KW, rest = x.shape[0], x.shape[1], x.shape[2], x.shape[3:]
+        W = KW // K
+        x = jnp.moveaxis(x.reshape((T, X, K, W) + rest), 0, 2).reshape((X, K, T * W) + rest)[:, :, cols]
         x = jnp.moveaxis(x.reshape((X, K, T2, W2) + rest), 2, 0)
         return x.reshape((T2, X, K * W2) + rest)
 
-    flat = lambda x: jnp.pad(x.reshape(-1)[cols], (0, T2 * W2 - S2)).reshape(T2, W2)  # noqa: E731
-    random = flat(t.random)
-    return dataclasses.replace(
-        t, value=sub(t.value), mm=sub(t.mm), price=sub(t.price), notional=sub(t.notional), impact=sub(t.impact),
-        haircut_base=sub(t.haircut_base),
-        user=flat(t.user), random=random, random_index=jnp.asarray(np.flatnonzero(np.asarray(random).reshape(-1)), jnp.int32),
-        pm=None if t.pm is None else {**t.pm, **{k: sub(t.pm[k]) for k in ("pnl", "delta", "roll")}},
-        var=None if t.var is None else {**t.var, **{k: sub(t.var[k]) for k in ("pnl", "dp", "im")}},
-    )
+    return jax.tree_util.tree_map(sub, xs)
 
 
 def adl_basis(snap: Snapshot, coll0: np.ndarray, gross0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

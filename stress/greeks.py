@@ -506,7 +506,7 @@ def _gross(snap: Snapshot) -> tuple[np.ndarray, np.ndarray]:
     inst = snap.instruments
     und = np.asarray(inst.underlying)
     spot = np.asarray(snap.market.price)[und]
-    notional = np.asarray(position_notional(inst, snap.pos_instrument, snap.pos_quantity, spot))
+    notional = position_notional(inst, snap.pos_instrument, np.asarray(snap.pos_quantity), spot, xp=np)
     size = snap.n_accounts * snap.n_assets
     key = snap.pos_account.astype(np.int64) * snap.n_assets + und[snap.pos_instrument]
     return np.bincount(key, weights=notional, minlength=size), np.bincount(key, minlength=size) > 0

@@ -490,12 +490,13 @@ def tier_margin(notional: Any, bound: Any, im_rate: Any, mm_rate: Any) -> tuple[
     return pick(im_rate) * notional, pick(mm_rate) * notional
 
 
-def position_notional(inst: Instruments, pos_inst: Any, qty: Any, spot: Any) -> Any:
+def position_notional(inst: Instruments, pos_inst: Any, qty: Any, spot: Any, xp: Any = jnp) -> Any:
     """``[N]`` USD notional of positions (SPEC section 2): ``|q| * c`` for inverse futures and
-    perpetuals (face value), ``|q| * c * S`` otherwise; ``spot`` is ``[I]``."""
-    c = inst.contract_size[pos_inst]
-    per = jnp.where(inst.inverse[pos_inst] & (inst.kind[pos_inst] != OPTION), c, c * spot[pos_inst])
-    return jnp.abs(qty) * per
+    perpetuals (face value), ``|q| * c * S`` otherwise; ``spot`` is ``[I]``. ``xp``: ``jnp``,
+    or ``np`` on the host (no eager device operations to compile)."""
+    c = xp.asarray(inst.contract_size)[pos_inst]
+    face = xp.asarray(inst.inverse)[pos_inst] & (xp.asarray(inst.kind)[pos_inst] != OPTION)
+    return xp.abs(qty) * xp.where(face, c, c * spot[pos_inst])
 
 
 def standard_position_margin(inst: Instruments, params: Params, pos_inst: Any, qty: Any, spot: Any,
