@@ -81,36 +81,48 @@ def stage_kernel(stage: str, n_devices: int) -> Callable:
         fuse = engine.fusion(eq0.dtype)
         total = engine.account_total(h.valid, fuse)
 
-        def tile(carry, x):
+        def pnl_tile(carry, x):
+            value, _, price, *_ = x
+            # margin and collateral unused: XLA drops their work (checked in the compiled (8, 64) loop too)
+            eq = portfolio.state(h, value, value, price, t.haircut)[0]
+            worst, gap_max = carry
+            pnl = eq - eq0[:, None]
+            rows = [total(pnl)] + ([] if stage == "pnl" else [jnp.zeros(W, eq.dtype)] * 2)
+            return (jnp.minimum(worst, jnp.min(pnl, axis=1)), gap_max), jnp.stack(rows)
+
+        def margin_tile(carry, x):
             value, mm, price, notional, hc_base, pmx = x
-            if stage == "pnl":  # margin and collateral unused: XLA drops their work (checked in
-                eq = portfolio.state(h, value, value, price, t.haircut)[0]  # the compiled (8, 64) loop too)
-            else:
-                eq, coll, m, *_ = engine.tile_state(h, value, mm, price, t.haircut_of(hc_base),
-                                                    *(() if t.tiers is None else (notional,)), tiers=t.tiers,
-                                                    fuse=fuse)
-                m = m if pmx is None else t.model_margin(h, pmx)
-                if fuse["keep"]:  # as chunk_kernel keeps them
-                    eq, coll, m = jax.lax.optimization_barrier((eq, coll, m))
+            eq, coll, m, *_ = engine.tile_state(h, value, mm, price, t.haircut_of(hc_base),
+                                                *(() if t.tiers is None else (notional,)), tiers=t.tiers, fuse=fuse)
+            m = m if pmx is None else t.model_margin(h, pmx)
+            if fuse["keep"]:  # as chunk_kernel keeps them
+                eq, coll, m = jax.lax.optimization_barrier((eq, coll, m))
             worst, gap_max = carry
             # min(fl(eq - eq0)) == fl(min(eq) - eq0) (rounding is monotone), so both reductions
             # can read the P&L: one [n, W] array in memory on CPU instead of two
             pnl = eq - eq0[:, None]
-            rows = [total(pnl)]
             worst = jnp.minimum(worst, jnp.min(pnl, axis=1))
-            if stage != "pnl":
-                gap = m - coll
-                t_gap = jnp.max(gap, axis=1)
-                gap_max = jnp.maximum(gap_max, t_gap)
-                short = lambda: jnp.stack([total((gap > 0).astype(eq.dtype)), total(jnp.maximum(gap, 0.0))])  # noqa: E731
-                # as chunk_kernel does, summed only in tiles where an account is short of margin
-                rows += list(engine._when(jnp.any(h.valid & (t_gap > 0)), short) if fuse.get("skip") else short())
+            gap = m - coll
+            t_gap = jnp.max(gap, axis=1)
+            gap_max = jnp.maximum(gap_max, t_gap)
+            short = lambda: jnp.stack([total((gap > 0).astype(eq.dtype)), total(jnp.maximum(gap, 0.0))])  # noqa: E731
+            # as chunk_kernel does, summed only in tiles where an account is short of margin
+            rows = [total(pnl), *(engine._when(jnp.any(h.valid & (t_gap > 0)), short) if fuse.get("skip") else short())]
             return (worst, gap_max), jnp.stack(rows)
 
         n = eq0.shape[0]
         init = (jnp.full(n, jnp.inf, eq0.dtype), jnp.full(n, -jnp.inf, eq0.dtype))
-        xs = (t.value, t.mm, t.price, t.notional, t.haircut_base, t.model_tiles())
-        (worst, gap_max), sums = jax.lax.scan(tile, init, xs)
+        tables = (t.value, t.mm, t.price, t.notional, t.haircut_base, t.model_tiles())
+        if stage == "pnl" or t.ranges is None:
+            (worst, gap_max), sums = jax.lax.scan(pnl_tile if stage == "pnl" else margin_tile, init, tables)
+        else:  # as chunk_kernel: a tile proved calm skips its margin work (each branch slices its tables)
+            calm = jnp.all(~h.valid[:, None] | portfolio.calm(h, t.ranges), axis=0)
+
+            def tile(carry, x):
+                at = lambda: tuple(None if a is None else jax.tree_util.tree_map(lambda y: y[x[0]], a) for a in tables)  # noqa: E731
+                return jax.lax.cond(x[1], lambda c: pnl_tile(c, at()), lambda c: margin_tile(c, at()), carry)
+
+            (worst, gap_max), sums = jax.lax.scan(tile, init, (jnp.arange(T), calm))
         out = {"pnl_worst": worst, "sums": sums.transpose(1, 0, 2).reshape(-1, T * W)}
         return out if stage == "pnl" else {**out, "gap_max": gap_max}
 
@@ -128,6 +140,8 @@ def sweep_stage(snap, t, stage: str, dtype) -> tuple[dict, np.ndarray]:
         raise ValueError("stage timing takes one-step scenarios only")
     S = int(np.asarray(t.user).sum())
     accounts = engine.LocalAccounts(snap, None, dtype)
+    if stage != "pnl":  # tiles proved calm skip the margin work, in the accounts' order, as a run's
+        t = engine.with_ranges(t, snap.n_accounts)
     t_dev = engine.replicated(t, D)
     per_acc: dict[str, np.ndarray] = {}
     total = 0.0

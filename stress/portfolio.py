@@ -317,6 +317,55 @@ def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
     return (eq, coll, margin, *g)
 
 
+def calm(h: Holdings, b: dict) -> Any:
+    """``[n, T]`` True where an account provably has collateral above its margin, and so
+    equity above zero, in every state of a tile: the standard model, untiered.
+
+    ``b`` holds each table's range over a tile's states (``engine.tile_ranges``): ``v_lo``,
+    ``v_hi``, ``mm_lo``, ``mm_hi`` ``[I, T]``, ``p_lo``, ``p_hi`` ``[A, T]``, and ``keep``
+    ``[A]``, the smallest share of a positive amount that counts as collateral.
+
+    A slot's net amount ``e = balance + sum q * value`` is at least ``e_lo`` (each position at
+    its worse end), and what it adds to collateral, ``keep * e * p`` or ``e * p``, rises with
+    ``e`` and moves with ``p`` as ``e``'s sign says: at least ``keep * e_lo * p_lo`` (``e_lo >=
+    0``) or ``e_lo * p_hi``. Margin is at most ``sum w * mm`` at its larger end. Collateral is
+    at most equity, so collateral above zero means no bad debt either. Both sides must clear a
+    slack for the rounding of the kernel's own sums (a few ulps of the gross amounts each adds
+    up), so a proof never rests on a last bit.
+    """
+    n, P, L = h.inst.shape
+    J = h.asset.shape[1]
+    v_lo, v_hi, mm_lo, mm_hi, p_lo, p_hi = (b[k] for k in ("v_lo", "v_hi", "mm_lo", "mm_hi", "p_lo", "p_hi"))
+    dt = v_lo.dtype
+    zeros = jnp.zeros((n, v_lo.shape[1]), dt)
+
+    def position(j, l, carry):
+        e, gross, m, m_gross = carry
+        i, q, w = h.inst[:, j, l], h.qty[:, j, l, None], h.weight[:, j, l, None]
+        lo, hi = v_lo[i], v_hi[i]
+        e = e + jnp.where(q >= 0, q * lo, q * hi)
+        gross = gross + jnp.abs(q) * jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        m = m + jnp.where(w >= 0, w * mm_hi[i], w * mm_lo[i])
+        m_gross = m_gross + jnp.abs(w) * jnp.maximum(jnp.abs(mm_lo[i]), jnp.abs(mm_hi[i]))
+        return e, gross, m, m_gross
+
+    def slot(j, carry, positions):
+        coll, scale, m, m_gross = carry
+        e = jnp.broadcast_to(h.balance[:, j, None], zeros.shape).astype(dt)
+        gross = jnp.abs(e)
+        if positions:
+            e, gross, m, m_gross = _repeat(L, lambda l, c: position(j, l, c), (e, gross, m, m_gross), unroll)
+        a = h.asset[:, j]
+        coll = coll + jnp.where(e >= 0, b["keep"][a, None] * e * p_lo[a], e * p_hi[a])
+        return coll, scale + gross * p_hi[a], m, m_gross
+
+    unroll = P * L <= UNROLL_MAX
+    carry = _repeat(P, lambda j, c: slot(j, c, True), (zeros, zeros, zeros, zeros), unroll)
+    coll, scale, m, m_gross = _repeat(J - P, lambda j, c: slot(P + j, c, False), carry, unroll)
+    slack = 4 * (P * L + J + 4) * jnp.finfo(dt).eps * (scale + m_gross)
+    return (coll - m > slack) & (coll > slack)
+
+
 def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: Any, tiers: Any = None) -> tuple[Any, ...]:
     """The pieces of ``state`` kept per asset slot, for models that change holdings along a
     path (partial liquidation): ``(pos [n, J, W], bal [n, J], px [n, J, W], keep [n, J],

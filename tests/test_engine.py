@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
@@ -169,6 +170,29 @@ def _tile_kinds(snap, scen, res, chunk_size):
     return kinds
 
 
+def _tile_test_run(form, snap, sample_dir, tmp_path, monkeypatch):
+    """``(snapshot, scenarios)`` for the tests of tiles that skip work, in tiles of 8 scenarios:
+    moderate one-step shocks, or Monte Carlo paths of 3 steps under an oracle lag of 1 with
+    lags 0 and 2 reported."""
+    monkeypatch.setitem(engine.TILE, "cpu", 8)
+    monkeypatch.setitem(engine.TILE, "cpu-float64", 8)
+    if form == "one step":
+        return snap, random_scenarios(snap, 40, seed=3, scale=0.1)
+    import shutil
+
+    folder = tmp_path / "lagged"
+    shutil.copytree(sample_dir, folder)
+    toml = (folder / "exchange.toml").read_text()
+    assert toml.count("[liquidation]") == 1
+    lagged = toml.replace("[liquidation]", "[liquidation]\noracle_lag_steps = 1\noracle_lags = [0, 2]")
+    (folder / "exchange.toml").write_text(lagged)
+    snap = stress.load_snapshot(folder)
+    (tmp_path / "mc.toml").write_text(MC_PATHS)
+    scen = stress.load_scenarios(tmp_path / "mc.toml", snap)
+    assert scen.steps == 3
+    return snap, scen
+
+
 @pytest.mark.parametrize("form", ["one step", "paths under an oracle lag"])
 def test_skipping_the_sums_of_tiles_that_liquidate_or_default_no_one_changes_no_result(
         form, snap, sample_dir, tmp_path, monkeypatch, fresh_kernels):
@@ -177,23 +201,7 @@ def test_skipping_the_sums_of_tiles_that_liquidate_or_default_no_one_changes_no_
     # exactly the zeros they replace. Under an oracle lag an account can be liquidated with
     # its collateral above its margin where the lag has it closed out, and bad debt is also
     # reported under other lags: each test of the kernel must see that.
-    if form == "one step":
-        scen = random_scenarios(snap, 40, seed=3, scale=0.1)
-    else:
-        import shutil
-
-        folder = tmp_path / "lagged"
-        shutil.copytree(sample_dir, folder)
-        toml = (folder / "exchange.toml").read_text()
-        assert toml.count("[liquidation]") == 1
-        lagged = toml.replace("[liquidation]", "[liquidation]\noracle_lag_steps = 1\noracle_lags = [0, 2]")
-        (folder / "exchange.toml").write_text(lagged)
-        snap = stress.load_snapshot(folder)
-        (tmp_path / "mc.toml").write_text(MC_PATHS)
-        scen = stress.load_scenarios(tmp_path / "mc.toml", snap)
-        assert scen.steps == 3
-    monkeypatch.setitem(engine.TILE, "cpu", 8)
-    monkeypatch.setitem(engine.TILE, "cpu-float64", 8)
+    snap, scen = _tile_test_run(form, snap, sample_dir, tmp_path, monkeypatch)
     monkeypatch.setitem(engine.FUSION, "cpu", {**engine.FUSION["cpu"], "skip": True})
     skipped = stress.run(snap, scen, chunk_size=64)
     kinds = _tile_kinds(snap, scen, skipped, chunk_size=64)
@@ -208,6 +216,63 @@ def test_skipping_the_sums_of_tiles_that_liquidate_or_default_no_one_changes_no_
     assert skipped.summary.get("oracle_lags") == summed.summary.get("oracle_lags")
     if form != "one step":
         assert len(summed.summary["oracle_lags"]) == 2
+
+
+def test_a_tile_proved_calm_has_collateral_above_margin_and_positive_equity_in_every_state(snap):
+    # portfolio.calm's bound against the states themselves: wherever it proves an account calm
+    # in a tile, every state of the tile must have collateral above maintenance margin (no
+    # liquidation, no shortfall) and equity above zero (no bad debt). Narrow tiles of large
+    # shocks, so that it proves some tiles and not others.
+    from stress import portfolio
+
+    scen = random_scenarios(snap, 96, seed=5, scale=0.4)
+    t = engine.tables(snap, dataclasses.replace(scen, kinds=("explicit",) * len(scen)))[0]
+    ranges = engine.tile_ranges(t)
+    T, W = t.user.shape
+    proved = refuted = 0
+    for _, h in engine.LocalAccounts(snap, 64, np.float64).groups(1):
+        for g in range(h.valid.shape[0]):
+            one = jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x[g]), h)
+            calm = np.asarray(portfolio.calm(one, ranges))  # [n, T]
+            valid = np.asarray(one.valid)
+            for k in range(T):
+                eq, coll, m = (np.asarray(x) for x in portfolio.state(one, t.value[k], t.mm[k], t.price[k], t.haircut)[:3])
+                safe = (coll > m).all(axis=1) & (eq > 0).all(axis=1)
+                assert safe[calm[:, k] & valid].all()
+                proved += (calm[:, k] & valid).sum()
+                refuted += (~safe & valid).sum()
+    assert proved > 0 and refuted > 0, (proved, refuted)
+
+
+@pytest.mark.parametrize("form", ["one step", "paths under an oracle lag"])
+def test_skipping_the_margin_work_of_tiles_proved_calm_changes_no_result(
+        form, snap, sample_dir, tmp_path, monkeypatch, fresh_kernels):
+    # On CPU a large sweep skips the margin work of the tiles where every account of the chunk
+    # is proved calm, and chunks accounts calm in as many tiles together (engine.calm_orders):
+    # a schedule, so the results must be the same but for the rounding of another order of
+    # accounts (an account's row in its chunk can move a last bit).
+    snap, scen = _tile_test_run(form, snap, sample_dir, tmp_path, monkeypatch)
+    monkeypatch.setattr(engine, "CALM_MIN_STATES", 0)
+    monkeypatch.setitem(engine.FUSION, "cpu", {**engine.FUSION["cpu"], "calm": True})
+    calm = stress.run(snap, scen, chunk_size=64)
+    # not vacuous: some (chunk, tile) blocks of the run are proved calm, and some are not
+    from stress import portfolio
+
+    t = engine.with_ranges(engine.tables(snap, scen)[0], snap.n_accounts)
+    assert t.ranges is not None
+    blocks = np.concatenate([np.asarray(jax.vmap(lambda one: (~one.valid[:, None] | portfolio.calm(one, t.ranges)).all(0))(h))
+                             for _, h in engine.LocalAccounts(snap, 64, np.float64).groups(1, t)])
+    assert 0 < blocks.mean() < 1, blocks.mean()
+    engine.sharded_kernel.cache_clear()
+    monkeypatch.setitem(engine.FUSION, "cpu", {**engine.FUSION["cpu"], "calm": False})
+    plain = stress.run(snap, scen, chunk_size=64)
+    pd.testing.assert_frame_equal(calm.accounts, plain.accounts, check_exact=False, rtol=1e-12)
+    np.testing.assert_array_equal(calm.accounts.scenario_worst, plain.accounts.scenario_worst)
+    pd.testing.assert_frame_equal(calm.scenarios, plain.scenarios, check_exact=False, rtol=1e-12, atol=1e-6)
+    lags = calm.summary.get("oracle_lags") or []
+    assert len(lags) == len(plain.summary.get("oracle_lags") or []) == (0 if form == "one step" else 2)
+    for a, b in zip(lags, plain.summary.get("oracle_lags") or []):
+        assert a == pytest.approx(b, rel=1e-12)
 
 
 def test_cover2_is_the_sum_of_the_two_largest_bad_debts_of_each_scenario(snap):

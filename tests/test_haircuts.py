@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import stress
-from stress import cascade, margin, sample
+from stress import cascade, engine, margin, sample
 from stress.errors import InputError
 
 from .conftest import write_snapshot
@@ -164,6 +164,24 @@ def test_results_with_dynamic_haircuts_do_not_depend_on_chunking_or_mode(tmp_pat
     sp = stress.run(part, _scen(tmp_path, part)).scenarios
     np.testing.assert_allclose(sp.shortfall_total, a.scenarios.shortfall_total, rtol=1e-12)
     np.testing.assert_array_equal(sp.accounts_liquidatable, a.scenarios.accounts_liquidatable)
+
+
+def test_tiles_proved_calm_under_dynamic_haircuts_change_no_result(tmp_path, monkeypatch):
+    # Under dynamic haircuts engine.tile_ranges bounds a positive amount's share counted as
+    # collateral by 1 - cap: the calm tiles' skipped margin work must change nothing.
+    snap = _book(tmp_path / "snap")
+    scen = _scen(tmp_path, snap)
+    monkeypatch.setattr(engine, "CALM_MIN_STATES", 0)
+    t = engine.with_ranges(engine.tables(snap, scen)[0], snap.n_accounts)
+    np.testing.assert_allclose(np.asarray(t.ranges["keep"]), 1.0 - float(snap.params.haircut_max))
+    engine.sharded_kernel.cache_clear()
+    calm = stress.run(snap, scen, chunk_size=1)  # one account a chunk: three of the four are proved calm
+    monkeypatch.setitem(engine.FUSION, "cpu", {**engine.FUSION["cpu"], "calm": False})
+    engine.sharded_kernel.cache_clear()
+    plain = stress.run(snap, scen, chunk_size=1)
+    engine.sharded_kernel.cache_clear()
+    pd.testing.assert_frame_equal(calm.accounts, plain.accounts, check_exact=False, rtol=1e-12)
+    pd.testing.assert_frame_equal(calm.scenarios, plain.scenarios, check_exact=False, rtol=1e-12)
 
 
 def test_the_cascade_without_feedback_matches_the_engine_under_dynamic_haircuts(tmp_path, sample_tables):

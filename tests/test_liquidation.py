@@ -135,6 +135,24 @@ def test_largest_two_counts_a_tie_at_the_top_twice():
     np.testing.assert_array_equal(np.asarray(largest_two(x)), [[5.0, 1.0, 0.0], [5.0, 1.0, 0.0]])
 
 
+@pytest.mark.parametrize("rows", [2, 3, 7, 128, 131])
+def test_the_elementwise_tree_of_two_largest_matches_the_sorted_columns(rows):
+    # engine.column_top2 (the CPU kernel's two largest bad debts of a tile) and merge_top2
+    # (merged with those of the chunks before) against a sort: small integers, so ties at the
+    # top are common; odd row counts carry a row through the tree.
+    import numpy as np
+
+    from stress.engine import column_top2, merge_top2
+
+    rng = np.random.default_rng(rows)
+    x = rng.integers(0, 6, (rows, 40)).astype(float)
+    top = -np.sort(-x, axis=0)[:2]
+    np.testing.assert_array_equal(np.asarray(column_top2(x)), top)
+    before = -np.sort(-rng.integers(0, 6, (2, 40)).astype(float), axis=0)
+    union = -np.sort(-np.concatenate([x, before]), axis=0)[:2]
+    np.testing.assert_array_equal(np.asarray(merge_top2(column_top2(x), before)), union)
+
+
 def test_oracle_lag_closes_out_later_and_deeper(tmp_path):
     # 50,000 -> 49,000 -> 47,000 -> 50,500. The long (500 BTC on 400,000 USDC) breaches at
     # 49,000 (below 49,697). Lag 0: closed at 49,000, equity 400,000 - 500,000 = -100,000.
