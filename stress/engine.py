@@ -194,8 +194,9 @@ def tile_ranges(t: Tables) -> dict:
 
 # Account-states (accounts x scenarios x steps) from which a sweep proves tiles calm: below, the
 # compilation it adds (about 1 s a holdings shape, 5.8 s in all at 100,000 accounts on CPU) is
-# not won back. At 1M accounts x 5,000 shocks it took a warm run from 8.7 to 6.4 s; in a new
-# process with the compilation cache filled it adds about 0.8 s of loading (docs/benchmarks.md).
+# not won back. At 1M accounts x 5,000 shocks it took a warm run from 9.5 to 6.6 s (in one
+# process); in a new process with the compilation cache filled it adds about 0.5 s of loading
+# (docs/benchmarks.md).
 CALM_MIN_STATES = 2e9
 
 
@@ -524,8 +525,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     ``top``, optional ``[T, 2, W]``: the two largest bad debts per scenario of the chunks run
     before this one (zeros for none). The chunk's own are then merged into it, only in the tiles
     where one of them is larger than the second of ``top`` (``column_top2``, ``merge_top2``),
-    and ``top2`` is the result, in the
-    same layout. Without it ``top2`` is the chunk's own. Either way ``top2`` holds the same
+    and ``top2`` is the result, in the same layout. Without it ``top2`` is the chunk's own. Either way ``top2`` holds the same
     values the host would merge them into (``two_largest`` of the union).
 
     Returns:
@@ -1225,8 +1225,8 @@ def calm_orders(snap: Snapshot, t: Tables, dt: Any, n_devices: int, layout: tupl
     tiles: at 100,000 accounts x 5,000 shocks, 75% of (account, tile) pairs were proved calm but
     only 49% of (chunk, tile) pairs; grouped by their count of calm tiles, 68%, and 62% of the
     accounts were in chunks calm in every tile (docs/benchmarks.md). The counts come from one
-    pass of a small kernel over every account's holdings; the host's NumPy took 4 to 9 times
-    as long.
+    pass of a small kernel over every account's holdings (NumPy on the host took 8 to 12 times
+    as long).
     """
     kernel = calm_counts(n_devices)
     ranges = replicated(t.ranges, n_devices)
