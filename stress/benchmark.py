@@ -116,13 +116,12 @@ def stage_kernel(stage: str, n_devices: int) -> Callable:
         if stage == "pnl" or t.ranges is None:
             (worst, gap_max), sums = jax.lax.scan(pnl_tile if stage == "pnl" else margin_tile, init, tables)
         else:  # as chunk_kernel: a tile proved calm skips its margin work (each branch slices its tables)
-            calm = jnp.all(~h.valid[:, None] | portfolio.calm(h, t.ranges), axis=0)
-
             def tile(carry, x):
-                at = lambda: tuple(None if a is None else jax.tree_util.tree_map(lambda y: y[x[0]], a) for a in tables)  # noqa: E731
-                return jax.lax.cond(x[1], lambda c: pnl_tile(c, at()), lambda c: margin_tile(c, at()), carry)
+                k, proved = x
+                return jax.lax.cond(proved, lambda c: pnl_tile(c, engine.tile_at(tables, k)),
+                                    lambda c: margin_tile(c, engine.tile_at(tables, k)), carry)
 
-            (worst, gap_max), sums = jax.lax.scan(tile, init, (jnp.arange(T), calm))
+            (worst, gap_max), sums = jax.lax.scan(tile, init, (jnp.arange(T), engine.calm_tiles(h, t.ranges)))
         out = {"pnl_worst": worst, "sums": sums.transpose(1, 0, 2).reshape(-1, T * W)}
         return out if stage == "pnl" else {**out, "gap_max": gap_max}
 

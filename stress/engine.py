@@ -211,6 +211,19 @@ def with_ranges(t: Tables, n_accounts: int) -> Tables:
     return dataclasses.replace(t, ranges=tile_ranges(dataclasses.replace(t, ranges=None)) if applies else None)
 
 
+def calm_tiles(h: Holdings, ranges: dict) -> Any:
+    """``[T]`` the tiles in which ``portfolio.calm`` proves every real account of chunk ``h``
+    calm: the ones whose margin work a kernel skips."""
+    return jnp.all(~h.valid[:, None] | portfolio.calm(h, ranges), axis=0)
+
+
+def tile_at(tables: tuple, k: Any) -> tuple:
+    """Tile ``k`` of each of ``tables`` (``[T, ...]`` arrays, pytrees of them, or None), taken
+    inside a conditional's branch: slices passed into a conditional are copied out first (100 KB
+    a table and tile on CPU), taken inside they stay fused into the branch's gathers."""
+    return tuple(None if a is None else jax.tree_util.tree_map(lambda y: y[k], a) for a in tables)
+
+
 def _tiers(params: Any, rates: Any, dtype: Any = jnp.float64) -> tuple | None:
     """``(bound, step)`` ``[I, K-1]`` of risk-limit tiers (``portfolio.tier_extra``) for the
     tier ``rates`` ``[I, K]`` (maintenance or initial), or None when no tier changes a rate."""
@@ -608,12 +621,11 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
 
     def at(k):
         """Tile ``k`` of the tables, with its number and ``top``'s: a tile's ``x``."""
-        return *(None if a is None else jax.tree_util.tree_map(lambda y: y[k], a) for a in tables), k, top_k_at(k)
+        return *tile_at(tables, k), k, top_k_at(k)
 
     def calm_or_full(carry, x):
-        """``calm_tile`` or ``full_tile`` of tile ``k``: each branch takes its tile of the
-        tables itself, so the slices stay fused into its gathers (slices passed into a
-        conditional are copied out first, 100 KB a table and tile)."""
+        """``calm_tile`` or ``full_tile`` of tile ``k``, each branch taking its tile of the
+        tables itself (``tile_at``)."""
         k, proved = x
 
         def calm_branch(c):
@@ -733,7 +745,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         # [T] the tiles proved calm for every real account of the chunk skip their margin work;
         # a chunk calm in every tile (most, once calm_orders has grouped the accounts) is then
         # its P&L alone, with no test per tile
-        calm = jnp.all(~h.valid[:, None] | portfolio.calm(h, t.ranges), axis=0)
+        calm = calm_tiles(h, t.ranges)
 
         def all_calm():
             c, pnl = jax.lax.scan(lambda c, k: calm_tile(c, at(k)), init, tiles)

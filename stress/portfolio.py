@@ -342,11 +342,11 @@ def calm(h: Holdings, b: dict) -> Any:
     def position(j, l, carry):
         e, gross, m, m_gross = carry
         i, q, w = h.inst[:, j, l], h.qty[:, j, l, None], h.weight[:, j, l, None]
-        lo, hi = v_lo[i], v_hi[i]
+        lo, hi, m_lo, m_hi = v_lo[i], v_hi[i], mm_lo[i], mm_hi[i]
         e = e + jnp.where(q >= 0, q * lo, q * hi)
         gross = gross + jnp.abs(q) * jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        m = m + jnp.where(w >= 0, w * mm_hi[i], w * mm_lo[i])
-        m_gross = m_gross + jnp.abs(w) * jnp.maximum(jnp.abs(mm_lo[i]), jnp.abs(mm_hi[i]))
+        m = m + jnp.where(w >= 0, w * m_hi, w * m_lo)
+        m_gross = m_gross + jnp.abs(w) * jnp.maximum(jnp.abs(m_lo), jnp.abs(m_hi))
         return e, gross, m, m_gross
 
     def slot(j, carry, positions):
