@@ -815,8 +815,8 @@ def bench(
     dtype: str = typer.Option("float64", help="float64 or float32."),
     keep: Optional[Path] = typer.Option(None, help="Folder to keep (and reuse) the synthetic snapshot in."),
 ) -> None:
-    """Time each stage of a run on a synthetic exchange (load, revalue, compile, P&L gather,
-    margin, liquidation, report)."""
+    """Time each stage of a run on a synthetic exchange (load, revalue, holdings layout, compile,
+    P&L gather, margin, liquidation, report)."""
     if dtype not in ("float64", "float32"):
         sys.stderr.write(f"error: --dtype {dtype!r}: expected float64 or float32\n")
         raise typer.Exit(2)

@@ -11,10 +11,10 @@ from stress.cli import app
 def test_bench_times_every_stage_and_reuses_a_kept_sample(tmp_path):
     stages = run_stages(40, 12, "float64", tmp_path / "snap")
     names = [s.name for s in stages]
-    assert names == ["generate sample", "load snapshot", "build scenarios", "revalue instruments", "compile",
-                     "gather (P&L)", "margin", "liquidation", "warm run", "write report", "peak memory"]
+    assert names == ["generate sample", "load snapshot", "build scenarios", "revalue instruments", "holdings layout",
+                     "compile", "gather (P&L)", "margin", "liquidation", "warm run", "write report", "peak memory"]
     assert all(s.seconds >= 0 for s in stages[:-1])
-    assert "account-scenarios/s" in stages[5].note and "account-scenarios/s" in stages[8].note
+    assert "account-scenarios/s" in stages[6].note and "account-scenarios/s" in stages[9].note
     again = [s.name for s in run_stages(40, 12, "float32", tmp_path / "snap")]
     assert "generate sample" not in again  # the kept sample of the same size is reused
 
