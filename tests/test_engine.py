@@ -378,6 +378,33 @@ def test_a_rung_holding_few_accounts_is_left_to_the_next_rung_that_holds_them(mo
     assert shapes(7) == shapes(100) == {(2, 1, 1): [0, 1, 2, 3, 4, 5, 10, 11], (4, 2, 1): [6, 7, 8], (4, 2, 2): [9]}
 
 
+def test_buckets_come_in_shape_order_with_the_shape_beyond_the_ladder_among_the_rungs(monkeypatch):
+    # account 2 holds six positions settled in one asset: beyond the ladder's four per slot,
+    # its own power-of-two shape (1, 1, 8) sorts between the rungs of accounts 0-1 (1, 1, 1)
+    # and account 3 (two settlement assets, (4, 2, 1)). Each bucket holds its accounts'
+    # positions in file order, padding after them.
+    from stress import portfolio
+
+    monkeypatch.setattr(portfolio, "RUNG_MIN_ACCOUNTS", 0)
+    acc = np.array([0, 1, 2, 2, 2, 2, 2, 2, 3, 3])
+    inst = np.array([0, 2, 2, 0, 2, 0, 0, 2, 0, 1])
+    qty = np.arange(1.0, len(acc) + 1)
+    settlement, balances = np.array([0, 1, 0]), np.zeros((4, 2))
+    balances[3, 1] = 5.0
+    buckets = portfolio.layout(acc, inst, qty, 2 * qty, settlement, balances)
+    assert [(b.J, b.P, b.L) for b in buckets] == [(1, 1, 1), (1, 1, 8), (4, 2, 1)]
+    assert [b.accounts.tolist() for b in buckets] == [[0, 1], [2], [3]]
+    wide = buckets[1]
+    np.testing.assert_array_equal(wide.inst[0, 0], [2, 0, 2, 0, 0, 2, 0, 0])
+    np.testing.assert_array_equal(wide.qty[0, 0], [3, 4, 5, 6, 7, 8, 0, 0])
+    np.testing.assert_array_equal(wide.weight[0, 0], [6, 8, 10, 12, 14, 16, 0, 0])
+    two = buckets[2]
+    np.testing.assert_array_equal(two.asset[0], [0, 1, 0, 0])
+    np.testing.assert_array_equal(two.balance[0], [0.0, 5.0, 0.0, 0.0])
+    np.testing.assert_array_equal(two.inst[0, :, 0], [0, 1])
+    np.testing.assert_array_equal(two.qty[0, :, 0], [9.0, 10.0])
+
+
 def test_a_balance_only_slot_comes_after_the_slots_with_positions():
     # account 0: a balance in asset 0 and a position settled in asset 1; account 1: a position
     # settled in asset 0, balances in both. Slots with positions first, each kind by asset.
