@@ -196,7 +196,7 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
                   lambda _: f"{len(snap.instrument_ids):,} instruments x {scenarios:,} scenarios")
         # kept per snapshot (``engine.layout_of``): built here, so the first run below is the
         # kernels' compilation (or loading from the caches) alone
-        timed("holdings layout", lambda: engine.layout_of(snap, t if engine.fusion(dt).get("skip") else None),
+        timed("holdings layout", lambda: engine.LocalAccounts(snap, None, dt).layout(t),
               lambda lay: f"{len(lay[0])} holdings shapes")
         cells = snap.n_accounts * scenarios
         rate = lambda took: f"{cells / took:.3g} account-scenarios/s"  # noqa: E731

@@ -1382,11 +1382,15 @@ class LocalAccounts:
     def __init__(self, snap: Snapshot, chunk_size: int | None, dt: Any, progress: Callable | None = None):
         self.snap, self.chunk_size, self.dt, self.progress = snap, chunk_size or default_chunk(), dt, progress
 
+    def layout(self, t: Tables | None = None) -> tuple:
+        """The snapshot's holdings layout (``layout_of``), in risk order by tables ``t`` where
+        the kernels skip work (``FUSION`` "skip"): the order only pays there."""
+        return layout_of(self.snap, t if fusion(self.dt).get("skip") else None)
+
     def groups(self, n_devices: int, t: Tables | None = None, max_b: int = MAX_CHUNKS_PER_DEVICE):
         """``_groups`` of the snapshot, from its holdings layout (``layout_of``; ``t`` the
         run's tables)."""
-        order_by = t if fusion(self.dt).get("skip") else None  # the order only pays where tiles skip
-        layout = layout_of(self.snap, order_by)
+        layout = self.layout(t)
         # where tiles proved calm skip their margin work, accounts calm in as many tiles share chunks
         orders = None if t is None or t.ranges is None else calm_orders(self.snap, t, self.dt, n_devices, layout)
         return _groups(self.snap, self.chunk_size, self.dt, n_devices, layout, max_b, orders)
