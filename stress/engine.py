@@ -538,8 +538,9 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     ``top``, optional ``[T, 2, W]``: the two largest bad debts per scenario of the chunks run
     before this one (zeros for none). The chunk's own are then merged into it, only in the tiles
     where one of them is larger than the second of ``top`` (``column_top2``, ``merge_top2``),
-    and ``top2`` is the result, in the same layout. Without it ``top2`` is the chunk's own. Either way ``top2`` holds the same
-    values the host would merge them into (``two_largest`` of the union).
+    and ``top2`` is the result, in the same layout. Without it ``top2`` is the chunk's own.
+    Either way ``top2`` holds the same values the host would merge them into (``two_largest``
+    of the union).
 
     Returns:
       Per-account ``[n]`` rows and ``sums``, ``[len(SUM_NAMES), T * W]`` per-scenario sums
@@ -612,12 +613,13 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         carry = (jnp.where(better, t_min, best), jnp.where(better, k, best_tile), *rest)
         return carry, eq - eq0[:, None] if keep_pnl else None
 
-    def calm_sums(top_k, *lead):
-        """``full_tile``'s outputs but ``pnl`` for calm tiles (``lead``: ``(T,)`` for all at once)."""
+    def calm_sums(pnl, top_k, *lead):
+        """``full_tile``'s outputs for calm tiles, given their ``pnl`` (``lead``: ``(T,)`` for all
+        at once)."""
         zeros = lambda *shape: jnp.zeros(lead + shape, dt)  # noqa: E731
         return (zeros(len(SUM_NAMES), W), top_k if top is not None else zeros(2, W),
                 zeros(len(t.lags), W) if t.lags else None, zeros(t.n_groups, W) if t.n_groups else None,
-                zeros(t.und_asset.shape[0], W), None, jnp.zeros(lead + (n, W), bool) if with_pnl else None)
+                zeros(t.und_asset.shape[0], W), pnl, jnp.zeros(lead + (n, W), bool) if with_pnl else None)
 
     def at(k):
         """Tile ``k`` of the tables, with its number and ``top``'s: a tile's ``x``."""
@@ -630,8 +632,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
 
         def calm_branch(c):
             c, pnl = calm_tile(c, at(k))
-            ys = calm_sums(top_k_at(k))
-            return c, (*ys[:5], pnl, ys[6])
+            return c, calm_sums(pnl, top_k_at(k))
 
         return jax.lax.cond(proved, calm_branch, lambda c: full_tile(c, at(k)), carry)
 
@@ -753,8 +754,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
 
         def all_calm():
             c, pnl = jax.lax.scan(lambda c, k: calm_tile(c, at(k)), init, tiles)
-            ys = calm_sums(top, T)
-            return c, (*ys[:5], pnl, ys[6])
+            return c, calm_sums(pnl, top, T)
 
         carry, ys = jax.lax.cond(jnp.all(calm), all_calm, lambda: jax.lax.scan(calm_or_full, init, (tiles, calm)))
     (best, best_tile, gap_max, n_liq, cost_max), (sums, top2, lag_bad, group_bad, und_closed, pnl, liq) = carry, ys

@@ -242,20 +242,15 @@ def layout(
     for b, ((bj, bp, bl), s, p) in enumerate(zip(shapes, np.split(s_order, s_split), np.split(p_order, p_split))):
         acc = by_row[first_row[b] : first_row[b + 1]]  # the bucket's accounts, in row order
         m = len(acc)
-        asset = np.zeros(m * bj, np.int32)
-        bal = np.zeros(m * bj)
+        asset, bal = np.zeros((m, bj), np.int32), np.zeros((m, bj))
         at = s_row[s] * bj + slot_rank[s]
-        asset[at] = slot_asset[s]
-        bal[at] = flat_balances[keys[s]]
-        inst = np.zeros(m * bp * bl, np.int32)
-        qty = np.zeros(m * bp * bl)
-        w = np.zeros(m * bp * bl)
+        asset.reshape(-1)[at] = slot_asset[s]
+        bal.reshape(-1)[at] = flat_balances[keys[s]]
+        inst, qty, w = np.zeros((m, bp, bl), np.int32), np.zeros((m, bp, bl)), np.zeros((m, bp, bl))
         at = (p_row[p] * bp + p_slot[p]) * bl + within[p]
-        inst[at] = pos_instrument[p]
-        qty[at] = pos_quantity[p]
-        w[at] = pos_weight[p]
-        asset, bal = asset.reshape(m, bj), bal.reshape(m, bj)
-        inst, qty, w = inst.reshape(m, bp, bl), qty.reshape(m, bp, bl), w.reshape(m, bp, bl)
+        inst.reshape(-1)[at] = pos_instrument[p]
+        qty.reshape(-1)[at] = pos_quantity[p]
+        w.reshape(-1)[at] = pos_weight[p]
         out.append(Bucket(bj, bp, bl, acc, inst, qty, w, asset, bal))
     return out
 
