@@ -1229,7 +1229,9 @@ def calm_counts(n_devices: int) -> Callable:
     def local(h: Holdings, ranges: dict) -> Any:
         return jax.lax.map(lambda one: jnp.sum(portfolio.calm(one, ranges), axis=1, dtype=jnp.int32), h)
 
-    return jax.jit(on_devices(local, n_devices, (P("d"), P())))
+    # kept traced on disk, as the sweep's kernels are: one per holdings shape, tracing them
+    # anew was about half a second of a new process's first run at 1M accounts
+    return _exported.Kept(jax.jit(on_devices(local, n_devices, (P("d"), P()))), ("calm_counts", n_devices))
 
 
 def calm_orders(snap: Snapshot, t: Tables, dt: Any, n_devices: int, layout: tuple) -> list[np.ndarray]:
@@ -1387,6 +1389,20 @@ class LocalAccounts:
         the kernels skip work (``FUSION`` "skip"): the order only pays there."""
         return layout_of(self.snap, t if fusion(self.dt).get("skip") else None)
 
+    def prefetch(self, kernel: Any, n_devices: int, t: Tables, max_b: int, *rest: Any) -> None:
+        """Start preparing ``kernel(h, *rest)`` (an ``_exported.Kept``) for each holdings
+        shape of ``groups(n_devices, t, max_b)``, and the calm counts' kernels before them
+        where ``t`` has ranges, in background threads: a new process then loads them in
+        parallel, and while the devices run the shapes before."""
+        bs, rows = self.layout(t)
+        first = lambda b, chunk, max_b: next(_groups(self.snap, chunk, self.dt, n_devices, ([b], rows), max_b))[1]  # noqa: E731
+        if t.ranges is not None:
+            count, ranges = calm_counts(n_devices), replicated(t.ranges, n_devices)
+            for b in bs:
+                count.prefetch(first(b, CALM_COUNT_CHUNK, 1), ranges)
+        for b in bs:
+            kernel.prefetch(first(b, self.chunk_size, max_b), *rest)
+
     def groups(self, n_devices: int, t: Tables | None = None, max_b: int = MAX_CHUNKS_PER_DEVICE):
         """``_groups`` of the snapshot, from its holdings layout (``layout_of``; ``t`` the
         run's tables)."""
@@ -1477,6 +1493,7 @@ class LocalAccounts:
             top = out.pop("top2")  # the next group's, not drained
             return out
 
+        self.prefetch(kernel, D, t_snap, max_b, t, top)
         pipelined(self.groups(D, t_snap, max_b), call, drain_one, in_flight)
         largest = np.stack(two_largest(np.asarray(top, np.float64).reshape(-1, t.user.size), xp=np))  # of all devices
         return Partial(per_acc, total, largest, lag_total, mats, t.lags, group_bad if t.n_groups else 0.0, und_total)

@@ -167,3 +167,29 @@ print("solve", *np.asarray(x).round(12))
     second = run()  # loads what the first kept
     assert second[0].split()[:2] == first[0].split()[:2] and second[0].split()[2] == "False"
     assert second[1] == first[1] == "solve 0.8 1.4"  # 2x + y = 3, x + 3y = 5
+
+
+def test_a_prefetched_call_is_prepared_once_in_the_background(tmp_path, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    prepared = []
+    real = _exported.Kept._prepare
+    monkeypatch.setattr(_exported.Kept, "_prepare", lambda self, *a: prepared.append(1) or real(self, *a))
+    f = jax.jit(lambda x, y: jnp.sin(x) * y + 1.0)
+    x, y = np.linspace(0.0, 3.0, 7), np.arange(7.0)
+
+    monkeypatch.setenv("STRESS_EXPORT_CACHE", "0")  # off: nothing to prefetch into
+    off = _exported.Kept(f, ("test_prefetch",))
+    off.prefetch(x, y)
+    assert prepared == [] and off._calls == {}
+
+    monkeypatch.setenv("STRESS_EXPORT_CACHE", str(tmp_path))
+    kept = _exported.Kept(f, ("test_prefetch",))
+    kept.prefetch(x, y)
+    kept.prefetch(x, y)  # the same signature again: already under way
+    assert np.allclose(kept(x, y), np.sin(x) * y + 1.0, rtol=1e-15, atol=0)
+    assert prepared == [1] and len(list(tmp_path.glob("*.jaxexport"))) == 1
+    kept(x[:3], y[:3])  # a signature never prefetched is prepared at its call
+    assert prepared == [1, 1] and kept.cache_size() == 2
