@@ -1079,7 +1079,9 @@ def sharded_closed(n_devices: int) -> Callable:
         body = lambda a, one: (a + closed_contracts(one, t).astype(a.dtype), None)  # noqa: E731
         return jax.lax.scan(body, acc[0], h)[0][None]
 
-    return jax.jit(on_devices(local, n_devices, (P("d"), P(), P("d"))), donate_argnums=2)
+    # kept traced on disk as the sweep's kernels are (the accumulator, a few hundred KB, is not
+    # donated: an exported call keeps no donation)
+    return _exported.Kept(jax.jit(on_devices(local, n_devices, (P("d"), P(), P("d")))), ("sharded_closed", n_devices))
 
 
 def position_weights(snap: Snapshot) -> np.ndarray:
@@ -1416,10 +1418,13 @@ class LocalAccounts:
         D = len(devices())
         T, W = t.user.shape
         # float64 whatever the run's dtype: net contracts are small differences of large sums
-        acc = jnp.zeros((D, T, 2, t.n_impact, t.value.shape[2]), jnp.float64)
+        # placed as the kernel returns it, so every call has one signature
+        acc = jax.device_put(np.zeros((D, T, 2, t.n_impact, t.value.shape[2])), NamedSharding(_mesh(D), P("d")))
         kernel = sharded_closed(D)
+        t_rep = replicated(t, D)
+        self.prefetch(kernel, D, t, MAX_CHUNKS_PER_DEVICE, t_rep, acc)
         groups = self.groups(D, t)
-        t = replicated(t, D)
+        t = t_rep
         for _, h in groups:
             acc = kernel(h, t, acc)  # the accumulator stays on the devices
         return np.asarray(acc, np.float64).sum(axis=0)
