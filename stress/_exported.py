@@ -21,6 +21,9 @@ and ``XLA_`` environment, the JAX version and the devices. A change to any of th
 key. Anything that goes wrong (an unreadable file, a module JAX cannot serialize) falls back
 to the plain jitted call.
 
+``Kept.prefetch`` prepares a call ahead, in a background thread: the sweep starts every holdings
+shape's kernel loading before it runs the first, so a new process reads them side by side.
+
 ``STRESS_EXPORT_CACHE`` names another folder, or ``0`` turns it off; without it, it is off
 whenever the compilation cache is. Files are flatbuffers written by ``jax.export`` (no pickle); the folder keeps the newest
 ``MAX_FILES``.
