@@ -180,12 +180,10 @@ class Kept:
                 exp = export(self.fn, treedef, specs)
                 _write(path, exp.serialize())
             call = jax.jit(exp.call)
-            if b"lapack" not in exp.mlir_module_serialized:  # target names are plain bytes in it
-                with _lapack_unneeded():
-                    lowered = call.lower(*specs)
-            else:
+            # target names are plain bytes in the module
+            with _lapack_unneeded(b"lapack" not in exp.mlir_module_serialized):
                 lowered = call.lower(*specs)
-            lowered.compile()  # now (``prefetch``: in its thread); the call finds it in JAX's caches
+            lowered.compile()  # now (``prefetch``: in its thread); calls find it in JAX's caches
             return call
         except Exception:  # no flatbuffers, or a module JAX cannot export: the plain call
             return plain
@@ -194,24 +192,28 @@ class Kept:
 def _signature(treedef: Any, leaves: list) -> tuple:
     """A call's signature from plain attributes: building a ShapeDtypeStruct per leaf and
     call cost about 0.2 s of the 500 calls of a 1M-account run on CPU."""
-    return (treedef, tuple((np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "sharding", None)) for x in leaves))
+    attrs = lambda x: (np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "sharding", None))  # noqa: E731
+    return treedef, tuple(attrs(x) for x in leaves)
 
 
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
     """The threads ``Kept.prefetch`` prepares calls in: one per core, at most 4."""
-    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="stress-kept")
+    return ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="stress-kept")
 
 
 _PATCHING = threading.Lock()
 
 
 @contextlib.contextmanager
-def _lapack_unneeded():
-    """Lower exported calls without JAX's LAPACK set-up. Calling an exported module on CPU
-    first registers the LAPACK kernels it might call, which imports ``scipy.linalg``: 0.2–0.4 s
-    of a new process's warm start here, for kernels that call no LAPACK routine. This swaps
-    a private JAX function for a no-op while held; where JAX has moved it, nothing is skipped."""
+def _lapack_unneeded(unneeded: bool = True):
+    """Lower exported calls without JAX's LAPACK set-up where ``unneeded``. Calling an exported
+    module on CPU first registers the LAPACK kernels it might call, which imports
+    ``scipy.linalg``: 0.2–0.4 s of a new process's warm start here, for kernels that call no
+    LAPACK routine. This swaps a private JAX function for a no-op while held; where JAX has
+    moved it, nothing is skipped. Every lowering of a kept module holds the lock, a module that
+    needs LAPACK too (``unneeded`` False): one lowering in a ``prefetch`` thread must not find
+    the set-up swapped out by another's."""
     try:
         from jax._src.export import _export as ex
     except ImportError:
@@ -221,7 +223,8 @@ def _lapack_unneeded():
         yield
         return
     with _PATCHING:
-        ex._ensure_backends_initialized = lambda platforms: None
+        if unneeded:
+            ex._ensure_backends_initialized = lambda platforms: None
         try:
             yield
         finally:

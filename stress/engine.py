@@ -1081,7 +1081,8 @@ def sharded_closed(n_devices: int) -> Callable:
 
     # kept traced on disk as the sweep's kernels are (the accumulator, a few hundred KB, is not
     # donated: an exported call keeps no donation)
-    return _exported.Kept(jax.jit(on_devices(local, n_devices, (P("d"), P(), P("d")))), ("sharded_closed", n_devices))
+    kernel = jax.jit(on_devices(local, n_devices, (P("d"), P(), P("d"))))
+    return _exported.Kept(kernel, ("sharded_closed", n_devices))
 
 
 def position_weights(snap: Snapshot) -> np.ndarray:
@@ -1233,7 +1234,8 @@ def calm_counts(n_devices: int) -> Callable:
 
     # kept traced on disk, as the sweep's kernels are: one per holdings shape, tracing them
     # anew was about half a second of a new process's first run at 1M accounts
-    return _exported.Kept(jax.jit(on_devices(local, n_devices, (P("d"), P()))), ("calm_counts", n_devices))
+    return _exported.Kept(jax.jit(on_devices(local, n_devices, (P("d"), P()))),
+                          ("calm_counts", n_devices))
 
 
 def calm_orders(snap: Snapshot, t: Tables, dt: Any, n_devices: int, layout: tuple) -> list[np.ndarray]:
@@ -1397,7 +1399,10 @@ class LocalAccounts:
         where ``t`` has ranges, in background threads: a new process then loads them in
         parallel, and while the devices run the shapes before."""
         bs, rows = self.layout(t)
-        first = lambda b, chunk, max_b: next(_groups(self.snap, chunk, self.dt, n_devices, ([b], rows), max_b))[1]  # noqa: E731
+
+        def first(b: portfolio.Bucket, chunk: int, max_b: int) -> Holdings:  # the bucket's shape
+            return next(_groups(self.snap, chunk, self.dt, n_devices, ([b], rows), max_b))[1]
+
         if t.ranges is not None:
             count, ranges = calm_counts(n_devices), replicated(t.ranges, n_devices)
             for b in bs:
@@ -1419,14 +1424,13 @@ class LocalAccounts:
         T, W = t.user.shape
         # float64 whatever the run's dtype: net contracts are small differences of large sums
         # placed as the kernel returns it, so every call has one signature
-        acc = jax.device_put(np.zeros((D, T, 2, t.n_impact, t.value.shape[2])), NamedSharding(_mesh(D), P("d")))
+        acc = np.zeros((D, T, 2, t.n_impact, t.value.shape[2]))
+        acc = jax.device_put(acc, NamedSharding(_mesh(D), P("d")))
         kernel = sharded_closed(D)
-        t_rep = replicated(t, D)
-        self.prefetch(kernel, D, t, MAX_CHUNKS_PER_DEVICE, t_rep, acc)
-        groups = self.groups(D, t)
-        t = t_rep
-        for _, h in groups:
-            acc = kernel(h, t, acc)  # the accumulator stays on the devices
+        t_dev = replicated(t, D)
+        self.prefetch(kernel, D, t, MAX_CHUNKS_PER_DEVICE, t_dev, acc)
+        for _, h in self.groups(D, t):
+            acc = kernel(h, t_dev, acc)  # the accumulator stays on the devices
         return np.asarray(acc, np.float64).sum(axis=0)
 
     def adl(self, t: Tables, deficit: np.ndarray, unrealised: np.ndarray, base: np.ndarray,
