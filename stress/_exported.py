@@ -155,6 +155,12 @@ class Kept:
             specs = tuple(spec(x) for x in leaves)
             self._calls[sig] = _pool().submit(self._prepare, treedef, specs)
 
+    def cancel(self) -> None:
+        """Drop the prefetched calls not started yet."""
+        for sig, call in list(self._calls.items()):
+            if isinstance(call, Future) and call.cancel():
+                self._calls.pop(sig, None)
+
     def cache_size(self) -> int:
         """Compiled signatures held in this process (``jax.jit``'s ``_cache_size``, summed)."""
         size = lambda c: c._cache_size() if hasattr(c, "_cache_size") else 0  # noqa: E731

@@ -9,6 +9,7 @@ stays in cache; the snapshot state and the P&L reference come from the same ``po
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -1393,11 +1394,24 @@ class LocalAccounts:
         the kernels skip work (``FUSION`` "skip"): the order only pays there."""
         return layout_of(self.snap, t if fusion(self.dt).get("skip") else None)
 
-    def prefetch(self, kernel: Any, n_devices: int, t: Tables, max_b: int, *rest: Any) -> None:
+    @contextlib.contextmanager
+    def prefetching(self, kernel: Any, n_devices: int, t: Tables, max_b: int, *rest: Any):
         """Start preparing ``kernel(h, *rest)`` (an ``_exported.Kept``) for each holdings
         shape of ``groups(n_devices, t, max_b)``, and the calm counts' kernels before them
         where ``t`` has ranges, in background threads: a new process then loads them in
-        parallel, and while the devices run the shapes before."""
+        parallel, and while the devices run the shapes before. A pass that stops early (an
+        error, Ctrl-C) drops the ones not started, so the process need not compile them
+        before it exits."""
+        kernels = [kernel] + ([calm_counts(n_devices)] if t.ranges is not None else [])
+        try:
+            self._prefetch(kernel, n_devices, t, max_b, *rest)
+            yield
+        except BaseException:
+            for k in kernels:
+                k.cancel()
+            raise
+
+    def _prefetch(self, kernel: Any, n_devices: int, t: Tables, max_b: int, *rest: Any) -> None:
         bs, rows = self.layout(t)
 
         def first(b: portfolio.Bucket, chunk: int, max_b: int) -> Holdings:  # the bucket's shape
@@ -1428,9 +1442,9 @@ class LocalAccounts:
         acc = jax.device_put(acc, NamedSharding(_mesh(D), P("d")))
         kernel = sharded_closed(D)
         t_dev = replicated(t, D)
-        self.prefetch(kernel, D, t, MAX_CHUNKS_PER_DEVICE, t_dev, acc)
-        for _, h in self.groups(D, t):
-            acc = kernel(h, t_dev, acc)  # the accumulator stays on the devices
+        with self.prefetching(kernel, D, t, MAX_CHUNKS_PER_DEVICE, t_dev, acc):
+            for _, h in self.groups(D, t):
+                acc = kernel(h, t_dev, acc)  # the accumulator stays on the devices
         return np.asarray(acc, np.float64).sum(axis=0)
 
     def adl(self, t: Tables, deficit: np.ndarray, unrealised: np.ndarray, base: np.ndarray,
@@ -1502,8 +1516,8 @@ class LocalAccounts:
             top = out.pop("top2")  # the next group's, not drained
             return out
 
-        self.prefetch(kernel, D, t_snap, max_b, t, top)
-        pipelined(self.groups(D, t_snap, max_b), call, drain_one, in_flight)
+        with self.prefetching(kernel, D, t_snap, max_b, t, top):
+            pipelined(self.groups(D, t_snap, max_b), call, drain_one, in_flight)
         largest = np.stack(two_largest(np.asarray(top, np.float64).reshape(-1, t.user.size), xp=np))  # of all devices
         return Partial(per_acc, total, largest, lag_total, mats, t.lags, group_bad if t.n_groups else 0.0, und_total)
 

@@ -193,3 +193,54 @@ def test_a_prefetched_call_is_prepared_once_in_the_background(tmp_path, monkeypa
     assert prepared == [1] and len(list(tmp_path.glob("*.jaxexport"))) == 1
     kept(x[:3], y[:3])  # a signature never prefetched is prepared at its call
     assert prepared == [1, 1] and kept.cache_size() == 2
+
+
+def test_prefetched_calls_not_started_are_dropped_on_cancel(tmp_path, monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jax
+    import numpy as np
+
+    monkeypatch.setenv("STRESS_EXPORT_CACHE", str(tmp_path))
+    pool, gate = ThreadPoolExecutor(1), threading.Event()
+    monkeypatch.setattr(_exported, "_pool", lambda: pool)
+    pool.submit(gate.wait)  # the one thread is busy: what is prefetched next waits its turn
+    kept = _exported.Kept(jax.jit(lambda x: 2.0 * x), ("test_cancel",))
+    x = np.arange(3.0)
+    try:
+        kept.prefetch(x)
+        kept.cancel()
+        assert kept._calls == {}  # dropped, not prepared
+    finally:
+        gate.set()
+        pool.shutdown()
+    assert np.array_equal(kept(x), 2.0 * x) and kept.cache_size() == 1  # prepared at its call
+    assert len(list(tmp_path.glob("*.jaxexport"))) == 1
+
+
+def test_a_sweep_that_stops_early_leaves_no_prefetch_waiting(snap, scen, tmp_path, monkeypatch):
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    monkeypatch.setenv("STRESS_EXPORT_CACHE", str(tmp_path))
+    pool = ThreadPoolExecutor(1)  # one shape at a time: the last ones still queued at the stop
+    monkeypatch.setattr(_exported, "_pool", lambda: pool)
+    engine.sharded_kernel.cache_clear()
+    dt = engine.DTYPES["float64"]
+    t, _ = engine.tables(snap, scen, dt)
+
+    real = engine._groups
+
+    def stopping(*args, **kwargs):  # Ctrl-C once the first group is on its way
+        groups = real(*args, **kwargs)
+        yield next(groups)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_groups", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        engine.LocalAccounts(snap, 16, dt).sweep(t, 0, False)
+    calls = engine.sharded_kernel(0, False, len(engine.devices()), engine.VAR_LEVEL)._calls.values()
+    assert len(calls) > 1  # every holdings shape was prefetched; the first one called
+    assert not [c for c in calls if isinstance(c, Future) and not (c.running() or c.done())]
+    pool.shutdown()
+    engine.sharded_kernel.cache_clear()
