@@ -187,7 +187,7 @@ class Kept:
                 _write(path, exp.serialize())
             call = jax.jit(exp.call)
             # target names are plain bytes in the module
-            with _lapack_unneeded(b"lapack" not in exp.mlir_module_serialized):
+            with _lowering(skip_lapack=b"lapack" not in exp.mlir_module_serialized):
                 lowered = call.lower(*specs)
             lowered.compile()  # now (``prefetch``: in its thread); calls find it in JAX's caches
             return call
@@ -212,14 +212,14 @@ _PATCHING = threading.Lock()
 
 
 @contextlib.contextmanager
-def _lapack_unneeded(unneeded: bool = True):
-    """Lower exported calls without JAX's LAPACK set-up where ``unneeded``. Calling an exported
+def _lowering(skip_lapack: bool):
+    """Held while a kept module is lowered: one lowering at a time (``prefetch`` threads lower
+    side by side), without JAX's LAPACK set-up where ``skip_lapack``. Calling an exported
     module on CPU first registers the LAPACK kernels it might call, which imports
     ``scipy.linalg``: 0.2–0.4 s of a new process's warm start here, for kernels that call no
-    LAPACK routine. This swaps a private JAX function for a no-op while held; where JAX has
-    moved it, nothing is skipped. Every lowering of a kept module holds the lock, a module that
-    needs LAPACK too (``unneeded`` False): one lowering in a ``prefetch`` thread must not find
-    the set-up swapped out by another's."""
+    LAPACK routine. This swaps a private JAX function for a no-op while held (so a module that
+    needs LAPACK must not be lowered meanwhile: the lock); where JAX has moved it, nothing is
+    skipped."""
     try:
         from jax._src.export import _export as ex
     except ImportError:
@@ -229,7 +229,7 @@ def _lapack_unneeded(unneeded: bool = True):
         yield
         return
     with _PATCHING:
-        if unneeded:
+        if skip_lapack:
             ex._ensure_backends_initialized = lambda platforms: None
         try:
             yield

@@ -1402,27 +1402,26 @@ class LocalAccounts:
         parallel, and while the devices run the shapes before. A pass that stops early (an
         error, Ctrl-C) drops the ones not started, so the process need not compile them
         before it exits."""
-        kernels = [kernel] + ([calm_counts(n_devices)] if t.ranges is not None else [])
-        try:
-            self._prefetch(kernel, n_devices, t, max_b, *rest)
-            yield
-        except BaseException:
-            for k in kernels:
-                k.cancel()
-            raise
-
-    def _prefetch(self, kernel: Any, n_devices: int, t: Tables, max_b: int, *rest: Any) -> None:
         bs, rows = self.layout(t)
 
         def first(b: portfolio.Bucket, chunk: int, max_b: int) -> Holdings:  # the bucket's shape
             return next(_groups(self.snap, chunk, self.dt, n_devices, ([b], rows), max_b))[1]
 
-        if t.ranges is not None:
-            count, ranges = calm_counts(n_devices), replicated(t.ranges, n_devices)
+        started = []
+        try:
+            if t.ranges is not None:
+                count, ranges = calm_counts(n_devices), replicated(t.ranges, n_devices)
+                started.append(count)
+                for b in bs:
+                    count.prefetch(first(b, CALM_COUNT_CHUNK, 1), ranges)
+            started.append(kernel)
             for b in bs:
-                count.prefetch(first(b, CALM_COUNT_CHUNK, 1), ranges)
-        for b in bs:
-            kernel.prefetch(first(b, self.chunk_size, max_b), *rest)
+                kernel.prefetch(first(b, self.chunk_size, max_b), *rest)
+            yield
+        except BaseException:
+            for k in started:
+                k.cancel()
+            raise
 
     def groups(self, n_devices: int, t: Tables | None = None, max_b: int = MAX_CHUNKS_PER_DEVICE):
         """``_groups`` of the snapshot, from its holdings layout (``layout_of``; ``t`` the
