@@ -35,13 +35,21 @@ UNROLL_MAX = 8  # holdings of up to P * L = 8 positions are unrolled (XLA fuses 
 # a third and fourth balance-only slot is cheap, a compilation is not.
 LADDER = ((1, 1, 1), (2, 1, 1), (4, 2, 1), (4, 2, 2), (4, 4, 1), (4, 4, 4))
 # A rung costs a compilation per kernel variant (1.5-2.5 s each on CPU; a cold run on the
-# default set's paths compiles several) and a part-filled group of chunks; what it saves is
-# per account. So a snapshot leaves out a rung that would hold fewer accounts than this when
-# the next rung that holds them has the same positions (P and L) and at most twice the slots,
-# a balance-only slot being cheap: (1, 1, 1) goes into (2, 1, 1). At 100,000 x 5,000 that took
-# 2-3 s off a cold run and nothing off a warm one; at 1,000,000, whose (1, 1) rung holds
-# 170,000 accounts, the rung is worth 2-5 s a warm run (measured with the (J, L) ladder).
+# default set's paths compiles two per rung) and a part-filled group of chunks; what it saves
+# is per account. So a snapshot leaves out a rung that would hold fewer accounts than this when
+# the next rung that holds them has at most twice the slots (J) and at most twice the position
+# gathers (P * L): (1, 1, 1) goes into (2, 1, 1), (2, 1, 1) into (4, 2, 1), (4, 2, 1) into
+# (4, 2, 2), never (4, 4, 1) into (4, 4, 4). With slots alone (the (J, L) ladder), leaving
+# (1, 1) out took 2-3 s off a cold run at 100,000 x 5,000 and nothing off a warm one; at
+# 1,000,000, whose (1, 1) rung holds 170,000 accounts, the rung was worth 2-5 s a warm run. With
+# positions too, the 10,000-account sample's default run compiles 8 kernels in place of 12
+# (docs/benchmarks.md, "Fewer rungs for small snapshots").
 RUNG_MIN_ACCOUNTS = 32_768
+# And whatever the next rung's shape, a rung is left out when moving its accounts there adds at
+# most this many slots and position gathers in all (each account: the next rung's J + P * L
+# less its own), about 8 ms a pass at 5,000 scenarios on CPU: the few hundred accounts of
+# (4, 4, 1) in a small exchange go into (4, 4, 4).
+RUNG_MIN_WORK = 8_192
 
 
 @pytree_dataclass
@@ -146,8 +154,10 @@ def _ladder(J: np.ndarray, P: np.ndarray, L: np.ndarray) -> list[tuple[int, int,
     for k, (lj, lp, ll) in enumerate(LADDER):
         here = ~taken & (J <= lj) & (P <= lp) & (L <= ll)  # the accounts this rung is the smallest fit for
         nxt = next((r for r in LADDER[k + 1:] if r[0] >= lj and r[1] >= lp and r[2] >= ll), None)
-        if (nxt is not None and nxt[1:] == (lp, ll) and nxt[0] <= 2 * lj
-                and np.count_nonzero(here) < RUNG_MIN_ACCOUNTS):
+        count = np.count_nonzero(here)
+        if nxt is not None and (
+                (nxt[0] <= 2 * lj and nxt[1] * nxt[2] <= 2 * lp * ll and count < RUNG_MIN_ACCOUNTS)
+                or count * (nxt[0] + nxt[1] * nxt[2] - lj - lp * ll) <= RUNG_MIN_WORK):
             continue  # its accounts go to the next rung that fits them
         kept.append((lj, lp, ll))
         taken |= here

@@ -365,17 +365,27 @@ def test_a_rung_holding_few_accounts_is_left_to_the_next_rung_that_holds_them(mo
     settlement, balances = np.array([0, 1, 0]), np.zeros((12, 2))
     balances[10, 0] = balances[11, 1] = 5.0
 
-    def shapes(min_accounts):
+    def shapes(min_accounts, min_work=-1):  # -1: no rung is left out for its work alone
         monkeypatch.setattr(portfolio, "RUNG_MIN_ACCOUNTS", min_accounts)
+        monkeypatch.setattr(portfolio, "RUNG_MIN_WORK", min_work)
         buckets = portfolio.layout(acc, inst, qty, np.ones_like(qty), settlement, balances)
         return {(b.J, b.P, b.L): sorted(b.accounts.tolist()) for b in buckets}
 
     assert shapes(0) == shapes(2) == {(1, 1, 1): [0, 1, 2, 3, 4, 5], (2, 1, 1): [10, 11], (4, 2, 1): [6, 7, 8],
                                       (4, 2, 2): [9]}
     # six accounts do not pay for the (1, 1, 1) kernel: (2, 1, 1), one more (balance-only)
-    # slot, takes them. (4, 2, 1) and (4, 2, 2) keep their few accounts: the next rungs that
-    # hold them have more positions.
-    assert shapes(7) == shapes(100) == {(2, 1, 1): [0, 1, 2, 3, 4, 5, 10, 11], (4, 2, 1): [6, 7, 8], (4, 2, 2): [9]}
+    # slot, takes them; three do not pay for (4, 2, 1): (4, 2, 2), twice the positions, takes
+    # them. The eight of (2, 1, 1) keep their rung below 100 no longer: (4, 2, 1) has twice
+    # its slots and positions, and goes into (4, 2, 2) in turn. (4, 2, 2) stays however few
+    # its accounts: the next rung that holds them, (4, 4, 4), has four times its positions.
+    assert shapes(7) == {(2, 1, 1): [0, 1, 2, 3, 4, 5, 10, 11], (4, 2, 2): [6, 7, 8, 9]}
+    assert shapes(100) == {(4, 2, 2): list(range(12))}
+    # By the work moving them adds (slots and position gathers, J + P * L, per account): 6 x 1
+    # for (1, 1, 1) and 3 x 2 for (4, 2, 1) are at most 12; 8 x 3 for (2, 1, 1) and 4 x 12
+    # for (4, 2, 2) are not. At 144, (4, 2, 2)'s twelve accounts go to (4, 4, 4) as well.
+    assert shapes(0, 12) == shapes(7)
+    assert shapes(0, 143) == shapes(100)
+    assert shapes(0, 144) == {(4, 4, 4): list(range(12))}
 
 
 def test_buckets_come_in_shape_order_with_the_shape_beyond_the_ladder_among_the_rungs(monkeypatch):
@@ -386,6 +396,7 @@ def test_buckets_come_in_shape_order_with_the_shape_beyond_the_ladder_among_the_
     from stress import portfolio
 
     monkeypatch.setattr(portfolio, "RUNG_MIN_ACCOUNTS", 0)
+    monkeypatch.setattr(portfolio, "RUNG_MIN_WORK", -1)
     acc = np.array([0, 1, 2, 2, 2, 2, 2, 2, 3, 3])
     inst = np.array([0, 2, 2, 0, 2, 0, 0, 2, 0, 1])
     qty = np.arange(1.0, len(acc) + 1)
@@ -405,11 +416,14 @@ def test_buckets_come_in_shape_order_with_the_shape_beyond_the_ladder_among_the_
     np.testing.assert_array_equal(two.qty[0, :, 0], [9.0, 10.0])
 
 
-def test_a_balance_only_slot_comes_after_the_slots_with_positions():
+def test_a_balance_only_slot_comes_after_the_slots_with_positions(monkeypatch):
     # account 0: a balance in asset 0 and a position settled in asset 1; account 1: a position
     # settled in asset 0, balances in both. Slots with positions first, each kind by asset.
+    # Every rung kept: two accounts would otherwise go up to (4, 4, 4).
     from stress import portfolio
 
+    monkeypatch.setattr(portfolio, "RUNG_MIN_ACCOUNTS", 0)
+    monkeypatch.setattr(portfolio, "RUNG_MIN_WORK", -1)
     buckets = portfolio.layout(np.array([0, 1]), np.array([1, 0]), np.array([3.0, -2.0]), np.ones(2),
                                np.array([0, 1]), np.array([[7.0, 0.0], [4.0, 9.0]]))
     [b] = buckets

@@ -46,8 +46,9 @@ def test_the_fused_kernel_reproduces_the_xla_kernel_run(fee_snapshot, monkeypatc
         monkeypatch.setitem(engine.TILE, "cpu", tile)
         monkeypatch.setitem(engine.TILE, "cpu-float64", tile)
         monkeypatch.setattr(fused, "PASS_BYTES", pass_bytes)
-    # every rung of the ladder, though this small exchange would leave the smallest one out
+    # every rung of the ladder, though this small exchange would leave most of them out
     monkeypatch.setattr(portfolio, "RUNG_MIN_ACCOUNTS", 0)
+    monkeypatch.setattr(portfolio, "RUNG_MIN_WORK", -1)
     engine.forget_layout(fee_snapshot)
     scen = _shocks(40, fee_snapshot.n_assets)
     ref = stress.run(fee_snapshot, scen, dtype=dtype)
