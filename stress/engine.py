@@ -1559,16 +1559,19 @@ def _impact_pass(snap: Snapshot, t: Tables, closed: np.ndarray, dt: Any) -> Tabl
     return dataclasses.replace(t, impact=jnp.asarray(charge, dt))
 
 
-def _subset(t: Tables, cols: np.ndarray) -> Tables:
-    """The tables of scenarios ``cols`` only (flat indices into the set), re-tiled."""
+def _subset(t: Tables, cols: np.ndarray, width: int = 0) -> Tables:
+    """The tables of scenarios ``cols`` only (flat indices into the set), re-tiled, with room
+    for at least ``width`` scenarios (the rest padding, ``user`` 0), so that subsets of
+    different sizes can share one shape."""
     W = t.user.shape[1]
     K = t.value.shape[2] // W
-    S2 = len(cols)
+    n_cols = len(cols)
+    S2 = max(n_cols, width)
     W2 = scenario_tile(S2, K, t.model_tiles() is not None, t.value.dtype)
     T2 = math.ceil(S2 / W2)
     cols = np.asarray(cols)
-    padded = np.pad(cols, (0, T2 * W2 - S2), mode="edge")  # padding repeats the last (Tables)
-    flat = lambda x: np.pad(np.asarray(x).reshape(-1)[cols], (0, T2 * W2 - S2)).reshape(T2, W2)  # noqa: E731
+    padded = np.pad(cols, (0, T2 * W2 - n_cols), mode="edge")  # padding repeats the last (Tables)
+    flat = lambda x: np.pad(np.asarray(x).reshape(-1)[cols], (0, T2 * W2 - n_cols)).reshape(T2, W2)  # noqa: E731
     random = flat(t.random)
     pm_keys, var_keys = ("pnl", "delta", "roll"), ("pnl", "dp", "im")
     xs = {"value": t.value, "mm": t.mm, "price": t.price, "notional": t.notional, "impact": t.impact,
@@ -1654,9 +1657,10 @@ def auto_deleverage(snap: Snapshot, t: Tables, deficit: np.ndarray, random: np.n
     tie = np.empty(n, np.int64)
     tie[np.argsort(snap.account_ids, kind="stable")] = np.arange(n)  # ties go by account id
     batch = max(1, int(ADL_BYTES // (17 * max(n, 1))))
+    width = adl_width(len(cols), batch)
     for lo in range(0, len(cols), batch):  # batches of scenarios, each a full pass over accounts
         c = cols[lo : lo + batch]
-        col, row, charge = adl_charges(sweeper.adl(_subset(t, c), deficit[c], *basis, tie), deficit[c])
+        col, row, charge = adl_charges(sweeper.adl(_subset(t, c, width), deficit[c], *basis, tie), deficit[c])
         np.maximum.at(worst, row, charge)
         on = random[c][col]
         np.add.at(on_random, row[on], charge[on])
@@ -1664,6 +1668,15 @@ def auto_deleverage(snap: Snapshot, t: Tables, deficit: np.ndarray, random: np.n
     n_random = int(random.sum())
     expected = on_random / n_random if n_random else np.full(n, np.nan)
     return {"adl_loss_worst": worst, "adl_loss_expected": expected, "adl_total": total}
+
+
+def adl_width(n_deficit: int, batch: int) -> int:
+    """The scenarios each batch of the auto-deleveraging pass is padded to: the next power of
+    two of ``n_deficit`` (at least 8), or ``batch`` where it takes several batches. How many
+    scenarios leave a deficit changes from one snapshot to the next; padded, the pass's
+    kernels keep a few shapes and a nightly run finds them compiled (each is one compilation
+    per holdings shape, 1-1.5 s on CPU)."""
+    return min(batch, 1 << max(3, math.ceil(math.log2(max(n_deficit, 1)))))
 
 
 def adl_candidates(pnl: np.ndarray, liquidated: np.ndarray, deficit: np.ndarray, unrealised: np.ndarray,

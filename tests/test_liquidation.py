@@ -345,6 +345,28 @@ def test_adl_ranks_by_unrealised_pnl_against_the_entry_price_when_given(tmp_path
     assert (acc.adl_loss_worst["S1"], acc.adl_loss_worst["S2"]) == pytest.approx((0.0, 500_000.0))
 
 
+def test_adl_pass_compiles_once_for_deficit_counts_in_one_power_of_two(tmp_path):
+    # 2W + 1 and 3W + 1 scenarios with a deficit (W: the widest tile) would be 3 and 4 tiles;
+    # both are padded to 4W, so the second run's pass finds its kernel compiled. Every deficit
+    # is still charged in full: S1 first (rank 6.25), S2 after it once S1's profit is gone.
+    snap = _adl_book(tmp_path / "snap", 100_000.0)
+    W = engine.scenario_tile(10_000, dtype=np.float64)
+    kernel = engine.sharded_kernel(0, True, len(engine.devices()), engine.VAR_LEVEL)
+    sizes = []
+    for count in (2 * W + 1, 3 * W + 1):
+        text = "".join(f'[[scenario]]\nname = "d{k}"\nmoves = {{ BTC = {-0.04 - 1e-5 * k} }}\n\n' for k in range(count))
+        (tmp_path / "many.toml").write_text(text + '[[scenario]]\nname = "flat"\n')
+        res = stress.run(snap, stress.load_scenarios(tmp_path / "many.toml", snap))
+        sc = res.scenarios.set_index("scenario")
+        deficit = sc.socialized_loss.drop("flat")
+        assert len(deficit) == count and (deficit > 0).all()
+        np.testing.assert_allclose(sc.adl_total.drop("flat"), deficit, rtol=1e-12)
+        assert sc.adl_total["flat"] == 0.0
+        sizes.append(kernel.cache_size())
+    assert engine.adl_width(2 * W + 1, 10**6) == engine.adl_width(3 * W + 1, 10**6) == 4 * W
+    assert sizes[1] == sizes[0] > 0
+
+
 def test_adl_can_be_switched_off(tmp_path):
     snap = _adl_book(tmp_path / "snap", 100_000.0, "adl = false")
     res = stress.run(snap, _scen(tmp_path, snap))
