@@ -521,6 +521,50 @@ def underlying_notional(h: Holdings, t: Tables) -> Any:
     return jnp.einsum("npk,npu->nku", per_contract, onehot).reshape(n, -1)
 
 
+def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
+    """The per-tile outcome of a chunk ``h`` under tables ``t``, as ``outcome(value, mm, price,
+    notional, impact, pmx, hc_base)`` of one tile of each table (``tile_at``): the work the
+    sweep (``chunk_kernel``) and the auto-deleveraging pass (``adl_kernel``) share, so both
+    charge the same closing costs and liquidate the same accounts."""
+    W = t.user.shape[1]
+    # Closing costs (and tiers, and partial close-outs) need each account's notional in every
+    # scenario. Without them it is not gathered: the notional closed is then the sum of the
+    # per-underlying notional closed, from each account's fixed weights (``und_weights``).
+    charged = t.fee_rate is not None or t.impact is not None
+    gather_notional = charged or t.tiers is not None or t.partial_target is not None
+
+    def outcome(value, mm, price, notional, impact, pmx, hc_base):
+        """Per account and scenario: equity at the path's end after closing costs; collateral
+        and margin at the step that decides the path; liquidated or not; the fee, the impact
+        paid, the notional closed, what closed positions gained after their close; and the
+        bad debt under each reported oracle lag."""
+        per_contract = ((notional,) if impact is None else (notional, impact)) if gather_notional else ()
+        m_pm = t.model_margin(h, pmx)
+        hc = t.haircut_of(hc_base)
+        if t.partial_target is not None:
+            pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, hc, *per_contract, tiers=t.tiers)
+            m = m if m_pm is None else m_pm
+            r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, imp[0] if imp else None)
+            return (r["equity"], r["collateral"], r["margin"], r["liquidated"], r["fee"], r["impact"],
+                    r["closed_notional"], r["closed_out"], [], r["closed"])
+        eq, coll, m, *g = tile_state(h, value, mm, price, hc, *per_contract, tiers=t.tiers, fuse=fuse)
+        m = m if m_pm is None else m_pm
+        if fuse["keep"]:
+            eq, coll, m, *g = jax.lax.optimization_barrier((eq, coll, m, *g))
+        eq_end = eq[:, :W]  # as if every position were held to the last step
+        # bad debt under other oracle lags, before closing costs (the impact of pass 1 is the
+        # configured lag's)
+        lagged = [liquidation.path_outcome(W, eq, coll, m, lag=k)[0] for k in t.lags]
+        eq, coll, m, *g, liq, at = liquidation.path_outcome(W, eq, coll, m, *g, lag=t.lag, at=True)
+        closed = jnp.where(liq, g[0], 0.0) if g else None
+        cost = jnp.where(liq, g[1], 0.0) if impact is not None else jnp.zeros_like(eq)
+        # the impact first, then the fee out of what remains (so a fee never creates bad debt)
+        f = liquidation.fee(eq - cost, g[0], liq, t.fee_rate) if t.fee_rate is not None else jnp.zeros_like(eq)
+        return eq - cost - f, coll, m, liq, f, cost, closed, eq_end - eq, lagged, at
+
+    return outcome
+
+
 def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, level: float = VAR_LEVEL,
                  top: Any = None) -> dict:
     """All per-scenario account work for one chunk, reduced at once, tile by tile.
@@ -558,44 +602,12 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     keep_pnl = with_pnl or n_random > 0
     paths = t.value.shape[2] > W  # K > 1 steps per scenario
     fuse = fusion(dt)
-    # Closing costs (and tiers, and partial close-outs) need each account's notional in every
-    # scenario. Without them it is not gathered: the notional closed is then the sum of the
-    # per-underlying notional closed, from each account's fixed weights (``und_weights``).
     charged = t.fee_rate is not None or t.impact is not None
-    gather_notional = charged or t.tiers is not None or t.partial_target is not None
+    outcome = path_outcome(h, t, fuse)
     total = account_total(h.valid, fuse)
     # [n] 1 for the real accounts that default alone, else 0: Cover 2 counts a group's defaults
     # together (``group_bad``), and its accounts not alone
     alone = validf if not t.n_groups else validf * (h.group == t.n_groups).astype(dt)
-
-    def outcome(value, mm, price, notional, impact, pmx, hc_base):
-        """Per account and scenario: equity at the path's end after closing costs; collateral
-        and margin at the step that decides the path; liquidated or not; the fee, the impact
-        paid, the notional closed, what closed positions gained after their close; and the
-        bad debt under each reported oracle lag."""
-        per_contract = ((notional,) if impact is None else (notional, impact)) if gather_notional else ()
-        m_pm = t.model_margin(h, pmx)
-        hc = t.haircut_of(hc_base)
-        if t.partial_target is not None:
-            pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, hc, *per_contract, tiers=t.tiers)
-            m = m if m_pm is None else m_pm
-            r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, imp[0] if imp else None)
-            return (r["equity"], r["collateral"], r["margin"], r["liquidated"], r["fee"], r["impact"],
-                    r["closed_notional"], r["closed_out"], [], r["closed"])
-        eq, coll, m, *g = tile_state(h, value, mm, price, hc, *per_contract, tiers=t.tiers, fuse=fuse)
-        m = m if m_pm is None else m_pm
-        if fuse["keep"]:
-            eq, coll, m, *g = jax.lax.optimization_barrier((eq, coll, m, *g))
-        eq_end = eq[:, :W]  # as if every position were held to the last step
-        # bad debt under other oracle lags, before closing costs (the impact of pass 1 is the
-        # configured lag's)
-        lagged = [liquidation.path_outcome(W, eq, coll, m, lag=k)[0] for k in t.lags]
-        eq, coll, m, *g, liq, at = liquidation.path_outcome(W, eq, coll, m, *g, lag=t.lag, at=True)
-        closed = jnp.where(liq, g[0], 0.0) if g else None
-        cost = jnp.where(liq, g[1], 0.0) if impact is not None else jnp.zeros_like(eq)
-        # the impact first, then the fee out of what remains (so a fee never creates bad debt)
-        f = liquidation.fee(eq - cost, g[0], liq, t.fee_rate) if t.fee_rate is not None else jnp.zeros_like(eq)
-        return eq - cost - f, coll, m, liq, f, cost, closed, eq_end - eq, lagged, at
 
     def calm_tile(carry, x):
         """A tile where ``portfolio.calm`` proves every account's collateral above its margin
@@ -793,6 +805,29 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         out["pnl"] = pnl
         out["liquidated"] = liq.transpose(1, 0, 2).reshape(n, T * W)
     return out
+
+
+def adl_kernel(h: Holdings, t: Tables) -> dict:
+    """Each account's P&L and liquidated flag in every scenario of ``t``, for the
+    auto-deleveraging pass: ``path_outcome`` tile by tile, nothing reduced. The same values
+    ``chunk_kernel`` returns ``with_pnl``, in a module a fraction of its size (it compiles
+    once per holdings shape; the pass's scenarios are another shape than the sweep's).
+
+    Returns:
+      ``pnl`` ``[n, T * W]`` (equity after closing costs less equity at the snapshot) and
+      ``liquidated`` ``[n, T * W]``.
+    """
+    eq0 = t.state0(h)[0]
+    n, (T, W) = eq0.shape[0], t.user.shape
+    outcome = path_outcome(h, t, fusion(eq0.dtype))
+    tables = (t.value, t.mm, t.price, t.notional, t.impact, t.model_tiles(), t.haircut_base)
+
+    def tile(_, k):
+        eq, _, _, liq, *_ = outcome(*tile_at(tables, k))
+        return None, (eq - eq0[:, None], liq)
+
+    _, (pnl, liq) = jax.lax.scan(tile, None, jnp.arange(T, dtype=jnp.int32))
+    return {"pnl": pnl.transpose(1, 0, 2).reshape(n, T * W), "liquidated": liq.transpose(1, 0, 2).reshape(n, T * W)}
 
 
 def tile_state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: Any, tiers: Any,
@@ -1070,6 +1105,16 @@ def on_devices(local: Callable, n_devices: int, in_specs: tuple) -> Callable:
         return shard_map(local, check_vma=False, **specs)
     except TypeError:  # jax < 0.6 calls it check_rep
         return shard_map(local, check_rep=False, **specs)
+
+
+@functools.lru_cache(maxsize=None)
+def sharded_adl(n_devices: int) -> Callable:
+    """``adl_kernel`` over a group of chunks ``[n_devices * B, ...]``, each device its ``B``
+    chunks in turn; kept traced on disk as the sweep's kernels are."""
+    def local(h: Holdings, t: Tables) -> dict:
+        return jax.lax.map(lambda one: adl_kernel(one, t), h)
+
+    return _exported.Kept(jax.jit(on_devices(local, n_devices, (P("d"), P()))), ("sharded_adl", n_devices))
 
 
 @functools.lru_cache(maxsize=None)
@@ -1449,8 +1494,24 @@ class LocalAccounts:
     def adl(self, t: Tables, deficit: np.ndarray, unrealised: np.ndarray, base: np.ndarray,
             leverage: np.ndarray, tie: np.ndarray) -> tuple[np.ndarray, ...]:
         """``adl_candidates`` of every account in the deficit scenarios of ``t`` (``[n]`` terms)."""
-        mats = self.sweep(t, 0, True).mats
-        return adl_candidates(mats["pnl"], mats["liquidated"], deficit, unrealised, base, leverage, tie)
+        return adl_candidates(*self.adl_mats(t), deficit, unrealised, base, leverage, tie)
+
+    def adl_mats(self, t: Tables) -> tuple[np.ndarray, np.ndarray]:
+        """Every account's P&L and liquidated flag ``[n, S]`` in the ``S`` scenarios of ``t``
+        (``adl_kernel``; padding scenarios dropped)."""
+        n, S, D = self.snap.n_accounts, int(np.asarray(t.user).sum()), len(devices())
+        kernel, t_dev = sharded_adl(D), replicated(t, D)
+        pnl, liquidated = np.empty((n, S)), np.empty((n, S), bool)
+
+        def drain(accs, out) -> None:
+            acc = np.concatenate(accs)
+            pnl[acc] = real_rows(accs, np.asarray(out["pnl"]))[:, :S]
+            liquidated[acc] = real_rows(accs, np.asarray(out["liquidated"]))[:, :S]
+
+        per_group = self.chunk_size * D * MAX_CHUNKS_PER_DEVICE * t.user.size * 9  # P&L 8 bytes, flag 1
+        with self.prefetching(kernel, D, t, MAX_CHUNKS_PER_DEVICE, t_dev):
+            pipelined(self.groups(D, t), lambda h: kernel(h, t_dev), drain, max(1, min(4, int(256e6 // per_group))))
+        return pnl, liquidated
 
     def sweep(self, t: Tables, n_random: int, with_pnl: bool, level: float = VAR_LEVEL) -> Partial:
         """One pass of every account through ``chunk_kernel`` on tables ``t``."""

@@ -351,7 +351,7 @@ def test_adl_pass_compiles_once_for_deficit_counts_in_one_power_of_two(tmp_path)
     # is still charged in full: S1 first (rank 6.25), S2 after it once S1's profit is gone.
     snap = _adl_book(tmp_path / "snap", 100_000.0)
     W = engine.scenario_tile(10_000, dtype=np.float64)
-    kernel = engine.sharded_kernel(0, True, len(engine.devices()), engine.VAR_LEVEL)
+    kernel = engine.sharded_adl(len(engine.devices()))
     sizes = []
     for count in (2 * W + 1, 3 * W + 1):
         text = "".join(f'[[scenario]]\nname = "d{k}"\nmoves = {{ BTC = {-0.04 - 1e-5 * k} }}\n\n' for k in range(count))
@@ -365,6 +365,36 @@ def test_adl_pass_compiles_once_for_deficit_counts_in_one_power_of_two(tmp_path)
         sizes.append(kernel.cache_size())
     assert engine.adl_width(2 * W + 1, 10**6) == engine.adl_width(3 * W + 1, 10**6) == 4 * W
     assert sizes[1] == sizes[0] > 0
+
+
+@pytest.mark.parametrize("liq", [
+    "fee_rate = 0.002\noracle_lag_steps = 1\n[liquidation.impact.BTC]\nspread = 0.001\nk = 0.5\ndaily_vol = 0.04\n"
+    "daily_volume = 2e8\n",
+    'fee_rate = 0.002\nmode = "partial"\npartial_target = 1.25\n',
+])
+def test_adl_pass_values_each_account_as_the_sweep_does(tmp_path, sample_tables, small_default_path, liq):
+    # The pass's own kernel (P&L and liquidated flags only) against the sweep's kernel asked
+    # for the same matrices, on the sample under the default set's shocks and 4-step paths:
+    # closing costs, price impact and an oracle lag, or partial close-outs.
+    from stress import sample
+
+    sample.write_snapshot(tmp_path / "snap", sample_tables)
+    toml = (tmp_path / "snap" / "exchange.toml").read_text()
+    (tmp_path / "snap" / "exchange.toml").write_text(toml.replace("[liquidation]\n", "[liquidation]\n" + liq))
+    snap = stress.load_snapshot(tmp_path / "snap")
+    scen = stress.load_scenarios(small_default_path, snap)
+    local = engine.LocalAccounts(snap, None, np.float64)
+    t, _ = engine.tables(snap, scen)
+    if t.n_impact:
+        t = engine._impact_pass(snap, t, local.closed(t), np.float64)
+    cols = np.r_[np.arange(0, len(scen), 7), len(scen) - 1]  # one-step shocks and paths
+    sub = engine._subset(t, cols, engine.adl_width(len(cols), 10**6))
+    ref = local.sweep(sub, 0, True).mats
+    pnl, liquidated = local.adl_mats(sub)
+    assert pnl.shape == ref["pnl"].shape == (snap.n_accounts, len(cols))
+    assert liquidated.any() and (pnl < 0).any()
+    np.testing.assert_array_equal(liquidated, ref["liquidated"])
+    np.testing.assert_allclose(pnl, ref["pnl"], rtol=1e-12, atol=1e-9)
 
 
 def test_adl_can_be_switched_off(tmp_path):
