@@ -1500,6 +1500,10 @@ class LocalAccounts:
         """Every account's P&L and liquidated flag ``[n, S]`` in the ``S`` scenarios of ``t``
         (``adl_kernel``; padding scenarios dropped)."""
         n, S, D = self.snap.n_accounts, int(np.asarray(t.user).sum()), len(devices())
+        # What the kernel does not read leaves the tables: the random paths' index, whose
+        # length (how many deficit scenarios are random) would otherwise make a new signature,
+        # so a new compilation, for every count; and the calm ranges, which order nothing here
+        t = dataclasses.replace(t, random_index=np.zeros(0, np.int32), ranges=None)
         kernel, t_dev = sharded_adl(D), replicated(t, D)
         pnl, liquidated = np.empty((n, S)), np.empty((n, S), bool)
 
@@ -1733,7 +1737,7 @@ def auto_deleverage(snap: Snapshot, t: Tables, deficit: np.ndarray, random: np.n
 
 def adl_width(n_deficit: int, batch: int) -> int:
     """The scenarios each batch of the auto-deleveraging pass is padded to: the next power of
-    two of ``n_deficit`` (at least 8), or ``batch`` where it takes several batches. How many
+    two of ``n_deficit`` (at least 8), at most ``batch`` (the most one batch holds). How many
     scenarios leave a deficit changes from one snapshot to the next; padded, the pass's
     kernels keep a few shapes and a nightly run finds them compiled (each is one compilation
     per holdings shape, 1-1.5 s on CPU)."""

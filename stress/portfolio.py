@@ -39,11 +39,14 @@ LADDER = ((1, 1, 1), (2, 1, 1), (4, 2, 1), (4, 2, 2), (4, 4, 1), (4, 4, 4))
 # is per account. So a snapshot leaves out a rung that would hold fewer accounts than this when
 # the next rung that holds them has at most twice the slots (J) and at most twice the position
 # gathers (P * L): (1, 1, 1) goes into (2, 1, 1), (2, 1, 1) into (4, 2, 1), (4, 2, 1) into
-# (4, 2, 2), never (4, 4, 1) into (4, 4, 4). With slots alone (the (J, L) ladder), leaving
-# (1, 1) out took 2-3 s off a cold run at 100,000 x 5,000 and nothing off a warm one; at
-# 1,000,000, whose (1, 1) rung holds 170,000 accounts, the rung was worth 2-5 s a warm run. With
-# positions too, the 10,000-account sample's default run compiles 8 kernels in place of 12
-# (docs/benchmarks.md, "Fewer rungs for small snapshots").
+# (4, 2, 2), never (4, 4, 1) into (4, 4, 4). A rung's count holds the accounts of the rungs
+# left out before it, so moves chain: the 10,000-account sample's (2, 1, 1) accounts end in
+# (4, 2, 2), which measured no slower warm (4x the gathers of one position; 2 positions in
+# place of 1 cost nothing measurable even for 234,113 accounts at 1M). With slots alone (the
+# (J, L) ladder), leaving (1, 1) out took 2-3 s off a cold run at 100,000 x 5,000 and nothing
+# off a warm one; at 1,000,000, whose (1, 1) rung holds 170,000 accounts, the rung was worth
+# 2-5 s a warm run. With positions too, the 10,000-account sample's default run compiles 6
+# kernels in place of 12 (docs/benchmarks.md, "Fewer rungs for small snapshots").
 RUNG_MIN_ACCOUNTS = 32_768
 # And whatever the next rung's shape, a rung is left out when moving its accounts there adds at
 # most this many slots and position gathers in all (each account: the next rung's J + P * L

@@ -397,6 +397,23 @@ def test_adl_pass_values_each_account_as_the_sweep_does(tmp_path, sample_tables,
     np.testing.assert_allclose(pnl, ref["pnl"], rtol=1e-12, atol=1e-9)
 
 
+def test_adl_pass_shape_does_not_depend_on_how_many_deficits_are_random(sample_dir, small_default_path):
+    # Two sets of 8 deficit scenarios, 2 and then 5 of them Monte Carlo paths: one signature,
+    # one compilation per holdings shape, for both.
+    snap = stress.load_snapshot(sample_dir)
+    scen = stress.load_scenarios(small_default_path, snap)
+    t, _ = engine.tables(snap, scen)
+    local = engine.LocalAccounts(snap, None, np.float64)
+    rnd, fixed = np.flatnonzero(scen.random), np.flatnonzero(~scen.random)
+    kernel = engine.sharded_adl(len(engine.devices()))
+    sizes = []
+    for k in (2, 5):
+        pnl, _ = local.adl_mats(engine._subset(t, np.sort(np.r_[fixed[: 8 - k], rnd[:k]]), 8))
+        assert pnl.shape == (snap.n_accounts, 8)
+        sizes.append(kernel.cache_size())
+    assert sizes[1] == sizes[0] > 0
+
+
 def test_adl_can_be_switched_off(tmp_path):
     snap = _adl_book(tmp_path / "snap", 100_000.0, "adl = false")
     res = stress.run(snap, _scen(tmp_path, snap))
