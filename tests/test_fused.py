@@ -97,11 +97,14 @@ def test_the_fused_kernel_leaves_other_runs_to_the_xla_kernel(fee_snapshot):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_the_fused_kernel_lowers_to_triton_for_a_gpu(fee_snapshot, dtype):
+def test_the_fused_kernel_lowers_to_triton_for_a_gpu(fee_snapshot, dtype, monkeypatch):
     # Lowered for CUDA on this CPU machine: every operation of the kernel has a Triton
     # lowering (compiling it to GPU code needs the GPU; bench/gpu.py runs it there).
     import jax
 
+    # every rung, so the small exchange has a (4, 2, 2) bucket of its own
+    monkeypatch.setattr(portfolio, "RUNG_MIN_ACCOUNTS", 0)
+    monkeypatch.setattr(portfolio, "RUNG_MIN_WORK", -1)
     dt = engine.DTYPES[dtype]
     t, _ = engine.tables(fee_snapshot, _shocks(8, fee_snapshot.n_assets), dt)
     groups = engine._groups(fee_snapshot, 128, dt, 1)
