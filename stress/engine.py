@@ -1514,7 +1514,7 @@ class LocalAccounts:
 
         per_group = self.chunk_size * D * MAX_CHUNKS_PER_DEVICE * t.user.size * 9  # P&L 8 bytes, flag 1
         with self.prefetching(kernel, D, t, MAX_CHUNKS_PER_DEVICE, t_dev):
-            pipelined(self.groups(D, t), lambda h: kernel(h, t_dev), drain, max(1, min(4, int(256e6 // per_group))))
+            pipelined(self.groups(D, t), lambda h: kernel(h, t_dev), drain, in_flight(per_group))
         return pnl, liquidated
 
     def sweep(self, t: Tables, n_random: int, with_pnl: bool, level: float = VAR_LEVEL) -> Partial:
@@ -1572,7 +1572,6 @@ class LocalAccounts:
         # (the random losses of a Monte Carlo run are [chunk, paths] per chunk).
         max_b = chunks_per_device(self.chunk_size, n_random, self.dt)
         per_group = self.chunk_size * D * max_b * max(n_random, S if with_pnl else 0) * 8
-        in_flight = max(1, min(4, int(256e6 // max(per_group, 1))))
 
         def call(h: Holdings) -> dict:
             nonlocal top
@@ -1581,9 +1580,18 @@ class LocalAccounts:
             return out
 
         with self.prefetching(kernel, D, t_snap, max_b, t, top):
-            pipelined(self.groups(D, t_snap, max_b), call, drain_one, in_flight)
+            pipelined(self.groups(D, t_snap, max_b), call, drain_one, in_flight(per_group))
         largest = np.stack(two_largest(np.asarray(top, np.float64).reshape(-1, t.user.size), xp=np))  # of all devices
         return Partial(per_acc, total, largest, lag_total, mats, t.lags, group_bad if t.n_groups else 0.0, und_total)
+
+
+IN_FLIGHT_BYTES = 256e6  # what the groups dispatched ahead may return, at most, before drained
+
+
+def in_flight(group_bytes: float) -> int:
+    """How many groups ``pipelined`` keeps dispatched ahead when each returns ``group_bytes``
+    to the host: 1 to 4, within ``IN_FLIGHT_BYTES``."""
+    return max(1, min(4, int(IN_FLIGHT_BYTES // max(group_bytes, 1))))
 
 
 def pipelined(groups: Any, call: Callable, drain: Callable, in_flight: int) -> None:
