@@ -29,7 +29,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import engine, portfolio
 
@@ -125,8 +125,15 @@ def stage_kernel(stage: str, n_devices: int) -> Callable:
         out = {"pnl_worst": worst, "sums": sums.transpose(1, 0, 2).reshape(-1, T * W)}
         return out if stage == "pnl" else {**out, "gap_max": gap_max}
 
-    local = lambda h, t: jax.lax.map(lambda c: one(c, t), h)  # noqa: E731
-    return jax.jit(engine.on_devices(local, n_devices, (P("d"), P())))
+    def local(h, t, acc):  # as the run's kernel, each device adds its chunks' sums up as it goes
+        def chunk(total, c):
+            out = one(c, t)
+            return total + out.pop("sums").astype(total.dtype), out
+
+        total, out = jax.lax.scan(chunk, acc[0], h)
+        return {**out, "sums": total[None]}
+
+    return jax.jit(engine.on_devices(local, n_devices, (P("d"), P(), P("d"))))
 
 
 def sweep_stage(snap, t, stage: str, dtype) -> tuple[dict, np.ndarray]:
@@ -143,18 +150,23 @@ def sweep_stage(snap, t, stage: str, dtype) -> tuple[dict, np.ndarray]:
         t = engine.with_ranges(t, snap.n_accounts)
     t_dev = engine.replicated(t, D)
     per_acc: dict[str, np.ndarray] = {}
-    total = 0.0
+    rows = 1 if stage == "pnl" else 3
+    sums = jax.device_put(np.zeros((D, rows, t.user.size)), NamedSharding(engine._mesh(D), P("d")))
+
+    def call(h):
+        nonlocal sums
+        out = kernel(h, t_dev, sums)
+        sums = out.pop("sums")  # stays on the devices, as the run's
+        return out
 
     def drain(accs, out) -> None:
-        nonlocal total
         out = jax.device_get(out)
-        total = total + out.pop("sums").sum(axis=0, dtype=np.float64)[:, :S]
         acc = np.concatenate(accs)
         for k, v in out.items():
             per_acc.setdefault(k, np.empty(snap.n_accounts))[acc] = engine.real_rows(accs, v)
 
-    engine.pipelined(accounts.groups(D, t), lambda h: kernel(h, t_dev), drain, in_flight=2)
-    return per_acc, total
+    engine.pipelined(accounts.groups(D, t), call, drain, in_flight=2)
+    return per_acc, np.asarray(sums).sum(axis=0)[:, :S]
 
 
 def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Path | None = None,

@@ -1045,41 +1045,66 @@ def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float =
     for the whole device mesh. Where ``PALLAS`` says so and the chunk ``fused.applies``, the
     fused kernel takes its place.
 
-    Called as ``kernel(h, t, top)``: ``top`` ``[n_devices, 2, S_pad]`` (``no_top``) holds each
-    device's two largest bad debts per scenario over the groups before, and ``top2`` in the
-    result the same with this group's merged in; the other outputs are the group's own.
-    Carried from call to call on the devices, they are read once, after the last group.
+    Called as ``kernel(h, t, top, acc)``: ``top`` ``[n_devices, 2, S_pad]`` (``no_top``) holds
+    each device's two largest bad debts per scenario over the groups before, and ``top2`` in the
+    result the same with this group's merged in; ``acc`` (``no_sums``) each device's sums of
+    ``SCENARIO_SUMS`` over the groups before, and ``acc`` in the result the same with this
+    group's added. The other outputs are the group's own. Carried from call to call on the
+    devices, ``top2`` and ``acc`` are read once, after the last group.
     """
     pallas = PALLAS[_backend()]
 
-    def local(h: Holdings, t: Tables, top: Any) -> dict:
+    def local(h: Holdings, t: Tables, top: Any, acc: dict) -> dict:
         if pallas:
             from . import fused
 
             if fused.applies(h, t, n_random, with_pnl):  # shapes and settings are static
-                return merged(fused.group_kernel(h, t), top)  # the device's chunks in one launch
+                return added(merged(fused.group_kernel(h, t), top), acc)  # the device's chunks in one launch
         kernel = functools.partial(chunk_kernel, n_random=n_random, with_pnl=with_pnl, level=level)
         if not fusion(t.value.dtype).get("skip"):
-            return merged(jax.lax.map(lambda one: kernel(one, t), h), top)
+            return added(merged(jax.lax.map(lambda one: kernel(one, t), h), top), acc)
         # Where tiles can skip work (CPU), the chunks carry the two largest so far, in the
-        # tile layout: most tiles then hold no bad debt above the second of them, and skip
+        # tile layout: most tiles then hold no bad debt above the second of them, and skip.
+        # They carry the per-scenario sums too: stacked per chunk they were written out, read
+        # back to the host and added up there, group by group (at 1M accounts x 5,000
+        # scenarios, 3.5 GB of them)
         T, W = t.user.shape
 
-        def chunk(two, one):
+        def chunk(carry, one):
+            two, sums = carry
             out = kernel(one, t, top=two)
-            return out.pop("top2"), out
+            return (out.pop("top2"), add_sums(sums, out)), out
 
         two = top.reshape(2, T, W).transpose(1, 0, 2)
+        sums = {k: v[0] for k, v in acc.items()}
         if h.valid.shape[0] == 1:  # no loop: its outputs would be stacked by a copy
-            two, out = chunk(two, jax.tree_util.tree_map(lambda x: x[0], h))
+            (two, sums), out = chunk((two, sums), jax.tree_util.tree_map(lambda x: x[0], h))
             out = jax.tree_util.tree_map(lambda x: x[None], out)
         else:
-            two, out = jax.lax.scan(chunk, two, h)
-        return {**out, "top2": two.transpose(1, 0, 2).reshape(top.shape)}
+            (two, sums), out = jax.lax.scan(chunk, (two, sums), h)
+        return {**out, "top2": two.transpose(1, 0, 2).reshape(top.shape), "acc": {k: v[None] for k, v in sums.items()}}
 
-    mapped = on_devices(local, n_devices, (P("d"), P(), P("d")))
+    mapped = on_devices(local, n_devices, (P("d"), P(), P("d"), P("d")))
     # kept traced on disk: a new process loads each holdings shape's module instead of tracing
     return _exported.Kept(jax.jit(mapped), ("sharded_kernel", n_random, with_pnl, n_devices, level))
+
+
+# The chunk kernel's per-scenario outputs, each ``[rows, S_pad]``, that a sweep only adds up
+# over accounts: ``sharded_kernel`` adds them up on the devices
+SCENARIO_SUMS = ("sums", "lag_bad", "group_bad", "und_closed")
+
+
+def add_sums(acc: dict, out: dict) -> dict:
+    """``acc`` with ``out``'s ``SCENARIO_SUMS`` (popped from it) added, in ``acc``'s dtype."""
+    return {k: v + out.pop(k).astype(v.dtype) for k, v in acc.items()}
+
+
+def added(out: dict, acc: dict) -> dict:
+    """``out`` (a group's outputs, its per-scenario sums ``[G, rows, S]``) with those sums added
+    into ``acc`` ``[1, rows, S]`` as ``out["acc"]``."""
+    out = dict(out)
+    group = {k: out.pop(k).sum(axis=0, keepdims=True) for k in acc}
+    return {**out, "acc": add_sums(acc, group)}
 
 
 def merged(out: dict, top: Any) -> dict:
@@ -1093,6 +1118,18 @@ def no_top(t: Tables, n_devices: int) -> Any:
     """``sharded_kernel``'s ``top`` before the first group: zeros (bad debt is >= 0), on the
     devices."""
     zeros = np.zeros((n_devices, 2, t.user.size), np.dtype(t.value.dtype))
+    return jax.device_put(zeros, NamedSharding(_mesh(n_devices), P("d")))
+
+
+def no_sums(t: Tables, n_devices: int) -> dict:
+    """``sharded_kernel``'s ``acc`` before the first group: zeros ``[n_devices, rows, S_pad]``
+    for each of ``SCENARIO_SUMS`` the chunk kernel returns under ``t``, on the devices. Float64
+    whatever the run's dtype, as the host added them before: a float32 run's sums over a
+    million accounts would otherwise lose digits the reports show."""
+    rows = {"sums": len(SUM_NAMES), "lag_bad": len(t.lags), "group_bad": t.n_groups,
+            "und_closed": t.und_asset.shape[0]}
+    kept = {k: r for k, r in rows.items() if r or k in ("sums", "und_closed")}  # as chunk_kernel returns them
+    zeros = {k: np.zeros((n_devices, r, t.user.size)) for k, r in kept.items()}
     return jax.device_put(zeros, NamedSharding(_mesh(n_devices), P("d")))
 
 
@@ -1525,11 +1562,8 @@ class LocalAccounts:
         kernel = sharded_kernel(n_random, with_pnl, D, level)
         t_snap = with_ranges(t, snap.n_accounts)
         t = replicated(t_snap, D)
-        total = np.zeros((len(SUM_NAMES), t.user.size))
         top = no_top(t, D)  # each device's two largest bad debts so far: stays on the devices
-        lag_total = np.zeros((len(t.lags), t.user.size))
-        group_bad = np.zeros((t.n_groups, t.user.size))
-        und_total = np.zeros((t.und_asset.shape[0], t.user.size))
+        acc = no_sums(t, D)  # and its per-scenario sums
         per_acc: dict[str, np.ndarray] = {}
         mats = {"pnl": np.empty((snap.n_accounts, S)), "liquidated": np.empty((snap.n_accounts, S), bool)} if with_pnl else {}
         done = 0
@@ -1540,15 +1574,9 @@ class LocalAccounts:
             per_acc[name][acc] = values
 
         def drain_one(accs, out) -> None:
-            nonlocal done, total
+            nonlocal done
             losses = out.pop("random_loss", None)  # [G * chunk, m], read in place below
             out = jax.device_get(out)
-            total = total + out.pop("sums").sum(axis=0, dtype=np.float64)
-            if "lag_bad" in out:
-                lag_total[:] += out.pop("lag_bad").sum(axis=0, dtype=np.float64)
-            if "group_bad" in out:
-                group_bad[:] += out.pop("group_bad").sum(axis=0, dtype=np.float64)
-            und_total[:] += out.pop("und_closed").sum(axis=0, dtype=np.float64)
             # On CPU this host work shares the cores with the kernels, so it is kept to a few
             # whole-array operations per group: each output's real-account rows taken at once,
             # not chunk by chunk (at 1M accounts x 5,000 scenarios it took 1.2 s that way)
@@ -1574,15 +1602,18 @@ class LocalAccounts:
         per_group = self.chunk_size * D * max_b * max(n_random, S if with_pnl else 0) * 8
 
         def call(h: Holdings) -> dict:
-            nonlocal top
-            out = kernel(h, t, top)
-            top = out.pop("top2")  # the next group's, not drained
+            nonlocal top, acc
+            out = kernel(h, t, top, acc)
+            top, acc = out.pop("top2"), out.pop("acc")  # the next group's, not drained
             return out
 
-        with self.prefetching(kernel, D, t_snap, max_b, t, top):
+        with self.prefetching(kernel, D, t_snap, max_b, t, top, acc):
             pipelined(self.groups(D, t_snap, max_b), call, drain_one, in_flight(per_group))
         largest = np.stack(two_largest(np.asarray(top, np.float64).reshape(-1, t.user.size), xp=np))  # of all devices
-        return Partial(per_acc, total, largest, lag_total, mats, t.lags, group_bad if t.n_groups else 0.0, und_total)
+        sums = {k: np.asarray(v).sum(axis=0) for k, v in acc.items()}  # of all devices
+        lag_total = sums.get("lag_bad", np.zeros((0, t.user.size)))
+        return Partial(per_acc, sums["sums"], largest, lag_total, mats, t.lags, sums.get("group_bad", 0.0),
+                       sums["und_closed"])
 
 
 IN_FLIGHT_BYTES = 256e6  # what the groups dispatched ahead may return, at most, before drained
