@@ -1059,10 +1059,10 @@ def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float =
             from . import fused
 
             if fused.applies(h, t, n_random, with_pnl):  # shapes and settings are static
-                return added(merged(fused.group_kernel(h, t), top), acc)  # the device's chunks in one launch
+                return packed(added(merged(fused.group_kernel(h, t), top), acc))  # the device's chunks in one launch
         kernel = functools.partial(chunk_kernel, n_random=n_random, with_pnl=with_pnl, level=level)
         if not fusion(t.value.dtype).get("skip"):
-            return added(merged(jax.lax.map(lambda one: kernel(one, t), h), top), acc)
+            return packed(added(merged(jax.lax.map(lambda one: kernel(one, t), h), top), acc))
         # Where tiles can skip work (CPU), the chunks carry the two largest so far, in the
         # tile layout: most tiles then hold no bad debt above the second of them, and skip.
         # They carry the per-scenario sums too: stacked per chunk they were written out, read
@@ -1082,7 +1082,8 @@ def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float =
             out = jax.tree_util.tree_map(lambda x: x[None], out)
         else:
             (two, sums), out = jax.lax.scan(chunk, (two, sums), h)
-        return {**out, "top2": two.transpose(1, 0, 2).reshape(top.shape), "acc": {k: v[None] for k, v in sums.items()}}
+        out = {**out, "top2": two.transpose(1, 0, 2).reshape(top.shape), "acc": {k: v[None] for k, v in sums.items()}}
+        return packed(out)
 
     mapped = on_devices(local, n_devices, (P("d"), P(), P("d"), P("d")))
     # kept traced on disk: a new process loads each holdings shape's module instead of tracing
@@ -1092,6 +1093,30 @@ def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float =
 # The chunk kernel's per-scenario outputs, each ``[rows, S_pad]``, that a sweep only adds up
 # over accounts: ``sharded_kernel`` adds them up on the devices
 SCENARIO_SUMS = ("sums", "lag_bad", "group_bad", "und_closed")
+
+
+# The chunk kernel's per-account ``[n]`` outputs, in the columns of ``sharded_kernel``'s ``rows``
+ROWS = ("equity", "collateral_value", "maintenance_margin", "gross_notional", "pnl_worst", "scenario_worst",
+        "shortfall_worst", "bad_debt_worst", "liquidation_cost_worst", "p_liquidation", "var_99", "es_99")
+
+
+def packed(out: dict) -> dict:
+    """``out`` (a group's outputs) with its per-account ``ROWS`` ``[G, n]`` in one float64
+    array ``rows`` ``[G, n, len(ROWS)]``, NaN for those the run has not (``scenario_worst``, an
+    int32, is exact in it). One array to read back per group, not a dozen: on CPU each read and
+    each placement on the host costs about the same whatever its size."""
+    out = dict(out)
+    like = out["pnl_worst"]
+    cols = [out.pop(k).astype(jnp.float64) if k in out else jnp.full(like.shape, jnp.nan) for k in ROWS]
+    return {**out, "rows": jnp.stack(cols, axis=-1)}
+
+
+def unpacked(rows: np.ndarray) -> dict:
+    """``packed``'s ``rows`` ``[..., len(ROWS)]`` back to a column per name; columns all NaN
+    (not computed) are left out."""
+    cols = {k: rows[..., i] for i, k in enumerate(ROWS)}
+    cols["scenario_worst"] = cols["scenario_worst"].astype(np.int32)
+    return {k: v for k, v in cols.items() if k == "scenario_worst" or not np.isnan(v).all()}
 
 
 def add_sums(acc: dict, out: dict) -> dict:
@@ -1564,14 +1589,9 @@ class LocalAccounts:
         t = replicated(t_snap, D)
         top = no_top(t, D)  # each device's two largest bad debts so far: stays on the devices
         acc = no_sums(t, D)  # and its per-scenario sums
-        per_acc: dict[str, np.ndarray] = {}
+        rows: list = []  # [n, len(ROWS)] per-account columns, made at the first group drained
         mats = {"pnl": np.empty((snap.n_accounts, S)), "liquidated": np.empty((snap.n_accounts, S), bool)} if with_pnl else {}
         done = 0
-
-        def put(name: str, acc: np.ndarray, values: np.ndarray) -> None:
-            if name not in per_acc:
-                per_acc[name] = np.empty(snap.n_accounts, values.dtype if values.dtype.kind in "iu" else np.float64)
-            per_acc[name][acc] = values
 
         def drain_one(accs, out) -> None:
             nonlocal done
@@ -1581,16 +1601,16 @@ class LocalAccounts:
             # whole-array operations per group: each output's real-account rows taken at once,
             # not chunk by chunk (at 1M accounts x 5,000 scenarios it took 1.2 s that way)
             acc = np.concatenate(accs)
+            if not rows:
+                rows.append(np.empty((snap.n_accounts, len(ROWS))))
+            table = rows[0]
+            table[acc] = real_rows(accs, out.pop("rows"))
             for k, v in out.items():
-                v = real_rows(accs, v)
-                if k in mats:
-                    mats[k][acc] = v[:, :S]
-                else:
-                    put(k, acc, v)
+                mats[k][acc] = real_rows(accs, v)[:, :S]
             if losses is not None:
                 tails = [tail_loss_host(part, level) for part in host_rows(losses, len(acc))]
-                put("var_99", acc, np.concatenate([var for var, _ in tails]))
-                put("es_99", acc, np.concatenate([es for _, es in tails]))
+                table[acc, ROWS.index("var_99")] = np.concatenate([var for var, _ in tails])
+                table[acc, ROWS.index("es_99")] = np.concatenate([es for _, es in tails])
             done += len(acc)
             if progress:
                 progress(done, snap.n_accounts)
@@ -1612,6 +1632,7 @@ class LocalAccounts:
         largest = np.stack(two_largest(np.asarray(top, np.float64).reshape(-1, t.user.size), xp=np))  # of all devices
         sums = {k: np.asarray(v).sum(axis=0) for k, v in acc.items()}  # of all devices
         lag_total = sums.get("lag_bad", np.zeros((0, t.user.size)))
+        per_acc = unpacked(rows[0]) if rows else {}
         return Partial(per_acc, sums["sums"], largest, lag_total, mats, t.lags, sums.get("group_bad", 0.0),
                        sums["und_closed"])
 
