@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import engine, portfolio
+from .snapshot import account_id_column
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,10 +207,10 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
         dt = engine.DTYPES[dtype]
         t = timed("revalue instruments", lambda: engine.tables(snap, scen, dt)[0],
                   lambda _: f"{len(snap.instrument_ids):,} instruments x {scenarios:,} scenarios")
-        # kept per snapshot (``engine.layout_of``): built here, so the first run below is the
-        # kernels' compilation (or loading from the caches) alone
-        timed("holdings layout", lambda: engine.LocalAccounts(snap, None, dt).layout(t),
-              lambda lay: f"{len(lay[0])} holdings shapes")
+        # kept per snapshot (``engine.layout_of``, ``account_id_column``): built here, so the
+        # first run below is the kernels' compilation (or loading from the caches) alone
+        timed("holdings layout", lambda: (engine.LocalAccounts(snap, None, dt).layout(t), account_id_column(snap))[0],
+              lambda lay: f"{len(lay[0])} holdings shapes; the account id column")
         cells = snap.n_accounts * scenarios
         rate = lambda took: f"{cells / took:.3g} account-scenarios/s"  # noqa: E731
         first, _ = seconds(lambda: engine.run(snap, scen, dtype=dtype), "first run")

@@ -1883,7 +1883,9 @@ def run(
         im = acc["maintenance_margin"] / float((tab.pm or tab.var)["factor"])
     else:
         im = _initial_margin(snap, host["im0"], host["notional0"])
-    names = np.array(scen.names, dtype=object)
+    # each account's worst scenario's name, taken from the names as one pandas string array:
+    # an object array of 1M names is converted to pandas' strings anew, about 0.05 s a run
+    names = pd.Series(np.array(scen.names, dtype=object)).array
     worst_idx = np.clip(acc["scenario_worst"], 0, S - 1)
     accounts = pd.DataFrame(
         {
@@ -1894,7 +1896,7 @@ def run(
             "maintenance_margin": acc["maintenance_margin"],
             "liquidatable": acc["collateral_value"] < acc["maintenance_margin"],
             "pnl_worst": acc["pnl_worst"],
-            "scenario_worst": names[worst_idx],
+            "scenario_worst": names.take(worst_idx),
             "var_99": acc.get("var_99", nan),
             "es_99": acc.get("es_99", nan),
             "p_liquidation": acc.get("p_liquidation", nan),
