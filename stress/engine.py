@@ -1111,12 +1111,15 @@ def packed(out: dict) -> dict:
     return {**out, "rows": jnp.stack(cols, axis=-1)}
 
 
-def unpacked(rows: np.ndarray) -> dict:
-    """``packed``'s ``rows`` ``[..., len(ROWS)]`` back to a column per name; columns all NaN
-    (not computed) are left out."""
-    cols = {k: rows[..., i] for i, k in enumerate(ROWS)}
+RANDOM_ROWS = ("p_liquidation", "var_99", "es_99")  # of ``ROWS``, those only a run with random scenarios has
+
+
+def unpacked(rows: np.ndarray, n_random: int) -> dict:
+    """``packed``'s ``rows`` ``[..., len(ROWS)]`` back to a column per name, without
+    ``RANDOM_ROWS`` where the run has no random scenarios (``n_random`` 0)."""
+    cols = {k: rows[..., i] for i, k in enumerate(ROWS) if n_random or k not in RANDOM_ROWS}
     cols["scenario_worst"] = cols["scenario_worst"].astype(np.int32)
-    return {k: v for k, v in cols.items() if k == "scenario_worst" or not np.isnan(v).all()}
+    return cols
 
 
 def add_sums(acc: dict, out: dict) -> dict:
@@ -1589,7 +1592,7 @@ class LocalAccounts:
         t = replicated(t_snap, D)
         top = no_top(t, D)  # each device's two largest bad debts so far: stays on the devices
         acc = no_sums(t, D)  # and its per-scenario sums
-        rows: list = []  # [n, len(ROWS)] per-account columns, made at the first group drained
+        table = np.empty((snap.n_accounts, len(ROWS)))  # per-account columns (``packed``)
         mats = {"pnl": np.empty((snap.n_accounts, S)), "liquidated": np.empty((snap.n_accounts, S), bool)} if with_pnl else {}
         done = 0
 
@@ -1601,9 +1604,6 @@ class LocalAccounts:
             # whole-array operations per group: each output's real-account rows taken at once,
             # not chunk by chunk (at 1M accounts x 5,000 scenarios it took 1.2 s that way)
             acc = np.concatenate(accs)
-            if not rows:
-                rows.append(np.empty((snap.n_accounts, len(ROWS))))
-            table = rows[0]
             table[acc] = real_rows(accs, out.pop("rows"))
             for k, v in out.items():
                 mats[k][acc] = real_rows(accs, v)[:, :S]
@@ -1632,7 +1632,7 @@ class LocalAccounts:
         largest = np.stack(two_largest(np.asarray(top, np.float64).reshape(-1, t.user.size), xp=np))  # of all devices
         sums = {k: np.asarray(v).sum(axis=0) for k, v in acc.items()}  # of all devices
         lag_total = sums.get("lag_bad", np.zeros((0, t.user.size)))
-        per_acc = unpacked(rows[0]) if rows else {}
+        per_acc = unpacked(table, n_random) if done else {}  # none: no account drained
         return Partial(per_acc, sums["sums"], largest, lag_total, mats, t.lags, sums.get("group_bad", 0.0),
                        sums["und_closed"])
 
