@@ -1049,8 +1049,9 @@ def sharded_kernel(n_random: int, with_pnl: bool, n_devices: int, level: float =
     each device's two largest bad debts per scenario over the groups before, and ``top2`` in the
     result the same with this group's merged in; ``acc`` (``no_sums``) each device's sums of
     ``SCENARIO_SUMS`` over the groups before, and ``acc`` in the result the same with this
-    group's added. The other outputs are the group's own. Carried from call to call on the
-    devices, ``top2`` and ``acc`` are read once, after the last group.
+    group's added. The other outputs are the group's own, the per-account ones in one array
+    ``rows`` (``packed``). Carried from call to call on the devices, ``top2`` and ``acc`` are
+    read once, after the last group.
     """
     pallas = PALLAS[_backend()]
 
@@ -1131,7 +1132,8 @@ def added(out: dict, acc: dict) -> dict:
     """``out`` (a group's outputs, its per-scenario sums ``[G, rows, S]``) with those sums added
     into ``acc`` ``[1, rows, S]`` as ``out["acc"]``."""
     out = dict(out)
-    group = {k: out.pop(k).sum(axis=0, keepdims=True) for k in acc}
+    # in the accumulator's dtype before adding over chunks, as the host added them before
+    group = {k: out.pop(k).astype(v.dtype).sum(axis=0, keepdims=True) for k, v in acc.items()}
     return {**out, "acc": add_sums(acc, group)}
 
 
