@@ -129,10 +129,10 @@ def stage_kernel(stage: str, n_devices: int) -> Callable:
     def local(h, t, acc):  # as the run's kernel, each device adds its chunks' sums up as it goes
         def chunk(total, c):
             out = one(c, t)
-            return total + out.pop("sums").astype(total.dtype), out
+            return engine.add_sums(total, out), out
 
-        total, out = jax.lax.scan(chunk, acc[0], h)
-        return {**out, "sums": total[None]}
+        total, out = jax.lax.scan(chunk, {"sums": acc[0]}, h)
+        return {**out, "sums": total["sums"][None]}
 
     return jax.jit(engine.on_devices(local, n_devices, (P("d"), P(), P("d"))))
 

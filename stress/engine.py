@@ -1156,9 +1156,9 @@ def no_sums(t: Tables, n_devices: int) -> dict:
     for each of ``SCENARIO_SUMS`` the chunk kernel returns under ``t``, on the devices. Float64
     whatever the run's dtype, as the host added them before: a float32 run's sums over a
     million accounts would otherwise lose digits the reports show."""
-    rows = {"sums": len(SUM_NAMES), "lag_bad": len(t.lags), "group_bad": t.n_groups,
-            "und_closed": t.und_asset.shape[0]}
-    kept = {k: r for k, r in rows.items() if r or k in ("sums", "und_closed")}  # as chunk_kernel returns them
+    rows = dict(zip(SCENARIO_SUMS, (len(SUM_NAMES), len(t.lags), t.n_groups, t.und_asset.shape[0])))
+    # chunk_kernel returns bad debt per lag and per group only where the run has lags or groups
+    kept = {k: r for k, r in rows.items() if r or k not in ("lag_bad", "group_bad")}
     zeros = {k: np.zeros((n_devices, r, t.user.size)) for k, r in kept.items()}
     return jax.device_put(zeros, NamedSharding(_mesh(n_devices), P("d")))
 
