@@ -449,6 +449,60 @@ def test_tables_whose_ids_have_different_arrow_string_types_load_the_same(tmp_pa
     np.testing.assert_array_equal(got.pos_account, want.pos_account)
 
 
+def _same_snapshot(got, want) -> None:
+    assert list(got.account_ids) == list(want.account_ids)
+    for name in ("pos_account", "pos_instrument", "pos_quantity", "balances"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_ids_with_spaces_around_them_name_the_same_account_instrument_and_asset(tmp_path, fmt):
+    """Ids are compared trimmed: " A " in one table and "A" in another are one account."""
+    want = stress.load_snapshot(build(tmp_path / "plain", fmt=fmt)[0])
+    inputs = base_inputs()
+    inputs["balances"][1]["account_id"] = "  A"
+    inputs["balances"][2]["asset"] = "USDC\t"
+    inputs["positions"][2]["account_id"] = "A "
+    inputs["positions"][0]["instrument_id"] = " BTC-PERPETUAL "
+    _same_snapshot(stress.load_snapshot(build(tmp_path / "spaced", inputs, fmt)[0]), want)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_an_id_of_spaces_only_is_a_missing_value(tmp_path, fmt):
+    inputs = base_inputs()
+    inputs["positions"][3]["account_id"] = "   "
+    with pytest.raises(stress.InputError) as info:
+        stress.load_snapshot(build(tmp_path, inputs, fmt)[0])
+    assert_points_at(info.value, f"positions.{fmt}", row_label(3, fmt), "account_id", r"missing")
+
+
+def test_parquet_tables_of_dictionary_encoded_ids_load_the_same(tmp_path):
+    """Categorical id columns, as pandas writes them, with an unused category: the same
+    snapshot as plain text columns, and the unused category is not an unknown instrument."""
+    snap, _ = build(tmp_path, fmt="parquet")
+    want = stress.load_snapshot(snap)
+    for name, extra in (("balances", "Z"), ("positions", "ETH-PERPETUAL")):
+        df = pd.read_parquet(snap / f"{name}.parquet")
+        for c in [c for c in ("account_id", "asset", "instrument_id") if c in df]:
+            df[c] = pd.Categorical(df[c], categories=[extra, *sorted(set(df[c]), reverse=True)])
+        df.to_parquet(snap / f"{name}.parquet", index=False)
+        assert pa.types.is_dictionary(pq.read_schema(snap / f"{name}.parquet").field("account_id").type)
+    _same_snapshot(stress.load_snapshot(snap), want)
+
+
+def test_an_unknown_instrument_in_a_dictionary_encoded_column_names_its_first_row(tmp_path):
+    inputs = base_inputs()
+    inputs["positions"][3]["instrument_id"] = "ETH-PERPETUAL"
+    inputs["positions"][4]["instrument_id"] = "ETH-PERPETUAL"
+    snap, _ = build(tmp_path, inputs, "parquet")
+    df = pd.read_parquet(snap / "positions.parquet")
+    df["instrument_id"] = df["instrument_id"].astype("category")
+    df.to_parquet(snap / "positions.parquet", index=False)
+    with pytest.raises(stress.InputError) as info:
+        stress.load_snapshot(snap)
+    assert_points_at(info.value, "positions.parquet", "row 4", "instrument_id", r"unknown instrument.*ETH-PERPETUAL")
+
+
 def test_input_error_is_a_value_error():
     exc = stress.InputError("positions.csv", "line 42", "quantity", "'abc' is not a number")
     assert isinstance(exc, ValueError)
