@@ -195,16 +195,37 @@ def exposure_by_underlying(exposure: pd.DataFrame) -> pd.DataFrame:
     when the input has it); ``gamma``; ``vega`` (USD per vol point); and ``accounts`` when the
     input has ``account_id``. Missing Greek columns are NaN.
     """
-    df = exposure.copy()
-    for c in ("delta", "delta_usd", "gamma", "vega"):
-        if c not in df:
-            df[c] = np.nan
-    df["gross_delta_usd"] = df["delta_usd"].abs()
-    summed = ["delta", "delta_usd", "gross_delta_usd", "gamma", "vega"] + (["gross_notional"] if "gross_notional" in df else [])
-    agg = {c: (c, lambda s: s.sum(min_count=1)) for c in summed}
-    if "account_id" in df:
-        agg["accounts"] = ("account_id", "nunique")
-    g = df.groupby(df["underlying"].astype(str), sort=True).agg(**agg).reset_index()
+    # Sums by integer codes (bincount), not a pandas groupby of the frame: at 1M accounts the
+    # frame has 2.4M rows, and copying it to group it took about 1 s of the report.
+    codes, names = pd.factorize(exposure["underlying"].astype(str), sort=True)
+    keep = slice(None) if (codes >= 0).all() else codes >= 0  # a row with no underlying is in no group
+    codes, U = codes[keep], len(names)
+    rows = np.bincount(codes, minlength=U)
+
+    def total(values: np.ndarray | None) -> np.ndarray:
+        """Per underlying, the sum of the values that are not NaN; NaN where all are."""
+        if values is None:
+            return np.full(U, np.nan)
+        v = np.asarray(values, np.float64)[keep]
+        nan = np.isnan(v)
+        if not nan.any():
+            return np.where(rows > 0, np.bincount(codes, weights=v, minlength=U), np.nan)
+        out = np.bincount(codes[~nan], weights=v[~nan], minlength=U).astype(np.float64)
+        out[np.bincount(codes[~nan], minlength=U) == 0] = np.nan
+        return out
+
+    col = lambda c: exposure[c].to_numpy(np.float64, na_value=np.nan) if c in exposure else None  # noqa: E731
+    delta_usd = col("delta_usd")
+    g = pd.DataFrame({"underlying": names, "delta": total(col("delta")), "delta_usd": total(delta_usd),
+                      "gross_delta_usd": total(None if delta_usd is None else np.abs(delta_usd)),
+                      "gamma": total(col("gamma")), "vega": total(col("vega"))})
+    if "gross_notional" in exposure:
+        g["gross_notional"] = total(col("gross_notional"))
+    if "account_id" in exposure:
+        acc = pd.factorize(exposure["account_id"])[0][keep]
+        pairs = np.sort(acc[acc >= 0].astype(np.int64) * U + codes[acc >= 0])  # (account, underlying)
+        first = np.r_[True, pairs[1:] != pairs[:-1]] if len(pairs) else np.zeros(0, bool)
+        g["accounts"] = np.bincount(pairs[first] % U, minlength=U).astype(np.int64)  # np.unique: 40x slower
     return g.sort_values(["gross_delta_usd", "underlying"], ascending=[False, True], kind="mergesort")
 
 

@@ -612,6 +612,33 @@ def test_exposure_by_underlying_sums_the_accounts_greeks(hostile, tmp_path):
     assert not (out / report.EXPOSURE_FILE).exists()
 
 
+def test_exposure_by_underlying_matches_a_pandas_groupby():
+    """NaN Greeks are skipped (NaN where a whole group is NaN), an account is counted once per
+    underlying however many rows it has there, and a row with no underlying is in no group:
+    as pandas' own groupby of the same frame gives."""
+    rng = np.random.default_rng(7)
+    n = 400
+    exposure = pd.DataFrame({
+        "account_id": rng.choice(["a", "b", "c", "d", None], n),
+        "underlying": rng.choice(["BTC", "ETH", "SOL", "XRP", None], n),
+        "delta": np.where(rng.random(n) < 0.3, np.nan, rng.normal(size=n)),
+        "delta_usd": rng.normal(size=n) * 1e5,
+        "vega": rng.normal(size=n),
+        "gross_notional": np.abs(rng.normal(size=n)) * 1e6,
+    })
+    exposure.loc[exposure["underlying"] == "SOL", "delta"] = np.nan
+    exposure.loc[exposure["underlying"] == "XRP", "account_id"] = None
+    got = report.exposure_by_underlying(exposure).set_index("underlying")
+    df = exposure.assign(gross_delta_usd=exposure["delta_usd"].abs(), gamma=np.nan)
+    g = df.groupby("underlying")
+    for c in ("delta", "delta_usd", "gross_delta_usd", "gamma", "vega", "gross_notional"):
+        np.testing.assert_allclose(got[c].to_numpy(float), g[c].sum(min_count=1).reindex(got.index).to_numpy(float),
+                                   rtol=1e-12, atol=1e-9, err_msg=c)
+    assert np.isnan(got.loc["SOL", "delta"]) and np.isnan(got["gamma"]).all()
+    assert got["accounts"].to_dict() == g["account_id"].nunique().to_dict() and got.loc["XRP", "accounts"] == 0
+    assert list(got.index) == sorted(got.index, key=lambda u: (-got.loc[u, "gross_delta_usd"], u))
+
+
 def test_breached_limits_are_shown_in_red(hostile, tmp_path):
     breach = "worst bad debt 1,234 USD (crash-60) > max_bad_debt 0"
     out = report.write(hostile[2], tmp_path / "r", [breach])
