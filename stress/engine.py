@@ -33,7 +33,7 @@ from ._tree import pytree_dataclass
 from .errors import InputError
 from .portfolio import Holdings
 from .scenarios import Scenarios
-from .snapshot import OPTION, Snapshot, account_id_column, kept_for
+from .snapshot import OPTION, Snapshot, account_id_column, kept_for, names_at
 
 DTYPES = {"float64": jnp.float64, "float32": jnp.float32}
 PM_TILE = 32  # scenarios per tile under the portfolio margin model
@@ -1885,9 +1885,6 @@ def run(
         im = acc["maintenance_margin"] / float((tab.pm or tab.var)["factor"])
     else:
         im = _initial_margin(snap, host["im0"], host["notional0"])
-    # each account's worst scenario's name, taken from the names as one pandas string array:
-    # an object array of 1M names is converted to pandas' strings anew, about 0.05 s a run
-    names = pd.Series(np.array(scen.names, dtype=object)).array
     worst_idx = np.clip(acc["scenario_worst"], 0, S - 1)
     accounts = pd.DataFrame(
         {
@@ -1898,7 +1895,7 @@ def run(
             "maintenance_margin": acc["maintenance_margin"],
             "liquidatable": acc["collateral_value"] < acc["maintenance_margin"],
             "pnl_worst": acc["pnl_worst"],
-            "scenario_worst": names.take(worst_idx),
+            "scenario_worst": names_at(scen.names, worst_idx),
             "var_99": acc.get("var_99", nan),
             "es_99": acc.get("es_99", nan),
             "p_liquidation": acc.get("p_liquidation", nan),

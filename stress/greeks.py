@@ -49,7 +49,7 @@ import numpy as np
 from . import _exported, margin, pricing
 from ._tree import pytree_dataclass
 from .errors import InputError
-from .snapshot import OPTION, PERPETUAL, Instruments, Market, Snapshot, account_id_column
+from .snapshot import OPTION, PERPETUAL, Instruments, Market, Snapshot, account_id_column, names_at
 
 VOL_POINT = 0.01  # vega is the equity change per +0.01 of implied vol
 COLUMNS = ("account_id", "underlying", "delta", "gamma", "vega", "theta", "delta_usd")
@@ -197,7 +197,7 @@ def _greeks_rows(snap: Snapshot, accounts: Sequence[str] | None):
     frame = pd.DataFrame(
         {
             "account_id": account_id_column(snap, idx[acc]),
-            "underlying": np.asarray(snap.assets, dtype=object)[a],
+            "underlying": names_at(snap.assets, a),
             "delta": delta,
             "gamma": at(s.pop("dm2")) / P[a] ** 2,
             "vega": VOL_POINT * at(s.pop("dv")),
@@ -480,9 +480,8 @@ def gross_notional(snap: Snapshot):
     total, held = _gross(snap)
     keys = np.flatnonzero(held)
     A = snap.n_assets
-    names = np.asarray(snap.assets, dtype=object)
     return pd.DataFrame({"account_id": account_id_column(snap, keys // A),
-                         "underlying": names[keys % A].astype(str), "gross_notional": total[keys]})
+                         "underlying": names_at(snap.assets, keys % A), "gross_notional": total[keys]})
 
 
 def exposure(snap: Snapshot):

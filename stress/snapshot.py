@@ -164,3 +164,18 @@ def account_id_column(snap: Snapshot, rows: Any = None) -> Any:
     as_str = ids if ids.dtype == object else ids.astype(str).astype(object)
     column = kept_for(_ID_COLUMNS, snap, lambda: pd.Series(as_str).array)
     return column if rows is None else column.take(np.asarray(rows, np.intp))
+
+
+def names_at(names: Any, codes: Any) -> Any:
+    """``names[codes]``: a few names (assets, scenarios) repeated over many rows, as the array
+    pandas makes of str objects (Arrow-backed strings from pandas 3, object before), ready for a
+    frame's column. Taken in Arrow: converting 2.4M Python strings to pandas' strings one by
+    one took 0.4 s, taking them from the names 0.05 s."""
+    import pandas as pd
+    import pyarrow as pa
+
+    codes = np.asarray(codes, np.intp)
+    dtype = pd.Series(["x"]).dtype
+    if isinstance(dtype, pd.StringDtype) and dtype.storage == "pyarrow":
+        return pd.array(pa.array([str(n) for n in names], pa.large_string()).take(codes), dtype=dtype)
+    return np.asarray(names, dtype=object)[codes]

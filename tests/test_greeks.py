@@ -449,3 +449,15 @@ def test_exposure_rows_are_the_greeks_with_their_gross_notional(sample_dir):
     got = exposure(snap)
     assert want.gross_notional.isna().any() and want.gross_notional.notna().any()
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-12, atol=0.0)
+
+
+def test_names_at_gives_the_column_pandas_makes_of_the_same_strings():
+    from stress.snapshot import names_at
+
+    names = ("BTC", "ETH", "SOL ", "é")
+    codes = np.array([3, 0, 0, 2, 1, 3], np.int32)
+    got = pd.Series(names_at(names, codes))
+    want = pd.Series([names[c] for c in codes])
+    assert got.dtype == want.dtype
+    pd.testing.assert_series_equal(got, want)
+    assert len(names_at(names, np.zeros(0, np.int64))) == 0
