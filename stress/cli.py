@@ -20,6 +20,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .errors import InputError
 
@@ -32,8 +33,10 @@ app = typer.Typer(
 generate_app = typer.Typer(help="Write synthetic inputs.", no_args_is_help=True)
 app.add_typer(generate_app, name="generate")
 
-out = Console()
-err = Console(stderr=True)
+# Markup off: account ids, scenario names and paths are printed as written ("[red]x" too);
+# styled text is built as rich Text.
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
 
 SAMPLE_ACCOUNTS = 10_000
 DEFAULT_CORRELATIONS = ("BTC/ETH=0.80", "BTC/SOL=0.70", "ETH/SOL=0.75")  # stress generate scenarios
@@ -166,7 +169,7 @@ def run(
     accounts: int = typer.Option(SAMPLE_ACCOUNTS, help="Accounts in the built-in sample (when no SNAPSHOT is given)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the report path."),
     cluster: Optional[str] = typer.Option(None, "--cluster", metavar="ADDRESS",
-                                          help="Sweep the accounts on a Dask cluster, e.g. tcp://host:8786 (needs stress[cluster])."),
+                                          help="Sweep the accounts on a Dask cluster, e.g. tcp://host:8786 (needs stress\\[cluster])."),
     timings: bool = typer.Option(False, "--timings", help="Print the seconds of each stage to stderr at the end."),
 ) -> None:
     """Stress a snapshot under a scenario set and write a report folder."""
@@ -340,7 +343,7 @@ def _print_summary(res, target: Path, breaches: list[str]) -> None:
         st.add_row(str(r.scenario), usd(r.pnl_total), f"{r.accounts_liquidatable:,}", usd(r.bad_debt), usd(r.insurance_fund_after))
     out.print(st)
     for b in breaches:
-        out.print(f"[bold red]LIMIT BREACHED:[/] {b}", highlight=False)
+        out.print(Text.assemble(("LIMIT BREACHED: ", "bold red"), b), highlight=False)
     out.print(f"report written to {target}")
 
 
@@ -616,7 +619,7 @@ def _check_model_and_out(model: Optional[str], out_file: Optional[Path]) -> None
 def margin_cmd(
     snapshot: Path = typer.Argument(..., help="Snapshot folder."),
     account: Optional[str] = typer.Option(None, "--account", "-a", help="Only this account, with its per-underlying breakdown."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="standard, portfolio or var (default: exchange.toml [margin] model)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="standard, portfolio or var (default: exchange.toml \\[margin] model)."),
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write accounts to FILE.parquet and the breakdown to FILE.underlyings.parquet."),
     top: int = typer.Option(20, min=1, help="Accounts to print, largest maintenance margin first, when there are more."),
 ) -> None:
@@ -683,7 +686,6 @@ def report_cmd(
     max_p_fund_depleted: Optional[float] = typer.Option(None, help="Exit 1 if P(fund depleted) exceeds this."),
 ) -> None:
     """Print a report folder's headline and riskiest accounts, or compare it with an older one."""
-    from rich.text import Text
 
     from . import report as report_mod
 
@@ -734,7 +736,6 @@ def report_cmd(
 def _report_rich(t: dict, title: str, limit: int | None = None) -> Table:
     """A report table (``stress.report.table``) as a rich Table; cells are Text, so an
     account id such as ``[red]x`` prints as written, not as markup."""
-    from rich.text import Text
 
     rt = Table(title=Text(title), show_header=any(t["header"]))
     first = max((len(row[0][0]) for row in t["rows"]), default=0)
@@ -754,14 +755,13 @@ def backtest_cmd(
     snapshot: Path = typer.Argument(..., help="Snapshot folder (today's portfolios, held fixed)."),
     prices: Path = typer.Option(..., "--prices", "-p", help="Price history CSV or Parquet: a date column and one USD price column per asset."),
     horizon_days: float = typer.Option(..., "--horizon-days", help="Window length in days (the liquidation horizon the margin should cover)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="standard, portfolio or var (default: exchange.toml [margin] model)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="standard, portfolio or var (default: exchange.toml \\[margin] model)."),
     confidence: Optional[float] = typer.Option(None, "--confidence", help="Confidence level of the tests (default 0.99)."),
     basis: str = typer.Option("maintenance", "--basis", help="maintenance or initial margin as the coverage."),
     out_file: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the per-account results to FILE.parquet."),
     top: int = typer.Option(20, min=1, help="Accounts to print, most exceedances first."),
 ) -> None:
     """Backtest the margin model: today's margin against realised losses over non-overlapping historical windows."""
-    from rich.text import Text
 
     from . import io
     from .backtest import backtest as run_backtest
@@ -842,7 +842,6 @@ def sensitivities_cmd(
     temperature: Optional[float] = typer.Option(None, help="Smoothing of p_fund_depleted, USD (default: 1% of the fund now)."),
 ) -> None:
     """Gradients of exchange totals (margin, shortfall, bad debt, fund) to prices, vols and risk parameters."""
-    from rich.text import Text
 
     from .report import usd
     from .sensitivities import sensitivities as compute
@@ -966,7 +965,7 @@ def calibrate(
                   f"direction gives scale {'n/a' if res['factor'] is None else format(res['factor'], '.3f')}",
                   highlight=False)
     if res["factor"] is None:
-        out.print(f"[bold red]the target is not met even at {hi:g} x the current rates[/]")
+        out.print(Text(f"the target is not met even at {hi:g} x the current rates", style="bold red"))
     else:
         cost = res["after"]["maintenance_margin"] - res["before"]["maintenance_margin"]
         what = (", ".join(f"{n} x {v:.3f}" for n, v in zip(res["parameters"], res["scales"])) if vector or vary != "mm_rate"
@@ -999,7 +998,6 @@ def reverse_cmd(
     accounts: int = typer.Option(SAMPLE_ACCOUNTS, help="Accounts in the built-in sample (when no SNAPSHOT is given)."),
 ) -> None:
     """The smallest joint move of prices and vols that exhausts the insurance fund, checked exactly."""
-    from rich.text import Text
 
     from .report import usd
     from .reverse import reverse as find

@@ -73,6 +73,28 @@ def test_help_lists_the_verbs():
         assert re.search(rf"\b{verb}\b", result.stdout), result.stdout
 
 
+@pytest.mark.parametrize("verb, text", [("run", "stress[cluster]"), ("margin", "exchange.toml [margin] model"),
+                                        ("backtest", "exchange.toml [margin] model")])
+def test_help_shows_square_brackets_as_written(verb, text):
+    """Help is rich markup: an unescaped ``[margin]`` would be taken for a style and vanish."""
+    result = runner.invoke(app, [verb, "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert text in " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.stdout).split()), result.stdout
+
+
+def test_a_scenario_name_in_square_brackets_prints_as_written(tmp_path):
+    """Console output is not markup: a scenario named ``[red]...[/]`` keeps its brackets in the
+    summary table and in a limit breach (with markup, rich would colour it and drop them)."""
+    snap, scen = build(tmp_path)
+    name = "[red]btc-up-200[/]"
+    scen.write_text(BAD_DEBT_SCENARIOS.replace('"btc-up-200"', f'"{name}"'))
+    result = runner.invoke(app, ["run", str(snap), "-s", str(scen), "-o", str(tmp_path / "r"), "--max-bad-debt", "0"],
+                           terminal_width=200)
+    assert result.exit_code == 1, result.output
+    assert "LIMIT BREACHED: worst bad debt" in result.stdout and f"({name})" in result.stdout, result.stdout
+    assert any(line.split("│")[1].strip() == name for line in result.stdout.splitlines() if line.count("│") > 2), result.stdout
+
+
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
 def test_validate_good_snapshot(tmp_path, fmt):
     snap, scen = build(tmp_path, fmt=fmt)
