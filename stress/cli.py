@@ -686,7 +686,6 @@ def report_cmd(
     max_p_fund_depleted: Optional[float] = typer.Option(None, help="Exit 1 if P(fund depleted) exceeds this."),
 ) -> None:
     """Print a report folder's headline and riskiest accounts, or compare it with an older one."""
-
     from . import report as report_mod
 
     limits = {k: v for k, v in (("max_bad_debt", max_bad_debt), ("max_p_fund_depleted", max_p_fund_depleted)) if v is not None}
@@ -736,7 +735,6 @@ def report_cmd(
 def _report_rich(t: dict, title: str, limit: int | None = None) -> Table:
     """A report table (``stress.report.table``) as a rich Table; cells are Text, so an
     account id such as ``[red]x`` prints as written, not as markup."""
-
     rt = Table(title=Text(title), show_header=any(t["header"]))
     first = max((len(row[0][0]) for row in t["rows"]), default=0)
     for i, (h, numeric) in enumerate(zip(t["header"], t["numeric"])):
@@ -762,7 +760,6 @@ def backtest_cmd(
     top: int = typer.Option(20, min=1, help="Accounts to print, most exceedances first."),
 ) -> None:
     """Backtest the margin model: today's margin against realised losses over non-overlapping historical windows."""
-
     from . import io
     from .backtest import backtest as run_backtest
     from .report import usd
@@ -842,7 +839,6 @@ def sensitivities_cmd(
     temperature: Optional[float] = typer.Option(None, help="Smoothing of p_fund_depleted, USD (default: 1% of the fund now)."),
 ) -> None:
     """Gradients of exchange totals (margin, shortfall, bad debt, fund) to prices, vols and risk parameters."""
-
     from .report import usd
     from .sensitivities import sensitivities as compute
 
@@ -998,7 +994,6 @@ def reverse_cmd(
     accounts: int = typer.Option(SAMPLE_ACCOUNTS, help="Accounts in the built-in sample (when no SNAPSHOT is given)."),
 ) -> None:
     """The smallest joint move of prices and vols that exhausts the insurance fund, checked exactly."""
-
     from .report import usd
     from .reverse import reverse as find
 

@@ -462,7 +462,6 @@ def _load_snapshot(folder: Path) -> Snapshot:
         if name not in asset_names:
             raise InputError(file, f"[liquidation.impact.{name}]", "impact", f"unknown asset {name!r}")
 
-    # balances and positions
     # balances and positions; their few distinct asset and instrument ids are read as Arrow
     # dictionaries where the Parquet file keeps them so, and looked up once each
     bt = _read_table(folder, "balances", ("account_id", "asset", "amount"), dictionary=("asset",))
@@ -471,8 +470,8 @@ def _load_snapshot(folder: Path) -> Snapshot:
     # Accounts are every id in balances or positions, sorted: one hashing pass (dictionary
     # encoding) gives each row an integer code, then codes are renumbered in sorted id order
     # (no Python strings; at 1M accounts half the time of unique + two index_in lookups).
-    enc, ids = _encoded(pa.concat_arrays([_plain(bt.string_array("account_id")), _plain(pt.string_array("account_id"))]))
-    b_idx, p_idx = enc[: len(bt)], enc[len(bt) :]
+    acc_codes, ids = _encoded(pa.concat_arrays([_plain(bt.string_array("account_id")), _plain(pt.string_array("account_id"))]))
+    b_idx, p_idx = acc_codes[: len(bt)], acc_codes[len(bt) :]
 
     bt.check(b_idx < 0, "account_id", "missing value")
     b_asset = _lookup(bt, bt.codes("asset"), asset_names, "asset", "asset")
