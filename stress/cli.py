@@ -294,6 +294,8 @@ def _check_out_file(target: Path | None, suffixes: tuple[str, ...] | None, optio
 
 def _check_accounts(snap, ids) -> None:
     """Every account id asked for with ``--account`` is in the snapshot."""
+    if not ids:  # nothing asked: no set of every id (0.5 s at 1M accounts)
+        return
     unknown = sorted(set(ids) - set(snap.account_ids.astype(str)))
     if unknown:
         raise InputError("--account", None, None, f"unknown account {unknown[0]!r} (not in balances or positions)")

@@ -431,3 +431,24 @@ def test_portfolio_margin_under_stress_does_not_depend_on_chunking_or_tiling(tmp
     np.testing.assert_allclose(num(a.accounts), num(b.accounts), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(num(a.scenarios), num(b.scenarios), rtol=1e-12, atol=1e-9)
     assert (a.scenarios.accounts_liquidatable > 0).any()  # the margin decides something here
+
+
+def test_standard_margin_of_a_snapshot_of_new_size_compiles_a_few_executables(tmp_path, caplog):
+    """Every position's margin and every account's haircut are one executable each: run as
+    eager operations, each new snapshot size compiled one executable per operation (67 for a
+    first ``stress margin``)."""
+    import logging
+
+    import jax
+
+    from stress import sample
+
+    for n in (40, 57):
+        sample.write(tmp_path / str(n), accounts=n)
+    margin.account_margin(stress.load_snapshot(tmp_path / "40"), "standard")
+    snap = stress.load_snapshot(tmp_path / "57")
+    assert snap.n_positions != stress.load_snapshot(tmp_path / "40").n_positions
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        margin.account_margin(snap, "standard")
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
+    assert 1 <= len(compiled) <= 3, compiled
