@@ -38,6 +38,7 @@ import os
 import re
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -115,6 +116,12 @@ def spec(x: Any) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype, sharding=sharding)
 
 
+# (kernel tag, seconds) of every call prepared from a kept module in this process, read,
+# lowered and loaded, in whichever thread: `stress bench` reports what a warm start spent.
+# Lower case: the upper-case names of traced modules are settings, part of every module's key.
+prepared: list[tuple[str, float]] = []
+
+
 class Kept:
     """``fn`` (a jitted function of pytrees of arrays) with its traced modules kept on disk.
 
@@ -172,6 +179,7 @@ class Kept:
         where = folder()
         if where is None:
             return plain
+        started = time.perf_counter()
         key = repr((self.tag, str(treedef), [(s.shape, str(s.dtype), str(s.sharding)) for s in specs],
                     _source_digest(), _settings()))
         path = where / (hashlib.sha256(key.encode()).hexdigest() + ".jaxexport")
@@ -190,6 +198,7 @@ class Kept:
             with _lowering(skip_lapack=b"lapack" not in exp.mlir_module_serialized):
                 lowered = call.lower(*specs)
             lowered.compile()  # now (``prefetch``: in its thread); calls find it in JAX's caches
+            prepared.append((str(self.tag[0]), time.perf_counter() - started))
             return call
         except Exception:  # no flatbuffers, or a module JAX cannot export: the plain call
             return plain

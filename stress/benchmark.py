@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from . import engine, portfolio
+from . import _exported, engine, portfolio
 from .snapshot import account_id_column
 
 
@@ -213,7 +213,9 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
               lambda lay: f"{len(lay[0])} holdings shapes; the account id column")
         cells = snap.n_accounts * scenarios
         rate = lambda took: f"{cells / took:.3g} account-scenarios/s"  # noqa: E731
+        before = len(_exported.prepared)
         first, _ = seconds(lambda: engine.run(snap, scen, dtype=dtype), "first run")
+        prepared = _exported.prepared[before:]
         whole, res = seconds(lambda: engine.run(snap, scen, dtype=dtype), "warm run")
         part = {}
         for stage in STAGES:
@@ -226,7 +228,8 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
                      f"tiles of up to {engine.max_tile(dt):,} scenarios")
         stages += [
             difference("compile", first, whole, "the first run minus the warm run: compiling the kernels, "
-                       "or loading them from the caches"),
+                       "or loading them from the caches" + (f" ({len(prepared)} kernels read, lowered and loaded: "
+                       f"{sum(s for _, s in prepared):.2f} s, much of it in threads beside the run)" if prepared else "")),
             Stage("gather (P&L)", part["pnl"], f"{rate(part['pnl'])}: every account's equity in every "
                   "scenario, its worst P&L, the exchange's P&L per scenario"),
             difference("margin", part["margin"], part["pnl"], "collateral, maintenance margin, shortfall; "

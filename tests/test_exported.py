@@ -139,6 +139,19 @@ def test_the_key_is_the_same_in_every_process():
     assert len(keys) == 1 and "at 0x" not in keys.pop()
 
 
+def test_the_key_does_not_change_as_a_process_runs(sample_dir):
+    # settings are the package's upper-case names: one that a run updates (a log of calls)
+    # would give every later call a new key, and every new process a miss
+    import jax.numpy as jnp
+
+    from stress import benchmark, engine
+
+    before = _exported._settings()
+    snap = stress.load_snapshot(sample_dir)
+    engine.tables(snap, benchmark.random_shocks(snap, 8), jnp.float64)  # a kept kernel, prepared
+    assert _exported.prepared and _exported._settings() == before
+
+
 def test_a_new_process_loads_kept_kernels_without_lapack_unless_they_call_it(sample_dir, tmp_path):
     # calling an exported module sets up JAX's LAPACK kernels first, which imports scipy.linalg
     # (0.2-0.4 s); the engine's kernels call no LAPACK routine, so a new process reading them
