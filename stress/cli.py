@@ -24,13 +24,15 @@ from rich.text import Text
 
 from .errors import InputError
 
+# Help is rich markup whatever typer's default: the help strings escape their square brackets for it
 app = typer.Typer(
     help="GPU-batched stress testing for cross-margin derivatives exchanges.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
 )
-generate_app = typer.Typer(help="Write synthetic inputs.", no_args_is_help=True)
+generate_app = typer.Typer(help="Write synthetic inputs.", no_args_is_help=True, rich_markup_mode="rich")
 app.add_typer(generate_app, name="generate")
 
 # Markup off: account ids, scenario names and paths are printed as written ("[red]x" too);

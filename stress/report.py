@@ -197,7 +197,10 @@ def exposure_by_underlying(exposure: pd.DataFrame) -> pd.DataFrame:
     """
     # Sums by integer codes (bincount), not a pandas groupby of the frame: at 1M accounts the
     # frame has 2.4M rows, and copying it to group it took about 1 s of the report.
-    codes, names = pd.factorize(exposure["underlying"].astype(str), sort=True)
+    # factorized as given, then named as text: astype(str) first would make a missing underlying
+    # the group "None" or "nan" under pandas 2 (pandas 3 keeps it missing)
+    codes, names = pd.factorize(exposure["underlying"], sort=True)
+    names = pd.Index(names).astype(str)
     keep = slice(None) if (codes >= 0).all() else codes >= 0  # a row with no underlying is in no group
     codes, U = codes[keep], len(names)
     rows = np.bincount(codes, minlength=U)
