@@ -28,7 +28,7 @@ from . import liquidation as _liquidation
 from . import margin as _margin
 from .errors import InputError
 from .pricing import YEAR_DAYS
-from .snapshot import KIND_CODES, OPTION, PERPETUAL, Instruments, Market, Snapshot
+from .snapshot import KIND_CODES, OPTION, PERPETUAL, Instruments, Market, Snapshot, keep_account_id_column
 
 TABLES = ("assets", "instruments", "balances", "positions")
 MAX_IV = 5.0  # above this an implied vol is most likely given in percent
@@ -485,7 +485,8 @@ def _load_snapshot(folder: Path) -> Snapshot:
     pt.check(p_entry <= 0, "entry_price", "entry_price must be > 0")
 
     order = pc.sort_indices(ids).to_numpy()
-    account_ids = np.asarray(ids.take(order).to_numpy(zero_copy_only=False), dtype=object)
+    ids = ids.take(order)
+    account_ids = np.asarray(ids.to_numpy(zero_copy_only=False), dtype=object)
     if not len(account_ids):
         raise bt.error(None, None, "no accounts: balances and positions both have no rows")
     rank = np.empty(len(order), np.int32)
@@ -505,7 +506,7 @@ def _load_snapshot(folder: Path) -> Snapshot:
     pt.check(_repeats(key_p, order), "instrument_id",
              "duplicate position: this account already has a row for this instrument")
 
-    return Snapshot(
+    snap = Snapshot(
         as_of=as_of,
         assets=asset_names,
         instrument_ids=instrument_ids,
@@ -525,6 +526,8 @@ def _load_snapshot(folder: Path) -> Snapshot:
         source=str(folder),
         account_group=account_group,
     )
+    keep_account_id_column(snap, ids)  # the report's id column, from Arrow's strings
+    return snap
 
 
 def _account_groups(bt: _Table, b_idx: np.ndarray, n: int) -> np.ndarray:
