@@ -451,4 +451,4 @@ def test_standard_margin_of_a_snapshot_of_new_size_compiles_a_few_executables(tm
     with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
         margin.account_margin(snap, "standard")
     compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
-    assert 1 <= len(compiled) <= 3, compiled
+    assert 0 < len(compiled) <= 3, compiled  # the new size compiles, in at most three executables
