@@ -295,17 +295,6 @@ def _lookup(table: _Table, encoded: tuple[np.ndarray, pa.Array], known: Any, col
     return idx
 
 
-def _index_of(table: _Table, values: Any, known: Any, column: str, what: str) -> np.ndarray:
-    """Map each value to its index in ``known`` (hash lookup); an unknown value is an input error."""
-    values = values if isinstance(values, pa.Array) else pa.array(list(values), pa.string())
-    known = known if isinstance(known, pa.Array) else pa.array([str(k) for k in known], pa.string())
-    idx = pc.index_in(values, value_set=known)
-    if idx.null_count:
-        i = _first(pc.and_(idx.is_null(), values.is_valid()))
-        raise table.error(i, column, f"unknown {what} {values[i].as_py()!r}")
-    return idx.to_numpy(zero_copy_only=False).astype(np.int32)
-
-
 # --------------------------------------------------------------------------------------------
 # exchange.toml
 
@@ -599,11 +588,10 @@ def _load_instruments(
     kind = np.array([KIND_CODES[k] for k in kind_lower], dtype=np.int32)
     is_opt, is_perp = kind == OPTION, kind == PERPETUAL
 
-    names = np.array(assets, dtype=object)
     for c in ("underlying", "settlement"):
         t.check(pd.isna(cols[c]), c, "missing value")
-    underlying = _index_of(t, cols["underlying"], names, "underlying", "asset")
-    settlement = _index_of(t, cols["settlement"], names, "settlement", "asset")
+    underlying, settlement = (_lookup(t, _encoded(pa.array(list(cols[c]), pa.string())), assets, c, "asset")
+                              for c in ("underlying", "settlement"))
 
     t.check(np.isnan(contract_size), "contract_size", "missing value")
     t.check(contract_size <= 0, "contract_size", "contract_size must be > 0")
