@@ -202,8 +202,7 @@ def exposure_by_underlying(exposure: pd.DataFrame) -> pd.DataFrame:
     codes, names = pd.factorize(exposure["underlying"], sort=True)
     names = pd.Index(names).astype(str)
     keep = slice(None) if (codes >= 0).all() else codes >= 0  # a row with no underlying is in no group
-    codes, U = codes[keep], len(names)
-    rows = np.bincount(codes, minlength=U)
+    codes, U = codes[keep], len(names)  # every underlying named here has a row
 
     def total(values: np.ndarray | None) -> np.ndarray:
         """Per underlying, the sum of the values that are not NaN; NaN where all are."""
@@ -211,8 +210,8 @@ def exposure_by_underlying(exposure: pd.DataFrame) -> pd.DataFrame:
             return np.full(U, np.nan)
         v = np.asarray(values, np.float64)[keep]
         nan = np.isnan(v)
-        if not nan.any():
-            return np.where(rows > 0, np.bincount(codes, weights=v, minlength=U), np.nan)
+        if not nan.any():  # the common case: no mask to apply
+            return np.bincount(codes, weights=v, minlength=U).astype(np.float64)
         out = np.bincount(codes[~nan], weights=v[~nan], minlength=U).astype(np.float64)
         out[np.bincount(codes[~nan], minlength=U) == 0] = np.nan
         return out
