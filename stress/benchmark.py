@@ -171,9 +171,10 @@ def sweep_stage(snap, t, stage: str, dtype) -> tuple[dict, np.ndarray]:
 
 
 def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Path | None = None,
-               progress: Callable[[str], None] | None = None) -> list[Stage]:
+               progress: Callable[[str], None] | None = None, positions: int | None = None) -> list[Stage]:
     """Time every stage once; returns them in order. ``folder`` keeps the sample (reused when
-    it already holds one of the same size)."""
+    it already holds one of the same size); ``positions``: about how many positions the sample
+    holds (``sample.generate``; default: its usual mix)."""
     from . import io, report, sample
 
     stages: list[Stage] = []
@@ -198,9 +199,10 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
     with tempfile.TemporaryDirectory(prefix="stress-bench-") as tmp:
         where = Path(folder) if folder else Path(tmp) / "snapshot"
         marker = where / ".accounts"
-        if not (marker.exists() and marker.read_text() == str(accounts)):
-            timed("generate sample", lambda: sample.write(where, accounts=accounts, fmt="parquet"))
-            marker.write_text(str(accounts))
+        size = str(accounts) if positions is None else f"{accounts} accounts, {positions} positions"
+        if not (marker.exists() and marker.read_text() == size):
+            timed("generate sample", lambda: sample.write(where, accounts=accounts, fmt="parquet", positions=positions))
+            marker.write_text(size)
         snap = timed("load snapshot", lambda: io.load_snapshot(where),
                      lambda s: f"{s.n_accounts:,} accounts, {s.n_positions:,} positions")
         scen = timed("build scenarios", lambda: random_shocks(snap, scenarios), lambda s: f"{len(s):,} explicit shocks")

@@ -496,6 +496,8 @@ def generate_sample(
     accounts: int = typer.Option(SAMPLE_ACCOUNTS, min=20, help="Number of accounts."),
     seed: int = typer.Option(7, help="Random seed (same seed, same files)."),
     fmt: str = typer.Option("csv", "--format", help="csv or parquet."),
+    positions: Optional[int] = typer.Option(None, min=1, help="About how many positions in all: directional traders "
+                                            "hold more (or fewer) instruments each [default: the usual mix, about 1.5 per account]."),
 ) -> None:
     """Write the built-in sample exchange as a snapshot folder."""
     if fmt not in ("csv", "parquet"):
@@ -513,7 +515,7 @@ def generate_sample(
                              f"the folder holds {other.upper()} tables: write --format {other}, or into another folder")
     except InputError as exc:
         _fail(exc)
-    sample.write(folder, accounts=accounts, seed=seed, fmt=fmt)
+    sample.write(folder, accounts=accounts, seed=seed, fmt=fmt, positions=positions)
     out.print(f"wrote sample exchange with {accounts:,} accounts to {folder}", highlight=False)
 
 
@@ -815,6 +817,8 @@ def bench(
     scenarios: int = typer.Option(1_000, min=1, help="Explicit random shocks."),
     dtype: str = typer.Option("float64", help="float64 or float32."),
     keep: Optional[Path] = typer.Option(None, help="Folder to keep (and reuse) the synthetic snapshot in."),
+    positions: Optional[int] = typer.Option(None, min=1, help="About how many positions in all "
+                                            "[default: the sample's usual mix, about 1.5 per account]."),
 ) -> None:
     """Time each stage of a run on a synthetic exchange (load, revalue, holdings layout, compile,
     P&L gather, margin, liquidation, report)."""
@@ -824,7 +828,7 @@ def bench(
     from .benchmark import run_stages
 
     with err.status("benchmarking") as status:
-        stages = run_stages(accounts, scenarios, dtype, keep, lambda name: status.update(name))
+        stages = run_stages(accounts, scenarios, dtype, keep, lambda name: status.update(name), positions)
     t = Table(title=f"stress bench — {accounts:,} accounts x {scenarios:,} scenarios, {dtype}")
     t.add_column("stage")
     t.add_column("seconds", justify="right")

@@ -147,8 +147,41 @@ def _lot(terms: pd.DataFrame) -> np.ndarray:
     return np.where(terms.kind == "option", 0.1, np.where(terms.cs < 1, 1.0, np.where(terms.inverse, 1.0, 0.001)))
 
 
-def generate(accounts: int = 10_000, seed: int = 7) -> dict[str, pd.DataFrame | dict]:
+def _distinct_draws(rng: np.random.Generator, owners: np.ndarray, k: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(owner, item)`` pairs: ``k[j]`` distinct items for ``owners[j]``, drawn by weights
+    ``p`` ``[I]`` without replacement (successive sampling, by Gumbel top-k), in blocks of
+    owners so the ``[block, I]`` keys stay small."""
+    I = len(p)
+    logp = np.log(p)
+    acc, ins = [], []
+    block = max(1, (1 << 22) // I)
+    for lo in range(0, len(owners), block):
+        kk = k[lo : lo + block]
+        keys = logp + rng.gumbel(size=(len(kk), I))
+        top = np.argsort(-keys, axis=1)  # each row's items, the first k of it its draws
+        take = np.arange(I) < kk[:, None]
+        acc.append(np.repeat(owners[lo : lo + block], kk))
+        ins.append(top[take])
+    return np.concatenate(acc), np.concatenate(ins)
+
+
+def _directional_draws(n_dir: int, others: float, positions: int | None, I: int, rng: np.random.Generator) -> np.ndarray:
+    """How many instruments each directional trader draws: 1-3 (60/30/10%), or, where
+    ``positions`` asks for about that many positions in all, ``1 + Poisson`` with the mean
+    that leaves ``others`` (the other roles' expected positions) to the rest, at most ``I``."""
+    if positions is None:
+        return rng.choice([1, 2, 3], size=n_dir, p=[0.6, 0.3, 0.1])
+    mean = max((positions - others) / n_dir, 1.0)
+    return np.minimum(1 + rng.poisson(mean - 1.0, n_dir), I)
+
+
+def generate(accounts: int = 10_000, seed: int = 7, positions: int | None = None) -> dict[str, pd.DataFrame | dict]:
     """Build the sample exchange's tables (not yet written).
+
+    ``positions``: about how many position rows in all (directional traders then hold
+    ``1 + Poisson`` distinct instruments each, with the mean that gives that total; never
+    fewer than one each). ``None``: the usual mix, about 1.5 per account. A given
+    ``(accounts, seed, positions)`` always yields the same tables.
 
     Returns:
       A dict with DataFrames ``assets``, ``instruments``, ``balances``, ``positions`` and the
@@ -176,13 +209,20 @@ def generate(accounts: int = 10_000, seed: int = 7) -> dict[str, pd.DataFrame | 
     dir_ix, wri_ix = np.flatnonzero(role == "directional"), np.flatnonzero(role == "writer")
     bas_ix, mm_ix = np.flatnonzero(role == "basis"), np.flatnonzero(role == "mm")
 
-    # Directional traders: 1-3 positions, popular instruments first, power-law notionals.
+    # Directional traders: 1-3 positions (or as many as ``positions`` asks), popular
+    # instruments first, power-law notionals.
     popularity = np.where(is_opt, 0.15, 1.0)
     popularity[inst.instrument_id.str.contains("PERPETUAL|BTCUSDT").to_numpy()] = 6.0
     popularity /= popularity.sum()
-    k = rng.choice([1, 2, 3], size=n_dir, p=[0.6, 0.3, 0.1])
-    acc = np.repeat(dir_ix, k)
-    ins = rng.choice(I, size=len(acc), p=popularity)
+    # the other roles' positions, as generated below: writers 1.3 each, makers one per
+    # instrument, basis traders one per hedged perpetual
+    others = 1.3 * n_writer + n_mm * I + 3 * n_basis
+    k = _directional_draws(n_dir, others, positions, I, rng)
+    if positions is None:  # the usual mix: repeated draws merge into one position
+        acc = np.repeat(dir_ix, k)
+        ins = rng.choice(I, size=len(acc), p=popularity)
+    else:
+        acc, ins = _distinct_draws(rng, dir_ix, k, popularity)
     usd = np.minimum(2_000.0 * (rng.pareto(1.4, len(acc)) + 1.0), 5e6)
     side = np.where(is_opt[ins], np.where(rng.random(len(acc)) < 0.8, 1.0, -1.0), rng.choice([-1.0, 1.0], len(acc)))
     qty = side * usd / notional_pc[ins]
@@ -294,11 +334,12 @@ def generate(accounts: int = 10_000, seed: int = 7) -> dict[str, pd.DataFrame | 
     return {"assets": ASSETS.copy(), "instruments": inst, "balances": balances, "positions": positions, "exchange": exchange}
 
 
-def write(folder: str | Path, accounts: int = 10_000, seed: int = 7, fmt: str = "csv") -> Path:
-    """Write the sample exchange as a snapshot folder (``fmt``: ``csv`` or ``parquet``)."""
+def write(folder: str | Path, accounts: int = 10_000, seed: int = 7, fmt: str = "csv", positions: int | None = None) -> Path:
+    """Write the sample exchange as a snapshot folder (``fmt``: ``csv`` or ``parquet``;
+    ``positions``: about how many positions in all, see ``generate``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tables = generate(accounts, seed)
+    tables = generate(accounts, seed, positions)
     write_snapshot(folder, tables, fmt)
     return folder
 

@@ -15,11 +15,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 import stress
+from stress import sample
 from stress.cli import app
 from stress.scenarios import default_path
 
@@ -122,6 +124,30 @@ def test_generate_sample_writes_a_loadable_snapshot(tmp_path):
     assert len(stress.load_scenarios(default_path(), snap)) > 0
     result = invoke("validate", folder)
     assert result.exit_code == 0, result.output
+
+
+def test_generate_sample_positions_sets_about_how_many_positions_in_a_matched_book(tmp_path):
+    # the scale issue's exchange has about three positions per account, twice the usual mix
+    folder = tmp_path / "deep"
+    result = invoke("generate", "sample", folder, "--accounts", "400", "--positions", "1600", "--format", "parquet")
+    assert result.exit_code == 0, result.output
+    snap = stress.load_snapshot(folder)
+    assert snap.n_accounts == 400
+    # "about": the other roles' counts are expected values (a small book leaves some options
+    # without flow, so market makers hold fewer); at 100,000 accounts it is within 0.2%
+    assert abs(snap.n_positions - 1600) <= 160
+    usual = stress.load_snapshot(sample.write(tmp_path / "usual", accounts=400))
+    assert usual.n_positions < 800
+    # no account holds an instrument twice, and every long has its short
+    keys = np.asarray(snap.pos_account, np.int64) * len(snap.instrument_ids) + snap.pos_instrument
+    assert len(np.unique(keys)) == snap.n_positions
+    net = np.bincount(snap.pos_instrument, weights=snap.pos_quantity, minlength=len(snap.instrument_ids))
+    gross = np.bincount(snap.pos_instrument, weights=np.abs(snap.pos_quantity), minlength=len(snap.instrument_ids))
+    assert np.all(np.abs(net) <= 1e-9 * gross)
+    # the same arguments, the same files
+    again = tmp_path / "again"
+    assert invoke("generate", "sample", again, "--accounts", "400", "--positions", "1600", "--format", "parquet").exit_code == 0
+    assert (again / "positions.parquet").read_bytes() == (folder / "positions.parquet").read_bytes()
 
 
 def test_run_writes_the_report(tmp_path, monkeypatch):
