@@ -18,8 +18,9 @@ included when it is still the one that run wrote, and the record says so (``reus
 other processes used while a worker ran is recorded either way (``other_cores``).
 
 The synthetic exchange comes from ``stress.sample.write(..., fmt="parquet")`` and is cached
-under ``bench/out/sample-<accounts>/`` (rewritten when ``stress/sample.py`` changes; only the
-parent writes it). Scenarios are ``S`` explicit joint shocks drawn with
+under ``bench/out/sample-<accounts>/`` (``sample-<accounts>-<P>p/`` with ``--positions P``,
+about ``P`` positions in all; rewritten when ``stress/sample.py`` changes; only the parent
+writes it). Scenarios are ``S`` explicit joint shocks drawn with
 ``numpy.random.default_rng(0)``: spot multipliers ``exp(0.05 z)`` per asset, implied-vol
 shifts ``N(0, 0.05)``, horizon 0.
 
@@ -79,26 +80,33 @@ NOT_COMPARED = ("pnl_gross",)
 # Inputs
 
 
-def snapshot_dir(accounts: int, generate: bool = True) -> Path:
-    """The cached sample exchange with ``accounts`` accounts (written on first use).
+def size_tag(accounts: int, positions: int | None = None) -> str:
+    """``"<accounts>"``, or ``"<accounts>-<positions>p"`` for a sample asked for about
+    ``positions`` positions (``stress.sample.generate``): names its folder and result files."""
+    return str(accounts) if positions is None else f"{accounts}-{positions}p"
+
+
+def snapshot_dir(accounts: int, generate: bool = True, positions: int | None = None) -> Path:
+    """The cached sample exchange with ``accounts`` accounts (and about ``positions``
+    positions; default: the sample's usual mix), written on first use.
 
     Only the parent process generates (``generate=True``); workers take the folder as it is,
     so every worker of one invocation reads the same files even if ``stress/sample.py``
     changes meanwhile.
     """
+    folder = OUT / f"sample-{size_tag(accounts, positions)}"
     if not generate:
-        return OUT / f"sample-{accounts}"
+        return folder
     import hashlib
     import inspect
 
     from stress import sample
 
-    folder = OUT / f"sample-{accounts}"
     stamp = folder / "generator.sha256"  # regenerate when stress/sample.py changes
     digest = hashlib.sha256(inspect.getsource(sample).encode()).hexdigest()
     if not (folder / "positions.parquet").exists() or not stamp.exists() or stamp.read_text() != digest:
         t = time.perf_counter()
-        sample.write(folder, accounts=accounts, fmt="parquet")
+        sample.write(folder, accounts=accounts, fmt="parquet", positions=positions)
         stamp.write_text(digest)
         print(f"# wrote {folder} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return folder
@@ -169,7 +177,7 @@ def worker_engine(args) -> dict:
 
     jax.devices()  # backend start-up is not part of the cold run
     with Timer() as tl:
-        snap = stress.load_snapshot(snapshot_dir(args.accounts, generate=False))
+        snap = stress.load_snapshot(snapshot_dir(args.accounts, generate=False, positions=args.positions))
     scen = make_scenarios(args.scenarios, snap.n_assets)
     rss_loaded = peak_rss_mib()
 
@@ -267,7 +275,7 @@ def worker_numpy(args) -> dict:
     import numpy_ref as ref
 
     with Timer() as tl:
-        snap = stress.load_snapshot(snapshot_dir(args.accounts, generate=False))
+        snap = stress.load_snapshot(snapshot_dir(args.accounts, generate=False, positions=args.positions))
     scen = make_scenarios(args.scenarios, snap.n_assets)
     rss_loaded = peak_rss_mib()
     dt = np.dtype(args.dtype)
@@ -322,7 +330,7 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
-def recorded_numpy(accounts: int, scenarios: int, dtype: str, generator: str):
+def recorded_numpy(accounts: int, scenarios: int, dtype: str, generator: str, positions: int | None = None):
     """The latest recorded NumPy-reference run of this configuration, for ``--impl engine``.
 
     Returns ``(numpy record, npz path or None)``. The record is reused only if it was made on
@@ -342,7 +350,7 @@ def recorded_numpy(accounts: int, scenarios: int, dtype: str, generator: str):
     for i in range(len(recs) - 1, -1, -1):
         r = recs[i]
         n = r.get("numpy")
-        if (r["accounts"], r["scenarios"], r["dtype"]) != (accounts, scenarios, dtype) or not n:
+        if (r["accounts"], r.get("positions"), r["scenarios"], r["dtype"]) != (accounts, positions, scenarios, dtype) or not n:
             continue
         if "error" in n or "reused_from" in n or r.get("sample_generator_sha256") != generator:
             continue
@@ -360,7 +368,7 @@ def recorded_numpy(accounts: int, scenarios: int, dtype: str, generator: str):
                 continue
             if not last or dirty or int(last) > when(r):
                 continue
-        npz = result_path("numpy", argparse.Namespace(accounts=accounts, scenarios=scenarios, dtype=dtype))
+        npz = result_path("numpy", argparse.Namespace(accounts=accounts, positions=positions, scenarios=scenarios, dtype=dtype))
         ok = False
         if npz.exists():
             if "result_sha256" in n:
@@ -377,7 +385,7 @@ def recorded_numpy(accounts: int, scenarios: int, dtype: str, generator: str):
 
 def result_path(impl: str, args) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    return RESULTS / f"{impl}_{args.accounts}_{args.scenarios}_{args.dtype}.npz"
+    return RESULTS / f"{impl}_{size_tag(args.accounts, args.positions)}_{args.scenarios}_{args.dtype}.npz"
 
 
 # ------------------------------------------------------------------------------------------
@@ -414,13 +422,15 @@ def spawn(impl: str, args, dtype: str) -> dict:
         cmd += ["--ref-repeat", str(args.ref_repeat)]
     if args.ref_chunk:
         cmd += ["--ref-chunk", str(args.ref_chunk)]
+    if args.positions:
+        cmd += ["--positions", str(args.positions)]
     print(f"# {impl} {args.accounts}x{args.scenarios} {dtype} ...", file=sys.stderr, flush=True)
     env = dict(os.environ)
     if impl.startswith("engine"):
         # The engine may keep compiled kernels on disk (STRESS_COMPILATION_CACHE); the first
         # engine process starts from an empty folder, so its cold run really compiles, and
         # the "engine-cached" process after it finds that folder filled.
-        cache = OUT / "jax-cache" / f"{args.accounts}_{args.scenarios}_{dtype}"
+        cache = OUT / "jax-cache" / f"{size_tag(args.accounts, args.positions)}_{args.scenarios}_{dtype}"
         if impl == "engine":
             shutil.rmtree(cache, ignore_errors=True)
         env["STRESS_COMPILATION_CACHE"] = str(cache)
@@ -479,7 +489,9 @@ def table(rec: dict) -> str:
     N, S = rec["accounts"], rec["scenarios"]
     e, n = rec.get("engine", {}), rec.get("numpy", {})
     lines = [
-        f"### {N:,} accounts x {S:,} scenarios, {rec['dtype']}"
+        f"### {N:,} accounts"
+        + (f" (about {rec['positions']:,} positions asked)" if rec.get("positions") else "")
+        + f" x {S:,} scenarios, {rec['dtype']}"
         + (f", {rec['cpu_devices']} XLA CPU devices" if rec.get("cpu_devices") else ""),
         "",
         "| stage | engine (s) | numpy (s) | speedup | engine acc·scen/s | numpy acc·scen/s | engine CPU/wall |",
@@ -564,6 +576,8 @@ def machine() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--accounts", type=int, default=100_000, help="accounts in the sample exchange")
+    p.add_argument("--positions", type=int, default=None,
+                   help="about how many positions the sample holds (default: its usual mix, about 1.5 per account)")
     p.add_argument("--scenarios", type=int, default=1_000, help="explicit random scenarios")
     p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64"],
                    help="one configuration per dtype (give float64 first to compare float32 with it)")
@@ -588,7 +602,7 @@ def main(argv=None) -> int:
         latest = {}
         for line in open(OUT / "results.jsonl"):
             rec = json.loads(line)
-            latest[(rec["accounts"], rec["scenarios"], rec["dtype"], rec.get("cpu_devices", 0))] = rec
+            latest[(rec["accounts"], rec.get("positions") or 0, rec["scenarios"], rec["dtype"], rec.get("cpu_devices", 0))] = rec
         for key in sorted(latest):
             print(table(latest[key]) + "\n")
         return 0
@@ -599,7 +613,7 @@ def main(argv=None) -> int:
         print(json.dumps(rec))
         return 0
 
-    folder = snapshot_dir(args.accounts)  # generate once, before the timed workers
+    folder = snapshot_dir(args.accounts, positions=args.positions)  # generate once, before the timed workers
     generator = (folder / "generator.sha256").read_text()[:12]
     produced: set = set()  # result files written by this invocation's workers
     info = machine()
@@ -609,11 +623,13 @@ def main(argv=None) -> int:
                "ref_repeat": args.ref_repeat or args.repeat, "sample_generator_sha256": generator, "machine": info, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if args.cpu_devices:
             rec["cpu_devices"] = args.cpu_devices
+        if args.positions:
+            rec["positions"] = args.positions
         for impl in args.impl:
             rec[impl] = spawn(impl, args, dtype)
             if impl == "engine" and not args.no_cached_run and "error" not in rec[impl]:
                 rec["engine-cached"] = spawn("engine-cached", args, dtype)
-        ns = argparse.Namespace(accounts=args.accounts, scenarios=args.scenarios, dtype=dtype)
+        ns = argparse.Namespace(accounts=args.accounts, positions=args.positions, scenarios=args.scenarios, dtype=dtype)
         e_path, n_path = result_path("engine", ns), result_path("numpy", ns)
         for impl, path in (("engine", e_path), ("numpy", n_path)):
             if impl in rec and "error" not in rec[impl]:
@@ -622,7 +638,7 @@ def main(argv=None) -> int:
             # The reference is the same code on the same inputs: reuse its latest recorded run
             # (timings, and its saved results for the agreement check when they are still the
             # ones that run wrote) instead of re-running it.
-            old_rec, old_npz = recorded_numpy(args.accounts, args.scenarios, dtype, generator)
+            old_rec, old_npz = recorded_numpy(args.accounts, args.scenarios, dtype, generator, args.positions)
             if old_rec is not None:
                 rec["numpy"] = old_rec
                 if old_npz is not None:
@@ -638,7 +654,7 @@ def main(argv=None) -> int:
             if dtype == "float64":
                 rec["agree"]["pass"] = all(rec["agree"][k] <= RTOL64 for k in CHECKED)
                 failed |= not rec["agree"]["pass"]
-        f64 = result_path("numpy", argparse.Namespace(accounts=args.accounts, scenarios=args.scenarios, dtype="float64"))
+        f64 = result_path("numpy", argparse.Namespace(accounts=args.accounts, positions=args.positions, scenarios=args.scenarios, dtype="float64"))
         if dtype == "float32" and "error" not in rec.get("engine", {"error": 1}) and f64 in produced:
             rec["agree_f64ref"] = compare(e_path, f64)
         print(table(rec), flush=True)
