@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,7 +54,9 @@ from scenarios import MC  # noqa: E402  (bench/scenarios.py: the Monte Carlo blo
 
 
 def _rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    from run import peak_rss_mib  # bench/run.py: this process's own peak (VmHWM)
+
+    return peak_rss_mib()
 
 
 def sample(accounts: int) -> Path:

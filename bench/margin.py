@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -95,6 +94,7 @@ def configured_snapshot(folder: str | Path, margin_keys: str = "", liquidation_k
 
 def _worker(folder: str, config: str, scenarios: int) -> dict:
     import numpy as np
+    from run import peak_rss_mib  # bench/run.py: this process's own peak (VmHWM)
 
     import stress
     from stress import margin
@@ -123,7 +123,7 @@ def _worker(folder: str, config: str, scenarios: int) -> dict:
             "margin_first_s": m_first, "margin_warm_s": m_warm, "run_first_s": r_first, "run_warm_s": r_warm,
             "accounts_liquidatable_max": int(res.scenarios.accounts_liquidatable.max()),
             "total_mm": float(res.summary["total_maintenance_margin"]),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def _show(records: list[dict]) -> None:

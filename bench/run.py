@@ -7,9 +7,9 @@ Usage (from the repository root)::
     python bench/run.py --show      # the tables of the latest recorded results
 
 For each dtype the parent runs fresh subprocesses ("workers") so that each reports its own
-peak RSS (``ru_maxrss``): the engine, then a second engine process that only times its first
-``stress.run`` with the on-disk compilation cache the first one filled, then the NumPy
-reference (``bench/numpy_ref.py``). It then checks that engine and reference agree, prints a
+peak RSS (``VmHWM``, see ``peak_rss_mib``): the engine, then a second engine process that only
+times its first ``stress.run`` with the on-disk compilation cache the first one filled, then
+the NumPy reference (``bench/numpy_ref.py``). It then checks that engine and reference agree, prints a
 table and appends the record to ``bench/out/results.jsonl``. With ``--impl engine`` the
 reference is not re-run: the latest recorded reference run of the same configuration is reused
 (if it was made on the same sample with the same ``bench/numpy_ref.py``), results file
@@ -106,7 +106,12 @@ def snapshot_dir(accounts: int, generate: bool = True, positions: int | None = N
     digest = hashlib.sha256(inspect.getsource(sample).encode()).hexdigest()
     if not (folder / "positions.parquet").exists() or not stamp.exists() or stamp.read_text() != digest:
         t = time.perf_counter()
-        sample.write(folder, accounts=accounts, fmt="parquet", positions=positions)
+        # in a process of its own: generating 1M accounts peaks at 1.5-1.7 GiB, which this
+        # process would otherwise carry into the peak RSS that ``ru_maxrss`` reports for every
+        # process it starts (``peak_rss_mib``; ``bench/newprocess.py`` reads the children's)
+        write = ("import sys; from stress import sample; sample.write(sys.argv[1], accounts=int(sys.argv[2]), "
+                 "fmt='parquet', positions=None if sys.argv[3] == '-' else int(sys.argv[3]))")
+        subprocess.run([sys.executable, "-c", write, str(folder), str(accounts), str(positions or "-")], check=True)
         stamp.write_text(digest)
         print(f"# wrote {folder} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return folder
@@ -126,6 +131,22 @@ def make_scenarios(n_scenarios: int, n_assets: int, seed: int = 0, kind: str = "
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident memory, MiB: ``VmHWM`` where ``/proc`` has it, else
+    ``ru_maxrss``.
+
+    Not ``ru_maxrss`` on Linux: a process started with ``vfork`` + ``exec`` (as Python's
+    ``subprocess`` starts workers) inherits its parent's peak in it. A parent that had just
+    generated the 1M-account sample made every worker of that invocation report at least the
+    generator's 1.5-1.7 GiB, before anything of its own was loaded. ``VmHWM`` belongs to the
+    worker's own address space, which ``exec`` makes new.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -48,7 +47,9 @@ vol_beta = {{ BTC = -0.8, ETH = -0.9, SOL = -1.0 }}
 
 
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    from run import peak_rss_mib  # bench/run.py: this process's own peak (VmHWM)
+
+    return peak_rss_mib()
 
 
 def worker(stage: str, a: argparse.Namespace) -> dict:

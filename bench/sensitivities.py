@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from margin import configured_snapshot  # noqa: E402
-from run import engine_version, make_scenarios, snapshot_dir  # noqa: E402
+from run import engine_version, make_scenarios, peak_rss_mib, snapshot_dir  # noqa: E402
 
 IMPACT = "".join(f"[liquidation.impact.{a}]\nspread = {s}\nk = 0.7\ndaily_vol = {v}\ndaily_volume = {q}\n"
                  for a, s, v, q in (("BTC", 0.0005, 0.04, 2e9), ("ETH", 0.0007, 0.05, 1e9), ("SOL", 0.001, 0.07, 3e8)))
@@ -99,7 +98,7 @@ def worker(accounts: int, scenarios: int, repeat: int, config: str = "standard")
         rec["forward_s"] = best_of(lambda: jax.block_until_ready(forward()), repeat)
         rec["grad_s"] = best_of(grad, repeat)
     rec["sensitivities_s"] = best_of(lambda: sens.sensitivities(snap, scen), repeat)
-    rec["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rec["peak_rss_mib"] = peak_rss_mib()
     return rec
 
 
