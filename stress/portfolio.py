@@ -33,7 +33,14 @@ UNROLL_MAX = 8  # holdings of up to P * L = 8 positions are unrolled (XLA fuses 
 # position) they gathered a padding position from every per-instrument table. A balance-only
 # slot costs one price gather (with static haircuts). (4, 2, 1), not (2, 2, 1) and (4, 2, 1):
 # a third and fourth balance-only slot is cheap, a compilation is not.
-LADDER = ((1, 1, 1), (2, 1, 1), (4, 2, 1), (4, 2, 2), (4, 4, 1), (4, 4, 4))
+LADDER = ((1, 1, 1), (2, 1, 1), (4, 2, 1), (4, 2, 2), (4, 4, 1), (4, 2, 4), (4, 4, 2), (4, 4, 4))
+# Rungs for deeper books, kept only where at least ``RUNG_MIN_ACCOUNTS`` accounts have them as
+# their smallest fit, and never the "next rung" the rules below measure a rung against (so a
+# snapshot without such accounts lays out as if they were not there). With about three
+# positions per account (1M accounts, 3M positions) 285,079 accounts fell into (4, 4, 4) at
+# 30% fill; these two take 228,000 of them at half its positions, and a warm run at
+# 5,000 scenarios went from 6.9-7.6 s to 4.8-5.0 s (docs/benchmarks.md).
+FINE_RUNGS = ((4, 2, 4), (4, 4, 2))
 # A rung costs a compilation per kernel variant (1.5-2.5 s each on CPU; a cold run on the
 # default set's paths compiles two per rung) and a part-filled group of chunks; what it saves
 # is per account. So a snapshot leaves out a rung that would hold fewer accounts than this when
@@ -152,12 +159,19 @@ def _rank_in_group_unsorted(group: np.ndarray) -> np.ndarray:
 
 def _ladder(J: np.ndarray, P: np.ndarray, L: np.ndarray) -> list[tuple[int, int, int]]:
     """``LADDER`` less the rungs not worth a compilation for accounts of ``J`` slots, ``P`` of
-    them with positions, and ``L`` positions per slot (``[n]`` each): see ``RUNG_MIN_ACCOUNTS``."""
+    them with positions, and ``L`` positions per slot (``[n]`` each): see ``RUNG_MIN_ACCOUNTS``
+    and ``FINE_RUNGS``."""
     kept, taken = [], np.zeros(len(J), bool)
     for k, (lj, lp, ll) in enumerate(LADDER):
         here = ~taken & (J <= lj) & (P <= lp) & (L <= ll)  # the accounts this rung is the smallest fit for
-        nxt = next((r for r in LADDER[k + 1:] if r[0] >= lj and r[1] >= lp and r[2] >= ll), None)
         count = np.count_nonzero(here)
+        if (lj, lp, ll) in FINE_RUNGS:
+            if count < RUNG_MIN_ACCOUNTS:
+                continue
+            kept.append((lj, lp, ll))
+            taken |= here
+            continue
+        nxt = next((r for r in LADDER[k + 1:] if r not in FINE_RUNGS and r[0] >= lj and r[1] >= lp and r[2] >= ll), None)
         if nxt is not None and (
                 (nxt[0] <= 2 * lj and nxt[1] * nxt[2] <= 2 * lp * ll and count < RUNG_MIN_ACCOUNTS)
                 or count * (nxt[0] + nxt[1] * nxt[2] - lj - lp * ll) <= RUNG_MIN_WORK):

@@ -382,10 +382,43 @@ def test_a_rung_holding_few_accounts_is_left_to_the_next_rung_that_holds_them(mo
     assert shapes(100) == {(4, 2, 2): list(range(12))}
     # By the work moving them adds (slots and position gathers, J + P * L, per account): 6 x 1
     # for (1, 1, 1) and 3 x 2 for (4, 2, 1) are at most 12; 8 x 3 for (2, 1, 1) and 4 x 12
-    # for (4, 2, 2) are not. At 144, (4, 2, 2)'s twelve accounts go to (4, 4, 4) as well.
+    # for (4, 2, 2) are not. At 144, (4, 2, 2)'s twelve accounts go up as well, measured
+    # against (4, 4, 4); they land in the fine rung (4, 2, 4) on the way, which a bar of 0
+    # accounts keeps (FINE_RUNGS), and in (4, 4, 4) when the fine rungs are not there.
     assert shapes(0, 12) == shapes(7)
     assert shapes(0, 143) == shapes(100)
+    assert shapes(0, 144) == {(4, 2, 4): list(range(12))}
+    monkeypatch.setattr(portfolio, "LADDER", tuple(r for r in portfolio.LADDER if r not in portfolio.FINE_RUNGS))
     assert shapes(0, 144) == {(4, 4, 4): list(range(12))}
+
+
+def test_fine_rungs_are_kept_only_for_enough_accounts_and_never_measured_against(monkeypatch):
+    # Instruments 0-2 settle in asset 0, 3-4 in asset 1, 5-6 in asset 2. Account 0 holds
+    # three settlement assets, two positions in one (P, L) = (3, 2); accounts 1 and 3 one or
+    # two assets with three positions in one, (1, 3) and (2, 3); account 2 three assets, one
+    # position each, (3, 1).
+    from stress import portfolio
+
+    acc = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3])
+    inst = np.array([0, 1, 3, 5, 0, 1, 2, 0, 3, 5, 0, 1, 2, 3, 4])
+    qty = np.arange(1.0, len(acc) + 1)
+    settlement, balances = np.array([0, 0, 0, 1, 1, 2, 2]), np.zeros((4, 3))
+
+    def shapes(min_accounts, ladder=portfolio.LADDER):
+        monkeypatch.setattr(portfolio, "LADDER", ladder)
+        monkeypatch.setattr(portfolio, "RUNG_MIN_ACCOUNTS", min_accounts)
+        monkeypatch.setattr(portfolio, "RUNG_MIN_WORK", -1)
+        buckets = portfolio.layout(acc, inst, qty, np.ones_like(qty), settlement, balances)
+        return {(b.J, b.P, b.L): sorted(b.accounts.tolist()) for b in buckets}
+
+    assert shapes(0) == {(4, 4, 1): [2], (4, 2, 4): [1, 3], (4, 4, 2): [0]}
+    # (4, 4, 2) with one account is below the bar of 2: account 0 goes up to (4, 4, 4)
+    assert shapes(2) == {(4, 4, 1): [2], (4, 2, 4): [1, 3], (4, 4, 4): [0]}
+    # Below it for both, the layout is the one without fine rungs. (4, 4, 1)'s one account
+    # stays: measured against (4, 4, 2), twice its positions, it would have gone up (and on
+    # to (4, 4, 4), four times them); measured against (4, 4, 4), as before, it stays.
+    coarse = tuple(r for r in portfolio.LADDER if r not in portfolio.FINE_RUNGS)
+    assert shapes(3) == shapes(3, coarse) == {(4, 4, 1): [2], (4, 4, 4): [0, 1, 3]}
 
 
 def test_buckets_come_in_shape_order_with_the_shape_beyond_the_ladder_among_the_rungs(monkeypatch):
