@@ -322,7 +322,7 @@ def generate(accounts: int = 10_000, seed: int = 7, positions: int | None = None
 
     marks = np.where(is_opt, np.nan, terms.mark.to_numpy())
     entry = marks[pos.i] * np.exp(rng.normal(0.0, 0.06, len(pos)))
-    positions = pd.DataFrame(
+    position_rows = pd.DataFrame(
         {"account_id": ids[pos.a], "instrument_id": inst.instrument_id.to_numpy()[pos.i],
          "quantity": pos.q.to_numpy(), "entry_price": np.round(entry, 2)}
     )
@@ -331,7 +331,7 @@ def generate(accounts: int = 10_000, seed: int = 7, positions: int | None = None
         "rate": 0.0,
         "insurance_fund": {"USDC": round(2_500.0 * accounts, 2), "BTC": round(0.015 * accounts, 4)},
     }
-    return {"assets": ASSETS.copy(), "instruments": inst, "balances": balances, "positions": positions, "exchange": exchange}
+    return {"assets": ASSETS.copy(), "instruments": inst, "balances": balances, "positions": position_rows, "exchange": exchange}
 
 
 def write(folder: str | Path, accounts: int = 10_000, seed: int = 7, fmt: str = "csv", positions: int | None = None) -> Path:
