@@ -392,6 +392,30 @@ def test_a_rung_holding_few_accounts_is_left_to_the_next_rung_that_holds_them(mo
     assert shapes(0, 144) == {(4, 4, 4): list(range(12))}
 
 
+def test_the_layout_is_the_same_whether_slots_are_marked_in_a_table_or_sorted(snap, monkeypatch):
+    from stress import portfolio
+
+    # the sample, and a small book with a negative balance (a debt) in an asset no position
+    # settles in, which is a slot of its own
+    small = (np.array([0, 0, 1, 2]), np.array([0, 1, 1, 0]), np.array([1.0, -2.0, 3.0, 4.0]), np.ones(4),
+             np.array([0, 1]), np.array([[5.0, 0.0, -7.0], [0.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]]))
+    order = np.random.default_rng(3).permutation(snap.n_accounts)
+
+    def layouts():
+        return engine.buckets(snap, order), portfolio.layout(*small, np.array([3, 1, 0, 2]))
+
+    table = layouts()
+    monkeypatch.setattr(portfolio, "DENSE_SLOTS_MAX", 0)  # every snapshot takes the sort
+    by_sort = layouts()
+    for one, other in zip(table, by_sort):
+        assert [(b.J, b.P, b.L) for b in one] == [(b.J, b.P, b.L) for b in other]
+        for a, b in zip(one, other):
+            for field in ("accounts", "inst", "qty", "weight", "asset", "balance"):
+                np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    [debt] = [b for b in table[1] if 0 in b.accounts]
+    assert -7.0 in debt.balance[list(debt.accounts).index(0)]
+
+
 def test_fine_rungs_are_kept_only_for_enough_accounts_and_never_measured_against(monkeypatch):
     # Instruments 0-2 settle in asset 0, 3-4 in asset 1, 5-6 in asset 2. Account 0 holds
     # three settlement assets, two positions in one (P, L) = (3, 2); accounts 1 and 3 one or
