@@ -1284,11 +1284,25 @@ MAX_CHUNKS_PER_DEVICE = 8  # per call: enough to hide dispatch, few enough to pa
 RANDOM_BYTES_PER_DEVICE = 24 << 20
 
 
-def chunks_per_device(chunk_size: int, n_random: int, dtype: Any) -> int:
-    """The most chunks a device runs per call: ``MAX_CHUNKS_PER_DEVICE``, fewer where the call
-    returns random losses of more than ``RANDOM_BYTES_PER_DEVICE`` a device (a power of two)."""
+# A sweep of few scenarios does little work a call, and its calls' dispatch (and the transfer
+# of each group's holdings) is then most of it: on CPU, under this many scenario slots (all
+# tiles) a device runs more chunks per call, up to FEW_SCENARIOS_MAX_CHUNKS. At 1M accounts
+# with 3M positions, three shocks: a warm run 0.40-0.58 s with 8 chunks a call, 0.32-0.34 s
+# with 32 (docs/benchmarks.md).
+FEW_SCENARIOS = 1024
+FEW_SCENARIOS_MAX_CHUNKS = 32
+
+
+def chunks_per_device(chunk_size: int, n_random: int, dtype: Any, n_scenarios: int | None = None) -> int:
+    """The most chunks a device runs per call (a power of two): ``MAX_CHUNKS_PER_DEVICE``;
+    on CPU up to ``FEW_SCENARIOS_MAX_CHUNKS`` for a sweep of fewer than ``FEW_SCENARIOS``
+    scenario slots (``n_scenarios``: the tables' ``user.size``); fewer where the call returns
+    random losses of more than ``RANDOM_BYTES_PER_DEVICE`` a device."""
     if not n_random or not returns_losses():
-        return MAX_CHUNKS_PER_DEVICE
+        if n_scenarios is None or n_scenarios >= FEW_SCENARIOS or _backend() != "cpu":
+            return MAX_CHUNKS_PER_DEVICE
+        more = 1 << int(math.log2(FEW_SCENARIOS // max(n_scenarios, 1)))
+        return min(FEW_SCENARIOS_MAX_CHUNKS, MAX_CHUNKS_PER_DEVICE * more)
     per_chunk = chunk_size * n_random * np.dtype(dtype).itemsize
     return min(MAX_CHUNKS_PER_DEVICE, 1 << max(0, int(math.log2(max(RANDOM_BYTES_PER_DEVICE // per_chunk, 1)))))
 
@@ -1620,7 +1634,7 @@ class LocalAccounts:
         # Dispatch is asynchronous: the devices compute while Python prepares the next group
         # and finishes the ones before. Groups in flight are bounded by the bytes they return
         # (the random losses of a Monte Carlo run are [chunk, paths] per chunk).
-        max_b = chunks_per_device(self.chunk_size, n_random, self.dt)
+        max_b = chunks_per_device(self.chunk_size, n_random, self.dt, int(t.user.size))
         per_group = self.chunk_size * D * max_b * max(n_random, S if with_pnl else 0) * 8
 
         def call(h: Holdings) -> dict:
