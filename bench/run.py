@@ -109,9 +109,9 @@ def snapshot_dir(accounts: int, generate: bool = True, positions: int | None = N
         # in a process of its own: generating 1M accounts peaks at 1.5-1.7 GiB, which this
         # process would otherwise carry into the peak RSS that ``ru_maxrss`` reports for every
         # process it starts (``peak_rss_mib``; ``bench/newprocess.py`` reads the children's)
-        write = ("import sys; from stress import sample; sample.write(sys.argv[1], accounts=int(sys.argv[2]), "
-                 "fmt='parquet', positions=None if sys.argv[3] == '-' else int(sys.argv[3]))")
-        subprocess.run([sys.executable, "-c", write, str(folder), str(accounts), str(positions or "-")], check=True)
+        cmd = [sys.executable, "-m", "stress", "generate", "sample", str(folder), "--accounts", str(accounts),
+               "--format", "parquet"] + ([] if positions is None else ["--positions", str(positions)])
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         stamp.write_text(digest)
         print(f"# wrote {folder} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return folder
@@ -131,23 +131,11 @@ def make_scenarios(n_scenarios: int, n_assets: int, seed: int = 0, kind: str = "
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory, MiB: ``VmHWM`` where ``/proc`` has it, else
-    ``ru_maxrss``.
+    """This process's own peak resident memory, MiB (``stress._memory.peak_mib``: ``VmHWM``,
+    not the ``ru_maxrss`` a worker started by ``vfork`` + ``exec`` shares with its parent)."""
+    from stress._memory import peak_mib
 
-    Not ``ru_maxrss`` on Linux: a process started with ``vfork`` + ``exec`` (as Python's
-    ``subprocess`` starts workers) inherits its parent's peak in it. A parent that had just
-    generated the 1M-account sample made every worker of that invocation report at least the
-    generator's 1.5-1.7 GiB, before anything of its own was loaded. ``VmHWM`` belongs to the
-    worker's own address space, which ``exec`` makes new.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    return peak_mib()
 
 
 class Timer:

@@ -25,6 +25,38 @@ def _malloc_trim():
         return None
 
 
+def peak_mib() -> float:
+    """This process's peak resident memory, MiB: ``VmHWM`` where ``/proc`` has it, else
+    ``ru_maxrss``.
+
+    Not ``ru_maxrss`` on Linux: a process started with ``vfork`` + ``exec`` (as Python's
+    ``subprocess`` starts workers) inherits its parent's peak in it. A parent that had just
+    generated the 1M-account sample made every worker it started report at least the
+    generator's 1.5-1.7 GiB. ``VmHWM`` belongs to the process's own address space, which
+    ``exec`` makes new, and ``forget_peak`` resets it.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def forget_peak() -> None:
+    """Start this process's peak resident memory afresh from now (Linux: ``clear_refs`` 5;
+    elsewhere nothing, and the peak keeps what came before)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def trim() -> None:
     """Return the free pages of Arrow's memory pool and of the C heap to the system."""
     import pyarrow as pa

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import _exported, engine, portfolio
+from ._memory import forget_peak, peak_mib
 from .snapshot import account_id_column
 
 
@@ -203,7 +203,7 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
         if not (marker.exists() and marker.read_text() == size):
             timed("generate sample", lambda: sample.write(where, accounts=accounts, fmt="parquet", positions=positions))
             marker.write_text(size)
-            _forget_peak()  # the peak reported is the stages', not the generator's (1.7 GB at 1M)
+            forget_peak()  # the peak reported is the stages', not the generator's (1.7 GB at 1M)
         snap = timed("load snapshot", lambda: io.load_snapshot(where),
                      lambda s: f"{s.n_accounts:,} accounts, {s.n_positions:,} positions")
         scen = timed("build scenarios", lambda: random_shocks(snap, scenarios), lambda s: f"{len(s):,} explicit shocks")
@@ -242,28 +242,5 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
             Stage("warm run", whole, f"{rate(whole)} on {where_run}"),
         ]
         timed("write report", lambda: report.write(res, Path(tmp) / "report"))
-    stages.append(Stage("peak memory", float("nan"), f"{_peak_mib():,.0f} MiB resident (the process's peak; generating the sample left out)"))
+    stages.append(Stage("peak memory", float("nan"), f"{peak_mib():,.0f} MiB resident (the process's peak; generating the sample left out)"))
     return stages
-
-
-def _forget_peak() -> None:
-    """Start this process's peak resident memory afresh from now (Linux: ``clear_refs`` 5;
-    elsewhere nothing, and the peak keeps what came before)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_mib() -> float:
-    """This process's peak resident memory, MiB: ``VmHWM`` (which ``_forget_peak`` resets),
-    else ``ru_maxrss``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

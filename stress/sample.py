@@ -165,14 +165,20 @@ def _distinct_draws(rng: np.random.Generator, owners: np.ndarray, k: np.ndarray,
     return np.concatenate(acc), np.concatenate(ins)
 
 
-def _directional_draws(n_dir: int, others: float, positions: int | None, I: int, rng: np.random.Generator) -> np.ndarray:
-    """How many instruments each directional trader draws: 1-3 (60/30/10%), or, where
-    ``positions`` asks for about that many positions in all, ``1 + Poisson`` with the mean
-    that leaves ``others`` (the other roles' expected positions) to the rest, at most ``I``."""
+def _directional_draws(rng: np.random.Generator, dir_ix: np.ndarray, p: np.ndarray, others: float,
+                       positions: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(account, instrument)`` pairs of the directional traders ``dir_ix``, instruments drawn
+    by weights ``p``: 1-3 draws each (60/30/10%; a repeated draw merges into one position
+    later), or, where ``positions`` asks for about that many positions in all, ``1 + Poisson``
+    distinct instruments each, with the mean that leaves ``others`` (the other roles' expected
+    positions) to the rest, at most ``len(p)``."""
+    n_dir, I = len(dir_ix), len(p)
     if positions is None:
-        return rng.choice([1, 2, 3], size=n_dir, p=[0.6, 0.3, 0.1])
+        k = rng.choice([1, 2, 3], size=n_dir, p=[0.6, 0.3, 0.1])
+        acc = np.repeat(dir_ix, k)
+        return acc, rng.choice(I, size=len(acc), p=p)
     mean = max((positions - others) / n_dir, 1.0)
-    return np.minimum(1 + rng.poisson(mean - 1.0, n_dir), I)
+    return _distinct_draws(rng, dir_ix, np.minimum(1 + rng.poisson(mean - 1.0, n_dir), I), p)
 
 
 def generate(accounts: int = 10_000, seed: int = 7, positions: int | None = None) -> dict[str, pd.DataFrame | dict]:
@@ -217,12 +223,7 @@ def generate(accounts: int = 10_000, seed: int = 7, positions: int | None = None
     # the other roles' positions, as generated below: writers 1.3 each, makers one per
     # instrument, basis traders one per hedged perpetual
     others = 1.3 * n_writer + n_mm * I + 3 * n_basis
-    k = _directional_draws(n_dir, others, positions, I, rng)
-    if positions is None:  # the usual mix: repeated draws merge into one position
-        acc = np.repeat(dir_ix, k)
-        ins = rng.choice(I, size=len(acc), p=popularity)
-    else:
-        acc, ins = _distinct_draws(rng, dir_ix, k, popularity)
+    acc, ins = _directional_draws(rng, dir_ix, popularity, others, positions)
     usd = np.minimum(2_000.0 * (rng.pareto(1.4, len(acc)) + 1.0), 5e6)
     side = np.where(is_opt[ins], np.where(rng.random(len(acc)) < 0.8, 1.0, -1.0), rng.choice([-1.0, 1.0], len(acc)))
     qty = side * usd / notional_pc[ins]
