@@ -46,7 +46,12 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from . import _memory
+
 MAX_FILES = 2048  # about 50 KB each; a package edit or a new shape adds files, the oldest go
+# A call prepared in longer than this compiled (loading one takes 0.01-0.2 s): its thread's
+# heap then holds what the compiler freed, which ``_memory.trim_heap`` hands back
+TRIM_AFTER_S = 0.5
 
 # Pallas kernels on a GPU lower to Triton IR, which JAX does not promise to read back in
 # another version; the key holds the JAX version, so within one it is safe.
@@ -198,7 +203,10 @@ class Kept:
             with _lowering(skip_lapack=b"lapack" not in exp.mlir_module_serialized):
                 lowered = call.lower(*specs)
             lowered.compile()  # now (``prefetch``: in its thread); calls find it in JAX's caches
-            prepared.append((str(self.tag[0]), time.perf_counter() - started))
+            took = time.perf_counter() - started
+            prepared.append((str(self.tag[0]), took))
+            if took > TRIM_AFTER_S:
+                _memory.trim_heap()  # 0.01-0.2 s; a cold deep run's peak 2.3 -> 1.9 GB
             return call
         except Exception:  # no flatbuffers, or a module JAX cannot export: the plain call
             return plain
@@ -213,8 +221,12 @@ def _signature(treedef: Any, leaves: list) -> tuple:
 
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
-    """The threads ``Kept.prefetch`` prepares calls in: one per core, at most 4."""
-    return ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="stress-kept")
+    """The threads ``Kept.prefetch`` prepares calls in: one per two cores, at most 4.
+
+    The devices' own work keeps every core busy meanwhile: on two cores a second thread
+    shortened neither a cold process's compilation nor a warm one's loading, and its compiler
+    memory raised a cold run's peak by 80-150 MiB (docs/benchmarks.md)."""
+    return ThreadPoolExecutor(min(4, max(1, (os.cpu_count() or 1) // 2)), thread_name_prefix="stress-kept")
 
 
 _PATCHING = threading.Lock()

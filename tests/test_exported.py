@@ -257,3 +257,23 @@ def test_a_sweep_that_stops_early_leaves_no_prefetch_waiting(snap, scen, tmp_pat
     assert not [c for c in calls if isinstance(c, Future) and not (c.running() or c.done())]
     pool.shutdown()
     engine.sharded_kernel.cache_clear()
+
+
+def test_a_call_that_compiled_hands_its_threads_heap_back(tmp_path, monkeypatch):
+    import jax
+    import numpy as np
+
+    from stress import _memory
+
+    monkeypatch.setenv("STRESS_EXPORT_CACHE", str(tmp_path))
+    trimmed = []
+    monkeypatch.setattr(_memory, "trim_heap", lambda: trimmed.append(1))
+    x = np.arange(4.0)
+    monkeypatch.setattr(_exported, "TRIM_AFTER_S", 3600.0)  # nothing takes that long: a load
+    assert np.array_equal(_exported.Kept(jax.jit(lambda x: x + 1.0), ("test_trim_load",))(x), x + 1.0)
+    assert trimmed == []
+    monkeypatch.setattr(_exported, "TRIM_AFTER_S", 0.0)  # everything counts as a compilation
+    assert np.array_equal(_exported.Kept(jax.jit(lambda x: x + 2.0), ("test_trim_compile",))(x), x + 2.0)
+    assert trimmed == [1]
+    monkeypatch.undo()
+    _memory.trim_heap()  # the real one runs wherever the tests do (a no-op off glibc)
