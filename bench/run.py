@@ -431,7 +431,7 @@ def spawn(impl: str, args, dtype: str) -> dict:
         cmd += ["--ref-repeat", str(args.ref_repeat)]
     if args.ref_chunk:
         cmd += ["--ref-chunk", str(args.ref_chunk)]
-    if args.positions:
+    if args.positions is not None:
         cmd += ["--positions", str(args.positions)]
     print(f"# {impl} {args.accounts}x{args.scenarios} {dtype} ...", file=sys.stderr, flush=True)
     env = dict(os.environ)
@@ -582,10 +582,18 @@ def machine() -> dict:
     }
 
 
+
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1 (``stress generate sample`` refuses less)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--accounts", type=int, default=100_000, help="accounts in the sample exchange")
-    p.add_argument("--positions", type=int, default=None,
+    p.add_argument("--positions", type=positive, default=None,
                    help="about how many positions the sample holds (default: its usual mix, about 1.5 per account)")
     p.add_argument("--scenarios", type=int, default=1_000, help="explicit random scenarios")
     p.add_argument("--dtype", nargs="+", choices=("float64", "float32"), default=["float64"],
@@ -632,7 +640,7 @@ def main(argv=None) -> int:
                "ref_repeat": args.ref_repeat or args.repeat, "sample_generator_sha256": generator, "machine": info, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if args.cpu_devices:
             rec["cpu_devices"] = args.cpu_devices
-        if args.positions:
+        if args.positions is not None:
             rec["positions"] = args.positions
         for impl in args.impl:
             rec[impl] = spawn(impl, args, dtype)
