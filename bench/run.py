@@ -582,13 +582,13 @@ def machine() -> dict:
     }
 
 
-
 def positive(text: str) -> int:
     """An argparse type: an integer of at least 1 (``stress generate sample`` refuses less)."""
     n = int(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
     return n
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

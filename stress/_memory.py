@@ -72,7 +72,7 @@ def trim_heap() -> None:
 
     XLA compiles in the thread that asks, and glibc gives each thread its own heap (arena), which
     keeps what a compilation freed: on the deep 1M-account exchange a process that compiled its
-    kernels held 200-300 MiB more after each, and a cold ``stress run`` peaked at 2.2-2.4 GB
+    kernels held up to about 380 MiB more after each, and a cold ``stress run`` peaked at 2.2-2.4 GB
     where one with filled caches peaked at 1.7-1.9 GB (docs/benchmarks.md)."""
     fn = _malloc_trim()
     if fn is not None:
