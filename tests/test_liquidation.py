@@ -549,9 +549,12 @@ def test_a_group_column_left_empty_means_no_groups(tmp_path):
     assert all(g is None for g in snap.account_group)
 
 
-def test_adl_charges_from_each_parts_candidates_equal_the_whole_exchanges():
+@pytest.mark.parametrize("columns", [1, 4, 64])
+def test_adl_charges_from_each_parts_candidates_equal_the_whole_exchanges(monkeypatch, columns):
     # Auto-deleveraging by hand (a loop over winners in rank order, ties by id) against the
-    # candidates of three parts of the exchange merged (what a cluster's workers send).
+    # candidates of three parts of the exchange merged (what a cluster's workers send), with
+    # the 6 deficit scenarios ranked one, four (blocks of 4 and 2) or all at a time.
+    monkeypatch.setattr(engine, "ADL_COLUMNS", columns)
     rng = np.random.default_rng(4)
     n, C = 300, 6
     pnl = rng.normal(0.0, 100.0, (n, C))
