@@ -150,8 +150,7 @@ class Kept:
             if folder() is None:  # kept modules off: this first call of the plain jit compiles, here
                 started = time.perf_counter()
                 out = call(*leaves)
-                if time.perf_counter() - started > TRIM_AFTER_S:
-                    _memory.trim_heap()  # as after a prepared call that compiled
+                _hand_back(time.perf_counter() - started)
                 return out
         elif isinstance(call, Future):  # being prepared by ``prefetch``
             call = self._calls[sig] = call.result()
@@ -213,15 +212,21 @@ class Kept:
             lowered.compile()  # now (``prefetch``: in its thread); calls find it in JAX's caches
             done = time.perf_counter()
             prepared.append((str(self.tag[0]), done - started))
-            # A trace, or a compilation (timed alone: not a wait for ``_lowering``'s lock), leaves
-            # its garbage in this thread's heap: 0.01-0.2 s to hand back. A cold deep run's peak
-            # 2.3 -> 1.9 GB; the first after an upgrade, which traces but finds its executables
-            # compiled, 2.18 -> 1.73 GB (1M accounts, 3M positions, 5,000 Monte Carlo paths)
-            if traced or done - compiling > TRIM_AFTER_S:
-                _memory.trim_heap()
+            _hand_back(done - compiling, traced)  # timed alone: not a wait for ``_lowering``'s lock
             return call
         except Exception:  # no flatbuffers, or a module JAX cannot export: the plain call
             return plain
+
+
+def _hand_back(compile_s: float, traced: bool = False) -> None:
+    """After a call that traced, or whose compile step took over ``TRIM_AFTER_S`` (so
+    compiled rather than loaded), hand this thread's heap back (``_memory.trim_heap``, 0.01-0.2
+    s): the compiler's and the tracer's garbage stays in it otherwise. A cold deep run's peak
+    2.3 -> 1.9 GB; the first process after an upgrade, which traces but finds its executables
+    compiled, 2.18 -> 1.73 GB; a run without caches 2.10 -> 1.74 GB (1M accounts, 3M positions;
+    docs/benchmarks.md)."""
+    if traced or compile_s > TRIM_AFTER_S:
+        _memory.trim_heap()
 
 
 def _signature(treedef: Any, leaves: list) -> tuple:
