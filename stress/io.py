@@ -31,6 +31,7 @@ from .pricing import YEAR_DAYS
 from .snapshot import KIND_CODES, OPTION, PERPETUAL, Instruments, Market, Snapshot, keep_account_id_column
 
 TABLES = ("assets", "instruments", "balances", "positions")
+EXCHANGE_KEYS = ("as_of", "rate", "insurance_fund", "margin", "liquidation", "limits")  # exchange.toml's top level
 MAX_IV = 5.0  # above this an implied vol is most likely given in percent
 
 
@@ -167,23 +168,37 @@ def _read_table(folder: Path, name: str, required: tuple[str, ...], dictionary: 
         try:
             import pyarrow.parquet as pq
 
+            # Arrow fails on a repeated column name it is asked to read as a dictionary, with a
+            # dump of the schema: look for repeats in the schema first
+            _repeated_column(path, pq.read_schema(path).names)
             data = pq.read_table(path, read_dictionary=list(dictionary))  # absent or non-text columns: ignored
         except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(path.name, None, None, f"not a readable Parquet file: {exc}") from None
+            raise InputError(path.name, None, None, f"not a readable Parquet file: {_first_line(exc)}") from None
     else:
         # Name the file in the format the snapshot's other tables use.
         ext = "parquet" if any((folder / f"{t}.parquet").exists() for t in TABLES) else "csv"
         raise InputError(f"{name}.{ext}", None, None, f"missing table: {folder} has no {name}.csv or {name}.parquet")
-    seen: set = set()
-    for column in data.column_names:
-        if column in seen:  # Arrow keeps both; reading the column would fail without a message
-            raise InputError(path.name, "line 1" if path.suffix == ".csv" else None, column, "column appears twice")
-        seen.add(column)
+    _repeated_column(path, data.column_names)
     table = _Table(path, data)
     for column in required:
         if not table.has(column):
             raise InputError(path.name, None, column, "missing column")
     return table
+
+
+def _repeated_column(path: Path, names: list[str]) -> None:
+    """An input error at the first column name that appears twice: Arrow keeps both, and
+    reading the column would fail without a message."""
+    seen: set = set()
+    for column in names:
+        if column in seen:
+            raise InputError(path.name, "line 1" if path.suffix == ".csv" else None, column, "column appears twice")
+        seen.add(column)
+
+
+def _first_line(exc: Exception) -> str:
+    """An Arrow error's first line: some go on with the whole schema."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _csv_records(path: Path):
@@ -192,7 +207,9 @@ def _csv_records(path: Path):
     with no fields."""
     import csv as pycsv
 
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8" writes one) is not part of the first
+    # column's name; Arrow drops it too, so kept here the column would miss its text type
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader, end = pycsv.reader(f), 0
         for fields in reader:  # a record starts on the line after the last one ended
             start, end = end + 1, reader.line_num
@@ -205,10 +222,13 @@ def _read_csv(path: Path) -> pa.Table:
     is a value, and an error where a number is expected."""
     from pyarrow import csv as pacsv
 
+    _check_file(path)
     try:
         header = next((fields for _, fields in _csv_records(path)), None)
     except UnicodeDecodeError:
         raise InputError(path.name, None, None, "not a CSV text file (not UTF-8)") from None
+    except OSError as exc:
+        raise InputError(path.name, None, None, f"cannot be read: {exc.strerror or exc}") from None
     if not header:
         raise InputError(path.name, "line 1", None, "empty file: expected a header line")
     try:
@@ -227,7 +247,7 @@ def _read_csv(path: Path) -> pa.Table:
                 raise InputError(
                     path.name, f"line {start}", None, f"expected {len(header)} fields, found {len(fields)}"
                 ) from None
-        raise InputError(path.name, None, None, f"not a readable CSV table: {exc}") from None
+        raise InputError(path.name, None, None, f"not a readable CSV table: {_first_line(exc)}") from None
 
 
 def _unique(table: _Table, values: np.ndarray, column: str) -> None:
@@ -310,13 +330,25 @@ def _as_utc(value: Any) -> datetime | None:
     return None
 
 
+def _check_file(path: Path) -> None:
+    """An input error unless ``path`` is a file (a folder given for one would fail later with
+    an operating-system error and no file, row or column)."""
+    if path.is_dir():
+        raise InputError(path.name, None, None, f"{path} is a folder, not a file")
+
+
 def read_toml(path: Path) -> dict:
     """Parse a TOML file; a file that is not TOML is an input error naming the line."""
+    _check_file(path)
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise InputError(path.name, None, None, f"file not found: {path}") from None
+    except OSError as exc:
+        raise InputError(path.name, None, None, f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        # utf-8-sig: a byte-order mark some editors write is not TOML, nor an error worth one
+        return tomllib.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise InputError(path.name, None, None, "not a TOML file (not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as exc:
@@ -413,6 +445,9 @@ def _load_snapshot(folder: Path) -> Snapshot:
 
     cfg = read_toml(folder / "exchange.toml")
     file = "exchange.toml"
+    unknown = sorted(set(cfg) - set(EXCHANGE_KEYS))
+    if unknown:  # a misspelt [limits] or insurance_fund would otherwise drop a limit or the fund
+        raise InputError(file, None, unknown[0], f"unknown key (known: {', '.join(EXCHANGE_KEYS)})")
     if "as_of" not in cfg:
         raise InputError(file, None, "as_of", "missing key")
     as_of = _as_utc(cfg["as_of"])
@@ -441,6 +476,8 @@ def _load_snapshot(folder: Path) -> Snapshot:
         if name not in asset_names:
             raise InputError(file, None, f"insurance_fund.{name}", f"unknown asset {name!r}")
         fund[asset_names.index(name)] = _number(file, f"insurance_fund.{name}", amount)
+        if fund[asset_names.index(name)] < 0:  # a fund that owes would pay bad debt with a negative amount
+            raise InputError(file, None, f"insurance_fund.{name}", f"{amount!r}: a fund balance must be >= 0")
 
     instruments, instrument_ids, rates = _load_instruments(folder, asset_names, as_of)
     params = _margin.params_from_config(cfg.get("margin", {}), instruments, haircut, rates, assets=asset_names)
@@ -516,6 +553,8 @@ def _load_snapshot(folder: Path) -> Snapshot:
         account_group=account_group,
     )
     keep_account_id_column(snap, ids)  # the report's id column, from Arrow's strings
+    if snap.margin_config.get("model") == "var":  # its price history is input too: check it now, not mid-run
+        _margin.var_windows(snap)
     return snap
 
 

@@ -357,15 +357,17 @@ def read_history(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     import pandas as pd
     import pyarrow as pa
 
-    from .io import _read_csv, _Table
+    from .io import _check_file, _first_line, _read_csv, _repeated_column, _Table
 
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        _check_file(path)
         try:
+            _repeated_column(path, pq.read_schema(path).names)
             data = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(path.name, None, None, f"not a readable Parquet file: {exc}") from None
+            raise InputError(path.name, None, None, f"not a readable Parquet file: {_first_line(exc)}") from None
     else:
         data = _read_csv(path)
     t = _Table(path, data)

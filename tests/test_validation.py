@@ -323,6 +323,13 @@ CASES = [
          "exchange.toml", None, None, r"not found", formats=TOML_ONLY),
     Case("exchange-toml-missing-as-of", exchange(EXCHANGE_TOML.replace("as_of = 2026-11-23T08:00:00Z\n", "")),
          "exchange.toml", None, "as_of", r"missing", formats=TOML_ONLY),
+    Case("exchange-toml-misspelt-key",  # a misspelt [limits] table would drop the nightly limit unseen
+         exchange(EXCHANGE_TOML + "[limit]\nmax_bad_debt = 0\n"),
+         "exchange.toml", None, "limit", r"unknown key", formats=TOML_ONLY),
+    Case("exchange-toml-misspelt-fund", exchange(EXCHANGE_TOML.replace("insurance_fund", "insurance_funds")),
+         "exchange.toml", None, "insurance_funds", r"unknown key", formats=TOML_ONLY),
+    Case("negative-insurance-fund", exchange(EXCHANGE_TOML.replace("USDC = 1000000.0", "USDC = -1000000.0")),
+         "exchange.toml", None, "insurance_fund.USDC", r">= ?0", formats=TOML_ONLY),
     # scenario files
     Case("scenario-unknown-asset-move", scenario("eth-crash", "moves = { BTC = -0.3, ETH = -0.4 }"),
          SCENARIO_FILE, "scenario 'eth-crash'", "moves.ETH", r"unknown asset.*ETH",
@@ -715,3 +722,62 @@ def test_a_snapshot_without_instruments_or_accounts_is_an_input_error(tmp_path, 
     with pytest.raises(stress.InputError) as err:
         stress.load_snapshot(snap)
     assert err.value.file == file and words in err.value.message
+
+
+def test_a_byte_order_mark_leaves_the_first_column_text(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a byte-order mark: the first column must still
+    be read as text, so an id such as 007 is not read as the number 7 (which split one account
+    in two: its positions under '007' and its balances under '7')."""
+    inputs = base_inputs()
+    for r in inputs["balances"] + inputs["positions"]:
+        r["account_id"] = {"A": "007", "B": "0.50", "C": "C"}[r["account_id"]]
+    snap, _ = build(tmp_path, inputs)
+    plain = stress.load_snapshot(snap)
+    for name in ("balances", "positions", "assets"):
+        path = snap / f"{name}.csv"
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    marked = stress.load_snapshot(snap)
+    assert list(marked.account_ids) == ["0.50", "007", "C"]
+    _same_snapshot(marked, plain)
+
+
+def test_a_byte_order_mark_before_exchange_toml_is_not_an_error(tmp_path):
+    snap, _ = build(tmp_path)
+    path = snap / "exchange.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert stress.load_snapshot(snap).as_of == stress.load_snapshot(build(tmp_path / "plain")[0]).as_of
+
+
+@pytest.mark.parametrize("what", ["positions.csv", "exchange.toml", SCENARIO_FILE])
+def test_a_folder_where_a_file_belongs_is_an_input_error(tmp_path, what):
+    snap, scen = build(tmp_path)
+    path = scen if what == SCENARIO_FILE else snap / what
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(stress.InputError, match="folder, not a file") as info:
+        stress.load_scenarios(scen, stress.load_snapshot(snap))
+    assert info.value.file == what
+
+
+def test_a_parquet_column_named_twice_is_one_message(tmp_path):
+    snap, _ = build(tmp_path, fmt="parquet")
+    path = snap / "assets.parquet"
+    t = pq.read_table(path)
+    pq.write_table(pa.Table.from_arrays(t.columns + [t.column("haircut")], names=t.column_names + ["haircut"]), path)
+    with pytest.raises(stress.InputError) as info:
+        stress.load_snapshot(snap)
+    assert (info.value.file, info.value.column) == ("assets.parquet", "haircut")
+    assert "twice" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("history", [None, "date,BTC\n2026-01-01,90000\n2026-01-02,-1\n"])
+def test_the_var_models_price_history_is_checked_when_the_snapshot_loads(tmp_path, history):
+    """Not first in the middle of a run, where an error would come too late for ``stress
+    validate`` and after the run's output had begun."""
+    inputs = base_inputs()
+    inputs["exchange"] = EXCHANGE_TOML.replace("[margin]", '[margin]\nmodel = "var"\nvar_history = "hist.csv"')
+    snap, _ = build(tmp_path, inputs)
+    if history is not None:
+        (snap / "hist.csv").write_text(history)
+    with pytest.raises(stress.InputError, match="not found" if history is None else "> 0"):
+        stress.load_snapshot(snap)
