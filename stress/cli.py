@@ -9,6 +9,7 @@ with its traceback, so that a crash is never read as a breached limit.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -87,9 +88,13 @@ def _load(snapshot: Optional[Path], scenarios: Optional[Path], accounts: int, ma
         from . import sample
 
         tmp = Path(tempfile.mkdtemp(prefix="stress-sample-"))
-        sample.write(tmp, accounts=accounts)
-        snapshot = tmp
-    snap = io.load_snapshot(snapshot)
+        try:  # the sample is read whole into memory: its files are not needed after
+            sample.write(tmp, accounts=accounts)
+            snap = io.load_snapshot(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        snap = io.load_snapshot(snapshot)
     mark("load snapshot")
     if scenarios is None:  # the built-in set names common assets a snapshot may not have
         scen = scen_mod.load_scenarios(scen_mod.default_path(), snap, skip_unknown_assets=True)
@@ -181,6 +186,7 @@ def run(
         sys.stderr.write(f"error: --dtype {dtype!r}: expected float64 or float32\n")
         raise typer.Exit(2)
     target = out_dir or Path("reports") / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    devices = None
     try:
         _check_out_dir(target)
         devices = _start_devices() if cluster is None else None
@@ -191,6 +197,8 @@ def run(
             raise InputError(Path(scen.source).name, None, None,
                              f"the P(fund depleted) limit ({given}) needs random scenarios (Monte Carlo or replay) in the set")
     except InputError as exc:
+        if devices is not None:  # a process that exits while a thread is inside jaxlib's import can abort
+            devices.join()
         _fail(exc)
     from . import _memory, engine, report
 
@@ -215,6 +223,8 @@ def run(
     except cluster_error as exc:
         sys.stderr.write(f"error: --cluster {cluster}: {exc}\n")  # no workers, or workers without stress
         raise typer.Exit(2) from None
+    except InputError as exc:  # what only the run finds, e.g. a margin model's tables too large here
+        _fail(exc)
     finally:
         if bar is not None:
             bar.stop()

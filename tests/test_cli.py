@@ -236,6 +236,36 @@ def test_run_bad_input(tmp_path, monkeypatch, case, fmt):
     assert not (tmp_path / "reports").exists()
 
 
+def test_an_input_error_only_the_run_finds_exits_2_without_a_report(tmp_path, monkeypatch):
+    """Some input is judged only by the run, e.g. a margin model's tables too large for this
+    machine's memory: the same one message and exit 2 as an error found at load."""
+    from stress import engine
+
+    def refuse(*args, **kwargs):
+        raise stress.InputError("nightly.toml", None, None, "the portfolio margin model's tables would not fit")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(engine, "run", refuse)
+    snap, scen = build(tmp_path)
+    out = tmp_path / "report"
+    result = invoke("run", snap, "--scenarios", scen, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert_no_crash(result)
+    assert "would not fit" in one_error_line(result.stderr)
+    assert not out.exists()
+
+
+def test_the_built_in_sample_leaves_no_files_behind(tmp_path, monkeypatch):
+    import tempfile
+
+    from stress import cli
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    snap, _ = cli._load(None, None, 50)
+    assert snap.n_accounts == 50
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_run_missing_snapshot_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _, scen = build(tmp_path)
