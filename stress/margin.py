@@ -39,7 +39,7 @@ import numpy as np
 
 from .errors import InputError
 from .portfolio import Haircut, keep_share
-from .pricing import MIN_VOL, YEAR_DAYS, revalue
+from .pricing import YEAR_DAYS, floor_vol, revalue
 from .snapshot import OPTION, PERPETUAL, Instruments, Market, Params, account_id_column, names_at
 
 MODELS = ("standard", "portfolio", "var")
@@ -539,7 +539,7 @@ def vol_scenarios(inst: Instruments, params: Params) -> Any:
     power = jnp.where(dte < 30.0, params.pm_short_vega_power[u], params.pm_long_vega_power[u])
     x = (30.0 / dte) ** power
     up = jnp.maximum(inst.iv * (1.0 + params.pm_vol_up[u] * x), params.pm_min_vol_up[u])
-    down = jnp.maximum(inst.iv * (1.0 - params.pm_vol_down[u] * x), MIN_VOL)
+    down = floor_vol(inst.iv * (1.0 - params.pm_vol_down[u] * x), inst.iv)
     return jnp.stack([jnp.where(is_opt, up, inst.iv), inst.iv, jnp.where(is_opt, down, inst.iv)])
 
 
@@ -614,7 +614,7 @@ def shifted(inst: Instruments, market: Market, spot_mult: Any, vol_shift: Any, h
     inst = dataclasses.replace(
         inst,
         mark=inst.mark * spot_mult[u],
-        iv=jnp.where(is_opt, jnp.maximum(inst.iv + vol_shift[u], MIN_VOL), inst.iv),
+        iv=jnp.where(is_opt, floor_vol(inst.iv + vol_shift[u], inst.iv), inst.iv),
         expiry=inst.expiry - horizon_days / YEAR_DAYS,
     )
     return inst, dataclasses.replace(market, price=market.price * spot_mult)

@@ -15,6 +15,18 @@ YEAR_DAYS = 365.0
 MIN_VOL = 0.01  # shifted implied vols are floored here (SPEC section 3)
 
 
+def floor_vol(vol: Any, mark_iv: Any) -> Any:
+    """A shifted implied ``vol`` floored at ``MIN_VOL`` (SPEC section 3), or at the option's own
+    ``mark_iv`` where that is lower: an option marked below the floor is valued at its mark
+    (SPEC section 2), and a shift down from it goes no lower. Broadcasts.
+
+    A select, not ``jnp.maximum``: at a tie (a mark at the floor, no shift) the maximum's
+    gradient splits evenly between its arguments, which halved such an option's vega.
+    """
+    floor = jnp.minimum(mark_iv, MIN_VOL)
+    return jnp.where(vol < floor, floor, vol)
+
+
 def black_scholes(S: Any, K: Any, T: Any, vol: Any, r: Any, is_call: Any) -> Any:
     """Black-Scholes value of a European option per unit of underlying, no dividend.
 
@@ -62,18 +74,19 @@ def revalue(
       coin, USD (0 for futures); ``price``: ``[A, S]`` asset prices, USD.
     """
     price = market.price[:, None] * spot_mult.T  # [A, S]
-    S0 = market.price[inst.underlying][:, None]  # [I, 1]
     S = price[inst.underlying]  # [I, S]
     is_opt = (inst.kind == OPTION)[:, None]
     c = inst.contract_size[:, None]
 
-    vol = jnp.maximum(inst.iv[:, None] + vol_shift.T[inst.underlying], MIN_VOL)
+    vol = floor_vol(inst.iv[:, None] + vol_shift.T[inst.underlying], inst.iv[:, None])
     T = inst.expiry[:, None] - horizon_days[None, :] / YEAR_DAYS
     T = jnp.where(is_opt, T, 1.0)  # perpetuals have T = inf; keep the option branch finite
     opt = jnp.where(is_opt, black_scholes(S, inst.strike[:, None], T, vol, market.rate, inst.is_call[:, None]), 0.0)
 
     F0 = jnp.where(is_opt, 1.0, inst.mark[:, None])
-    F = F0 * S / S0
+    # F0 * S / S0 rounds: a future at its mark (S = S0) came out a few ulps off, enough to
+    # call an account at exactly its maintenance margin liquidatable
+    F = F0 * spot_mult.T[inst.underlying]
     inverse = inst.inverse[:, None]
     fut = jnp.where(inverse, c * (1.0 / F0 - 1.0 / F), c * (F - F0))
     opt_units = jnp.where(inverse, c * opt / S, c * opt)

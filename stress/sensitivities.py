@@ -32,8 +32,9 @@ The insurance fund is valued at the last step's prices. In formulas:
 ``max(0, x)`` and the haircut's ``[e > 0]`` have kinks; autodiff gives the derivative of the
 side the point is on, a one-sided derivative (at an exact tie JAX's ``maximum`` splits it
 evenly; ties have probability zero with real books). The gradients are those of the piecewise-smooth function
-where it is smooth: an account's margin gap counts while it is positive. Vols are floored at
-0.01 (``pricing.MIN_VOL``); an option at the floor has zero vega, as in the valuation.
+where it is smooth: an account's margin gap counts while it is positive. Shifted vols are
+floored at 0.01, or at the mark where that is lower (``pricing.floor_vol``); an option
+shifted onto the floor has zero vega, as in the valuation.
 
 No array of the size ``accounts x scenarios x assets`` is built: positions gather from
 ``[I, S]`` instrument tables into ``[N, S]`` terms, which segment-sum into ``M`` (account,

@@ -461,3 +461,19 @@ def test_names_at_gives_the_column_pandas_makes_of_the_same_strings():
     assert got.dtype == want.dtype
     pd.testing.assert_series_equal(got, want)
     assert len(names_at(names, np.zeros(0, np.int64))) == 0
+
+
+@pytest.mark.parametrize("iv", [0.01, 0.005])
+def test_an_option_marked_at_or_below_the_vol_floor_is_valued_at_its_mark_with_full_vega(tmp_path, iv):
+    """Shifted vols are floored at 0.01 (SPEC section 3), but an unshifted option is valued at
+    its mark (section 2) even below that, and a vol rise from the floor moves it at the full
+    rate: a maximum's gradient at the tie had halved the vega of a mark at 0.01, and a mark
+    below it was valued at 0.01 with no vega at all."""
+    snap = snapshot(tmp_path, [linear_option("LC", S0, "call", iv)],
+                    [{"account_id": "a", "asset": "USDC", "amount": 1_000.0}],
+                    [{"account_id": "a", "instrument_id": "LC", "quantity": 1}])
+    ref = quantlib(S0, iv, True)
+    g = stress.greeks(snap)
+    assert_greeks(row(g, "a", "BTC"), ref["delta"], ref["gamma"], ref["vega"], ref["theta"], rtol=1e-7)
+    np.testing.assert_allclose(row(g, "a", "USDC").delta, 1_000.0 + ref["V"], rtol=1e-12)
+    assert ref["vega"] > 1.0  # ATM, 32 days: the vega a halving or a floor would have lost

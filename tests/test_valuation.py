@@ -166,3 +166,28 @@ def test_bad_debt_and_insurance_waterfall_hand_computed(tmp_path):
     np.testing.assert_allclose(row.insurance_fund_after, 1_003_000.0 - 47.0, rtol=1e-12)
     assert row.socialized_loss == 0.0 and row.accounts_liquidatable == 1
     assert res.summary["worst_scenario"] == "crash" and res.summary["worst_bad_debt"] == pytest.approx(47.0)
+
+
+@pytest.mark.parametrize("mark", [100_000.0, 4_000.0, 97_531.37])
+def test_a_future_at_its_mark_is_worth_exactly_zero(tmp_path, mark):
+    """An account holding exactly its maintenance margin in collateral is not liquidatable
+    (SPEC section 2: liquidatable when collateral < MM). ``F * S / S`` rounded a few ulps off
+    the mark, which made a perpetual at its mark worth -7e-12 USD and the account liquidatable;
+    100,000 is a mark that rounded so."""
+    notional = 0.5 * mark
+    mm = 0.01 * notional  # the default future_mm_rate
+    snap = stress.load_snapshot(write_snapshot(
+        tmp_path, assets=[{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "BTC", "price": mark, "haircut": 0.0}],
+        instruments=[{"instrument_id": "LIN", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 0.5, "mark_price": mark}],
+        balances=[{"account_id": "short", "asset": "USDC", "amount": mm}, {"account_id": "long", "asset": "USDC", "amount": mm}],
+        positions=[{"account_id": "short", "instrument_id": "LIN", "quantity": -1},
+                   {"account_id": "long", "instrument_id": "LIN", "quantity": 1}],
+        exchange_toml=EXCHANGE_TOML))
+    res = stress.run(snap, _scen(snap, ["calm", "up"], [{}, {"BTC": 0.1}]))
+    acc = res.accounts.set_index("account_id")
+    assert (acc.equity == mm).all() and (acc.collateral_value == mm).all()
+    np.testing.assert_allclose(acc.maintenance_margin, mm, rtol=1e-15)
+    assert not acc.liquidatable.any()
+    pnl = stress.pnl_matrix(snap, _scen(snap, ["calm"], [{}]))
+    assert (pnl.to_numpy() == 0.0).all()
