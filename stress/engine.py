@@ -499,6 +499,13 @@ def _check_model_table(scen: Scenarios, n_instruments: int, model: str, points: 
                          f"it may use here; use fewer scenarios, paths or steps, or [margin] model = \"standard\"")
 
 
+def _share(p: np.ndarray, m: int) -> np.ndarray:
+    """A share ``k / m`` of ``m`` random scenarios, as float64, from ``p`` computed in the run's
+    dtype: float32's ``k / m`` is not float64's (0.4975000321865082 for 995 / 2000), so a
+    report would differ by dtype where the count does not."""
+    return np.rint(np.asarray(p, np.float64) * m) / m
+
+
 def _underlying_rows(snap: Snapshot, dtype: Any) -> dict:
     """``Tables``' ``und_*`` fields: the underlyings of the snapshot's instruments, in asset order,
     and each instrument's notional per contract split into a price-linear and a fixed part."""
@@ -1924,7 +1931,7 @@ def run(
             "scenario_worst": names_at(scen.names, worst_idx),
             "var_99": acc.get("var_99", nan),
             "es_99": acc.get("es_99", nan),
-            "p_liquidation": acc.get("p_liquidation", nan),
+            "p_liquidation": _share(acc["p_liquidation"], n_random) if n_random else nan,
             "shortfall_worst": acc["shortfall_worst"],
             "bad_debt_worst": acc["bad_debt_worst"],
             "liquidation_cost_worst": acc["liquidation_cost_worst"],
@@ -1947,7 +1954,9 @@ def run(
     accounts["adl_loss_worst"] = adl["adl_loss_worst"]
     accounts["adl_loss_expected"] = adl["adl_loss_expected"]
     und_names = [snap.assets[a] for a in np.asarray(host["tables"].und_asset)]
-    by_underlying = {f"liquidated_notional_{u}": v for u, v in zip(und_names, sums["liquidated_notional_by"])}
+    # by name, not asset order: the file's row order must not reorder the report's columns
+    by_underlying = {f"liquidated_notional_{u}": v for u, v in sorted(zip(und_names, sums["liquidated_notional_by"]),
+                                                                      key=lambda uv: uv[0])}
     scenarios = pd.DataFrame(
         {
             "scenario": list(scen.names),

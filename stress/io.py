@@ -425,7 +425,11 @@ def load_snapshot(path: str | Path) -> Snapshot:
 
     Returns:
       A ``Snapshot``. Accounts are sorted by id and positions by (account, instrument), so the
-      result does not depend on the row order of any file.
+      row order of ``balances`` and ``positions`` changes no result, to the last bit. Assets
+      and instruments keep their file order (``snap.assets`` is the order of every per-asset
+      array), which sets the order of the sums over an account's assets and positions: a
+      reordered ``assets`` or ``instruments`` file changes results in their last bits only
+      (up to about 1e-12 relative was measured).
 
     Raises:
       InputError: naming the file, row and column of the first problem found.

@@ -42,6 +42,9 @@ def random_scenarios(snap, n, seed=0, kind="montecarlo", scale=0.5):
 
 def assert_same(a, b, rtol=1e-9):
     pd.testing.assert_series_equal(a.accounts.account_id, b.accounts.account_id)
+    # the same columns in the same order (per-underlying ones by name, not the assets' row order)
+    assert list(a.accounts.columns) == list(b.accounts.columns)
+    assert list(a.scenarios.columns) == list(b.scenarios.columns)
     for c in ACCOUNT_COLS:
         np.testing.assert_allclose(a.accounts[c], b.accounts[c], rtol=rtol, atol=1e-9, err_msg=c)
     assert (a.accounts.scenario_worst == b.accounts.scenario_worst).all()
@@ -591,6 +594,12 @@ def test_float32_agrees_with_float64(snap, scen, base_result):
     gross = base_result.scenarios.pnl_gross.max()
     np.testing.assert_allclose(r32.scenarios.bad_debt, base_result.scenarios.bad_debt, rtol=1e-4, atol=1e-5 * gross)
     assert r32.summary["dtype"] == "float32"
+    # a probability is a count of random scenarios over their number, in float64 whatever the
+    # dtype (float32's 995 / 2000 is 0.4975000321865082)
+    m = int(scen.random.sum())
+    p = r32.accounts.p_liquidation.to_numpy()
+    assert p.dtype == np.float64 and (np.rint(p * m) / m == p).all() and (p > 0).any()
+    assert (r32.accounts.liquidatable == base_result.accounts.liquidatable).all()
 
 
 def test_pnl_matrix_agrees_with_run(snap, scen, base_result):
