@@ -331,16 +331,27 @@ def _check_writable_parent(folder: Path, option: str, target: Path | None = None
 def _breaches(summary: dict, limits: dict) -> list[str]:
     out = []
     if "max_bad_debt" in limits and summary["worst_bad_debt"] > limits["max_bad_debt"]:
-        out.append(f"worst bad debt {summary['worst_bad_debt']:,.0f} USD ({summary['worst_scenario']}) "
-                   f"> max_bad_debt {limits['max_bad_debt']:,.0f}")
+        v, lim = _apart(summary["worst_bad_debt"], limits["max_bad_debt"], ",.{}f", 0)
+        out.append(f"worst bad debt {v} USD ({summary['worst_scenario']}) > max_bad_debt {lim}")
     p = summary.get("p_fund_depleted")
     if "max_p_fund_depleted" in limits and p is not None and p > limits["max_p_fund_depleted"]:
-        out.append(f"p_fund_depleted {p:.4f} > max_p_fund_depleted {limits['max_p_fund_depleted']:.4f}")
+        v, lim = _apart(p, limits["max_p_fund_depleted"], ".{}f", 4)
+        out.append(f"p_fund_depleted {v} > max_p_fund_depleted {lim}")
     return out
 
 
+def _apart(value: float, limit: float, fmt: str, digits: int) -> tuple[str, str]:
+    """``value`` and ``limit`` formatted with ``digits`` decimals, or as many more as it takes to
+    tell them apart: a breach must not read "49,000 > 49,000"."""
+    for d in range(digits, 18):
+        a, b = format(value, fmt.format(d)), format(limit, fmt.format(d))
+        if a != b:
+            return a, b
+    return repr(value), repr(limit)
+
+
 def _print_summary(res, target: Path, breaches: list[str]) -> None:
-    from .report import pct, usd
+    from .report import pct, usd, worst
 
     s = res.summary
     t = Table(title=f"stress run — as of {s['as_of']}", show_header=False)
@@ -355,7 +366,7 @@ def _print_summary(res, target: Path, breaches: list[str]) -> None:
     t.add_row("accounts liquidatable now", f"{s['accounts_liquidatable']:,}")
     t.add_row("runtime", f"{s['runtime_seconds']:.2f} s")
     out.print(t)
-    sc = res.scenarios.sort_values("bad_debt", ascending=False).head(10)
+    sc = worst(res.scenarios, 10)
     st = Table(title="worst scenarios by bad debt")
     for c in ("scenario", "exchange P&L", "liquidatable", "bad debt", "fund after"):
         st.add_column(c, justify="left" if c == "scenario" else "right")

@@ -411,8 +411,11 @@ def write(res: Any, out: str | Path, breaches: list[str] | None = None,
         if out.exists():
             for name in names:
                 os.replace(tmp / name, out / name)
-            if exposure is None and (out / EXPOSURE_FILE).exists():
-                (out / EXPOSURE_FILE).unlink()  # a stale one would belong to another run
+            # files of an earlier run here would describe another run: its exposure, and a
+            # night-over-night diff of the report these files replace
+            for stale in ((EXPOSURE_FILE,) if exposure is None else ()) + DIFF_FILES:
+                if (out / stale).exists():
+                    (out / stale).unlink()
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, out)
@@ -508,10 +511,12 @@ def _details(summary: dict) -> list[tuple[str, str]]:
     return out
 
 
-def _worst(scenarios: pd.DataFrame, k: int) -> pd.DataFrame:
-    """The ``k`` scenarios of largest bad debt, ties by lowest P&L, then file order."""
-    keyed = scenarios.assign(_b=scenarios["bad_debt"], _p=scenarios["pnl_total"])
-    return keyed.sort_values(["_b", "_p"], ascending=[False, True], kind="mergesort").head(k).drop(columns=["_b", "_p"])
+def worst(scenarios: pd.DataFrame, k: int) -> pd.DataFrame:
+    """The ``k`` scenarios of largest bad debt; ties by the largest total shortfall (where the
+    table has it: SPEC section 5 requires it of no report), then file order: the order of
+    ``worst_scenario``, so a table's first row is the headline's scenario."""
+    keys = ["bad_debt"] + (["shortfall_total"] if "shortfall_total" in scenarios else [])
+    return scenarios.sort_values(keys, ascending=False, kind="mergesort").head(k)
 
 
 def context(summary: dict, accounts: pd.DataFrame, scenarios: pd.DataFrame,
@@ -524,13 +529,13 @@ def context(summary: dict, accounts: pd.DataFrame, scenarios: pd.DataFrame,
     if len(fixed) <= MAX_FIXED_ROWS:  # named scenarios: all of them, in file order
         sc_tables = [table(fixed, SCENARIO_TABLE, "Scenarios", "" if len(fixed) else "No explicit, grid or event scenarios.")]
     else:  # thousands of rows would make the page unreadable (and slow to write)
-        sc_tables = [table(_worst(fixed, MAX_FIXED_ROWS), SCENARIO_TABLE,
-                           f"Worst {MAX_FIXED_ROWS:,} of {len(fixed):,} scenarios (by bad debt, then P&L)",
+        sc_tables = [table(worst(fixed, MAX_FIXED_ROWS), SCENARIO_TABLE,
+                           f"Worst {MAX_FIXED_ROWS:,} of {len(fixed):,} scenarios (by bad debt, then shortfall)",
                            "Every scenario is in scenarios.parquet.")]
     if len(rnd):
-        worst_rnd = _worst(rnd, TOP_RANDOM_ROWS)
+        worst_rnd = worst(rnd, TOP_RANDOM_ROWS)
         sc_tables.append(table(worst_rnd, SCENARIO_TABLE,
-                               f"Worst {len(worst_rnd):,} of {len(rnd):,} random scenarios (by bad debt, then P&L)"))
+                               f"Worst {len(worst_rnd):,} of {len(rnd):,} random scenarios (by bad debt, then shortfall)"))
         var, es = tail_loss(rnd["pnl_total"])
         pnl_stats = _pairs("Exchange P&L over random scenarios", [
             ("Random scenarios", count(len(rnd))),
@@ -858,6 +863,14 @@ _JSON_TYPES = {
 }
 
 
+class _NotJSON(ValueError):
+    pass
+
+
+def _not_json(constant: str) -> None:
+    raise _NotJSON(f"{constant} is not a JSON value")
+
+
 def check_summary(summary: Any, file: str = "summary.json") -> None:
     """The schema's required keys and top-level types, enough to read the folder safely.
 
@@ -909,10 +922,12 @@ def load(folder: str | Path) -> Report:
     if not path.is_file():
         raise InputError(str(path), None, None, "missing: not a report folder written by `stress run`")
     try:
-        summary = json.loads(path.read_text())
+        summary = json.loads(path.read_text(), parse_constant=_not_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         line = f"line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else None
         raise InputError(str(path), line, None, f"invalid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
+    except _NotJSON as exc:  # Python's json reads NaN, which no limit is ever beyond: a limit would never fire
+        raise InputError(str(path), None, None, f"invalid JSON ({exc}; a missing value is null)") from None
     check_summary(summary, str(path))
     accounts = _read_parquet(folder / "accounts.parquet", ACCOUNT_COLUMNS)
     scenarios = _read_parquet(folder / "scenarios.parquet", SCENARIO_COLUMNS)

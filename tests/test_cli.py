@@ -382,6 +382,19 @@ def test_a_limit_that_can_never_be_measured_against_exits_2_before_the_run(tmp_p
     assert not out.exists()
 
 
+@pytest.mark.parametrize("key, value, limit, shown", [
+    ("worst_bad_debt", 48_999.99999, 48_999.5, "49,000.0 USD (s) > max_bad_debt 48,999.5"),
+    ("worst_bad_debt", 50_000.0, 49_000.0, "50,000 USD (s) > max_bad_debt 49,000"),
+    ("p_fund_depleted", 4e-5, 2e-5, "p_fund_depleted 0.00004 > max_p_fund_depleted 0.00002"),
+])
+def test_a_breach_message_shows_the_digits_that_tell_value_and_limit_apart(key, value, limit, shown):
+    from stress.cli import _breaches
+
+    summary = {"worst_bad_debt": 0.0, "worst_scenario": "s", "p_fund_depleted": 0.0, key: value}
+    (line,) = _breaches(summary, {"max_" + key.replace("worst_", ""): limit})
+    assert line.endswith(shown), line
+
+
 def test_a_nan_limit_in_exchange_toml_exits_2(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     snap, scen = build(tmp_path)

@@ -607,9 +607,22 @@ def test_exposure_by_underlying_sums_the_accounts_greeks(hostile, tmp_path):
         assert number(btc["Vega (USD/vol pt)"]) == 100
         assert number(btc["Accounts"]) == 3
     assert 'id="chart-exposure"' in (out / "report.html").read_text()
-    # written again without exposure: the stale exposure file goes
+    # written again without exposure: the stale exposure file goes, and so does a diff
+    # against the report these files replace
+    for name in report.DIFF_FILES:
+        (out / name).write_text("a diff of the earlier report")
     report.write(hostile[2], out)
     assert not (out / report.EXPOSURE_FILE).exists()
+    assert not any((out / name).exists() for name in report.DIFF_FILES)
+
+
+def test_worst_scenarios_come_in_the_order_of_worst_scenario():
+    """Bad debt, then total shortfall, then file order (SPEC section 5), so the first row of a
+    table of worst scenarios is the headline's worst scenario."""
+    sc = pd.DataFrame({"scenario": ["a", "b", "c", "d", "e"], "bad_debt": [49_000.0, 49_000.0, 0.0, 60_000.0, 49_000.0],
+                       "shortfall_total": [49_500.0, 59_700.0, 1e9, 0.0, 59_700.0], "pnl_total": [0.0, 5.0, -1e9, 0.0, -9.0]})
+    assert list(report.worst(sc, 4).scenario) == ["d", "b", "e", "a"]
+    assert list(report.worst(sc.drop(columns="shortfall_total"), 5).scenario) == ["d", "a", "b", "e", "c"]
 
 
 def test_exposure_by_underlying_matches_a_pandas_groupby():
@@ -744,6 +757,9 @@ def _copy(src: Path, dst: Path) -> Path:
     (lambda d: (d / "accounts.parquet").unlink(), "accounts.parquet"),
     (lambda d: (d / "summary.json").unlink(), "summary.json"),
     (lambda d: (d / "summary.json").write_text("{not json"), "summary.json"),
+    # NaN is Python's, not JSON's: read as a number, no limit would ever be beyond it
+    (lambda d: (d / "summary.json").write_text((d / "summary.json").read_text().replace(
+        '"worst_bad_debt": ', '"worst_bad_debt": NaN, "_was": ', 1)), "summary.json"),
     (lambda d: (d / "scenarios.parquet").write_text("not parquet"), "scenarios.parquet"),
     (lambda d: (d / "summary.json").write_text(json.dumps({**json.loads((d / "summary.json").read_text()), "accounts": "many"})),
      "summary.json"),
