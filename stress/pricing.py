@@ -21,9 +21,11 @@ def floor_vol(vol: Any, mark_iv: Any) -> Any:
     (SPEC section 2), and a shift down from it goes no lower. Broadcasts.
 
     A select, not ``jnp.maximum``: at a tie (a mark at the floor, no shift) the maximum's
-    gradient splits evenly between its arguments, which halved such an option's vega.
+    gradient splits evenly between its arguments, which halved such an option's vega. A
+    ``mark_iv`` of 0 (futures and perpetuals, whose option branch is computed and masked)
+    floors at ``MIN_VOL``: a vol of 0 there would put 0 * inf, NaN, into every gradient.
     """
-    floor = jnp.minimum(mark_iv, MIN_VOL)
+    floor = jnp.where(mark_iv > 0, jnp.minimum(mark_iv, MIN_VOL), MIN_VOL)
     return jnp.where(vol < floor, floor, vol)
 
 
