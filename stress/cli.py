@@ -395,7 +395,7 @@ def validate(
             msg += f"; {scenarios}: ok — {len(scen):,} scenarios"
     except InputError as exc:
         _fail(exc)
-    out.print(msg, highlight=False)
+    out.print(msg, highlight=False, soft_wrap=True)  # one line, for scripts that read it
 
 
 @app.command()

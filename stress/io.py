@@ -182,7 +182,9 @@ def _read_table(folder: Path, name: str, required: tuple[str, ...], dictionary: 
     table = _Table(path, data)
     for column in required:
         if not table.has(column):
-            raise InputError(path.name, None, column, "missing column")
+            near = [c for c in data.column_names if c.strip() == column]  # "a, b" headers
+            hint = f" (the header has {near[0]!r}: no spaces around column names)" if near else ""
+            raise InputError(path.name, None, column, "missing column" + hint)
     return table
 
 
@@ -467,6 +469,8 @@ def _load_snapshot(folder: Path) -> Snapshot:
 
     # assets
     at = _read_table(folder, "assets", ("asset", "price", "haircut"))
+    if not len(at):  # else the first error would be an unknown asset in some other file
+        raise at.error(None, None, "no assets: the table has a header and no rows")
     assets = at.strings("asset")
     _unique(at, assets, "asset")
     price = at.numbers("price")
@@ -614,7 +618,10 @@ def _load_instruments(
         for c in ("kind", "underlying", "settlement", "option_type"):
             if cols[c][i] is None and c in terms:
                 cols[c][i] = terms[c]
-        if np.isnan(contract_size[i]) and "contract_size" in terms:
+        # the name's contract size is for the contract it names: a row that settles it in
+        # another asset (a linear contract) must give its own, in coins, not the USD face value
+        same = str(cols["settlement"][i]).strip() == terms.get("settlement")  # filled from the name above if empty
+        if np.isnan(contract_size[i]) and "contract_size" in terms and same:
             contract_size[i] = terms["contract_size"]
         if np.isnan(strike[i]) and "strike" in terms:
             strike[i] = terms["strike"]
@@ -680,6 +687,7 @@ def _load_instruments(
     mm = t.numbers("mm_rate", required=False)
     t.check(im < 0, "im_rate", "im_rate must be >= 0")
     t.check(mm < 0, "mm_rate", "mm_rate must be >= 0")
+    t.check(mm > im, "mm_rate", "mm_rate must not exceed im_rate")  # False where either is empty (NaN)
     return inst, ids, (im, mm)
 
 

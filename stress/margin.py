@@ -247,6 +247,11 @@ def params_from_config(
             continue
         if not _is_number(v) or not math.isfinite(v) or v < 0:
             raise _err(key, f"{v!r} must be a number >= 0")
+    # maintenance above initial margin would make an account liquidatable as it opens (the
+    # tiers are held to the same rule); an option's IM rate is at least its floor
+    for mm_key, im_key in (("future_mm_rate", "future_im_rate"), ("option_mm_rate", "option_im_floor")):
+        if values[mm_key] > values[im_key]:
+            raise _err(mm_key, f"{values[mm_key]:g} must not exceed {im_key} ({values[im_key]:g})")
 
     n_assets = len(haircut)
     kind = np.asarray(inst.kind)

@@ -109,6 +109,7 @@ def test_validate_good_snapshot(tmp_path, fmt):
     result = invoke("validate", snap, "--scenarios", scen)
     assert result.exit_code == 0, result.output
     assert result.stdout.count("ok") >= 2, result.stdout
+    assert len(result.stdout.strip().splitlines()) == 1, result.stdout  # not wrapped: scripts read it
 
 
 def test_generate_sample_writes_a_loadable_snapshot(tmp_path):

@@ -330,6 +330,16 @@ CASES = [
          "exchange.toml", None, "insurance_funds", r"unknown key", formats=TOML_ONLY),
     Case("negative-insurance-fund", exchange(EXCHANGE_TOML.replace("USDC = 1000000.0", "USDC = -1000000.0")),
          "exchange.toml", None, "insurance_fund.USDC", r">= ?0", formats=TOML_ONLY),
+    Case("assets-header-only", lambda inp: inp.__setitem__("assets", pd.DataFrame(columns=["asset", "price", "haircut"])),
+         "assets.{ext}", None, None, r"no assets", formats=("csv",)),
+    Case("mm-rate-above-im-rate", lambda inp: (cell("instruments", 2, "im_rate", 0.01)(inp), cell("instruments", 2, "mm_rate", 0.05)(inp)),
+         "instruments.{ext}", 2, "mm_rate", r"exceed im_rate"),
+    Case("future-mm-above-im", exchange(EXCHANGE_TOML.replace("[margin]", "[margin]\nfuture_im_rate = 0.005\nfuture_mm_rate = 0.01")),
+         "exchange.toml", "[margin]", "future_mm_rate", r"exceed future_im_rate", formats=TOML_ONLY),
+    # a Deribit name settled in USDC by the row is a linear contract: the name's USD face value
+    # (10 for BTC) is no contract size in coins, so the row must give one
+    Case("deribit-name-made-linear-without-size", cell("instruments", 0, "settlement", "USDC"),
+         "instruments.{ext}", 0, "contract_size", r"missing"),
     # scenario files
     Case("scenario-unknown-asset-move", scenario("eth-crash", "moves = { BTC = -0.3, ETH = -0.4 }"),
          SCENARIO_FILE, "scenario 'eth-crash'", "moves.ETH", r"unknown asset.*ETH",
@@ -780,4 +790,12 @@ def test_the_var_models_price_history_is_checked_when_the_snapshot_loads(tmp_pat
     if history is not None:
         (snap / "hist.csv").write_text(history)
     with pytest.raises(stress.InputError, match="not found" if history is None else "> 0"):
+        stress.load_snapshot(snap)
+
+
+def test_a_column_name_with_spaces_around_it_is_named_in_the_message(tmp_path):
+    snap, _ = build(tmp_path)
+    path = snap / "positions.csv"
+    path.write_text(path.read_text().replace("account_id,instrument_id", "account_id, instrument_id", 1))
+    with pytest.raises(stress.InputError, match=r"missing column.*' instrument_id'"):
         stress.load_snapshot(snap)
