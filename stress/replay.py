@@ -10,9 +10,13 @@ replayed in a stormy market (or the reverse) keeps its shape but takes today's s
 
     sigma2[1] = mean(r[1..min(30, R-1)]^2)              (seed: the first month's mean square)
     sigma2[t+1] = lam * sigma2[t] + (1 - lam) * r[t]^2  (RiskMetrics EWMA, lam = 0.94)
-    r*[t] = r[t] * sigma[R] / sigma[t]                  (sigma[R]: the forecast for tomorrow)
+    r*[t] = r[t] * sigma[R] / max(sigma[t], f * s)      (sigma[R]: the forecast for tomorrow)
 
 and a window's move is ``exp(sum of r*) - 1``. Each asset is filtered on its own series.
+``s`` is the root mean square of the series' returns over the whole history and ``f`` =
+``FHS_VOL_FLOOR``: a series that starts flat (a stablecoin at exactly 1, a listing with stale
+prices) has an EWMA vol of 0 until its first move, and that move, divided by 0, became a
+price of 0 and froze the asset for every later window.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 FHS_SEED_RETURNS = 30
+FHS_VOL_FLOOR = 0.1  # a return's vol is taken as at least this share of its series' RMS return
 
 
 def ewma_vol(r: np.ndarray, lam: float) -> np.ndarray:
@@ -68,6 +73,7 @@ def windows(
         return starts, prices[step] / prices[starts][:, None, :]
     r = np.diff(np.log(prices), axis=0)
     vol = ewma_vol(r, lam)
-    r = r * vol[-1] / np.maximum(vol[:-1], 1e-300)
+    floor = FHS_VOL_FLOOR * np.sqrt(np.mean(r**2, axis=0))  # [M]; 0 only for a series that never moves
+    r = np.where(r == 0.0, 0.0, r * vol[-1] / np.maximum(vol[:-1], np.maximum(floor, 1e-300)))
     logp = np.concatenate([np.zeros((1, prices.shape[1])), np.cumsum(r, axis=0)])
     return starts, np.exp(logp[step] - logp[starts][:, None, :])

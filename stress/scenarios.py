@@ -149,17 +149,23 @@ class _Ctx:
 
     def asset_table(self, row: dict, key: str, *, lo: float | None = None, lo_open: bool = False,
                     hi: float | None = None) -> dict[int, float]:
-        """A table of ``asset = number``, keyed by snapshot asset index."""
+        """A table of ``asset = number``, keyed by snapshot asset index (unknown assets, where
+        skipped, left out)."""
+        named = self.named_table(row, key, lo=lo, lo_open=lo_open, hi=hi)
+        return {self.snap.asset_index(a): v for a, v in named.items() if a in self.snap.assets}
+
+    def named_table(self, row: dict, key: str, *, lo: float | None = None, lo_open: bool = False,
+                    hi: float | None = None) -> dict[str, float]:
+        """A table of ``asset = number`` keyed by asset name, keeping the names the snapshot
+        lacks where unknown assets are skipped (Monte Carlo still draws them: ``_montecarlo``)."""
         table = row.get(key, {})
         if not isinstance(table, dict):
             raise self.error(key, "must be a table of asset = number")
         out = {}
         for name, v in table.items():
             field = f"{key}.{name}"
-            a = self.asset(name, field)
-            v = self.value(v, field, lo=lo, lo_open=lo_open, hi=hi)
-            if a is not None:
-                out[a] = v
+            self.asset(name, field)  # an error unless known, or unknown and skipped
+            out[name] = self.value(v, field, lo=lo, lo_open=lo_open, hi=hi)
         return out
 
     def keys(self, row: dict, known: set[str]) -> None:
@@ -272,16 +278,21 @@ def _grid(ctx: _Ctx, row: dict) -> _Block:
     pts = grid_points(style, buckets=buckets, vol_shifts=lists["vol_shifts"], extended=lists["extended"],
                       vol_range=vol_range, extreme=extreme)
     groups = [[a] for a in assets] if mode == "each" else ([assets] if assets else [])
-    names, rows = [], []
+    shown, rows = [], []
     for group in groups:
         label = ctx.snap.assets[group[0]] if mode == "each" else "all"
         for frac, absolute, dv in pts:
             moves = {a: (absolute if absolute is not None else frac * ranges[a]) for a in group}
             if any(m <= -1 for m in moves.values()):
                 raise ctx.error("range" if absolute is None else "extended", "a grid move puts a price at or below zero")
-            shown = next(iter(moves.values()))
-            names.append(f"{name}:{label}{shown:+.1%}:vol{dv:+.2f}" + (":ext" if absolute is not None else ""))
+            shown.append((label, next(iter(moves.values())), dv, ":ext" if absolute is not None else ""))
             rows.append((moves, {a: dv for a in group}, h))
+    # moves to 0.1% and vol shifts to 0.01, or as many more digits as a fine grid needs for
+    # its names to be unique (a range of 1% in 20 buckets has moves 0.05% apart)
+    for d in range(1, 9):
+        names = [f"{name}:{label}{m:+.{d}%}:vol{dv:+.{d + 1}f}{ext}" for label, m, dv, ext in shown]
+        if len(set(names)) == len(names):
+            break
     return _one_step(names, "grid", ctx.snap.n_assets, rows)
 
 
@@ -302,7 +313,7 @@ def event_library(path: Path | None = None) -> list[dict]:
 
 
 def _event(ctx: _Ctx, row: dict) -> _Block:
-    ctx.keys(row, {"use", "variant", "proxy", "name"})
+    ctx.keys(row, {"use", "variant", "proxy"})  # scenarios take the library's names: a name here would do nothing
     library = event_library()
     names_known = [e.get("name") for e in library]
     use = row.get("use", "all")
@@ -448,11 +459,14 @@ def _montecarlo(ctx: _Ctx, row: dict) -> _Block:
     df = ctx.number(row, "df", 0, lo=0, hi=60, integer=True)
     if 0 < df < 3:
         raise ctx.error("df", f"{df} must be 0 (Gaussian) or 3..60 (Student-t with finite variance)")
-    vol = ctx.asset_table(row, "vol", lo=0)
-    if not vol and not ctx.skip_unknown:
+    vol = ctx.named_table(row, "vol", lo=0)
+    if not vol:
         raise ctx.error("vol", "must name at least one asset: vol = { BTC = 0.55, ... }")
-    # Draw in asset-name order, so paths do not depend on the row order of the assets table.
-    assets = sorted(vol, key=lambda a: ctx.snap.assets[a])
+    # Every asset the table names is drawn, in name order, and those the snapshot lacks are
+    # dropped after: so an asset's paths depend neither on the row order of the assets table
+    # nor on which of the file's other assets the snapshot has (the default set on a book
+    # without SOL drew other normals for BTC when SOL was left out before drawing)
+    assets = sorted(vol)
     M = len(assets)
     pos = {a: i for i, a in enumerate(assets)}
     corr = np.eye(M)
@@ -464,10 +478,10 @@ def _montecarlo(ctx: _Ctx, row: dict) -> _Block:
         parts = pair.split("/") if isinstance(pair, str) else []
         if len(parts) != 2:
             raise ctx.error(field, 'a pair is written "A/B", e.g. "BTC/ETH" = 0.8')
-        ia, ib = (ctx.asset(p, field) for p in parts)
+        for p in parts:
+            ctx.asset(p, field)  # an error unless known, or unknown and skipped
+        ia, ib = parts
         rho = ctx.value(rho, field, lo=-1, hi=1)
-        if ia is None or ib is None:
-            continue
         if ia not in pos or ib not in pos:
             raise ctx.error(field, "both assets of a pair need a vol")
         if ia == ib:
@@ -479,11 +493,11 @@ def _montecarlo(ctx: _Ctx, row: dict) -> _Block:
     j_int = ctx.value(jumps.get("intensity", 0.0), "jumps.intensity", lo=0)
     j_mean = ctx.value(jumps.get("mean", 0.0), "jumps.mean")
     j_std = ctx.value(jumps.get("std", 0.0), "jumps.std", lo=0)
-    per_asset = {k: _shifts(ctx, row, k) for k in ("drift", "jump_beta", "vol_beta")}
+    per_asset = {k: ctx.named_table(row, k) for k in ("drift", "jump_beta", "vol_beta")}
     for k, table in per_asset.items():
         extra = set(table) - set(assets)
         if extra:
-            raise ctx.error(f"{k}.{ctx.snap.assets[min(extra)]}", "asset has no vol in this Monte Carlo block")
+            raise ctx.error(f"{k}.{min(extra)}", "asset has no vol in this Monte Carlo block")
 
     def vec(k: str, default: float) -> np.ndarray:
         return np.array([per_asset[k].get(a, default) for a in assets], np.float64)
@@ -492,7 +506,8 @@ def _montecarlo(ctx: _Ctx, row: dict) -> _Block:
     A = ctx.snap.n_assets
     spot = np.ones((paths, steps, A))
     vols = np.zeros((paths, steps, A))
-    if M:
+    kept = [i for i, a in enumerate(assets) if a in ctx.snap.assets]
+    if kept:
         try:
             model = montecarlo.model(np.array([vol[a] for a in assets]), corr, drift=vec("drift", 0.0),
                                      jump_intensity=j_int, jump_mean=j_mean, jump_std=j_std,
@@ -501,8 +516,9 @@ def _montecarlo(ctx: _Ctx, row: dict) -> _Block:
         except np.linalg.LinAlgError:
             raise ctx.error("correlation", "the correlation matrix is not positive definite") from None
         logret, dvol = montecarlo.simulate(seed, model, paths=paths, steps=steps, dt=h / steps / 365.0, df=df)
-        spot[:, :, assets] = np.exp(np.asarray(logret, np.float64))
-        vols[:, :, assets] = np.asarray(dvol, np.float64)
+        into = [ctx.snap.asset_index(assets[i]) for i in kept]
+        spot[:, :, into] = np.exp(np.asarray(logret, np.float64)[:, :, kept])
+        vols[:, :, into] = np.asarray(dvol, np.float64)[:, :, kept]
     horizon = np.broadcast_to(h * np.arange(1, steps + 1) / steps, (paths, steps)).copy()
     width = len(str(paths))
     return _Block([f"{name}:{i + 1:0{width}d}" for i in range(paths)], "montecarlo", spot, vols, horizon)
@@ -530,16 +546,17 @@ def load_scenarios(path: str | Path, snap: Snapshot, *, skip_unknown_assets: boo
     unknown = set(cfg) - set(FORMS)
     if unknown:
         raise InputError(file, None, sorted(unknown)[0], f"unknown top-level key (expected [[{']], [['.join(FORMS)}]] tables)")
-    if not any(isinstance(v, list) and v for v in cfg.values()):
+    for key, rows in cfg.items():  # [montecarlo] or montecarlo = 5 in place of [[montecarlo]]
+        if not isinstance(rows, list):
+            raise InputError(file, None, key, f"must be an array of tables: [[{key}]]")
+    if not any(cfg.values()):
         raise InputError(file, None, "scenario", "no scenario tables ([[scenario]], [[grid]], [[event]], [[replay]] or [[montecarlo]])")
-    random_blocks = [k for k in ("replay", "montecarlo") for _ in (cfg.get(k) or [])]
+    random_blocks = [k for k in ("replay", "montecarlo") for _ in cfg.get(k, [])]
     if len(random_blocks) > 1:
         raise InputError(file, f"[[{random_blocks[1]}]]", None,
                          "a scenario set holds at most one random family (one [[montecarlo]] or one [[replay]] table)")
     blocks: list[_Block] = []
     for key, rows in cfg.items():
-        if not isinstance(rows, list):
-            raise InputError(file, None, key, f"must be an array of tables: [[{key}]]")
         for s, row in enumerate(rows):
             label = f"{'scenario' if key == 'scenario' else key} #{s + 1}"
             if not isinstance(row, dict):

@@ -273,6 +273,13 @@ extended = [-0.66, 0.5]
     assert scen.names[0] == "pm:BTC-16.0%:vol+0.30" and scen.names[per - 1] == "pm:BTC+50.0%:vol+0.30:ext"
 
 
+def test_a_fine_grid_gets_names_precise_enough_to_be_unique(tmp_path, linear_snap):
+    scen = stress.load_scenarios(write(tmp_path, '[[grid]]\nname = "g"\nunderlyings = ["BTC"]\nrange = 0.01\n'
+                                                 'buckets = 20\nvol_shifts = [0.3, 0.301]\nextended = []\n'), linear_snap)
+    assert len(scen) == 2 * 41 and len(set(scen.names)) == len(scen.names)
+    assert "g:BTC-0.05%:vol+0.300" in scen.names and "g:BTC+1.00%:vol+0.301" in scen.names
+
+
 def test_span_grid_is_the_sixteen_cme_risk_array_scenarios(tmp_path, linear_snap):
     # CME SPAN: 1-2 unchanged, vol up/down; 3-14 up/down 1/3, 2/3, 3/3 of the range, each vol
     # up then down; 15-16 up/down an extreme move of 2x the range, vol unchanged.
@@ -376,6 +383,30 @@ ewma_lambda = 0.9
     np.testing.assert_allclose(np.log(scen.spot_mult[:, linear_snap.asset_index("BTC")]), scaled, rtol=1e-10)
 
 
+def test_filtered_replay_of_a_series_that_starts_flat_keeps_its_moves_finite(tmp_path, linear_snap):
+    """A stablecoin at exactly 1.0 for weeks has an EWMA vol of 0 until its first move; divided
+    by 0 that move became a price of 0 (and later moves vanished into the huge log price). The
+    vol is floored at 0.1 of the series' RMS return, so the move is scaled by a finite ratio."""
+    h = _history(50, seed=5)
+    usdc = np.ones(50)
+    usdc[40:] = [0.97, 0.99, 1.0, 0.995, 1.0, 1.0, 0.998, 1.001, 1.0, 1.0]
+    h["USDC"] = usdc
+    h.to_csv(tmp_path / "hist.csv", index=False)
+    scen = stress.load_scenarios(write(tmp_path, '[[replay]]\nname = "f"\nprices = "hist.csv"\nhorizon_days = 1\n'
+                                                 'filtered = true\n'), linear_snap)
+    m = scen.spot_mult[:, linear_snap.asset_index("USDC")]
+    assert np.isfinite(m).all() and (m > 0).all()
+    r = np.diff(np.log(usdc))
+    floor = 0.1 * np.sqrt(np.mean(r**2))
+    var = np.empty(50)
+    var[0] = np.mean(r[:30] ** 2)
+    for t in range(49):
+        var[t + 1] = 0.94 * var[t] + 0.06 * r[t] ** 2
+    want = np.where(r == 0, 0.0, r * np.sqrt(var[-1]) / np.maximum(np.sqrt(var[:-1]), floor))
+    np.testing.assert_allclose(np.log(m), want, rtol=1e-12, atol=1e-15)
+    assert m[39] < 1.0 and (m[40:] != 1.0).any()  # the depeg is a fall, and later moves still move
+
+
 # --------------------------------------------------------------------------------------------
 # Files: mixing forms, errors, the default set, the CLI
 
@@ -420,6 +451,7 @@ horizon_days = 2
     ('[[montecarlo]]\nname = "m"\nvol = { BTC = 0.5 }\nvol_beta = { ETH = -1 }\n', "vol_beta.ETH", "no vol"),
     ('[[montecarlo]]\nname = "m"\nvol = { BTC = 0.5 }\nseeds = 3\n', "seeds", "unknown field"),
     ('[[event]]\nuse = "1987-10-19"\n', "use", "no shipped event"),
+    ('[[event]]\nname = "mine"\nuse = "all"\n', "name", "unknown field"),
     ('[[replay]]\nname = "h"\nprices = "missing.csv"\n', "prices", "file not found"),
 ])
 def test_bad_fields_name_the_file_scenario_and_field(tmp_path, linear_snap, text, field, message):
@@ -427,6 +459,37 @@ def test_bad_fields_name_the_file_scenario_and_field(tmp_path, linear_snap, text
         stress.load_scenarios(write(tmp_path, text), linear_snap)
     assert err.value.file == "s.toml" and err.value.column == field and message in err.value.message, str(err.value)
     assert err.value.row is not None
+
+
+@pytest.mark.parametrize("text", ["montecarlo = 5\n", "replay = 5\n[[scenario]]\nname = \"x\"\n",
+                                  "[montecarlo]\nname = \"m\"\n", "[[scenario]]\nname = \"x\"\n[montecarlo]\nname = \"m\"\n",
+                                  "[scenario]\nname = \"x\"\n"])
+def test_a_form_that_is_not_an_array_of_tables_is_named(tmp_path, linear_snap, text):
+    """``[montecarlo]`` (one bracket) or ``montecarlo = 5`` in place of ``[[montecarlo]]``: the
+    scalar crashed (exit 3), the table was counted as random families or as no table at all."""
+    with pytest.raises(stress.InputError) as err:
+        stress.load_scenarios(write(tmp_path, text), linear_snap)
+    key = "montecarlo" if "montecarlo" in text else ("replay" if "replay" in text else "scenario")
+    assert err.value.column == key and f"array of tables: [[{key}]]" in err.value.message, str(err.value)
+
+
+def test_monte_carlo_paths_of_an_asset_do_not_depend_on_the_other_assets_the_snapshot_has(tmp_path, linear_snap):
+    """The default set names SOL; a book without SOL must see the same BTC paths as one with it
+    (unknown assets are drawn, then dropped), so a listing does not reshuffle every path."""
+    text = _mc_toml(50, 1, steps=2, extra='correlation = { "BTC/SOL" = 0.7 }').replace(
+        "vol = { BTC = 0.6 }", "vol = { BTC = 0.6, SOL = 0.9 }")
+    with_sol = write_snapshot(tmp_path / "sol", assets=ASSETS + [{"asset": "SOL", "price": 150.0, "haircut": 0.1}],
+                              instruments=[{"instrument_id": "BTC-PERPETUAL", "mark_price": 50_000.0}],
+                              balances=[{"account_id": "a", "asset": "USDC", "amount": 1.0}],
+                              positions=[{"account_id": "a", "instrument_id": "BTC-PERPETUAL", "quantity": 1}],
+                              exchange_toml=EXCHANGE_TOML)
+    snap_sol = stress.load_snapshot(with_sol)
+    a = stress.load_scenarios(write(tmp_path, text), snap_sol)
+    b = stress.load_scenarios(tmp_path / "s.toml", linear_snap, skip_unknown_assets=True)
+    for field in ("spot_mult", "path_spot_mult"):
+        np.testing.assert_array_equal(getattr(a, field)[..., snap_sol.asset_index("BTC")],
+                                      getattr(b, field)[..., linear_snap.asset_index("BTC")])
+    assert (a.spot_mult[:, snap_sol.asset_index("SOL")] != 1.0).all()
 
 
 def test_two_random_families_are_an_input_error(tmp_path, linear_snap):
@@ -498,3 +561,19 @@ def test_generate_scenarios_writes_a_file_that_loads(tmp_path, linear_snap):
     r = runner.invoke(app, ["generate", "scenarios", "--out", str(bad), "--vol", "DOGE=1.0", "--corr", "BTC/ETH=0.5",
                             "--snapshot", snap_dir])
     assert r.exit_code == 2 and not bad.exists()
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--kind", "montecarlo", "--paths", "10", "--df", "2"], "df"),
+    (["--kind", "montecarlo", "--paths", "10", "--horizon-days", "-3"], "horizon_days"),
+    (["--kind", "montecarlo", "--paths", "10", "--vol", "BTC=0.5", "--vol", "ETH=0.5", "--corr", "BTC/ETH=1.5"],
+     "correlation.BTC/ETH"),
+    (["--kind", "grid", "--range", "1.5"], "range"),
+])
+def test_generate_scenarios_without_a_snapshot_still_refuses_a_file_no_snapshot_could_load(tmp_path, args, field):
+    from typer.testing import CliRunner
+
+    out = tmp_path / "x.toml"
+    r = CliRunner().invoke(app, ["generate", "scenarios", "--out", str(out), *args])
+    assert r.exit_code == 2 and not out.exists() and not list(tmp_path.iterdir()), r.output
+    assert f"x.toml" in r.stderr and f"column {field}:" in r.stderr, r.stderr
