@@ -561,6 +561,33 @@ def _pairs(values: list[str], option: str) -> dict[str, float]:
     return out_
 
 
+
+class _AssetsNamed:
+    """Stands in for a snapshot that holds every asset a generated table names, so a file
+    written without ``--snapshot`` is checked for all that needs no book: the assets it names
+    are only checked against a snapshot when it runs."""
+
+    def __init__(self, assets):
+        self.assets = tuple(dict.fromkeys(assets))
+        self.n_assets = len(self.assets)
+
+    def asset_index(self, name: str) -> int:
+        return self.assets.index(name)
+
+
+def _named_assets(table: dict, form: str, folder: Path) -> list[str]:
+    """Every asset name a generated ``table`` of ``form`` refers to (a replay: its history's)."""
+    if form == "grid":
+        return list(table["underlyings"])
+    if form == "replay":
+        from .scenarios import read_history
+
+        path = Path(table["prices"])
+        _, cols = read_history(path if path.is_absolute() else folder / path)
+        return [c[:-3] if c.endswith("_iv") else c for c in cols]
+    pairs = [a for pair in (table.get("correlation") or {}) for a in str(pair).split("/")]
+    return [*table["vol"], *pairs, *(table.get("vol_beta") or {})]
+
 @generate_app.command("scenarios")
 def generate_scenarios(
     out_file: Path = typer.Option(..., "--out", "-o", help="Scenario TOML file to write."),
@@ -630,10 +657,13 @@ def generate_scenarios(
 
             n = len(scen_mod.load_scenarios(tmp, io.load_snapshot(snapshot)))
             msg = f"; {n:,} scenarios on {snapshot}"
-        else:
+        else:  # the checks that need no snapshot (df, horizon, range, correlations, the history)
+            scen_mod.load_scenarios(tmp, _AssetsNamed(_named_assets(table, form, tmp.parent)))
             msg = ""
     except InputError as exc:
         tmp.unlink()
+        if exc.file == tmp.name:  # name the file asked for, not the one it was checked as
+            exc = InputError(out_file.name, exc.row, exc.column, exc.message)
         _fail(exc)
     tmp.replace(out_file)
     out.print(f"wrote {out_file}{msg}", highlight=False)
