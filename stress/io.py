@@ -487,8 +487,16 @@ def _load_snapshot(folder: Path) -> Snapshot:
         if fund[asset_names.index(name)] < 0:  # a fund that owes would pay bad debt with a negative amount
             raise InputError(file, None, f"insurance_fund.{name}", f"{amount!r}: a fund balance must be >= 0")
 
-    instruments, instrument_ids, rates = _load_instruments(folder, asset_names, as_of)
+    instruments, instrument_ids, rates, it = _load_instruments(folder, asset_names, as_of)
     params = _margin.params_from_config(cfg.get("margin", {}), instruments, haircut, rates, assets=asset_names)
+    # a row's own rate against the one it leaves to exchange.toml (or its tiers): maintenance
+    # above initial margin would make a position liquidatable as it opens
+    over = (np.asarray(params.tier_mm) > np.asarray(params.tier_im)).any(axis=1)
+    given = ~np.isnan(rates[0]) | ~np.isnan(rates[1])
+    if (over & given).any():
+        i = int(np.argmax(over & given))
+        raise it.error(i, "im_rate", "im_rate below the maintenance rate exchange.toml [margin] gives it") \
+            if np.isnan(rates[1][i]) else it.error(i, "mm_rate", "mm_rate above the initial rate exchange.toml [margin] gives it")
     liq_cfg = _liquidation.config(cfg.get("liquidation", {}))  # checked here, so bad keys fail at load
     if liq_cfg["cascade"] and cfg.get("margin", {}).get("model", "standard") in ("portfolio", "var"):
         raise InputError(file, "[liquidation]", "cascade", "cascades are modelled under the standard margin model only")
@@ -594,8 +602,8 @@ def _account_groups(bt: _Table, b_idx: np.ndarray, n: int) -> np.ndarray:
 def _load_instruments(
     folder: Path, assets: tuple[str, ...], as_of: datetime
 ) -> tuple[Instruments, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Instrument terms, ids (file order) and the optional ``im_rate``/``mm_rate`` columns
-    (NaN where empty), from one read of the instruments table."""
+    """Instrument terms, ids (file order), the optional ``im_rate``/``mm_rate`` columns (NaN
+    where empty) and the table itself (for errors on its rows), from one read of it."""
     t = _read_table(folder, "instruments", ("instrument_id",))
     ids = t.strings("instrument_id")
     _unique(t, ids, "instrument_id")
@@ -688,7 +696,7 @@ def _load_instruments(
     t.check(im < 0, "im_rate", "im_rate must be >= 0")
     t.check(mm < 0, "mm_rate", "mm_rate must be >= 0")
     t.check(mm > im, "mm_rate", "mm_rate must not exceed im_rate")  # False where either is empty (NaN)
-    return inst, ids, (im, mm)
+    return inst, ids, (im, mm), t
 
 
 def _expiries(t: _Table) -> np.ndarray:

@@ -334,6 +334,8 @@ CASES = [
          "assets.{ext}", None, None, r"no assets", formats=("csv",)),
     Case("mm-rate-above-im-rate", lambda inp: (cell("instruments", 2, "im_rate", 0.01)(inp), cell("instruments", 2, "mm_rate", 0.05)(inp)),
          "instruments.{ext}", 2, "mm_rate", r"exceed im_rate"),
+    Case("im-rate-alone-below-mm", cell("instruments", 0, "im_rate", 0.005),  # the default mm rate is 0.01
+         "instruments.{ext}", 0, "im_rate", r"below the maintenance rate"),
     Case("future-mm-above-im", exchange(EXCHANGE_TOML.replace("[margin]", "[margin]\nfuture_im_rate = 0.005\nfuture_mm_rate = 0.01")),
          "exchange.toml", "[margin]", "future_mm_rate", r"exceed future_im_rate", formats=TOML_ONLY),
     # a Deribit name settled in USDC by the row is a linear contract: the name's USD face value
