@@ -178,9 +178,24 @@ def connect(address: str, timeout: float | None = None) -> Any:
     except ImportError:
         raise ClusterError(f"a cluster needs Dask distributed: {INSTALL_HINT}") from None
     try:
+        # a malformed address first: Client raises for it from its constructor, and the
+        # half-built client it leaves then waits 20 s at exit and prints a traceback
+        _check_address(address)
         return Client(address, timeout=timeout or CONNECT_TIMEOUT, set_as_default=False)
     except Exception as exc:  # OSError (unreachable, timed out), ValueError (malformed address)
         raise ClusterError(f"cannot reach a Dask scheduler at {address!r}: {exc}") from None
+
+
+def _check_address(address: str) -> None:
+    """A ``ValueError`` unless ``address`` is ``[protocol://]host:port`` of a protocol Dask has."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import backends
+
+    scheme, location = parse_address(address)
+    if scheme not in backends:
+        raise ValueError(f"unknown protocol {scheme!r} (known: {', '.join(sorted(backends))})")
+    if scheme != "inproc":
+        parse_host_port(location)  # "missing port number in address ..."
 
 
 class ClusterAccounts:

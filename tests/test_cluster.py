@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -300,6 +301,17 @@ def test_cli_with_an_unreachable_cluster_exits_2_without_a_report(books, tmp_pat
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and address in lines[0], res.stderr
     assert "Traceback" not in res.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("address, said", [("127.0.0.1", "missing port"), ("foo://x:1", "unknown protocol")])
+def test_a_malformed_address_is_refused_before_a_client_is_built(address, said):
+    """A Client built on a malformed address raised from its constructor and left a half-built
+    client that, at the process's exit, waited 20 s and printed a traceback after the error."""
+    pytest.importorskip("distributed")
+    started = time.perf_counter()
+    with pytest.raises(cluster.ClusterError, match=said):
+        cluster.connect(address)
+    assert time.perf_counter() - started < 5.0
 
 
 def test_cli_without_dask_says_how_to_install_it(books, tmp_path, monkeypatch):
