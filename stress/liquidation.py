@@ -158,8 +158,13 @@ def impact_params(snap: Any) -> Impact:
 
 def fee(equity: Any, notional: Any, liquidated: Any, rate: Any) -> Any:
     """Liquidation fee, USD: ``rate * notional`` of each liquidated account, capped at its
-    remaining equity (and 0 when that is negative), so the fee never creates bad debt."""
-    return jnp.where(liquidated, jnp.minimum(rate * notional, jnp.maximum(equity, 0.0)), 0.0)
+    remaining equity (and 0 when that is negative), so the fee never creates bad debt.
+
+    The cap is a select, not ``jnp.minimum``: at a tie (a bankrupt account at ``rate = 0``,
+    where both are 0) the minimum's gradient in ``rate`` is half the notional, but raising
+    the rate raises no fee there; the select gives the derivative of the cap, 0."""
+    uncapped, cap = rate * notional, jnp.maximum(equity, 0.0)
+    return jnp.where(liquidated, jnp.where(uncapped < cap, uncapped, cap), 0.0)
 
 
 def bad_debt(equity: Any) -> Any:

@@ -352,6 +352,23 @@ def test_liquidation_fee_totals_and_gradient_match_the_run(snap, tmp_path):
     assert row(r["params"], parameter="fee_rate", total="bad_debt", scope="sum") == 0.0
 
 
+def test_the_fee_rate_gradient_at_a_zero_rate_is_the_one_sided_derivative(snap, tmp_path):
+    """At the default fee_rate = 0 a bankrupt account's fee is min(0 * notional, 0): the
+    minimum's gradient split the tie and reported half its notional as fees the fund would
+    gain, though a higher rate takes nothing from an account with no equity left. The
+    derivative is checked against a forward difference from 0 (a rate below 0 is meaningless)."""
+    scen = stress.load_scenarios(scenario_file(tmp_path, SCENARIOS + MONTECARLO), snap)
+    base = with_fee(snap, 0.0)
+    r = sens.sensitivities(base, scen, temperature=2e6)
+    assert stress.run(base, scen).scenarios.bad_debt.sum() > 0  # bankrupt accounts: the tie is there
+    h = 1e-6
+    worst = r["worst_index"]
+    at0, up = run_totals(base, scen, worst), run_totals(with_fee(snap, h), scen, worst)
+    got = row(r["params"], parameter="fee_rate", total="insurance_fund_after", scope="sum")
+    fd = (up[("insurance_fund_after", "sum")] - at0[("insurance_fund_after", "sum")]) / h
+    assert got == pytest.approx(fd, rel=1e-5, abs=1e-3), (got, fd)
+
+
 # Impact steep enough that closing costs create bad debt on the two-step paths.
 IMPACT = {"BTC": {"spread": 0.002, "k": 1.0, "daily_vol": 0.04, "daily_volume": 2e7},
           "ETH": {"spread": 0.003, "k": 0.8, "daily_vol": 0.05, "daily_volume": 1e7}}
