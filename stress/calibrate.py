@@ -82,6 +82,8 @@ def parse_target(text: str) -> Target:
         raise InputError("--target", None, None, f"{m.group(2)!r} is not a number") from None
     if not math.isfinite(limit) or limit < 0:
         raise InputError("--target", None, None, f"{limit!r} must be a finite number >= 0")
+    if m.group(1).startswith("p_") and limit > 1:  # as a limit of stress run: a probability is at most 1
+        raise InputError("--target", None, None, f"{limit!r}: a probability limit is at most 1")
     return Target(m.group(1), limit)
 
 
@@ -198,7 +200,7 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str = "mm_rate
     whole = names == ("mm_rate",)
 
     def at(f: float) -> dict:
-        f = round(f / tolerance) * tolerance
+        f = f if f == 1.0 else round(f / tolerance) * tolerance  # today's rates as they are, off the grid or not
         if f not in seen:
             seen[f] = evaluate(snap, scen, f, target.metric, chunk_size, None if whole else masks)
             if progress:
@@ -206,7 +208,7 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str = "mm_rate
         return seen[f]
 
     before = at(1.0)
-    res = _bisect(at, before, hi, tolerance, target)
+    res = _bisect(at, before, hi, tolerance, target, lo=1.0 / hi)
     res.update(target=target, parameters=names,
                scales=None if res["factor"] is None else [res["factor"]],
                curve=sorted(seen.values(), key=lambda r: (r["maintenance_margin"], r["factor"])))
@@ -214,26 +216,38 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str = "mm_rate
 
 
 def _bisect(at: Callable[[float], dict], before: dict, hi: float, tolerance: float, target: Target,
-            start: float = 1.0) -> dict:
-    """The smallest ``k * tolerance`` in ``(0, hi]`` whose evaluation ``at`` meets the target,
-    by bisection from ``start`` (met there: search below it, else above)."""
-    top = at(hi)
+            start: float = 1.0, lo: float = 0.0) -> dict:
+    """The smallest ``k * tolerance`` in ``[lo, hi]`` whose evaluation ``at`` meets the target,
+    by bisection from ``start`` (met there: search below it, else above), assuming the metric
+    improves with the scale (met at a scale: met at every larger one)."""
+    lo_k, hi_k = _grid(lo, hi, tolerance)
+    floor_k = lo_k
+    top = at(hi_k * tolerance)
     if not target.met(top["value"]):
         return {"factor": None, "before": before, "after": top, "below": None}
-    lo_n, hi_n = 0, round(hi / tolerance)  # search on the grid k * tolerance, k in (lo_n, hi_n]
-    if target.met(at(start)["value"]):
-        hi_n = round(start / tolerance)
-    else:
-        lo_n = round(start / tolerance)
-    while hi_n - lo_n > 1:
-        mid = (lo_n + hi_n) // 2
+    s_k = start / tolerance
+    if target.met(at(start)["value"]):  # the grid points at or above start meet too
+        hi_k = max(lo_k, min(hi_k, math.ceil(s_k - 1e-9)))
+    else:  # and those at or below it fail
+        lo_k = max(lo_k, math.floor(s_k + 1e-9) + 1)
+    while lo_k < hi_k:  # met at hi_k; the answer is in [lo_k, hi_k]
+        mid = (lo_k + hi_k) // 2
         if target.met(at(mid * tolerance)["value"]):
-            hi_n = mid
+            hi_k = mid
         else:
-            lo_n = mid
-    after = at(hi_n * tolerance)
-    below = at(lo_n * tolerance) if lo_n > 0 else None
+            lo_k = mid + 1
+    after = at(hi_k * tolerance)
+    below = at((hi_k - 1) * tolerance) if hi_k > floor_k else None
     return {"factor": after["factor"], "before": before, "after": after, "below": below}
+
+
+def _grid(lo: float, hi: float, tolerance: float) -> tuple[int, int]:
+    """The first and last ``k`` of the scales ``k * tolerance`` within ``[lo, hi]`` (k >= 1)."""
+    lo_k, hi_k = max(1, math.ceil(lo / tolerance - 1e-9)), math.floor(hi / tolerance + 1e-9)
+    if hi_k < lo_k:
+        raise InputError("--tolerance", None, None,
+                         f"{tolerance:g} puts no scale on its grid within [{lo:g}, {hi:g}]; use a finer tolerance")
+    return lo_k, hi_k
 
 
 def _calibrate_vector(snap, scen, target, names, masks, *, hi, tolerance, chunk_size, progress) -> dict:
@@ -244,7 +258,7 @@ def _calibrate_vector(snap, scen, target, names, masks, *, hi, tolerance, chunk_
     seen: dict[float, dict] = {}
 
     def at(f: float) -> dict:
-        f = round(f / tolerance) * tolerance
+        f = f if f == 1.0 else round(f / tolerance) * tolerance
         if f not in seen:
             seen[f] = evaluate(snap, scen, f, target.metric, chunk_size, masks, direction)
             if progress:
@@ -257,8 +271,8 @@ def _calibrate_vector(snap, scen, target, names, masks, *, hi, tolerance, chunk_
     check = evaluate(snap, scen, 1.0, target.metric, chunk_size, masks, direction)
     seen[1.0] = check
     # the ray's largest scale keeps every parameter's scale within hi
-    top = max(tolerance, math.floor(hi / direction.max() / tolerance) * tolerance)
-    res = _bisect(at, before, top, tolerance, target)
+    # the ray's scales keep every parameter's scale within [1/hi, hi]
+    res = _bisect(at, before, hi / direction.max(), tolerance, target, lo=1.0 / (hi * direction.min()))
     smooth.update(check=check, met=target.met(check["value"]))
     res.update(target=target, parameters=names, direction=[float(v) for v in direction], smooth=smooth,
                scales=None if res["factor"] is None else res["after"]["scales"],

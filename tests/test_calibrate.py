@@ -56,6 +56,24 @@ def test_calibrated_scale_meets_the_target_and_one_step_below_does_not(book):
     assert "<svg" in cal.tradeoff_svg(res)
 
 
+def test_a_target_met_today_gives_a_scale_no_lower_than_one_over_hi(book):
+    """The search runs over [1/hi, hi] (docs/calibration.md): a target today's rates already
+    meet gives the smallest scale there that meets it, not one below the floor."""
+    _, snap, scen = book
+    res = cal.calibrate(snap, scen, cal.parse_target("p_fund_depleted<=1"), hi=8.0, tolerance=0.01)
+    assert res["factor"] == pytest.approx(0.13) and res["below"] is None  # 1/8 rounded up onto the grid
+    assert res["before"]["factor"] == 1.0
+
+
+def test_a_coarse_tolerance_still_evaluates_todays_rates_at_one_and_stays_within_hi(book):
+    _, snap, scen = book
+    res = cal.calibrate(snap, scen, cal.parse_target("p_fund_depleted<=0.03"), hi=8.0, tolerance=0.3)
+    assert res["before"]["factor"] == 1.0  # not rounded onto the grid (0.9)
+    assert res["factor"] is None or res["factor"] <= 8.0
+    with pytest.raises(stress.InputError, match="tolerance"):
+        cal.calibrate(snap, scen, cal.parse_target("p_fund_depleted<=0.03"), hi=8.0, tolerance=100.0)
+
+
 def test_calibration_does_not_depend_on_chunking(book):
     _, snap, scen = book
     target = cal.parse_target("bad_debt_mean<=1500")
@@ -72,7 +90,7 @@ def test_one_step_scenarios_say_margin_has_no_effect(book, tmp_path):
         cal.calibrate(snap, scen, cal.parse_target("p_fund_depleted<=0.01"))
 
 
-@pytest.mark.parametrize("text", ["p_fund_depleted<0.01", "pnl<=3", "p_fund_depleted<=-1", ""])
+@pytest.mark.parametrize("text", ["p_fund_depleted<0.01", "pnl<=3", "p_fund_depleted<=-1", "", "p_fund_depleted<=2"])
 def test_bad_targets_are_usage_errors(text):
     with pytest.raises(stress.InputError):
         cal.parse_target(text)
