@@ -1136,19 +1136,40 @@ def _write_reverse(r, path: Path) -> None:
 INTERNAL_ERROR = 3  # not in SPEC's 0/1/2: a crash must not read as "a limit was breached" (1)
 
 
+def _said(exc: Exception, kinds: set[str]) -> int:
+    """Say a command-line framework's error (``kinds``: the names of its classes) on stderr,
+    in one line; returns the exit code (2 for usage)."""
+    if "Abort" in kinds:  # Ctrl-C at a prompt
+        sys.stderr.write("aborted\n")
+        return 1
+    if "NoArgsIsHelpError" in kinds:  # a group called bare: its help, as a bare `stress` shows it
+        exc.show()
+        return exc.exit_code
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if "UsageError" in kinds and ctx is not None else ""
+    sys.stderr.write(f"error: {exc.format_message()}{where}\n")
+    return exc.exit_code
+
+
 def main() -> None:
     """The console script: ``app``, with any exception that escapes a command (a bug, not bad
     input, which exits 2) reported with its traceback and exit code ``INTERNAL_ERROR``."""
     try:
-        app()
+        # not standalone: a usage error (an unknown option, a value out of range) comes back
+        # here to be said in one line, as every other input error is, not in a framed box
+        code = app(standalone_mode=False)
     except (SystemExit, KeyboardInterrupt):
         raise
-    except Exception:
-        import traceback
+    except Exception as exc:
+        kinds = {c.__name__ for c in type(exc).__mro__}  # click's classes, or the copy newer typer vendors
+        if "ClickException" not in kinds and "Abort" not in kinds:
+            import traceback
 
-        traceback.print_exc()
-        sys.stderr.write("stress: internal error (exit 3): please report it with the traceback above\n")
-        raise SystemExit(INTERNAL_ERROR) from None
+            traceback.print_exc()
+            sys.stderr.write("stress: internal error (exit 3): please report it with the traceback above\n")
+            raise SystemExit(INTERNAL_ERROR) from None
+        raise SystemExit(_said(exc, kinds)) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

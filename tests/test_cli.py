@@ -277,6 +277,26 @@ def test_run_missing_snapshot_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "report").exists()
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["run", "--bogus"], "No such option: --bogus"),
+    (["greeks", "x", "--top", "0"], "'--top'"),
+    (["greeks"], "Missing argument"),
+    (["no-such-verb"], "No such command"),
+])
+def test_the_console_script_says_a_usage_error_in_one_line(monkeypatch, capsys, argv, said):
+    """The framework's own usage errors (unknown option, value out of range, missing
+    argument), as every other input error: exit 2 and one line, not a framed box."""
+    from stress import cli
+
+    monkeypatch.setattr(sys, "argv", ["stress", *argv])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    line = one_error_line(err)
+    assert line.startswith("error: ") and said in line and "--help" in line, err
+
+
 def test_bad_dtype_is_a_usage_error(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     snap, scen = build(tmp_path)
