@@ -189,11 +189,10 @@ def connect(address: str, timeout: float | None = None) -> Any:
 def _check_address(address: str) -> None:
     """A ``ValueError`` unless ``address`` is ``[protocol://]host:port`` of a protocol Dask has."""
     from distributed.comm.addressing import parse_address, parse_host_port
-    from distributed.comm.registry import backends
+    from distributed.comm.registry import get_backend
 
     scheme, location = parse_address(address)
-    if scheme not in backends:
-        raise ValueError(f"unknown protocol {scheme!r} (known: {', '.join(sorted(backends))})")
+    get_backend(scheme)  # "unknown address scheme ..."; loads a backend a package registers (ucxx)
     if scheme != "inproc":
         parse_host_port(location)  # "missing port number in address ..."
 

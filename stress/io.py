@@ -489,14 +489,7 @@ def _load_snapshot(folder: Path) -> Snapshot:
 
     instruments, instrument_ids, rates, it = _load_instruments(folder, asset_names, as_of)
     params = _margin.params_from_config(cfg.get("margin", {}), instruments, haircut, rates, assets=asset_names)
-    # a row's own rate against the one it leaves to exchange.toml (or its tiers): maintenance
-    # above initial margin would make a position liquidatable as it opens
-    over = (np.asarray(params.tier_mm) > np.asarray(params.tier_im)).any(axis=1)
-    given = ~np.isnan(rates[0]) | ~np.isnan(rates[1])
-    if (over & given).any():
-        i = int(np.argmax(over & given))
-        raise it.error(i, "im_rate", "im_rate below the maintenance rate exchange.toml [margin] gives it") \
-            if np.isnan(rates[1][i]) else it.error(i, "mm_rate", "mm_rate above the initial rate exchange.toml [margin] gives it")
+    _check_rates(it, instruments, params, rates)
     liq_cfg = _liquidation.config(cfg.get("liquidation", {}))  # checked here, so bad keys fail at load
     if liq_cfg["cascade"] and cfg.get("margin", {}).get("model", "standard") in ("portfolio", "var"):
         raise InputError(file, "[liquidation]", "cascade", "cascades are modelled under the standard margin model only")
@@ -599,6 +592,26 @@ def _account_groups(bt: _Table, b_idx: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def _check_rates(t: _Table, inst: Instruments, params: Any, rates: tuple[np.ndarray, np.ndarray]) -> None:
+    """An input error on the first row whose own ``im_rate``/``mm_rate`` (with the rate it
+    leaves to exchange.toml, or its tiers) puts maintenance above initial margin, which would
+    make a position liquidatable as it opens. A future's IM rate is ``im_rate``; an option's
+    is ``max(im_rate - OTM/S, option_im_floor)``, at least the floor, so its ``mm_rate`` is
+    held to the floor, as ``option_mm_rate`` is in exchange.toml."""
+    im, mm = rates
+    is_opt = np.asarray(inst.kind) == OPTION
+    tier_im, tier_mm = np.asarray(params.tier_im), np.asarray(params.tier_mm)
+    over = np.where(is_opt, tier_mm[:, 0] > float(params.option_im_floor), (tier_mm > tier_im).any(axis=1))
+    bad = over & (~np.isnan(im) | ~np.isnan(mm))  # rows that set a rate: exchange.toml's own are checked there
+    if bad.any():
+        i = int(np.argmax(bad))
+        if is_opt[i]:
+            raise t.error(i, "mm_rate", "an option's mm_rate must not exceed option_im_floor in exchange.toml [margin]")
+        if np.isnan(mm[i]):
+            raise t.error(i, "im_rate", "im_rate below the maintenance rate exchange.toml [margin] gives it")
+        raise t.error(i, "mm_rate", "mm_rate above the initial rate" + ("" if np.isnan(im[i]) else " (im_rate)"))
+
+
 def _load_instruments(
     folder: Path, assets: tuple[str, ...], as_of: datetime
 ) -> tuple[Instruments, np.ndarray, tuple[np.ndarray, np.ndarray]]:
@@ -629,7 +642,8 @@ def _load_instruments(
         # the name's contract size is for the contract it names: a row that settles it in
         # another asset (a linear contract) must give its own, in coins, not the USD face value
         same = str(cols["settlement"][i]).strip() == terms.get("settlement")  # filled from the name above if empty
-        if np.isnan(contract_size[i]) and "contract_size" in terms and same:
+        coins = terms.get("kind") == "option"  # an option's size, 1 coin, is one either way
+        if np.isnan(contract_size[i]) and "contract_size" in terms and (same or coins):
             contract_size[i] = terms["contract_size"]
         if np.isnan(strike[i]) and "strike" in terms:
             strike[i] = terms["strike"]
@@ -695,7 +709,6 @@ def _load_instruments(
     mm = t.numbers("mm_rate", required=False)
     t.check(im < 0, "im_rate", "im_rate must be >= 0")
     t.check(mm < 0, "mm_rate", "mm_rate must be >= 0")
-    t.check(mm > im, "mm_rate", "mm_rate must not exceed im_rate")  # False where either is empty (NaN)
     return inst, ids, (im, mm), t
 
 

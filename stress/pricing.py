@@ -25,7 +25,7 @@ def floor_vol(vol: Any, mark_iv: Any) -> Any:
     ``mark_iv`` of 0 (futures and perpetuals, whose option branch is computed and masked)
     floors at ``MIN_VOL``: a vol of 0 there would put 0 * inf, NaN, into every gradient.
     """
-    floor = jnp.where(mark_iv > 0, jnp.minimum(mark_iv, MIN_VOL), MIN_VOL)
+    floor = jnp.where((mark_iv > 0) & (mark_iv < MIN_VOL), mark_iv, MIN_VOL)  # selects: no split gradient
     return jnp.where(vol < floor, floor, vol)
 
 

@@ -289,7 +289,8 @@ def _grid(ctx: _Ctx, row: dict) -> _Block:
             rows.append((moves, {a: dv for a in group}, h))
     # moves to 0.1% and vol shifts to 0.01, or as many more digits as a fine grid needs for
     # its names to be unique (a range of 1% in 20 buckets has moves 0.05% apart)
-    for d in range(1, 9):
+    distinct = len(set(shown)) == len(shown)  # a point given twice stays a duplicate name at any precision
+    for d in range(1, 9 if distinct else 2):
         names = [f"{name}:{label}{m:+.{d}%}:vol{dv:+.{d + 1}f}{ext}" for label, m, dv, ext in shown]
         if len(set(names)) == len(names):
             break

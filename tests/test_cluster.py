@@ -303,7 +303,7 @@ def test_cli_with_an_unreachable_cluster_exits_2_without_a_report(books, tmp_pat
     assert "Traceback" not in res.output and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("address, said", [("127.0.0.1", "missing port"), ("foo://x:1", "unknown protocol")])
+@pytest.mark.parametrize("address, said", [("127.0.0.1", "missing port"), ("foo://x:1", "unknown address scheme")])
 def test_a_malformed_address_is_refused_before_a_client_is_built(address, said):
     """A Client built on a malformed address raised from its constructor and left a half-built
     client that, at the process's exit, waited 20 s and printed a traceback after the error."""

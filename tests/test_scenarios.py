@@ -280,6 +280,12 @@ def test_a_fine_grid_gets_names_precise_enough_to_be_unique(tmp_path, linear_sna
     assert "g:BTC-0.05%:vol+0.300" in scen.names and "g:BTC+1.00%:vol+0.301" in scen.names
 
 
+def test_a_grid_point_given_twice_is_a_duplicate_named_as_written(tmp_path, linear_snap):
+    with pytest.raises(stress.InputError, match=r"g:BTC-16\.0%:vol\+0\.30'.*duplicate"):
+        stress.load_scenarios(write(tmp_path, '[[grid]]\nname = "g"\nunderlyings = ["BTC"]\nvol_shifts = [0.3, 0.3]\n'),
+                              linear_snap)
+
+
 def test_span_grid_is_the_sixteen_cme_risk_array_scenarios(tmp_path, linear_snap):
     # CME SPAN: 1-2 unchanged, vol up/down; 3-14 up/down 1/3, 2/3, 3/3 of the range, each vol
     # up then down; 15-16 up/down an extreme move of 2x the range, vol unchanged.

@@ -332,8 +332,11 @@ CASES = [
          "exchange.toml", None, "insurance_fund.USDC", r">= ?0", formats=TOML_ONLY),
     Case("assets-header-only", lambda inp: inp.__setitem__("assets", pd.DataFrame(columns=["asset", "price", "haircut"])),
          "assets.{ext}", None, None, r"no assets", formats=("csv",)),
-    Case("mm-rate-above-im-rate", lambda inp: (cell("instruments", 2, "im_rate", 0.01)(inp), cell("instruments", 2, "mm_rate", 0.05)(inp)),
-         "instruments.{ext}", 2, "mm_rate", r"exceed im_rate"),
+    Case("mm-rate-above-im-rate", lambda inp: (cell("instruments", 0, "im_rate", 0.01)(inp), cell("instruments", 0, "mm_rate", 0.05)(inp)),
+         "instruments.{ext}", 0, "mm_rate", r"above the initial rate"),
+    # an option's IM rate is at least option_im_floor (0.10): its mm_rate is held to that
+    Case("option-mm-rate-above-im-floor", cell("instruments", 2, "mm_rate", 0.12),
+         "instruments.{ext}", 2, "mm_rate", r"option_im_floor"),
     Case("im-rate-alone-below-mm", cell("instruments", 0, "im_rate", 0.005),  # the default mm rate is 0.01
          "instruments.{ext}", 0, "im_rate", r"below the maintenance rate"),
     Case("future-mm-above-im", exchange(EXCHANGE_TOML.replace("[margin]", "[margin]\nfuture_im_rate = 0.005\nfuture_mm_rate = 0.01")),
@@ -801,3 +804,16 @@ def test_a_column_name_with_spaces_around_it_is_named_in_the_message(tmp_path):
     path.write_text(path.read_text().replace("account_id,instrument_id", "account_id, instrument_id", 1))
     with pytest.raises(stress.InputError, match=r"missing column.*' instrument_id'"):
         stress.load_snapshot(snap)
+
+
+def test_rows_whose_rates_keep_initial_above_maintenance_margin_load(tmp_path):
+    """An option's im_rate alone below the default option_mm_rate is fine (its IM is floored at
+    option_im_floor, above MM); so is a Deribit option name settled in USDC by its row, whose
+    size from the name, 1 coin, is a linear contract's size too."""
+    inputs = base_inputs()
+    inputs["instruments"][2]["im_rate"] = 0.05
+    inputs["instruments"].append({"instrument_id": "BTC-25DEC26-120000-C", **_NAMED_ONLY, "settlement": "USDC",
+                                  "mark_price": None, "mark_iv": 0.6})
+    snap = stress.load_snapshot(build(tmp_path, inputs)[0])
+    i = list(snap.instrument_ids).index("BTC-25DEC26-120000-C")
+    assert snap.instruments.contract_size[i] == 1.0 and not snap.instruments.inverse[i]
