@@ -1878,6 +1878,16 @@ def adl_charges(cand: tuple[np.ndarray, ...], deficit: np.ndarray) -> tuple[np.n
     return col, row, charge
 
 
+def _check_options(chunk_size: Any, dtype: Any) -> None:
+    """A ``ValueError`` naming the argument, as the CLI's exit 2 does: a chunk size of 0 fell
+    back to the default, a negative one failed deep in the generator, a float16 as a KeyError."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}: expected a whole number >= 1, or None for the default")
+    if (dtype if isinstance(dtype, str) else getattr(dtype, "__name__", str(dtype))) not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected 'float64' or 'float32'")
+
+
 def run(
     snap: Snapshot,
     scen: Scenarios,
@@ -1904,6 +1914,7 @@ def run(
     import pandas as pd
 
     t0 = time.perf_counter()
+    _check_options(chunk_size, dtype)
     chunk_size = chunk_size or default_chunk()
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     sweeper = sweeper or LocalAccounts(snap, chunk_size, dt, progress)
@@ -2083,5 +2094,6 @@ def pnl_matrix(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None
     """
     import pandas as pd
 
+    _check_options(chunk_size, dtype)
     *_, pnl = _stream(snap, scen, chunk_size, dtype, None, True)
     return pd.DataFrame(pnl, index=pd.Index(snap.account_ids.astype(str), name="account_id"), columns=list(scen.names))

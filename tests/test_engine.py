@@ -700,3 +700,13 @@ def test_results_do_not_depend_on_device_count(sample_dir, tmp_path, small_defau
                                    pd.read_parquet(tmp_path / f"d{n}-sc.parquet"), {})
     assert_same(results[1], results[2], rtol=1e-12)
     assert_same(results[1], results[8], rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, said", [({"chunk_size": 0}, "chunk_size"), ({"chunk_size": -1}, "chunk_size"),
+                                          ({"chunk_size": 2.5}, "chunk_size"), ({"dtype": "float16"}, "dtype")])
+def test_the_api_refuses_a_chunk_size_or_dtype_the_cli_would(snap, scen, kwargs, said):
+    """As the CLI's --chunk-size and --dtype (exit 2): 0 had fallen back to the default, -1
+    failed with StopIteration deep in the chunk generator, float16 was a bare KeyError."""
+    for f in (stress.run, stress.pnl_matrix):
+        with pytest.raises(ValueError, match=said):
+            f(snap, scen, **kwargs)
