@@ -477,3 +477,21 @@ def test_an_option_marked_at_or_below_the_vol_floor_is_valued_at_its_mark_with_f
     assert_greeks(row(g, "a", "BTC"), ref["delta"], ref["gamma"], ref["vega"], ref["theta"], rtol=1e-7)
     np.testing.assert_allclose(row(g, "a", "USDC").delta, 1_000.0 + ref["V"], rtol=1e-12)
     assert ref["vega"] > 1.0  # ATM, 32 days: the vega a halving or a floor would have lost
+
+
+@pytest.mark.parametrize("margin_toml, field", [('model = "portfolio"', "model"),
+                                                ("future_tiers = [[1000000, 0.02, 0.01], [5000000, 0.04, 0.02]]", "future_tiers")])
+def test_hedge_refuses_margin_it_does_not_model(tmp_path, margin_toml, field):
+    """The hedge optimises the standard model's untiered margin per contract: on a book whose
+    margin is tiered (or a portfolio model) its 'exact' before and after were another
+    exchange's numbers (300 against stress margin's 600 on a review's book)."""
+    snap = stress.load_snapshot(write_snapshot(
+        tmp_path, assets=ASSETS,
+        instruments=[{"instrument_id": "BTC_USDC-PERPETUAL", "kind": "perpetual", "underlying": "BTC",
+                      "settlement": "USDC", "contract_size": 1.0, "mark_price": S0}],
+        balances=[{"account_id": "a", "asset": "USDC", "amount": 10_000.0}],
+        positions=[{"account_id": "a", "instrument_id": "BTC_USDC-PERPETUAL", "quantity": 1}],
+        exchange_toml=EXCHANGE.replace("[margin]", "[margin]\n" + margin_toml)))
+    with pytest.raises(stress.InputError) as info:
+        stress.greeks.hedge(snap, "a", ["BTC_USDC-PERPETUAL"])
+    assert info.value.column == field and "stress hedge" in info.value.message
