@@ -808,6 +808,8 @@ def _report_rich(t: dict, title: str, limit: int | None = None) -> Table:
         rt.add_row(*(Text(v) for v, _ in row))
     if not t["rows"] and t.get("note"):
         rt.caption = Text(t["note"])
+    elif limit is not None and len(t["rows"]) > limit:  # say so: a title's count would not match the rows
+        rt.caption = Text(f"the first {limit:,} of {len(t['rows']):,}; --top sets how many; all are in diff.md")
     return rt
 
 

@@ -62,6 +62,7 @@ LABEL_CHARS = 40  # chart tick labels are cut to this many characters (tables sh
 ACCOUNT_COLUMNS = ("account_id", "equity", "collateral_value", "initial_margin", "maintenance_margin",
                    "liquidatable", "pnl_worst", "scenario_worst", "var_99", "es_99", "p_liquidation",
                    "shortfall_worst")
+COVERAGE_LABEL = "Fund coverage (fund at the worst scenario's prices, fees in / its bad debt)"
 SCENARIO_COLUMNS = ("scenario", "kind", "pnl_total", "accounts_liquidatable", "bad_debt",
                     "insurance_fund_after", "socialized_loss")
 
@@ -143,6 +144,26 @@ def tail_loss(pnl: Sequence[float], level: float = LEVEL) -> tuple[float, float]
 def random_rows(scenarios: pd.DataFrame) -> pd.DataFrame:
     """The run's random scenarios (Monte Carlo paths or replay windows), file order."""
     return scenarios[scenarios["kind"].astype(str).isin(RANDOM_KINDS)]
+
+
+def _some_ids(ids: set, shown: int = 20) -> str:
+    """How many ``ids``, and the first ``shown`` of them by id: an officer acts on names."""
+    if not ids:
+        return "0"
+    first = sorted(map(str, ids))[:shown]
+    return f"{count(len(ids))}: " + ", ".join(first) + (", ..." if len(ids) > shown else "")
+
+
+def worst_coverage(summary: dict, scenarios: pd.DataFrame) -> float:
+    """``coverage`` in the worst scenario: the fund at that scenario's prices with the fees it
+    received (``insurance_fund_before`` + ``fees``; a coin fund is worth less in a crash) over
+    its bad debt. A report without those columns falls back to the fund at the snapshot."""
+    worst = scenarios[scenarios["scenario"].astype(str) == str(summary.get("worst_scenario"))]
+    fund = summary.get("insurance_fund")
+    if len(worst) and "insurance_fund_before" in worst and not _missing(worst["insurance_fund_before"].iloc[0]):
+        fees = worst["fees"].iloc[0] if "fees" in worst and not _missing(worst["fees"].iloc[0]) else 0.0
+        fund = float(worst["insurance_fund_before"].iloc[0]) + float(fees)
+    return coverage(fund, summary.get("worst_bad_debt"))
 
 
 def coverage(fund: Any, bad_debt: Any) -> float:
@@ -334,9 +355,10 @@ def _pairs(title: str, pairs: Sequence[tuple[str, str]], header=("", ""), note: 
 
 
 def _md_escape(v: str) -> str:
-    """Backslash-escape what would end a table cell or become HTML in a merge request's
-    viewer (CommonMark shows ``\\<`` as ``<``); line breaks become spaces."""
-    return re.sub(r"([\\|<>&*`\[\]])", r"\\\1", str(v)).replace("\n", " ")
+    """Backslash-escape what would end a table cell, become HTML, or turn an id into emphasis
+    or strike-through (``_vip_``, ``~~gone~~``) in a merge request's viewer (CommonMark shows
+    ``\\<`` as ``<``); line breaks become spaces."""
+    return re.sub(r"([\\|<>&*_~`\[\]])", r"\\\1", str(v)).replace("\n", " ")
 
 
 def _md_table(t: dict, escape: bool = True) -> str:
@@ -446,7 +468,7 @@ def headline(summary: dict, scenarios: pd.DataFrame) -> list[tuple[str, str, boo
         p_text += f" ({count(round(float(p) * m))} of {count(m)} random scenarios)"
     elif _missing(p):
         p_text = "n/a (no random scenarios)"
-    cov = coverage(fund, bad)
+    cov = worst_coverage(summary, scenarios)
     rows = [
         ("As of", text(summary.get("as_of")), False),
         ("Accounts / positions / scenarios",
@@ -454,7 +476,7 @@ def headline(summary: dict, scenarios: pd.DataFrame) -> list[tuple[str, str, boo
         ("Worst scenario", text(summary.get("worst_scenario")), False),
         ("Worst bad debt (USD)", usd(bad), "max_bad_debt" in breached),
         ("Insurance fund (USD)", usd(fund), False),
-        ("Fund coverage (fund / worst bad debt)", "n/a (no bad debt)" if _missing(cov) else pct(cov), False),
+        (COVERAGE_LABEL, "n/a (no bad debt)" if _missing(cov) else pct(cov), False),
         ("Fund after worst scenario (USD)", usd(w.get("insurance_fund_after")) if len(worst) else "n/a", False),
         ("Socialised loss in worst scenario (USD)", usd(w.get("socialized_loss")) if len(worst) else "n/a", False),
         ("P(fund depleted)", p_text, "max_p_fund_depleted" in breached),
@@ -465,6 +487,8 @@ def headline(summary: dict, scenarios: pd.DataFrame) -> list[tuple[str, str, boo
     if m:
         var, es = tail_loss(rnd["pnl_total"])
         rows.append(("Exchange VaR 99% / ES 99% (USD, random scenarios)", f"{usd(var)} / {usd(es)}", False))
+    else:  # shown as n/a, as P(fund depleted) is: a missing row reads as an oversight
+        rows.append(("Exchange VaR 99% / ES 99% (USD, random scenarios)", "n/a (no random scenarios)", False))
     return rows
 
 
@@ -706,10 +730,8 @@ def charts(summary: dict, accounts: pd.DataFrame, scenarios: pd.DataFrame, top_a
            conc: dict | None, exp: pd.DataFrame | None) -> list[dict]:
     """The report's charts: ``{"id", "title", "src" (data URI), "caption"}``."""
     out = []
-    sc = scenarios.assign(_b=pd.to_numeric(scenarios["bad_debt"], errors="coerce").fillna(0),
-                          _i=np.arange(len(scenarios)))
-    worst = sc.sort_values(["_b", "_i"], ascending=[False, True], kind="mergesort").head(MAX_BARS)
-    more = f" (worst {len(worst)} of {len(sc):,})" if len(sc) > len(worst) else ""
+    top = worst(scenarios, MAX_BARS)  # the order of worst_scenario: its bar comes first
+    more = f" (worst {len(top)} of {len(scenarios):,})" if len(scenarios) > len(top) else ""
     fund = summary.get("insurance_fund")
 
     def fund_line(ax, _y):
@@ -718,19 +740,20 @@ def charts(summary: dict, accounts: pd.DataFrame, scenarios: pd.DataFrame, top_a
             ax.legend(loc="lower right", frameon=False)
 
     out.append({"id": "bad-debt", "title": "Bad debt per scenario" + more,
-                "caption": "Scenarios sorted by bad debt, largest first; the dashed line is the insurance fund.",
-                "src": _barh(worst["scenario"], worst["bad_debt"].to_numpy(float), RED, "bad debt",
+                "caption": "Scenarios sorted by bad debt, largest first (ties: total shortfall, then file order); "
+                           "the dashed line is the insurance fund.",
+                "src": _barh(top["scenario"], top["bad_debt"].to_numpy(float), RED, "bad debt",
                              "Bad debt per scenario" + more, fund_line)})
 
     def before(ax, y):
-        if "insurance_fund_before" in worst and not worst["insurance_fund_before"].isna().all():
-            ax.scatter(worst["insurance_fund_before"].to_numpy(float), y, marker="|", s=120, color="black",
+        if "insurance_fund_before" in top and not top["insurance_fund_before"].isna().all():
+            ax.scatter(top["insurance_fund_before"].to_numpy(float), y, marker="|", s=120, color="black",
                        label="fund before", zorder=3)
             ax.legend(loc="lower right", frameon=False)
 
     out.append({"id": "fund-after", "title": "Insurance fund after each scenario" + more,
                 "caption": "Same scenarios and order as the bad-debt chart; a bar at 0 means the fund is exhausted.",
-                "src": _barh(worst["scenario"], worst["insurance_fund_after"].to_numpy(float), BLUE,
+                "src": _barh(top["scenario"], top["insurance_fund_after"].to_numpy(float), BLUE,
                              "insurance fund after", "Insurance fund after each scenario" + more, before)})
 
     rnd = random_rows(scenarios)
@@ -1000,8 +1023,8 @@ def diff(new: Report, old: Report, top: int = TOP, breaches: Sequence[str] | Non
     ``breaches`` (default: those the newer run recorded) are shown in red.
     """
     s1, s0 = new.summary, old.summary
-    cov1 = coverage(s1.get("insurance_fund"), s1.get("worst_bad_debt"))
-    cov0 = coverage(s0.get("insurance_fund"), s0.get("worst_bad_debt"))
+    cov1 = worst_coverage(s1, new.scenarios)
+    cov0 = worst_coverage(s0, old.scenarios)
     rows = [
         ("As of", text(s0.get("as_of")), text(s1.get("as_of")), ""),
         ("Worst scenario", text(s0.get("worst_scenario")), text(s1.get("worst_scenario")), ""),
@@ -1009,7 +1032,7 @@ def diff(new: Report, old: Report, top: int = TOP, breaches: Sequence[str] | Non
          _change(s1.get("worst_bad_debt"), s0.get("worst_bad_debt"), usd)),
         ("Insurance fund (USD)", usd(s0.get("insurance_fund")), usd(s1.get("insurance_fund")),
          _change(s1.get("insurance_fund"), s0.get("insurance_fund"), usd)),
-        ("Fund coverage (fund / worst bad debt)", pct(cov0) if not _missing(cov0) else "n/a (no bad debt)",
+        (COVERAGE_LABEL, pct(cov0) if not _missing(cov0) else "n/a (no bad debt)",
          pct(cov1) if not _missing(cov1) else "n/a (no bad debt)", _change(cov1, cov0, pct)),
         ("P(fund depleted)", pct(s0.get("p_fund_depleted")), pct(s1.get("p_fund_depleted")),
          _change(s1.get("p_fund_depleted"), s0.get("p_fund_depleted"), pct)),
@@ -1065,8 +1088,8 @@ def diff(new: Report, old: Report, top: int = TOP, breaches: Sequence[str] | Non
         Column("change", "Change (USD)", signed_usd),
     ), "Bad debt per scenario", "" if len(sc) else "No scenario name appears in both reports.")
 
-    counts = [("Accounts only in the newer report", count(len(set(a1["account_id"]) - set(a0["account_id"])))),
-              ("Accounts only in the older report", count(len(set(a0["account_id"]) - set(a1["account_id"]))))]
+    counts = [(f"Accounts only in the {which} report", _some_ids(set(a) - set(b)))
+              for which, a, b in (("newer", a1["account_id"], a0["account_id"]), ("older", a0["account_id"], a1["account_id"]))]
     return {
         "title": "Night over night",
         "as_of": text(s1.get("as_of")),

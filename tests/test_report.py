@@ -820,10 +820,11 @@ def test_diff_reports_changes_new_liquidatable_accounts_and_movers(two_nights, t
         assert_usd(old_v, s0["worst_bad_debt"])
         assert_usd(new_v, s1["worst_bad_debt"])
         assert abs(number(change) - (round(s1["worst_bad_debt"]) - round(s0["worst_bad_debt"]))) <= 1
-        cov = head["Fund coverage (fund / worst bad debt)"]
-        for shown, s in zip(cov[:2], (s0, s1)):
-            if s["worst_bad_debt"] > 0:
-                assert abs(number(shown) - s["insurance_fund"] / s["worst_bad_debt"]) <= 0.0005 + 1e-12
+        cov = head[report.COVERAGE_LABEL]
+        for shown, s, x in zip(cov[:2], (s0, s1), (old, new)):
+            if s["worst_bad_debt"] > 0:  # the fund at the worst scenario's prices, fees in
+                w = pd.read_parquet(x / "scenarios.parquet").set_index("scenario").loc[s["worst_scenario"]]
+                assert abs(number(shown) - (w.insurance_fund_before + w.fees) / s["worst_bad_debt"]) <= 0.0005 + 1e-12
         assert {r[0] for r in find(tables, "Newly liquidatable")["rows"]} == newly
         movers = find(tables, "Accounts whose worst P&L moved most")
         assert {r[0] for r in movers["rows"]} == set(both[both.move >= 0.005].account_id)  # unchanged ones left out
@@ -848,7 +849,30 @@ def test_diff_limits_and_bad_older_folder(two_nights, tmp_path):
     worst = json.loads((new / "summary.json").read_text())["worst_bad_debt"]
     assert result.exit_code == (1 if worst > 0 else 0)
     if worst > 0:
-        assert "max_bad_debt" in (tmp_path / "d" / "diff.md").read_text()
+        assert "max_bad_debt" in (tmp_path / "d" / "diff.md").read_text().replace("\\_", "_")  # as rendered
     bad = invoke("report", new, "--against", tmp_path / "missing", "--out", tmp_path / "e")
     assert bad.exit_code == 2 and "missing" in one_line(bad.stderr)
     assert not (tmp_path / "e").exists()
+
+
+def test_fund_coverage_values_the_fund_at_the_worst_scenarios_prices():
+    """A fund of 30 BTC (2.7M USD now) in a -60% crash is worth 1.08M: against 2.47M of bad
+    debt it covers 43.8%, not the 109.5% the snapshot value gave beside a socialised loss."""
+    summary = {"as_of": "2026-11-23T08:00:00Z", "accounts": 10, "positions": 10, "scenarios": 2,
+               "insurance_fund": 2_700_000.0, "worst_scenario": "crash-60", "worst_bad_debt": 2_466_409.0,
+               "p_fund_depleted": None, "accounts_liquidatable": 0}
+    sc = pd.DataFrame({"scenario": ["calm", "crash-60"], "kind": ["explicit"] * 2, "pnl_total": [0.0, -1.0],
+                       "accounts_liquidatable": [0, 5], "bad_debt": [0.0, 2_466_409.0],
+                       "insurance_fund_before": [2_700_000.0, 1_080_000.0], "fees": [0.0, 20_000.0],
+                       "insurance_fund_after": [2_700_000.0, 0.0], "socialized_loss": [0.0, 1_366_409.0]})
+    rows = {label: value for label, value, _ in report.headline(summary, sc)}
+    assert number(rows[report.COVERAGE_LABEL]) == pytest.approx(1_100_000.0 / 2_466_409.0, abs=0.0005)
+    assert report.worst_coverage(summary, sc.drop(columns=["insurance_fund_before"])) == pytest.approx(2_700_000.0 / 2_466_409.0)
+
+
+def test_markdown_ids_with_underscores_and_tildes_render_as_written():
+    """``_vip_`` and ``~~gone~~`` would render as emphasis and strike-through in a merge
+    request's viewer: escaped, they show as written (CommonMark drops the backslashes)."""
+    md = report._md_escape("_vip_ ~~gone~~ a|b")
+    assert md == "\\_vip\\_ \\~\\~gone\\~\\~ a\\|b"
+    assert re.sub(r"\\(.)", r"\1", md) == "_vip_ ~~gone~~ a|b"
