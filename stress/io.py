@@ -165,6 +165,7 @@ def _read_table(folder: Path, name: str, required: tuple[str, ...], dictionary: 
         data = _read_csv(path)
     elif parquet.exists():
         path = parquet
+        _check_file(path)
         try:
             import pyarrow.parquet as pq
 
@@ -483,9 +484,10 @@ def _load_snapshot(folder: Path) -> Snapshot:
     for name, amount in fund_cfg.items():
         if name not in asset_names:
             raise InputError(file, None, f"insurance_fund.{name}", f"unknown asset {name!r}")
-        fund[asset_names.index(name)] = _number(file, f"insurance_fund.{name}", amount)
-        if fund[asset_names.index(name)] < 0:  # a fund that owes would pay bad debt with a negative amount
+        value = _number(file, f"insurance_fund.{name}", amount)
+        if value < 0:  # a fund that owes would pay bad debt with a negative amount
             raise InputError(file, None, f"insurance_fund.{name}", f"{amount!r}: a fund balance must be >= 0")
+        fund[asset_names.index(name)] = value
 
     instruments, instrument_ids, rates, it = _load_instruments(folder, asset_names, as_of)
     params = _margin.params_from_config(cfg.get("margin", {}), instruments, haircut, rates, assets=asset_names)
@@ -614,7 +616,7 @@ def _check_rates(t: _Table, inst: Instruments, params: Any, rates: tuple[np.ndar
 
 def _load_instruments(
     folder: Path, assets: tuple[str, ...], as_of: datetime
-) -> tuple[Instruments, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+) -> tuple[Instruments, np.ndarray, tuple[np.ndarray, np.ndarray], _Table]:
     """Instrument terms, ids (file order), the optional ``im_rate``/``mm_rate`` columns (NaN
     where empty) and the table itself (for errors on its rows), from one read of it."""
     t = _read_table(folder, "instruments", ("instrument_id",))
