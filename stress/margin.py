@@ -882,7 +882,7 @@ def var_windows(snap: Any) -> tuple[dict, np.ndarray]:
     path = path if path.is_absolute() else Path(snap.source) / path
     if not path.exists():
         raise _err("var_history", f"file not found: {path}")
-    times, cols = read_history(path)
+    times, cols = read_history(path, snap.assets)
     used = [(snap.asset_index(k), k) for k in cols if k in snap.assets]
     if not used:
         raise InputError(path.name, None, None, f"no column names an asset of the snapshot ({', '.join(snap.assets)})")

@@ -359,9 +359,11 @@ def _event(ctx: _Ctx, row: dict) -> _Block:
     return _one_step(names, "event", ctx.snap.n_assets, rows)
 
 
-def read_history(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def read_history(path: Path, assets: Any = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A price history: a ``date`` column and one USD price column per asset (CSV or Parquet),
     optional ``<ASSET>_iv`` implied-vol columns. Returns ``([R] datetime64[ms], {column: [R]})``.
+    With ``assets`` (names), only their columns are read and checked: a history broader than
+    the book (an asset listed mid-history, blank before) is not an error for a book without it.
 
     Raises:
       InputError: naming the file, the line (CSV) or row and the column at fault.
@@ -396,7 +398,7 @@ def read_history(path: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     t.check(np.r_[False, np.diff(times) <= np.timedelta64(0, "ms")], "date", "dates must be strictly increasing")
     cols = {}
     for c in data.column_names:
-        if c == "date":
+        if c == "date" or (assets is not None and (c[:-3] if c.endswith("_iv") else c) not in assets):
             continue
         v = t.numbers(c)
         t.check(v <= 0 if not c.endswith("_iv") else v < 0, c, "prices must be > 0" if not c.endswith("_iv") else "implied vol must be >= 0")
@@ -408,7 +410,7 @@ def _read_history(ctx: _Ctx, path: Path) -> tuple[np.ndarray, dict[str, np.ndarr
     """``read_history``, with a missing file reported against the table's ``prices`` field."""
     if not path.exists():
         raise ctx.error("prices", f"file not found: {path}")
-    return read_history(path)
+    return read_history(path, ctx.snap.assets)
 
 
 def _replay(ctx: _Ctx, row: dict) -> _Block:

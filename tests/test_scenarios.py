@@ -369,6 +369,23 @@ def test_replay_reproduces_every_window_return_exactly(tmp_path, linear_snap):
     assert scen.names[0] == "h:2024-01-01" and scen.random.all()
 
 
+def test_replay_ignores_the_columns_of_assets_the_book_lacks_blank_or_not(tmp_path, linear_snap):
+    """A history is broader than one book: an asset listed mid-history (blank before) or a
+    column with a bad value, for an asset the snapshot lacks, is not the book's error."""
+    h = _history(20)
+    h["SOL"] = [None] * 8 + [150.0] * 12  # listed on day 9
+    h["DOGE"] = ["n/a"] + [0.1] * 19
+    h.to_csv(tmp_path / "hist.csv", index=False)
+    scen = stress.load_scenarios(write(tmp_path, '[[replay]]\nname = "h"\nprices = "hist.csv"\nhorizon_days = 1\n'),
+                                 linear_snap)
+    assert len(scen) == 19
+    h["BTC"] = h["BTC"].astype(object)
+    h.loc[3, "BTC"] = "n/a"  # the book's own asset is still checked
+    h.to_csv(tmp_path / "hist.csv", index=False)
+    with pytest.raises(stress.InputError, match="line 5, column BTC"):
+        stress.load_scenarios(tmp_path / "s.toml", linear_snap)
+
+
 def test_filtered_replay_rescales_returns_by_ewma_vol(tmp_path, linear_snap):
     # The EWMA recursion checked against pandas' ewm (adjust=False) seeded with the mean square
     # of the first 30 returns: r*_t = r_t * sigma_today / sigma_t.
