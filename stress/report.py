@@ -940,7 +940,7 @@ def load(folder: str | Path) -> Report:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise InputError(str(folder), None, None, "no such report folder")
+        raise InputError(str(folder), None, None, "a file, not a report folder" if folder.exists() else "no such report folder")
     path = folder / "summary.json"
     if not path.is_file():
         raise InputError(str(path), None, None, "missing: not a report folder written by `stress run`")
