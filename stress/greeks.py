@@ -414,16 +414,7 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
     trade variables), under the snapshot and ``scenarios``."""
     from . import scenarios as scen_mod
 
-    margin.require_static_haircuts(snap.params, "stress hedge")
-    # its margin is the standard model's per contract: refuse books that model it otherwise,
-    # as for dynamic haircuts (an answer for another exchange would be worse than none)
-    model = snap.margin_config.get("model", "standard")
-    if model != "standard":
-        raise InputError("exchange.toml", "[margin]", "model",
-                         f"stress hedge models the standard margin model only, not {model!r}; use stress run to test a trade")
-    if np.isfinite(np.asarray(snap.params.tier_bound)).any():
-        raise InputError("exchange.toml", "[margin]", "future_tiers",
-                         "stress hedge models untiered margin only; use stress run to test a trade under risk-limit tiers")
+    margin.require_per_contract(snap, "stress hedge")
 
     ids = list(snap.instrument_ids.astype(str))
     for i in instruments:

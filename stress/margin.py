@@ -347,11 +347,18 @@ def _haircut_fields(cfg: dict, inst: Instruments, haircut: np.ndarray, assets: t
     }
 
 
-def require_static_haircuts(params: Params, command: str) -> None:
-    """Raise ``InputError`` where ``command`` models collateral with static haircuts only and
-    the exchange's are dynamic (an answer for another exchange would be worse than none)."""
-    if params.haircut_dynamic:
+def require_per_contract(snap: Any, command: str) -> None:
+    """Raise ``InputError`` where ``command``, which margins with ``per_contract`` (the standard
+    model, untiered) and static haircuts, would answer for another exchange than ``snap``'s:
+    a portfolio or var model, risk-limit tiers, or dynamic haircuts. An answer for another
+    exchange would be worse than none."""
+    if snap.params.haircut_dynamic:
         raise _err("haircut_model", f"{command} models static haircuts only; use stress run for dynamic haircuts")
+    model = snap.margin_config.get("model", "standard")
+    if model != "standard":
+        raise _err("model", f"{command} models the standard margin model only, not {model!r}; use stress run to test a trade")
+    if np.isfinite(np.asarray(snap.params.tier_bound)).any():
+        raise _err(TIERS_KEY, f"{command} models untiered margin only; use stress run to test a trade under risk-limit tiers")
 
 
 def scaled_haircut(params: Params, vol_shift: Any, asset: Any = slice(None)) -> Any:

@@ -154,15 +154,21 @@ def _some_ids(ids: set, shown: int = 20) -> str:
     return f"{count(len(ids))}: " + ", ".join(first) + (", ..." if len(ids) > shown else "")
 
 
-def worst_coverage(summary: dict, scenarios: pd.DataFrame) -> float:
-    """``coverage`` in the worst scenario: the fund at that scenario's prices with the fees it
-    received (``insurance_fund_before`` + ``fees``; a coin fund is worth less in a crash) over
-    its bad debt. A report without those columns falls back to the fund at the snapshot."""
+def _worst_row(summary: dict, scenarios: pd.DataFrame) -> pd.Series | dict:
+    """The row of ``summary``'s worst scenario in ``scenarios`` (``{}`` when it has none)."""
     worst = scenarios[scenarios["scenario"].astype(str) == str(summary.get("worst_scenario"))]
+    return worst.iloc[0] if len(worst) else {}
+
+
+def worst_coverage(summary: dict, scenarios: pd.DataFrame, w: pd.Series | dict | None = None) -> float:
+    """``coverage`` in the worst scenario (its row ``w``, looked up when not given): the fund at
+    that scenario's prices with the fees it received (``insurance_fund_before`` + ``fees``; a
+    coin fund is worth less in a crash) over its bad debt. A report without those columns
+    falls back to the fund at the snapshot."""
+    w = _worst_row(summary, scenarios) if w is None else w
     fund = summary.get("insurance_fund")
-    if len(worst) and "insurance_fund_before" in worst and not _missing(worst["insurance_fund_before"].iloc[0]):
-        fees = worst["fees"].iloc[0] if "fees" in worst and not _missing(worst["fees"].iloc[0]) else 0.0
-        fund = float(worst["insurance_fund_before"].iloc[0]) + float(fees)
+    if not _missing(w.get("insurance_fund_before")):
+        fund = float(w["insurance_fund_before"]) + (0.0 if _missing(w.get("fees")) else float(w["fees"]))
     return coverage(fund, summary.get("worst_bad_debt"))
 
 
@@ -456,8 +462,7 @@ def headline(summary: dict, scenarios: pd.DataFrame) -> list[tuple[str, str, boo
     """The answers at a glance: ``(label, value, breached)`` rows."""
     breached = _breached(summary.get("limit_breaches") or [])
     fund, bad = summary.get("insurance_fund"), summary.get("worst_bad_debt")
-    worst = scenarios[scenarios["scenario"].astype(str) == str(summary.get("worst_scenario"))]
-    w = worst.iloc[0] if len(worst) else {}
+    w = _worst_row(summary, scenarios)
     n_acc = summary.get("accounts")
     liq = summary.get("accounts_liquidatable")
     rnd = random_rows(scenarios)
@@ -468,7 +473,7 @@ def headline(summary: dict, scenarios: pd.DataFrame) -> list[tuple[str, str, boo
         p_text += f" ({count(round(float(p) * m))} of {count(m)} random scenarios)"
     elif _missing(p):
         p_text = "n/a (no random scenarios)"
-    cov = worst_coverage(summary, scenarios)
+    cov = worst_coverage(summary, scenarios, w)
     rows = [
         ("As of", text(summary.get("as_of")), False),
         ("Accounts / positions / scenarios",
@@ -477,8 +482,8 @@ def headline(summary: dict, scenarios: pd.DataFrame) -> list[tuple[str, str, boo
         ("Worst bad debt (USD)", usd(bad), "max_bad_debt" in breached),
         ("Insurance fund (USD)", usd(fund), False),
         (COVERAGE_LABEL, "n/a (no bad debt)" if _missing(cov) else pct(cov), False),
-        ("Fund after worst scenario (USD)", usd(w.get("insurance_fund_after")) if len(worst) else "n/a", False),
-        ("Socialised loss in worst scenario (USD)", usd(w.get("socialized_loss")) if len(worst) else "n/a", False),
+        ("Fund after worst scenario (USD)", usd(w.get("insurance_fund_after")) if len(w) else "n/a", False),
+        ("Socialised loss in worst scenario (USD)", usd(w.get("socialized_loss")) if len(w) else "n/a", False),
         ("P(fund depleted)", p_text, "max_p_fund_depleted" in breached),
         ("Accounts liquidatable now",
          count(liq) + (f" ({pct(liq / n_acc)} of accounts)" if not _missing(liq) and not _missing(n_acc) and n_acc else ""),
