@@ -140,7 +140,7 @@ def _market(inst, market, params, spot_mult, vol_shift, horizon):
 
     (rv, mm), (d_rv, _) = jax.jvp(f, (spot_mult,), (spot_mult,))
     is_opt = (inst.kind == OPTION)[:, None]
-    move_notional = jnp.where(is_opt, inst.contract_size[:, None] * d_rv["option"], rv["notional"])
+    move_notional = jnp.where(is_opt & rv["live"], inst.contract_size[:, None] * d_rv["option"], rv["notional"])
     return rv, mm, move_notional
 
 

@@ -110,7 +110,7 @@ class Tables:
     price0: Any  # [A, 1]
     haircut: Any  # [A] static haircuts, or a portfolio.Haircut at the snapshot (base [A, 1])
     notional0: Any  # [I, 1] notional per contract at the snapshot, USD
-    notional: Any  # [T, I, K*W] notional per contract, USD (SPEC section 2)
+    notional: Any  # [T, I, K*W] notional per contract, USD (SPEC section 2); 0 where settled
     fee_rate: Any = None  # [] liquidation fee, of the notional closed out; None: no fee
     impact: Any = None  # [T, I, K*W] price impact charged per contract closed, USD; None: free
     impact_row: Any = None  # [I] int32: row of each instrument in the impact pass (n_impact: none)
@@ -125,11 +125,14 @@ class Tables:
     lag: int = dataclasses.field(default=0, metadata={"static": True})  # oracle lag, steps
     lags: tuple = dataclasses.field(default=(), metadata={"static": True})  # lags reported side by side
     # Notional closed per underlying: an instrument's notional per contract is ``und_lin`` times
-    # its underlying's price (linear contracts, options) plus ``und_fix`` USD (inverse futures)
-    und_row: Any = None  # [I] int32: row of each instrument's underlying among ``und_asset``
+    # its underlying's price (linear contracts, options) plus ``und_fix`` USD (inverse futures),
+    # or 0 in a state where it has settled. Instruments that settle in some state of the run
+    # are summed apart, one class per expiry, and left out where settled (``closed_by_underlying``)
+    und_row: Any = None  # [I] int32: column class * U + row of each instrument's underlying among ``und_asset``
     und_lin: Any = None  # [I] contracts' notional per unit of the underlying's USD price
     und_fix: Any = None  # [I] contracts' fixed notional, USD
     und_asset: Any = None  # [U] int32: the asset of each underlying row
+    und_rep: Any = None  # [E] int32: an instrument of each settling class 1..E; None: nothing settles
     haircut_base: Any = None  # [T, A, K*W] vol-scaled haircuts of dynamic haircuts; None: static
     # Var margin model (None: another model): the windows around every state, "pnl" [T, I, K*W,
     # H] USD per contract and "dp" [T, A, K*W, H] USD per unit of each asset, "im" [T, I, K*W]
@@ -279,9 +282,8 @@ def scenario_tile(n_scenarios: int, steps: int = 1, model_tiles: bool = False, d
 def _revalue_and_margin(inst, market, params, spot, vol, horizon):
     """Instrument values and margin per contract under every scenario, in one compilation."""
     rv = pricing.revalue(inst, market, spot, vol, horizon)
-    im, mm = margin.per_contract(inst, params, rv["spot"], rv["option"])
-    c = inst.contract_size[:, None]
-    rv["notional"] = jnp.where(inst.inverse[:, None] & (inst.kind != OPTION)[:, None], c, c * rv["spot"])
+    im, mm = margin.per_contract(inst, params, rv["spot"], rv["option"], rv["live"])
+    rv["notional"] = margin.contract_notional(inst, rv["spot"], rv["live"])
     return rv, im, mm
 
 
@@ -429,6 +431,9 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
                "tiers": _tiers(snap.params, snap.params.tier_im, dtype)}
         var_tail = _tail_size(windows.shape[0], vc["confidence"])
 
+    live = np.asarray(rv["live"])  # [I, 1 + T*W], and every earlier step of the paths
+    if scen.steps > 1:
+        live = np.concatenate([live, np.asarray(prv["live"])], axis=1)
     user = np.arange(T * W) < S
     random = np.zeros(T * W, bool)
     random[:S] = scen.random
@@ -464,7 +469,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         var_tail=var_tail,
         lag=liq_cfg["oracle_lag_steps"],
         lags=liq_cfg["oracle_lags"],
-        **_underlying_rows(snap, dtype),
+        **_underlying_rows(snap, dtype, live),
     )
     # Host copies at float64 for exchange-level numbers.
     price_all = np.asarray(rv["price"])[:, : 1 + S]
@@ -506,29 +511,55 @@ def _share(p: np.ndarray, m: int) -> np.ndarray:
     return np.rint(np.asarray(p, np.float64) * m) / m
 
 
-def _underlying_rows(snap: Snapshot, dtype: Any) -> dict:
+def _underlying_rows(snap: Snapshot, dtype: Any, live: np.ndarray) -> dict:
     """``Tables``' ``und_*`` fields: the underlyings of the snapshot's instruments, in asset order,
-    and each instrument's notional per contract split into a price-linear and a fixed part."""
+    each instrument's notional per contract split into a price-linear and a fixed part, and
+    the instruments that settle in some state (``live`` ``[I, X]`` False there, the states of
+    every table), in one class per expiry."""
     und = np.asarray(snap.instruments.underlying)
     assets, row = np.unique(und, return_inverse=True)
     c = np.asarray(snap.instruments.contract_size, np.float64)
     fixed = np.asarray(snap.instruments.inverse) & (np.asarray(snap.instruments.kind) != OPTION)
+    # one expiry settles its instruments in the same states: its first one stands for them all
+    settles = ~np.all(live, axis=1)
+    expiries, first, klass = np.unique(np.asarray(snap.instruments.expiry)[settles], return_index=True, return_inverse=True)
+    cls = np.zeros(len(und), np.int64)
+    cls[settles] = klass + 1
+    rep = np.flatnonzero(settles)[first].astype(np.int32)
     on = lambda x: jax.device_put(np.asarray(x, dtype))  # converted here, not on the device
-    return {"und_row": jax.device_put(row.astype(np.int32)), "und_lin": on(np.where(fixed, 0.0, c)),
-            "und_fix": on(np.where(fixed, c, 0.0)), "und_asset": jax.device_put(assets.astype(np.int32))}
+    return {"und_row": jax.device_put((cls * len(assets) + row).astype(np.int32)), "und_lin": on(np.where(fixed, 0.0, c)),
+            "und_fix": on(np.where(fixed, c, 0.0)), "und_asset": jax.device_put(assets.astype(np.int32)),
+            "und_rep": jax.device_put(rep) if len(expiries) else None}
 
 
 def underlying_notional(h: Holdings, t: Tables) -> Any:
-    """``[n, 2U]``: each account's gross contracts on each underlying weighted by the notional
-    per contract's price-linear part (``lin``, first ``U`` columns), then its fixed USD notional
-    there (``fix``). The notional of what it holds on underlying ``u`` at asset prices ``P`` is
-    ``lin[:, u] * P[u] + fix[:, u]``."""
+    """``[n, 2C]``: each account's gross contracts on each underlying weighted by the notional
+    per contract's price-linear part (``lin``, first ``C`` columns), then its fixed USD notional
+    there (``fix``), per settling class (``C = (1 + E) * U`` columns, class-major; ``C = U``
+    where nothing settles). The notional of what it holds of class ``k`` on underlying ``u``
+    at asset prices ``P``, where that class is live, is ``lin[:, k*U + u] * P[u] + fix[:, k*U + u]``."""
     n = h.inst.shape[0]
     inst = h.inst.reshape(n, -1)
     q = jnp.abs(h.qty.reshape(n, -1))  # padding holds 0 contracts
-    onehot = (t.und_row[inst][..., None] == jnp.arange(t.und_asset.shape[0])).astype(q.dtype)  # [n, PL, U]
+    C = t.und_asset.shape[0] * (1 + (0 if t.und_rep is None else t.und_rep.shape[0]))  # (class, underlying) columns
+    onehot = (t.und_row[inst][..., None] == jnp.arange(C)).astype(q.dtype)  # [n, PL, C]
     per_contract = jnp.stack([t.und_lin[inst], t.und_fix[inst]], axis=-1) * q[..., None]  # [n, PL, 2]
     return jnp.einsum("npk,npu->nku", per_contract, onehot).reshape(n, -1)
+
+
+def closed_by_underlying(t: Tables, r: Any, price: Any, notional: Any) -> Any:
+    """``[U, X]`` USD notional closed per underlying in ``X`` states, from ``r`` ``[2C, X]``
+    (``underlying_notional``'s columns, transposed, times what each account closed) and the
+    states' asset ``price`` ``[A, X]``; a class of instruments that has settled in a state
+    (its ``notional`` ``[I, X]`` per contract is 0 there: ``margin.contract_notional``) closes
+    nothing there."""
+    U, X = t.und_asset.shape[0], r.shape[-1]
+    half = r.shape[0] // 2
+    closed = r[:half].reshape(-1, U, X) * price[t.und_asset] + r[half:].reshape(-1, U, X)  # [1 + E, U, X]
+    if t.und_rep is None:
+        return closed[0]
+    live = notional[t.und_rep] > 0  # [E, X]
+    return closed[0] + jnp.sum(jnp.where(live[:, None, :], closed[1:], 0.0), axis=0)
 
 
 def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
@@ -686,7 +717,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             alone is not enough: under an oracle lag a breach in a path's last steps is never
             acted on, and leaves a shortfall at the path's end."""
             # notional closed per underlying: the share closed at each step times the account's
-            # notional there, summed over accounts (one [1 + 2U, n] @ [n, K*W] product) and steps
+            # notional there, summed over accounts (one [1 + 2C, n] @ [n, K*W] product) and steps
             # In one step, liquidated is margin above collateral: formed from the shortfall
             # here rather than on every tile (paths need the flags to pick their step anyway)
             liquidated = liq if paths else gap > 0
@@ -695,8 +726,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             # (``at`` marks one step of each path at most; exact sums of 0s and 1s), one pass
             # over the tile fewer. (Other sums side by side in the same product were slower:
             # the operand they make is written out first.)
-            r = und_weights @ (at if paths else liquidated).astype(dt)  # [1 + 2U, K*W]
-            und_closed = (r[1 : 1 + U] * price[t.und_asset] + r[1 + U :]).reshape(U, -1, W).sum(axis=1)
+            r = und_weights @ (at if paths else liquidated).astype(dt)  # [1 + 2C, K*W]
+            und_closed = closed_by_underlying(t, r[1:], price, notional).reshape(U, -1, W).sum(axis=1)
             zero = jnp.zeros(W, dt)
             sums = jnp.stack([r[0].reshape(-1, W).sum(axis=0), total(jnp.maximum(gap, 0.0)),
                               total(closed_out) if paths else zero,  # nothing closes early in one step
@@ -765,7 +796,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     pm_tiles = t.model_tiles()
     tables = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.haircut_base, t.random)
     top_k_at = lambda k: None if top is None else top[k]  # noqa: E731
-    und_weights = jnp.concatenate([validf[None], underlying_notional(h, t).T * validf])  # [1 + 2U, n]
+    und_weights = jnp.concatenate([validf[None], underlying_notional(h, t).T * validf])  # [1 + 2C, n]
     tiles = jnp.arange(T, dtype=jnp.int32)
     if t.ranges is None:
         carry, ys = jax.lax.scan(full_tile, init, (*tables, tiles, top))

@@ -65,7 +65,7 @@ def applies(h: portfolio.Holdings, t: Any, n_random: int, with_pnl: bool) -> boo
     return (
         n_random == 0 and not with_pnl and t.value.shape[2] == W  # one step per scenario
         and t.pm is None and t.var is None and t.tiers is None and t.impact is None and t.partial_target is None
-        and not t.n_groups and not t.lags and t.haircut_base is None
+        and not t.n_groups and not t.lags and t.haircut_base is None and t.und_rep is None
         and not isinstance(t.haircut, portfolio.Haircut) and h.group is None
         and P * L <= MAX_POSITIONS and n % ba == 0 and (n & (n - 1)) == 0 and (W & (W - 1)) == 0
     )

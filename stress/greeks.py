@@ -223,7 +223,7 @@ LOT_DIGITS = 3  # a suggested trade is rounded to 0.001 contract (whole contract
 def _market_tables(inst: Instruments, market: Market, params: Any, spot: Any, vol: Any, horizon: Any):
     """Per-contract value, maintenance margin and asset prices under ``[S]`` market states."""
     rv = pricing.revalue(inst, market, spot, vol, horizon)
-    _, mm = margin.per_contract(inst, params, rv["spot"], rv["option"])
+    _, mm = margin.per_contract(inst, params, rv["spot"], rv["option"], rv["live"])
     return rv["value"], mm, rv["price"]
 
 

@@ -446,7 +446,7 @@ def position_weight(kind: Any, quantity: Any, xp: Any = jnp) -> Any:
     return xp.where(kind == OPTION, xp.maximum(-quantity, 0.0), xp.abs(quantity))
 
 
-def per_contract(inst: Instruments, params: Params, spot: Any, value: Any) -> tuple[Any, Any]:
+def per_contract(inst: Instruments, params: Params, spot: Any, value: Any, live: Any = True) -> tuple[Any, Any]:
     """Initial and maintenance margin per contract, USD, standard model, untiered.
 
     Futures and perpetuals pay ``im_rate``/``mm_rate`` (the first risk-limit tier when tiers
@@ -457,6 +457,10 @@ def per_contract(inst: Instruments, params: Params, spot: Any, value: Any) -> tu
       params: risk parameters.
       spot: ``[I, S]`` price of each instrument's underlying, USD.
       value: ``[I, S]`` option value per coin of underlying, USD (ignored for futures).
+      live: ``[I, S]`` bool, ``pricing.revalue``'s: where False the scenario's horizon has
+        reached the expiry, the contract has settled, and it needs no margin (an exchange
+        settles expired options and futures into cash: margining the intrinsic value that
+        equity already holds would count it twice).
 
     Returns:
       ``(im, mm)``, each ``[I, S]``, USD per contract of weight ``position_weight``.
@@ -474,7 +478,8 @@ def per_contract(inst: Instruments, params: Params, spot: Any, value: Any) -> tu
     opt_mm = c * (jnp.where(is_call, mm_rate * spot, jnp.maximum(mm_rate * spot, mm_rate * value)) + value)
     opt_im = c * (jnp.maximum(im_rate - otm / spot, params.option_im_floor) * spot + value)
     opt_im = jnp.where(is_call, opt_im, jnp.maximum(opt_im, opt_mm))
-    return jnp.where(is_opt, opt_im, fut_im), jnp.where(is_opt, opt_mm, fut_mm)
+    return (jnp.where(live, jnp.where(is_opt, opt_im, fut_im), 0.0),
+            jnp.where(live, jnp.where(is_opt, opt_mm, fut_mm), 0.0))
 
 
 def tier_margin(notional: Any, bound: Any, im_rate: Any, mm_rate: Any) -> tuple[Any, Any]:
@@ -500,6 +505,16 @@ def tier_margin(notional: Any, bound: Any, im_rate: Any, mm_rate: Any) -> tuple[
     tier = jnp.sum(notional[..., None] > bound[..., :-1], axis=-1)
     pick = lambda r: jnp.take_along_axis(r, tier[..., None], axis=-1)[..., 0]
     return pick(im_rate) * notional, pick(mm_rate) * notional
+
+
+def contract_notional(inst: Instruments, spot: Any, live: Any = True) -> Any:
+    """``[I, S]`` USD notional per contract (SPEC section 2): ``c`` for inverse futures and
+    perpetuals (face value), ``c * S`` otherwise, at underlying prices ``spot`` ``[I, S]``; 0
+    where not ``live`` (``pricing.revalue``): a settled contract is not closed out, so it pays
+    no fee, price impact or risk-limit tier."""
+    c = inst.contract_size[:, None]
+    face = jnp.where(inst.inverse[:, None] & (inst.kind != OPTION)[:, None], c, c * spot)
+    return jnp.where(live, face, 0.0)
 
 
 def position_notional(inst: Instruments, pos_inst: Any, qty: Any, spot: Any, xp: Any = jnp) -> Any:
@@ -579,11 +594,15 @@ def grid_moves(params: Params) -> tuple[Any, Any, Any]:
 def _usd_value(inst: Instruments, market: Market, spot_mult: Any, iv: Any) -> Any:
     """``[I, G]`` USD value per contract: settlement units times the settlement asset's price,
     the grid's price for coin-settled (inverse) instruments, today's price for the others
-    (the risk matrix moves the underlying only)."""
+    (the risk matrix moves the underlying only). An instrument past its expiry (``inst`` of a
+    scenario state beyond it, ``shifted``) has settled into a fixed amount of its settlement
+    asset, its value at today's prices: the grid moves only that amount's price."""
     G, A = spot_mult.shape
-    rv = revalue(dataclasses.replace(inst, iv=iv), market, spot_mult, jnp.zeros((G, A)), jnp.zeros(G))
+    inst = dataclasses.replace(inst, iv=iv)
+    rv = revalue(inst, market, spot_mult, jnp.zeros((G, A)), jnp.zeros(G))
+    settled = revalue(inst, market, jnp.ones((1, A)), jnp.zeros((1, A)), jnp.zeros(1))["value"]  # [I, 1]
     conv = jnp.where(inst.inverse[:, None], rv["spot"], market.price[inst.settlement][:, None])
-    return rv["value"] * conv
+    return jnp.where(rv["live"], rv["value"], settled) * conv
 
 
 @jax.jit
@@ -610,7 +629,7 @@ def instrument_grid(inst: Instruments, market: Market, params: Params) -> dict:
     T = jnp.where(inst.kind == PERPETUAL, 0.0, jnp.where(jnp.isfinite(inst.expiry), inst.expiry, 0.0))
     notional = jnp.where(inst.inverse, inst.contract_size, inst.contract_size * market.price[u])
     move = jnp.maximum(params.pm_min_move[u], params.pm_move_risk[u] * T)
-    roll = jnp.where(inst.kind == OPTION, 0.0, notional * move)
+    roll = jnp.where((inst.kind == OPTION) | (inst.expiry <= 0), 0.0, notional * move)  # settled: no roll
     return {"pnl": value - base[:, None], "delta": delta, "roll": roll, "extended": extended,
             "vol_index": vol_index, "spot_mult": spot_mult}
 
@@ -916,7 +935,9 @@ def var_grids(inst: Instruments, market: Market, spot_mult: Any, vol_shift: Any,
         sp = jnp.concatenate([s[None, :], s[None, :] * window_mult])  # [1 + H, A]
         hor = jnp.concatenate([h[None], h + window_days + jnp.zeros(window_mult.shape[0], h.dtype)])
         rv = revalue(inst, market, sp, jnp.broadcast_to(v, sp.shape), hor)
-        usd = rv["value"] * rv["price"][inst.settlement]  # [I, 1 + H]
+        # settled at the state: a fixed amount of the settlement asset, whose price alone moves
+        units = jnp.where(rv["live"][:, :1], rv["value"], rv["value"][:, :1])
+        usd = units * rv["price"][inst.settlement]  # [I, 1 + H]
         return {"pnl": usd[:, 1:] - usd[:, :1], "dp": rv["price"][:, 1:] - rv["price"][:, :1]}
 
     return _each_state(one, (spot_mult, vol_shift, horizon_days), batch)

@@ -73,7 +73,10 @@ def revalue(
       A dict of ``[I, S]`` arrays unless stated:
       ``value``: value (P&L for futures and perpetuals) per contract in units of the
       settlement asset; ``spot``: the underlying's price, USD; ``option``: option value per
-      coin, USD (0 for futures); ``price``: ``[A, S]`` asset prices, USD.
+      coin, USD (0 for futures); ``price``: ``[A, S]`` asset prices, USD; ``live``: bool,
+      False where the scenario's horizon reaches the instrument's expiry. Such an option or
+      future has settled: its value above stays in equity (an option at its intrinsic value, a
+      future at ``F'``), and it carries no margin, fee or price impact (``margin.per_contract``).
     """
     price = market.price[:, None] * spot_mult.T  # [A, S]
     S = price[inst.underlying]  # [I, S]
@@ -81,8 +84,8 @@ def revalue(
     c = inst.contract_size[:, None]
 
     vol = floor_vol(inst.iv[:, None] + vol_shift.T[inst.underlying], inst.iv[:, None])
-    T = inst.expiry[:, None] - horizon_days[None, :] / YEAR_DAYS
-    T = jnp.where(is_opt, T, 1.0)  # perpetuals have T = inf; keep the option branch finite
+    left = inst.expiry[:, None] - horizon_days[None, :] / YEAR_DAYS  # years; inf for perpetuals
+    T = jnp.where(is_opt, left, 1.0)  # keep the option branch finite for the others
     opt = jnp.where(is_opt, black_scholes(S, inst.strike[:, None], T, vol, market.rate, inst.is_call[:, None]), 0.0)
 
     F0 = jnp.where(is_opt, 1.0, inst.mark[:, None])
@@ -93,4 +96,5 @@ def revalue(
     fut = jnp.where(inverse, c * (1.0 / F0 - 1.0 / F), c * (F - F0))
     opt_units = jnp.where(inverse, c * opt / S, c * opt)
     value = jnp.where(is_opt, opt_units, fut)
-    return {"value": value, "spot": S, "option": opt, "price": price}
+    live = jnp.broadcast_to(left > 0, value.shape)
+    return {"value": value, "spot": S, "option": opt, "price": price, "live": live}

@@ -226,7 +226,7 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
       each, in the book's state order (state 0 the snapshot); ``price``: ``[A, 1 + K * S]``, USD.
     """
     rv = pricing.revalue(inst, market, b.spot_mult * (1.0 + x)[None, :], b.vol_shift + dv[None, :], b.horizon_days)
-    _, mm = margin.per_contract(inst, params, rv["spot"], rv["option"])  # [I, 1+S]
+    _, mm = margin.per_contract(inst, params, rv["spot"], rv["option"], rv["live"])  # [I, 1+S]
     M = b.slot_account.shape[0]
     held = jax.ops.segment_sum(b.pos_quantity[:, None] * rv["value"][b.pos_instrument], b.pos_slot, num_segments=M)
     e = lam[b.slot_account][:, None] * (b.slot_balance[:, None] + held)  # [M, 1+S] asset units
@@ -237,8 +237,7 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     w = margin.position_weight(inst.kind[b.pos_instrument], b.pos_quantity)
     per_position = w[:, None] * mm[b.pos_instrument]  # [N, 1+S] USD
     seg = functools.partial(jax.ops.segment_sum, segment_ids=b.slot_account, num_segments=n)
-    c = inst.contract_size[:, None]  # notional per contract, USD (SPEC section 2), as the engine
-    notional = jnp.where(inst.inverse[:, None] & (inst.kind != OPTION)[:, None], c, c * rv["spot"])
+    notional = margin.contract_notional(inst, rv["spot"], rv["live"])  # per contract, USD, as the engine
     absq = jnp.abs(b.pos_quantity)[:, None]
     pn = absq * notional[b.pos_instrument]  # [N, 1+S] each position's notional, USD
     if b.tier_bound is not None:  # the tier its notional is in at each state (portfolio.tier_extra)
