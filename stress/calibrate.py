@@ -291,16 +291,18 @@ def _soft_path(params, inst, market, b, n: int, K: int, S: int, mm_scale):
 
     @jax.checkpoint  # reverse mode recomputes a step's account arrays instead of keeping all K
     def step(carry, x):
-        alive, eq_acc, _ = carry
+        alive, eq_acc, _, settled = carry
         spot, vol, hor, k = x
         st = sens.account_states(zero, zero, params, lam, inst, market,
-                            dataclasses.replace(b, spot_mult=spot, vol_shift=vol, horizon_days=hor), n)
+                                 dataclasses.replace(b, spot_mult=spot, vol_shift=vol, horizon_days=hor), n,
+                                 settled=settled)
         breach = jax.nn.sigmoid((st["maintenance_margin"] - st["collateral"]) / mm_scale[:, None])
         stop = jnp.where(k == K - 1, 1.0, breach)  # the last step takes whoever is left
-        return (alive * (1.0 - stop), eq_acc + alive * stop * st["equity"], st["price"]), None
+        return (alive * (1.0 - stop), eq_acc + alive * stop * st["equity"], st["price"], st["settled"]), None
 
-    init = (jnp.ones((n, S)), jnp.zeros((n, S)), jnp.zeros((A, S)))
-    (_, eq, price), _ = jax.lax.scan(step, init, xs)
+    I = inst.kind.shape[0]
+    init = (jnp.ones((n, S)), jnp.zeros((n, S)), jnp.zeros((A, S)), (jnp.zeros((I, S)), jnp.ones((I, S), bool)))
+    (_, eq, price, _), _ = jax.lax.scan(step, init, xs)
     return eq, price
 
 

@@ -58,7 +58,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import engine, liquidation, margin, portfolio
+from . import engine, liquidation, margin, portfolio, pricing
 from .liquidation import Impact, impact_params
 from .portfolio import Holdings
 from .scenarios import RANDOM_KINDS, Scenarios
@@ -199,20 +199,29 @@ def _settle_chunk(h: Holdings, br: Any, tab: dict, haircut, fee_rate, *, K, lag,
     return sums, jnp.where(liq, d, -1).astype(jnp.int32)
 
 
-def _market_step(inst, market, params, mult, vol, hor, *, dt: Any, dynamic: bool):
+def _market_step(inst, market, params, mult, vol, hor, settled, *, dt: Any, dynamic: bool):
     """The exchange's side of one step, before the accounts: every instrument at the step's
-    (moved) prices ``mult [W2, A]``, vol shifts ``vol [W2, A]``, horizon ``hor [W2]``.
+    (moved) prices ``mult [W2, A]``, vol shifts ``vol [W2, A]``, horizon ``hor [W2]``;
+    ``settled``: what this returned for the step before (at the first step, ``unsettled``).
 
-    Returns ``(acc, notional, move_notional)``: ``acc``, what the accounts read, in the
-    accounts' dtype ``dt``: ``value``, ``mm``, ``notional`` ``[I, W2]`` per contract, ``price
-    [A, W2]`` and, with dynamic haircuts, ``haircut [A, W2]``; ``notional`` and
-    ``move_notional`` ``[I, W2]`` (float64) for ``_exchange_step``."""
+    Returns ``(acc, notional, move_notional, settled)``: ``acc``, what the accounts read, in
+    the accounts' dtype ``dt``: ``value``, ``mm``, ``notional`` ``[I, W2]`` per contract,
+    ``price [A, W2]`` and, with dynamic haircuts, ``haircut [A, W2]``; ``notional`` and
+    ``move_notional`` ``[I, W2]`` (float64) for ``_exchange_step``; ``settled``, the value
+    and ``live`` flags for the next step (contracts that settled along the path keep what
+    they settled into: ``pricing.hold_settled_step``)."""
     rv, mm, move_notional = _market(inst, market, params, mult, vol, hor)
-    acc = {"value": rv["value"].astype(dt), "mm": mm.astype(dt), "price": rv["price"].astype(dt),
+    value = pricing.hold_settled_step(rv["value"], rv["live"], settled)
+    acc = {"value": value.astype(dt), "mm": mm.astype(dt), "price": rv["price"].astype(dt),
            "notional": rv["notional"].astype(dt)}
     if dynamic:  # the step's vol-scaled haircuts [A, W2]
         acc["haircut"] = margin.scaled_haircut(params, vol).T.astype(dt)
-    return acc, rv["notional"], move_notional
+    return acc, rv["notional"], move_notional, (value, rv["live"])
+
+
+def unsettled(I: int, W2: int) -> tuple:
+    """``_market_step``'s ``settled`` before a path's first step: nothing has settled."""
+    return jnp.zeros((I, W2), jnp.float64), jnp.ones((I, W2), bool)
 
 
 def _accounts_step(hs, brs, acc, haircut, tiers, t, *, K, lag):
@@ -317,19 +326,20 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
     dynamic = isinstance(haircut, portfolio.Haircut)
 
     def step(carry, x):
-        factor, brs = carry
+        factor, brs, settled = carry
         m, v, h, t = x
-        acc, notional, move_notional = _market_step(inst, market, params, m * factor, v, h, dt=dt, dynamic=dynamic)
+        acc, notional, move_notional, settled = _market_step(inst, market, params, m * factor, v, h, settled, dt=dt,
+                                                             dynamic=dynamic)
         brs, contracts, closed_n = _accounts_step(hs, brs, acc, haircut, tiers, t, K=K, lag=lag)
         cost, charge, X, grown = _exchange_step(contracts.astype(jnp.float64), notional, move_notional, imp,
                                                 inst.underlying, fb, factor)
-        return (grown, brs), _step_record(acc, charge, cost, closed_n, X, factor, dt)
+        return (grown, brs, settled), _step_record(acc, charge, cost, closed_n, X, factor, dt)
 
     brs = tuple(jnp.full(h.valid.shape + (W2,), K, jnp.int32) for h in hs)
-    init = (jnp.ones((W2, A), jnp.float64), brs)
+    init = (jnp.ones((W2, A), jnp.float64), brs, unsettled(inst.kind.shape[0], W2))
     xs = (mult, vol, hor, jnp.arange(K, dtype=jnp.int32))
     # checkpoint: reverse mode through the scan keeps one step's residuals, not K steps' accounts
-    (_, brs), ys = jax.lax.scan(jax.checkpoint(step), init, xs)
+    (_, brs, _), ys = jax.lax.scan(jax.checkpoint(step), init, xs)
 
     tab = {k: ys[k] for k in TABLE_KEYS if k in ys}
     sums, steps = _settle_all(hs, brs, tab, haircut, fee_rate, K=K, lag=lag, with_fee=with_fee,
@@ -453,9 +463,10 @@ def _stepped_tile(parts: Any, inst, market, params, imp: Impact, mult, vol, hor,
     factor = np.ones((W2, A))
     parts.cascade_begin(W2=W2, K=K, lag=lag, fee_rate=fee_rate, dtype=np.dtype(dt).name)
     ys = []
+    settled = unsettled(len(np.asarray(inst.kind)), W2)
     for t in range(K):
-        acc, notional, move_notional = _market_step_jit(inst, market, params, mult[t] * factor, vol[t], hor[t],
-                                                        dt=dt, dynamic=dynamic)
+        acc, notional, move_notional, settled = _market_step_jit(inst, market, params, mult[t] * factor, vol[t],
+                                                                 hor[t], settled, dt=dt, dynamic=dynamic)
         acc = jax.device_get(acc)
         contracts, closed = parts.cascade_step(t, acc)  # summed over the parts, float64
         cost, charge, X, grown = _exchange_step_jit(contracts, notional, move_notional, imp, inst.underlying, fb,

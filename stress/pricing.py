@@ -98,3 +98,27 @@ def revalue(
     value = jnp.where(is_opt, opt_units, fut)
     live = jnp.broadcast_to(left > 0, value.shape)
     return {"value": value, "spot": S, "option": opt, "price": price, "live": live}
+
+
+def hold_settled(value: Any, live: Any, axis: int = 1, xp: Any = jnp) -> Any:
+    """``value`` along a path's steps (``axis``, in time order) with each contract held, from
+    the first step past its expiry on, at what it settled into there.
+
+    ``revalue`` values a contract past its expiry at the scenario's intrinsic value (SPEC
+    section 3); along a path it settles once, at the first step past its expiry, into a fixed
+    amount of its settlement asset, which later steps' prices no longer move (equity still
+    converts it at that asset's price). ``live``: ``revalue``'s, shaped like ``value`` (False
+    from some step on: horizons grow along a path). ``xp``: ``jnp``, or ``numpy`` on the host.
+    """
+    K = value.shape[axis]
+    first = xp.sum(xp.cumprod(live, axis=axis), axis=axis, keepdims=True)  # steps before settling
+    steps = xp.arange(K).reshape([K if d == axis % value.ndim else 1 for d in range(value.ndim)])
+    return xp.take_along_axis(value, xp.minimum(steps, first), axis=axis)
+
+
+def hold_settled_step(value: Any, live: Any, before: tuple) -> Any:
+    """``hold_settled`` one step at a time, in a scan over a path's steps: ``before`` is the
+    ``(value, live)`` this returned and ``revalue`` gave at the step before (at the first step,
+    anything and True). Returns this step's ``value``, settled contracts held."""
+    held, was_live = before
+    return jnp.where(live | was_live, value, held)

@@ -207,7 +207,7 @@ def default_temperature(fund_now: float) -> float:
 
 
 def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any, b: Book,
-                   n: int, impact: Any = None, grids: Any = None) -> dict[str, Any]:
+                   n: int, impact: Any = None, grids: Any = None, settled: Any = None) -> dict[str, Any]:
     """Equity, collateral and maintenance margin per account and state, USD.
 
     Args:
@@ -219,16 +219,22 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
         impact parameters, from which each account's price-impact charge is computed.
       grids: the portfolio model's ``pm_grids``, from which maintenance margin is computed
         when the book has the portfolio model's layout (revalued here when None).
+      settled: for a book of one path step's states only (a scan over the steps, ``calibrate``),
+        the ``"settled"`` this returned at the step before (None at the first): contracts that
+        settled along the path keep what they settled into (``pricing.hold_settled``, which
+        a book of every step applies itself).
 
     Returns:
       ``equity``, ``collateral``, ``maintenance_margin``, ``notional`` (gross, USD) and, with
       ``impact``, ``impact`` (the charge of closing the whole book there): ``[n, 1 + K * S]``
-      each, in the book's state order (state 0 the snapshot); ``price``: ``[A, 1 + K * S]``, USD.
+      each, in the book's state order (state 0 the snapshot); ``price``: ``[A, 1 + K * S]``,
+      USD; ``settled``: each instrument's value per contract and ``live`` ``[I, states]``.
     """
     rv = pricing.revalue(inst, market, b.spot_mult * (1.0 + x)[None, :], b.vol_shift + dv[None, :], b.horizon_days)
     _, mm = margin.per_contract(inst, params, rv["spot"], rv["option"], rv["live"])  # [I, 1+S]
+    value = _held_along_paths(rv["value"], rv["live"], b.random.shape[0], settled)
     M = b.slot_account.shape[0]
-    held = jax.ops.segment_sum(b.pos_quantity[:, None] * rv["value"][b.pos_instrument], b.pos_slot, num_segments=M)
+    held = jax.ops.segment_sum(b.pos_quantity[:, None] * value[b.pos_instrument], b.pos_slot, num_segments=M)
     e = lam[b.slot_account][:, None] * (b.slot_balance[:, None] + held)  # [M, 1+S] asset units
     usd = e * rv["price"][b.slot_asset]
     # Haircut on a positive net amount only; the where keeps both branches' gradients finite.
@@ -248,7 +254,7 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
         m = portfolio_maintenance(params, lam, inst, b, n, pm_grids(x, dv, params, inst, market, b) if grids is None else grids)
     g = jax.ops.segment_sum(pn, b.pos_account, num_segments=n)
     out = {"equity": seg(usd), "collateral": seg(coll), "maintenance_margin": m,
-           "notional": lam[:, None] * g, "price": rv["price"]}
+           "notional": lam[:, None] * g, "price": rv["price"], "settled": (value, rv["live"])}
     if b.partial_target is not None:  # what liquidation.partial_path needs, per slot
         out["slots"] = (lam[b.slot_account][:, None] * held, lam[b.slot_account] * b.slot_balance,
                         rv["price"][b.slot_asset], hc)
@@ -256,6 +262,21 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
         charge = impact_charge(impact[0], notional, impact[1], inst.underlying)  # [I, 1+K*S]
         out["impact"] = lam[:, None] * jax.ops.segment_sum(absq * charge[b.pos_instrument], b.pos_account, num_segments=n)
     return out
+
+
+def _held_along_paths(value: Any, live: Any, S: int, before: Any) -> Any:
+    """``value`` ``[I, states]`` with contracts that settled along a path held at what they
+    settled into: one step's states after ``before`` (``account_states``' ``settled``), or a book
+    of every step (now, then ``K`` steps of ``S`` scenarios, step-major; ``K = 1``: nothing
+    to hold)."""
+    if before is not None:
+        return pricing.hold_settled_step(value, live, before)
+    I, X = value.shape
+    K = (X - 1) // S
+    if X != 1 + K * S or K < 2:
+        return value
+    steps = pricing.hold_settled(value[:, 1:].reshape(I, K, S), live[:, 1:].reshape(I, K, S), axis=1)
+    return jnp.concatenate([value[:, :1], steps.reshape(I, K * S)], axis=1)
 
 
 def slot_haircuts(dv: Any, params: Params, market: Any, b: Book) -> Any:

@@ -203,3 +203,49 @@ def test_notional_closed_per_underlying_adds_up_along_paths_across_an_expiry(tmp
         np.testing.assert_allclose(per_und, sc.liquidated_notional, rtol=1e-9)
         totals[fee] = sc.liquidated_notional.to_numpy()
     np.testing.assert_allclose(totals[0.0], totals[0.001], rtol=1e-9)
+
+
+def test_a_contract_settled_along_a_path_is_held_at_its_settlement_value(tmp_path):
+    # Both contracts expire in 2 days; one path at 1, 3 and 5 days, BTC 59,500 / 58,000 /
+    # 50,000. They settle at the second step, at its price, into fixed USDC amounts:
+    # - fut: 21,000 USDC, long 10 linear futures marked 60,000: 10 * (58,000 - 60,000) =
+    #   -20,000 at settlement, equity 1,000 from then on (50,000 at the last step no longer
+    #   moves it, which would leave -79,000 of bad debt), no margin: not liquidated.
+    # - put: 11,000 USDC, short 1 put K=62,000: settles at its intrinsic value 4,000, equity
+    #   7,000 (at the last step's intrinsic 12,000 it would be -1,000).
+    import dataclasses
+
+    from stress import calibrate, cascade
+    from stress import sensitivities as sens
+
+    snap = stress.load_snapshot(write_snapshot(
+        tmp_path, assets=[{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "BTC", "price": 60_000.0, "haircut": 0.0}],
+        instruments=[{"instrument_id": "LF2", "kind": "future", "underlying": "BTC", "settlement": "USDC", "contract_size": 1.0,
+                      "expiry": "2026-11-25T08:00:00Z", "mark_price": 60_000.0},
+                     {"instrument_id": "P2", "kind": "option", "underlying": "BTC", "settlement": "USDC", "contract_size": 1.0,
+                      "expiry": "2026-11-25T08:00:00Z", "strike": 62_000.0, "option_type": "put", "mark_iv": 0.5}],
+        balances=[{"account_id": "fut", "asset": "USDC", "amount": 21_000.0}, {"account_id": "put", "asset": "USDC", "amount": 11_000.0}],
+        positions=[{"account_id": "fut", "instrument_id": "LF2", "quantity": 10}, {"account_id": "put", "instrument_id": "P2", "quantity": -1}],
+        exchange_toml=TOML.replace("fee_rate = 0.001", "adl = false")))
+    A, b = snap.n_assets, snap.asset_index("BTC")
+    m = np.ones((1, 3, A))
+    m[0, :, b] = np.array([59_500.0, 58_000.0, 50_000.0]) / 60_000.0
+    h = np.array([[1.0, 3.0, 5.0]])
+    scen = Scenarios(("p",), ("montecarlo",), m[:, -1], np.zeros((1, A)), h[:, -1], m[:, :-1], np.zeros((1, 2, A)), h[:, :-1])
+    V0 = float(black_scholes(60_000.0, 62_000.0, 2 / 365, 0.5, 0.0, False))
+    equity_end = np.array([1_000.0, 7_000.0])
+    pnl = equity_end - np.array([21_000.0, 11_000.0 - V0])
+
+    for chunk in (1, 8):
+        res = stress.run(snap, scen, chunk_size=chunk)
+        assert res.scenarios.accounts_liquidatable[0] == 0 and res.scenarios.bad_debt[0] == 0.0
+        np.testing.assert_allclose(res.accounts.set_index("account_id").loc[["fut", "put"], "pnl_worst"], pnl, rtol=1e-9)
+
+    # the same along the sensitivities' states, calibration's scan over steps and the cascade's
+    bk = sens.book(snap, scen)
+    st = sens.account_states(jnp.zeros(A), jnp.zeros(A), snap.params, jnp.ones(2), snap.instruments, snap.market, bk, 2)
+    np.testing.assert_allclose(np.asarray(st["equity"])[:, -1], equity_end, rtol=1e-9)
+    eq, _ = calibrate._soft_path(snap.params, snap.instruments, snap.market, bk, 2, 3, 1, jnp.ones(2))
+    np.testing.assert_allclose(np.asarray(eq)[:, 0], equity_end, rtol=1e-9)
+    cas = cascade.run(snap, scen)
+    assert cas["bad_debt_no_feedback"][0] == 0.0 and cas["accounts_liquidated_no_feedback"][0] == 0
