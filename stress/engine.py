@@ -662,6 +662,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     validf = h.valid.astype(dt)
     keep_pnl = with_pnl or n_random > 0
     paths = t.value.shape[2] > W  # K > 1 steps per scenario
+    partial = t.partial_target is not None  # close-outs of a share of the book
     fuse = fusion(dt)
     charged = t.fee_rate is not None or t.impact is not None
     outcome = path_outcome(h, t, fuse)
@@ -740,16 +741,18 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
             # notional there, summed over accounts (one [1 + 2C, n] @ [n, K*W] product) and steps
             # In one step, liquidated is margin above collateral: formed from the shortfall
             # here rather than on every tile (paths need the flags to pick their step anyway)
-            liquidated = liq if paths else gap > 0
+            liquidated = liq if paths or partial else gap > 0
             U = t.und_asset.shape[0]
             # The product's first row is the chunk's real accounts: it counts those liquidated
             # (``at`` marks one step of each path at most; exact sums of 0s and 1s), one pass
             # over the tile fewer. (Other sums side by side in the same product were slower:
-            # the operand they make is written out first.)
-            r = und_weights @ (at if paths else liquidated).astype(dt)  # [1 + 2C, K*W]
+            # the operand they make is written out first.) A partial close-out's ``at`` is the
+            # share of the book closed at each step, which weighs the notional, not the count.
+            r = und_weights @ (at if paths or partial else liquidated).astype(dt)  # [1 + 2C, K*W]
             und_closed = closed_by_underlying(t, r[1:], price, notional).reshape(U, -1, W).sum(axis=1)
             zero = jnp.zeros(W, dt)
-            sums = jnp.stack([r[0].reshape(-1, W).sum(axis=0), total(jnp.maximum(gap, 0.0)),
+            count = total(liq.astype(dt)) if partial else r[0].reshape(-1, W).sum(axis=0)
+            sums = jnp.stack([count, total(jnp.maximum(gap, 0.0)),
                               total(closed_out) if paths else zero,  # nothing closes early in one step
                               total(f) if t.fee_rate is not None else zero, total(cost) if impact is not None else zero,
                               total(closed) if closed is not None else und_closed.sum(axis=0)])

@@ -445,6 +445,25 @@ def test_partial_liquidation_closes_just_enough_to_restore_the_target_ratio(tmp_
     assert sc.liquidated_notional["down-4"] == pytest.approx(24_000_000.0)
 
 
+def test_partial_close_out_of_under_half_a_book_counts_one_account_and_its_share_of_notional(tmp_path):
+    # At 49,600 (one step, and the second step of a path from 50,000): C = 400,000 - 500 x 400
+    # = 200,000 < M = 1% x 24,800,000 = 248,000. Back to 1.25 M with the 0.2% fee: f =
+    # (310,000 - 200,000) / (310,000 - 49,600) = 110,000 / 260,400, under half the book. One
+    # account is liquidated (the count is of accounts, not of books closed), and the notional
+    # closed is f of the book's, per underlying as in total.
+    snap = _book(tmp_path / "snap", 'fee_rate = 0.002\nmode = "partial"\nadl = false')
+    f = 110_000.0 / 260_400.0
+    (tmp_path / "s.toml").write_text('[[scenario]]\nname = "down"\nmoves = { BTC = -0.008 }\n')
+    (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,50000\n2024-01-03,49600\n")
+    (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 2\n')
+    for name in ("s.toml", "p.toml"):
+        row = stress.run(snap, stress.load_scenarios(tmp_path / name, snap)).scenarios.iloc[0]
+        assert row.accounts_liquidatable == 1
+        assert row.liquidated_notional == pytest.approx(24_800_000.0 * f, rel=1e-12)
+        assert row.liquidated_notional_BTC == pytest.approx(24_800_000.0 * f, rel=1e-12)
+        assert row.fees == pytest.approx(49_600.0 * f, rel=1e-12)
+
+
 def test_partial_liquidation_along_a_path_keeps_the_rest_at_risk(tmp_path):
     # 50,000 -> 49,500 -> 50,500: a share F1 is closed at 49,500, locking in its -250,000 x F1,
     # and the rest rides the recovery: equity at the end 400,000 + (1 - F1) x 250,000 - F1 x
