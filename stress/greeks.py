@@ -221,10 +221,26 @@ LOT_DIGITS = 3  # a suggested trade is rounded to 0.001 contract (whole contract
 
 @jax.jit
 def _market_tables(inst: Instruments, market: Market, params: Any, spot: Any, vol: Any, horizon: Any):
-    """Per-contract value, maintenance margin and asset prices under ``[S]`` market states."""
+    """Per-contract value, maintenance margin, asset prices and ``live`` flags under ``[S]``
+    market states."""
     rv = pricing.revalue(inst, market, spot, vol, horizon)
     _, mm = margin.per_contract(inst, params, rv["spot"], rv["option"], rv["live"])
-    return rv["value"], mm, rv["price"]
+    return rv["value"], mm, rv["price"], rv["live"]
+
+
+def _held_at_the_end(inst: Instruments, snap: Snapshot, scen: Any, value: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """``value`` ``[I, 1 + S]`` (now, then each scenario's last step) with a contract that
+    settled earlier along a path held at what it settled into (``pricing.hold_settled``), as
+    ``stress run`` values it."""
+    if scen.steps < 2:
+        return value
+    I, S, K1, A = value.shape[0], len(scen), scen.steps - 1, snap.n_assets
+    step_major = lambda x: np.swapaxes(np.asarray(x), 0, 1).reshape((K1 * S,) + np.shape(x)[2:])  # noqa: E731
+    v, _, _, lv = (np.asarray(x) for x in _market_tables(inst, snap.market, snap.params, step_major(scen.path_spot_mult),
+                                                          step_major(scen.path_vol_shift), step_major(scen.path_horizon_days)))
+    in_time = lambda before, last: np.concatenate([before.reshape(I, K1, S), last[:, None, 1:]], axis=1)  # noqa: E731
+    held = pricing.hold_settled(in_time(v, value), in_time(lv, live), axis=1, xp=np)
+    return np.concatenate([value[:, :1], held[:, -1]], axis=1)
 
 
 @pytree_dataclass
@@ -434,7 +450,8 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
     spot = np.vstack([np.ones((1, A)), scenarios.spot_mult])
     vol = np.vstack([np.zeros((1, A)), scenarios.vol_shift])
     hor = np.concatenate([[0.0], scenarios.horizon_days])
-    value, mm, price = (np.asarray(x) for x in _market_tables(inst, snap.market, snap.params, spot, vol, hor))
+    value, mm, price, live = (np.asarray(x) for x in _market_tables(inst, snap.market, snap.params, spot, vol, hor))
+    value = _held_at_the_end(inst, snap, scenarios, value, live)
     b = _HedgeBook(
         inst=U.astype(np.int32), q0=q0, hedge=np.searchsorted(U, hedge_ix).astype(np.int32), value=value[U], mm=mm[U],
         settle=np.eye(A)[np.asarray(inst.settlement)[U]], is_opt=np.asarray(inst.kind)[U] == OPTION,

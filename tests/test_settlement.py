@@ -205,6 +205,27 @@ def test_notional_closed_per_underlying_adds_up_along_paths_across_an_expiry(tmp
     np.testing.assert_allclose(totals[0.0], totals[0.001], rtol=1e-9)
 
 
+# A short linear put that expires in 2 days, and one path at 1, 3 and 5 days: BTC 59,500 /
+# 58,000 / 50,000 (the put settles at the second step, at 58,000, at its intrinsic 4,000).
+PUT2 = {"instrument_id": "P2", "kind": "option", "underlying": "BTC", "settlement": "USDC", "contract_size": 1.0,
+        "expiry": "2026-11-25T08:00:00Z", "strike": 62_000.0, "option_type": "put", "mark_iv": 0.5}
+V_PUT2 = float(black_scholes(60_000.0, 62_000.0, 2 / 365, 0.5, 0.0, False))  # its value now
+
+
+def _settling_path(tmp_path, instruments, balances, positions):
+    """A BTC-at-60,000 snapshot of these rows (no fee, no ADL) and the one path above."""
+    snap = stress.load_snapshot(write_snapshot(
+        tmp_path, assets=[{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "BTC", "price": 60_000.0, "haircut": 0.0}],
+        instruments=instruments, balances=balances, positions=positions,
+        exchange_toml=TOML.replace("fee_rate = 0.001", "adl = false")))
+    A, b = snap.n_assets, snap.asset_index("BTC")
+    m = np.ones((1, 3, A))
+    m[0, :, b] = np.array([59_500.0, 58_000.0, 50_000.0]) / 60_000.0
+    h = np.array([[1.0, 3.0, 5.0]])
+    return snap, Scenarios(("p",), ("montecarlo",), m[:, -1], np.zeros((1, A)), h[:, -1], m[:, :-1], np.zeros((1, 2, A)),
+                           h[:, :-1])
+
+
 def test_a_contract_settled_along_a_path_is_held_at_its_settlement_value(tmp_path):
     # Both contracts expire in 2 days; one path at 1, 3 and 5 days, BTC 59,500 / 58,000 /
     # 50,000. They settle at the second step, at its price, into fixed USDC amounts:
@@ -213,28 +234,19 @@ def test_a_contract_settled_along_a_path_is_held_at_its_settlement_value(tmp_pat
     #   moves it, which would leave -79,000 of bad debt), no margin: not liquidated.
     # - put: 11,000 USDC, short 1 put K=62,000: settles at its intrinsic value 4,000, equity
     #   7,000 (at the last step's intrinsic 12,000 it would be -1,000).
-    import dataclasses
-
     from stress import calibrate, cascade
     from stress import sensitivities as sens
 
-    snap = stress.load_snapshot(write_snapshot(
-        tmp_path, assets=[{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "BTC", "price": 60_000.0, "haircut": 0.0}],
-        instruments=[{"instrument_id": "LF2", "kind": "future", "underlying": "BTC", "settlement": "USDC", "contract_size": 1.0,
-                      "expiry": "2026-11-25T08:00:00Z", "mark_price": 60_000.0},
-                     {"instrument_id": "P2", "kind": "option", "underlying": "BTC", "settlement": "USDC", "contract_size": 1.0,
-                      "expiry": "2026-11-25T08:00:00Z", "strike": 62_000.0, "option_type": "put", "mark_iv": 0.5}],
-        balances=[{"account_id": "fut", "asset": "USDC", "amount": 21_000.0}, {"account_id": "put", "asset": "USDC", "amount": 11_000.0}],
-        positions=[{"account_id": "fut", "instrument_id": "LF2", "quantity": 10}, {"account_id": "put", "instrument_id": "P2", "quantity": -1}],
-        exchange_toml=TOML.replace("fee_rate = 0.001", "adl = false")))
-    A, b = snap.n_assets, snap.asset_index("BTC")
-    m = np.ones((1, 3, A))
-    m[0, :, b] = np.array([59_500.0, 58_000.0, 50_000.0]) / 60_000.0
-    h = np.array([[1.0, 3.0, 5.0]])
-    scen = Scenarios(("p",), ("montecarlo",), m[:, -1], np.zeros((1, A)), h[:, -1], m[:, :-1], np.zeros((1, 2, A)), h[:, :-1])
-    V0 = float(black_scholes(60_000.0, 62_000.0, 2 / 365, 0.5, 0.0, False))
+    fut = {"instrument_id": "LF2", "kind": "future", "underlying": "BTC", "settlement": "USDC", "contract_size": 1.0,
+           "expiry": "2026-11-25T08:00:00Z", "mark_price": 60_000.0}
+    snap, scen = _settling_path(tmp_path, [fut, PUT2],
+                                [{"account_id": "fut", "asset": "USDC", "amount": 21_000.0},
+                                 {"account_id": "put", "asset": "USDC", "amount": 11_000.0}],
+                                [{"account_id": "fut", "instrument_id": "LF2", "quantity": 10},
+                                 {"account_id": "put", "instrument_id": "P2", "quantity": -1}])
+    A = snap.n_assets
     equity_end = np.array([1_000.0, 7_000.0])
-    pnl = equity_end - np.array([21_000.0, 11_000.0 - V0])
+    pnl = equity_end - np.array([21_000.0, 11_000.0 - V_PUT2])
 
     for chunk in (1, 8):
         res = stress.run(snap, scen, chunk_size=chunk)
@@ -249,3 +261,20 @@ def test_a_contract_settled_along_a_path_is_held_at_its_settlement_value(tmp_pat
     np.testing.assert_allclose(np.asarray(eq)[:, 0], equity_end, rtol=1e-9)
     cas = cascade.run(snap, scen)
     assert cas["bad_debt_no_feedback"][0] == 0.0 and cas["accounts_liquidated_no_feedback"][0] == 0
+
+
+def test_hedge_values_a_contract_settled_along_the_path_as_the_run_does(tmp_path):
+    # The short put K=62,000 settles at 58,000 (second step) into -4,000 USDC: equity 7,000 at
+    # the path's end, no shortfall, so there is nothing to hedge. At the last step's intrinsic
+    # value (12,000) it would look 1,000 short and a hedge would be proposed.
+    from stress import greeks
+
+    perp = {"instrument_id": "PERP", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+            "contract_size": 1.0, "mark_price": 60_000.0}
+    snap, scen = _settling_path(tmp_path, [PUT2, perp], [{"account_id": "put", "asset": "USDC", "amount": 11_000.0}],
+                                [{"account_id": "put", "instrument_id": "P2", "quantity": -1}])
+    res = stress.run(snap, scen)
+    hg = greeks.hedge(snap, "put", ["PERP"], scen)
+    assert hg["before"]["shortfall_worst"] == 0.0 and not hg["trade"]
+    np.testing.assert_allclose([hg["before"]["pnl_worst"], res.accounts.pnl_worst[0]], 7_000.0 - (11_000.0 - V_PUT2),
+                               rtol=1e-9)
