@@ -334,6 +334,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     fee_rate = liq_cfg["fee_rate"]
     S = len(scen)
     model = snap.margin_config.get("model", "standard")
+    liquidation.check_partial(liq_cfg, model, snap.params.tier_mm)  # a snapshot built or changed in Python
     portfolio_model = model == "portfolio"
     # a portfolio-margin tile holds [accounts, underlyings, W, grid] blocks (a var tile [accounts,
     # W, windows]): keep it narrow
@@ -594,11 +595,12 @@ def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
     charged = t.fee_rate is not None or t.impact is not None
     gather_notional = charged or t.tiers is not None or t.partial_target is not None
 
-    def outcome(value, mm, price, notional, impact, pmx, hc_base):
+    def outcome(value, mm, price, notional, impact, pmx, hc_base, gone=False):
         """Per account and scenario: equity at the path's end after closing costs; collateral
-        and margin at the step that decides the path; liquidated or not; the fee, the impact
-        paid, the notional closed, what closed positions gained after their close; and the
-        bad debt under each reported oracle lag."""
+        and margin at the step that decides the path; liquidated or not (``gone``: closed out
+        in full, which a partial close-out may not be); the fee, the impact paid, the notional
+        closed, what closed positions gained after their close; and the bad debt under each
+        reported oracle lag."""
         per_contract = ((notional,) if impact is None else (notional, impact)) if gather_notional else ()
         m_pm = t.model_margin(h, pmx)
         hc = t.haircut_of(hc_base)
@@ -606,8 +608,8 @@ def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
             pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, hc, *per_contract, tiers=t.tiers)
             m = m if m_pm is None else m_pm
             r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, imp[0] if imp else None)
-            return (r["equity"], r["collateral"], r["margin"], r["liquidated"], r["fee"], r["impact"],
-                    r["closed_notional"], r["closed_out"], [], r["closed"])
+            return (r["equity"], r["collateral"], r["margin"], r["gone"] if gone else r["liquidated"], r["fee"],
+                    r["impact"], r["closed_notional"], r["closed_out"], [], r["closed"])
         eq, coll, m, *g = tile_state(h, value, mm, price, hc, *per_contract, tiers=t.tiers, fuse=fuse)
         m = m if m_pm is None else m_pm
         if fuse["keep"]:
@@ -872,14 +874,15 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
 
 
 def adl_kernel(h: Holdings, t: Tables) -> dict:
-    """Each account's P&L and liquidated flag in every scenario of ``t``, for the
+    """Each account's P&L and closed-out flag in every scenario of ``t``, for the
     auto-deleveraging pass: ``path_outcome`` tile by tile, nothing reduced. The same values
     ``chunk_kernel`` returns ``with_pnl``, in a module a fraction of its size (it compiles
     once per holdings shape; the pass's scenarios are another shape than the sweep's).
 
     Returns:
       ``pnl`` ``[n, T * W]`` (equity after closing costs less equity at the snapshot) and
-      ``liquidated`` ``[n, T * W]``.
+      ``liquidated`` ``[n, T * W]``: closed out in full, so not charged. After a partial
+      close-out an account still holding part of its book is open, and may be.
     """
     eq0 = t.state0(h)[0]
     n, (T, W) = eq0.shape[0], t.user.shape
@@ -887,7 +890,8 @@ def adl_kernel(h: Holdings, t: Tables) -> dict:
     tables = (t.value, t.mm, t.price, t.notional, t.impact, t.model_tiles(), t.haircut_base)
 
     def tile(_, k):
-        eq, _, _, liq, *_ = outcome(*tile_at(tables, k))
+        # winners still holding part of their book after a partial close-out can be charged
+        eq, _, _, liq, *_ = outcome(*tile_at(tables, k), gone=True)
         return None, (eq - eq0[:, None], liq)
 
     _, (pnl, liq) = jax.lax.scan(tile, None, jnp.arange(T, dtype=jnp.int32))

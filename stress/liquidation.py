@@ -88,6 +88,23 @@ def config(cfg: dict) -> dict:
     return out
 
 
+def check_partial(cfg: dict, model: str, tier_mm: Any) -> None:
+    """Refuse partial close-outs (``cfg``: ``config``'s) under a margin that is not the same
+    share of the whole book's as the share kept: ``partial_path`` solves for the share to close
+    from ``(1 - f) * M``, which holds for the standard model's flat rates only. Risk-limit
+    tiers (``tier_mm`` ``[I, K]``, rates that change with the notional), the portfolio model's
+    delta shock and the var model's expected shortfall (collateral risk included) are not."""
+    if cfg["mode"] != "partial":
+        return
+    why = "partial close-outs keep a share of the book and assume its margin is that share of the whole book's"
+    if model != "standard":
+        raise InputError("exchange.toml", "[liquidation]", "mode",
+                         f'{why}, which the {model} margin model\'s is not: use mode = "full" or [margin] model = "standard"')
+    if np.diff(np.asarray(tier_mm, np.float64), axis=1).any():
+        raise InputError("exchange.toml", "[liquidation]", "mode",
+                         f'{why}, which risk-limit tiers ([margin] future_tiers) break: use mode = "full" or flat rates')
+
+
 def _impact_config(tables: Any) -> dict:
     """``[liquidation.impact.<ASSET>]`` tables, each key checked: ``{asset: {key: float}}``."""
     if not isinstance(tables, dict):
@@ -255,8 +272,9 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
       ``margin`` at the first breach (else the end), ``liquidated`` (at any step), ``fee``,
       ``impact``, ``closed_notional`` (notional closed over the path), ``closed_out`` (what the
       closed shares gained after their close, which the market has), ``held`` (equity had
-      everything been held to the end); and ``closed`` ``[n, K * W]``, the share of the
-      original book closed at each step, in the input's layout.
+      everything been held to the end), ``gone`` (bool: nothing left at the end); and
+      ``closed`` ``[n, K * W]``, the share of the original book closed at each step, in the
+      input's layout.
     """
     n, J, KW = pos.shape
     K = KW // W
@@ -312,4 +330,5 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
         "closed_out": full - equity - paid,
         "held": full,
         "closed": jnp.moveaxis(share[jnp.asarray(block)], 0, 1).reshape(n, K * W),
+        "gone": held == 0,  # closed out in full (a close of f = 1 leaves exactly 0)
     }

@@ -393,7 +393,10 @@ def test_adl_pass_values_each_account_as_the_sweep_does(tmp_path, sample_tables,
     pnl, liquidated = local.adl_mats(sub)
     assert pnl.shape == ref["pnl"].shape == (snap.n_accounts, len(cols))
     assert liquidated.any() and (pnl < 0).any()
-    np.testing.assert_array_equal(liquidated, ref["liquidated"])
+    if "partial" in liq:  # the pass flags the accounts closed out in full; the rest of them are open
+        assert not (liquidated & ~ref["liquidated"]).any() and (ref["liquidated"] & ~liquidated).any()
+    else:
+        np.testing.assert_array_equal(liquidated, ref["liquidated"])
     np.testing.assert_allclose(pnl, ref["pnl"], rtol=1e-12, atol=1e-9)
 
 
@@ -501,6 +504,54 @@ def test_bad_partial_keys_fail_at_load(tmp_path, text, column):
     with pytest.raises(stress.InputError) as err:
         _book(tmp_path / "snap", text)
     assert err.value.column == column
+
+
+@pytest.mark.parametrize("margin, model", [
+    ('model = "portfolio"', "portfolio"),
+    ('model = "var"\nvar_history = "h.csv"\nvar_min_windows = 10', "var"),
+    ("future_tiers = [[300_000, 0.02, 0.01], [1e12, 0.1, 0.05]]", "tiers"),
+])
+def test_partial_close_outs_are_refused_where_margin_is_not_proportional_to_the_book(tmp_path, margin, model):
+    # A partial close keeps a share (1 - f) of the book and solves for f from (1 - f) * M:
+    # tiers (a smaller position in a lower tier), the portfolio model's delta shock and the var
+    # model's ES (collateral risk included) are not proportional, and the share would be wrong.
+    snap_dir = tmp_path / "snap"
+    _book(snap_dir)
+    (snap_dir / "h.csv").write_text("date,BTC\n" + "\n".join(f"2024-01-{d:02d},{50_000 + 100 * d}" for d in range(1, 29)) + "\n")
+    toml = (snap_dir / "exchange.toml").read_text().replace("[margin]\n", f"[margin]\n{margin}\n")
+    (snap_dir / "exchange.toml").write_text(toml + 'mode = "partial"\n')
+    with pytest.raises(stress.InputError) as err:
+        stress.load_snapshot(snap_dir)
+    assert err.value.column == "mode" and ("tiers" in str(err.value) if model == "tiers" else model in str(err.value))
+    (snap_dir / "exchange.toml").write_text(toml)  # full close-out: the same margin loads
+    stress.load_snapshot(snap_dir)
+
+
+def test_auto_deleveraging_charges_a_winner_still_open_after_a_partial_close_out(tmp_path):
+    # L long 10 BTC on 40,000 USDC, S short 10 on 14,000, no fund; 50,000 -> 51,000 -> 45,000.
+    # At 51,000 S has 4,000 of collateral against 1% x 510,000 = 5,100: it closes f = (6,375 -
+    # 4,000) / 6,375 back to 1.25 x margin (no fee), locking -1,000 a BTC on that share, and
+    # keeps 10 (1 - f) short, which gains 5,000 a BTC by 45,000. L ends at -10,000: the deficit
+    # is charged to S, the one winner, still open.
+    toml = ('as_of = 2026-11-23T08:00:00Z\nrate = 0.0\ninsurance_fund = { USDC = 0.0 }\n[margin]\n'
+            '[liquidation]\nmode = "partial"\n')
+    snap = stress.load_snapshot(write_snapshot(
+        tmp_path / "snap", assets=ASSETS,
+        instruments=[{"instrument_id": "P", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 1.0, "mark_price": 50_000.0}],
+        balances=[{"account_id": "L", "asset": "USDC", "amount": 40_000.0}, {"account_id": "S", "asset": "USDC", "amount": 14_000.0}],
+        positions=[{"account_id": "L", "instrument_id": "P", "quantity": 10}, {"account_id": "S", "instrument_id": "P", "quantity": -10}],
+        exchange_toml=toml))
+    (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,51000\n2024-01-03,45000\n")
+    (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 2\n')
+    res = stress.run(snap, stress.load_scenarios(tmp_path / "p.toml", snap))
+    f = (1.25 * 5_100.0 - 4_000.0) / (1.25 * 5_100.0)
+    row, acc = res.scenarios.iloc[0], res.accounts.set_index("account_id")
+    assert row.bad_debt == pytest.approx(10_000.0) and row.socialized_loss == pytest.approx(10_000.0)
+    assert stress.pnl_matrix(snap, stress.load_scenarios(tmp_path / "p.toml", snap)).loc["S"].iloc[0] == pytest.approx(
+        -f * 10 * 1_000.0 + (1 - f) * 10 * 5_000.0, rel=1e-12)
+    assert row.adl_total == pytest.approx(10_000.0, rel=1e-12)
+    assert acc.adl_loss_worst["S"] == pytest.approx(10_000.0, rel=1e-12)
 
 
 # --- Cover 2 by account group -------------------------------------------------------------------
