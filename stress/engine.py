@@ -127,7 +127,8 @@ class Tables:
     # Notional closed per underlying: an instrument's notional per contract is ``und_lin`` times
     # its underlying's price (linear contracts, options) plus ``und_fix`` USD (inverse futures),
     # or 0 in a state where it has settled. Instruments that settle in some state of the run
-    # are summed apart, one class per expiry, and left out where settled (``closed_by_underlying``)
+    # are summed apart, one class per set of states they settle in (in effect, per expiry),
+    # and left out where settled (``closed_by_underlying``)
     und_row: Any = None  # [I] int32: column class * U + row of each instrument's underlying among ``und_asset``
     und_lin: Any = None  # [I] contracts' notional per unit of the underlying's USD price
     und_fix: Any = None  # [I] contracts' fixed notional, USD
@@ -536,21 +537,22 @@ def _underlying_rows(snap: Snapshot, dtype: Any, live: np.ndarray) -> dict:
     """``Tables``' ``und_*`` fields: the underlyings of the snapshot's instruments, in asset order,
     each instrument's notional per contract split into a price-linear and a fixed part, and
     the instruments that settle in some state (``live`` ``[I, X]`` False there, the states of
-    every table), in one class per expiry."""
+    every table), in one class per set of states they settle in."""
     und = np.asarray(snap.instruments.underlying)
     assets, row = np.unique(und, return_inverse=True)
     c = np.asarray(snap.instruments.contract_size, np.float64)
     fixed = np.asarray(snap.instruments.inverse) & (np.asarray(snap.instruments.kind) != OPTION)
-    # one expiry settles its instruments in the same states: its first one stands for them all
+    # instruments that settle in the same states (one expiry, or expiries no state's horizon
+    # falls between) make one class: its first one stands for them all
     settles = ~np.all(live, axis=1)
-    expiries, first, klass = np.unique(np.asarray(snap.instruments.expiry)[settles], return_index=True, return_inverse=True)
+    patterns, first, klass = np.unique(live[settles], axis=0, return_index=True, return_inverse=True)
     cls = np.zeros(len(und), np.int64)
-    cls[settles] = klass + 1
+    cls[settles] = klass.reshape(-1) + 1
     rep = np.flatnonzero(settles)[first].astype(np.int32)
     on = lambda x: jax.device_put(np.asarray(x, dtype))  # converted here, not on the device
     return {"und_row": jax.device_put((cls * len(assets) + row).astype(np.int32)), "und_lin": on(np.where(fixed, 0.0, c)),
             "und_fix": on(np.where(fixed, c, 0.0)), "und_asset": jax.device_put(assets.astype(np.int32)),
-            "und_rep": jax.device_put(rep) if len(expiries) else None}
+            "und_rep": jax.device_put(rep) if len(patterns) else None}
 
 
 def underlying_notional(h: Holdings, t: Tables) -> Any:
@@ -875,9 +877,10 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
 
 def adl_kernel(h: Holdings, t: Tables) -> dict:
     """Each account's P&L and closed-out flag in every scenario of ``t``, for the
-    auto-deleveraging pass: ``path_outcome`` tile by tile, nothing reduced. The same values
-    ``chunk_kernel`` returns ``with_pnl``, in a module a fraction of its size (it compiles
-    once per holdings shape; the pass's scenarios are another shape than the sweep's).
+    auto-deleveraging pass: ``path_outcome`` tile by tile, nothing reduced. The values
+    ``chunk_kernel`` returns ``with_pnl`` (but for partial close-outs' flags, below), in a
+    module a fraction of its size (it compiles once per holdings shape; the pass's scenarios
+    are another shape than the sweep's).
 
     Returns:
       ``pnl`` ``[n, T * W]`` (equity after closing costs less equity at the snapshot) and

@@ -96,13 +96,13 @@ def check_partial(cfg: dict, model: str, tier_mm: Any) -> None:
     delta shock and the var model's expected shortfall (collateral risk included) are not."""
     if cfg["mode"] != "partial":
         return
-    why = "partial close-outs keep a share of the book and assume its margin is that share of the whole book's"
+    why = "partial close-outs need a margin proportional to the share of the book kept"
     if model != "standard":
         raise InputError("exchange.toml", "[liquidation]", "mode",
-                         f'{why}, which the {model} margin model\'s is not: use mode = "full" or [margin] model = "standard"')
+                         f'{why}; the {model} margin model\'s is not: use mode = "full" or [margin] model = "standard"')
     if np.diff(np.asarray(tier_mm, np.float64), axis=1).any():
         raise InputError("exchange.toml", "[liquidation]", "mode",
-                         f'{why}, which risk-limit tiers ([margin] future_tiers) break: use mode = "full" or flat rates')
+                         f'{why}; risk-limit tiers ([margin] future_tiers) are not: use mode = "full" or flat rates')
 
 
 def _impact_config(tables: Any) -> dict:

@@ -614,7 +614,7 @@ def instrument_grid(inst: Instruments, market: Market, params: Params) -> dict:
       position's coins at the grid's coin price minus its coins at today's price);
       ``delta [I]``: USD delta per contract, ``dV_usd/dS * S``; ``roll [I]``: USD roll shock
       per contract, ``n * max(min_annualised_move, annualised_move_risk * T)`` for futures
-      (``T`` years to expiry, 0 for perpetuals), 0 for options; ``extended [G]``, ``vol_index
+      (``T`` years to expiry, 0 for perpetuals), 0 for options and settled futures; ``extended [G]``, ``vol_index
       [G]``, ``spot_mult [G, A]`` from ``grid_moves``.
     """
     spot_mult, vol_index, extended = grid_moves(params)

@@ -125,6 +125,7 @@ class Book:
     partial_target: Any = None  # [] collateral / maintenance margin after a partial close
     slot_rank: Any = None  # [M] int32 place of the slot among its account's (slot_width: padding)
     slot_width: int = dataclasses.field(default=0, metadata={"static": True})  # J: most slots of one account
+    steps: int = dataclasses.field(default=1, metadata={"static": True})  # K: the states' steps per scenario
 
 
 def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
@@ -175,6 +176,7 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
         tier_bound=None if tiers is None else np.asarray(tiers[0]),
         tier_step=None if tiers is None else np.asarray(tiers[1]),
         lag=int(cfg["oracle_lag_steps"]),
+        steps=int(scen.steps),
         **pm,
         **partial,
     )
@@ -232,7 +234,7 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     """
     rv = pricing.revalue(inst, market, b.spot_mult * (1.0 + x)[None, :], b.vol_shift + dv[None, :], b.horizon_days)
     _, mm = margin.per_contract(inst, params, rv["spot"], rv["option"], rv["live"])  # [I, 1+S]
-    value = _held_along_paths(rv["value"], rv["live"], b.random.shape[0], settled)
+    value = _held_along_paths(rv["value"], rv["live"], b.steps, settled)
     M = b.slot_account.shape[0]
     held = jax.ops.segment_sum(b.pos_quantity[:, None] * value[b.pos_instrument], b.pos_slot, num_segments=M)
     e = lam[b.slot_account][:, None] * (b.slot_balance[:, None] + held)  # [M, 1+S] asset units
@@ -264,17 +266,16 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     return out
 
 
-def _held_along_paths(value: Any, live: Any, S: int, before: Any) -> Any:
+def _held_along_paths(value: Any, live: Any, K: int, before: Any) -> Any:
     """``value`` ``[I, states]`` with contracts that settled along a path held at what they
     settled into: one step's states after ``before`` (``account_states``' ``settled``), or a book
-    of every step (now, then ``K`` steps of ``S`` scenarios, step-major; ``K = 1``: nothing
-    to hold)."""
+    of every step (now, then ``K`` steps of every scenario, step-major; ``K = 1``: nothing to
+    hold)."""
     if before is not None:
         return pricing.hold_settled_step(value, live, before)
-    I, X = value.shape
-    K = (X - 1) // S
-    if X != 1 + K * S or K < 2:
+    if K < 2:
         return value
+    I, S = value.shape[0], (value.shape[1] - 1) // K
     steps = pricing.hold_settled(value[:, 1:].reshape(I, K, S), live[:, 1:].reshape(I, K, S), axis=1)
     return jnp.concatenate([value[:, :1], steps.reshape(I, K * S)], axis=1)
 

@@ -3,6 +3,7 @@ checked against hand arithmetic on a two-account book."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -524,7 +525,11 @@ def test_partial_close_outs_are_refused_where_margin_is_not_proportional_to_the_
         stress.load_snapshot(snap_dir)
     assert err.value.column == "mode" and ("tiers" in str(err.value) if model == "tiers" else model in str(err.value))
     (snap_dir / "exchange.toml").write_text(toml)  # full close-out: the same margin loads
-    stress.load_snapshot(snap_dir)
+    snap = stress.load_snapshot(snap_dir)
+    partial = dataclasses.replace(snap, liquidation_config={**snap.liquidation_config, "mode": "partial"})
+    with pytest.raises(stress.InputError) as err:  # and a run refuses it switched to partial in Python
+        stress.run(partial, _scen(tmp_path, snap))
+    assert err.value.column == "mode"
 
 
 def test_auto_deleveraging_charges_a_winner_still_open_after_a_partial_close_out(tmp_path):

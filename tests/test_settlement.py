@@ -187,7 +187,8 @@ def test_notional_closed_per_underlying_adds_up_along_paths_across_an_expiry(tmp
     # Paths of 4 steps over 8 days cross the sample's 4-day expiry at their second step, so a
     # close at the first step sells that expiry's contracts and a later one does not. The
     # notional closed per underlying (summed per expiry class in the kernel) must add up to
-    # the total, which with a fee comes from each position's own notional instead.
+    # the total, which with a fee comes from each position's own notional instead (without
+    # one it is that sum, so the check across the two runs is the one that can fail).
     import dataclasses
 
     snap = stress.load_snapshot(sample_dir)
@@ -278,3 +279,18 @@ def test_hedge_values_a_contract_settled_along_the_path_as_the_run_does(tmp_path
     assert hg["before"]["shortfall_worst"] == 0.0 and not hg["trade"]
     np.testing.assert_allclose([hg["before"]["pnl_worst"], res.accounts.pnl_worst[0]], 7_000.0 - (11_000.0 - V_PUT2),
                                rtol=1e-9)
+
+
+def test_contracts_settling_in_the_same_states_share_one_class(tmp_path):
+    # Expiries in 4 and 5 days: horizons 0 and 10 settle both in the same state (one class of
+    # notional closed per underlying); a horizon of 4.5 days between them makes two.
+    fut5 = {"instrument_id": "F5", "kind": "future", "underlying": "BTC", "settlement": "USDC", "contract_size": 1.0,
+            "expiry": "2026-11-28T08:00:00Z", "mark_price": 600.0}
+    snap = stress.load_snapshot(write_snapshot(
+        tmp_path, assets=ASSETS, instruments=[{"instrument_id": "BTC-27NOV26", "mark_price": 601.0}, fut5, LINPERP],
+        balances=[{"account_id": "a", "asset": "USDC", "amount": 1e6}],
+        positions=[{"account_id": "a", "instrument_id": "F5", "quantity": 1}],
+        exchange_toml=TOML))
+    assert np.asarray(engine.tables(snap, _scen(snap, [0.0, 10.0]))[0].und_rep).shape == (1,)
+    assert np.asarray(engine.tables(snap, _scen(snap, [0.0, 4.5, 10.0]))[0].und_rep).shape == (2,)
+    assert engine.tables(snap, _scen(snap, [0.0, 3.0]))[0].und_rep is None
