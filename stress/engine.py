@@ -365,7 +365,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         prv, p_im, pmm = _revalue_and_margin(snap.instruments, snap.market, snap.params, p_spot.reshape(-1, A),
                                           p_vol.reshape(-1, A), p_hor.reshape(-1))
         if not (np.all(rv["live"]) and np.all(prv["live"])):  # contracts expire along the paths
-            rv, prv, value = _settle_paths(rv, prv, K1, T, W, dtype)
+            rv, prv, value = _settle_paths(rv, prv, T, W, dtype)
 
         last = {"value": value, "mm": mm_t, "price": price, "notional": notional}
         before = {"value": prv["value"], "mm": pmm, "price": prv["price"], "notional": prv["notional"]}
@@ -482,22 +482,14 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     return t, host
 
 
-def _settle_paths(rv: dict, prv: dict, K1: int, T: int, W: int, dtype: Any) -> tuple[dict, dict, Any]:
+def _settle_paths(rv: dict, prv: dict, T: int, W: int, dtype: Any) -> tuple[dict, dict, Any]:
     """The paths' values with each contract held, from the first step past its expiry, at what
-    it settled into there (``pricing.hold_settled``): ``rv`` (the snapshot, then the last step
-    of each path, ``[I, 1 + T*W]``) and ``prv`` (steps ``1 .. K-1``, step-major) with their
+    it settled into there (``pricing.hold_settled_paths``): ``rv`` (the snapshot, then the last
+    step of each path, ``[I, 1 + T*W]``) and ``prv`` (the steps before, step-major) with their
     ``value`` replaced, and the last step's value tiles ``[T, I, W]``. On the host: ``[I, K,
     T*W]`` values, small beside the accounts."""
-    I = rv["value"].shape[0]
-
-    def in_time(last, before):  # [I, K, T*W], steps 1 .. K
-        return np.concatenate([np.asarray(before).reshape(I, K1, T * W), np.asarray(last)[:, None, 1:]], axis=1)
-
-    held = pricing.hold_settled(in_time(rv["value"], prv["value"]), in_time(rv["live"], prv["live"]), axis=1, xp=np)
-    last = np.concatenate([np.asarray(rv["value"])[:, :1], held[:, K1]], axis=1)
-    rv = {**rv, "value": last}
-    prv = {**prv, "value": held[:, :K1].reshape(I, K1 * T * W)}
-    return rv, prv, jax.device_put(_tiles(last, T, W, dtype))
+    last, before = pricing.hold_settled_paths(rv["value"], rv["live"], prv["value"], prv["live"])
+    return {**rv, "value": last}, {**prv, "value": before}, jax.device_put(_tiles(last, T, W, dtype))
 
 
 def _memory_bytes() -> float:

@@ -230,17 +230,14 @@ def _market_tables(inst: Instruments, market: Market, params: Any, spot: Any, vo
 
 def _held_at_the_end(inst: Instruments, snap: Snapshot, scen: Any, value: np.ndarray, live: np.ndarray) -> np.ndarray:
     """``value`` ``[I, 1 + S]`` (now, then each scenario's last step) with a contract that
-    settled earlier along a path held at what it settled into (``pricing.hold_settled``), as
-    ``stress run`` values it."""
+    settled earlier along a path held at what it settled into (``pricing.hold_settled_paths``),
+    as ``stress run`` values it."""
     if scen.steps < 2:
         return value
-    I, S, K1, A = value.shape[0], len(scen), scen.steps - 1, snap.n_assets
-    step_major = lambda x: np.swapaxes(np.asarray(x), 0, 1).reshape((K1 * S,) + np.shape(x)[2:])  # noqa: E731
-    v, _, _, lv = (np.asarray(x) for x in _market_tables(inst, snap.market, snap.params, step_major(scen.path_spot_mult),
-                                                          step_major(scen.path_vol_shift), step_major(scen.path_horizon_days)))
-    in_time = lambda before, last: np.concatenate([before.reshape(I, K1, S), last[:, None, 1:]], axis=1)  # noqa: E731
-    held = pricing.hold_settled(in_time(v, value), in_time(lv, live), axis=1, xp=np)
-    return np.concatenate([value[:, :1], held[:, -1]], axis=1)
+    step_major = lambda x: np.swapaxes(np.asarray(x), 0, 1).reshape((-1,) + np.shape(x)[2:])  # noqa: E731
+    before, _, _, before_live = _market_tables(inst, snap.market, snap.params, step_major(scen.path_spot_mult),
+                                               step_major(scen.path_vol_shift), step_major(scen.path_horizon_days))
+    return pricing.hold_settled_paths(value, live, before, before_live)[0]
 
 
 @pytree_dataclass

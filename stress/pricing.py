@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import ndtr
 
 from .snapshot import OPTION, Instruments, Market
@@ -114,6 +115,22 @@ def hold_settled(value: Any, live: Any, axis: int = 1, xp: Any = jnp) -> Any:
     first = xp.sum(xp.cumprod(live, axis=axis), axis=axis, keepdims=True)  # steps before settling
     steps = xp.arange(K).reshape([K if d == axis % value.ndim else 1 for d in range(value.ndim)])
     return xp.take_along_axis(value, xp.minimum(steps, first), axis=axis)
+
+
+def hold_settled_paths(value: Any, live: Any, before: Any, before_live: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``hold_settled`` in the layout of path tables, on the host: ``value`` and ``live``
+    ``[I, 1 + S]`` (now, then each path's last step), ``before`` and ``before_live`` ``[I, K1 *
+    S]`` (the ``K1`` steps before the last, step-major). Returns ``(value, before)`` with
+    contracts that settled along a path held at what they settled into."""
+    I, S = value.shape[0], value.shape[1] - 1
+    K1 = before.shape[1] // S
+    value = np.asarray(value)
+
+    def in_time(steps, last):  # [I, K1 + 1, S]
+        return np.concatenate([np.asarray(steps).reshape(I, K1, S), np.asarray(last)[:, None, 1:]], axis=1)
+
+    held = hold_settled(in_time(before, value), in_time(before_live, live), axis=1, xp=np)
+    return np.concatenate([value[:, :1], held[:, K1]], axis=1), held[:, :K1].reshape(I, K1 * S)
 
 
 def hold_settled_step(value: Any, live: Any, before: tuple) -> Any:
