@@ -355,6 +355,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     haircut = margin.snapshot_haircut(params, np.asarray(snap.market.price), dtype)
     dynamic = isinstance(haircut, portfolio.Haircut)
     hc_base = _tiles(np.asarray(margin.scaled_haircut(params, vol)).T, T, W, dtype) if dynamic else None
+    live = np.asarray(rv["live"])  # [I, 1 + T*W]: which contracts are live in which states
     if scen.steps > 1:  # every earlier step of every path, revalued in one call
         K1 = scen.steps - 1
         p_spot, p_vol, p_hor = np.ones((K1, T * W, A)), np.zeros((K1, T * W, A)), np.zeros((K1, T * W))
@@ -364,7 +365,8 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         p_spot[:, S:], p_vol[:, S:], p_hor[:, S:] = p_spot[:, S - 1 : S], p_vol[:, S - 1 : S], p_hor[:, S - 1 : S]
         prv, p_im, pmm = _revalue_and_margin(snap.instruments, snap.market, snap.params, p_spot.reshape(-1, A),
                                           p_vol.reshape(-1, A), p_hor.reshape(-1))
-        if not (np.all(rv["live"]) and np.all(prv["live"])):  # contracts expire along the paths
+        live = np.concatenate([live, np.asarray(prv["live"])], axis=1)  # and every earlier step's
+        if not live.all():  # contracts expire along the paths
             rv, prv, value = _settle_paths(rv, prv, T, W, dtype)
 
         last = {"value": value, "mm": mm_t, "price": price, "notional": notional}
@@ -435,9 +437,6 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
                "tiers": _tiers(snap.params, snap.params.tier_im, dtype)}
         var_tail = _tail_size(windows.shape[0], vc["confidence"])
 
-    live = np.asarray(rv["live"])  # [I, 1 + T*W], and every earlier step of the paths
-    if scen.steps > 1:
-        live = np.concatenate([live, np.asarray(prv["live"])], axis=1)
     user = np.arange(T * W) < S
     random = np.zeros(T * W, bool)
     random[:S] = scen.random
@@ -533,7 +532,7 @@ def _underlying_rows(snap: Snapshot, dtype: Any, live: np.ndarray) -> dict:
     und = np.asarray(snap.instruments.underlying)
     assets, row = np.unique(und, return_inverse=True)
     c = np.asarray(snap.instruments.contract_size, np.float64)
-    fixed = np.asarray(snap.instruments.inverse) & (np.asarray(snap.instruments.kind) != OPTION)
+    fixed = margin.face_valued(snap.instruments, np)
     # instruments that settle in the same states (one expiry, or expiries no state's horizon
     # falls between) make one class: its first one stands for them all
     settles = ~np.all(live, axis=1)

@@ -507,14 +507,19 @@ def tier_margin(notional: Any, bound: Any, im_rate: Any, mm_rate: Any) -> tuple[
     return pick(im_rate) * notional, pick(mm_rate) * notional
 
 
+def face_valued(inst: Instruments, xp: Any = jnp) -> Any:
+    """``[I]`` bool: the contract's notional is its fixed USD face value ``c`` (inverse futures
+    and perpetuals), not ``c * S`` (SPEC section 2). ``xp``: ``jnp``, or ``np`` on the host."""
+    return xp.asarray(inst.inverse) & (xp.asarray(inst.kind) != OPTION)
+
+
 def contract_notional(inst: Instruments, spot: Any, live: Any = True) -> Any:
-    """``[I, S]`` USD notional per contract (SPEC section 2): ``c`` for inverse futures and
-    perpetuals (face value), ``c * S`` otherwise, at underlying prices ``spot`` ``[I, S]``; 0
-    where not ``live`` (``pricing.revalue``): a settled contract is not closed out, so it pays
-    no fee, price impact or risk-limit tier."""
+    """``[I, S]`` USD notional per contract (SPEC section 2): ``c`` where ``face_valued``,
+    ``c * S`` otherwise, at underlying prices ``spot`` ``[I, S]``; 0 where not ``live``
+    (``pricing.revalue``): a settled contract is not closed out, so it pays no fee, price
+    impact or risk-limit tier."""
     c = inst.contract_size[:, None]
-    face = jnp.where(inst.inverse[:, None] & (inst.kind != OPTION)[:, None], c, c * spot)
-    return jnp.where(live, face, 0.0)
+    return jnp.where(live, jnp.where(face_valued(inst)[:, None], c, c * spot), 0.0)
 
 
 def position_notional(inst: Instruments, pos_inst: Any, qty: Any, spot: Any, xp: Any = jnp) -> Any:
@@ -522,8 +527,7 @@ def position_notional(inst: Instruments, pos_inst: Any, qty: Any, spot: Any, xp:
     perpetuals (face value), ``|q| * c * S`` otherwise; ``spot`` is ``[I]``. ``xp``: ``jnp``,
     or ``np`` on the host (no eager device operations to compile)."""
     c = xp.asarray(inst.contract_size)[pos_inst]
-    face = xp.asarray(inst.inverse)[pos_inst] & (xp.asarray(inst.kind)[pos_inst] != OPTION)
-    return xp.abs(qty) * xp.where(face, c, c * spot[pos_inst])
+    return xp.abs(qty) * xp.where(face_valued(inst, xp)[pos_inst], c, c * spot[pos_inst])
 
 
 def standard_position_margin(inst: Instruments, params: Params, pos_inst: Any, qty: Any, spot: Any,
