@@ -335,7 +335,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     fee_rate = liq_cfg["fee_rate"]
     S = len(scen)
     model = snap.margin_config.get("model", "standard")
-    liquidation.check_partial(liq_cfg, model, snap.params.tier_mm)  # a snapshot built or changed in Python
+    liquidation.check_partial(liq_cfg, model)  # a snapshot built or changed in Python
     portfolio_model = model == "portfolio"
     # a portfolio-margin tile holds [accounts, underlyings, W, grid] blocks (a var tile [accounts,
     # W, windows]): keep it narrow
@@ -576,6 +576,18 @@ def closed_by_underlying(t: Tables, r: Any, price: Any, notional: Any) -> Any:
     return closed[0] + jnp.sum(jnp.where(live[:, None, :], closed[1:], 0.0), axis=0)
 
 
+def tiered(h: Holdings, t: Tables, margin: Any, notional: Any) -> tuple[Any, liquidation.Tiered | None]:
+    """``portfolio.slots``' ``margin`` as ``liquidation.partial_path`` takes it: ``(margin,
+    None)`` untiered; under risk-limit tiers the first tier's margin and a
+    ``liquidation.Tiered`` of the chunk's positions (``notional`` ``[I, K * W]`` per contract)."""
+    if t.tiers is None:
+        return margin, None
+    n, P, L = h.inst.shape
+    first, whole = margin
+    return first, liquidation.Tiered(whole=whole, qty=jnp.abs(h.qty.reshape(n, P * L)), inst=h.inst.reshape(n, P * L),
+                                     per_contract=notional, bound=t.tiers[0], step=t.tiers[1])
+
+
 def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
     """The per-tile outcome of a chunk ``h`` under tables ``t``, as ``outcome(value, mm, price,
     notional, impact, pmx, hc_base)`` of one tile of each table (``tile_at``): the work the
@@ -599,8 +611,10 @@ def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
         hc = t.haircut_of(hc_base)
         if t.partial_target is not None:
             pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, hc, *per_contract, tiers=t.tiers)
+            m, tiers = tiered(h, t, m, notional)
             m = m if m_pm is None else m_pm
-            r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, imp[0] if imp else None)
+            r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate,
+                                         imp[0] if imp else None, tiers=tiers)
             return (r["equity"], r["collateral"], r["margin"], r["gone"] if gone else r["liquidated"], r["fee"],
                     r["impact"], r["closed_notional"], r["closed_out"], [], r["closed"])
         eq, coll, m, *g = tile_state(h, value, mm, price, hc, *per_contract, tiers=t.tiers, fuse=fuse)
@@ -969,8 +983,9 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
             *_, at = liquidation.path_outcome(W, eq, coll, m, lag=t.lag, at=True)
         else:  # the share of the book closed at each step, before the impact is known
             pos, bal, px, keep, m, g = portfolio.slots(h, value, mm, price, hc, notional, tiers=t.tiers)
+            m, tiers = tiered(h, t, m, notional)
             m = m if m_pm is None else m_pm
-            at = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate)["closed"]
+            at = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, tiers=tiers)["closed"]
         closed = at * h.valid[:, None].astype(dt)
 
         def add(p, acc):

@@ -493,7 +493,7 @@ def _load_snapshot(folder: Path) -> Snapshot:
     params = _margin.params_from_config(cfg.get("margin", {}), instruments, haircut, rates, assets=asset_names)
     _check_rates(it, instruments, params, rates)
     liq_cfg = _liquidation.config(cfg.get("liquidation", {}))  # checked here, so bad keys fail at load
-    _liquidation.check_partial(liq_cfg, cfg.get("margin", {}).get("model", "standard"), params.tier_mm)
+    _liquidation.check_partial(liq_cfg, cfg.get("margin", {}).get("model", "standard"))
     if liq_cfg["cascade"] and cfg.get("margin", {}).get("model", "standard") in ("portfolio", "var"):
         raise InputError(file, "[liquidation]", "cascade", "cascades are modelled under the standard margin model only")
     for name in liq_cfg["impact"]:

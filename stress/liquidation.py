@@ -88,21 +88,19 @@ def config(cfg: dict) -> dict:
     return out
 
 
-def check_partial(cfg: dict, model: str, tier_mm: Any) -> None:
-    """Refuse partial close-outs (``cfg``: ``config``'s) under a margin that is not the same
-    share of the whole book's as the share kept: ``partial_path`` solves for the share to close
-    from ``(1 - f) * M``, which holds for the standard model's flat rates only. Risk-limit
-    tiers (``tier_mm`` ``[I, K]``, rates that change with the notional), the portfolio model's
-    delta shock and the var model's expected shortfall (collateral risk included) are not."""
+def check_partial(cfg: dict, model: str) -> None:
+    """Refuse partial close-outs (``cfg``: ``config``'s) under a margin model whose margin of
+    a share of the book ``partial_path`` cannot compute from per-position amounts: the
+    portfolio model's risk matrix (its delta shock has a threshold) and the var model's
+    expected shortfall (collateral risk included). The standard model's flat rates and its
+    risk-limit tiers are solved exactly (``kept_share``)."""
     if cfg["mode"] != "partial":
         return
-    why = "partial close-outs need a margin proportional to the share of the book kept"
     if model != "standard":
         raise InputError("exchange.toml", "[liquidation]", "mode",
-                         f'{why}; the {model} margin model\'s is not: use mode = "full" or [margin] model = "standard"')
-    if np.diff(np.asarray(tier_mm, np.float64), axis=1).any():
-        raise InputError("exchange.toml", "[liquidation]", "mode",
-                         f'{why}; risk-limit tiers ([margin] future_tiers) are not: use mode = "full" or flat rates')
+                         f'partial close-outs are modelled under the standard margin model (flat rates or risk-limit '
+                         f'tiers); the {model} model\'s margin of a share of the book is not: use mode = "full" or '
+                         f'[margin] model = "standard"')
 
 
 def _impact_config(tables: Any) -> dict:
@@ -242,19 +240,21 @@ def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any, lag: int = 0, 
 
 
 def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notional: Any, target: Any,
-                 fee_rate: Any = None, impact: Any = None) -> dict:
+                 fee_rate: Any = None, impact: Any = None, tiers: Any = None) -> dict:
     """Partial liquidation along each path: at every step where collateral < maintenance margin,
     close the same fraction of every position, just enough that collateral is back at
     ``target`` times the margin still required, as Deribit, Binance and Hyperliquid do; the
     rest is held on, and may be liquidated again later.
 
     Closing a fraction ``f`` of an account's positions at a step's marks turns that share of
-    their value into its settlement asset (equity is unchanged), cuts the (standard, linear in
-    ``|q|``) margin to ``(1 - f)`` of itself, and costs the fee ``fee_rate * f * notional``
-    and the impact ``f * impact``. With ``C`` the collateral, ``M`` the margin, ``G`` the
-    notional still held: ``C - f * fee_rate * G >= target * (1 - f) * M`` gives
-    ``f = (target M - C) / (target M - fee_rate G)``, clipped to [0, 1]; ``f = 1`` (a full
-    close-out) when ``C <= 0``. The price impact is not in ``f`` (its rate comes from pass 1).
+    their value into its settlement asset (equity is unchanged) and costs the fee ``fee_rate *
+    f * notional`` and the impact ``f * impact``. At flat rates it cuts the margin to ``(1 -
+    f)`` of itself: with ``C`` the collateral, ``M`` the margin, ``G`` the notional still
+    held, ``C - f * fee_rate * G >= target * (1 - f) * M`` gives ``f = (target M - C) /
+    (target M - fee_rate G)``, clipped to [0, 1]; ``f = 1`` (a full close-out) when ``C <=
+    0``. Under risk-limit tiers a smaller position may fall into a lower tier, so the share
+    kept is solved for with each position's tier at that share (``kept_share``). The price
+    impact is not in ``f`` (its rate comes from pass 1).
 
     Args:
       W: scenarios per tile.
@@ -263,9 +263,11 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
       bal: ``[n, J]`` balances. px: ``[n, J, K * W]`` the slot asset's price, USD.
       keep: the slot's haircut, ``[n, J]`` or a per-slot ``portfolio.Haircut`` (base ``[n, J,
         K * W]``), as ``portfolio.slots`` gives it (applies to a positive net amount).
-      mm, notional: ``[n, K * W]`` maintenance margin and gross notional of the whole book, USD.
+      mm, notional: ``[n, K * W]`` maintenance margin (at the first tier's rates where
+        ``tiers`` are given) and gross notional of the whole book, USD.
       target: collateral / margin after a close (``>= 1``).
       impact: ``[n, K * W]`` impact charge of closing the whole book at each step, USD, or None.
+      tiers: the positions under risk-limit tiers (a ``Tiered``), or None.
 
     Returns:
       Each ``[n, W]``, USD: ``equity`` (at the path's end, after every cost), ``collateral`` and
@@ -283,7 +285,9 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
     dt = pos.dtype
     dynamic = isinstance(keep, portfolio.Haircut)
     xs = (timed(pos), timed(px), timed(mm), timed(notional), timed(impact) if impact is not None else None,
-          timed(keep.base) if dynamic else None)
+          timed(keep.base) if dynamic else None,
+          None if tiers is None else (timed(tiers.whole), timed(tiers.notional())))
+    ladder = None if tiers is None else (tiers.bound[tiers.inst], tiers.step[tiers.inst])  # [n, Q, K - 1]
     zero = jnp.zeros((n, W), dt)
 
     def counted(e, base):  # the share of each slot's net amount that counts as collateral
@@ -291,15 +295,28 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
 
     def step(carry, x):
         held, locked, paid, first = carry  # share held [n, W], cash of closes [n, J, W], costs, first-breach state
-        p, q, m, g, c, base = x
+        p, q, m, g, c, base, tiered = x
         e = bal[:, :, None] + held[:, None, :] * p + locked  # net amount per slot
         coll = jnp.sum(counted(e, base) * e * q, axis=1) - paid
         eq = jnp.sum(e * q, axis=1) - paid
-        margin = held * m
-        breach = margin > coll
-        # when the fee on the whole rest exceeds the target margin, no share restores it: close all
-        den = target * margin - (0.0 if fee_rate is None else fee_rate) * held * g
-        f = jnp.where(den > 0, jnp.clip((target * margin - coll) / jnp.where(den > 0, den, 1.0), 0.0, 1.0), 1.0)
+        if tiers is None:
+            margin = held * m
+            breach = margin > coll
+            # when the fee on the whole rest exceeds the target margin, no share restores it: close all
+            den = target * margin - (0.0 if fee_rate is None else fee_rate) * held * g
+            f = jnp.where(den > 0, jnp.clip((target * margin - coll) / jnp.where(den > 0, den, 1.0), 0.0, 1.0), 1.0)
+        else:
+            whole, per = tiered
+            pn = lambda: tiers.qty[..., None] * per[tiers.inst] if tiers.per_row else per  # noqa: E731  [n, Q, W] USD
+            # a book held whole has the margin full mode computes; a share of it, each position's
+            # tier at that share (computed only where some account of the chunk holds a share,
+            # and the solve only where one breaches)
+            part = held < 1.0
+            margin = jnp.where(part, jax.lax.cond(jnp.any(part), lambda: held * tier_rate(held, m, pn(), ladder),
+                                                  lambda: whole), whole)
+            breach = margin > coll
+            f = jax.lax.cond(jnp.any(breach), lambda: 1.0 - kept_share(coll, held, m, g, pn(), ladder, target, fee_rate),
+                             lambda: jnp.zeros_like(held))
         f = jnp.where(breach, jnp.where(coll <= 0, 1.0, f), 0.0)
         share = held * f  # of the original book
         cost = share * c if c is not None else zero
@@ -322,7 +339,8 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
     return {
         "equity": equity,
         "collateral": jnp.where(liq, coll, coll_end),
-        "margin": jnp.where(liq, margin, held * timed(mm)[-1]),
+        # an account never liquidated holds its whole book
+        "margin": jnp.where(liq, margin, timed(mm)[-1] if tiers is None else timed(tiers.whole)[-1]),
         "liquidated": liq,
         "fee": fee.sum(axis=0),
         "impact": cost.sum(axis=0),
@@ -332,3 +350,95 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
         "closed": jnp.moveaxis(share[jnp.asarray(block)], 0, 1).reshape(n, K * W),
         "gone": held == 0,  # closed out in full (a close of f = 1 leaves exactly 0)
     }
+
+
+BISECTIONS = 24  # halvings of the share kept under risk-limit tiers (kept_share): float32's precision
+
+
+@pytree_dataclass
+class Tiered:
+    """The positions of a chunk of accounts under risk-limit tiers, as ``partial_path`` needs
+    them to find the margin of a share of each book: every position at the tier its share of
+    the notional falls in (``portfolio.tier_extra``, ``margin.tier_margin``)."""
+
+    whole: Any  # [n, K * W] USD maintenance margin of the whole book, each position at its tier
+    qty: Any  # [n, Q] contracts of each position, |q| (0 for padding)
+    inst: Any  # [n, Q] int32 instrument of each position
+    # [I, K * W] USD notional per contract (margin.contract_notional), or a function of
+    # instrument indices [n, Q] -> [n, Q, K * W] (the rows of each account's own tile)
+    per_contract: Any
+    bound: Any  # [I, K - 1] USD upper bound of tiers 1 .. K - 1
+    step: Any  # [I, K - 1] how much the MM rate rises past each bound
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the positions' notional is gathered step by step (from a table)."""
+        return not callable(self.per_contract)
+
+    def notional(self) -> Any:
+        """What ``partial_path`` walks the steps of: the table per contract ``[I, K * W]``, or
+        each position's notional ``[n, Q, K * W]`` where ``per_contract`` is a function."""
+        return self.per_contract if self.per_row else self.qty[..., None] * self.per_contract(self.inst)
+
+
+def tier_rate(y: Any, m: Any, pn: Any, ladder: Any, right: bool = False) -> Any:
+    """Maintenance margin per unit of the book held, USD ``[n, W]``, when a share ``y`` ``[n,
+    W]`` of it is held under risk-limit tiers: ``m`` (the whole book's margin at the first
+    tier's rates) plus, for each position, its notional ``pn`` ``[n, Q, W]`` times every rate
+    step whose bound ``y * pn`` exceeds (``portfolio.tier_extra``; ``ladder``: ``(bound,
+    step)`` ``[n, Q, K - 1]``). The margin of that share is ``y * tier_rate(y, ...)``. With
+    ``right``, the rate just above ``y`` (a bound that ``y * pn`` reaches counts)."""
+    bound, step = ladder[0][:, :, None, :], ladder[1][:, :, None, :]
+    held = (y[:, None, :] * pn)[..., None]  # [n, Q, W, 1]
+    over = held >= bound if right else held > bound
+    return m + jnp.sum(pn * jnp.sum(jnp.where(over, step, 0.0), axis=-1), axis=1)
+
+
+def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, target: Any, fee_rate: Any) -> Any:
+    """The largest share ``x`` ``[n, W]`` of what an account holds (``held`` of its book) that
+    it can keep after a partial close under risk-limit tiers: the largest ``x`` in [0, 1]
+    with
+
+        ``D(x) = C - fee_rate * G * held * (1 - x) - target * M(held * x) >= 0``,
+
+    ``M(y) = y * tier_rate(y)`` the margin of a share ``y`` of the book. Within a run of shares
+    where no position changes tier ``D`` is linear, with slope ``held * (fee_rate * G -
+    target * rate) < 0`` when ``target * m > fee_rate * G``, and it drops where one does, so
+    ``D`` decreases and the shares that restore the target are ``[0, x*]``. ``BISECTIONS``
+    halvings find the run of ``x*`` (or a run ending within ``2**-BISECTIONS`` below it, where
+    tier bounds lie closer than that: then a little more is closed than needed), and ``x*``
+    is solved for exactly there: the root of that run's line, or the bound that ends it. ``x =
+    0`` (close all) where nothing is kept: ``D(0) < 0`` (the fee on the rest is more than the
+    collateral), or the fee outgrows the margin (``target * m <= fee_rate * G``). The bisection
+    carries no gradient; the last step does (a root's in ``C``, the rates and the notionals)."""
+    fee_g = jnp.zeros_like(g) if fee_rate is None else fee_rate * g
+    rest = coll - fee_g * held  # D(0)
+
+    def feasible(x):
+        y = held * x
+        return rest + fee_g * y - target * y * tier_rate(y, m, pn, ladder) >= 0
+
+    def halve(_, lo_hi):
+        lo, hi = lo_hi
+        mid = 0.5 * (lo + hi)
+        ok = feasible(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, BISECTIONS, halve, (jnp.zeros_like(held), jnp.ones_like(held)))
+    lo = jax.lax.stop_gradient(lo)
+    y_lo = held * lo
+    rate = tier_rate(y_lo, m, pn, ladder, right=True)  # the run just above lo
+    den = held * (target * rate - fee_g)
+    root = rest / jnp.where(den > 0, den, 1.0)
+    # the next bound a position reaches above lo (a bound exactly reached keeps the lower tier)
+    # (selects, not infinities, in what is differentiated: 0 * inf would make a gradient NaN)
+    bound = ladder[0][:, :, None, :]
+    ahead = ((y_lo[:, None, :] * pn)[..., None] < bound) & (pn[..., None] > 0) & jnp.isfinite(bound)
+    per_unit = (jnp.where(pn > 0, pn, 1.0) * jnp.where(held > 0, held, 1.0)[:, None, :])[..., None]
+    x_next = jnp.min(jnp.where(ahead, jnp.where(ahead, bound, 0.0) / per_unit, 2.0), axis=(1, 3))
+    # kept at a bound: a few ulps under it, so that the share held times the notional, rounded,
+    # is not over the bound (which would put the rest in the upper tier at the next look)
+    x_next = x_next * (1.0 - 4 * jnp.finfo(x_next.dtype).eps)
+    x = jnp.clip(jnp.minimum(root, x_next), lo, 1.0)
+    close_all = (rest < 0) | (target * m <= fee_g)
+    return jnp.where(close_all, 0.0, x)

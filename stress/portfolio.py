@@ -425,7 +425,9 @@ def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
     path (partial liquidation): ``(pos [n, J, W], bal [n, J], px [n, J, W], keep [n, J],
     margin [n, W], *gross_sums [n, W])``: the value of the positions settled in each slot's
     asset (its units), the balance, the asset's price (USD), the slot's haircut (``[n, J]``,
-    or a ``Haircut`` per slot for ``keep_share(keep, None, e)``), and the sums of ``state``. ``sum_j (bal + pos) * px`` is ``state``'s equity."""
+    or a ``Haircut`` per slot for ``keep_share(keep, None, e)``), and the sums of ``state``. ``sum_j (bal + pos) * px`` is ``state``'s equity.
+    With ``tiers``, ``margin`` is a pair: the first tier's, and ``state``'s (every position at
+    its own tier), since the margin of a share of the book needs both (``liquidation.Tiered``)."""
     rows = _rows
     value, mm, gross = rows(value), rows(mm), tuple(rows(g) for g in gross)
     n, P, L = h.inst.shape
@@ -433,17 +435,18 @@ def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
     px = rows(price)(h.asset)  # [n, J, W]
 
     def position(l, carry):  # the l-th position of every slot at once: [n, P, W] terms
-        pos, margin, sums = carry
+        pos, (flat, extra), sums = carry
         i, q = h.inst[:, :, l], h.qty[:, :, l, None]
-        margin = margin + jnp.sum(h.weight[:, :, l, None] * mm(i), axis=1)
+        flat = flat + jnp.sum(h.weight[:, :, l, None] * mm(i), axis=1)
         if tiers is not None:  # slot by slot: tier_extra takes [n] instruments
-            margin = margin + sum(tier_extra(jnp.abs(q[:, j]) * gross[0](i[:, j]), i[:, j], tiers) for j in range(P))
+            extra = extra + sum(tier_extra(jnp.abs(q[:, j]) * gross[0](i[:, j]), i[:, j], tiers) for j in range(P))
         sums = tuple(s + jnp.sum(jnp.abs(q) * g(i), axis=1) for s, g in zip(sums, gross))
-        return pos + q * value(i), margin, sums
+        return pos + q * value(i), (flat, extra), sums
 
     zeros = jnp.zeros(px.shape[::2], px.dtype)  # [n, W]
     pos = jnp.zeros((n, P) + px.shape[2:], px.dtype)
-    pos, margin, sums = _repeat(L, position, (pos, zeros, tuple(zeros for _ in gross)), P * L <= UNROLL_MAX)
+    pos, (flat, extra), sums = _repeat(L, position, (pos, (zeros, zeros), tuple(zeros for _ in gross)), P * L <= UNROLL_MAX)
+    margin = flat if tiers is None else (flat, flat + extra)
     pos = jnp.pad(pos, ((0, 0), (0, J - P), (0, 0)))  # balance-only slots hold no positions
     if isinstance(haircut, Haircut):  # per slot: base [n, J, W], coef and share [n, J]
         keep = Haircut(base=_rows(haircut.base)(h.asset), coef=haircut.coef[h.asset], share=haircut.share[h.asset],

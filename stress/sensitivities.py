@@ -125,6 +125,10 @@ class Book:
     partial_target: Any = None  # [] collateral / maintenance margin after a partial close
     slot_rank: Any = None  # [M] int32 place of the slot among its account's (slot_width: padding)
     slot_width: int = dataclasses.field(default=0, metadata={"static": True})  # J: most slots of one account
+    # Partial liquidation under risk-limit tiers: positions laid out [account, Q] (partial_path
+    # finds each position's tier at the share of the book held)
+    pos_rank: Any = None  # [N] int32 place of the position among its account's (pos_width: padding)
+    pos_width: int = dataclasses.field(default=0, metadata={"static": True})  # Q: most positions of one account
     steps: int = dataclasses.field(default=1, metadata={"static": True})  # K: the states' steps per scenario
 
 
@@ -158,6 +162,12 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
         rank = np.arange(len(slot_acc)) - first
         partial = {"partial_target": np.float64(cfg["partial_target"]), "slot_rank": rank.astype(np.int32),
                    "slot_width": int(rank.max(initial=0)) + 1}
+        if tiers is not None:
+            acc = snap.pos_account.astype(np.int64)
+            order = np.argsort(acc, kind="stable")
+            p_rank = np.empty(len(acc), np.int64)
+            p_rank[order] = np.arange(len(acc)) - np.searchsorted(acc[order], acc[order])
+            partial |= {"pos_rank": p_rank.astype(np.int32), "pos_width": int(p_rank.max(initial=0)) + 1}
     pm = {}
     if snap.margin_config.get("model", "standard") == "portfolio":
         pm = pm_layout(snap.pos_account, np.asarray(snap.instruments.underlying)[snap.pos_instrument], settle, A)
@@ -248,6 +258,7 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     notional = margin.contract_notional(inst, rv["spot"], rv["live"])  # per contract, USD, as the engine
     absq = jnp.abs(b.pos_quantity)[:, None]
     pn = absq * notional[b.pos_instrument]  # [N, 1+S] each position's notional, USD
+    flat = per_position
     if b.tier_bound is not None:  # the tier its notional is in at each state (portfolio.tier_extra)
         bound, step = b.tier_bound[b.pos_instrument][:, None, :], b.tier_step[b.pos_instrument][:, None, :]
         per_position = per_position + pn * jnp.sum(step * (pn[:, :, None] > bound), axis=-1)
@@ -260,6 +271,9 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     if b.partial_target is not None:  # what liquidation.partial_path needs, per slot
         out["slots"] = (lam[b.slot_account][:, None] * held, lam[b.slot_account] * b.slot_balance,
                         rv["price"][b.slot_asset], hc)
+    if b.pos_rank is not None:  # and under tiers: the first tier's margin, the notional per contract, |q|
+        out["tiered"] = (lam[:, None] * jax.ops.segment_sum(flat, b.pos_account, num_segments=n), notional,
+                         lam[b.pos_account] * absq[:, 0])
     if impact is not None:
         charge = impact_charge(impact[0], notional, impact[1], inst.underlying)  # [I, 1+K*S]
         out["impact"] = lam[:, None] * jax.ops.segment_sum(absq * charge[b.pos_instrument], b.pos_account, num_segments=n)
@@ -364,9 +378,17 @@ def partial_outcome(st: dict, b: Book, n: int, fee_rate: Any, impact: Any = None
     else:
         keep = dense(hc)
     tiles = lambda x: _to_tiles(x, K, S)  # noqa: E731
+    mm, tiers = st["maintenance_margin"], None
+    if b.pos_rank is not None:  # [n, Q] positions: partial_path finds their tiers at the share held
+        mm, per_contract, qty = st["tiered"]
+        by_position = lambda v: jnp.zeros((n, b.pos_width), v.dtype).at[b.pos_account, b.pos_rank].add(  # noqa: E731
+            v, mode="drop")
+        tiers = liquidation.Tiered(whole=tiles(st["maintenance_margin"]), qty=by_position(qty),
+                                   inst=by_position(b.pos_instrument), per_contract=tiles(per_contract),
+                                   bound=b.tier_bound, step=b.tier_step)
     return liquidation.partial_path(S, dense(tiles(value)), dense(balance), dense(tiles(price)), keep,
-                                    tiles(st["maintenance_margin"]), tiles(st["notional"]), b.partial_target,
-                                    fee_rate, None if impact is None else tiles(impact))
+                                    tiles(mm), tiles(st["notional"]), b.partial_target,
+                                    fee_rate, None if impact is None else tiles(impact), tiers=tiers)
 
 
 def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any, lag: int = 0) -> tuple[Any, ...]:
@@ -607,6 +629,8 @@ def account_chunks(b: Book, n: int, cells: int = CHUNK_CELLS) -> tuple[int, list
             slot_balance=take(b.slot_balance, sl, M), **layouts[k],
             **({} if b.slot_rank is None else
                {"slot_rank": np.pad(np.asarray(b.slot_rank)[sl], (0, M - len(sl)), constant_values=b.slot_width)}),
+            **({} if b.pos_rank is None else
+               {"pos_rank": np.pad(np.asarray(b.pos_rank)[p], (0, P - len(p)), constant_values=b.pos_width)}),
         )))
     return C, out
 
@@ -623,6 +647,8 @@ def _jacobian(x, dv, params, fee_rate, imp, inst, market, b: Book, n: int, cells
         cells = max(1, cells // int(grids["pnl"].shape[-1]))  # a position's work is G points per state
     if b.partial_target is not None:  # partial_path holds [accounts, J slots, states] blocks, several of them
         cells = max(1, cells // (2 * b.slot_width))
+    if b.pos_rank is not None:  # and [accounts, Q positions, states, tiers] blocks in its bisection
+        cells = max(1, cells // (b.pos_width * max(1, b.tier_bound.shape[1])))
     C, chunks = account_chunks(b, n, cells)
     lam = jnp.ones(C)
     closed = None

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
 
 import stress
-from stress import engine
+from stress import engine, liquidation
 
 from .conftest import write_snapshot
 
@@ -510,12 +511,11 @@ def test_bad_partial_keys_fail_at_load(tmp_path, text, column):
 @pytest.mark.parametrize("margin, model", [
     ('model = "portfolio"', "portfolio"),
     ('model = "var"\nvar_history = "h.csv"\nvar_min_windows = 10', "var"),
-    ("future_tiers = [[300_000, 0.02, 0.01], [1e12, 0.1, 0.05]]", "tiers"),
 ])
-def test_partial_close_outs_are_refused_where_margin_is_not_proportional_to_the_book(tmp_path, margin, model):
-    # A partial close keeps a share (1 - f) of the book and solves for f from (1 - f) * M:
-    # tiers (a smaller position in a lower tier), the portfolio model's delta shock and the var
-    # model's ES (collateral risk included) are not proportional, and the share would be wrong.
+def test_partial_close_outs_are_refused_under_the_portfolio_and_var_models(tmp_path, margin, model):
+    # A partial close keeps a share of the book and needs the margin of that share: the
+    # portfolio model's delta shock (with its threshold) and the var model's ES (collateral
+    # risk included) are not computed from per-position amounts, so the share would be wrong.
     snap_dir = tmp_path / "snap"
     _book(snap_dir)
     (snap_dir / "h.csv").write_text("date,BTC\n" + "\n".join(f"2024-01-{d:02d},{50_000 + 100 * d}" for d in range(1, 29)) + "\n")
@@ -523,7 +523,7 @@ def test_partial_close_outs_are_refused_where_margin_is_not_proportional_to_the_
     (snap_dir / "exchange.toml").write_text(toml + 'mode = "partial"\n')
     with pytest.raises(stress.InputError) as err:
         stress.load_snapshot(snap_dir)
-    assert err.value.column == "mode" and ("tiers" in str(err.value) if model == "tiers" else model in str(err.value))
+    assert err.value.column == "mode" and model in str(err.value)
     (snap_dir / "exchange.toml").write_text(toml)  # full close-out: the same margin loads
     snap = stress.load_snapshot(snap_dir)
     partial = dataclasses.replace(snap, liquidation_config={**snap.liquidation_config, "mode": "partial"})
@@ -615,6 +615,94 @@ def test_partial_mode_closes_everything_when_the_fee_alone_exceeds_the_target_ma
     sc = stress.run(snap, _scen(tmp_path, snap)).scenarios.set_index("scenario")
     assert sc.liquidated_notional["down-1"] == pytest.approx(24_750_000.0, rel=1e-12)
     assert sc.fees["down-1"] == pytest.approx(150_000.0, rel=1e-12)
+
+
+def _tiered(folder, tiers: str, liquidation: str = 'fee_rate = 0.002\nmode = "partial"'):
+    _book(folder, liquidation)
+    toml = (folder / "exchange.toml").read_text().replace("[margin]\n", f"[margin]\nfuture_tiers = {tiers}\n")
+    (folder / "exchange.toml").write_text(toml)
+    return stress.load_snapshot(folder)
+
+
+# The long of `_book` at 49,500 under risk-limit tiers: its 24,750,000 of notional is in the
+# second tier (MM 1%, 247,500, as untiered) against collateral 150,000, so it is partly closed
+# with the 0.2% fee back to 1.25 x the margin of what it keeps, at the rate of the tier the
+# kept position falls in. Keeping a share x of it: D(x) = 150,000 - 49,500 (1 - x) - 1.25 x
+# 24,750,000 rate(x) >= 0, the largest such x.
+@pytest.mark.parametrize("tiers, kept", [
+    # first tier to 20M at MM 0.8%: D(x) = 100,500 - 198,000 x = 0 at x = 0.5076 (12.56M, in it)
+    ("[[20_000_000, 0.016, 0.008], [1e12, 0.02, 0.01]]", 100_500.0 / 198_000.0),
+    # first tier to 10M at MM 0.5%: in it D(x) = 100,500 - 105,187.5 x > 0 up to its bound at
+    # x = 10/24.75, above it 100,500 - 259,875 x < 0: the position is cut to the bound, 10M
+    ("[[10_000_000, 0.01, 0.005], [1e12, 0.02, 0.01]]", 10.0 / 24.75),
+])
+def test_partial_close_under_tiers_keeps_what_the_lower_tier_allows(tmp_path, tiers, kept):
+    snap = _tiered(tmp_path / "snap", tiers)
+    sc = stress.run(snap, _scen(tmp_path, snap)).scenarios.set_index("scenario")
+    f = 1.0 - kept
+    assert sc.liquidated_notional["down-1"] == pytest.approx(24_750_000.0 * f, rel=1e-12)
+    assert sc.fees["down-1"] == pytest.approx(49_500.0 * f, rel=1e-12)
+    assert sc.accounts_liquidatable["down-1"] == 1
+    # flat rates at the whole book's tier would close f = 0.61328 (F1), more than needed
+    assert f < F1
+    assert sc.bad_debt["down-4"] == pytest.approx(600_000.0)  # collateral < 0: everything
+
+
+def test_partial_close_under_tiers_judges_the_rest_at_its_own_tier_along_a_path(tmp_path):
+    # 50,000 -> 49,500 -> 49,300. At 49,500 the long is cut to the first tier's bound, 10M
+    # (kept x = 10 / 24.75 of 1,000 contracts), paying 49,500 (1 - x) of fee: collateral
+    # 120,500. At 49,300 the rest, 404 contracts (9.96M, first tier, MM 0.5%: 49,798), has lost
+    # 1000 x 0.5 x 200 x x = 40,404: collateral 80,096 > 49,798, no second close (at the whole
+    # book's 1% it would be 99,596, a breach). End equity 400,000 - 250,000 (1 - x) - 350,000 x
+    # - 49,500 (1 - x).
+    snap = _tiered(tmp_path / "snap", "[[10_000_000, 0.01, 0.005], [1e12, 0.02, 0.01]]")
+    (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,49500\n2024-01-03,49300\n")
+    (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 2\n')
+    res = stress.run(snap, stress.load_scenarios(tmp_path / "p.toml", snap))
+    x = 10.0 / 24.75
+    row = res.scenarios.iloc[0]
+    assert row.fees == pytest.approx(49_500.0 * (1 - x), rel=1e-12)
+    assert row.liquidated_notional == pytest.approx(24_750_000.0 * (1 - x), rel=1e-12)
+    end = 400_000.0 - 250_000.0 * (1 - x) - 350_000.0 * x - 49_500.0 * (1 - x)
+    assert end == pytest.approx(80_096.0, abs=1.0)
+    long = res.accounts.set_index("account_id").loc["long"]
+    assert long.pnl_worst == pytest.approx(end - 400_000.0, rel=1e-12)
+
+
+def test_kept_share_under_tiers_is_the_largest_share_that_restores_the_target():
+    # The defining property against a NumPy evaluation of D(x) (written here, not the
+    # engine's): D(x) >= 0 and D just above x < 0, on random books of several positions with
+    # three tiers each, collateral, fee and targets; x = 0 where even D(0) < 0.
+    rng = np.random.default_rng(11)
+    n, Q, W = 40, 5, 16
+    pn = rng.uniform(0, 2e6, (n, Q, W)) * (rng.random((n, Q, 1)) < 0.8)
+    bound = np.sort(rng.uniform(1e5, 1.5e6, (n, Q, 2)), axis=-1)
+    step = rng.uniform(0.001, 0.02, (n, Q, 2))
+    m = 0.005 * pn.sum(axis=1) + rng.uniform(0, 1e4, (n, W))  # first-tier margin, options' included
+    g = pn.sum(axis=1)
+    held = np.where(rng.random((n, W)) < 0.5, 1.0, rng.uniform(0.2, 1.0, (n, W)))
+    target, fee_rate = 1.25, 0.0005
+
+    def margin(y):  # of a share y of the book: each position at the rate of its tier there
+        extra = np.sum(pn * np.sum(step[:, :, None, :] * ((y[:, None, :] * pn)[..., None] > bound[:, :, None, :]), -1), 1)
+        return y * (m + extra)
+
+    coll = rng.uniform(-0.05, 0.999, (n, W)) * margin(held)  # every account in breach
+
+    def D(x):
+        return coll - fee_rate * g * held * (1 - x) - target * margin(held * x)
+
+    x = np.asarray(liquidation.kept_share(*(jnp.asarray(v) for v in (coll, held, m, g, pn)),
+                                          (jnp.asarray(bound), jnp.asarray(step)), target, fee_rate))
+    scale = np.abs(coll) + m + g * fee_rate
+    some = (D(np.zeros_like(x)) >= 0)
+    assert some.mean() > 0.2 and (~some).mean() > 0.05
+    assert np.all(x[~some] == 0.0)
+    assert np.all(D(x)[some] >= -1e-9 * scale[some])
+    assert np.all(D(np.minimum(x + 1e-6, 1.0))[some & (x < 1)] < 0)
+    # and a close where a tier bound cuts the position: x at a bound exactly for some
+    cut = np.isclose((held * x)[:, None, :, None] * pn[..., None], bound[:, :, None, :], rtol=1e-12).any(axis=(1, 3))
+    assert cut[some].any() and (~cut[some]).any()
 
 
 def test_a_group_column_left_empty_means_no_groups(tmp_path):

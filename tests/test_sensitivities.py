@@ -543,13 +543,14 @@ def test_dynamic_haircut_totals_and_gradients_match_the_run(tmp_path):
         (up - base) / dvol, rel=1e-6)
 
 
-@pytest.mark.parametrize("impact", [False, True])
-def test_partial_liquidation_totals_and_gradients_match_the_run(snap, tmp_path, impact):
+@pytest.mark.parametrize("impact, tiers", [(False, False), (True, False), (False, True)])
+def test_partial_liquidation_totals_and_gradients_match_the_run(snap, tmp_path, request, impact, tiers):
     # each breach closes just enough of the book to restore the target ratio, so the closed
     # share is a smooth function of margin and collateral: margin rates now move bad debt
-    # by slopes, not only by jumps
+    # by slopes, not only by jumps. Under risk-limit tiers the share kept is found with each
+    # position's tier at that share (a root of a run of one tier, or a tier's bound).
     liq = {"mode": "partial", "partial_target": 1.25, "fee_rate": 0.01, **({"impact": IMPACT} if impact else {})}
-    part = dataclasses.replace(snap, liquidation_config=liq)
+    part = dataclasses.replace(request.getfixturevalue("tiered") if tiers else snap, liquidation_config=liq)
     scen = stress.load_scenarios(scenario_file(tmp_path, SCENARIOS + MONTECARLO), part)
     r = sens.sensitivities(part, scen, temperature=2e6, cells=2_000)
     res = stress.run(part, scen)
