@@ -254,28 +254,38 @@ def _calibrate_vector(snap, scen, target, names, masks, *, hi, tolerance, chunk_
     """Several parameters: gradient descent on the smooth relaxation, then the exact check and
     the exact bisection of the scale along the solution's direction (module docstring)."""
     smooth = optimise(snap, scen, target, masks, hi)
-    direction = np.asarray(smooth["scales"], np.float64)
-    seen: dict[float, dict] = {}
+    uniform = np.ones(len(names))
+    seen: dict[tuple, dict] = {}
 
-    def at(f: float) -> dict:
-        f = f if f == 1.0 else round(f / tolerance) * tolerance
-        if f not in seen:
-            seen[f] = evaluate(snap, scen, f, target.metric, chunk_size, masks, direction)
-            if progress:
-                progress(seen[f])
-        return seen[f]
+    def along(direction: np.ndarray) -> Callable[[float], dict]:
+        def at(f: float) -> dict:
+            f = f if f == 1.0 else round(f / tolerance) * tolerance
+            key = (f, *direction.tolist())
+            if key not in seen:
+                seen[key] = evaluate(snap, scen, f, target.metric, chunk_size, masks, direction)
+                if progress:
+                    progress(seen[key])
+            return seen[key]
+        return at
 
-    before = evaluate(snap, scen, 1.0, target.metric, chunk_size, masks, np.ones(len(names)))
+    before = evaluate(snap, scen, 1.0, target.metric, chunk_size, masks, uniform)
     if progress:
         progress(before)
-    check = evaluate(snap, scen, 1.0, target.metric, chunk_size, masks, direction)
-    seen[1.0] = check
-    # the ray's largest scale keeps every parameter's scale within hi
+    direction = np.asarray(smooth["scales"], np.float64)
+    check = along(direction)(1.0)
     # the ray's scales keep every parameter's scale within [1/hi, hi]
-    res = _bisect(at, before, hi / direction.max(), tolerance, target, lo=1.0 / (hi * direction.min()))
+    res = _bisect(along(direction), before, hi / direction.max(), tolerance, target, lo=1.0 / (hi * direction.min()))
+    fallback = res["factor"] is None and not np.array_equal(direction, uniform)
+    if fallback:
+        # The relaxation can under-estimate the metric where it stopped, with a scale at hi, so
+        # that its ray cannot reach the target within [1/hi, hi] though other points can: every
+        # parameter scaled alike (the one-scale calibration) reaches every scale's hi, the
+        # most margin any point has, so the target is out of reach only if that misses it too.
+        direction = uniform
+        res = _bisect(along(direction), before, hi, tolerance, target, lo=1.0 / hi)
     smooth.update(check=check, met=target.met(check["value"]))
     res.update(target=target, parameters=names, direction=[float(v) for v in direction], smooth=smooth,
-               scales=None if res["factor"] is None else res["after"]["scales"],
+               fallback=fallback, scales=None if res["factor"] is None else res["after"]["scales"],
                curve=sorted([before, *seen.values()], key=lambda r: (r["maintenance_margin"], r["factor"])))
     return res
 

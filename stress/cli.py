@@ -1012,7 +1012,8 @@ def calibrate(
     for label, r in rows:
         t.add_row(label, f"{r['factor']:.3f}", f"{r['value']:.6g}", f"{r['maintenance_margin']:,.0f}")
     if vector:
-        t.caption = ("scale: along the smooth solution's direction (scales per parameter below); "
+        along = "every parameter alike" if res["fallback"] else "the smooth solution's direction"
+        t.caption = (f"scale: along {along} (scales per parameter below); "
                      f"the smooth stage's relaxed {goal.metric} was {res['smooth']['value']:.6g}")
     out.print(t)
     if vector:
@@ -1021,12 +1022,17 @@ def calibrate(
             pt.add_column(c, justify="left" if c == "parameter" else "right")
         for k, name in enumerate(res["parameters"]):
             rec = "n/a" if res["scales"] is None else f"{res['scales'][k]:.4f}"
-            pt.add_row(name, f"{res['direction'][k]:.4f}", rec)
+            pt.add_row(name, f"{res['smooth']['scales'][k]:.4f}", rec)
         out.print(pt)
         verdict = "meets" if res["smooth"]["met"] else "misses"
-        out.print(f"the smooth solution {verdict} the target in the exact run; the exact bisection along its "
-                  f"direction gives scale {'n/a' if res['factor'] is None else format(res['factor'], '.3f')}",
-                  highlight=False)
+        scale = "n/a" if res["factor"] is None else format(res["factor"], ".3f")
+        if res["fallback"]:
+            out.print(f"the smooth solution {verdict} the target in the exact run, and no scale along its direction "
+                      f"within [1/{hi:g}, {hi:g}] meets it; every parameter scaled alike gives scale {scale}",
+                      highlight=False)
+        else:
+            out.print(f"the smooth solution {verdict} the target in the exact run; the exact bisection along its "
+                      f"direction gives scale {scale}", highlight=False)
     if res["factor"] is None:
         out.print(Text(f"the target is not met even at {hi:g} x the current rates", style="bold red"))
     else:
@@ -1043,6 +1049,7 @@ def calibrate(
         doc["parameters"] = list(res["parameters"])
         if vector:
             doc["direction"] = res["direction"]
+            doc["fallback"] = res["fallback"]
             doc["smooth"] = res["smooth"]
         (out_dir / "calibration.json").write_text(json.dumps(doc, indent=2, allow_nan=False, default=str))
         out.print(f"wrote {out_dir / 'calibration.json'} and {out_dir / 'tradeoff.svg'}", highlight=False)

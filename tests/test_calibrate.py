@@ -174,6 +174,24 @@ def test_vector_calibration_does_not_depend_on_chunking(two_books, vector_result
     assert other["factor"] == vector_result["factor"] and other["scales"] == vector_result["scales"]
 
 
+def test_vector_calibration_falls_back_to_one_scale_when_the_smooth_direction_cannot_reach_the_target(
+        two_books, monkeypatch):
+    # A relaxation that stops with ETH's scale at hi and BTC's rates (the riskier, at 120% vol)
+    # cut to 1/hi: its ray ends at its own point (hi / max scale = 1), where BTC's accounts are
+    # not liquidated in time and the target is missed, though raising every rate alike meets it. The calibration then
+    # scales every parameter alike and finds what the one-scale calibration finds.
+    _, snap, scen = two_books
+    hi = 8.0
+    stuck = {"scales": [1.0 / hi, hi], "value": 0.0, "maintenance_margin": 0.0, "history": []}
+    one = cal.calibrate(snap, scen, cal.parse_target("p_fund_depleted<=0.03"), hi=hi, tolerance=0.05)
+    monkeypatch.setattr(cal, "optimise", lambda *a, **k: dict(stuck))
+    res = cal.calibrate(snap, scen, cal.parse_target("p_fund_depleted<=0.03"), parameter=VECTOR, hi=hi, tolerance=0.05)
+    assert not res["smooth"]["met"] and res["fallback"]
+    assert res["factor"] == pytest.approx(one["factor"]) and res["scales"] == pytest.approx([one["factor"]] * 2)
+    assert res["direction"] == [1.0, 1.0] and res["smooth"]["scales"] == [1.0 / hi, hi]
+    assert res["after"]["value"] <= 0.03 < res["below"]["value"]
+
+
 def test_rate_multiplier_and_scaled_move_only_the_named_underlying(two_books):
     _, snap, _ = two_books
     names, masks = cal.parse_vary("mm_rate.ETH", snap)
