@@ -73,7 +73,17 @@ class _Table:
         return column in self.data.column_names
 
     def raw(self, column: str) -> pa.ChunkedArray:
-        return self.data.column(column)
+        col = self.data.column(column)
+        if pa.types.is_nested(col.type):  # a Parquet list, struct or map: one value a row is read
+            raise self.error(None, column, f"a column of {col.type} values; expected one text or number a row")
+        return col
+
+    def as_text(self, column: str, col: Any) -> Any:
+        """``col`` cast to strings, or the file and column named where Arrow cannot."""
+        try:
+            return pc.cast(col, pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise self.error(None, column, f"{col.type} values cannot be read as text: {_first_line(exc)}") from None
 
     def text(self, column: str, required: bool = True) -> pa.Array:
         """Column as a pyarrow string array, whitespace trimmed, null where empty."""
@@ -81,7 +91,7 @@ class _Table:
             return pa.nulls(len(self), pa.string())
         col = self.raw(column)
         if not pa.types.is_string(col.type):  # large_string too: ids of two tables are joined
-            col = pc.cast(col, pa.string())
+            col = self.as_text(column, col)
         col = pc.utf8_trim_whitespace(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
         col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
         if required and col.null_count:
@@ -103,8 +113,8 @@ class _Table:
         col = self.raw(column)
         col = col.unify_dictionaries().combine_chunks() if pa.types.is_dictionary(col.type) else col.combine_chunks()
         if pa.types.is_dictionary(col.type):
-            return col if pa.types.is_string(col.type.value_type) else col.dictionary_decode().cast(pa.string())
-        return col if pa.types.is_string(col.type) else pc.cast(col, pa.string())
+            return col if pa.types.is_string(col.type.value_type) else self.as_text(column, col.dictionary_decode())
+        return col if pa.types.is_string(col.type) else self.as_text(column, col)
 
     def strings(self, column: str, required: bool = True) -> np.ndarray:
         """Column as an object array of stripped strings; None where empty."""
@@ -427,12 +437,12 @@ def load_snapshot(path: str | Path) -> Snapshot:
         ``balances`` and ``positions``, each as ``.csv`` or ``.parquet``.
 
     Returns:
-      A ``Snapshot``. Accounts are sorted by id and positions by (account, instrument), so the
-      row order of ``balances`` and ``positions`` changes no result, to the last bit. Assets
-      and instruments keep their file order (``snap.assets`` is the order of every per-asset
-      array), which sets the order of the sums over an account's assets and positions: a
-      reordered ``assets`` or ``instruments`` file changes results in their last bits only
-      (up to about 1e-12 relative was measured).
+      A ``Snapshot``. Accounts are sorted by id, assets by name and positions by (account,
+      instrument), so the row order of ``balances``, ``positions`` and ``assets`` changes no
+      result, to the last bit, nor the order of any per-asset column or row. Instruments keep
+      their file order, which sets the order of the sums over an account's positions: a
+      reordered ``instruments`` file changes results in their last bits only (up to about
+      1e-12 relative was measured).
 
     Raises:
       InputError: naming the file, row and column of the first problem found.
@@ -478,6 +488,11 @@ def _load_snapshot(folder: Path) -> Snapshot:
     at.check(price <= 0, "price", "price must be > 0")
     haircut = at.numbers("haircut")
     at.check((haircut < 0) | (haircut >= 1), "haircut", "haircut must be in [0, 1)")
+    # Assets in name order, not the file's: their order decides no value, but it orders the
+    # report's per-asset columns and rows and the sums over assets, and a file's row order must
+    # change no report (error messages above still name the file's rows).
+    order = np.argsort(np.asarray(assets, dtype=str), kind="stable")
+    assets, price, haircut = assets[order], price[order], haircut[order]
     asset_names = tuple(str(a) for a in assets)
 
     fund = np.zeros(len(assets))

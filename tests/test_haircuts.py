@@ -74,9 +74,10 @@ def _scen(tmp_path, snap):
 
 
 def test_haircut_formula_scales_with_vol_adds_concentration_and_stops_at_the_cap(tmp_path):
-    p = _book(tmp_path / "snap").params
-    price0 = np.array([1.0, 50_000.0])
-    at = lambda net, dv: float(margin.haircut_at(p, 1, net, dv, price0))
+    snap = _book(tmp_path / "snap")
+    p, btc, usdc = snap.params, snap.asset_index("BTC"), snap.asset_index("USDC")
+    price0 = np.asarray(snap.market.price)
+    at = lambda net, dv: float(margin.haircut_at(p, btc, net, dv, price0))
     assert at(100.0, 0.0) == pytest.approx(0.10 + ADDON_100, rel=1e-14)
     # vol 50% -> 75%: 0.10 * 0.75 / 0.50 = 0.15, plus the same add-on (100 BTC is still 100 BTC)
     assert at(100.0, 0.25) == pytest.approx(0.15 + ADDON_100, rel=1e-14)
@@ -88,7 +89,7 @@ def test_haircut_formula_scales_with_vol_adds_concentration_and_stops_at_the_cap
     assert at(1.0, 0.0) - 0.10 == pytest.approx(ADDON_100 / 10, rel=1e-12)
     # nothing held (or owed): no add-on; USDC has neither a reference vol nor a volume
     assert at(0.0, 0.0) == at(-5.0, 0.0) == pytest.approx(0.10)
-    assert float(margin.haircut_at(p, 0, 1e9, 1.0, price0)) == 0.0
+    assert float(margin.haircut_at(p, usdc, 1e9, 1.0, price0)) == 0.0
 
 
 def test_collateral_at_the_snapshot_pays_the_concentration_add_on(tmp_path):

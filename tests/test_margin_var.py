@@ -93,7 +93,7 @@ def _thin(tmp_path, margin: str, amount: float = 30.0):
 def _scen():
     from stress.scenarios import Scenarios
 
-    spot = np.array([[1.0, 1.0], [1.0, 0.98], [1.0, 1.1]])  # USDC, BTC
+    spot = np.array([[1.0, 1.0], [0.98, 1.0], [1.1, 1.0]])  # BTC, USDC: a snapshot's assets are in name order
     return Scenarios(("flat", "down2", "up10"), ("explicit",) * 3, spot, np.zeros((3, 2)), np.zeros(3))
 
 
@@ -163,7 +163,7 @@ def test_var_margin_under_stress_does_not_depend_on_chunking_or_path_steps(tmp_p
 
     snap = _thin(tmp_path, BASE + "var_floor = 0.5\n")
     path = Scenarios(("p",), ("montecarlo",), np.array([[1.0, 1.0]]), np.zeros((1, 2)), np.zeros(1),
-                     path_spot_mult=np.array([[[1.0, 0.98]]]), path_vol_shift=np.zeros((1, 1, 2)),
+                     path_spot_mult=np.array([[[0.98, 1.0]]]), path_vol_shift=np.zeros((1, 1, 2)),
                      path_horizon_days=np.zeros((1, 1)))
     a = stress.run(snap, path, chunk_size=1).scenarios
     b = stress.run(snap, path).scenarios
@@ -184,7 +184,7 @@ def test_var_margin_along_many_paths_matches_hand_arithmetic_at_every_step(tmp_p
     snap = _thin(tmp_path, BASE + "var_floor = 0.5\n", 80.0)
     rng = np.random.default_rng(3)
     P = 100.0 * np.exp(np.cumsum(0.03 * rng.standard_normal((40, 3)), axis=1))  # [path, step]
-    spot = np.stack([np.ones_like(P), P / 100.0], axis=2)  # [path, step, (USDC, BTC)]
+    spot = np.stack([P / 100.0, np.ones_like(P)], axis=2)  # [path, step, (BTC, USDC)]: assets in name order
     scen = Scenarios(tuple(f"p{i}" for i in range(40)), ("montecarlo",) * 40, spot[:, -1], np.zeros((40, 2)),
                      np.zeros(40), path_spot_mult=spot[:, :-1], path_vol_shift=np.zeros((40, 2, 2)),
                      path_horizon_days=np.zeros((40, 2)))

@@ -207,7 +207,7 @@ horizon_days = 2
     long = res.accounts.set_index("account_id").loc["long"]
     assert long.p_liquidation == 0.5  # the first window dips at its middle step; the second never
     assert list(res.scenarios.accounts_liquidatable) == [1, 0]
-    np.testing.assert_allclose(scen.spot_mult[:, 1], [1.0, 50_500 / 48_000], rtol=0)
+    np.testing.assert_allclose(scen.spot_mult[:, linear_snap.asset_index("BTC")], [1.0, 50_500 / 48_000], rtol=0)
     # Closed out at the dip: 500 BTC x (48,000 - 50,000) = -1,000,000 on 400,000 of collateral,
     # so 600,000 of bad debt although the window ends flat; the recovery (+1,000,000) goes to
     # whoever took the position over, and the accounts' P&L is -1,000,000 (the short ends flat).

@@ -445,7 +445,7 @@ def test_tiers_and_an_oracle_lag_match_the_run_and_its_central_differences(tiere
     assert t["maintenance_margin", "now"] > flat["totals"].set_index(["total", "scope"]).value["maintenance_margin", "now"]
     worst, h = r["worst_index"], 1e-6
     i = list(snap.instrument_ids.astype(str)).index("BTC-LIN")
-    members = np.flatnonzero((np.asarray(snap.instruments.kind) == 1) & (np.asarray(snap.instruments.underlying) == 1))
+    members = np.flatnonzero((np.asarray(snap.instruments.kind) == 1) & (np.asarray(snap.instruments.underlying) == snap.asset_index("BTC")))
     plus = run_totals(with_param(snap, "mm_rate", members, h), scen, worst)
     minus = run_totals(with_param(snap, "mm_rate", members, -h), scen, worst)
     assert i in members
@@ -559,7 +559,7 @@ def test_partial_liquidation_totals_and_gradients_match_the_run(snap, tmp_path, 
         np.testing.assert_allclose(r["scenarios"][col], res.scenarios[col], rtol=1e-9, atol=1e-6, err_msg=col)
     worst, h = r["worst_index"], 1e-6
     # the short ETH put: a higher option MM rate closes more of it earlier, so less bad debt
-    members = np.flatnonzero((np.asarray(snap.instruments.kind) == 2) & (np.asarray(snap.instruments.underlying) == 2))
+    members = np.flatnonzero((np.asarray(snap.instruments.kind) == 2) & (np.asarray(snap.instruments.underlying) == snap.asset_index("ETH")))
     plus = run_totals(with_param(part, "mm_rate", members, h), scen, worst)
     minus = run_totals(with_param(part, "mm_rate", members, -h), scen, worst)
     for key in (("bad_debt", "sum"), ("insurance_fund_after", "sum"), ("shortfall", "sum")):

@@ -18,13 +18,16 @@ ASSETS = [
 
 
 def _scen(snap, names, moves, vol=None, horizon=None):
+    """Explicit scenarios: ``moves`` and ``vol`` (vol shifts) are ``{asset: value}`` per scenario."""
     A = snap.n_assets
-    spot = np.ones((len(names), A))
+    spot, shift = np.ones((len(names), A)), np.zeros((len(names), A))
     for s, m in enumerate(moves):
         for a, v in m.items():
             spot[s, snap.asset_index(a)] = 1 + v
-    return Scenarios(tuple(names), ("explicit",) * len(names), spot, np.zeros((len(names), A)) if vol is None else vol,
-                     np.zeros(len(names)) if horizon is None else horizon)
+    for s, m in enumerate(vol or []):
+        for a, v in m.items():
+            shift[s, snap.asset_index(a)] = v
+    return Scenarios(tuple(names), ("explicit",) * len(names), spot, shift, np.zeros(len(names)) if horizon is None else horizon)
 
 
 def test_inverse_future_pnl_matches_deribit_worked_example(tmp_path):
@@ -69,7 +72,7 @@ def test_inverse_and_linear_options_value_per_spec(tmp_path):
         positions=[{"account_id": "a", "instrument_id": "BTC-25DEC26-100000-C", "quantity": 3},
                    {"account_id": "a", "instrument_id": "LINPUT", "quantity": -5}],
         exchange_toml=EXCHANGE_TOML))
-    res = stress.run(snap, _scen(snap, ["down"], [{"BTC": -0.2}], vol=np.array([[0.0, 0.1]]), horizon=np.array([2.0])))
+    res = stress.run(snap, _scen(snap, ["down"], [{"BTC": -0.2}], vol=[{"BTC": 0.1}], horizon=np.array([2.0])))
     call0 = black_scholes(90_000.0, 100_000.0, T, 0.5, 0.0, True)
     put0 = black_scholes(90_000.0, 80_000.0, T, 0.6, 0.0, False)
     eq0 = 3 * call0 - 5 * 0.1 * put0
