@@ -63,7 +63,13 @@ def _start_devices() -> threading.Thread:
     thread, which meets them again when it needs the devices.
     """
 
-    import numpy as np  # here: the two threads then import nothing in common
+    # Here, before the thread starts: JAX's import registers ml_dtypes' types (bfloat16, ...) in
+    # NumPy's type dictionary, which the main thread's pandas -> numpy.ma import iterates; the
+    # two overlapping raised "dictionary changed size during iteration" (exit 3) now and then.
+    # With both imported first (4 and 6 ms) the threads share no import that writes.
+    import ml_dtypes  # noqa: F401
+    import numpy as np
+    import numpy.ma  # noqa: F401
 
     def start() -> None:
         try:
@@ -191,11 +197,7 @@ def run(
         _check_out_dir(target)
         devices = _start_devices() if cluster is None else None
         snap, scen = _load(snapshot, scenarios, accounts, mark)
-        limits = _limits(snap, max_bad_debt, max_p_fund_depleted)
-        if limits.get("max_p_fund_depleted") is not None and not scen.random.any():
-            given = "--max-p-fund-depleted" if max_p_fund_depleted is not None else "exchange.toml [limits] max_p_fund_depleted"
-            raise InputError(Path(scen.source).name, None, None,
-                             f"the P(fund depleted) limit ({given}) needs random scenarios (Monte Carlo or replay) in the set")
+        limits = _limits(snap, max_bad_debt, max_p_fund_depleted, scen)
     except InputError as exc:
         if devices is not None:  # a process that exits while a thread is inside jaxlib's import can abort
             devices.join()
@@ -230,6 +232,10 @@ def run(
             bar.stop()
         if client is not None:
             client.close()
+    try:
+        _check_finite(res)
+    except InputError as exc:
+        _fail(exc)
     engine.forget_layout(snap)  # the run is over: its layout would only add to the report's peak
     _memory.trim()  # and what it held goes back to the system, not to a heap Arrow cannot use
     mark("run (compile, revalue, sweep)")
@@ -257,7 +263,9 @@ def run(
         raise typer.Exit(1)
 
 
-def _limits(snap, max_bad_debt, max_p) -> dict:
+def _limits(snap, max_bad_debt, max_p, scen=None) -> dict:
+    """The run's limits, ``exchange.toml [limits]`` overridden by the command line, checked
+    (against the scenario set ``scen`` where given: P(fund depleted) needs random scenarios)."""
     cfg = dict(snap.limits)
     unknown = set(cfg) - {"max_bad_debt", "max_p_fund_depleted"}
     if unknown:
@@ -269,6 +277,10 @@ def _limits(snap, max_bad_debt, max_p) -> dict:
     for k, v in (("max_bad_debt", max_bad_debt), ("max_p_fund_depleted", max_p)):
         if v is not None:
             cfg[k] = _check_limit(k, v)
+    if scen is not None and cfg.get("max_p_fund_depleted") is not None and not scen.random.any():
+        given = "--max-p-fund-depleted" if max_p is not None else "exchange.toml [limits] max_p_fund_depleted"
+        raise InputError(Path(scen.source).name, None, None,
+                         f"the P(fund depleted) limit ({given}) needs random scenarios (Monte Carlo or replay) in the set")
     return cfg
 
 
@@ -326,15 +338,51 @@ def _check_writable_parent(folder: Path, option: str, target: Path | None = None
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(option, None, None, f"cannot write {target or folder}: {parent} is not a writable folder")
+    try:  # os.access says yes to root everywhere, /proc included: make (and remove) a folder there
+        os.rmdir(tempfile.mkdtemp(prefix=".stress-", dir=parent))
+    except OSError as exc:
+        raise InputError(option, None, None, f"cannot write {target or folder}: {parent}: {exc.strerror}") from None
+
+
+# Results every run must give as finite numbers (NaN-free): the inputs' magnitudes put them out
+# of float range otherwise, and a NaN would compare as within every limit
+FINITE = {"summary": ("worst_bad_debt", "total_equity", "total_maintenance_margin"),
+          "scenarios": ("pnl_total", "pnl_closed_out", "fees", "shortfall_total", "bad_debt", "insurance_fund_after"),
+          "accounts": ("equity", "collateral_value", "maintenance_margin", "pnl_worst", "bad_debt_worst")}
+
+
+def _check_finite(res) -> None:
+    """Refuse (exit 2, before any output) a run whose results are not finite: a price near 0,
+    a balance near float64's largest or a Monte Carlo vol of 10^6 are accepted one by one but
+    overflow together, and a report of NaN would pass every limit."""
+    import math
+
+    import numpy as np
+
+    for key in FINITE["summary"]:
+        v = res.summary.get(key)
+        if v is not None and not math.isfinite(v):
+            raise InputError("results", "summary", key, f"{v!r}: the inputs' magnitudes overflow (a price near 0, "
+                             "a balance or quantity near float64's largest, an extreme scenario move or vol?)")
+    for table, ids in (("scenarios", "scenario"), ("accounts", "account_id")):
+        df = getattr(res, table)
+        for col in FINITE[table]:
+            if col in df:
+                bad = ~np.isfinite(df[col].to_numpy(np.float64))
+                if bad.any():
+                    raise InputError("results", f"{ids} {df[ids].iloc[int(np.flatnonzero(bad)[0])]}", col,
+                                     "not a finite number: the inputs' magnitudes overflow (a price near 0, a balance "
+                                     "or quantity near float64's largest, an extreme scenario move or vol?)")
 
 
 def _breaches(summary: dict, limits: dict) -> list[str]:
+    """One line per limit the run breaches; a NaN result breaches (a limit fails closed)."""
     out = []
-    if "max_bad_debt" in limits and summary["worst_bad_debt"] > limits["max_bad_debt"]:
+    if "max_bad_debt" in limits and not summary["worst_bad_debt"] <= limits["max_bad_debt"]:
         v, lim = _apart(summary["worst_bad_debt"], limits["max_bad_debt"], ",.{}f", 0)
         out.append(f"worst bad debt {v} USD ({summary['worst_scenario']}) > max_bad_debt {lim}")
     p = summary.get("p_fund_depleted")
-    if "max_p_fund_depleted" in limits and p is not None and p > limits["max_p_fund_depleted"]:
+    if "max_p_fund_depleted" in limits and p is not None and not p <= limits["max_p_fund_depleted"]:
         v, lim = _apart(p, limits["max_p_fund_depleted"], ".{}f", 4)
         out.append(f"p_fund_depleted {v} > max_p_fund_depleted {lim}")
     return out
@@ -392,6 +440,7 @@ def validate(
         msg = f"{snapshot}: ok — {snap.n_accounts:,} accounts, {snap.n_positions:,} positions, {len(snap.instrument_ids):,} instruments, {snap.n_assets} assets"
         if scenarios is not None:
             scen = scen_mod.load_scenarios(scenarios, snap)
+            _limits(snap, None, None, scen)  # what stress run checks of the two together
             msg += f"; {scenarios}: ok — {len(scen):,} scenarios"
     except InputError as exc:
         _fail(exc)

@@ -25,7 +25,7 @@ from stress import sample
 from stress.cli import app
 from stress.scenarios import default_path
 
-from .test_validation import CASES, GOOD_SCENARIOS, POSITIONS, Case, build, expected, location, make, params
+from .test_validation import CASES, GOOD_SCENARIOS, POSITIONS, Case, base_inputs, build, expected, location, make, params
 
 runner = CliRunner()
 REPORT_FILES = ("summary.json", "accounts.parquet", "scenarios.parquet", "report.md", "report.html")
@@ -472,6 +472,17 @@ def test_every_verb_that_writes_exits_2_on_an_unusable_out_path_before_the_work(
         assert list((tmp_path / name).iterdir()) == []
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_out_folder_where_nothing_can_be_made_exits_2_before_the_run_even_as_root(tmp_path, monkeypatch):
+    # os.access says a root process may write /proc; making a folder there fails all the same
+    monkeypatch.chdir(tmp_path)
+    snap, scen = build(tmp_path)
+    result = invoke("run", snap, "--scenarios", scen, "--out", "/proc/stress-out")
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result.stderr).startswith("error: --out: cannot write /proc/stress-out: /proc")
+    assert "exposure" not in result.output  # nothing of the run was printed
+
+
 def test_an_internal_error_exits_3_with_its_traceback_not_1(tmp_path, monkeypatch):
     # exit 1 means "a limit was breached": a crash must not look like one to a scheduler
     from stress import cli, engine
@@ -496,3 +507,54 @@ def test_generate_sample_will_not_mix_formats_in_one_folder(tmp_path):
     assert "holds CSV tables" in one_error_line(result.stderr)
     assert not list(folder.glob("*.parquet"))
     stress.load_snapshot(folder)  # still the CSV snapshot it was
+
+
+def test_the_device_thread_starts_after_the_imports_that_write_numpys_type_registry():
+    # JAX's import registers ml_dtypes' types in NumPy's type dictionary while the main thread's
+    # pandas import (numpy.ma) iterates it: overlapping, they raised "dictionary changed size
+    # during iteration" (exit 3) now and then. Both are imported before the thread starts.
+    code = ("import sys, threading\n"
+            "import stress.cli as cli\n"
+            "seen = {}\n"
+            "class Thread:\n"
+            "    def __init__(self, **kw): seen.update({m: m in sys.modules for m in ('ml_dtypes', 'numpy.ma')})\n"
+            "    def start(self): pass\n"
+            "before = {m: m in sys.modules for m in ('ml_dtypes', 'numpy.ma')}\n"
+            "cli.threading.Thread = Thread\n"
+            "cli._start_devices()\n"
+            "print(before, seen)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str({"ml_dtypes": False, "numpy.ma": False}) + " " + str({"ml_dtypes": True, "numpy.ma": True})
+
+
+def test_validate_refuses_a_fund_limit_the_scenarios_cannot_measure_as_run_does(tmp_path, monkeypatch):
+    # [limits] max_p_fund_depleted needs random scenarios; the explicit set has none
+    monkeypatch.chdir(tmp_path)
+    snap, scen = build(tmp_path)
+    with open(snap / "exchange.toml", "a") as f:
+        f.write("\n[limits]\nmax_p_fund_depleted = 0.01\n")
+    for verb, extra in (("validate", ()), ("run", ("--out", tmp_path / "report"))):
+        result = invoke(verb, snap, "--scenarios", scen, *extra)
+        assert result.exit_code == 2, (verb, result.output)
+        assert "needs random scenarios" in one_error_line(result.stderr)
+    assert invoke("validate", snap).exit_code == 0  # alone, the snapshot is fine
+
+
+def test_a_run_whose_results_overflow_exits_2_without_output(tmp_path, monkeypatch):
+    # a BTC balance of 1e308 is a finite number, but not once valued at 90,000 USD: the run
+    # would report an infinite equity and a NaN bad debt, which every limit lets through
+    monkeypatch.chdir(tmp_path)
+    inputs = base_inputs()
+    inputs["balances"][1]["amount"] = 1e308
+    snap, scen = build(tmp_path, inputs)
+    result = invoke("run", snap, "--scenarios", scen, "--out", tmp_path / "report", "--max-bad-debt", "0")
+    assert result.exit_code == 2, result.output
+    assert one_error_line(result.stderr).startswith("error: results summary, column total_equity: inf")
+    assert not (tmp_path / "report").exists()
+
+
+def test_a_nan_bad_debt_counts_as_a_breach_of_the_limit():
+    from stress.cli import _breaches
+
+    summary = {"worst_bad_debt": float("nan"), "worst_scenario": "s", "p_fund_depleted": float("nan")}
+    assert len(_breaches(summary, {"max_bad_debt": 1e9, "max_p_fund_depleted": 0.5})) == 2
