@@ -305,6 +305,8 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
             # when the fee on the whole rest exceeds the target margin, no share restores it: close all
             den = target * margin - (0.0 if fee_rate is None else fee_rate) * held * g
             f = jnp.where(den > 0, jnp.clip((target * margin - coll) / jnp.where(den > 0, den, 1.0), 0.0, 1.0), 1.0)
+            share = held * jnp.where(breach, jnp.where(coll <= 0, 1.0, f), 0.0)  # of the original book
+            rest = held - share
         else:
             whole, per = tiered
             pn = lambda: tiers.qty[..., None] * per[tiers.inst] if tiers.per_row else per  # noqa: E731  [n, Q, W] USD
@@ -315,17 +317,19 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
             margin = jnp.where(part, jax.lax.cond(jnp.any(part), lambda: held * tier_rate(held, m, pn(), ladder),
                                                   lambda: whole), whole)
             breach = margin > coll
-            f = jax.lax.cond(jnp.any(breach), lambda: 1.0 - kept_share(coll, held, m, g, pn(), ladder, target, fee_rate),
-                             lambda: jnp.zeros_like(held))
-        f = jnp.where(breach, jnp.where(coll <= 0, 1.0, f), 0.0)
-        share = held * f  # of the original book
+            kept = jax.lax.cond(jnp.any(breach), lambda: kept_share(coll, held, m, g, pn(), ladder, target, fee_rate),
+                                lambda: jnp.ones_like(held))
+            # carried as held * kept: held - held * (1 - kept) would round a cut to a tier's
+            # bound over it where kept is small
+            rest = held * jnp.where(breach, jnp.where(coll <= 0, 0.0, kept), 1.0)
+            share = held - rest
         cost = share * c if c is not None else zero
         fee = zero
         if fee_rate is not None:
             fee = jnp.where(breach, jnp.minimum(fee_rate * share * g, jnp.maximum(eq - cost, 0.0)), 0.0)
         new_first = jnp.where(first[0] | ~breach, first[0], True)
         first = (new_first, jnp.where(first[0], first[1], coll), jnp.where(first[0], first[2], margin))
-        carry = (held - share, locked + share[:, None, :] * p, paid + cost + fee, first)
+        carry = (rest, locked + share[:, None, :] * p, paid + cost + fee, first)
         return carry, (share, fee, cost, share * g, eq)
 
     init = (jnp.ones((n, W), dt), jnp.zeros((n, J, W), dt), zero, (jnp.zeros((n, W), bool), zero, zero))
@@ -403,42 +407,68 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
 
     ``M(y) = y * tier_rate(y)`` the margin of a share ``y`` of the book. Within a run of shares
     where no position changes tier ``D`` is linear, with slope ``held * (fee_rate * G -
-    target * rate) < 0`` when ``target * m > fee_rate * G``, and it drops where one does, so
-    ``D`` decreases and the shares that restore the target are ``[0, x*]``. ``BISECTIONS``
-    halvings find the run of ``x*`` (or a run ending within ``2**-BISECTIONS`` below it, where
-    tier bounds lie closer than that: then a little more is closed than needed), and ``x*``
-    is solved for exactly there: the root of that run's line, or the bound that ends it. ``x =
-    0`` (close all) where nothing is kept: ``D(0) < 0`` (the fee on the rest is more than the
-    collateral), or the fee outgrows the margin (``target * m <= fee_rate * G``). The bisection
-    carries no gradient; the last step does (a root's in ``C``, the rates and the notionals)."""
+    target * rate)``, and it drops where a position enters a higher tier. Rates rise with the
+    share, so past the share ``x_t`` where ``target * rate`` first reaches ``fee_rate * G``
+    (``x_t = 0`` unless the fee is above the first tiers' margin, as Binance's 1% fee is above
+    1.25 x its first tier's 0.4%) ``D`` decreases, and the shares there that restore the
+    target are ``[x_t, x*]``. ``BISECTIONS`` halvings find ``x_t`` (where needed) and then the
+    run of tiers that holds ``x*`` (or a run ending within ``2**-BISECTIONS`` below it, where
+    tier bounds lie closer than that: then a little more is closed than needed), and ``x*`` is
+    solved for exactly there: the root of that run's line, or the bound that ends it. Where
+    even the run just past ``x_t`` misses the target, the account keeps ``x_t`` if that
+    restores it (``D`` rises up to it), else nothing: the shares below ``x_t`` where ``D`` is
+    positive lie between bounds the search does not look at, so it then closes more than
+    needed. ``x = 0`` (close all) also where ``D(0) < 0`` and ``D`` only falls. The bisections
+    carry no gradient; the last step does (a root's in ``C``, the rates and the notionals)."""
     fee_g = jnp.zeros_like(g) if fee_rate is None else fee_rate * g
     rest = coll - fee_g * held  # D(0)
+    bound = ladder[0][:, :, None, :]
+    per_unit = (jnp.where(pn > 0, pn, 1.0) * jnp.where(held > 0, held, 1.0)[:, None, :])[..., None]
 
-    def feasible(x):
+    def D(x, right=False):
         y = held * x
-        return rest + fee_g * y - target * y * tier_rate(y, m, pn, ladder) >= 0
+        return rest + fee_g * y - target * y * tier_rate(y, m, pn, ladder, right)
 
-    def halve(_, lo_hi):
-        lo, hi = lo_hi
-        mid = 0.5 * (lo + hi)
-        ok = feasible(mid)
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+    def next_bound(lo):  # the next bound a position reaches above lo, as a share kept (2: none)
+        # (selects, not infinities, in what is differentiated: 0 * inf would make a gradient NaN)
+        ahead = (((held * lo)[:, None, :] * pn)[..., None] < bound) & (pn[..., None] > 0) & jnp.isfinite(bound)
+        return jnp.min(jnp.where(ahead, jnp.where(ahead, bound, 0.0) / per_unit, 2.0), axis=(1, 3))
 
-    lo, _ = jax.lax.fori_loop(0, BISECTIONS, halve, (jnp.zeros_like(held), jnp.ones_like(held)))
+    def bisect(test, lo, hi):  # lo where test holds (or is taken to), hi where it fails
+        def halve(_, lo_hi):
+            lo, hi = lo_hi
+            mid = 0.5 * (lo + hi)
+            ok = test(mid)
+            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+        return jax.lax.fori_loop(0, BISECTIONS, halve, (lo, hi))
+
+    zero, one = jnp.zeros_like(held), jnp.ones_like(held)
+    rising = target * m < fee_g  # the first tiers release less margin than the fee on them costs
+
+    def turn():
+        """``x_t``, the first bound where ``target * rate`` reaches the fee (1: none), whether
+        the run just past it restores the target, and whether ``x_t`` itself does."""
+        falls = lambda x: target * tier_rate(held * x, m, pn, ladder, right=True) >= fee_g  # noqa: E731
+        lo, _ = bisect(lambda x: ~falls(x), zero, one)
+        x_t = jnp.where(rising, jnp.where(falls(one), jnp.minimum(next_bound(lo), 1.0), 1.0), 0.0)
+        return x_t, D(x_t, right=True) >= 0, (x_t > 0) & (D(x_t) >= 0)
+
+    # where no account rises, x_t = 0 and the run past it restores the target where D(0) >= 0
+    x_t, start, keep_t = jax.lax.cond(jnp.any(rising), turn, lambda: (zero, rest >= 0, jnp.zeros(rest.shape, bool)))
+    x_t = jax.lax.stop_gradient(x_t)
+    # in the falling part, the largest share that restores it (lo = x_t is taken to)
+    lo, _ = bisect(lambda x: D(x) >= 0, x_t, one)
     lo = jax.lax.stop_gradient(lo)
-    y_lo = held * lo
-    rate = tier_rate(y_lo, m, pn, ladder, right=True)  # the run just above lo
+    rate = tier_rate(held * lo, m, pn, ladder, right=True)  # the run just above lo
     den = held * (target * rate - fee_g)
     root = rest / jnp.where(den > 0, den, 1.0)
-    # the next bound a position reaches above lo (a bound exactly reached keeps the lower tier)
-    # (selects, not infinities, in what is differentiated: 0 * inf would make a gradient NaN)
-    bound = ladder[0][:, :, None, :]
-    ahead = ((y_lo[:, None, :] * pn)[..., None] < bound) & (pn[..., None] > 0) & jnp.isfinite(bound)
-    per_unit = (jnp.where(pn > 0, pn, 1.0) * jnp.where(held > 0, held, 1.0)[:, None, :])[..., None]
-    x_next = jnp.min(jnp.where(ahead, jnp.where(ahead, bound, 0.0) / per_unit, 2.0), axis=(1, 3))
-    # kept at a bound: a few ulps under it, so that the share held times the notional, rounded,
-    # is not over the bound (which would put the rest in the upper tier at the next look)
-    x_next = x_next * (1.0 - 4 * jnp.finfo(x_next.dtype).eps)
-    x = jnp.clip(jnp.minimum(root, x_next), lo, 1.0)
-    close_all = (rest < 0) | (target * m <= fee_g)
-    return jnp.where(close_all, 0.0, x)
+    x = jnp.clip(jnp.minimum(root, next_bound(lo)), lo, 1.0)
+    x = jnp.where(start, x, jnp.where(keep_t, x_t, 0.0))
+    x = jnp.where((rest < 0) & ~rising, 0.0, x)
+    # Kept at a bound: a few ulps under it, so that the share held times the notional, rounded,
+    # is not over the bound (which would put the rest in the upper tier at the next look).
+    eps = jnp.finfo(held.dtype).eps
+    at = ((jnp.abs(((held * x)[:, None, :] * pn)[..., None] - bound) <= 8 * eps * bound) & (pn[..., None] > 0)
+          & jnp.isfinite(bound))
+    under = jnp.min(jnp.where(at, jnp.where(at, bound, 0.0) / per_unit * (1.0 - 4 * eps), 2.0), axis=(1, 3))
+    return jnp.minimum(x, under)

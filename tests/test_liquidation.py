@@ -19,7 +19,7 @@ from .conftest import write_snapshot
 ASSETS = [{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "BTC", "price": 50_000.0, "haircut": 0.0}]
 
 
-def _book(folder, liquidation: str = ""):
+def _book(folder, liquidation: str = "", collateral: float = 400_000.0):
     """Long 1000 x 0.5 BTC of a linear perpetual at 50,000 on 400,000 USDC; the short on 5M."""
     toml = f"""as_of = 2026-11-23T08:00:00Z
 rate = 0.0
@@ -32,7 +32,7 @@ insurance_fund = {{ USDC = 1000000.0 }}
         folder, assets=ASSETS,
         instruments=[{"instrument_id": "P", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
                       "contract_size": 0.5, "mark_price": 50_000.0}],
-        balances=[{"account_id": "long", "asset": "USDC", "amount": 400_000.0},
+        balances=[{"account_id": "long", "asset": "USDC", "amount": collateral},
                   {"account_id": "short", "asset": "USDC", "amount": 5_000_000.0}],
         positions=[{"account_id": "long", "instrument_id": "P", "quantity": 1000},
                    {"account_id": "short", "instrument_id": "P", "quantity": -1000}],
@@ -617,8 +617,8 @@ def test_partial_mode_closes_everything_when_the_fee_alone_exceeds_the_target_ma
     assert sc.fees["down-1"] == pytest.approx(150_000.0, rel=1e-12)
 
 
-def _tiered(folder, tiers: str, liquidation: str = 'fee_rate = 0.002\nmode = "partial"'):
-    _book(folder, liquidation)
+def _tiered(folder, tiers: str, liquidation: str = 'fee_rate = 0.002\nmode = "partial"', collateral: float = 400_000.0):
+    _book(folder, liquidation, collateral)
     toml = (folder / "exchange.toml").read_text().replace("[margin]\n", f"[margin]\nfuture_tiers = {tiers}\n")
     (folder / "exchange.toml").write_text(toml)
     return stress.load_snapshot(folder)
@@ -648,6 +648,52 @@ def test_partial_close_under_tiers_keeps_what_the_lower_tier_allows(tmp_path, ti
     assert sc.bad_debt["down-4"] == pytest.approx(600_000.0)  # collateral < 0: everything
 
 
+def test_partial_close_under_tiers_where_the_fee_is_above_the_first_tiers_margin(tmp_path):
+    # A 1% fee against a first tier of MM 0.5% (T x 0.5% < 1%, as Binance's 1% fee against its
+    # 0.4%): keeping more of the first tier costs less fee than it adds margin, so D rises there.
+    # The long on 800,000 USDC at 49,500: C = 550,000 < MM 3% x 24,750,000 = 742,500. In the
+    # first tier D(x) = 302,500 + 92,812.5 x; past its bound D(x) = 550,000 - 247,500 (1 - x)
+    # - 1.25 x 0.03 x 24,750,000 x = 302,500 - 680,625 x, zero at x = 4/9 (11M kept, in the
+    # second tier): f = 5/9, not everything.
+    snap = _tiered(tmp_path / "snap", "[[10_000_000, 0.01, 0.005], [1e12, 0.06, 0.03]]",
+                   'fee_rate = 0.01\nmode = "partial"', collateral=800_000.0)
+    sc = stress.run(snap, _scen(tmp_path, snap)).scenarios.set_index("scenario")
+    assert sc.liquidated_notional["down-1"] == pytest.approx(24_750_000.0 * 5 / 9, rel=1e-12)
+    assert sc.fees["down-1"] == pytest.approx(247_500.0 * 5 / 9, rel=1e-12)
+    assert 550_000.0 - 137_500.0 == pytest.approx(1.25 * 0.03 * 11_000_000.0, rel=1e-12)  # restored exactly
+    # on 400,000 (C = 150,000) no share restores it, in either tier: everything is closed
+    snap = _tiered(tmp_path / "snap2", "[[10_000_000, 0.01, 0.005], [1e12, 0.06, 0.03]]", 'fee_rate = 0.01\nmode = "partial"')
+    sc = stress.run(snap, _scen(tmp_path, snap)).scenarios.set_index("scenario")
+    assert sc.liquidated_notional["down-1"] == pytest.approx(24_750_000.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("q", [9_990_000.0, 9_990_004.0, 9_990_009.0])
+def test_a_position_cut_to_a_tier_bound_is_judged_in_the_lower_tier_at_the_next_step(tmp_path, q):
+    # A review's case: q inverse contracts (10 USD face: the notional does not move with the
+    # price) on 0.606 q USDC, tiers [[1M, 0.5%], [.., 10%]], no fee; 50,000 -> 47,000 -> 47,511.
+    # At 47,000 it can keep the first tier only: cut to 1,000,000 of face. At 47,511 the kept 1M
+    # has MM 5,000 against collateral of about 5,640: no second close, whatever the rounding
+    # of a kept share about 1% of the book.
+    write_snapshot(tmp_path / "snap", assets=ASSETS,
+                   instruments=[{"instrument_id": "INV", "kind": "perpetual", "underlying": "BTC", "settlement": "BTC",
+                                 "contract_size": 10.0, "mark_price": 50_000.0}],
+                   balances=[{"account_id": "acc", "asset": "USDC", "amount": 0.606 * q}],
+                   positions=[{"account_id": "acc", "instrument_id": "INV", "quantity": q}],
+                   exchange_toml="""as_of = 2026-11-23T08:00:00Z
+rate = 0.0
+insurance_fund = { USDC = 1000000.0 }
+[margin]
+future_tiers = [[1_000_000, 0.01, 0.005], [1e12, 0.2, 0.1]]
+[liquidation]
+mode = "partial"
+""")
+    snap = stress.load_snapshot(tmp_path / "snap")
+    (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,47000\n2024-01-03,47511\n")
+    (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 2\n')
+    row = stress.run(snap, stress.load_scenarios(tmp_path / "p.toml", snap)).scenarios.iloc[0]
+    assert row.liquidated_notional == pytest.approx(10 * q - 1e6, rel=1e-12)
+
+
 def test_partial_close_under_tiers_judges_the_rest_at_its_own_tier_along_a_path(tmp_path):
     # 50,000 -> 49,500 -> 49,300. At 49,500 the long is cut to the first tier's bound, 10M
     # (kept x = 10 / 24.75 of 1,000 contracts), paying 49,500 (1 - x) of fee: collateral
@@ -669,18 +715,25 @@ def test_partial_close_under_tiers_judges_the_rest_at_its_own_tier_along_a_path(
     assert long.pnl_worst == pytest.approx(end - 400_000.0, rel=1e-12)
 
 
+def _random_tiered_books(rng, n: int, Q: int, W: int, steps: tuple, present: float, held_low: float):
+    """Random books for ``liquidation.kept_share``: ``n`` accounts of ``Q`` positions (each there
+    with probability ``present``), their notional ``pn [n, Q, W]`` in ``W`` states, two tier
+    bounds each and the rate ``step`` past each, the gross notional ``g [n, W]``, and the share
+    ``held [n, W]`` (the whole book in half the states, a share from ``held_low`` in the rest)."""
+    pn = rng.uniform(0, 2e6, (n, Q, W)) * (rng.random((n, Q, 1)) < present)
+    bound = np.sort(rng.uniform(1e5, 1.5e6, (n, Q, 2)), axis=-1)
+    step = rng.uniform(*steps, (n, Q, 2))
+    held = np.where(rng.random((n, W)) < 0.5, 1.0, rng.uniform(held_low, 1.0, (n, W)))
+    return pn, bound, step, pn.sum(axis=1), held
+
+
 def test_kept_share_under_tiers_is_the_largest_share_that_restores_the_target():
     # The defining property against a NumPy evaluation of D(x) (written here, not the
     # engine's): D(x) >= 0 and D just above x < 0, on random books of several positions with
     # three tiers each, collateral, fee and targets; x = 0 where even D(0) < 0.
-    rng = np.random.default_rng(11)
-    n, Q, W = 40, 5, 16
-    pn = rng.uniform(0, 2e6, (n, Q, W)) * (rng.random((n, Q, 1)) < 0.8)
-    bound = np.sort(rng.uniform(1e5, 1.5e6, (n, Q, 2)), axis=-1)
-    step = rng.uniform(0.001, 0.02, (n, Q, 2))
-    m = 0.005 * pn.sum(axis=1) + rng.uniform(0, 1e4, (n, W))  # first-tier margin, options' included
-    g = pn.sum(axis=1)
-    held = np.where(rng.random((n, W)) < 0.5, 1.0, rng.uniform(0.2, 1.0, (n, W)))
+    rng, n, W = np.random.default_rng(11), 40, 16
+    pn, bound, step, g, held = _random_tiered_books(rng, n, 5, W, (0.001, 0.02), 0.8, 0.2)
+    m = 0.005 * g + rng.uniform(0, 1e4, (n, W))  # first-tier margin, options' included
     target, fee_rate = 1.25, 0.0005
 
     def margin(y):  # of a share y of the book: each position at the rate of its tier there
@@ -703,6 +756,45 @@ def test_kept_share_under_tiers_is_the_largest_share_that_restores_the_target():
     # and a close where a tier bound cuts the position: x at a bound exactly for some
     cut = np.isclose((held * x)[:, None, :, None] * pn[..., None], bound[:, :, None, :], rtol=1e-12).any(axis=(1, 3))
     assert cut[some].any() and (~cut[some]).any()
+
+
+def test_kept_share_under_tiers_where_the_fee_is_above_the_first_tiers_margin_against_a_grid():
+    # A 2% fee against first-tier rates of 0.5%: D rises through the low tiers and falls past
+    # the share x_t where 1.25 x the rate reaches the fee. Against D(x) on a grid of 20,001
+    # shares (NumPy, written here): the share kept restores the target, and it is no smaller
+    # than the largest grid share past x_t that does (one grid step of slack).
+    rng, n, W = np.random.default_rng(12), 30, 8
+    pn, bound, step, g, held = _random_tiered_books(rng, n, 3, W, (0.005, 0.05), 0.9, 0.3)
+    m = 0.005 * g
+    target, fee_rate = 1.25, 0.02
+
+    def rate(y, right=False):  # margin per unit of the book held at a share y: [n, W] or [n, W, G]
+        yy = y[:, None] if y.ndim == 2 else y[:, None, :, :]
+        pq = pn if y.ndim == 2 else pn[..., None]
+        scaled = (yy * pq)[..., None]
+        b = bound[:, :, None, :] if y.ndim == 2 else bound[:, :, None, None, :]
+        st = step[:, :, None, :] if y.ndim == 2 else step[:, :, None, None, :]
+        over = scaled >= b if right else scaled > b
+        return (m if y.ndim == 2 else m[..., None]) + np.sum(pq * np.sum(st * over, -1), 1)
+
+    coll = rng.uniform(-0.05, 0.999, (n, W)) * held * rate(held)  # every account in breach
+
+    def D(x, right=False):
+        h = held if x.ndim == 2 else held[..., None]
+        c, gg = (coll, g) if x.ndim == 2 else (coll[..., None], g[..., None])
+        return c - fee_rate * gg * h * (1 - x) - target * h * x * rate(h * x, right)
+
+    x = np.asarray(liquidation.kept_share(*(jnp.asarray(v) for v in (coll, held, m, g, pn)),
+                                          (jnp.asarray(bound), jnp.asarray(step)), target, fee_rate))
+    grid = np.broadcast_to(np.linspace(0.0, 1.0, 20_001), (n, W, 20_001))
+    falling = target * rate(held[..., None] * grid, right=True) >= fee_rate * g[..., None]
+    ok = (D(grid) >= 0) & falling
+    best = np.where(ok.any(-1), np.max(np.where(ok, grid, -1.0), -1), -1.0)
+    scale = np.abs(coll) + m + g * fee_rate
+    assert (target * m < fee_rate * g).mean() > 0.5 and (best > 0).mean() > 0.2  # the case is exercised
+    kept = x > 0  # x = 0: everything is closed, the outcome where no share is found to restore it
+    assert np.all(D(x)[kept] >= -1e-9 * scale[kept])
+    assert np.all(x >= best - 1e-4)
 
 
 def test_a_group_column_left_empty_means_no_groups(tmp_path):
