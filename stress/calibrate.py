@@ -37,7 +37,10 @@ scales, searched in two stages:
    (``engine.run``); whatever the verdict, the smallest ``s`` on the ``tolerance`` grid with
    the target met at ``s * theta*`` is found by exact bisection, up when ``theta*`` misses the
    target, down when it meets it with room to spare. So the result meets the target in the
-   engine and the level one grid step lower along the same ray does not.
+   engine and the level one grid step lower along the same ray does not. Where no scale along
+   the ray within ``[1/hi, hi]`` meets it (the relaxation stopped with a scale at ``hi`` and
+   under-estimated the metric there), the ray of every parameter alike is searched instead
+   (``fallback``): its top, every scale at ``hi``, has the most margin of any point.
 """
 
 from __future__ import annotations
@@ -182,10 +185,11 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str = "mm_rate
       (evaluations at 1 and at ``factor``), ``below`` (at ``factor - tolerance``, failing),
       ``curve`` (every evaluation, sorted by margin: the margin-vs-metric trade-off), the
       ``target``, ``parameters`` (names) and ``scales`` (the recommended scale per parameter,
-      None when not met). For a vector, ``factor`` is the scale along the smooth solution's
-      direction ``direction`` (``scales = factor * direction``), and ``smooth`` describes the
-      smooth stage: its ``scales``, its smoothed ``value``, its exact ``check`` and whether
-      that check ``met`` the target.
+      None when not met). For a vector, ``factor`` is the scale along ``direction``
+      (``scales = factor * direction``): the smooth solution's, or every parameter alike
+      where no scale along it within ``[1/hi, hi]`` met the target (``fallback`` True); and
+      ``smooth`` describes the smooth stage: its ``scales``, its smoothed ``value``, its exact
+      ``check`` and whether that check ``met`` the target.
 
     Raises:
       InputError: the parameter is not searchable, the set has no paths (margin has no effect
@@ -268,9 +272,7 @@ def _calibrate_vector(snap, scen, target, names, masks, *, hi, tolerance, chunk_
             return seen[key]
         return at
 
-    before = evaluate(snap, scen, 1.0, target.metric, chunk_size, masks, uniform)
-    if progress:
-        progress(before)
+    before = along(uniform)(1.0)  # today's rates, cached: a fallback's bisection starts there
     direction = np.asarray(smooth["scales"], np.float64)
     check = along(direction)(1.0)
     # the ray's scales keep every parameter's scale within [1/hi, hi]
@@ -286,7 +288,7 @@ def _calibrate_vector(snap, scen, target, names, masks, *, hi, tolerance, chunk_
     smooth.update(check=check, met=target.met(check["value"]))
     res.update(target=target, parameters=names, direction=[float(v) for v in direction], smooth=smooth,
                fallback=fallback, scales=None if res["factor"] is None else res["after"]["scales"],
-               curve=sorted([before, *seen.values()], key=lambda r: (r["maintenance_margin"], r["factor"])))
+               curve=sorted(seen.values(), key=lambda r: (r["maintenance_margin"], r["factor"])))
     return res
 
 

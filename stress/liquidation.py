@@ -443,15 +443,18 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
         return jax.lax.fori_loop(0, BISECTIONS, halve, (lo, hi))
 
     zero, one = jnp.zeros_like(held), jnp.ones_like(held)
+    eps = jnp.finfo(held.dtype).eps
     rising = target * m < fee_g  # the first tiers release less margin than the fee on them costs
 
     def turn():
         """``x_t``, the first bound where ``target * rate`` reaches the fee (1: none), whether
-        the run just past it restores the target, and whether ``x_t`` itself does."""
+        the run just past it restores the target, and whether keeping ``x_t`` does (a few ulps
+        under the bound, as it would be kept: ``bound / (pn * held) * pn * held`` can round
+        over the bound, into the upper tier)."""
         falls = lambda x: target * tier_rate(held * x, m, pn, ladder, right=True) >= fee_g  # noqa: E731
         lo, _ = bisect(lambda x: ~falls(x), zero, one)
         x_t = jnp.where(rising, jnp.where(falls(one), jnp.minimum(next_bound(lo), 1.0), 1.0), 0.0)
-        return x_t, D(x_t, right=True) >= 0, (x_t > 0) & (D(x_t) >= 0)
+        return x_t, D(x_t, right=True) >= 0, (x_t > 0) & (D(x_t * (1.0 - 4 * eps)) >= 0)
 
     # where no account rises, x_t = 0 and the run past it restores the target where D(0) >= 0
     x_t, start, keep_t = jax.lax.cond(jnp.any(rising), turn, lambda: (zero, rest >= 0, jnp.zeros(rest.shape, bool)))
@@ -467,7 +470,6 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
     x = jnp.where((rest < 0) & ~rising, 0.0, x)
     # Kept at a bound: a few ulps under it, so that the share held times the notional, rounded,
     # is not over the bound (which would put the rest in the upper tier at the next look).
-    eps = jnp.finfo(held.dtype).eps
     at = ((jnp.abs(((held * x)[:, None, :] * pn)[..., None] - bound) <= 8 * eps * bound) & (pn[..., None] > 0)
           & jnp.isfinite(bound))
     under = jnp.min(jnp.where(at, jnp.where(at, bound, 0.0) / per_unit * (1.0 - 4 * eps), 2.0), axis=(1, 3))

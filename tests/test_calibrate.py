@@ -190,6 +190,8 @@ def test_vector_calibration_falls_back_to_one_scale_when_the_smooth_direction_ca
     assert res["factor"] == pytest.approx(one["factor"]) and res["scales"] == pytest.approx([one["factor"]] * 2)
     assert res["direction"] == [1.0, 1.0] and res["smooth"]["scales"] == [1.0 / hi, hi]
     assert res["after"]["value"] <= 0.03 < res["below"]["value"]
+    # today's rates were run once, and are in the trade-off curve once
+    assert sum(r["scales"] == [1.0, 1.0] for r in res["curve"]) == 1
 
 
 def test_rate_multiplier_and_scaled_move_only_the_named_underlying(two_books):

@@ -667,6 +667,44 @@ def test_partial_close_under_tiers_where_the_fee_is_above_the_first_tiers_margin
     assert sc.liquidated_notional["down-1"] == pytest.approx(24_750_000.0, rel=1e-12)
 
 
+def _tiered_toml(tiers: str, liquidation: str = "") -> str:
+    """exchange.toml of partial close-outs under ``tiers``, a fund of 1M USDC."""
+    return f"""as_of = 2026-11-23T08:00:00Z
+rate = 0.0
+insurance_fund = {{ USDC = 1000000.0 }}
+[margin]
+future_tiers = {tiers}
+[liquidation]
+mode = "partial"
+{liquidation}
+"""
+
+
+@pytest.mark.parametrize("q, cash", [(20, 25_000.0), (21, 26_500.0)])
+def test_where_only_the_rising_part_restores_the_target_the_position_is_cut_to_its_bound(tmp_path, q, cash):
+    # A 2% fee against a first tier of MM 0.5% up to 500,000: at 49,500 (N = 49,500 q) D rises
+    # to the first tier's bound, D = C - 0.02 (N - 500,000) - 1.25 x 0.005 x 500,000 >= 0
+    # (2,075 for q = 20, 2,085 for q = 21), and past it the second tier's 2% leaves it < 0. So
+    # the position is cut to the bound: N - 500,000 closed. For q = 20, 500,000 / N * N rounds
+    # over the bound; a review saw the whole book closed there.
+    write_snapshot(tmp_path / "snap", assets=ASSETS,
+                   instruments=[{"instrument_id": "P", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+                                 "contract_size": 1.0, "mark_price": 50_000.0}],
+                   balances=[{"account_id": "long", "asset": "USDC", "amount": cash},
+                             {"account_id": "short", "asset": "USDC", "amount": 1e8}],
+                   positions=[{"account_id": "long", "instrument_id": "P", "quantity": q},
+                              {"account_id": "short", "instrument_id": "P", "quantity": -q}],
+                   exchange_toml=_tiered_toml("[[500_000, 0.01, 0.005], [1e12, 0.04, 0.02]]", "fee_rate = 0.02"))
+    snap = stress.load_snapshot(tmp_path / "snap")
+    N = q * 49_500.0
+    if q == 20:  # the rounding this guards against
+        assert (500_000.0 / N) * N > 500_000.0
+    row = _scen(tmp_path, snap).names.index("down-1")
+    sc = stress.run(snap, _scen(tmp_path, snap)).scenarios.iloc[row]
+    assert sc.liquidated_notional == pytest.approx(N - 500_000.0, rel=1e-12)
+    assert sc.fees == pytest.approx(0.02 * (N - 500_000.0), rel=1e-12)
+
+
 @pytest.mark.parametrize("q", [9_990_000.0, 9_990_004.0, 9_990_009.0])
 def test_a_position_cut_to_a_tier_bound_is_judged_in_the_lower_tier_at_the_next_step(tmp_path, q):
     # A review's case: q inverse contracts (10 USD face: the notional does not move with the
@@ -679,14 +717,7 @@ def test_a_position_cut_to_a_tier_bound_is_judged_in_the_lower_tier_at_the_next_
                                  "contract_size": 10.0, "mark_price": 50_000.0}],
                    balances=[{"account_id": "acc", "asset": "USDC", "amount": 0.606 * q}],
                    positions=[{"account_id": "acc", "instrument_id": "INV", "quantity": q}],
-                   exchange_toml="""as_of = 2026-11-23T08:00:00Z
-rate = 0.0
-insurance_fund = { USDC = 1000000.0 }
-[margin]
-future_tiers = [[1_000_000, 0.01, 0.005], [1e12, 0.2, 0.1]]
-[liquidation]
-mode = "partial"
-""")
+                   exchange_toml=_tiered_toml("[[1_000_000, 0.01, 0.005], [1e12, 0.2, 0.1]]"))
     snap = stress.load_snapshot(tmp_path / "snap")
     (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,47000\n2024-01-03,47511\n")
     (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 2\n')
@@ -795,6 +826,16 @@ def test_kept_share_under_tiers_where_the_fee_is_above_the_first_tiers_margin_ag
     kept = x > 0  # x = 0: everything is closed, the outcome where no share is found to restore it
     assert np.all(D(x)[kept] >= -1e-9 * scale[kept])
     assert np.all(x >= best - 1e-4)
+    # Where no share past x_t restores the target, x_t itself is kept if it does (D rises up to
+    # it). x_t exactly: the first tier bound (as a share) where 1.25 x the rate reaches the fee.
+    cand = (bound[:, :, None, :] / (np.where(pn > 0, pn, np.inf) * held[:, None, :])[..., None])  # [n, Q, W, 2]
+    cand = np.moveaxis(cand, 2, 1).reshape(n, W, -1)
+    cand = np.concatenate([cand, np.ones((n, W, 1))], axis=-1)
+    falls = target * rate(held[..., None] * cand, right=True) >= fee_rate * g[..., None]
+    x_t = np.min(np.where(falls & (cand > 0), cand, 1.0), axis=-1)
+    keep_t = (best < 0) & (x_t < 1) & (D(x_t * (1 - 1e-12)) >= 0)
+    assert keep_t.sum() >= 3  # the case is exercised
+    np.testing.assert_allclose(x[keep_t], x_t[keep_t], rtol=1e-12)
 
 
 def test_a_group_column_left_empty_means_no_groups(tmp_path):
