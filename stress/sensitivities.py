@@ -163,10 +163,7 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
         partial = {"partial_target": np.float64(cfg["partial_target"]), "slot_rank": rank.astype(np.int32),
                    "slot_width": int(rank.max(initial=0)) + 1}
         if tiers is not None:
-            acc = snap.pos_account.astype(np.int64)
-            order = np.argsort(acc, kind="stable")
-            p_rank = np.empty(len(acc), np.int64)
-            p_rank[order] = np.arange(len(acc)) - np.searchsorted(acc[order], acc[order])
+            p_rank = portfolio._rank_in_group_unsorted(np.asarray(snap.pos_account, np.int64))
             partial |= {"pos_rank": p_rank.astype(np.int32), "pos_width": int(p_rank.max(initial=0)) + 1}
     pm = {}
     if snap.margin_config.get("model", "standard") == "portfolio":
