@@ -346,6 +346,8 @@ def _check_writable_parent(folder: Path, option: str, target: Path | None = None
 
 # Results every run must give as finite numbers (NaN-free): the inputs' magnitudes put them out
 # of float range otherwise, and a NaN would compare as within every limit
+OVERFLOW = ("the inputs' magnitudes overflow (a price near 0, a balance or quantity near float64's largest, "
+            "an extreme scenario move or vol?)")
 FINITE = {"summary": ("worst_bad_debt", "total_equity", "total_maintenance_margin"),
           "scenarios": ("pnl_total", "pnl_closed_out", "fees", "shortfall_total", "bad_debt", "insurance_fund_after"),
           "accounts": ("equity", "collateral_value", "maintenance_margin", "pnl_worst", "bad_debt_worst")}
@@ -362,8 +364,7 @@ def _check_finite(res) -> None:
     for key in FINITE["summary"]:
         v = res.summary.get(key)
         if v is not None and not math.isfinite(v):
-            raise InputError("results", "summary", key, f"{v!r}: the inputs' magnitudes overflow (a price near 0, "
-                             "a balance or quantity near float64's largest, an extreme scenario move or vol?)")
+            raise InputError("results", "summary", key, f"{v!r}: {OVERFLOW}")
     for table, ids in (("scenarios", "scenario"), ("accounts", "account_id")):
         df = getattr(res, table)
         for col in FINITE[table]:
@@ -371,8 +372,7 @@ def _check_finite(res) -> None:
                 bad = ~np.isfinite(df[col].to_numpy(np.float64))
                 if bad.any():
                     raise InputError("results", f"{ids} {df[ids].iloc[int(np.flatnonzero(bad)[0])]}", col,
-                                     "not a finite number: the inputs' magnitudes overflow (a price near 0, a balance "
-                                     "or quantity near float64's largest, an extreme scenario move or vol?)")
+                                     f"not a finite number: {OVERFLOW}")
 
 
 def _breaches(summary: dict, limits: dict) -> list[str]:

@@ -392,10 +392,8 @@ def tier_rate(y: Any, m: Any, pn: Any, ladder: Any, right: bool = False) -> Any:
     step whose bound ``y * pn`` exceeds (``portfolio.tier_extra``; ``ladder``: ``(bound,
     step)`` ``[n, Q, K - 1]``). The margin of that share is ``y * tier_rate(y, ...)``. With
     ``right``, the rate just above ``y`` (a bound that ``y * pn`` reaches counts)."""
-    bound, step = ladder[0][:, :, None, :], ladder[1][:, :, None, :]
-    held = (y[:, None, :] * pn)[..., None]  # [n, Q, W, 1]
-    over = held >= bound if right else held > bound
-    return m + jnp.sum(pn * jnp.sum(jnp.where(over, step, 0.0), axis=-1), axis=1)
+    held = y[:, None, :] * pn  # [n, Q, W] each position's notional at that share
+    return m + jnp.sum(pn * portfolio.rate_steps(held, ladder[0][:, :, None, :], ladder[1][:, :, None, :], right), axis=1)
 
 
 def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, target: Any, fee_rate: Any) -> Any:
@@ -429,10 +427,16 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
         y = held * x
         return rest + fee_g * y - target * y * tier_rate(y, m, pn, ladder, right)
 
-    def next_bound(lo):  # the next bound a position reaches above lo, as a share kept (2: none)
+    def notional_at(x):  # [n, Q, W, 1] each position's notional when a share x is kept
+        return ((held * x)[:, None, :] * pn)[..., None]
+
+    def first_bound(at, scale=1.0):  # the smallest bound where ``at`` holds, as a share kept (2: none)
         # (selects, not infinities, in what is differentiated: 0 * inf would make a gradient NaN)
-        ahead = (((held * lo)[:, None, :] * pn)[..., None] < bound) & (pn[..., None] > 0) & jnp.isfinite(bound)
-        return jnp.min(jnp.where(ahead, jnp.where(ahead, bound, 0.0) / per_unit, 2.0), axis=(1, 3))
+        at = at & (pn[..., None] > 0) & jnp.isfinite(bound)
+        return jnp.min(jnp.where(at, jnp.where(at, bound, 0.0) / per_unit * scale, 2.0), axis=(1, 3))
+
+    def next_bound(lo):  # the next bound a position reaches above lo
+        return first_bound(notional_at(lo) < bound)
 
     def bisect(test, lo, hi):  # lo where test holds (or is taken to), hi where it fails
         def halve(_, lo_hi):
@@ -470,7 +474,4 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
     x = jnp.where((rest < 0) & ~rising, 0.0, x)
     # Kept at a bound: a few ulps under it, so that the share held times the notional, rounded,
     # is not over the bound (which would put the rest in the upper tier at the next look).
-    at = ((jnp.abs(((held * x)[:, None, :] * pn)[..., None] - bound) <= 8 * eps * bound) & (pn[..., None] > 0)
-          & jnp.isfinite(bound))
-    under = jnp.min(jnp.where(at, jnp.where(at, bound, 0.0) / per_unit * (1.0 - 4 * eps), 2.0), axis=(1, 3))
-    return jnp.minimum(x, under)
+    return jnp.minimum(x, first_bound(jnp.abs(notional_at(x) - bound) <= 8 * eps * bound, 1.0 - 4 * eps))

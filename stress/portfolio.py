@@ -303,6 +303,15 @@ def layout(
     return out
 
 
+def rate_steps(notional: Any, bound: Any, step: Any, right: bool = False) -> Any:
+    """How much a position's maintenance-margin rate rises over its first tier's: the sum of
+    the ``step`` ``[..., K - 1]`` of every tier ``bound`` ``[..., K - 1]`` its ``notional``
+    ``[...]`` (USD) exceeds (reaches, with ``right``: the rate just above it). Tier ``k``
+    covers ``bound[k-1] < notional <= bound[k]`` (``margin.tier_margin``)."""
+    over = notional[..., None] >= bound if right else notional[..., None] > bound
+    return jnp.sum(jnp.where(over, step, 0.0), axis=-1)
+
+
 def tier_extra(pn: Any, i: Any, tiers: Any) -> Any:
     """Maintenance margin a position pays beyond its first risk-limit tier, USD ``[n, W]``.
 
@@ -312,7 +321,7 @@ def tier_extra(pn: Any, i: Any, tiers: Any) -> Any:
     (``margin.tier_margin``), i.e. the first tier's rate plus every step whose bound it exceeds.
     """
     bound, step = tiers[0][i], tiers[1][i]  # [n, K - 1]
-    return pn * jnp.sum(step[:, None, :] * (pn[:, :, None] > bound[:, None, :]), axis=-1)
+    return pn * rate_steps(pn, bound[:, None, :], step[:, None, :])
 
 
 def state(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: Any, tiers: Any = None) -> tuple[Any, ...]:

@@ -258,7 +258,7 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
     flat = per_position
     if b.tier_bound is not None:  # the tier its notional is in at each state (portfolio.tier_extra)
         bound, step = b.tier_bound[b.pos_instrument][:, None, :], b.tier_step[b.pos_instrument][:, None, :]
-        per_position = per_position + pn * jnp.sum(step * (pn[:, :, None] > bound), axis=-1)
+        per_position = per_position + pn * portfolio.rate_steps(pn, bound, step)
     m = lam[:, None] * jax.ops.segment_sum(per_position, b.pos_account, num_segments=n)
     if b.pos_sub is not None:  # grids not given: revalued here (callers that chunk pass them)
         m = portfolio_maintenance(params, lam, inst, b, n, pm_grids(x, dv, params, inst, market, b) if grids is None else grids)
