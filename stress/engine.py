@@ -576,16 +576,24 @@ def closed_by_underlying(t: Tables, r: Any, price: Any, notional: Any) -> Any:
     return closed[0] + jnp.sum(jnp.where(live[:, None, :], closed[1:], 0.0), axis=0)
 
 
-def tiered(h: Holdings, t: Tables, margin: Any, notional: Any) -> tuple[Any, liquidation.Tiered | None]:
-    """``portfolio.slots``' ``margin`` as ``liquidation.partial_path`` takes it: ``(margin,
-    None)`` untiered; under risk-limit tiers the first tier's margin and a
-    ``liquidation.Tiered`` of the chunk's positions (``notional`` ``[I, K * W]`` per contract)."""
+def share_margin(h: Holdings, t: Tables, margin: Any, notional: Any, pmx: tuple | None) -> tuple[Any, dict]:
+    """``portfolio.slots``' ``margin`` as ``liquidation.partial_path`` takes it, ``(mm,
+    kwargs)``: the margin untiered, and no more; under risk-limit tiers the first tier's
+    margin and ``tiers``, a ``liquidation.Tiered`` of the chunk's positions (``notional``
+    ``[I, K * W]`` per contract); under the portfolio model (``pmx``, ``Tables.model_tiles``
+    rows) the whole book's portfolio margin and ``blocks``, a ``liquidation.Blocks``."""
+    if t.pm is not None:
+        m, lin, delta = portfolio.portfolio_margin(h, *pmx, t.pm, parts=True)
+        per_asset = lambda v: v[None, :, None]  # noqa: E731
+        return m, {"blocks": liquidation.Blocks(lin=lin, delta=delta, mds=per_asset(t.pm["mds"]),
+                                                thr=per_asset(t.pm["thr"]), factor=t.pm["factor"])}
     if t.tiers is None:
-        return margin, None
+        return margin, {}
     n, P, L = h.inst.shape
     first, whole = margin
-    return first, liquidation.Tiered(whole=whole, qty=jnp.abs(h.qty.reshape(n, P * L)), inst=h.inst.reshape(n, P * L),
-                                     per_contract=notional, bound=t.tiers[0], step=t.tiers[1])
+    return first, {"tiers": liquidation.Tiered(whole=whole, qty=jnp.abs(h.qty.reshape(n, P * L)),
+                                               inst=h.inst.reshape(n, P * L), per_contract=notional,
+                                               bound=t.tiers[0], step=t.tiers[1])}
 
 
 def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
@@ -607,16 +615,15 @@ def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
         closed, what closed positions gained after their close; and the bad debt under each
         reported oracle lag."""
         per_contract = ((notional,) if impact is None else (notional, impact)) if gather_notional else ()
-        m_pm = t.model_margin(h, pmx)
         hc = t.haircut_of(hc_base)
         if t.partial_target is not None:
             pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, hc, *per_contract, tiers=t.tiers)
-            m, tiers = tiered(h, t, m, notional)
-            m = m if m_pm is None else m_pm
+            m, share = share_margin(h, t, m, notional, pmx)
             r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate,
-                                         imp[0] if imp else None, tiers=tiers)
+                                         imp[0] if imp else None, **share)
             return (r["equity"], r["collateral"], r["margin"], r["gone"] if gone else r["liquidated"], r["fee"],
                     r["impact"], r["closed_notional"], r["closed_out"], [], r["closed"])
+        m_pm = t.model_margin(h, pmx)
         eq, coll, m, *g = tile_state(h, value, mm, price, hc, *per_contract, tiers=t.tiers, fuse=fuse)
         m = m if m_pm is None else m_pm
         if fuse["keep"]:
@@ -975,17 +982,16 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
 
     def tile(_, x):
         value, mm, price, notional, pmx, hc_base = x
-        m_pm = t.model_margin(h, pmx)
         hc = t.haircut_of(hc_base)
         if t.partial_target is None:
+            m_pm = t.model_margin(h, pmx)
             eq, coll, m, _ = tile_state(h, value, mm, price, hc, notional, tiers=t.tiers, fuse=fusion(dt))
             m = m if m_pm is None else m_pm
             *_, at = liquidation.path_outcome(W, eq, coll, m, lag=t.lag, at=True)
         else:  # the share of the book closed at each step, before the impact is known
             pos, bal, px, keep, m, g = portfolio.slots(h, value, mm, price, hc, notional, tiers=t.tiers)
-            m, tiers = tiered(h, t, m, notional)
-            m = m if m_pm is None else m_pm
-            at = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, tiers=tiers)["closed"]
+            m, share = share_margin(h, t, m, notional, pmx)
+            at = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, **share)["closed"]
         closed = at * h.valid[:, None].astype(dt)
 
         def add(p, acc):

@@ -89,18 +89,18 @@ def config(cfg: dict) -> dict:
 
 
 def check_partial(cfg: dict, model: str) -> None:
-    """Refuse partial close-outs (``cfg``: ``config``'s) under a margin model whose margin of
-    a share of the book ``partial_path`` cannot compute from per-position amounts: the
-    portfolio model's risk matrix (its delta shock has a threshold) and the var model's
-    expected shortfall (collateral risk included). The standard model's flat rates and its
-    risk-limit tiers are solved exactly (``kept_share``)."""
+    """Refuse partial close-outs (``cfg``: ``config``'s) under the var margin model, whose
+    margin of a share of the book ``partial_path`` cannot compute: its expected shortfall
+    includes the collateral's own risk, which a close does not scale. The standard model
+    (flat rates and risk-limit tiers, ``kept_share``) and the portfolio model (``Blocks``,
+    ``kept_share_blocks``) are solved exactly."""
     if cfg["mode"] != "partial":
         return
-    if model != "standard":
+    if model == "var":
         raise InputError("exchange.toml", "[liquidation]", "mode",
-                         f'partial close-outs are modelled under the standard margin model (flat rates or risk-limit '
-                         f'tiers); the {model} model\'s margin of a share of the book is not: use mode = "full" or '
-                         f'[margin] model = "standard"')
+                         'partial close-outs are modelled under the standard and portfolio margin models; the var '
+                         "model's margin of a share of the book is not (its expected shortfall includes the "
+                         'collateral\'s own risk): use mode = "full" or another [margin] model')
 
 
 def _impact_config(tables: Any) -> dict:
@@ -240,7 +240,7 @@ def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any, lag: int = 0, 
 
 
 def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notional: Any, target: Any,
-                 fee_rate: Any = None, impact: Any = None, tiers: Any = None) -> dict:
+                 fee_rate: Any = None, impact: Any = None, tiers: Any = None, blocks: Any = None) -> dict:
     """Partial liquidation along each path: at every step where collateral < maintenance margin,
     close the same fraction of every position, just enough that collateral is back at
     ``target`` times the margin still required, as Deribit, Binance and Hyperliquid do; the
@@ -253,8 +253,9 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
     held, ``C - f * fee_rate * G >= target * (1 - f) * M`` gives ``f = (target M - C) /
     (target M - fee_rate G)``, clipped to [0, 1]; ``f = 1`` (a full close-out) when ``C <=
     0``. Under risk-limit tiers a smaller position may fall into a lower tier, so the share
-    kept is solved for with each position's tier at that share (``kept_share``). The price
-    impact is not in ``f`` (its rate comes from pass 1).
+    kept is solved for with each position's tier at that share (``kept_share``); under the
+    portfolio model a smaller book may fall under a block's delta-shock threshold
+    (``kept_share_blocks``). The price impact is not in ``f`` (its rate comes from pass 1).
 
     Args:
       W: scenarios per tile.
@@ -268,6 +269,8 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
       target: collateral / margin after a close (``>= 1``).
       impact: ``[n, K * W]`` impact charge of closing the whole book at each step, USD, or None.
       tiers: the positions under risk-limit tiers (a ``Tiered``), or None.
+      blocks: the books' blocks under the portfolio model (a ``Blocks``; ``mm`` is then the
+        whole book's portfolio margin), or None.
 
     Returns:
       Each ``[n, W]``, USD: ``equity`` (at the path's end, after every cost), ``collateral`` and
@@ -286,7 +289,8 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
     dynamic = isinstance(keep, portfolio.Haircut)
     xs = (timed(pos), timed(px), timed(mm), timed(notional), timed(impact) if impact is not None else None,
           timed(keep.base) if dynamic else None,
-          None if tiers is None else (timed(tiers.whole), timed(tiers.notional())))
+          None if tiers is None else (timed(tiers.whole), timed(tiers.notional())),
+          None if blocks is None else (timed(blocks.lin), timed(blocks.delta)))
     ladder = None if tiers is None else (tiers.bound[tiers.inst], tiers.step[tiers.inst])  # [n, Q, K - 1]
     zero = jnp.zeros((n, W), dt)
 
@@ -295,11 +299,22 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
 
     def step(carry, x):
         held, locked, paid, first = carry  # share held [n, W], cash of closes [n, J, W], costs, first-breach state
-        p, q, m, g, c, base, tiered = x
+        p, q, m, g, c, base, tiered, parts = x
         e = bal[:, :, None] + held[:, None, :] * p + locked  # net amount per slot
         coll = jnp.sum(counted(e, base) * e * q, axis=1) - paid
         eq = jnp.sum(e * q, axis=1) - paid
-        if tiers is None:
+        if blocks is not None:
+            lin, delta = parts
+            # a book held whole has the margin of the full run; a share of it, the blocks' margin
+            # at that share (the delta shocks' thresholds), and the solve only where one breaches
+            margin = jnp.where(held < 1.0, blocks.margin(held, lin, delta), m)
+            breach = margin > coll
+            kept = jax.lax.cond(jnp.any(breach),
+                                lambda: kept_share_blocks(coll, held, g, blocks, lin, delta, target, fee_rate),
+                                lambda: held)
+            rest = jnp.where(breach, kept, held)
+            share = held - rest
+        elif tiers is None:
             margin = held * m
             breach = margin > coll
             # when the fee on the whole rest exceeds the target margin, no share restores it: close all
@@ -475,3 +490,66 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
     # Kept at a bound: a few ulps under it, so that the share held times the notional, rounded,
     # is not over the bound (which would put the rest in the upper tier at the next look).
     return jnp.minimum(x, first_bound(jnp.abs(notional_at(x) - bound) <= 8 * eps * bound, 1.0 - 4 * eps))
+
+
+@pytree_dataclass
+class Blocks:
+    """A chunk's books under the portfolio margin model, as ``partial_path`` needs them to find
+    the margin of a share of each book (``portfolio.portfolio_margin``'s ``parts``). A share
+    ``y`` of every position scales each block's grid P&L, roll shock and net delta by ``y``,
+    so its margin is
+
+        ``M(y) = y * lin + factor * sum_b mds_b * max(y * delta_b - thr_b, 0)``:
+
+    linear but for each block's delta shock, which starts where ``y * delta_b`` passes the
+    block's threshold. ``B`` blocks per account (the engine: one per asset, unused ones 0)."""
+
+    lin: Any  # [n, K * W] USD mm_factor * the blocks' risk matrix and roll shock, per unit share
+    delta: Any  # [n, B, K * W] USD |net delta| of each block of the whole book
+    mds: Any  # [n or 1, B, 1] max delta shock of each block's underlying
+    thr: Any  # [n or 1, B, 1] USD delta-shock threshold of each block's underlying
+    factor: Any  # [] mm_factor
+
+    def margin(self, y: Any, lin: Any, delta: Any) -> Any:
+        """``M(y)`` ``[n, W]``, USD, at one step (``lin`` ``[n, W]``, ``delta`` ``[n, B, W]``)
+        for a share ``y`` ``[n, W]`` of the book."""
+        return y * lin + self.factor * jnp.sum(self.mds * jnp.maximum(y[:, None, :] * delta - self.thr, 0.0), axis=1)
+
+
+def kept_share_blocks(coll: Any, held: Any, g: Any, b: Blocks, lin: Any, delta: Any, target: Any, fee_rate: Any) -> Any:
+    """The share ``y`` ``[n, W]`` of the original book an account keeps after a partial close
+    under the portfolio model, holding ``held`` of it now: the largest ``y`` in ``[0, held]``
+    with
+
+        ``D(y) = C - fee_rate * G * (held - y) - target * M(y) >= 0``
+
+    (``M``: ``Blocks.margin`` at this step), else 0 (close all). ``M`` is convex and piecewise
+    linear, with a kink where each block's delta shock starts (``y = thr_b / delta_b``), so
+    ``D`` is concave and piecewise linear: its largest root lies between the largest of the
+    kinks, 0 and ``held`` where ``D >= 0`` and the next of them, where ``D`` is one line, and
+    is found there exactly, by interpolation. Being concave, ``D`` may rise before it falls
+    (a fee above ``target`` times the margin's rate), and the answer is the same. No search:
+    it is smooth in every input between kinks, and so is its gradient."""
+    fee_g = jnp.zeros_like(g) if fee_rate is None else fee_rate * g
+    safe = jnp.where(delta > 0, delta, 1.0)
+    kinks = jnp.where(delta > 0, jnp.clip(b.thr / safe, 0.0, held[:, None, :]), held[:, None, :])  # [n, B, W]
+    points = jnp.concatenate([jnp.zeros_like(held)[:, None, :], kinks, held[:, None, :]], axis=1)  # [n, B + 2, W]
+
+    def D(y):  # [n, X, W] -> [n, X, W]
+        m = jax.vmap(lambda yy: b.margin(yy, lin, delta), in_axes=1, out_axes=1)(y)
+        return coll[:, None, :] - fee_g[:, None, :] * (held[:, None, :] - y) - target * m
+
+    d = D(points)
+    ok = d >= 0
+    pick = lambda x, i: jnp.take_along_axis(x, i[:, None, :], axis=1)[:, 0, :]  # noqa: E731
+    lo = jnp.argmax(jnp.where(ok, points, -1.0), axis=1)  # the largest point where D >= 0
+    y_lo, d_lo = pick(points, lo), pick(d, lo)
+    above = points > y_lo[:, None, :]
+    hi = jnp.argmin(jnp.where(above, points, 2.0 + held[:, None, :]), axis=1)  # the next point: D < 0 there
+    y_hi, d_hi = pick(points, hi), pick(d, hi)
+    found = jnp.any(ok, axis=1)
+    between = found & jnp.any(above, axis=1)
+    den = jnp.where(between, d_lo - d_hi, 1.0)  # > 0 where between
+    y = y_lo + jnp.where(between, d_lo / den, 0.0) * (y_hi - y_lo)
+    # no point restores the target: D < 0 everywhere (its maximum is at a point), close all
+    return jnp.where(found & (coll > 0), jnp.clip(y, 0.0, held), 0.0)

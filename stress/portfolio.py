@@ -465,7 +465,7 @@ def slots(h: Holdings, value: Any, mm: Any, price: Any, haircut: Any, *gross: An
     return (pos, h.balance.astype(pos.dtype), px, keep, margin, *sums)
 
 
-def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict) -> Any:
+def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict, parts: bool = False) -> Any:
     """Portfolio-model maintenance margin of a chunk of accounts at every scenario state, USD
     ``[n, W]``: ``margin.portfolio_requirements`` per account and underlying, summed.
 
@@ -481,6 +481,10 @@ def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict) -> 
       pm: ``und [I]`` underlying of each instrument; per asset ``[A]``: ``offset``, ``frac``
         (extended fraction), ``mds`` (max delta shock), ``thr`` (delta threshold); ``factor``
         ``[]``; ``extended`` ``[G]``.
+      parts: also return what the margin of a share of each book is made of (``liquidation.
+        Blocks``): ``(margin, lin [n, W], delta [n, A, W])``, ``lin`` ``mm_factor`` times the
+        risk matrices and roll shocks summed over underlyings, ``delta`` each underlying's
+        ``|net delta|``, USD.
     """
     rows = _rows
     pnl, delta, roll = rows(pnl), rows(delta), rows(roll)
@@ -512,7 +516,10 @@ def portfolio_margin(h: Holdings, pnl: Any, delta: Any, roll: Any, pm: dict) -> 
     loss = -jnp.where(pm["extended"][None, None, None, :], pm["frac"][None, :, None, None] * block, block)
     rm = jnp.maximum(jnp.max(loss, axis=-1), 0.0)
     shock = pm["mds"][None, :, None] * jnp.maximum(jnp.abs(dsum) - pm["thr"][None, :, None], 0.0)
-    return pm["factor"] * jnp.sum(rm + rsum + shock, axis=1)
+    margin = pm["factor"] * jnp.sum(rm + rsum + shock, axis=1)
+    if not parts:
+        return margin
+    return margin, pm["factor"] * jnp.sum(rm + rsum, axis=1), jnp.abs(dsum)
 
 
 def var_margin(h: Holdings, pnl: Any, dp: Any, im: Any, notional: Any, var: dict, tail: int) -> Any:

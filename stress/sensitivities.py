@@ -162,7 +162,7 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
         rank = np.arange(len(slot_acc)) - first
         partial = {"partial_target": np.float64(cfg["partial_target"]), "slot_rank": rank.astype(np.int32),
                    "slot_width": int(rank.max(initial=0)) + 1}
-        if tiers is not None:
+        if tiers is not None and snap.margin_config.get("model", "standard") != "portfolio":
             p_rank = portfolio._rank_in_group_unsorted(np.asarray(snap.pos_account, np.int64))
             partial |= {"pos_rank": p_rank.astype(np.int32), "pos_width": int(p_rank.max(initial=0)) + 1}
     pm = {}
@@ -261,11 +261,19 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
         per_position = per_position + pn * portfolio.rate_steps(pn, bound, step)
     m = lam[:, None] * jax.ops.segment_sum(per_position, b.pos_account, num_segments=n)
     if b.pos_sub is not None:  # grids not given: revalued here (callers that chunk pass them)
-        m = portfolio_maintenance(params, lam, inst, b, n, pm_grids(x, dv, params, inst, market, b) if grids is None else grids)
+        m = portfolio_maintenance(params, lam, inst, b, n, pm_grids(x, dv, params, inst, market, b) if grids is None else grids,
+                                  parts=b.partial_target is not None)
+        if b.partial_target is not None:  # what the margin of a share of each book is made of
+            m, lin, delta = m
+            per_asset = lambda v: v[None, :, None]  # noqa: E731
+            out_blocks = liquidation.Blocks(lin=lin, delta=delta, mds=per_asset(params.pm_max_delta_shock),
+                                            thr=per_asset(params.pm_delta_threshold), factor=params.pm_mm_factor)
     g = jax.ops.segment_sum(pn, b.pos_account, num_segments=n)
     out = {"equity": seg(usd), "collateral": seg(coll), "maintenance_margin": m,
            "notional": lam[:, None] * g, "price": rv["price"], "settled": (value, rv["live"])}
     if b.partial_target is not None:  # what liquidation.partial_path needs, per slot
+        if b.pos_sub is not None:
+            out["blocks"] = out_blocks
         out["slots"] = (lam[b.slot_account][:, None] * held, lam[b.slot_account] * b.slot_balance,
                         rv["price"][b.slot_asset], hc)
     if b.pos_rank is not None:  # and under tiers: the first tier's margin, the notional per contract, |q|
@@ -304,11 +312,14 @@ def slot_haircuts(dv: Any, params: Params, market: Any, b: Book) -> Any:
                              cap=params.haircut_max)
 
 
-def portfolio_maintenance(params: Params, lam: Any, inst: Any, b: Book, n: int, grids: dict) -> Any:
+def portfolio_maintenance(params: Params, lam: Any, inst: Any, b: Book, n: int, grids: dict, parts: bool = False) -> Any:
     """``[n, 1 + K * S]`` portfolio-model maintenance margin per account and state, USD, from
     the risk matrices ``grids`` (``pm_grids``): ``margin.portfolio_requirements`` per state
     over the book's sub-blocks and blocks, summed per account. The book is scaled by ``lam``
-    position by position (the delta shock's threshold makes the model not quite homogeneous)."""
+    position by position (the delta shock's threshold makes the model not quite homogeneous).
+    With ``parts``, also what the margin of a share of each book is made of, laid out as the
+    engine's (``portfolio.portfolio_margin``): ``(margin, lin [n, states], delta [n, A,
+    states])``."""
     q = lam[b.pos_account] * b.pos_quantity
     i = b.pos_instrument
     u = b.block_underlying
@@ -321,9 +332,18 @@ def portfolio_maintenance(params: Params, lam: Any, inst: Any, b: Book, n: int, 
             params.pm_pnl_offset[b.sub_settle], params.pm_extended_fraction[u], params.pm_max_delta_shock[u],
             params.pm_delta_threshold[u], params.pm_mm_factor, extended,
             n_sub=b.sub_block.shape[0], n_block=b.block_account.shape[0])
-        return jax.ops.segment_sum(r["maintenance_margin"], b.block_account, num_segments=n)
+        m = jax.ops.segment_sum(r["maintenance_margin"], b.block_account, num_segments=n)
+        if not parts:
+            return m
+        lin = params.pm_mm_factor * jax.ops.segment_sum(r["risk_matrix"] + r["roll_shock"], b.block_account, num_segments=n)
+        delta = jnp.zeros((n, b.spot_mult.shape[1]), m.dtype).at[b.block_account, u].add(jnp.abs(r["net_delta"]))
+        return m, lin, delta
 
-    return jax.lax.map(one, (grids["pnl"], grids["delta"], grids["roll"])).T
+    out = jax.lax.map(one, (grids["pnl"], grids["delta"], grids["roll"]))
+    if not parts:
+        return out.T
+    m, lin, delta = out  # [states, n], [states, n], [states, n, A]
+    return m.T, lin.T, jnp.moveaxis(delta, 0, -1)
 
 
 def impact_charge(closed: Any, notional: Any, imp: Any, underlying: Any) -> Any:
@@ -383,9 +403,12 @@ def partial_outcome(st: dict, b: Book, n: int, fee_rate: Any, impact: Any = None
         tiers = liquidation.Tiered(whole=tiles(st["maintenance_margin"]), qty=by_position(qty),
                                    inst=by_position(b.pos_instrument), per_contract=tiles(per_contract),
                                    bound=b.tier_bound, step=b.tier_step)
+    blocks = st.get("blocks")
+    if blocks is not None:  # [n, A] blocks: partial_path finds the delta shocks at the share held
+        blocks = dataclasses.replace(blocks, lin=tiles(blocks.lin), delta=tiles(blocks.delta))
     return liquidation.partial_path(S, dense(tiles(value)), dense(balance), dense(tiles(price)), keep,
                                     tiles(mm), tiles(st["notional"]), b.partial_target,
-                                    fee_rate, None if impact is None else tiles(impact), tiers=tiers)
+                                    fee_rate, None if impact is None else tiles(impact), tiers=tiers, blocks=blocks)
 
 
 def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any, lag: int = 0) -> tuple[Any, ...]:

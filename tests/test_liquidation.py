@@ -508,22 +508,19 @@ def test_bad_partial_keys_fail_at_load(tmp_path, text, column):
     assert err.value.column == column
 
 
-@pytest.mark.parametrize("margin, model", [
-    ('model = "portfolio"', "portfolio"),
-    ('model = "var"\nvar_history = "h.csv"\nvar_min_windows = 10', "var"),
-])
-def test_partial_close_outs_are_refused_under_the_portfolio_and_var_models(tmp_path, margin, model):
-    # A partial close keeps a share of the book and needs the margin of that share: the
-    # portfolio model's delta shock (with its threshold) and the var model's ES (collateral
-    # risk included) are not computed from per-position amounts, so the share would be wrong.
+def test_partial_close_outs_are_refused_under_the_var_model(tmp_path):
+    # A partial close keeps a share of the book and needs the margin of that share: the var
+    # model's ES includes the collateral's own risk, which a close does not scale, so the
+    # share would be wrong. (The portfolio model's is solved: the tests above.)
     snap_dir = tmp_path / "snap"
     _book(snap_dir)
     (snap_dir / "h.csv").write_text("date,BTC\n" + "\n".join(f"2024-01-{d:02d},{50_000 + 100 * d}" for d in range(1, 29)) + "\n")
+    margin = 'model = "var"\nvar_history = "h.csv"\nvar_min_windows = 10'
     toml = (snap_dir / "exchange.toml").read_text().replace("[margin]\n", f"[margin]\n{margin}\n")
     (snap_dir / "exchange.toml").write_text(toml + 'mode = "partial"\n')
     with pytest.raises(stress.InputError) as err:
         stress.load_snapshot(snap_dir)
-    assert err.value.column == "mode" and model in str(err.value)
+    assert err.value.column == "mode" and "var" in str(err.value)
     (snap_dir / "exchange.toml").write_text(toml)  # full close-out: the same margin loads
     snap = stress.load_snapshot(snap_dir)
     partial = dataclasses.replace(snap, liquidation_config={**snap.liquidation_config, "mode": "partial"})
@@ -836,6 +833,111 @@ def test_kept_share_under_tiers_where_the_fee_is_above_the_first_tiers_margin_ag
     keep_t = (best < 0) & (x_t < 1) & (D(x_t * (1 - 1e-12)) >= 0)
     assert keep_t.sum() >= 3  # the case is exercised
     np.testing.assert_allclose(x[keep_t], x_t[keep_t], rtol=1e-12)
+
+
+def _portfolio_book(folder, liquidation: str, collateral: float = 3_900_000.0):
+    """``_book`` under the portfolio model (Deribit's BTC defaults)."""
+    _book(folder, liquidation, collateral)
+    toml = (folder / "exchange.toml").read_text().replace("[margin]\n", '[margin]\nmodel = "portfolio"\n')
+    (folder / "exchange.toml").write_text(toml)
+    return stress.load_snapshot(folder)
+
+
+# Under the portfolio model (BTC: +-16% grid, 1% roll shock on a perpetual, delta shock 10% of
+# the net delta above 20M USD, MM 0.8 x IM) a linear long of notional n at a state needs
+# M(y) = 0.8 (0.17 n y + 0.1 max(n y - 20M, 0)) for a share y of it: a kink at y = 20M / n.
+def _pm_share(n: float, y: float) -> float:
+    return 0.8 * (0.17 * n * y + 0.1 * max(n * y - 20e6, 0.0))
+
+
+def test_partial_close_under_the_portfolio_model_solves_past_and_below_the_delta_shock_kink(tmp_path):
+    # The long of _book on 3,900,000 USDC, fee 0.2%, target 1.25.
+    # down-1 (49,500, n = 24.75M): C = 3,650,000 < M(1) = 0.8 (4,207,500 + 475,000) = 3,746,000.
+    # Kink at y = 0.80808: D there = 3,600,500 - 4,158,000 y > 0, so the root is past it, on
+    # D(y) = 3,600,500 + 2,000,000 - 6,633,000 y: y = 5,600,500 / 6,633,000.
+    # down-4 (48,000, n = 24M): C = 2,900,000, M(1) = 0.8 (4,080,000 + 400,000). Below the kink
+    # at 0.8333, D(y) = 2,852,000 - 4,032,000 y, whose root 0.70734 is below it: the kept share
+    # pays no delta shock at all.
+    # Scaling the whole book's margin (the flat formula) would keep 0.77714 and 0.64350.
+    snap = _portfolio_book(tmp_path / "snap", 'fee_rate = 0.002\nmode = "partial"\nadl = false')
+    res = stress.run(snap, _scen(tmp_path, snap))
+    sc = res.scenarios.set_index("scenario")
+    y1, y4 = 5_600_500.0 / 6_633_000.0, 2_852_000.0 / 4_032_000.0
+    for name, n, y, c in (("down-1", 24.75e6, y1, 3_650_000.0), ("down-4", 24e6, y4, 2_900_000.0)):
+        assert sc.fees[name] == pytest.approx(0.002 * n * (1 - y), rel=1e-12)
+        assert sc.liquidated_notional[name] == pytest.approx(n * (1 - y), rel=1e-12)
+        assert sc.accounts_liquidatable[name] == 1
+        # after the close, collateral is the target times the margin of what is kept
+        assert c - 0.002 * n * (1 - y) == pytest.approx(1.25 * _pm_share(n, y), rel=1e-12)
+        flat = 1 - (1.25 * _pm_share(n, 1.0) - c) / (1.25 * _pm_share(n, 1.0) - 0.002 * n)
+        assert abs(flat - y) > 0.06
+    assert sc.fees["flat"] == 0.0  # C = 3,900,000 > M(1) = 3,800,000 at 50,000
+    # the market takes the closed share over at the mark: the matched book still sums to 0
+    np.testing.assert_allclose(sc.pnl_total + sc.pnl_closed_out + sc.fees, 0.0, atol=1e-6)
+    one = stress.run(snap, _scen(tmp_path, snap), chunk_size=1).scenarios.set_index("scenario")
+    np.testing.assert_allclose(one.select_dtypes("number"), sc.select_dtypes("number"), rtol=1e-12, atol=1e-9)
+
+
+def test_partial_close_under_the_portfolio_model_judges_the_rest_at_its_own_delta_shock_along_a_path(tmp_path):
+    # 50,000 -> 49,500 -> 47,000. At 49,500 the share y1 of down-1 above is kept. At 47,000 (n
+    # = 23.5M) the rest's delta, 23.5M y1 = 19.84M, is under the threshold: its margin is
+    # 0.8 x 0.17 x 23.5M y1 = 2,698,507, without the 10% shock the whole book would pay there,
+    # and collateral 3,900,000 - 250,000 (1 - y1) - 1,500,000 y1 - fee1 = 2,586,871 is below it:
+    # a second close, to y2 = (C2 - 47,000 y1) / (1.25 x 0.8 x 0.17 x 23.5M - 47,000).
+    snap = _portfolio_book(tmp_path / "snap", 'fee_rate = 0.002\nmode = "partial"\nadl = false')
+    (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,49500\n2024-01-03,47000\n")
+    (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 2\n')
+    row = stress.run(snap, stress.load_scenarios(tmp_path / "p.toml", snap)).scenarios.iloc[0]
+    y1 = 5_600_500.0 / 6_633_000.0
+    fee1 = 0.002 * 24.75e6 * (1 - y1)
+    c2 = 3_900_000.0 - 250_000.0 * (1 - y1) - 1_500_000.0 * y1 - fee1
+    assert 23.5e6 * y1 < 20e6 < 23.5e6 and c2 < _pm_share(23.5e6, y1)
+    y2 = (c2 - 47_000.0 * y1) / (1.25 * 0.8 * 0.17 * 23.5e6 - 47_000.0)
+    assert row.fees == pytest.approx(fee1 + 0.002 * 23.5e6 * (y1 - y2), rel=1e-12)
+    assert row.liquidated_notional == pytest.approx(24.75e6 * (1 - y1) + 23.5e6 * (y1 - y2), rel=1e-12)
+    assert row.accounts_liquidatable == 1
+
+
+def test_kept_share_under_the_portfolio_model_is_the_largest_share_that_restores_the_target():
+    # Against D(y) on a grid of 20,001 shares of what is held, NumPy, written here: random
+    # books of four blocks with delta-shock kinks, collateral, a fee up to 2% (on hedged books,
+    # whose notional is far above their risk, D may then rise before it falls) and targets. D(y) = 0 at the share kept (or it is all of what is
+    # held... never here: every account breaches), D < 0 just above it, and no grid share above
+    # it restores the target; y = 0 exactly where no grid share does.
+    rng, n, B, W = np.random.default_rng(21), 60, 4, 16
+    lin = rng.uniform(0.01, 0.2, (n, W)) * rng.uniform(1e5, 1e7, (n, 1))
+    delta = rng.uniform(0, 3e6, (n, B, W)) * (rng.random((n, B, 1)) < 0.8)
+    mds, thr, factor = rng.uniform(0.05, 0.3, (1, B, 1)), rng.uniform(0, 1.5e6, (1, B, 1)), 0.8
+    g = rng.uniform(0.5, 100.0, (n, W)) * lin  # hedged books: a gross notional far above the risk
+    held = np.where(rng.random((n, W)) < 0.5, 1.0, rng.uniform(0.2, 1.0, (n, W)))
+    target, fee_rate = 1.25, rng.choice([0.0, 0.002, 0.02], (n, 1))
+
+    def M(y):  # [n, W, X] shares of the original book
+        return y * lin[..., None] + factor * np.sum(
+            mds[..., None] * np.maximum(y[:, None] * delta[..., None] - thr[..., None], 0.0), axis=1)
+
+    coll = rng.uniform(-0.05, 0.999, (n, W)) * M(held[..., None])[..., 0]  # every account in breach
+
+    def D(y):
+        return coll[..., None] - fee_rate[..., None] * g[..., None] * (held[..., None] - y) - target * M(y)
+
+    blocks = liquidation.Blocks(lin=jnp.asarray(lin), delta=jnp.asarray(delta), mds=jnp.asarray(mds),
+                                thr=jnp.asarray(thr), factor=factor)
+    y = np.asarray(liquidation.kept_share_blocks(jnp.asarray(coll), jnp.asarray(held), jnp.asarray(g), blocks,
+                                                 blocks.lin, blocks.delta, target, jnp.asarray(fee_rate)))
+    grid = held[..., None] * np.linspace(0.0, 1.0, 20_001)
+    ok = D(grid) >= 0
+    best = np.where(ok.any(-1), np.max(np.where(ok, grid, -1.0), -1), -1.0)
+    scale = np.abs(coll) + lin + g * 0.02
+    some = best >= 0
+    assert some.mean() > 0.3 and (~some).mean() > 0.05
+    assert ((best > 0) & ~ok[..., 0]).sum() >= 3  # D rises to where it restores the target
+    kinked = (y[:, None] * delta > thr) & (delta > 0)  # some kept shares pay a delta shock
+    assert kinked.any() and (~kinked.any(axis=1) & some).any()
+    assert np.all(y[~some] == 0.0)
+    assert np.all(np.abs(D(y[..., None])[..., 0][some]) <= 1e-9 * scale[some])
+    assert np.all(D(np.minimum(y + 1e-6 * held, held)[..., None])[..., 0][some] < 0)
+    assert np.all(y[some] >= best[some] - 1e-12 * held[some])
 
 
 def test_a_group_column_left_empty_means_no_groups(tmp_path):

@@ -638,3 +638,31 @@ def test_cli_bad_scenario_file_exits_2(snap, tmp_path):
     r = CliRunner().invoke(app, ["sensitivities", str(snap.source), "--scenarios", str(path)])
     assert r.exit_code == 2
     assert "DOGE" in r.stderr
+
+
+def test_partial_liquidation_under_the_portfolio_model_matches_the_run_and_its_central_differences(tmp_path):
+    # A low delta-shock threshold puts kinks in the margin of a share of each book: the share
+    # kept is the root of a concave piecewise-linear D (liquidation.kept_share_blocks), smooth
+    # in the model's parameters between kinks, so they move bad debt by slopes.
+    pm = 'model = "portfolio"\nmax_delta_shock = 0.2\ndelta_shock_threshold = 100000\n'
+    toml = EXCHANGE_TOML.replace("[margin]\n", "[margin]\n" + pm)
+    snap = stress.load_snapshot(write_snapshot(tmp_path / "snap", assets=ASSETS, instruments=INSTRUMENTS,
+                                               balances=BALANCES, positions=POSITIONS, exchange_toml=toml))
+    part = dataclasses.replace(snap, liquidation_config={"mode": "partial", "partial_target": 1.25, "fee_rate": 0.01})
+    scen = stress.load_scenarios(scenario_file(tmp_path, SCENARIOS + MONTECARLO), part)
+    r = sens.sensitivities(part, scen, temperature=2e6, cells=2_000)
+    res = stress.run(part, scen)
+    assert res.scenarios.fees.sum() > 0
+    for col in ("shortfall_total", "bad_debt", "fees", "insurance_fund_after"):
+        np.testing.assert_allclose(r["scenarios"][col], res.scenarios[col], rtol=1e-9, atol=1e-6, err_msg=col)
+    worst, h, p = r["worst_index"], 1e-6, r["params"]
+    for key, group, up, down in (
+            ("max_delta_shock", "BTC", {"max_delta_shock": {"BTC": 0.2 + h, "ETH": 0.2}}, {"max_delta_shock": {"BTC": 0.2 - h, "ETH": 0.2}}),
+            ("mm_factor", "all", {"mm_factor": 0.8 + h}, {"mm_factor": 0.8 - h})):
+        plus, minus = run_totals(with_margin(part, **up), scen, worst), run_totals(with_margin(part, **down), scen, worst)
+        for k in (("bad_debt", "sum"), ("insurance_fund_after", "sum"), ("shortfall", "sum")):
+            got = row(p, parameter=key, group=group, total=k[0], scope=k[1])
+            assert_fd(got, plus[k], minus[k], h, scale=abs(plus[k]) + 1e6)
+        # the fees of the shares closed move with it (bad debt here comes from books closed in full)
+        assert row(p, parameter=key, group=group, total="insurance_fund_after", scope="sum") != 0
+    assert_price_gradients(r, part, scen, "BTC", (("bad_debt", "sum"), ("shortfall", "sum"), ("insurance_fund_after", "sum")))
