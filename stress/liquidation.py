@@ -332,7 +332,7 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
             margin = jnp.where(part, jax.lax.cond(jnp.any(part), lambda: held * tier_rate(held, m, pn(), ladder),
                                                   lambda: whole), whole)
             breach = margin > coll
-            kept = jax.lax.cond(jnp.any(breach), lambda: kept_share(coll, held, m, g, pn(), ladder, target, fee_rate),
+            kept = jax.lax.cond(jnp.any(breach), lambda: kept_share(coll, held, m, g, pn(), ladder, target, fee_rate, breach),
                                 lambda: jnp.ones_like(held))
             # carried as held * kept: held - held * (1 - kept) would round a cut to a tier's
             # bound over it where kept is small
@@ -369,9 +369,6 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
         "closed": jnp.moveaxis(share[jnp.asarray(block)], 0, 1).reshape(n, K * W),
         "gone": held == 0,  # closed out in full (a close of f = 1 leaves exactly 0)
     }
-
-
-BISECTIONS = 24  # halvings of the share kept under risk-limit tiers (kept_share): float32's precision
 
 
 @pytree_dataclass
@@ -411,7 +408,15 @@ def tier_rate(y: Any, m: Any, pn: Any, ladder: Any, right: bool = False) -> Any:
     return m + jnp.sum(pn * portfolio.rate_steps(held, ladder[0][:, :, None, :], ladder[1][:, :, None, :], right), axis=1)
 
 
-def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, target: Any, fee_rate: Any) -> Any:
+# Books with more tier bounds than this (positions times bounds) halve the shares this many
+# times before walking the runs between bounds (kept_share): a walk takes one step per bound
+# it passes, the halvings leave few to pass.
+WALK_BOUNDS = 8
+HALVINGS = 8
+
+
+def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, target: Any, fee_rate: Any,
+               active: Any = None) -> Any:
     """The largest share ``x`` ``[n, W]`` of what an account holds (``held`` of its book) that
     it can keep after a partial close under risk-limit tiers: the largest ``x`` in [0, 1]
     with
@@ -424,45 +429,63 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
     share, so past the share ``x_t`` where ``target * rate`` first reaches ``fee_rate * G``
     (``x_t = 0`` unless the fee is above the first tiers' margin, as Binance's 1% fee is above
     1.25 x its first tier's 0.4%) ``D`` decreases, and the shares there that restore the
-    target are ``[x_t, x*]``. ``BISECTIONS`` halvings find ``x_t`` (where needed) and then the
-    run of tiers that holds ``x*`` (or a run ending within ``2**-BISECTIONS`` below it, where
-    tier bounds lie closer than that: then a little more is closed than needed), and ``x*`` is
-    solved for exactly there: the root of that run's line, or the bound that ends it. Where
-    even the run just past ``x_t`` misses the target, the account keeps ``x_t`` if that
-    restores it (``D`` rises up to it), else nothing: the shares below ``x_t`` where ``D`` is
-    positive lie between bounds the search does not look at, so it then closes more than
-    needed. ``x = 0`` (close all) also where ``D(0) < 0`` and ``D`` only falls. The bisections
-    carry no gradient; the last step does (a root's in ``C``, the rates and the notionals)."""
+    target are ``[x_t, x*]``.
+
+    Every tier bound is a share ``s = bound / (notional * held)`` of what is held, where a
+    position's rate rises by its step. The search walks the runs between them in order: from
+    0 to ``x_t`` (where needed), then from ``x_t`` on, run by run, while the run's line is
+    still above 0 at its end. ``x*`` is then solved for exactly in the run it stops in: the
+    root of its line, or its start (a bound cut to). Each step of the walk is one look at every
+    position's bounds, and a chunk walks as many runs as its furthest account needs, at most one
+    per bound; books of more than ``WALK_BOUNDS`` bounds first halve the shares ``HALVINGS``
+    times (lo where ``D >= 0``, or where the rate is still below the fee), which leaves few
+    bounds to walk past. Where even the run just past ``x_t`` misses the
+    target, the account keeps ``x_t`` if that restores it (``D`` rises up to it), else nothing:
+    the shares below ``x_t`` where ``D`` is positive lie between bounds the walk does not look
+    at, so it then closes more than needed. ``x = 0`` (close all) also where ``D(0) < 0`` and
+    ``D`` only falls. ``active`` ``[n, W]`` (default all): the accounts to solve for; the others'
+    ``x`` is meaningless. The walk carries no gradient; the last step does (a root's in ``C``,
+    the rates and the notionals, a bound's in the notional)."""
     fee_g = jnp.zeros_like(g) if fee_rate is None else fee_rate * g
     rest = coll - fee_g * held  # D(0)
-    bound = ladder[0][:, :, None, :]
+    bound, step = ladder[0][:, :, None, :], ladder[1][:, :, None, :]  # [n, Q, 1, K - 1]
+    live = (pn > 0)[..., None] & jnp.isfinite(bound)  # [n, Q, W, K - 1]
     per_unit = (jnp.where(pn > 0, pn, 1.0) * jnp.where(held > 0, held, 1.0)[:, None, :])[..., None]
+    # (selects, not infinities, in what is differentiated: 0 * inf would make a gradient NaN)
+    share = jnp.where(live, jnp.where(live, bound, 0.0) / per_unit, 2.0)  # each bound as a share held; 2: none
+    rise = pn[..., None] * step  # what the rate per unit of the book rises by past it, USD
+    Q, K = pn.shape[1], bound.shape[-1] + 1
+
+    def rate(x, right=False):  # margin per unit of the book held at a share x (just above it, with right)
+        over = x[:, None, :, None] >= share if right else x[:, None, :, None] > share
+        return m + jnp.sum(jnp.where(over, rise, 0.0), axis=(1, 3))
+
+    def next_share(x):  # the next bound above x (2: none)
+        return jnp.min(jnp.where(share > x[:, None, :, None], share, 2.0), axis=(1, 3))
 
     def D(x, right=False):
-        y = held * x
-        return rest + fee_g * y - target * y * tier_rate(y, m, pn, ladder, right)
+        return rest + fee_g * held * x - target * held * x * rate(x, right)
 
-    def notional_at(x):  # [n, Q, W, 1] each position's notional when a share x is kept
-        return ((held * x)[:, None, :] * pn)[..., None]
+    def walk(go, test, x0, todo):  # from x0, to the next bound while go(x, next bound) holds
+        if Q * (K - 1) > WALK_BOUNDS:  # many bounds: halvings first, to where test turns
+            def halve(_, lo_hi):
+                lo, hi = lo_hi
+                mid = 0.5 * (lo + hi)
+                ok = test(mid)
+                return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+            x0 = jax.lax.fori_loop(0, HALVINGS, halve, (x0, jnp.ones_like(x0)))[0]
 
-    def first_bound(at, scale=1.0):  # the smallest bound where ``at`` holds, as a share kept (2: none)
-        # (selects, not infinities, in what is differentiated: 0 * inf would make a gradient NaN)
-        at = at & (pn[..., None] > 0) & jnp.isfinite(bound)
-        return jnp.min(jnp.where(at, jnp.where(at, bound, 0.0) / per_unit * scale, 2.0), axis=(1, 3))
-
-    def next_bound(lo):  # the next bound a position reaches above lo
-        return first_bound(notional_at(lo) < bound)
-
-    def bisect(test, lo, hi):  # lo where test holds (or is taken to), hi where it fails
-        def halve(_, lo_hi):
-            lo, hi = lo_hi
-            mid = 0.5 * (lo + hi)
-            ok = test(mid)
-            return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-        return jax.lax.fori_loop(0, BISECTIONS, halve, (lo, hi))
+        def body(carry):
+            x, todo = carry
+            end = next_share(x)
+            on = todo & go(x, end) & (end < 1.0)
+            return jnp.where(on, end, x), on
+        return jax.lax.while_loop(lambda c: jnp.any(c[1]), body, (x0, todo))[0]
 
     zero, one = jnp.zeros_like(held), jnp.ones_like(held)
+    active = jnp.ones(held.shape, bool) if active is None else active
     eps = jnp.finfo(held.dtype).eps
+    falls = lambda x: target * rate(x, right=True) >= fee_g  # noqa: E731
     rising = target * m < fee_g  # the first tiers release less margin than the fee on them costs
 
     def turn():
@@ -470,26 +493,29 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
         the run just past it restores the target, and whether keeping ``x_t`` does (a few ulps
         under the bound, as it would be kept: ``bound / (pn * held) * pn * held`` can round
         over the bound, into the upper tier)."""
-        falls = lambda x: target * tier_rate(held * x, m, pn, ladder, right=True) >= fee_g  # noqa: E731
-        lo, _ = bisect(lambda x: ~falls(x), zero, one)
-        x_t = jnp.where(rising, jnp.where(falls(one), jnp.minimum(next_bound(lo), 1.0), 1.0), 0.0)
+        x = walk(lambda x, end: ~falls(x), lambda x: ~falls(x), zero, rising & active)
+        x_t = jnp.where(rising, jnp.where(falls(x), x, 1.0), 0.0)
         return x_t, D(x_t, right=True) >= 0, (x_t > 0) & (D(x_t * (1.0 - 4 * eps)) >= 0)
 
     # where no account rises, x_t = 0 and the run past it restores the target where D(0) >= 0
-    x_t, start, keep_t = jax.lax.cond(jnp.any(rising), turn, lambda: (zero, rest >= 0, jnp.zeros(rest.shape, bool)))
+    x_t, start, keep_t = jax.lax.cond(jnp.any(rising & active), turn,
+                                      lambda: (zero, rest >= 0, jnp.zeros(rest.shape, bool)))
     x_t = jax.lax.stop_gradient(x_t)
-    # in the falling part, the largest share that restores it (lo = x_t is taken to)
-    lo, _ = bisect(lambda x: D(x) >= 0, x_t, one)
-    lo = jax.lax.stop_gradient(lo)
-    rate = tier_rate(held * lo, m, pn, ladder, right=True)  # the run just above lo
-    den = held * (target * rate - fee_g)
-    root = rest / jnp.where(den > 0, den, 1.0)
-    x = jnp.clip(jnp.minimum(root, next_bound(lo)), lo, 1.0)
+
+    def root(x):  # of the line of the run just above x
+        den = held * (target * rate(x, right=True) - fee_g)
+        return jnp.where(den > 0, rest / jnp.where(den > 0, den, 1.0), 2.0)
+
+    # in the falling part, on to the run whose line crosses 0 (lo: its start)
+    lo = jax.lax.stop_gradient(walk(lambda x, end: root(x) > end, lambda x: D(x) >= 0, x_t, active & start))
+    x = jnp.clip(jnp.minimum(root(lo), next_share(lo)), lo, 1.0)
     x = jnp.where(start, x, jnp.where(keep_t, x_t, 0.0))
     x = jnp.where((rest < 0) & ~rising, 0.0, x)
     # Kept at a bound: a few ulps under it, so that the share held times the notional, rounded,
     # is not over the bound (which would put the rest in the upper tier at the next look).
-    return jnp.minimum(x, first_bound(jnp.abs(notional_at(x) - bound) <= 8 * eps * bound, 1.0 - 4 * eps))
+    notional = ((held * x)[:, None, :] * pn)[..., None]
+    near = (jnp.abs(notional - bound) <= 8 * eps * bound) & live
+    return jnp.minimum(x, jnp.min(jnp.where(near, share * (1.0 - 4 * eps), 2.0), axis=(1, 3)))
 
 
 @pytree_dataclass

@@ -755,10 +755,13 @@ def _random_tiered_books(rng, n: int, Q: int, W: int, steps: tuple, present: flo
     return pn, bound, step, pn.sum(axis=1), held
 
 
-def test_kept_share_under_tiers_is_the_largest_share_that_restores_the_target():
+@pytest.mark.parametrize("walk_bounds", [0, 1000])
+def test_kept_share_under_tiers_is_the_largest_share_that_restores_the_target(monkeypatch, walk_bounds):
     # The defining property against a NumPy evaluation of D(x) (written here, not the
     # engine's): D(x) >= 0 and D just above x < 0, on random books of several positions with
-    # three tiers each, collateral, fee and targets; x = 0 where even D(0) < 0.
+    # three tiers each, collateral, fee and targets; x = 0 where even D(0) < 0. With halvings
+    # before the walk between bounds (ten bounds a book), and with the walk alone.
+    monkeypatch.setattr(liquidation, "WALK_BOUNDS", walk_bounds)
     rng, n, W = np.random.default_rng(11), 40, 16
     pn, bound, step, g, held = _random_tiered_books(rng, n, 5, W, (0.001, 0.02), 0.8, 0.2)
     m = 0.005 * g + rng.uniform(0, 1e4, (n, W))  # first-tier margin, options' included
@@ -786,11 +789,14 @@ def test_kept_share_under_tiers_is_the_largest_share_that_restores_the_target():
     assert cut[some].any() and (~cut[some]).any()
 
 
-def test_kept_share_under_tiers_where_the_fee_is_above_the_first_tiers_margin_against_a_grid():
+@pytest.mark.parametrize("walk_bounds", [0, 1000])
+def test_kept_share_under_tiers_where_the_fee_is_above_the_first_tiers_margin_against_a_grid(monkeypatch, walk_bounds):
     # A 2% fee against first-tier rates of 0.5%: D rises through the low tiers and falls past
     # the share x_t where 1.25 x the rate reaches the fee. Against D(x) on a grid of 20,001
     # shares (NumPy, written here): the share kept restores the target, and it is no smaller
-    # than the largest grid share past x_t that does (one grid step of slack).
+    # than the largest grid share past x_t that does (one grid step of slack). With halvings
+    # before the walks between bounds (six bounds a book), and with the walks alone.
+    monkeypatch.setattr(liquidation, "WALK_BOUNDS", walk_bounds)
     rng, n, W = np.random.default_rng(12), 30, 8
     pn, bound, step, g, held = _random_tiered_books(rng, n, 3, W, (0.005, 0.05), 0.9, 0.3)
     m = 0.005 * g
@@ -833,6 +839,21 @@ def test_kept_share_under_tiers_where_the_fee_is_above_the_first_tiers_margin_ag
     keep_t = (best < 0) & (x_t < 1) & (D(x_t * (1 - 1e-12)) >= 0)
     assert keep_t.sum() >= 3  # the case is exercised
     np.testing.assert_allclose(x[keep_t], x_t[keep_t], rtol=1e-12)
+
+
+def test_kept_share_under_tiers_is_exact_between_bounds_closer_than_float32s_precision():
+    # Two positions of 1M notional with bounds at 300,000 and 300,000.0005 (shares 0.3 and
+    # 0.3 + 5e-10 of the book): the root of the run between them, x* = 0.3 + 2.5e-10, is kept,
+    # not the first bound (a search to 2^-24 of the book cannot tell them apart: the halvings
+    # kept 0.3 less a few ulps).
+    m, rise, target = 20_000.0, 1_000.0, 1.25
+    x_star = 0.3 + 2.5e-10
+    coll = target * x_star * (m + rise)  # D(x*) = 0 on the run's line, rate m + one step
+    pn = jnp.asarray([[[1e6], [1e6]]])  # [n, Q, W]
+    ladder = (jnp.asarray([[[300_000.0], [300_000.0005]]]), jnp.asarray([[[rise / 1e6], [rise / 1e6]]]))
+    x = liquidation.kept_share(jnp.asarray([[coll]]), jnp.ones((1, 1)), jnp.asarray([[m]]), jnp.asarray([[2e6]]),
+                               pn, ladder, target, None)
+    assert float(x[0, 0]) == pytest.approx(x_star, rel=1e-14)
 
 
 def _portfolio_book(folder, liquidation: str, collateral: float = 3_900_000.0):
