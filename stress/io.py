@@ -546,7 +546,12 @@ def _load_snapshot(folder: Path) -> Snapshot:
     rank[order] = np.arange(len(order), dtype=np.int32)
     b_idx, p_idx = rank[b_idx], rank[p_idx]
 
-    account_group = _account_groups(bt, b_idx, len(account_ids)) if bt.has("group") else None
+    # Cover 2's groups only where [liquidation] group_column names a column: extra columns are ignored
+    group_column = liq_cfg["group_column"]
+    if group_column and not bt.has(group_column):
+        raise InputError(file, "[liquidation]", "group_column",
+                         f"{group_column!r}: balances has no such column (accounts under common control)")
+    account_group = _account_groups(bt, b_idx, len(account_ids), group_column) if group_column else None
 
     key_b = b_idx.astype(np.int64) * len(asset_names) + b_asset
     bt.check(_repeats(key_b, np.argsort(key_b, kind="stable")), "asset",
@@ -585,11 +590,11 @@ def _load_snapshot(folder: Path) -> Snapshot:
     return snap
 
 
-def _account_groups(bt: _Table, b_idx: np.ndarray, n: int) -> np.ndarray:
-    """``[n]`` the optional ``group`` of each account (None where no row gives one): accounts
-    under common control whose defaults count together in Cover 2. Every row of an account
-    that gives a group must give the same one."""
-    grp = bt.strings("group", required=False)
+def _account_groups(bt: _Table, b_idx: np.ndarray, n: int, column: str) -> np.ndarray:
+    """``[n]`` the group of each account in balances' ``column`` (None where no row gives
+    one): accounts under common control whose defaults count together in Cover 2. Every row
+    of an account that gives a group must give the same one."""
+    grp = bt.strings(column, required=False)
     given = ~pd.isna(grp)
     if not given.any():
         return np.full(n, None, dtype=object)
@@ -603,7 +608,7 @@ def _account_groups(bt: _Table, b_idx: np.ndarray, n: int) -> np.ndarray:
     first[acc_sorted[lead]] = codes[order][lead]
     bad = np.zeros(len(grp), bool)
     bad[rows] = codes != first[b_idx[rows]]
-    bt.check(bad, "group", "this account is already in another group (one group per account)")
+    bt.check(bad, column, "this account is already in another group (one group per account)")
     out = np.full(n, None, dtype=object)
     has = first >= 0
     out[has] = np.asarray(names, dtype=object)[first[has]]

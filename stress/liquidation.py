@@ -38,6 +38,7 @@ DEFAULTS = {
     "adl": True,  # socialise what the fund cannot pay by auto-deleveraging the winners
     "cascade": False,  # along paths, forced closes move later prices (needs impact parameters)
     "impact": {},  # per underlying: {spread, k, daily_vol, daily_volume}; none: closing is free
+    "group_column": "",  # the balances column naming accounts under common control (Cover 2); "": none
 }
 # Keys of one underlying's [liquidation.impact.<ASSET>] table.
 IMPACT_KEYS = {
@@ -81,6 +82,10 @@ def config(cfg: dict) -> dict:
     for key in ("adl", "cascade"):
         if not isinstance(out[key], bool):
             raise InputError("exchange.toml", "[liquidation]", key, f"{out[key]!r} must be true or false")
+    col = out["group_column"]
+    if not isinstance(col, str) or col in ("account_id", "asset", "amount"):
+        raise InputError("exchange.toml", "[liquidation]", "group_column",
+                         f"{col!r} must be the name of an extra column of balances (\"\": no groups)")
     out["impact"] = _impact_config(out["impact"])
     if out["cascade"] and not out["impact"]:
         raise InputError("exchange.toml", "[liquidation]", "cascade",

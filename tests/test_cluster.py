@@ -128,6 +128,8 @@ def _grouped_book(folder):
     bal = pd.read_csv(folder / "balances.csv")
     bal["group"] = bal.account_id.map({"L": "g", "S2": "g"})
     bal.to_csv(folder / "balances.csv", index=False)
+    toml = (folder / "exchange.toml").read_text()
+    (folder / "exchange.toml").write_text(toml.replace("[liquidation]\n", '[liquidation]\ngroup_column = "group"\n'))
     snap = stress.load_snapshot(folder)
     assert engine.group_rows(snap)[1] == 1
     return snap

@@ -561,8 +561,9 @@ def test_auto_deleveraging_charges_a_winner_still_open_after_a_partial_close_out
 
 def _cover2_book(folder, groups):
     """The four longs of the Cover 2 test (bad debts 240k / 230k / 220k / 50k at BTC -50%),
-    with a `group` column on balances (None: no group given)."""
-    toml = "as_of = 2026-11-23T08:00:00Z\nrate = 0.0\ninsurance_fund = { USDC = 300000.0 }\n"
+    with a `group` column on balances (None: no group given), named by [liquidation] group_column."""
+    toml = ("as_of = 2026-11-23T08:00:00Z\nrate = 0.0\ninsurance_fund = { USDC = 300000.0 }\n"
+            '[liquidation]\ngroup_column = "group"\n')
     amounts = [10_000.0, 20_000.0, 30_000.0, 200_000.0]
     balances = [{"account_id": f"l{i}", "asset": "USDC", "amount": b, "group": g}
                 for i, (b, g) in enumerate(zip(amounts, groups))]
@@ -592,6 +593,24 @@ def test_cover2_counts_a_group_of_accounts_as_one_defaulter(tmp_path, groups, do
     for chunk in (1, 2, 128):  # groups span chunks
         sc = stress.run(snap, scen, chunk_size=chunk).scenarios.set_index("scenario")
         assert sc.cover2.to_dict() == pytest.approx({"down-50": down50, "down-10": down10})
+
+
+def test_a_group_column_counts_only_where_exchange_toml_names_it(tmp_path):
+    # SPEC: extra columns are ignored. An export's own `group` column (a wallet, a segment)
+    # changes nothing until [liquidation] group_column names it; a name with no column is an error.
+    folder = tmp_path / "snap"
+    grouped = _cover2_book(folder, ["a", "a", None, None])
+    (tmp_path / "s.toml").write_text('[[scenario]]\nname = "down-50"\nmoves = { BTC = -0.5 }\n')
+    toml = (folder / "exchange.toml").read_text()
+    (folder / "exchange.toml").write_text(toml.replace('group_column = "group"\n', ""))
+    plain = stress.load_snapshot(folder)
+    scen = stress.load_scenarios(tmp_path / "s.toml", plain)
+    assert stress.run(plain, scen).scenarios.cover2.iloc[0] == pytest.approx(240_000.0 + 230_000.0)
+    assert stress.run(grouped, scen).scenarios.cover2.iloc[0] == pytest.approx(470_000.0 + 220_000.0)
+    (folder / "exchange.toml").write_text(toml.replace('"group"', '"wallet"'))
+    with pytest.raises(stress.InputError) as err:
+        stress.load_snapshot(folder)
+    assert (err.value.file, err.value.column) == ("exchange.toml", "group_column") and "wallet" in str(err.value)
 
 
 def test_an_account_in_two_groups_is_an_input_error(tmp_path):
