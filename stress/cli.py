@@ -1212,6 +1212,11 @@ def _said(exc: Exception, kinds: set[str]) -> int:
 def main() -> None:
     """The console script: ``app``, with any exception that escapes a command (a bug, not bad
     input, which exits 2) reported with its traceback and exit code ``INTERNAL_ERROR``."""
+    import warnings
+
+    # NumPy's overflow and invalid-value warnings say nothing the run does not: a result that is
+    # not finite stops it with exit 2 and one message naming where (``_check_finite``)
+    warnings.filterwarnings("ignore", message=r".* encountered in ", category=RuntimeWarning)
     try:
         # not standalone: a usage error (an unknown option, a value out of range) comes back
         # here to be said in one line, as every other input error is, not in a framed box

@@ -553,6 +553,18 @@ def test_a_run_whose_results_overflow_exits_2_without_output(tmp_path, monkeypat
     assert not (tmp_path / "report").exists()
 
 
+def test_an_overflowing_run_says_one_line_in_a_new_process(tmp_path):
+    # NumPy's overflow warnings on the way (a matmul of 1e305 BTC at 90,000 USD) are not
+    # printed beside the error: one message, exit 2, no report
+    inputs = base_inputs()
+    inputs["balances"][1]["amount"] = 1e305
+    snap, scen = build(tmp_path, inputs)
+    proc = _stress("run", snap, "--scenarios", scen, "--out", tmp_path / "report", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert one_error_line(proc.stderr).startswith("error: ")
+    assert not (tmp_path / "report").exists()
+
+
 def test_a_nan_bad_debt_counts_as_a_breach_of_the_limit():
     from stress.cli import _breaches
 
