@@ -1006,13 +1006,21 @@ def sensitivities_cmd(
                ["parameter", "group", "bump"])
     acc = r["accounts"]
     shown = acc.sort_values(["bad_debt_worst", "shortfall_sum"], ascending=False, kind="stable").head(top)
-    total_bad = acc.bad_debt_worst.sum()
+    total_bad = float(r["totals"].set_index(["total", "scope"]).value["bad_debt", "worst"])
+    summed = acc.bad_debt_worst.sum()
+    # Bad debt is homogeneous in each book's size, so that the allocations add up to it,
+    # unless the margin of a smaller book is not smaller in proportion: partial close-outs
+    # under risk-limit tiers or an active delta shock. The columns are then marginal rates.
+    adds_up = abs(summed - total_bad) <= 1e-6 * max(abs(total_bad), 1.0)
+    said = ("allocations sum to it" if adds_up else
+            f"allocations sum to {usd(summed)} USD: not homogeneous in book size here (partial close-outs "
+            f"under tiers or delta shocks), so each is the marginal bad debt of its book, not a share")
     at = Table(title=Text(f"Euler allocation of the worst scenario's bad debt ({r['worst_scenario']}, "
-                          f"{usd(total_bad)} USD; allocations sum to it)"))
+                          f"{usd(total_bad)} USD; {said})"))
     for c in ("account", "bad debt (worst)", "share", "shortfall (worst)", "shortfall (sum)"):
         at.add_column(c, justify="left" if c == "account" else "right")
     for row in shown.itertuples(index=False):
-        share = f"{row.bad_debt_worst / total_bad:.1%}" if total_bad > 0 else "n/a"
+        share = f"{row.bad_debt_worst / total_bad:.1%}" if total_bad > 0 and adds_up else "n/a"
         at.add_row(Text(row.account_id), usd(row.bad_debt_worst), share, usd(row.shortfall_worst), usd(row.shortfall_sum))
     out.print(at)
     if out_dir is not None:

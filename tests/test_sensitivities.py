@@ -666,3 +666,21 @@ def test_partial_liquidation_under_the_portfolio_model_matches_the_run_and_its_c
         # the fees of the shares closed move with it (bad debt here comes from books closed in full)
         assert row(p, parameter=key, group=group, total="insurance_fund_after", scope="sum") != 0
     assert_price_gradients(r, part, scen, "BTC", (("bad_debt", "sum"), ("shortfall", "sum"), ("insurance_fund_after", "sum")))
+
+
+def test_cli_says_when_the_euler_allocation_does_not_add_up_to_the_bad_debt(tmp_path):
+    # Partial close-outs under the portfolio model: a long of 24.75M notional at 49,500 keeps
+    # a share past the delta shock's kink, which depends on its book's size, then goes
+    # bankrupt at 40,000. Its bad debt is 368,315 but its derivative in its book scale is
+    # about -1.05M: the headline is the run's bad debt, and it says the allocations differ.
+    from .test_liquidation import _portfolio_book
+
+    snap = _portfolio_book(tmp_path / "snap", 'fee_rate = 0.002\nmode = "partial"\nadl = false')
+    (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,49500\n2024-01-03,40000\n")
+    (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 2\n')
+    bad = stress.run(snap, stress.load_scenarios(tmp_path / "p.toml", snap)).scenarios.bad_debt.iloc[0]
+    assert bad == pytest.approx(368_315.0, abs=1.0)
+    r = CliRunner().invoke(app, ["sensitivities", str(tmp_path / "snap"), "--scenarios", str(tmp_path / "p.toml")])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "368,315 USD; allocations sum to -1,048,99" in text and "not homogeneous" in text
