@@ -418,6 +418,9 @@ def tier_rate(y: Any, m: Any, pn: Any, ladder: Any, right: bool = False) -> Any:
 # it passes, the halvings leave few to pass.
 WALK_BOUNDS = 8
 HALVINGS = 8
+# Books with at most this many bounds look at all of them at once (their number squared
+# comparisons, no loop) rather than walking.
+AT_ONCE_BOUNDS = 16
 
 
 def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, target: Any, fee_rate: Any,
@@ -444,7 +447,10 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
     position's bounds, and a chunk walks as many runs as its furthest account needs, at most one
     per bound; books of more than ``WALK_BOUNDS`` bounds first halve the shares ``HALVINGS``
     times (lo where ``D >= 0``, or where the rate is still below the fee), which leaves few
-    bounds to walk past. Where even the run just past ``x_t`` misses the
+    bounds to walk past. Books of at most ``AT_ONCE_BOUNDS`` bounds do not walk: ``D`` (falling
+    past ``x_t``) and the rate are evaluated at every bound at once, and the walk's stops are
+    the last bound where ``D`` is still above 0 and the first where the rate reaches the fee.
+    Where even the run just past ``x_t`` misses the
     target, the account keeps ``x_t`` if that restores it (``D`` rises up to it), else nothing:
     the shares below ``x_t`` where ``D`` is positive lie between bounds the walk does not look
     at, so it then closes more than needed. ``x = 0`` (close all) also where ``D(0) < 0`` and
@@ -471,8 +477,17 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
     def D(x, right=False):
         return rest + fee_g * held * x - target * held * x * rate(x, right)
 
+    C = Q * (K - 1)  # bounds per book
+    if C <= AT_ONCE_BOUNDS:  # few: every bound looked at against every other, no loop
+        bounds = jnp.moveaxis(share, 2, 1).reshape(share.shape[0], share.shape[2], C)  # [n, W, C]
+        rises = jnp.moveaxis(rise, 2, 1).reshape(bounds.shape)
+
+        def rate_at_bounds(right):  # [n, W, C] the rate at each bound (just above it, with right)
+            over = bounds[..., :, None] >= bounds[..., None, :] if right else bounds[..., :, None] > bounds[..., None, :]
+            return m[..., None] + jnp.sum(jnp.where(over, rises[..., None, :], 0.0), axis=-1)
+
     def walk(go, test, x0, todo):  # from x0, to the next bound while go(x, next bound) holds
-        if Q * (K - 1) > WALK_BOUNDS:  # many bounds: halvings first, to where test turns
+        if C > WALK_BOUNDS:  # many bounds: halvings first, to where test turns
             def halve(_, lo_hi):
                 lo, hi = lo_hi
                 mid = 0.5 * (lo + hi)
@@ -498,8 +513,12 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
         the run just past it restores the target, and whether keeping ``x_t`` does (a few ulps
         under the bound, as it would be kept: ``bound / (pn * held) * pn * held`` can round
         over the bound, into the upper tier)."""
-        x = walk(lambda x, end: ~falls(x), lambda x: ~falls(x), zero, rising & active)
-        x_t = jnp.where(rising, jnp.where(falls(x), x, 1.0), 0.0)
+        if C <= AT_ONCE_BOUNDS:  # the first bound below 1 where the rate reaches the fee
+            at = (target * rate_at_bounds(right=True) >= fee_g[..., None]) & (bounds < 1.0)
+            x_t = jnp.where(rising, jnp.min(jnp.where(at, bounds, 1.0), axis=-1), 0.0)
+        else:
+            x = walk(lambda x, end: ~falls(x), lambda x: ~falls(x), zero, rising & active)
+            x_t = jnp.where(rising, jnp.where(falls(x), x, 1.0), 0.0)
         return x_t, D(x_t, right=True) >= 0, (x_t > 0) & (D(x_t * (1.0 - 4 * eps)) >= 0)
 
     # where no account rises, x_t = 0 and the run past it restores the target where D(0) >= 0
@@ -511,8 +530,15 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
         den = held * (target * rate(x, right=True) - fee_g)
         return jnp.where(den > 0, rest / jnp.where(den > 0, den, 1.0), 2.0)
 
-    # in the falling part, on to the run whose line crosses 0 (lo: its start)
-    lo = jax.lax.stop_gradient(walk(lambda x, end: root(x) > end, lambda x: D(x) >= 0, x_t, active & start))
+    # in the falling part, on to the run whose line crosses 0 (lo: its start): the last bound
+    # below 1 past x_t where D (falling there) is still above 0
+    if C <= AT_ONCE_BOUNDS:
+        d = rest[..., None] + (fee_g * held)[..., None] * bounds - (target * held)[..., None] * bounds * rate_at_bounds(False)
+        on = (bounds > x_t[..., None]) & (bounds < 1.0) & (d > 0)
+        lo = jnp.maximum(x_t, jnp.max(jnp.where(on, bounds, 0.0), axis=-1))
+    else:
+        lo = walk(lambda x, end: root(x) > end, lambda x: D(x) >= 0, x_t, active & start)
+    lo = jax.lax.stop_gradient(lo)
     x = jnp.clip(jnp.minimum(root(lo), next_share(lo)), lo, 1.0)
     x = jnp.where(start, x, jnp.where(keep_t, x_t, 0.0))
     x = jnp.where((rest < 0) & ~rising, 0.0, x)
