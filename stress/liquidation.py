@@ -483,8 +483,14 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
         rises = jnp.moveaxis(rise, 2, 1).reshape(bounds.shape)
 
         def rate_at_bounds(right):  # [n, W, C] the rate at each bound (just above it, with right)
-            over = bounds[..., :, None] >= bounds[..., None, :] if right else bounds[..., :, None] > bounds[..., None, :]
-            return m[..., None] + jnp.sum(jnp.where(over, rises[..., None, :], 0.0), axis=-1)
+            # one bound at a time (C <= AT_ONCE_BOUNDS, unrolled): elementwise work that fuses,
+            # where a [n, W, C, C] select would be written out first
+            rate = jnp.broadcast_to(m[..., None], bounds.shape)
+            for c in range(C):
+                other = bounds[..., c:c + 1]
+                over = bounds >= other if right else bounds > other
+                rate = rate + jnp.where(over, rises[..., c:c + 1], 0.0)
+            return rate
 
     def walk(go, test, x0, todo):  # from x0, to the next bound while go(x, next bound) holds
         if C > WALK_BOUNDS:  # many bounds: halvings first, to where test turns
@@ -533,8 +539,12 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
     # in the falling part, on to the run whose line crosses 0 (lo: its start): the last bound
     # below 1 past x_t where D (falling there) is still above 0
     if C <= AT_ONCE_BOUNDS:
-        d = rest[..., None] + (fee_g * held)[..., None] * bounds - (target * held)[..., None] * bounds * rate_at_bounds(False)
-        on = (bounds > x_t[..., None]) & (bounds < 1.0) & (d > 0)
+        before = rate_at_bounds(False)  # the rate of the run that ends at each bound
+        d = rest[..., None] + (fee_g * held)[..., None] * bounds - (target * held)[..., None] * bounds * before
+        # as the walk: on past a bound where D is above 0, or where the run to it is flat (D
+        # then 0 along it, still restoring the target)
+        flat = target * before == fee_g[..., None]
+        on = (bounds > x_t[..., None]) & (bounds < 1.0) & ((d > 0) | (flat & (d >= 0)))
         lo = jnp.maximum(x_t, jnp.max(jnp.where(on, bounds, 0.0), axis=-1))
     else:
         lo = walk(lambda x, end: root(x) > end, lambda x: D(x) >= 0, x_t, active & start)

@@ -885,6 +885,39 @@ def test_kept_share_under_tiers_is_exact_between_bounds_closer_than_float32s_pre
     assert float(x[0, 0]) == pytest.approx(x_star, rel=1e-14)
 
 
+@SEARCHES
+def test_kept_share_under_tiers_keeps_a_flat_run_where_d_is_zero_along_it(monkeypatch, at_once, walk):
+    # target x m = the fee on the book and C = the fee: D(0) = 0 and D stays 0 up to the first
+    # position's bound at 0.6 (a second position's bound at 0.1, of step 0, lies inside that
+    # run). The largest share that restores the target is the bound, kept a few ulps under it.
+    monkeypatch.setattr(liquidation, "AT_ONCE_BOUNDS", at_once)
+    monkeypatch.setattr(liquidation, "WALK_BOUNDS", walk)
+    args = (jnp.asarray([[10_000.0]]), jnp.ones((1, 1)), jnp.asarray([[5_000.0]]), jnp.asarray([[1_000_000.0]]),
+            jnp.asarray([[[1_000_000.0], [1.0]]]))
+    ladder = (jnp.asarray([[[600_000.0], [0.1]]]), jnp.asarray([[[0.01], [0.0]]]))
+    x = float(liquidation.kept_share(*args, ladder, 2.0, 0.01)[0, 0])
+    assert 0.6 * (1 - 1e-14) < x < 0.6
+
+
+def test_kept_share_looking_at_every_bound_at_once_holds_no_bounds_squared_array():
+    # [accounts, scenarios, bounds, bounds] written out would be 16 x 16 x 8 bytes a cell at 16
+    # bounds: the at-once search's temporaries stay within twice the walk's
+    import jax
+
+    n, W, Q, K1 = 64, 64, 4, 4
+    S = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float64)  # noqa: E731
+    args = (S(n, W), S(n, W), S(n, W), S(n, W), S(n, Q, W), (S(n, Q, K1), S(n, Q, K1)))
+    temp = {}
+    for name, at_once in (("at once", 1000), ("walk", 0)):
+        liquidation.AT_ONCE_BOUNDS, saved = at_once, liquidation.AT_ONCE_BOUNDS
+        try:
+            fn = jax.jit(lambda c, h, m, g, pn, lad: liquidation.kept_share(c, h, m, g, pn, lad, 1.25, 0.001))
+            temp[name] = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+        finally:
+            liquidation.AT_ONCE_BOUNDS = saved
+    assert temp["at once"] <= 2 * temp["walk"], temp
+
+
 def _portfolio_book(folder, liquidation: str, collateral: float = 3_900_000.0):
     """``_book`` under the portfolio model (Deribit's BTC defaults)."""
     _book(folder, liquidation, collateral)
