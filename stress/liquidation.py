@@ -450,13 +450,14 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
     bounds to walk past. Books of at most ``AT_ONCE_BOUNDS`` bounds do not walk: ``D`` (falling
     past ``x_t``) and the rate are evaluated at every bound at once, and the walk's stops are
     the last bound where ``D`` is still above 0 and the first where the rate reaches the fee.
-    Where even the run just past ``x_t`` misses the
-    target, the account keeps ``x_t`` if that restores it (``D`` rises up to it), else nothing:
-    the shares below ``x_t`` where ``D`` is positive lie between bounds the walk does not look
-    at, so it then closes more than needed. ``x = 0`` (close all) also where ``D(0) < 0`` and
-    ``D`` only falls. ``active`` ``[n, W]`` (default all): the accounts to solve for; the others'
-    ``x`` is meaningless. The walk carries no gradient; the last step does (a root's in ``C``,
-    the rates and the notionals, a bound's in the notional)."""
+
+    Where even the run just past ``x_t`` misses the target, the account keeps ``x_t`` if that
+    restores it (``D`` rises up to it), else nothing: the shares below ``x_t`` where ``D`` is
+    positive lie between bounds the search does not look at, so it then closes more than
+    needed. ``x = 0`` (close all) also where ``D(0) < 0`` and ``D`` only falls. ``active``
+    ``[n, W]`` (default all): the accounts to solve for; the others' ``x`` is meaningless. The
+    search carries no gradient; the last step does (a root's in ``C``, the rates and the
+    notionals, a bound's in the notional)."""
     fee_g = jnp.zeros_like(g) if fee_rate is None else fee_rate * g
     rest = coll - fee_g * held  # D(0)
     bound, step = ladder[0][:, :, None, :], ladder[1][:, :, None, :]  # [n, Q, 1, K - 1]
@@ -485,12 +486,12 @@ def kept_share(coll: Any, held: Any, m: Any, g: Any, pn: Any, ladder: Any, targe
         def rate_at_bounds(right):  # [n, W, C] the rate at each bound (just above it, with right)
             # one bound at a time (C <= AT_ONCE_BOUNDS, unrolled): elementwise work that fuses,
             # where a [n, W, C, C] select would be written out first
-            rate = jnp.broadcast_to(m[..., None], bounds.shape)
+            r = jnp.broadcast_to(m[..., None], bounds.shape)
             for c in range(C):
                 other = bounds[..., c:c + 1]
                 over = bounds >= other if right else bounds > other
-                rate = rate + jnp.where(over, rises[..., c:c + 1], 0.0)
-            return rate
+                r = r + jnp.where(over, rises[..., c:c + 1], 0.0)
+            return r
 
     def walk(go, test, x0, todo):  # from x0, to the next bound while go(x, next bound) holds
         if C > WALK_BOUNDS:  # many bounds: halvings first, to where test turns
