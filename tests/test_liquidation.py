@@ -774,19 +774,19 @@ def _random_tiered_books(rng, n: int, Q: int, W: int, steps: tuple, present: flo
     return pn, bound, step, pn.sum(axis=1), held
 
 
-# kept_share's three searches: every bound at once (AT_ONCE_BOUNDS), a walk between bounds
-# (WALK_BOUNDS), halvings then a walk
-SEARCHES = pytest.mark.parametrize("at_once, walk", [(1000, 1000), (0, 1000), (0, 0)], ids=["at-once", "walk", "halve-walk"])
+@pytest.fixture(params=[(1000, 1000), (0, 1000), (0, 0)], ids=["at-once", "walk", "halve-walk"])
+def search(request, monkeypatch):
+    """kept_share's three searches: every bound at once (AT_ONCE_BOUNDS), a walk between
+    bounds (WALK_BOUNDS), halvings then a walk."""
+    monkeypatch.setattr(liquidation, "AT_ONCE_BOUNDS", request.param[0])
+    monkeypatch.setattr(liquidation, "WALK_BOUNDS", request.param[1])
 
 
-@SEARCHES
-def test_kept_share_under_tiers_is_the_largest_share_that_restores_the_target(monkeypatch, at_once, walk):
+def test_kept_share_under_tiers_is_the_largest_share_that_restores_the_target(search):
     # The defining property against a NumPy evaluation of D(x) (written here, not the
     # engine's): D(x) >= 0 and D just above x < 0, on random books of several positions with
     # three tiers each, collateral, fee and targets; x = 0 where even D(0) < 0. With each of
     # the searches.
-    monkeypatch.setattr(liquidation, "AT_ONCE_BOUNDS", at_once)
-    monkeypatch.setattr(liquidation, "WALK_BOUNDS", walk)
     rng, n, W = np.random.default_rng(11), 40, 16
     pn, bound, step, g, held = _random_tiered_books(rng, n, 5, W, (0.001, 0.02), 0.8, 0.2)
     m = 0.005 * g + rng.uniform(0, 1e4, (n, W))  # first-tier margin, options' included
@@ -814,15 +814,12 @@ def test_kept_share_under_tiers_is_the_largest_share_that_restores_the_target(mo
     assert cut[some].any() and (~cut[some]).any()
 
 
-@SEARCHES
-def test_kept_share_under_tiers_where_the_fee_is_above_the_first_tiers_margin_against_a_grid(monkeypatch, at_once, walk):
+def test_kept_share_under_tiers_where_the_fee_is_above_the_first_tiers_margin_against_a_grid(search):
     # A 2% fee against first-tier rates of 0.5%: D rises through the low tiers and falls past
     # the share x_t where 1.25 x the rate reaches the fee. Against D(x) on a grid of 20,001
     # shares (NumPy, written here): the share kept restores the target, and it is no smaller
     # than the largest grid share past x_t that does (one grid step of slack). With each of
     # the searches.
-    monkeypatch.setattr(liquidation, "AT_ONCE_BOUNDS", at_once)
-    monkeypatch.setattr(liquidation, "WALK_BOUNDS", walk)
     rng, n, W = np.random.default_rng(12), 30, 8
     pn, bound, step, g, held = _random_tiered_books(rng, n, 3, W, (0.005, 0.05), 0.9, 0.3)
     m = 0.005 * g
@@ -867,14 +864,11 @@ def test_kept_share_under_tiers_where_the_fee_is_above_the_first_tiers_margin_ag
     np.testing.assert_allclose(x[keep_t], x_t[keep_t], rtol=1e-12)
 
 
-@SEARCHES
-def test_kept_share_under_tiers_is_exact_between_bounds_closer_than_float32s_precision(monkeypatch, at_once, walk):
+def test_kept_share_under_tiers_is_exact_between_bounds_closer_than_float32s_precision(search):
     # Two positions of 1M notional with bounds at 300,000 and 300,000.0005 (shares 0.3 and
     # 0.3 + 5e-10 of the book): the root of the run between them, x* = 0.3 + 2.5e-10, is kept,
     # not the first bound (a search to 2^-24 of the book cannot tell them apart: the halvings
     # kept 0.3 less a few ulps).
-    monkeypatch.setattr(liquidation, "AT_ONCE_BOUNDS", at_once)
-    monkeypatch.setattr(liquidation, "WALK_BOUNDS", walk)
     m, rise, target = 20_000.0, 1_000.0, 1.25
     x_star = 0.3 + 2.5e-10
     coll = target * x_star * (m + rise)  # D(x*) = 0 on the run's line, rate m + one step
@@ -885,13 +879,10 @@ def test_kept_share_under_tiers_is_exact_between_bounds_closer_than_float32s_pre
     assert float(x[0, 0]) == pytest.approx(x_star, rel=1e-14)
 
 
-@SEARCHES
-def test_kept_share_under_tiers_keeps_a_flat_run_where_d_is_zero_along_it(monkeypatch, at_once, walk):
+def test_kept_share_under_tiers_keeps_a_flat_run_where_d_is_zero_along_it(search):
     # target x m = the fee on the book and C = the fee: D(0) = 0 and D stays 0 up to the first
     # position's bound at 0.6 (a second position's bound at 0.1, of step 0, lies inside that
     # run). The largest share that restores the target is the bound, kept a few ulps under it.
-    monkeypatch.setattr(liquidation, "AT_ONCE_BOUNDS", at_once)
-    monkeypatch.setattr(liquidation, "WALK_BOUNDS", walk)
     args = (jnp.asarray([[10_000.0]]), jnp.ones((1, 1)), jnp.asarray([[5_000.0]]), jnp.asarray([[1_000_000.0]]),
             jnp.asarray([[[1_000_000.0], [1.0]]]))
     ladder = (jnp.asarray([[[600_000.0], [0.1]]]), jnp.asarray([[[0.01], [0.0]]]))
