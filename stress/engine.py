@@ -584,9 +584,7 @@ def share_margin(h: Holdings, t: Tables, margin: Any, notional: Any, pmx: tuple 
     rows) the whole book's portfolio margin and ``blocks``, a ``liquidation.Blocks``."""
     if t.pm is not None:
         m, lin, delta = portfolio.portfolio_margin(h, *pmx, t.pm, parts=True)
-        per_asset = lambda v: v[None, :, None]  # noqa: E731
-        return m, {"blocks": liquidation.Blocks(lin=lin, delta=delta, mds=per_asset(t.pm["mds"]),
-                                                thr=per_asset(t.pm["thr"]), factor=t.pm["factor"])}
+        return m, {"blocks": liquidation.Blocks.per_asset(lin, delta, t.pm["mds"], t.pm["thr"], t.pm["factor"])}
     if t.tiers is None:
         return margin, {}
     n, P, L = h.inst.shape

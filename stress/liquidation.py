@@ -578,6 +578,12 @@ class Blocks:
     thr: Any  # [n or 1, B, 1] USD delta-shock threshold of each block's underlying
     factor: Any  # [] mm_factor
 
+    @classmethod
+    def per_asset(cls, lin: Any, delta: Any, mds: Any, thr: Any, factor: Any) -> Blocks:
+        """Blocks of one per asset (``delta`` ``[n, A, K * W]``), the parameters ``mds`` and
+        ``thr`` given per asset ``[A]``."""
+        return cls(lin=lin, delta=delta, mds=mds[None, :, None], thr=thr[None, :, None], factor=factor)
+
     def margin(self, y: Any, lin: Any, delta: Any) -> Any:
         """``M(y)`` ``[n, W]``, USD, at one step (``lin`` ``[n, W]``, ``delta`` ``[n, B, W]``)
         for a share ``y`` ``[n, W]`` of the book."""

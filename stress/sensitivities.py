@@ -156,17 +156,18 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
 
     tiers = _tiers(snap.params, snap.params.tier_mm)
     cfg = liquidation.config(snap.liquidation_config)
+    model = snap.margin_config.get("model", "standard")
     partial = {}
     if cfg["mode"] == "partial":  # slots laid out [account, J] for liquidation.partial_path
         first = np.searchsorted(slot_acc, slot_acc)  # slots are sorted by account
         rank = np.arange(len(slot_acc)) - first
         partial = {"partial_target": np.float64(cfg["partial_target"]), "slot_rank": rank.astype(np.int32),
                    "slot_width": int(rank.max(initial=0)) + 1}
-        if tiers is not None and snap.margin_config.get("model", "standard") != "portfolio":
+        if tiers is not None and model != "portfolio":
             p_rank = portfolio._rank_in_group_unsorted(np.asarray(snap.pos_account, np.int64))
             partial |= {"pos_rank": p_rank.astype(np.int32), "pos_width": int(p_rank.max(initial=0)) + 1}
     pm = {}
-    if snap.margin_config.get("model", "standard") == "portfolio":
+    if model == "portfolio":
         pm = pm_layout(snap.pos_account, np.asarray(snap.instruments.underlying)[snap.pos_instrument], settle, A)
     return Book(
         pos_slot=np.searchsorted(keys, pos_key).astype(np.int32),
@@ -265,9 +266,8 @@ def account_states(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market:
                                   parts=b.partial_target is not None)
         if b.partial_target is not None:  # what the margin of a share of each book is made of
             m, lin, delta = m
-            per_asset = lambda v: v[None, :, None]  # noqa: E731
-            out_blocks = liquidation.Blocks(lin=lin, delta=delta, mds=per_asset(params.pm_max_delta_shock),
-                                            thr=per_asset(params.pm_delta_threshold), factor=params.pm_mm_factor)
+            out_blocks = liquidation.Blocks.per_asset(lin, delta, params.pm_max_delta_shock, params.pm_delta_threshold,
+                                                      params.pm_mm_factor)
     g = jax.ops.segment_sum(pn, b.pos_account, num_segments=n)
     out = {"equity": seg(usd), "collateral": seg(coll), "maintenance_margin": m,
            "notional": lam[:, None] * g, "price": rv["price"], "settled": (value, rv["live"])}
