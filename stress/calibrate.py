@@ -7,16 +7,21 @@ so calibration needs paths (Monte Carlo steps or replay windows), where a higher
 breached earlier and closes the account out before its equity runs out
 (``liquidation.path_outcome``).
 
-One scalar is searched exactly: every maintenance-margin rate is scaled by ``m``, and the
-smallest ``m`` on a grid of ``tolerance`` whose exact run meets the target is found by
-bisection. Bisection assumes the metric does not rise with margin, which holds path by path
-when a higher margin only brings close-outs earlier; the result is re-checked exactly, and
-the level one step below is reported as failing, so a non-monotone case shows.
+What is scaled (``--vary``, comma-separated; ``parse_vary``) is what the snapshot's margin
+model's maintenance margin is made of. Standard model: ``mm_rate`` scales every
+maintenance-margin rate (risk-limit tier rates with them), ``mm_rate.<UNDERLYING>`` (e.g.
+``mm_rate.BTC``) those of the instruments on that underlying (futures, perpetuals and options
+alike). Portfolio model: ``mm_factor`` (MM as a share of IM), ``price_range`` (every
+underlying's risk-matrix price range) or ``price_range.<UNDERLYING>``. Var model:
+``mm_factor``. Scales stay within what ``[margin]`` accepts (``mm_factor <= 1``,
+``price_range <= 0.99``), and the portfolio and var models' result is given as the
+``[margin]`` keys to set.
 
-Parameters (``--vary``, comma-separated): ``mm_rate`` scales every maintenance-margin rate;
-``mm_rate.<UNDERLYING>`` (e.g. ``mm_rate.BTC``) scales the rates of the instruments on that
-underlying (futures, perpetuals and options alike), the others unchanged. One parameter is
-searched exactly as above. Several (``mm_rate.BTC,mm_rate.ETH``) are a vector ``theta`` of
+One lever is searched exactly: the smallest scale ``m`` on a grid of ``tolerance`` whose exact
+run meets the target is found by bisection. Bisection assumes the metric does not rise with
+margin, which holds path by path when a higher margin only brings close-outs earlier; the
+result is re-checked exactly, and the level one step below is reported as failing, so a
+non-monotone case shows. Several (``mm_rate.BTC,mm_rate.ETH``) are a vector ``theta`` of
 scales, searched in two stages:
 
 1. **Smooth relaxation, gradient descent.** ``smooth_metric`` is the target metric with every
@@ -38,9 +43,9 @@ scales, searched in two stages:
    the target met at ``s * theta*`` is found by exact bisection, up when ``theta*`` misses the
    target, down when it meets it with room to spare. So the result meets the target in the
    engine and the level one grid step lower along the same ray does not. Where no scale along
-   the ray within ``[1/hi, hi]`` meets it (the relaxation stopped with a scale at ``hi`` and
-   under-estimated the metric there), the ray of every parameter alike is searched instead
-   (``fallback``): its top, every scale at ``hi``, has the most margin of any point.
+   the ray meets it (the relaxation stopped with a scale at its top and under-estimated the
+   metric there), the ray to every lever's top is searched instead (``fallback``; every lever
+   alike where the tops are ``hi``): its end has the most margin of any point.
 """
 
 from __future__ import annotations
@@ -55,11 +60,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import margin
 from . import sensitivities as sens
 from .errors import InputError
 
 METRICS = ("p_fund_depleted", "worst_bad_debt", "bad_debt_mean", "bad_debt_q99", "bad_debt_es99")
-PARAMETERS = ("mm_rate", "mm_rate.<UNDERLYING>")  # the forms --vary accepts, see the docstring
 BREACH_SOFTNESS = 0.2  # soft first breach: sigmoid width, of the account's maintenance margin now
 STEPS, ROUNDS = 60, 6  # Adam steps per augmented-Lagrangian round, rounds
 LEARNING_RATE = 0.05  # Adam, on log theta
@@ -90,76 +95,175 @@ def parse_target(text: str) -> Target:
     return Target(m.group(1), limit)
 
 
-def parse_vary(text: str, snap: Any) -> tuple[tuple[str, ...], np.ndarray]:
-    """``"mm_rate"`` or ``"mm_rate.BTC,mm_rate.ETH"`` -> ``(names, masks)``: the parameter
-    names and ``[G, I]`` bool, the instruments each scale moves.
+@dataclasses.dataclass(frozen=True)
+class Lever:
+    """One scale ``--vary`` names: which ``Params`` field it multiplies, and where."""
+
+    name: str  # as named on the command line, e.g. "price_range.BTC"
+    field: str  # the Params field it multiplies: "mm_rate", "pm_mm_factor" or "pm_price_range"
+    mask: np.ndarray  # [I] instruments (mm_rate), [A] assets (pm_price_range) or [1] (pm_mm_factor), bool
+    top: float  # the largest scale [margin] accepts: 1 / mm_factor, 0.99 / the largest price range; inf
+
+
+# What each margin model's maintenance margin is made of, as ``--vary`` names it
+LEVERS = {"standard": ("mm_rate",), "portfolio": ("mm_factor", "price_range"), "var": ("mm_factor",)}
+PRICE_RANGE_MAX = 0.99  # [margin] price_range's upper limit (margin._PER_ASSET)
+
+
+def default_vary(snap: Any) -> str:
+    """The one scale on the snapshot's margin model's whole maintenance margin: ``mm_rate``
+    (standard) or ``mm_factor`` (portfolio, var)."""
+    return LEVERS[snap.margin_config.get("model", "standard")][0]
+
+
+def parse_vary(text: str, snap: Any) -> tuple[Lever, ...]:
+    """``--vary``: one lever or several, comma-separated (a vector).
+
+    Under the standard model ``mm_rate`` (every maintenance-margin rate, tier rates included)
+    and ``mm_rate.<UNDERLYING>`` (those of the instruments on that underlying); under the
+    portfolio model ``mm_factor`` and ``price_range`` / ``price_range.<UNDERLYING>``; under the
+    var model ``mm_factor``. A lever the snapshot's model does not use would change nothing,
+    so it is refused.
 
     Raises:
-      InputError (``--vary``): an unknown form, an underlying no instrument has, a repeat, or
-        overlapping parameters (``mm_rate`` with ``mm_rate.BTC``).
+      InputError (``--vary``): an unknown form, a lever of another margin model, an underlying
+        no instrument has, a repeat, overlapping levers (``mm_rate`` with ``mm_rate.BTC``), or
+        a lever whose current value is 0 (no scale moves it).
     """
+    model = snap.margin_config.get("model", "standard")
+    allowed = LEVERS[model]
+    forms = ", ".join(f"{k} or {k}.<UNDERLYING>" if k != "mm_factor" else k for k in allowed)
     names = tuple(p.strip() for p in (text or "").split(","))
     under = np.asarray(snap.instruments.underlying)
-    masks = []
+    p = snap.params
+    levers = []
     for name in names:
-        if name == "mm_rate":
-            masks.append(np.ones(len(under), bool))
-            continue
-        m = re.fullmatch(r"mm_rate\.(.+)", name)
+        m = re.fullmatch(r"(mm_rate|mm_factor|price_range)(?:\.(.+))?", name)
         if not m:
-            raise InputError("--vary", None, None, f"{name!r}: expected mm_rate or mm_rate.<UNDERLYING>, "
-                             "comma-separated (e.g. mm_rate.BTC,mm_rate.ETH)")
-        asset = m.group(1)
-        if asset not in snap.assets or not (under == snap.asset_index(asset)).any():
+            raise InputError("--vary", None, None, f"{name!r}: expected {forms} (the {model} margin model's), "
+                             "several comma-separated")
+        family, asset = m.groups()
+        if family not in allowed:
+            raise InputError("--vary", None, None, f"{name!r}: the {model} margin model's maintenance margin does not "
+                             f"use {family}; vary {forms}")
+        if family == "mm_factor":
+            if asset is not None:
+                raise InputError("--vary", None, None, f"{name!r}: mm_factor is one number for every underlying; "
+                                 "vary mm_factor")
+            levers.append(Lever(name, "pm_mm_factor", np.ones(1, bool), _top(1.0, float(p.pm_mm_factor), name)))
+            continue
+        if asset is not None and (asset not in snap.assets or not (under == snap.asset_index(asset)).any()):
             known = ", ".join(sorted({snap.assets[i] for i in np.unique(under)}))
             raise InputError("--vary", None, None, f"{name!r}: no instrument has the underlying {asset!r} "
                              f"(underlyings: {known})")
-        masks.append(under == snap.asset_index(asset))
+        if family == "mm_rate":
+            mask = np.ones(len(under), bool) if asset is None else under == snap.asset_index(asset)
+            levers.append(Lever(name, "mm_rate", mask, math.inf))
+        else:  # price_range: per asset as underlying; the whole key moves every underlying's
+            mask = np.isin(np.arange(len(snap.assets)), under) if asset is None else \
+                np.arange(len(snap.assets)) == snap.asset_index(asset)
+            current = float(np.max(np.asarray(p.pm_price_range)[mask]))
+            levers.append(Lever(name, "pm_price_range", mask, _top(PRICE_RANGE_MAX, current, name)))
     if len(set(names)) < len(names):
         raise InputError("--vary", None, None, f"{text!r}: a parameter is named twice")
-    masks = np.array(masks)
-    if (masks.sum(axis=0) > 1).any():
-        raise InputError("--vary", None, None, f"{text!r}: mm_rate scales every rate; combine it with no "
-                         "mm_rate.<UNDERLYING>")
-    return names, masks
+    for field in {lv.field for lv in levers}:
+        if sum(lv.mask.astype(int) for lv in levers if lv.field == field).max() > 1:
+            whole = {"mm_rate": "mm_rate", "pm_price_range": "price_range"}[field]
+            raise InputError("--vary", None, None, f"{text!r}: {whole} scales every underlying's; combine it with "
+                             f"no {whole}.<UNDERLYING>")
+    return tuple(levers)
 
 
-def rate_multiplier(theta: Any, masks: np.ndarray, xp: Any = np) -> Any:
-    """``[I]`` multiplier of each instrument's maintenance-margin rate: ``theta [G]`` on the
-    instruments of each parameter's mask ``[G, I]``, 1 elsewhere."""
-    return 1.0 + xp.asarray(masks, dtype=xp.float64).T @ (xp.asarray(theta) - 1.0)
+def _top(limit: float, current: float, name: str) -> float:
+    """The largest scale of ``current`` that ``[margin]`` accepts (``limit`` its upper bound)."""
+    if current <= 0.0:
+        raise InputError("--vary", None, None, f"{name!r} is 0 today: no scale of it changes the margin")
+    return limit / current
 
 
-def scaled(snap: Any, factor: Any, masks: np.ndarray | None = None) -> Any:
-    """The snapshot with maintenance-margin rates multiplied: by ``factor`` everywhere
-    (``masks`` None), or by ``factor [G]`` on the instruments of each mask ``[G, I]``."""
-    p = snap.params
-    mult = factor if masks is None else rate_multiplier(np.atleast_1d(np.asarray(factor, np.float64)), masks)
-    return dataclasses.replace(snap, params=dataclasses.replace(p, mm_rate=np.asarray(p.mm_rate) * mult))
+def multipliers(theta: Any, levers: tuple[Lever, ...], xp: Any = np) -> dict[str, Any]:
+    """Each varied ``Params`` field's multiplier: ``theta [G]`` on each lever's mask, 1
+    elsewhere; ``[I]``, ``[A]`` or ``[1]`` per field."""
+    theta = xp.asarray(theta)
+    out = {}
+    for field in dict.fromkeys(lv.field for lv in levers):
+        size = next(lv.mask.size for lv in levers if lv.field == field)
+        masks = np.array([lv.mask if lv.field == field else np.zeros(size, bool)
+                          for lv in levers], np.float64)  # [G, axis]: zero rows for other fields' levers
+        out[field] = 1.0 + xp.asarray(masks).T @ (theta - 1.0)
+    return out
+
+
+def scaled_params(params: Any, theta: Any, levers: tuple[Lever, ...], xp: Any = np) -> Any:
+    """``params`` with the levers' fields multiplied by ``theta [G]`` (``mm_rate`` with the
+    tier rates ``tier_mm``, whose steps are the tiers' add-on)."""
+    mult = multipliers(theta, levers, xp)
+    new = {}
+    if "mm_rate" in mult:
+        new["mm_rate"] = params.mm_rate * mult["mm_rate"]
+        new["tier_mm"] = params.tier_mm * mult["mm_rate"][:, None]
+    if "pm_price_range" in mult:
+        new["pm_price_range"] = params.pm_price_range * mult["pm_price_range"]
+    if "pm_mm_factor" in mult:
+        new["pm_mm_factor"] = params.pm_mm_factor * mult["pm_mm_factor"][0]
+    return dataclasses.replace(params, **new)
+
+
+def scaled(snap: Any, factor: Any, levers: tuple[Lever, ...] | None = None) -> Any:
+    """The snapshot with its margin parameters scaled: each lever by ``factor [G]``, or (``levers``
+    None) its margin model's whole maintenance margin by ``factor`` (``default_vary``).
+
+    The portfolio and var models' parameters are written into ``[margin]`` too, as the
+    values to set there (the engine resolves those models' parameters from it): ``mm_factor``
+    and a ``price_range`` table naming every asset.
+
+    Raises:
+      ValueError: a scale above a lever's ``top``, which ``[margin]`` would not accept.
+    """
+    levers = parse_vary(default_vary(snap), snap) if levers is None else levers
+    theta = np.broadcast_to(np.asarray(factor, np.float64), (len(levers),))
+    over = [lv.name for lv, t in zip(levers, theta) if t > lv.top * (1.0 + 1e-12)]
+    if over:
+        raise ValueError(f"{', '.join(over)}: a scale above what [margin] accepts")
+    p = scaled_params(snap.params, theta, levers)
+    cfg = dict(snap.margin_config)
+    # min(): a scale at a lever's top can round past [margin]'s limit by an ulp
+    if any(lv.field == "pm_mm_factor" for lv in levers):
+        cfg["mm_factor"] = min(float(p.pm_mm_factor), 1.0)
+    if any(lv.field == "pm_price_range" for lv in levers):
+        cfg["price_range"] = {a: min(float(v), PRICE_RANGE_MAX) for a, v in zip(snap.assets, np.asarray(p.pm_price_range))}
+    if cfg == snap.margin_config:
+        return dataclasses.replace(snap, params=p)
+    moved = dataclasses.replace(snap, margin_config=cfg)
+    return dataclasses.replace(moved, params=margin.resolve(moved))
+
+
+def margin_keys(snap: Any, levers: tuple[Lever, ...], scales: Any) -> dict:
+    """The ``[margin]`` keys of the portfolio and var models' levers at ``scales``, as they
+    would be set in ``exchange.toml``; ``{}`` for ``mm_rate`` levers (per-instrument rates)."""
+    cfg = scaled(snap, scales, levers).margin_config
+    keys = {}
+    if any(lv.field == "pm_mm_factor" for lv in levers):
+        keys["mm_factor"] = cfg["mm_factor"]
+    ranged = [lv.mask for lv in levers if lv.field == "pm_price_range"]
+    if ranged:
+        keys["price_range"] = {a: cfg["price_range"][a] for a, v in zip(snap.assets, np.any(ranged, axis=0)) if v}
+    return keys
 
 
 def evaluate(snap: Any, scen: Any, factor: float, metric: str, chunk_size: int = 128,
-             masks: np.ndarray | None = None, direction: np.ndarray | None = None) -> dict:
-    """One exact run at ``factor``: the metric and the total maintenance margin at the snapshot.
-
-    With ``masks`` the scales are ``factor * direction`` (``direction [G]``, ones by default)
-    on the masked instruments, reported as ``scales``.
-    """
+             levers: tuple[Lever, ...] | None = None, direction: np.ndarray | None = None) -> dict:
+    """One exact run (``engine.run``) at ``scales = factor * direction`` of ``levers``
+    (``direction [G]``, ones by default; ``levers`` as ``scaled``): the metric and the total
+    maintenance margin at the snapshot (USD)."""
     from . import engine
 
-    if masks is None:
-        s = scaled(snap, factor)
-        scales = None
-    else:
-        scales = factor * (np.ones(len(masks)) if direction is None else np.asarray(direction, np.float64))
-        s = scaled(snap, scales, masks)
-    res = engine.run(s, scen, chunk_size=chunk_size)
+    levers = parse_vary(default_vary(snap), snap) if levers is None else levers
+    scales = factor * (np.ones(len(levers)) if direction is None else np.asarray(direction, np.float64))
+    res = engine.run(scaled(snap, scales, levers), scen, chunk_size=chunk_size)
     value = res.summary[metric]
-    out = {"factor": factor, "value": float("nan") if value is None else float(value),
-           "maintenance_margin": float(res.accounts.maintenance_margin.sum())}
-    if scales is not None:
-        out["scales"] = [float(v) for v in scales]
-    return out
+    return {"factor": factor, "value": float("nan") if value is None else float(value),
+            "maintenance_margin": float(res.accounts.maintenance_margin.sum()), "scales": [float(v) for v in scales]}
 
 
 def _check(scen: Any, target: Target) -> None:
@@ -172,50 +276,58 @@ def _check(scen: Any, target: Target) -> None:
         raise InputError("--target", None, None, f"{target.metric} is taken over random scenarios; the set has none")
 
 
-def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str = "mm_rate", hi: float = 64.0,
+def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str | None = None, hi: float = 64.0,
               tolerance: float = 1e-3, chunk_size: int = 128,
               progress: Callable[[dict], None] | None = None) -> dict:
     """The smallest scale of ``parameter`` (to ``tolerance``) whose exact run meets ``target``.
 
-    ``parameter``: ``mm_rate``, ``mm_rate.<UNDERLYING>``, or several comma-separated (a
-    vector, see the module docstring).
+    ``parameter``: one lever (``parse_vary``; default ``default_vary``: the margin model's whole
+    maintenance margin) or several comma-separated (a vector, see the module docstring).
+    Scales stay within ``[1/hi, min(hi, top)]`` per lever (``Lever.top``: what ``[margin]``
+    accepts).
 
     Returns:
-      A dict: ``factor`` (None when even ``hi`` misses the target), ``before`` and ``after``
+      A dict: ``factor`` (None when even the top misses the target), ``before`` and ``after``
       (evaluations at 1 and at ``factor``), ``below`` (at ``factor - tolerance``, failing),
       ``curve`` (every evaluation, sorted by margin: the margin-vs-metric trade-off), the
-      ``target``, ``parameters`` (names) and ``scales`` (the recommended scale per parameter,
-      None when not met). For a vector, ``factor`` is the scale along ``direction``
-      (``scales = factor * direction``): the smooth solution's, or every parameter alike
-      where no scale along it within ``[1/hi, hi]`` met the target (``fallback`` True); and
-      ``smooth`` describes the smooth stage: its ``scales``, its smoothed ``value``, its exact
-      ``check`` and whether that check ``met`` the target.
+      ``target``, ``parameters`` (names), ``tops`` (each lever's largest scale tried),
+      ``scales`` (the recommended scale per lever, None when not met) and ``margin`` (the
+      ``[margin]`` keys to set, ``margin_keys``; None when not met). For a vector, ``factor``
+      is the scale along ``direction`` (``scales = factor * direction``): the smooth
+      solution's, or the one to every lever's top where no scale along it met the target
+      (``fallback`` True); and ``smooth`` describes the smooth stage: its ``scales``, its
+      smoothed ``value``, its exact ``check`` and whether that check ``met`` the target.
 
     Raises:
       InputError: the parameter is not searchable, the set has no paths (margin has no effect
         on losses there), or the metric needs random scenarios the set lacks.
     """
-    names, masks = parse_vary(parameter, snap)
+    levers = parse_vary(parameter or default_vary(snap), snap)
     _check(scen, target)
-    if len(names) > 1:
-        return _calibrate_vector(snap, scen, target, names, masks, hi=hi, tolerance=tolerance,
-                                 chunk_size=chunk_size, progress=progress)
-    seen: dict[float, dict] = {}
-    whole = names == ("mm_rate",)
+    tops = np.array([min(hi, lv.top) for lv in levers])
+    uniform = np.ones(len(levers))
+    seen: dict[tuple, dict] = {}
 
-    def at(f: float) -> dict:
-        f = f if f == 1.0 else round(f / tolerance) * tolerance  # today's rates as they are, off the grid or not
-        if f not in seen:
-            seen[f] = evaluate(snap, scen, f, target.metric, chunk_size, None if whole else masks)
-            if progress:
-                progress(seen[f])
-        return seen[f]
+    def along(direction: np.ndarray) -> Callable[[float], dict]:
+        def at(f: float) -> dict:
+            f = f if f == 1.0 else round(f / tolerance) * tolerance  # today's values as they are, off the grid or not
+            key = (f, *direction.tolist())
+            if key not in seen:
+                seen[key] = evaluate(snap, scen, f, target.metric, chunk_size, levers, direction)
+                if progress:
+                    progress(seen[key])
+            return seen[key]
+        return at
 
-    before = at(1.0)
-    res = _bisect(at, before, hi, tolerance, target, lo=1.0 / hi)
-    res.update(target=target, parameters=names,
-               scales=None if res["factor"] is None else [res["factor"]],
+    before = along(uniform)(1.0)  # today's values, cached: a fallback's bisection starts there
+    if len(levers) == 1:
+        res = _bisect(along(uniform), before, tops[0], tolerance, target, lo=1.0 / hi)
+    else:
+        res = _calibrate_vector(snap, scen, target, levers, tops, along, before, hi=hi, tolerance=tolerance)
+    res.update(target=target, parameters=tuple(lv.name for lv in levers), tops=[float(t) for t in tops],
+               scales=None if res["factor"] is None else res["after"]["scales"],
                curve=sorted(seen.values(), key=lambda r: (r["maintenance_margin"], r["factor"])))
+    res["margin"] = None if res["scales"] is None else margin_keys(snap, levers, res["scales"])
     return res
 
 
@@ -254,41 +366,25 @@ def _grid(lo: float, hi: float, tolerance: float) -> tuple[int, int]:
     return lo_k, hi_k
 
 
-def _calibrate_vector(snap, scen, target, names, masks, *, hi, tolerance, chunk_size, progress) -> dict:
-    """Several parameters: gradient descent on the smooth relaxation, then the exact check and
-    the exact bisection of the scale along the solution's direction (module docstring)."""
-    smooth = optimise(snap, scen, target, masks, hi)
-    uniform = np.ones(len(names))
-    seen: dict[tuple, dict] = {}
-
-    def along(direction: np.ndarray) -> Callable[[float], dict]:
-        def at(f: float) -> dict:
-            f = f if f == 1.0 else round(f / tolerance) * tolerance
-            key = (f, *direction.tolist())
-            if key not in seen:
-                seen[key] = evaluate(snap, scen, f, target.metric, chunk_size, masks, direction)
-                if progress:
-                    progress(seen[key])
-            return seen[key]
-        return at
-
-    before = along(uniform)(1.0)  # today's rates, cached: a fallback's bisection starts there
+def _calibrate_vector(snap, scen, target, levers, tops, along, before, *, hi, tolerance) -> dict:
+    """Several levers: gradient descent on the smooth relaxation, then the exact check and the
+    exact bisection of the scale along the solution's direction (module docstring). ``along``:
+    the exact evaluations along a direction; ``tops [G]``: each lever's largest scale."""
+    smooth = optimise(snap, scen, target, levers, hi)
     direction = np.asarray(smooth["scales"], np.float64)
     check = along(direction)(1.0)
-    # the ray's scales keep every parameter's scale within [1/hi, hi]
-    res = _bisect(along(direction), before, hi / direction.max(), tolerance, target, lo=1.0 / (hi * direction.min()))
-    fallback = res["factor"] is None and not np.array_equal(direction, uniform)
+    # the ray's scales keep every lever's scale within [1/hi, its top]
+    res = _bisect(along(direction), before, (tops / direction).min(), tolerance, target, lo=1.0 / (hi * direction.min()))
+    fallback = res["factor"] is None and not np.allclose(direction, tops / tops.max(), rtol=1e-12, atol=0.0)
     if fallback:
-        # The relaxation can under-estimate the metric where it stopped, with a scale at hi, so
-        # that its ray cannot reach the target within [1/hi, hi] though other points can: every
-        # parameter scaled alike (the one-scale calibration) reaches every scale's hi, the
-        # most margin any point has, so the target is out of reach only if that misses it too.
-        direction = uniform
-        res = _bisect(along(direction), before, hi, tolerance, target, lo=1.0 / hi)
+        # The relaxation can under-estimate the metric where it stopped, with a scale at its
+        # top, so that its ray cannot reach the target though other points can: the ray to
+        # every lever's top (every lever alike when the tops are hi) reaches the point of most
+        # margin, so the target is out of reach only if that misses it too.
+        direction = tops / tops.max()
+        res = _bisect(along(direction), before, tops.max(), tolerance, target, lo=1.0 / (hi * direction.min()))
     smooth.update(check=check, met=target.met(check["value"]))
-    res.update(target=target, parameters=names, direction=[float(v) for v in direction], smooth=smooth,
-               fallback=fallback, scales=None if res["factor"] is None else res["after"]["scales"],
-               curve=sorted(seen.values(), key=lambda r: (r["maintenance_margin"], r["factor"])))
+    res.update(direction=[float(v) for v in direction], smooth=smooth, fallback=fallback)
     return res
 
 
@@ -318,13 +414,15 @@ def _soft_path(params, inst, market, b, n: int, K: int, S: int, mm_scale):
     return eq, price
 
 
-def smooth_metric(theta, base_mm, masks, params, inst, market, b, mm_scale, tau, *, metric: str, n: int, K: int,
-                  S: int, n_random: int, level: float = 0.99):
+def smooth_metric(theta, params, inst, market, b, mm_scale, tau, *, levers: tuple[Lever, ...], metric: str, n: int,
+                  K: int, S: int, n_random: int, level: float = 0.99):
     """The smooth relaxation of ``metric`` and the total maintenance margin at the snapshot
-    (USD), at maintenance-margin scales ``theta [G]`` on ``masks [G, I]``. ``b``: the
-    ``sensitivities.Book`` of the snapshot and every step; ``mm_scale [n]``, ``tau []``: USD
-    widths of the soft breach and of the fund's depletion; the keywords are static."""
-    p = dataclasses.replace(params, mm_rate=base_mm * rate_multiplier(theta, masks, jnp))
+    (USD), at scales ``theta [G]`` of ``levers``. ``b``: the ``sensitivities.Book`` of the
+    snapshot and every step; ``mm_scale [n]``, ``tau []``: USD widths of the soft breach and
+    of the fund's depletion; the keywords are static."""
+    p = scaled_params(params, theta, levers, jnp)
+    if b.tier_step is not None and any(lv.field == "mm_rate" for lv in levers):  # tier steps scale with the rates
+        b = dataclasses.replace(b, tier_step=b.tier_step * multipliers(theta, levers, jnp)["mm_rate"][:, None])
     eq, price = _soft_path(p, inst, market, b, n, K, S, mm_scale)
     bad = jnp.sum(jnp.maximum(-eq, 0.0), axis=0)  # [S]
     fund = b.fund @ price
@@ -349,15 +447,15 @@ def _now(params, inst, market, b, n: int) -> dict:
     return sens.account_states(jnp.zeros(A), jnp.zeros(A), params, jnp.ones(n), inst, market, now, n)
 
 
-def optimise(snap: Any, scen: Any, target: Target, masks: np.ndarray, hi: float = 64.0) -> dict:
+def optimise(snap: Any, scen: Any, target: Target, levers: tuple[Lever, ...], hi: float = 64.0) -> dict:
     """Stage 1: Adam on ``log theta`` of the augmented Lagrangian of the smooth relaxation,
-    from ``theta = 1`` (the current rates), every scale kept within ``[1 / hi, hi]``.
+    from ``theta = 1`` (today's values), every scale kept within ``[1 / hi, min(hi, top)]``.
 
     Returns ``{"scales": [G], "value": smoothed metric there, "maintenance_margin": USD,
     "history": one entry per round}``.
     """
     b = sens.book(snap, scen)
-    n, G = snap.n_accounts, len(masks)
+    n, G = snap.n_accounts, len(levers)
     params = sens._float_params(snap.params)
     inst = sens.safe_instruments(snap.instruments, snap.market)
     market = snap.market
@@ -365,8 +463,8 @@ def optimise(snap: Any, scen: Any, target: Target, masks: np.ndarray, hi: float 
     # each account's soft-breach width: a share of its maintenance margin now, current rates
     mm_scale = BREACH_SOFTNESS * jnp.maximum(_now(params, inst, market, b, n)["maintenance_margin"][:, 0], 1.0)
     tau = float(b.temperature)
-    statics = {"metric": target.metric, "n": n, "K": scen.steps, "S": len(scen), "n_random": n_random}
-    args = (jnp.asarray(params.mm_rate), jnp.asarray(masks, jnp.float64), params, inst, market, b, mm_scale, tau)
+    statics = {"levers": levers, "metric": target.metric, "n": n, "K": scen.steps, "S": len(scen), "n_random": n_random}
+    args = (params, inst, market, b, mm_scale, tau)
     f = jax.jit(functools.partial(smooth_metric, **statics))
     mm1 = float(f(jnp.ones(G), *args)[1])
     h_scale = max(target.limit, tau if target.metric != "p_fund_depleted" else 1.0 / max(n_random, 1))
@@ -378,7 +476,7 @@ def optimise(snap: Any, scen: Any, target: Target, masks: np.ndarray, hi: float 
 
     grad = jax.jit(jax.value_and_grad(lagrangian, has_aux=True))
     phi = jnp.zeros(G)
-    bound = math.log(hi)
+    low, top = -math.log(hi), jnp.log(jnp.array([min(hi, lv.top) for lv in levers]))
     m1, m2 = jnp.zeros(G), jnp.zeros(G)
     lam, rho, t = 0.0, 10.0, 0
     history = []
@@ -390,7 +488,7 @@ def optimise(snap: Any, scen: Any, target: Target, masks: np.ndarray, hi: float 
             m1 = 0.9 * m1 + 0.1 * g
             m2 = 0.999 * m2 + 0.001 * g * g
             phi = phi - LEARNING_RATE * (m1 / (1 - 0.9 ** t)) / (jnp.sqrt(m2 / (1 - 0.999 ** t)) + 1e-8)
-            phi = jnp.clip(phi, -bound, bound)  # scales within [1/hi, hi]
+            phi = jnp.clip(phi, low, top)  # scales within [1/hi, min(hi, top)]
         value, mm = (float(v) for v in f(jnp.exp(phi), *args))
         history.append({"round": r, "scales": [float(v) for v in np.exp(phi)], "value": value,
                         "maintenance_margin": mm})

@@ -1032,12 +1032,12 @@ def calibrate(
     snapshot: Path = typer.Argument(..., help="Snapshot folder."),
     target: str = typer.Option(..., help='The condition to meet, e.g. "p_fund_depleted<=0.001".'),
     scenarios: Optional[Path] = typer.Option(None, "--scenarios", "-s", help="Scenario TOML with multi-step paths (default: scenarios/default.toml)."),
-    vary: str = typer.Option("mm_rate", help="What to scale: mm_rate (every maintenance-margin rate), mm_rate.BTC (those on one underlying), or several comma-separated (mm_rate.BTC,mm_rate.ETH: a gradient search, then exact)."),
-    hi: float = typer.Option(64.0, min=1.0, help="Largest scale tried."),
+    vary: Optional[str] = typer.Option(None, help="What to scale. Standard model: mm_rate (every maintenance-margin rate; the default) or mm_rate.BTC (those on one underlying); portfolio model: mm_factor (the default), price_range or price_range.BTC; var model: mm_factor. Several comma-separated (mm_rate.BTC,mm_rate.ETH) are a gradient search, then exact."),
+    hi: float = typer.Option(64.0, min=1.0, help="Largest scale tried (less where [margin] accepts less: mm_factor <= 1, price_range <= 0.99)."),
     tolerance: float = typer.Option(1e-3, min=1e-6, help="Resolution of the scale."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write calibration.json and tradeoff.svg here."),
 ) -> None:
-    """The lowest maintenance margin (one scale on MM rates, or one per underlying) that meets a loss target."""
+    """The lowest maintenance margin (one scale on the margin model's parameters, or one per underlying) that meets a loss target."""
     import json
 
     from . import calibrate as cal
@@ -1048,6 +1048,7 @@ def calibrate(
         snap, scen = _load(snapshot, scenarios, SAMPLE_ACCOUNTS)
     except InputError as exc:
         _fail(exc)
+    vary = vary or cal.default_vary(snap)
     with err.status("calibrating") as status:
         def seen(r: dict) -> None:
             status.update(f"scale {r['factor']:.3f}: {goal.metric} = {r['value']:.6g}")
@@ -1061,7 +1062,7 @@ def calibrate(
     t = Table(title=f"calibration of {vary} for {goal.metric} <= {goal.limit:g}")
     for c in ("", "scale", goal.metric, "total MM (USD)"):
         t.add_column(c, justify="left" if not c else "right")
-    rows = [("current", res["before"]), ("calibrated" if res["factor"] is not None else f"largest tried ({hi:g})", res["after"])]
+    rows = [("current", res["before"]), ("calibrated" if res["factor"] is not None else "largest tried", res["after"])]
     if res["below"] is not None:
         rows.append(("one step below (fails)", res["below"]))
     if vector:
@@ -1074,7 +1075,7 @@ def calibrate(
                      f"the smooth stage's relaxed {goal.metric} was {res['smooth']['value']:.6g}")
     out.print(t)
     if vector:
-        pt = Table(title="recommended parameters (scale of the current maintenance-margin rates)")
+        pt = Table(title="recommended parameters (scales of today's values)")
         for c in ("parameter", "smooth solution", "recommended"):
             pt.add_column(c, justify="left" if c == "parameter" else "right")
         for k, name in enumerate(res["parameters"]):
@@ -1091,16 +1092,20 @@ def calibrate(
             out.print(f"the smooth solution {verdict} the target in the exact run; the exact bisection along its "
                       f"direction gives scale {scale}", highlight=False)
     if res["factor"] is None:
-        out.print(Text(f"the target is not met even at {hi:g} x the current rates", style="bold red"))
+        tops = ", ".join(f"{n} x {t:g}" for n, t in zip(res["parameters"], res["tops"]))
+        out.print(Text(f"the target is not met even at the largest scales tried ({tops})", style="bold red"))
     else:
         cost = res["after"]["maintenance_margin"] - res["before"]["maintenance_margin"]
         what = (", ".join(f"{n} x {v:.3f}" for n, v in zip(res["parameters"], res["scales"])) if vector or vary != "mm_rate"
                 else f"every maintenance-margin rate x {res['factor']:.3f}")
         out.print(f"recommended: {what} (margin cost {cost:+,.0f} USD at the snapshot)", highlight=False)
+        if res["margin"]:
+            keys = "; ".join(f"{k} = {_toml_value(v)}" for k, v in res["margin"].items())
+            out.print(f"in exchange.toml [margin]: {keys}", highlight=False)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "tradeoff.svg").write_text(cal.tradeoff_svg(res))
-        doc = {k: res[k] for k in ("factor", "before", "after", "below", "curve", "scales")}
+        doc = {k: res[k] for k in ("factor", "before", "after", "below", "curve", "scales", "tops", "margin")}
         doc["target"] = {"metric": goal.metric, "limit": goal.limit}
         doc["parameter"] = vary
         doc["parameters"] = list(res["parameters"])
@@ -1112,6 +1117,17 @@ def calibrate(
         out.print(f"wrote {out_dir / 'calibration.json'} and {out_dir / 'tradeoff.svg'}", highlight=False)
     if res["factor"] is None:
         raise typer.Exit(1)
+
+
+def _toml_value(v: float | dict[str, float]) -> str:
+    """A number, or a table of asset -> number, as written in ``exchange.toml``."""
+    import json
+    import re
+
+    if isinstance(v, dict):
+        key = lambda k: k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+        return "{ " + ", ".join(f"{key(k)} = {x:.10g}" for k, x in v.items()) + " }"
+    return f"{v:.10g}"
 
 
 @app.command("reverse")

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import stress
 from stress import calibrate as cal
+from stress import margin
+from stress import sensitivities as sens
 from stress.cli import app
 
 from .conftest import write_snapshot
@@ -142,14 +146,14 @@ def vector_result(two_books):
 def test_vector_calibration_meets_the_target_exactly_and_098_of_it_does_not(two_books, vector_result):
     _, snap, scen = two_books
     res = vector_result
-    _, masks = cal.parse_vary(VECTOR, snap)
+    levers = cal.parse_vary(VECTOR, snap)
     assert res["before"]["value"] > 0.03  # the current rates miss it: not vacuous
     scales = np.array(res["scales"])
     assert res["factor"] is not None and scales.shape == (2,)
     assert scales == pytest.approx(res["factor"] * np.array(res["direction"]), rel=1e-12)
     # exact, independent re-evaluation through stress.run
-    at = stress.run(cal.scaled(snap, scales, masks), scen)
-    below = stress.run(cal.scaled(snap, 0.98 * scales, masks), scen).summary["p_fund_depleted"]
+    at = stress.run(cal.scaled(snap, scales, levers), scen)
+    below = stress.run(cal.scaled(snap, 0.98 * scales, levers), scen).summary["p_fund_depleted"]
     assert at.summary["p_fund_depleted"] <= 0.03 < below
     assert at.accounts.maintenance_margin.sum() == pytest.approx(res["after"]["maintenance_margin"], rel=1e-12)
     # BTC carries the risk (twice ETH's vol): its rates rise, ETH's do not rise as much
@@ -194,16 +198,17 @@ def test_vector_calibration_falls_back_to_one_scale_when_the_smooth_direction_ca
     assert sum(r["scales"] == [1.0, 1.0] for r in res["curve"]) == 1
 
 
-def test_rate_multiplier_and_scaled_move_only_the_named_underlying(two_books):
+def test_multipliers_and_scaled_move_only_the_named_underlying(two_books):
     _, snap, _ = two_books
-    names, masks = cal.parse_vary("mm_rate.ETH", snap)
-    assert names == ("mm_rate.ETH",) and masks.tolist() == [[False, True]]
-    rates = np.asarray(cal.scaled(snap, [3.0], masks).params.mm_rate)
+    levers = cal.parse_vary("mm_rate.ETH", snap)
+    assert [lv.name for lv in levers] == ["mm_rate.ETH"] and levers[0].mask.tolist() == [False, True]
+    assert cal.multipliers([3.0], levers)["mm_rate"].tolist() == [1.0, 3.0]
+    rates = np.asarray(cal.scaled(snap, [3.0], levers).params.mm_rate)
     assert rates == pytest.approx(np.asarray(snap.params.mm_rate) * np.array([1.0, 3.0]))
 
 
 @pytest.mark.parametrize("vary", ["haircut.BTC", "mm_rate.SOL", "mm_rate.USDC", "mm_rate,mm_rate.BTC",
-                                  "mm_rate.BTC,mm_rate.BTC", ""])
+                                  "mm_rate.BTC,mm_rate.BTC", "", "mm_factor", "price_range.BTC"])
 def test_bad_vary_is_a_usage_error(two_books, vary):
     _, snap, _ = two_books
     with pytest.raises(stress.InputError):
@@ -220,8 +225,183 @@ def test_calibrate_command_with_a_vector(two_books, tmp_path):
     assert "recommended parameters" in r.output and "mm_rate.ETH" in r.output
     doc = json.loads((out / "calibration.json").read_text())
     assert doc["parameters"] == ["mm_rate.BTC", "mm_rate.ETH"] and len(doc["scales"]) == 2
-    _, masks = cal.parse_vary(VECTOR, snap)
-    assert stress.run(cal.scaled(snap, doc["scales"], masks), scen).summary["p_fund_depleted"] <= 0.03
+    levers = cal.parse_vary(VECTOR, snap)
+    assert stress.run(cal.scaled(snap, doc["scales"], levers), scen).summary["p_fund_depleted"] <= 0.03
     bad = CliRunner().invoke(app, ["calibrate", str(folder / "snap"), "--target", "p_fund_depleted<=0.03",
                                    "--vary", "mm_rate.DOGE"])
     assert bad.exit_code == 2 and "mm_rate.DOGE" in bad.output
+
+
+def one_long(folder, margin_toml: str, balance: float = 10_000.0, history: str = ""):
+    """A long of 1 BTC perpetual on ``balance`` USDC facing a short on 1,000,000, and one
+    replay path of two daily steps: BTC 50,000 -> 45,000 -> 30,000. The long loses 5,000 by
+    the first step and 20,000 by the second."""
+    (folder / "snap").mkdir(parents=True)
+    if history:  # the var model's
+        (folder / "snap" / "history.csv").write_text(history)
+    snap = stress.load_snapshot(write_snapshot(
+        folder / "snap",
+        assets=[{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "BTC", "price": 50_000.0, "haircut": 0.0}],
+        instruments=[{"instrument_id": "P", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 1.0, "mark_price": 50_000.0}],
+        balances=[{"account_id": "long", "asset": "USDC", "amount": balance},
+                  {"account_id": "short", "asset": "USDC", "amount": 1_000_000.0}],
+        positions=[{"account_id": "long", "instrument_id": "P", "quantity": 1},
+                   {"account_id": "short", "instrument_id": "P", "quantity": -1}],
+        exchange_toml=TOML.replace("{ USDC = 20000.0 }", "{ USDC = 0.0 }") + margin_toml))
+    (folder / "path.csv").write_text("date,BTC\n2026-01-01,50000\n2026-01-02,45000\n2026-01-03,30000\n")
+    (folder / "path.toml").write_text('[[replay]]\nname = "crash"\nprices = "path.csv"\nhorizon_days = 2\n')
+    return snap, stress.load_scenarios(folder / "path.toml", snap)
+
+
+@pytest.mark.parametrize("lever, expected, keys", [
+    # MM at the first step = f x 0.8 x (0.16 price range + 0.01 roll shock) x 45,000 = 6,120 f
+    # (docs/margin.md's linear perpetual): the long, with 5,000 left there, is closed out
+    # there iff 5,000 < 6,120 f, f > 0.81699; held to the second step it owes 10,000
+    ("mm_factor", 0.817, {"mm_factor": 0.8 * 0.817}),
+    # MM = 0.8 x (0.16 s + 0.01) x 45,000 > 5,000 iff s > 0.80556 (the extended table's
+    # -66% at 3%, 1.98% of notional, stays below 0.16 s there)
+    ("price_range", 0.806, {"price_range": {"BTC": 0.16 * 0.806}}),
+])
+def test_portfolio_model_calibrates_to_the_hand_computed_level(tmp_path, lever, expected, keys):
+    snap, scen = one_long(tmp_path, 'model = "portfolio"\n')
+    res = cal.calibrate(snap, scen, cal.parse_target("worst_bad_debt<=0"), parameter=lever)
+    assert res["before"]["value"] == 0.0  # today's 0.8 and 16% already close the long in time
+    assert res["factor"] == pytest.approx(expected) and res["below"]["value"] == pytest.approx(10_000.0)
+    assert res["margin"].keys() == keys.keys()
+    for k, v in keys.items():
+        assert res["margin"][k] == pytest.approx(v)
+    # the keys, written into exchange.toml, give the calibrated run
+    moved = dataclasses.replace(snap, margin_config={**snap.margin_config, **res["margin"]})
+    run = stress.run(dataclasses.replace(moved, params=margin.resolve(moved)), scen)
+    assert run.accounts.maintenance_margin.sum() == pytest.approx(res["after"]["maintenance_margin"], rel=1e-12)
+    assert res["tops"] == [pytest.approx(1 / 0.8 if lever == "mm_factor" else 0.99 / 0.16)]
+
+
+def test_var_model_calibrates_mm_factor_to_the_hand_computed_level(tmp_path):
+    # 20 one-day windows at confidence 0.9: IM is the mean of the long's three largest losses,
+    # 6%, 5% and 4% of its notional (tests/test_margin_var.py), 2,250 at the first step's
+    # 45,000; MM = f x 0.8 x 2,250 = 1,800 f. On 6,500 the long has 1,500 left there: closed
+    # out iff 1,500 < 1,800 f, f > 0.8333 (today's f = 1 does); held to the second step it owes
+    # 13,500. (At the snapshot MM = 2,000 f, below 6,500 at every f up to 1 / 0.8.)
+    returns = [0.01, -0.02, 0.03, -0.05, 0.004, -0.01, 0.02, -0.03, 0.005, 0.01,
+               -0.04, 0.015, 0.002, -0.001, 0.003, 0.006, -0.007, 0.008, 0.001, -0.06]
+    prices = 50_000.0 * np.cumprod([1.0] + [1 + r for r in returns])
+    history = "date,BTC\n" + "".join(f"2025-01-{d + 1:02d},{float(p)!r}\n" for d, p in enumerate(prices))
+    var = ('model = "var"\nvar_history = "history.csv"\nvar_horizon_days = 1\nvar_filtered = false\n'
+           'confidence = 0.9\nvar_min_windows = 10\n')
+    snap, scen = one_long(tmp_path, var, balance=6_500.0, history=history)
+    res = cal.calibrate(snap, scen, cal.parse_target("worst_bad_debt<=0"))  # default: mm_factor
+    assert res["parameters"] == ("mm_factor",) and res["before"]["value"] == 0.0
+    assert res["factor"] == pytest.approx(0.834) and res["below"]["value"] == pytest.approx(13_500.0)
+    assert res["after"]["value"] == 0.0 and res["margin"] == {"mm_factor": pytest.approx(0.8 * 0.834)}
+    assert res["after"]["maintenance_margin"] == pytest.approx(0.834 * res["before"]["maintenance_margin"], rel=1e-12)
+
+
+def test_tier_rates_scale_with_mm_rate_in_the_run_and_in_the_relaxation(book, tmp_path):
+    # Every position's notional (50,000) is past the 40,000 bound: MM = 3% of it, the first
+    # tier's 0.5% plus the 2.5% step. Scaling every rate by 2 must give 6%, not 0.5 x 2 + 2.5.
+    folder, snap, _ = book
+    toml = (folder / "snap" / "exchange.toml").read_text() + "future_tiers = [[40_000, 0.01, 0.005], [1e15, 0.05, 0.03]]\n"
+    (tmp_path / "snap").mkdir()
+    for f in (folder / "snap").iterdir():
+        (tmp_path / "snap" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "snap" / "exchange.toml").write_text(toml)
+    tiered = stress.load_snapshot(tmp_path / "snap")
+    scen = stress.load_scenarios(folder / "mc.toml", tiered)
+    mm = lambda s: stress.run(s, scen).accounts.maintenance_margin.to_numpy()
+    np.testing.assert_allclose(mm(tiered), 0.03 * 50_000.0, rtol=1e-12)
+    np.testing.assert_allclose(mm(cal.scaled(tiered, 2.0)), 0.06 * 50_000.0, rtol=1e-12)
+    # the smooth relaxation's margin at the snapshot scales the same way
+    levers = cal.parse_vary("mm_rate", tiered)
+    b = sens.book(tiered, scen)
+    args = (sens._float_params(tiered.params), sens.safe_instruments(tiered.instruments, tiered.market), tiered.market,
+            b, jnp.ones(tiered.n_accounts), 1.0)
+    statics = dict(levers=levers, metric="bad_debt_mean", n=tiered.n_accounts, K=scen.steps, S=len(scen),
+                   n_random=len(scen))
+    total = lambda theta: float(cal.smooth_metric(jnp.array([theta]), *args, **statics)[1])
+    assert total(1.0) == pytest.approx(20 * 0.03 * 50_000.0, rel=1e-12)
+    assert total(2.0) == pytest.approx(20 * 0.06 * 50_000.0, rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def pm_books(two_books, tmp_path_factory):
+    """``two_books`` under the portfolio margin model with thin price ranges (1% for BTC, 2.5%
+    for ETH) and neither roll shock nor extended table, so that the price range sets the
+    margin; 100 paths."""
+    folder, snap, _ = two_books
+    pm = tmp_path_factory.mktemp("pm")
+    (pm / "snap").mkdir()
+    for f in (folder / "snap").iterdir():
+        (pm / "snap" / f.name).write_bytes(f.read_bytes())
+    (pm / "snap" / "exchange.toml").write_text(
+        TOML + 'model = "portfolio"\nprice_range = { BTC = 0.01, ETH = 0.025 }\nmin_annualised_move = 0.0\n'
+        'extended_pnl_fraction = 0.0\n')
+    (pm / "mc.toml").write_text(PATHS.replace("paths = 400", "paths = 100").replace("vol = { BTC = 1.2 }",
+                                                                                   "vol = { BTC = 1.2, ETH = 0.6 }"))
+    snap = stress.load_snapshot(pm / "snap")
+    return pm, snap, stress.load_scenarios(pm / "mc.toml", snap)
+
+
+PM_VECTOR = "price_range.BTC,price_range.ETH"
+
+
+def test_portfolio_vector_calibration_meets_the_target_exactly_within_what_margin_accepts(pm_books, monkeypatch):
+    _, snap, scen = pm_books
+    monkeypatch.setattr(cal, "STEPS", 30)  # a shorter smooth stage: the exact stage fixes the level
+    monkeypatch.setattr(cal, "ROUNDS", 3)
+    res = cal.calibrate(snap, scen, cal.parse_target("p_fund_depleted<=0.03"), parameter=PM_VECTOR, tolerance=0.02)
+    levers = cal.parse_vary(PM_VECTOR, snap)
+    assert res["tops"] == pytest.approx([64.0, 0.99 / 0.025])  # hi, then what [margin] accepts
+    assert res["before"]["value"] > 0.03 and res["factor"] is not None
+    scales = np.array(res["scales"])
+    assert (scales <= np.array(res["tops"]) * (1 + 1e-12)).all()
+    at = stress.run(cal.scaled(snap, scales, levers), scen)
+    below = stress.run(cal.scaled(snap, 0.98 * scales, levers), scen).summary["p_fund_depleted"]
+    assert at.summary["p_fund_depleted"] <= 0.03 < below
+    assert at.accounts.maintenance_margin.sum() == pytest.approx(res["after"]["maintenance_margin"], rel=1e-12)
+    assert res["margin"]["price_range"] == pytest.approx({"BTC": 0.01 * scales[0], "ETH": 0.025 * scales[1]})
+    assert scales[0] > 1.0 > scales[1]  # BTC, at twice ETH's vol, carries the risk
+    one = cal.calibrate(snap, scen, cal.parse_target("p_fund_depleted<=0.03"), parameter="price_range", tolerance=0.02)
+    assert res["after"]["maintenance_margin"] < one["after"]["maintenance_margin"]
+
+
+@pytest.mark.parametrize("vary, says", [
+    ("mm_rate", "does not use mm_rate"), ("mm_rate.BTC", "does not use mm_rate"),
+    ("mm_factor.BTC", "one number for every underlying"), ("price_range,price_range.BTC", "combine it with no"),
+    ("price_range.USDC", "no instrument has the underlying"), ("price_range.BTC,price_range.BTC", "named twice"),
+])
+def test_levers_of_another_margin_model_or_overlapping_ones_are_usage_errors(pm_books, vary, says):
+    _, snap, _ = pm_books
+    with pytest.raises(stress.InputError, match=says):
+        cal.parse_vary(vary, snap)
+
+
+def test_a_scale_past_what_margin_accepts_is_refused(pm_books):
+    _, snap, _ = pm_books
+    with pytest.raises(ValueError, match="mm_factor"):
+        cal.scaled(snap, 1.3, cal.parse_vary("mm_factor", snap))  # 0.8 x 1.3 > 1
+    assert cal.scaled(snap, 1.25, cal.parse_vary("mm_factor", snap)).margin_config["mm_factor"] == 1.0
+
+
+def test_calibrate_command_under_the_portfolio_model_prints_the_margin_keys(pm_books, tmp_path):
+    folder, snap, scen = pm_books
+    out = tmp_path / "cal"
+    r = CliRunner().invoke(app, ["calibrate", str(folder / "snap"), "--scenarios", str(folder / "mc.toml"),
+                                 "--target", "p_fund_depleted<=0.03", "--vary", "price_range", "--tolerance", "0.05",
+                                 "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "calibration.json").read_text())
+    f = doc["factor"]
+    assert doc["parameters"] == ["price_range"] and doc["margin"] == {
+        "price_range": {"BTC": pytest.approx(0.01 * f), "ETH": pytest.approx(0.025 * f)}}
+    assert f"price_range = {{ BTC = {0.01 * f:.10g}, ETH = {0.025 * f:.10g} }}" in " ".join(r.output.split())
+    moved = dataclasses.replace(snap, margin_config={**snap.margin_config, **doc["margin"]})
+    assert stress.run(dataclasses.replace(moved, params=margin.resolve(moved)), scen).summary["p_fund_depleted"] <= 0.03
+    # mm_factor, the default under this model, cannot reach it: MM is at most IM there
+    top = CliRunner().invoke(app, ["calibrate", str(folder / "snap"), "--scenarios", str(folder / "mc.toml"),
+                                   "--target", "p_fund_depleted<=0.03"])
+    assert top.exit_code == 1 and "mm_factor x 1.25" in " ".join(top.output.split())
+    bad = CliRunner().invoke(app, ["calibrate", str(folder / "snap"), "--scenarios", str(folder / "mc.toml"),
+                                   "--target", "p_fund_depleted<=0.03", "--vary", "mm_rate"])
+    assert bad.exit_code == 2 and "does not use mm_rate" in bad.output
