@@ -466,7 +466,8 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         n_impact=int(has_impact.sum()),
         partial_target=jnp.asarray(liq_cfg["partial_target"], dtype) if liq_cfg["mode"] == "partial" else None,
         n_groups=group_rows(snap)[1],
-        tiers=_tiers(snap.params, snap.params.tier_mm, dtype),
+        # the portfolio and var models' margin has no tiers of its own (the var floor's are in var)
+        tiers=_tiers(snap.params, snap.params.tier_mm, dtype) if model == "standard" else None,
         pm=pm,
         var=var,
         var_tail=var_tail,

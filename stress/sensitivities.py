@@ -154,16 +154,16 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
     fund_now = float(np.asarray(snap.insurance_fund, np.float64) @ np.asarray(snap.market.price, np.float64))
     from .engine import _tiers
 
-    tiers = _tiers(snap.params, snap.params.tier_mm)
-    cfg = liquidation.config(snap.liquidation_config)
     model = snap.margin_config.get("model", "standard")
+    tiers = _tiers(snap.params, snap.params.tier_mm) if model == "standard" else None  # the portfolio model's has none
+    cfg = liquidation.config(snap.liquidation_config)
     partial = {}
     if cfg["mode"] == "partial":  # slots laid out [account, J] for liquidation.partial_path
         first = np.searchsorted(slot_acc, slot_acc)  # slots are sorted by account
         rank = np.arange(len(slot_acc)) - first
         partial = {"partial_target": np.float64(cfg["partial_target"]), "slot_rank": rank.astype(np.int32),
                    "slot_width": int(rank.max(initial=0)) + 1}
-        if tiers is not None and model != "portfolio":
+        if tiers is not None:
             p_rank = portfolio._rank_in_group_unsorted(np.asarray(snap.pos_account, np.int64))
             partial |= {"pos_rank": p_rank.astype(np.int32), "pos_width": int(p_rank.max(initial=0)) + 1}
     pm = {}

@@ -6,6 +6,7 @@ project's pricer); everything else is written out as arithmetic.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import UTC, datetime
 
@@ -431,6 +432,30 @@ def test_portfolio_margin_under_stress_does_not_depend_on_chunking_or_tiling(tmp
     np.testing.assert_allclose(num(a.accounts), num(b.accounts), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(num(a.scenarios), num(b.scenarios), rtol=1e-12, atol=1e-9)
     assert (a.scenarios.accounts_liquidatable > 0).any()  # the margin decides something here
+
+
+@pytest.mark.parametrize("mode", ["full", "partial"])
+def test_risk_limit_tiers_leave_the_portfolio_model_alone_and_cost_it_nothing(tmp_path, mode):
+    # Tiers are the standard model's (docs/margin.md): under the portfolio model the run must
+    # not change, and must not compute the tiers' margin only to drop it.
+    from stress import engine
+
+    marks = {"LIN": 100_050.0, "BTC-PERPETUAL": 100_100.0}
+    plain = _pm_book(tmp_path / "plain", S, marks, 0.0, "2026-11-23T08:00:00Z")
+    cfg = {"future_tiers": [[50_000, 0.01, 0.005], [250_000, 0.02, 0.01], [1e15, 0.05, 0.025]]}
+    tiered = dataclasses.replace(plain, margin_config={**plain.margin_config, **cfg})
+    tiered = dataclasses.replace(tiered, params=margin.resolve(tiered))
+    assert np.diff(np.asarray(tiered.params.tier_mm), axis=1).any()  # the tiers are there
+    plain, tiered = (dataclasses.replace(s, liquidation_config={"mode": mode}) for s in (plain, tiered))
+    (tmp_path / "s.toml").write_text(
+        '[[montecarlo]]\nname = "mc"\npaths = 40\nsteps = 3\nhorizon_days = 3\nseed = 5\nvol = { BTC = 0.8 }\n')
+    scen = stress.load_scenarios(tmp_path / "s.toml", plain)
+    assert engine.tables(tiered, scen)[0].tiers is None
+    a, b = stress.run(plain, scen), stress.run(tiered, scen)
+    num = lambda df: df.select_dtypes("number")  # noqa: E731
+    np.testing.assert_array_equal(num(a.accounts), num(b.accounts))
+    np.testing.assert_array_equal(num(a.scenarios), num(b.scenarios))
+    assert (a.scenarios.accounts_liquidatable > 0).any()
 
 
 def test_standard_margin_of_a_snapshot_of_new_size_compiles_a_few_executables(tmp_path, caplog):
