@@ -5,7 +5,9 @@
 out: on a one-step scenario an account's bad debt is ``max(0, -equity)`` whatever its margin,
 so calibration needs paths (Monte Carlo steps or replay windows), where a higher margin is
 breached earlier and closes the account out before its equity runs out
-(``liquidation.path_outcome``).
+(``liquidation.path_outcome``). Every target is taken over the paths (the random
+scenarios), ``worst_bad_debt`` included: one-off shocks in the same file are not moved by
+margin.
 
 What is scaled (``--vary``, comma-separated; ``parse_vary``) is what the snapshot's margin
 model's maintenance margin is made of. Standard model: ``mm_rate`` scales every
@@ -245,10 +247,22 @@ def margin_keys(snap: Any, levers: tuple[Lever, ...], scales: Any) -> dict:
     keys = {}
     if any(lv.field == "pm_mm_factor" for lv in levers):
         keys["mm_factor"] = cfg["mm_factor"]
-    ranged = [lv.mask for lv in levers if lv.field == "pm_price_range"]
-    if ranged:
-        keys["price_range"] = {a: cfg["price_range"][a] for a, v in zip(snap.assets, np.any(ranged, axis=0)) if v}
+    if any(lv.field == "pm_price_range" for lv in levers):
+        # every underlying, varied or not: a table replaces the key's whole value, so an
+        # underlying it left out would fall back to the built-in range, not today's
+        keys["price_range"] = {snap.assets[i]: cfg["price_range"][snap.assets[i]]
+                               for i in np.unique(np.asarray(snap.instruments.underlying))}
     return keys
+
+
+def above_initial(snap: Any, levers: tuple[Lever, ...], scales: Any) -> list[str]:
+    """The instruments whose maintenance rate passes their initial rate at ``scales``
+    (``margin.mm_above_initial``): ``[margin]`` refuses such rates, so their initial rates
+    must rise with them. Only ``mm_rate`` levers can (``mm_factor`` stops at 1)."""
+    if not any(lv.field == "mm_rate" for lv in levers):
+        return []
+    over = margin.mm_above_initial(scaled(snap, scales, levers).params, snap.instruments.kind)
+    return [snap.instrument_ids[i] for i in np.flatnonzero(over & ~margin.mm_above_initial(snap.params, snap.instruments.kind))]
 
 
 def evaluate(snap: Any, scen: Any, factor: float, metric: str, chunk_size: int = 128,
@@ -261,7 +275,10 @@ def evaluate(snap: Any, scen: Any, factor: float, metric: str, chunk_size: int =
     levers = parse_vary(default_vary(snap), snap) if levers is None else levers
     scales = factor * (np.ones(len(levers)) if direction is None else np.asarray(direction, np.float64))
     res = engine.run(scaled(snap, scales, levers), scen, chunk_size=chunk_size)
-    value = res.summary[metric]
+    if metric == "worst_bad_debt":  # over the paths: no margin moves a one-off shock's bad debt
+        value = res.scenarios.bad_debt.to_numpy()[np.asarray(scen.random, bool)].max()
+    else:
+        value = res.summary[metric]
     return {"factor": factor, "value": float("nan") if value is None else float(value),
             "maintenance_margin": float(res.accounts.maintenance_margin.sum()), "scales": [float(v) for v in scales]}
 
@@ -272,8 +289,8 @@ def _check(scen: Any, target: Target) -> None:
                          "every scenario is one step: an account's bad debt is max(0, -equity) whatever its "
                          "margin, so margin parameters have no effect here; calibrate on multi-step paths "
                          "([[montecarlo]] with steps > 1, or [[replay]] windows of several rows)")
-    if target.metric != "worst_bad_debt" and not scen.random.any():
-        raise InputError("--target", None, None, f"{target.metric} is taken over random scenarios; the set has none")
+    if not scen.random.any():  # paths are random scenarios; kept for a set built in Python
+        raise InputError("--target", None, None, f"{target.metric} is taken over paths; the set has none")
 
 
 def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str | None = None, hi: float = 64.0,
@@ -291,8 +308,12 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str | None = N
       (evaluations at 1 and at ``factor``), ``below`` (at ``factor - tolerance``, failing),
       ``curve`` (every evaluation, sorted by margin: the margin-vs-metric trade-off), the
       ``target``, ``parameters`` (names), ``tops`` (each lever's largest scale tried),
-      ``scales`` (the recommended scale per lever, None when not met) and ``margin`` (the
-      ``[margin]`` keys to set, ``margin_keys``; None when not met). For a vector, ``factor``
+      ``scales`` (the recommended scale per lever, None when not met), ``margin`` (the
+      ``[margin]`` keys to set, ``margin_keys``; None when not met) and ``above_initial``
+      (instruments whose recommended maintenance rate passes their initial rate,
+      ``above_initial``). ``worst_bad_debt`` is the largest over the set's paths (its
+      random scenarios): a one-off shock's bad debt is the same whatever the margin, so it
+      could only make a target unreachable. For a vector, ``factor``
       is the scale along ``direction`` (``scales = factor * direction``): the smooth
       solution's, or the one to every lever's top where no scale along it met the target
       (``fallback`` True); and ``smooth`` describes the smooth stage: its ``scales``, its
@@ -328,6 +349,7 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str | None = N
                scales=None if res["factor"] is None else res["after"]["scales"],
                curve=sorted(seen.values(), key=lambda r: (r["maintenance_margin"], r["factor"])))
     res["margin"] = None if res["scales"] is None else margin_keys(snap, levers, res["scales"])
+    res["above_initial"] = [] if res["scales"] is None else above_initial(snap, levers, res["scales"])
     return res
 
 
@@ -432,7 +454,7 @@ def smooth_metric(theta, params, inst, market, b, mm_scale, tau, *, levers: tupl
     elif metric == "bad_debt_mean":
         value = jnp.sum(b.random * bad) / m
     elif metric == "worst_bad_debt":
-        value = tau * jax.nn.logsumexp(bad / tau)
+        value = tau * jax.nn.logsumexp(jnp.where(b.random > 0, bad, -jnp.inf) / tau)
     else:  # the tail of the random scenarios' bad debt, as engine.tail_loss
         size = n_random - math.ceil(level * n_random - 1e-9) + 1
         tail = jnp.sort(jnp.where(b.random > 0, bad, -jnp.inf))[::-1][:size]

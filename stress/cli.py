@@ -1065,14 +1065,20 @@ def calibrate(
     rows = [("current", res["before"]), ("calibrated" if res["factor"] is not None else "largest tried", res["after"])]
     if res["below"] is not None:
         rows.append(("one step below (fails)", res["below"]))
+    notes = []
     if vector:
         rows.insert(1, ("smooth solution, exact", res["smooth"]["check"]))
     for label, r in rows:
         t.add_row(label, f"{r['factor']:.3f}", f"{r['value']:.6g}", f"{r['maintenance_margin']:,.0f}")
     if vector:
-        along = "every parameter alike" if res["fallback"] else "the smooth solution's direction"
-        t.caption = (f"scale: along {along} (scales per parameter below); "
+        along = "every lever to its top" if res["fallback"] else "the smooth solution's direction"
+        notes.append(f"scale: along {along} (scales per parameter below); "
                      f"the smooth stage's relaxed {goal.metric} was {res['smooth']['value']:.6g}")
+    one_step = int((~scen.random).sum())
+    if goal.metric == "worst_bad_debt" and one_step:
+        notes.append(f"worst_bad_debt over the set's {int(scen.random.sum())} paths: no margin moves the bad debt "
+                     f"of its {one_step} one-step scenario(s)")
+    t.caption = "; ".join(notes) or None
     out.print(t)
     if vector:
         pt = Table(title="recommended parameters (scales of today's values)")
@@ -1086,8 +1092,8 @@ def calibrate(
         scale = "n/a" if res["factor"] is None else format(res["factor"], ".3f")
         if res["fallback"]:
             out.print(f"the smooth solution {verdict} the target in the exact run, and no scale along its direction "
-                      f"within [1/{hi:g}, {hi:g}] meets it; every parameter scaled alike gives scale {scale}",
-                      highlight=False)
+                      f"meets it; along the ray to every lever's top (every lever alike where the tops are {hi:g}) "
+                      f"the scale is {scale}", highlight=False)
         else:
             out.print(f"the smooth solution {verdict} the target in the exact run; the exact bisection along its "
                       f"direction gives scale {scale}", highlight=False)
@@ -1102,10 +1108,16 @@ def calibrate(
         if res["margin"]:
             keys = "; ".join(f"{k} = {_toml_value(v)}" for k, v in res["margin"].items())
             out.print(f"in exchange.toml [margin]: {keys}", highlight=False)
+        if res["above_initial"]:
+            over = res["above_initial"]
+            out.print(Text(f"the maintenance rate passes the initial rate of {len(over)} instrument(s) there "
+                           f"({', '.join(over[:5])}{', ...' if len(over) > 5 else ''}): [margin] and the instruments "
+                           "table accept that only with the initial rates raised to at least it", style="yellow"))
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "tradeoff.svg").write_text(cal.tradeoff_svg(res))
-        doc = {k: res[k] for k in ("factor", "before", "after", "below", "curve", "scales", "tops", "margin")}
+        doc = {k: res[k] for k in ("factor", "before", "after", "below", "curve", "scales", "tops", "margin",
+                                   "above_initial")}
         doc["target"] = {"metric": goal.metric, "limit": goal.limit}
         doc["parameter"] = vary
         doc["parameters"] = list(res["parameters"])

@@ -618,14 +618,12 @@ def _account_groups(bt: _Table, b_idx: np.ndarray, n: int, column: str) -> np.nd
 def _check_rates(t: _Table, inst: Instruments, params: Any, rates: tuple[np.ndarray, np.ndarray]) -> None:
     """An input error on the first row whose own ``im_rate``/``mm_rate`` (with the rate it
     leaves to exchange.toml, or its tiers) puts maintenance above initial margin, which would
-    make a position liquidatable as it opens. A future's IM rate is ``im_rate``; an option's
-    is ``max(im_rate - OTM/S, option_im_floor)``, at least the floor, so its ``mm_rate`` is
-    held to the floor, as ``option_mm_rate`` is in exchange.toml."""
+    make a position liquidatable as it opens (``margin.mm_above_initial``); an option's
+    ``mm_rate`` is held to ``option_im_floor``, as ``option_mm_rate`` is in exchange.toml."""
     im, mm = rates
     is_opt = np.asarray(inst.kind) == OPTION
-    tier_im, tier_mm = np.asarray(params.tier_im), np.asarray(params.tier_mm)
-    over = np.where(is_opt, tier_mm[:, 0] > float(params.option_im_floor), (tier_mm > tier_im).any(axis=1))
-    bad = over & (~np.isnan(im) | ~np.isnan(mm))  # rows that set a rate: exchange.toml's own are checked there
+    # rows that set a rate: exchange.toml's own are checked there
+    bad = _margin.mm_above_initial(params, inst.kind) & (~np.isnan(im) | ~np.isnan(mm))
     if bad.any():
         i = int(np.argmax(bad))
         if is_opt[i]:

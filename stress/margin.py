@@ -428,6 +428,16 @@ def var_config(cfg: dict, require_history: bool = False) -> dict:
     return c
 
 
+def mm_above_initial(params: Params, kind: Any) -> np.ndarray:
+    """``[I]`` bool: instruments whose maintenance rate passes their initial rate, which would
+    make a position liquidatable as it opens. A future's IM rate is its tier's ``im_rate``; an
+    option's is ``max(im_rate - OTM/S, option_im_floor)``, at least the floor, so its
+    maintenance rate is held to the floor."""
+    tier_im, tier_mm = np.asarray(params.tier_im), np.asarray(params.tier_mm)
+    return np.where(np.asarray(kind) == OPTION, tier_mm[:, 0] > float(params.option_im_floor),
+                    (tier_mm > tier_im).any(axis=1))
+
+
 def resolve(snap: Any) -> Params:
     """The snapshot's ``Params`` with its ``[margin]`` table resolved against its asset names
     (per-asset tables such as ``price_range = {BTC = 0.16, ETH = 0.20}``)."""

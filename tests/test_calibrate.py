@@ -405,3 +405,33 @@ def test_calibrate_command_under_the_portfolio_model_prints_the_margin_keys(pm_b
     bad = CliRunner().invoke(app, ["calibrate", str(folder / "snap"), "--scenarios", str(folder / "mc.toml"),
                                    "--target", "p_fund_depleted<=0.03", "--vary", "mm_rate"])
     assert bad.exit_code == 2 and "does not use mm_rate" in bad.output
+
+
+def test_worst_bad_debt_is_taken_over_the_paths_and_a_one_off_shock_does_not_block_it(tmp_path):
+    # Beside the path, a one-step BTC -90% leaves the long 35,000 short whatever its margin: the
+    # target is over the paths, where the standard model's 1% closes the long at the first
+    # step iff 5,000 < 0.01 x 45,000 x f (f > 11.11), a rate above the initial 2%.
+    snap, _ = one_long(tmp_path, "")
+    (tmp_path / "mixed.toml").write_text('[[scenario]]\nname = "crash"\nmoves = { BTC = -0.9 }\n\n'
+                                         + (tmp_path / "path.toml").read_text())
+    scen = stress.load_scenarios(tmp_path / "mixed.toml", snap)
+    assert stress.run(snap, scen).summary["worst_bad_debt"] == pytest.approx(35_000.0)
+    res = cal.calibrate(snap, scen, cal.parse_target("worst_bad_debt<=0"))
+    assert res["before"]["value"] == pytest.approx(10_000.0)
+    assert res["factor"] == pytest.approx(11.112) and res["after"]["value"] == 0.0
+    assert res["above_initial"] == ["P"] and res["margin"] == {}
+    r = CliRunner().invoke(app, ["calibrate", str(tmp_path / "snap"), "--scenarios", str(tmp_path / "mixed.toml"),
+                                 "--target", "worst_bad_debt<=0"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0, r.output
+    assert "over the set's 1 paths" in text and "passes the initial rate of 1 instrument(s) there (P)" in text
+
+
+def test_margin_keys_name_every_underlying_so_that_written_into_exchange_toml_they_give_the_run(pm_books):
+    _, snap, _ = pm_books
+    levers = cal.parse_vary("price_range.BTC", snap)
+    keys = cal.margin_keys(snap, levers, [3.0])
+    assert keys == {"price_range": {"BTC": pytest.approx(0.03), "ETH": pytest.approx(0.025)}}
+    moved = dataclasses.replace(snap, margin_config={**snap.margin_config, **keys})
+    np.testing.assert_array_equal(np.asarray(margin.resolve(moved).pm_price_range),
+                                  np.asarray(cal.scaled(snap, [3.0], levers).params.pm_price_range))
