@@ -335,7 +335,8 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     fee_rate = liq_cfg["fee_rate"]
     S = len(scen)
     model = snap.margin_config.get("model", "standard")
-    liquidation.check_partial(liq_cfg, model)  # a snapshot built or changed in Python
+    liquidation.check_partial(liq_cfg, model)  # a snapshot or a set built or changed in Python
+    liquidation.check_lag(liq_cfg, scen.steps)
     portfolio_model = model == "portfolio"
     # a portfolio-margin tile holds [accounts, underlyings, W, grid] blocks (a var tile [accounts,
     # W, windows]): keep it narrow

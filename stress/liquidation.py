@@ -93,6 +93,21 @@ def config(cfg: dict) -> dict:
     return out
 
 
+def check_lag(cfg: dict, steps: int) -> None:
+    """Refuse an oracle lag (``cfg``: ``config``'s) of at least the ``steps`` of a set's paths:
+    no breach within a path would be acted on, and the set's one-off shocks, paths whose every
+    step is the shock, would never liquidate, where one-step scenarios are instantaneous. A
+    set of one-step scenarios only takes any lag (it does not apply)."""
+    if steps < 2:
+        return
+    for key, lags in (("oracle_lag_steps", (cfg["oracle_lag_steps"],)), ("oracle_lags", cfg["oracle_lags"])):
+        if max(lags, default=0) >= steps:
+            raise InputError("exchange.toml", "[liquidation]", key,
+                             f"a lag of {max(lags)} steps is not less than the {steps} steps of the scenario set's "
+                             "paths: no breach within a path would be acted on, and its one-off shocks would never "
+                             f"liquidate; use at most {steps - 1}, or longer paths")
+
+
 def check_partial(cfg: dict, model: str) -> None:
     """Refuse partial close-outs (``cfg``: ``config``'s) under the var margin model, whose
     margin of a share of the book ``partial_path`` cannot compute: its expected shortfall

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import liquidation
 from .errors import InputError
 from .io import read_toml
 from .snapshot import Snapshot
@@ -570,7 +571,9 @@ def load_scenarios(path: str | Path, snap: Snapshot, *, skip_unknown_assets: boo
                 label = f"event {row['use']!r}"
             ctx = _Ctx(file, label, snap, skip_unknown_assets, path.parent)
             blocks.append(_READERS[key](ctx, row))
-    return _combine(file, blocks, snap.n_assets, str(path))
+    scen = _combine(file, blocks, snap.n_assets, str(path))
+    liquidation.check_lag(liquidation.config(snap.liquidation_config), scen.steps)
+    return scen
 
 
 def _combine(file: str, blocks: list[_Block], A: int, source: str) -> Scenarios:

@@ -10,9 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 import stress
 from stress import engine, liquidation
+from stress.cli import app
 
 from .conftest import write_snapshot
 
@@ -183,6 +185,34 @@ def test_a_close_out_acted_on_after_the_recovery_still_counts_as_a_liquidation(t
     row = stress.run(snap, stress.load_scenarios(tmp_path / "p.toml", snap)).scenarios.iloc[0]
     assert row.accounts_liquidatable == 1
     assert row.shortfall_total == 0.0 and row.bad_debt == 0.0
+
+
+def test_a_lag_of_a_whole_path_or_more_is_refused_and_a_shorter_one_keeps_one_off_shocks_instantaneous(tmp_path):
+    # Beside 3-step paths a one-off shock is a path whose every step is the shock: a lag of 3
+    # would never act on it (or on any path's breach). BTC -10% alone closes the long out
+    # (49,697 is its breach price) with 2,500,000 of loss on 400,000: bad debt 2,100,000.
+    (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,49000\n2024-01-03,47000\n2024-01-04,50500\n")
+    shock = '[[scenario]]\nname = "down"\nmoves = { BTC = -0.1 }\n'
+    (tmp_path / "mixed.toml").write_text(shock + '\n[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 3\n')
+    (tmp_path / "shock.toml").write_text(shock)
+    for text, key in (("oracle_lag_steps = 3", "oracle_lag_steps"), ("oracle_lags = [0, 5]", "oracle_lags")):
+        snap = _book(tmp_path / key, text)
+        with pytest.raises(stress.InputError, match="not less than the 3 steps") as err:
+            stress.load_scenarios(tmp_path / "mixed.toml", snap)
+        assert (err.value.file, err.value.column) == ("exchange.toml", key)
+        stress.load_scenarios(tmp_path / "shock.toml", snap)  # one-step only: the lag does not apply
+        r = CliRunner().invoke(app, ["validate", str(tmp_path / key), "--scenarios", str(tmp_path / "mixed.toml")])
+        assert r.exit_code == 2 and key in r.output
+    # a snapshot changed in Python is checked by the run too
+    plain = _book(tmp_path / "plain", "")
+    scen = stress.load_scenarios(tmp_path / "mixed.toml", plain)
+    with pytest.raises(stress.InputError, match="not less than"):
+        stress.run(dataclasses.replace(plain, liquidation_config={"oracle_lag_steps": 3}), scen)
+    alone = stress.run(plain, stress.load_scenarios(tmp_path / "shock.toml", plain)).scenarios.iloc[0]
+    lagged = stress.run(dataclasses.replace(plain, liquidation_config={"oracle_lag_steps": 2}), scen).scenarios.iloc[0]
+    assert alone.bad_debt == pytest.approx(2_100_000.0) and alone.accounts_liquidatable == 1
+    for c in ("bad_debt", "accounts_liquidatable", "shortfall_total", "pnl_total"):
+        assert lagged[c] == pytest.approx(alone[c], rel=1e-12), c
 
 
 @pytest.mark.parametrize("text", ["oracle_lag_steps = -1", "oracle_lag_steps = 1.5", "oracle_lags = [1, -2]",
