@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _exported, margin, pricing
+from . import _exported, liquidation, margin, pricing
 from ._tree import pytree_dataclass
 from .errors import InputError
 from .snapshot import OPTION, PERPETUAL, Instruments, Market, Snapshot, account_id_column, names_at
@@ -228,16 +228,19 @@ def _market_tables(inst: Instruments, market: Market, params: Any, spot: Any, vo
     return rv["value"], mm, rv["price"], rv["live"]
 
 
-def _held_at_the_end(inst: Instruments, snap: Snapshot, scen: Any, value: np.ndarray, live: np.ndarray) -> np.ndarray:
-    """``value`` ``[I, 1 + S]`` (now, then each scenario's last step) with a contract that
-    settled earlier along a path held at what it settled into (``pricing.hold_settled_paths``),
-    as ``stress run`` values it."""
+def _path_states(inst: Instruments, snap: Snapshot, scen: Any, value: np.ndarray, live: np.ndarray) -> tuple:
+    """The states of the steps before each path's last, appended: ``value`` ``[I, 1 + S]`` (now,
+    then each scenario's last step) with a contract that settled earlier along a path held at
+    what it settled into (``pricing.hold_settled_paths``), as ``stress run`` values it, and
+    ``(value, mm, price)`` of steps ``1 .. K-1``, ``[I or A, (K-1) * S]`` step-major (empty for a
+    one-step set): the layout of ``liquidation.path_outcome`` after the first column."""
     if scen.steps < 2:
-        return value
+        return value, (value[:, :0], np.zeros((value.shape[0], 0)), np.zeros((snap.n_assets, 0)))
     step_major = lambda x: np.swapaxes(np.asarray(x), 0, 1).reshape((-1,) + np.shape(x)[2:])  # noqa: E731
-    before, _, _, before_live = _market_tables(inst, snap.market, snap.params, step_major(scen.path_spot_mult),
-                                               step_major(scen.path_vol_shift), step_major(scen.path_horizon_days))
-    return pricing.hold_settled_paths(value, live, before, before_live)[0]
+    before, mm, price, before_live = _market_tables(inst, snap.market, snap.params, step_major(scen.path_spot_mult),
+                                                    step_major(scen.path_vol_shift), step_major(scen.path_horizon_days))
+    value, before = pricing.hold_settled_paths(value, live, before, before_live)
+    return value, (before, np.asarray(mm), np.asarray(price))
 
 
 @pytree_dataclass
@@ -448,7 +451,9 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
     vol = np.vstack([np.zeros((1, A)), scenarios.vol_shift])
     hor = np.concatenate([[0.0], scenarios.horizon_days])
     value, mm, price, live = (np.asarray(x) for x in _market_tables(inst, snap.market, snap.params, spot, vol, hor))
-    value = _held_at_the_end(inst, snap, scenarios, value, live)
+    # every step of a path is a state: a hedge that keeps the excess up at each leaves no breach
+    value, steps = _path_states(inst, snap, scenarios, value, live)
+    value, mm, price = (np.concatenate([a, b], axis=1) for a, b in zip((value, mm, price), steps))
     b = _HedgeBook(
         inst=U.astype(np.int32), q0=q0, hedge=np.searchsorted(U, hedge_ix).astype(np.int32), value=value[U], mm=mm[U],
         settle=np.eye(A)[np.asarray(inst.settlement)[U]], is_opt=np.asarray(inst.kind)[U] == OPTION,
@@ -461,8 +466,12 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
 def _report(snap: Snapshot, b: _HedgeBook, x: np.ndarray, scen: Any) -> dict:
     """Exact (non-smoothed) numbers of the account after trading ``x``."""
     eq, coll, mm = (np.asarray(v) for v in _exact_state(b, x))
-    excess = coll - mm  # [M]: now, then each scenario
+    excess = coll - mm  # [M]: now, each scenario's last step, then the steps before (step-major)
     k = int(np.argmin(excess))
+    # the shortfall and P&L stress run reports: at the step that decides each path
+    lag = liquidation.config(snap.liquidation_config)["oracle_lag_steps"]
+    eq_d, coll_d, mm_d, _ = (np.asarray(v)[0] for v in liquidation.path_outcome(
+        len(scen), jnp.asarray(eq[None, 1:]), jnp.asarray(coll[None, 1:]), jnp.asarray(mm[None, 1:]), lag=lag))
     # Delta: balances (less the premium paid) plus each instrument's dE/dm / S.
     g = instrument_greeks(snap.instruments, snap.market)
     U, hedge = np.asarray(b.inst), np.asarray(b.hedge)
@@ -480,11 +489,21 @@ def _report(snap: Snapshot, b: _HedgeBook, x: np.ndarray, scen: Any) -> dict:
         "collateral_value": float(coll[0]),
         "equity": float(eq[0]),
         "worst_excess": float(excess[k]),
-        "worst_state": "now" if k == 0 else scen.names[k - 1],
-        "shortfall_worst": float(max(0.0, -excess[k])),
-        "pnl_worst": float(np.min(eq[1:] - eq[0])) if len(eq) > 1 else float("nan"),
+        "worst_state": _state_name(scen, k),
+        "shortfall_worst": float(max(0.0, mm[0] - coll[0], np.max(mm_d - coll_d, initial=0.0))),
+        "pnl_worst": float(np.min(eq_d - eq[0])) if len(eq) > 1 else float("nan"),
         "delta": {snap.assets[a]: float(delta[a]) for a in np.flatnonzero(exposed)},
     }
+
+
+def _state_name(scen: Any, k: int) -> str:
+    """State ``k`` of a ``_HedgeBook``: ``now``, a scenario, or a path's step (``mc:0042 step
+    2/4``)."""
+    if k == 0:
+        return "now"
+    S, K = len(scen), scen.steps
+    s, step = (k - 1, K) if k <= S else ((k - 1 - S) % S, (k - 1 - S) // S + 1)
+    return f"{scen.names[s]} step {step}/{K}" if K > 1 and scen.random[s] else scen.names[s]
 
 
 def gross_notional(snap: Snapshot):

@@ -387,6 +387,31 @@ def test_hedge_with_the_held_perpetual_closes_it(tmp_path):
     assert stress.greeks.evaluate(snap, "p", h["trade"], scen) == a
 
 
+def test_hedge_takes_every_step_of_a_path_and_reports_what_the_run_reports(tmp_path):
+    # Long 1 BTC perpetual at 90,000 on 12,000 USDC, one replay path 90,000 -> 76,500 ->
+    # 90,000. At the first step the long has lost 13,500: collateral -1,500 against a margin
+    # of 1% x 76,500 = 765, a shortfall of 2,265, and stress run closes it out there. By the
+    # last step it is whole again, which is all a last-step view would see.
+    balances = [{"account_id": "a", "asset": "USDC", "amount": 12_000.0}]
+    positions = [{"account_id": "a", "instrument_id": "LPERP", "quantity": 1.0}]
+    snap = snapshot(tmp_path / "before", LINEAR_FUTURES, balances, positions)
+    (tmp_path / "h.csv").write_text("date,BTC\n2026-01-01,90000\n2026-01-02,76500\n2026-01-03,90000\n")
+    (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 2\n')
+    scen = stress.load_scenarios(tmp_path / "p.toml", snap)
+    run = stress.run(snap, scen).accounts.set_index("account_id").loc["a"]
+    assert run.shortfall_worst == pytest.approx(2_265.0) and run.pnl_worst == pytest.approx(-13_500.0)
+    h = stress.greeks.hedge(snap, "a", ["LPERP"], scen)
+    b, a = h["before"], h["after"]
+    assert b["worst_excess"] == pytest.approx(-2_265.0) and b["worst_state"] == "h:2026-01-01 step 1/2"
+    assert b["shortfall_worst"] == pytest.approx(run.shortfall_worst, rel=1e-12)
+    assert b["pnl_worst"] == pytest.approx(run.pnl_worst, rel=1e-12)
+    # the hedge sells enough of the perpetual to clear the first step, and the run agrees
+    assert h["trade"]["LPERP"] < 0 and a["worst_excess"] >= 0.0
+    res, _ = _engine_after(tmp_path, positions, balances, "a", h["trade"], scen)
+    assert a["shortfall_worst"] == pytest.approx(res.shortfall_worst, abs=1e-9) and res.p_liquidation == 0.0
+    assert a["pnl_worst"] == pytest.approx(res.pnl_worst, rel=1e-12)
+
+
 def test_hedge_bad_input(tmp_path):
     snap = snapshot(tmp_path, LINEAR_FUTURES, [{"account_id": "u", "asset": "USDC", "amount": 1.0}],
                     [{"account_id": "f", "instrument_id": "LFUT", "quantity": 1.0}])
