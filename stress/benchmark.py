@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import _exported, engine, portfolio
 from ._memory import forget_peak, peak_mib
+from .errors import InputError
 from .snapshot import account_id_column
 
 
@@ -170,6 +171,19 @@ def sweep_stage(snap, t, stage: str, dtype) -> tuple[dict, np.ndarray]:
     return per_acc, np.asarray(sums).sum(axis=0)[:, :S]
 
 
+def check_keep(folder: Path | None) -> None:
+    """Refuse a ``--keep`` folder that holds anything but a sample ``run_stages`` wrote there
+    (its ``.accounts`` marker): a sample of another size is written over, which must never
+    be a user's snapshot."""
+    if folder is None or not Path(folder).exists():
+        return
+    if not Path(folder).is_dir():
+        raise InputError("--keep", None, None, f"{folder} is not a folder")
+    if any(Path(folder).iterdir()) and not (Path(folder) / ".accounts").exists():
+        raise InputError("--keep", None, None, f"{folder} holds files that stress bench did not write there; "
+                         "give it an empty or new folder")
+
+
 def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Path | None = None,
                progress: Callable[[str], None] | None = None, positions: int | None = None) -> list[Stage]:
     """Time every stage once; returns them in order. ``folder`` keeps the sample (reused when
@@ -196,6 +210,7 @@ def run_stages(accounts: int, scenarios: int, dtype: str = "float64", folder: Pa
         """A stage timed as ``a - b``; below 0 (noise on a tiny run) it shows as 0, and says so."""
         return Stage(name, max(a - b, 0.0), note + (f" (measured {a - b:.3f} s: noise)" if a < b else ""))
 
+    check_keep(folder)
     with tempfile.TemporaryDirectory(prefix="stress-bench-") as tmp:
         where = Path(folder) if folder else Path(tmp) / "snapshot"
         marker = where / ".accounts"

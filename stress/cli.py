@@ -933,8 +933,12 @@ def bench(
     if dtype not in ("float64", "float32"):
         sys.stderr.write(f"error: --dtype {dtype!r}: expected float64 or float32\n")
         raise typer.Exit(2)
-    from .benchmark import run_stages
+    from .benchmark import check_keep, run_stages
 
+    try:
+        check_keep(keep)
+    except InputError as exc:
+        _fail(exc)
     with err.status("benchmarking") as status:
         stages = run_stages(accounts, scenarios, dtype, keep, lambda name: status.update(name), positions)
     t = Table(title=f"stress bench — {accounts:,} accounts x {scenarios:,} scenarios, {dtype}")

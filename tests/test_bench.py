@@ -104,3 +104,14 @@ def test_roofline_counts_the_work_of_a_hand_built_book(tmp_path):
     assert w["pnl"] == 3 + 3 + 2 * 2
     assert w["state"] == 2 * 3 + 2 * 3 + 9 * 2
     assert w["revalue"] == roofline.BS_OPS + roofline.LINEAR_OPS
+
+
+def test_bench_refuses_to_keep_its_sample_in_a_folder_it_did_not_write(tmp_path):
+    # a user's snapshot must not be written over by a synthetic one
+    from stress import sample
+
+    sample.write(tmp_path / "mine", accounts=30, fmt="csv")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()}
+    r = CliRunner().invoke(app, ["bench", "--accounts", "40", "--scenarios", "12", "--keep", str(tmp_path / "mine")])
+    assert r.exit_code == 2 and "did not write" in r.output
+    assert {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()} == before
