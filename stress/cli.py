@@ -760,8 +760,10 @@ def margin_cmd(
     out.print(_margin_table(shown, title, ["account_id", "initial_margin", "maintenance_margin", "collateral_value", "liquidatable", "grid_point"]))
     detail = und[und.account_id.isin(set(shown.account_id))]
     detail = detail.set_index("account_id").loc[[a for a in shown.account_id if a in set(detail.account_id)]].reset_index()
-    out.print(_margin_table(detail, "per underlying", ["account_id", "underlying", "initial_margin", "maintenance_margin",
-                                                       "risk_matrix_margin", "roll_shock", "delta_shock", "grid_point"]))
+    # the var model's requirement is a whole-portfolio number: its breakdown is its floor's
+    per = "per underlying (standard model: the var floor's base, not the var margin)" if res["model"] == "var" else "per underlying"
+    out.print(_margin_table(detail, per, ["account_id", "underlying", "initial_margin", "maintenance_margin",
+                                          "risk_matrix_margin", "roll_shock", "delta_shock", "grid_point"]))
     if account is None:
         out.print(f"total: initial margin {acc.initial_margin.sum():,.0f} USD, maintenance margin "
                   f"{acc.maintenance_margin.sum():,.0f} USD, {int(acc.liquidatable.sum()):,} accounts liquidatable", highlight=False)

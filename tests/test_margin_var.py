@@ -219,3 +219,15 @@ def test_a_model_table_too_large_for_memory_is_refused_with_its_size(tmp_path, m
         stress.run(_thin(tmp_path, BASE), _scen())
     monkeypatch.setattr(engine, "_memory_bytes", lambda: 3_000.0)
     assert stress.run(_thin(tmp_path, BASE), _scen()).summary["margin_model"] == "var"
+
+
+def test_margin_command_says_its_per_underlying_table_is_the_floors_under_var(tmp_path):
+    from typer.testing import CliRunner
+
+    from stress.cli import app
+
+    _snap(tmp_path, BASE + "var_floor = 0.5\n")
+    r = CliRunner().invoke(app, ["margin", str(tmp_path)], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "var margin (USD)" in text and "the var floor's base, not the var margin" in text
