@@ -309,7 +309,8 @@ def backtest(snap: Any, history_path: Path | str, horizon_days: float, model: st
       ``loss_total``, ``coverage_total``, ``exceeded``, ``accounts_exceeding``); and
       ``model``, ``basis``, ``confidence``, ``horizon_days``, ``unmoved`` (assets without a
       history column, held at today's price) and ``untested`` (accounts with positions but a
-      zero requirement).
+      zero requirement). An account with no positions is tested where its collateral alone
+      has a requirement (the var model).
     Raises:
       InputError: bad history, horizon, confidence or model.
     """
@@ -328,11 +329,12 @@ def backtest(snap: Any, history_path: Path | str, horizon_days: float, model: st
     m = account_margin(snap, model)
     scen, info = history_scenarios(snap, Path(history_path), float(horizon_days))
 
-    # Only a positive requirement claims to cover something: accounts without positions, or
-    # whose positions need no margin (long options under the standard model), are not tested.
+    # Only a positive requirement claims to cover something: accounts whose positions need no
+    # margin (long options under the standard model) are not tested, nor are those without
+    # positions, unless their collateral alone needs margin (the var model's ES counts it).
     held = np.unique(snap.pos_account)
     req = m["accounts"][f"{basis}_margin"].to_numpy(float)
-    tested = held[req[held] > 0]
+    tested = np.flatnonzero(req > 0)
     acc = m["accounts"].iloc[tested]
     margin = req[tested]
     haircut = np.maximum(acc.equity.to_numpy(float) - acc.collateral_value.to_numpy(float), 0.0)

@@ -355,3 +355,27 @@ def test_cli_missing_history_exits_2(tmp_path):
     res = CliRunner().invoke(app, ["backtest", str(tmp_path / "snap"), "--prices", str(tmp_path / "none.csv"),
                                    "--horizon-days", "2"])
     assert res.exit_code == 2 and "price history not found" in res.output
+
+
+def test_under_the_var_model_a_book_of_collateral_alone_is_tested(tmp_path):
+    # "loan" holds 1 BTC against 60,000 borrowed USDC and no position: the var model's ES of
+    # its equity covers the BTC, so it has a requirement to backtest (the standard model's is
+    # 0). Its loss in the first window (BTC 100,000 -> 98,000) is 2,000.
+    closes = 100.0 * np.cumprod([1.0] + [1 + r for r in (0.01, -0.02, 0.03, -0.05, 0.004, -0.01, 0.02, -0.03, 0.005,
+                                                          0.01, -0.04, 0.015)])
+    var = 'model = "var"\nvar_history = "history.csv"\nvar_horizon_days = 1\nconfidence = 0.9\nvar_min_windows = 10\n'
+    (tmp_path / "snap").mkdir()
+    history(tmp_path / "snap", closes=closes, name="history.csv")
+    loan = [{"account_id": "loan", "asset": "BTC", "amount": 1.0}, {"account_id": "loan", "asset": "USDC", "amount": -60_000.0}]
+    folder = write_snapshot(tmp_path / "snap", assets=ASSETS, instruments=[LIN],
+                            balances=[{"account_id": "long", "asset": "USDC", "amount": 100_000.0}, *loan],
+                            positions=[{"account_id": "long", "instrument_id": "LIN", "quantity": 1}],
+                            exchange_toml=EXCHANGE_TOML.replace("[margin]\n", "[margin]\n" + var))
+    snap = stress.load_snapshot(folder)
+    res = bt.backtest(snap, history(tmp_path), 2)
+    acc = res["accounts"].set_index("account_id")
+    mm = stress.margin.account_margin(snap)["accounts"].set_index("account_id").maintenance_margin
+    assert res["model"] == "var" and sorted(acc.index) == ["loan", "long"] and res["untested"] == []
+    assert mm["loan"] > 0 and acc.loc["loan", "margin"] == pytest.approx(mm["loan"], rel=1e-12)
+    assert acc.loc["loan", "worst_loss"] == pytest.approx(2_000.0, rel=1e-12)
+    assert list(bt.backtest(snap, history(tmp_path), 2, model="standard")["accounts"].account_id) == ["long"]
