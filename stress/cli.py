@@ -826,6 +826,8 @@ def report_cmd(
     elif old is not None:
         d = report_mod.diff(rep, old, top, breaches + recorded)
         out.print(_report_rich(d["headline"], f"night over night: {d['older_as_of']} -> {d['as_of']}"))
+        if d["setup"]:
+            out.print(Text(report_mod.SETUP_WARNING.format(", ".join(d["setup"])), style="bold yellow"))
         for key in ("new_liquidatable", "movers"):
             out.print(_report_rich(d[key], d[key]["title"], limit=top))
         paths = report_mod.write_diff(d, out_dir or report_dir)

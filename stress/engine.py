@@ -2099,6 +2099,12 @@ def run(
         "total_maintenance_margin": float(accounts["maintenance_margin"].sum()),
         "margin_model": "portfolio" if tab.pm is not None else "var" if tab.var is not None else "standard",
         "haircut_model": "dynamic" if snap.params.haircut_dynamic else "static",
+        # the rest of the setup, so that two reports can say whether they were run alike
+        "risk_limit_tiers": tab.tiers is not None or (tab.var is not None and tab.var["tiers"] is not None),
+        "liquidation_mode": liq_cfg["mode"],
+        "partial_target": float(liq_cfg["partial_target"]) if liq_cfg["mode"] == "partial" else None,
+        "liquidation_fee_rate": float(liq_cfg["fee_rate"]),
+        "price_impact": sorted(liq_cfg["impact"]),
         "dtype": dtype if isinstance(dtype, str) else np.dtype(dtype).name,
         "runtime_seconds": time.perf_counter() - t0,
     }

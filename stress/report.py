@@ -504,8 +504,16 @@ DETAIL_KEYS = {  # summary keys beyond the headline, and how to show them
     "total_maintenance_margin": ("Total maintenance margin (USD)", usd),
     "margin_model": ("Margin model", text),
     "haircut_model": ("Collateral haircuts", text),
+    "risk_limit_tiers": ("Risk-limit tiers", yes_no),
+    "liquidation_mode": ("Liquidation", text),
+    "partial_target": ("Partial close-out target (collateral / MM)", lambda x: "n/a" if x is None else f"{x:g}"),
+    "liquidation_fee_rate": ("Liquidation fee", pct),
+    "price_impact": ("Price impact on", lambda x: ", ".join(x) if x else "none"),
     "dtype": ("Floating point", text),
 }
+# How a run was set up: keys whose difference between two reports is not the market's doing
+SETUP_KEYS = ("margin_model", "haircut_model", "risk_limit_tiers", "liquidation_mode", "partial_target",
+              "liquidation_fee_rate", "price_impact", "oracle_lag_steps", "adl")
 
 
 HEADLINE_KEYS = {"as_of", "accounts", "positions", "scenarios", "worst_scenario", "worst_bad_debt", "insurance_fund",
@@ -1049,6 +1057,11 @@ def diff(new: Report, old: Report, top: int = TOP, breaches: Sequence[str] | Non
          usd(s1.get("total_maintenance_margin")),
          _change(s1.get("total_maintenance_margin"), s0.get("total_maintenance_margin"), usd)),
     ]
+    # A setup that differs (model, liquidation) moves every number below: say which, as rows
+    setup = [k for k in SETUP_KEYS if k in s0 and k in s1 and s0[k] != s1[k]]
+    for k in setup:
+        label, fmt = DETAIL_KEYS.get(k, (k, text))
+        rows.append((f"{label} (setup differs)", fmt(s0[k]), fmt(s1[k]), "changed"))
     head = {"title": "", "note": "", "header": ["", "Older", "Newer", "Change"], "numeric": [False, True, True, True],
             "rows": [[(a, ""), (b, ""), (c, ""), (d, "")] for a, b, c, d in rows]}
 
@@ -1101,6 +1114,7 @@ def diff(new: Report, old: Report, top: int = TOP, breaches: Sequence[str] | Non
         "older_as_of": text(s0.get("as_of")),
         "breaches": list(s1.get("limit_breaches") or []) if breaches is None else list(breaches),
         "headline": head,
+        "setup": [DETAIL_KEYS.get(k, (k, text))[0] for k in setup],
         "new_liquidatable": new_liq,
         "movers": movers_table,
         "scenarios": sc_table,
@@ -1145,10 +1159,16 @@ def _diff_charts(movers: pd.DataFrame, sc: pd.DataFrame) -> list[dict]:
     return out
 
 
+SETUP_WARNING = ("The two runs were set up differently ({}): the changes below mix that with what the market "
+                 "and the book did.")
+
+
 def diff_markdown(d: dict) -> str:
     parts = [f"# {d['title']}: {_md_escape(d['older_as_of'])} → {_md_escape(d['as_of'])}", ""]
     if d["breaches"]:
         parts += ["**LIMITS BREACHED (newer report):**", ""] + [f"- **{_md_escape(b)}**" for b in d["breaches"]] + [""]
+    if d["setup"]:
+        parts += [f"**{_md_escape(SETUP_WARNING.format(', '.join(d['setup'])))}**", ""]
     parts += [_md_table(d["headline"]), ""]
     for key in ("new_liquidatable", "movers", "scenarios", "counts"):
         parts += _md_section(d[key])
@@ -1160,7 +1180,8 @@ def write_diff(d: dict, out: str | Path) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, body in (("diff.md", diff_markdown(d)), ("diff.html", _render("diff.html.j2", d))):
+    warning = SETUP_WARNING.format(", ".join(d["setup"])) if d["setup"] else ""
+    for name, body in (("diff.md", diff_markdown(d)), ("diff.html", _render("diff.html.j2", {**d, "setup_warning": warning}))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(body)
         os.replace(tmp, out / name)  # a reader never sees half a file

@@ -835,6 +835,28 @@ def test_diff_reports_changes_new_liquidatable_accounts_and_movers(two_nights, t
     assert len(svgs(page)) == 2 and not re.search(r"https?://", page)
 
 
+def test_diff_says_when_the_two_runs_were_set_up_differently(two_nights, tmp_path):
+    # The same book under another margin model and liquidation mode moves every number: the
+    # diff must say the setups differ, not present the change as the night's
+    old, new = two_nights
+    assert not report.diff(report.load(new), report.load(old))["setup"]  # set up alike: nothing said
+    other = _copy(old, tmp_path / "old")
+    s = json.loads((other / "summary.json").read_text())
+    assert s["margin_model"] == "standard" and s["liquidation_mode"] == "full" and s["partial_target"] is None
+    s.update(margin_model="portfolio", liquidation_mode="partial", partial_target=1.25)
+    (other / "summary.json").write_text(json.dumps(s))
+    result = invoke("report", new, "--against", other, "--out", tmp_path / "d")
+    assert result.exit_code == 0, result.output
+    said = "set up differently (Margin model, Liquidation, Partial close-out target (collateral / MM))"
+    assert said in " ".join(result.output.split())
+    for fmt in ("md", "html"):
+        text = (tmp_path / "d" / f"diff.{fmt}").read_text()
+        assert said in " ".join(text.split())
+        head = {r[0]: r[1:] for r in (md_tables(text) if fmt == "md" else html_tables(text))[0]["rows"]}
+        assert head["Margin model (setup differs)"] == ["portfolio", "standard", "changed"]
+        assert head["Liquidation (setup differs)"] == ["partial", "full", "changed"]
+
+
 def test_diff_is_written_into_the_newer_report_by_default(two_nights, tmp_path):
     old, new = two_nights
     folder = _copy(new, tmp_path / "new")
