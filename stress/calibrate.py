@@ -35,8 +35,8 @@ scales, searched in two stages:
    its equity is the survival-weighted mix of the step equities. The fund's depletion is
    ``sigmoid((bad debt - fund) / tau)`` (``tau`` as ``sensitivities``: 1% of the fund now), the
    largest bad debt a ``tau``-log-sum-exp; quantiles and ES sort (differentiably). The
-   relaxation ignores liquidation fees and the oracle lag; the exact stage does not. Adam on
-   ``log theta`` minimises total maintenance margin at the snapshot (relative to now) plus an
+   relaxation ignores liquidation fees, price impact, the oracle lag and partial close-outs;
+   the exact stage does not. Adam on ``log theta`` minimises total maintenance margin at the snapshot (relative to now) plus an
    augmented-Lagrangian term ``lam * h + rho / 2 * max(0, h)^2`` of the relative excess
    ``h = (metric - limit) / max(limit, tau)`` (``ROUNDS`` rounds of ``STEPS`` steps, ``lam``
    updated and ``rho`` doubled between rounds).
@@ -323,15 +323,21 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str | None = N
       InputError: the parameter is not searchable, the set has no paths (margin has no effect
         on losses there), or the metric needs random scenarios the set lacks.
     """
-    levers = parse_vary(parameter or default_vary(snap), snap)
+    levers = parse_vary(default_vary(snap) if parameter is None else parameter, snap)
     _check(scen, target)
+    if not math.isfinite(hi) or hi < 1.0:
+        raise InputError("--hi", None, None, f"{hi!r} must be a finite number >= 1")
     tops = np.array([min(hi, lv.top) for lv in levers])
+    for t in tops:  # before any run: a lever whose own range holds no grid point
+        _check_grid(1.0 / hi, t, tolerance)
     uniform = np.ones(len(levers))
     seen: dict[tuple, dict] = {}
 
     def along(direction: np.ndarray) -> Callable[[float], dict]:
-        def at(f: float) -> dict:
-            f = f if f == 1.0 else round(f / tolerance) * tolerance  # today's values as they are, off the grid or not
+        def at(f: float, exact: bool = False) -> dict:
+            on_grid = round(f / tolerance) * tolerance
+            # today's values as they are, off the grid or not, and a top where it is asked for
+            f = f if f == 1.0 or (exact and not math.isclose(f, on_grid, rel_tol=1e-9)) else on_grid
             key = (f, *direction.tolist())
             if key not in seen:
                 seen[key] = evaluate(snap, scen, f, target.metric, chunk_size, levers, direction)
@@ -353,16 +359,21 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str | None = N
     return res
 
 
-def _bisect(at: Callable[[float], dict], before: dict, hi: float, tolerance: float, target: Target,
+def _bisect(at: Callable[..., dict], before: dict, hi: float, tolerance: float, target: Target,
             start: float = 1.0, lo: float = 0.0) -> dict:
     """The smallest ``k * tolerance`` in ``[lo, hi]`` whose evaluation ``at`` meets the target,
-    by bisection from ``start`` (met there: search below it, else above), assuming the metric
-    improves with the scale (met at a scale: met at every larger one)."""
+    or ``hi`` itself, on the grid or not, where no grid point does, by bisection from ``start``
+    (met there: search below it, else above), assuming the metric improves with the scale (met
+    at a scale: met at every larger one). ``at(f, exact=True)`` evaluates ``f`` as it is, not
+    rounded onto the grid."""
     lo_k, hi_k = _grid(lo, hi, tolerance)
     floor_k = lo_k
-    top = at(hi_k * tolerance)
+    top = at(hi, exact=True)  # a lever's top need not be on the grid; the answer may be it
     if not target.met(top["value"]):
         return {"factor": None, "before": before, "after": top, "below": None}
+    if hi_k < lo_k or not target.met(at(hi_k * tolerance)["value"]):  # no grid point at or below it meets
+        below = at(hi_k * tolerance) if hi_k >= lo_k else None
+        return {"factor": top["factor"], "before": before, "after": top, "below": below}
     s_k = start / tolerance
     if target.met(at(start)["value"]):  # the grid points at or above start meet too
         hi_k = max(lo_k, min(hi_k, math.ceil(s_k - 1e-9)))
@@ -380,12 +391,16 @@ def _bisect(at: Callable[[float], dict], before: dict, hi: float, tolerance: flo
 
 
 def _grid(lo: float, hi: float, tolerance: float) -> tuple[int, int]:
-    """The first and last ``k`` of the scales ``k * tolerance`` within ``[lo, hi]`` (k >= 1)."""
-    lo_k, hi_k = max(1, math.ceil(lo / tolerance - 1e-9)), math.floor(hi / tolerance + 1e-9)
+    """The first and last ``k`` of the scales ``k * tolerance`` within ``[lo, hi]`` (k >= 1;
+    none when the last is below the first)."""
+    return max(1, math.ceil(lo / tolerance - 1e-9)), math.floor(hi / tolerance + 1e-9)
+
+
+def _check_grid(lo: float, hi: float, tolerance: float) -> None:
+    lo_k, hi_k = _grid(lo, hi, tolerance)
     if hi_k < lo_k:
         raise InputError("--tolerance", None, None,
                          f"{tolerance:g} puts no scale on its grid within [{lo:g}, {hi:g}]; use a finer tolerance")
-    return lo_k, hi_k
 
 
 def _calibrate_vector(snap, scen, target, levers, tops, along, before, *, hi, tolerance) -> dict:

@@ -1056,7 +1056,7 @@ def calibrate(
         snap, scen = _load(snapshot, scenarios, SAMPLE_ACCOUNTS)
     except InputError as exc:
         _fail(exc)
-    vary = vary or cal.default_vary(snap)
+    vary = cal.default_vary(snap) if vary is None else vary
     with err.status("calibrating") as status:
         def seen(r: dict) -> None:
             status.update(f"scale {r['factor']:.3f}: {goal.metric} = {r['value']:.6g}")
@@ -1113,9 +1113,10 @@ def calibrate(
         what = (", ".join(f"{n} x {v:.3f}" for n, v in zip(res["parameters"], res["scales"])) if vector or vary != "mm_rate"
                 else f"every maintenance-margin rate x {res['factor']:.3f}")
         out.print(f"recommended: {what} (margin cost {cost:+,.0f} USD at the snapshot)", highlight=False)
-        if res["margin"]:
-            keys = "; ".join(f"{k} = {_toml_value(v)}" for k, v in res["margin"].items())
-            out.print(f"in exchange.toml [margin]: {keys}", highlight=False)
+        if res["margin"]:  # one key a line, never wrapped: what is printed pastes as valid TOML
+            out.print("in exchange.toml [margin]:", highlight=False)
+            for k, v in res["margin"].items():
+                out.print(f"{k} = {_toml_value(v)}", highlight=False, soft_wrap=True)
         if res["above_initial"]:
             over = res["above_initial"]
             out.print(Text(f"the maintenance rate passes the initial rate of {len(over)} instrument(s) there "

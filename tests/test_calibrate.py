@@ -435,3 +435,59 @@ def test_margin_keys_name_every_underlying_so_that_written_into_exchange_toml_th
     moved = dataclasses.replace(snap, margin_config={**snap.margin_config, **keys})
     np.testing.assert_array_equal(np.asarray(margin.resolve(moved).pm_price_range),
                                   np.asarray(cal.scaled(snap, [3.0], levers).params.pm_price_range))
+
+
+def test_a_top_off_the_tolerance_grid_is_tried_as_it_is(tmp_path):
+    # On 12,528 the long keeps 7,528 at the first step: closed out there iff 7,528 < 6,120 f,
+    # f > 1.2301, which only mm_factor's top, 1 / 0.8 = 1.25, reaches. With a tolerance of 0.1
+    # the grid stops at 1.2, which holds the long to the second step (owing 20,000 - 12,528):
+    # the top itself is the answer.
+    snap, scen = one_long(tmp_path, 'model = "portfolio"\n', balance=12_528.0)
+    res = cal.calibrate(snap, scen, cal.parse_target("worst_bad_debt<=0"), tolerance=0.1)
+    assert res["factor"] == 1.25 and res["after"]["value"] == 0.0
+    assert res["below"]["factor"] == pytest.approx(1.2) and res["below"]["value"] == pytest.approx(7_472.0)
+    assert res["margin"] == {"mm_factor": 1.0}
+
+
+def test_a_ray_with_no_grid_point_falls_back_rather_than_failing(pm_books, monkeypatch):
+    # A smooth stage that ends with BTC at its top and ETH at its floor leaves a ray from 1 to
+    # 1: no point of a 0.3 grid on it. That is the ray missing, not a usage error.
+    _, snap, scen = pm_books
+    monkeypatch.setattr(cal, "optimise", lambda *a, **k: {"scales": [64.0, 1 / 64], "value": 0.0,
+                                                          "maintenance_margin": 0.0, "history": []})
+    res = cal.calibrate(snap, scen, cal.parse_target("p_fund_depleted<=0.03"), parameter=PM_VECTOR, tolerance=0.3)
+    assert res["factor"] is not None and res["after"]["value"] <= 0.03
+    assert res["fallback"] or res["direction"] == pytest.approx([64.0, 1 / 64])
+
+
+def test_printed_margin_keys_paste_into_exchange_toml_and_give_the_calibrated_run(pm_books, tmp_path, monkeypatch):
+    import tomllib
+
+    folder, snap, scen = pm_books
+    monkeypatch.setattr(cal, "STEPS", 10)  # a short smooth stage: the exact stage fixes the level
+    monkeypatch.setattr(cal, "ROUNDS", 2)
+    r = CliRunner().invoke(app, ["calibrate", str(folder / "snap"), "--scenarios", str(folder / "mc.toml"),
+                                 "--target", "p_fund_depleted<=0.03", "--vary", "price_range.BTC,mm_factor",
+                                 "--tolerance", "0.05", "--out", str(tmp_path / "out")], terminal_width=60)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    lines = r.output.split("in exchange.toml [margin]:\n")[1].splitlines()[:2]
+    keys = tomllib.loads("\n".join(lines))  # one key a line, unwrapped at 60 columns
+    assert set(keys) == {"mm_factor", "price_range"} and set(keys["price_range"]) == {"BTC", "ETH"}
+    toml = (folder / "snap" / "exchange.toml").read_text()
+    toml = "\n".join(line for line in toml.splitlines() if not line.startswith(("price_range", "mm_factor")))
+    (tmp_path / "snap").mkdir()
+    for f in (folder / "snap").iterdir():
+        (tmp_path / "snap" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "snap" / "exchange.toml").write_text(toml + "\n" + "\n".join(lines) + "\n")
+    pasted = stress.load_snapshot(tmp_path / "snap")
+    run = stress.run(pasted, stress.load_scenarios(folder / "mc.toml", pasted))
+    assert run.accounts.maintenance_margin.sum() == pytest.approx(doc["after"]["maintenance_margin"], rel=1e-9)
+
+
+@pytest.mark.parametrize("args, says", [(["--vary", ""], "--vary"), (["--hi", "inf"], "--hi")])
+def test_an_empty_vary_or_an_infinite_hi_is_a_usage_error(book, args, says):
+    folder, _, _ = book
+    r = CliRunner().invoke(app, ["calibrate", str(folder / "snap"), "--scenarios", str(folder / "mc.toml"),
+                                 "--target", "p_fund_depleted<=0.03", *args])
+    assert r.exit_code == 2 and says in r.output
