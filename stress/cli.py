@@ -854,9 +854,12 @@ def _report_rich(t: dict, title: str, limit: int | None = None) -> Table:
     rt = Table(title=Text(title), show_header=any(t["header"]))
     first = max((len(row[0][0]) for row in t["rows"]), default=0)
     for i, (h, numeric) in enumerate(zip(t["header"], t["numeric"])):
-        # the first column (account, scenario) is shown whole; others fold rather than cut
-        rt.add_column(h, justify="right" if numeric else "left", overflow="fold",
-                      no_wrap=i == 0, min_width=min(first, 40) if i == 0 else None)
+        # the first column (account, scenario) is shown whole up to 40 characters; longer
+        # labels (the headline's) wrap there, or they would leave no room for the values;
+        # other columns fold rather than cut
+        whole = i == 0 and first <= 40
+        rt.add_column(h, justify="right" if numeric else "left", overflow="fold", no_wrap=whole,
+                      min_width=first if whole else None, max_width=None if whole or i else 40)
     for row in t["rows"][:limit]:
         rt.add_row(*(Text(v) for v, _ in row))
     if not t["rows"] and t.get("note"):

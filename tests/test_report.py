@@ -857,6 +857,21 @@ def test_diff_says_when_the_two_runs_were_set_up_differently(two_nights, tmp_pat
         assert head["Liquidation (setup differs)"] == ["partial", "full", "changed"]
 
 
+def test_diff_headline_shows_its_values_at_80_columns(two_nights, tmp_path):
+    # A log or a pipe is 80 columns: the headline's long labels must wrap, not push the older
+    # and newer values off the table
+    from typer.testing import CliRunner
+
+    old, new = two_nights
+    r = CliRunner().invoke(app, ["report", str(new), "--against", str(old), "--out", str(tmp_path / "d")],
+                           terminal_width=80)
+    assert r.exit_code == 0, r.output
+    assert max(len(line) for line in r.output.splitlines()) <= 80
+    s1 = json.loads((new / "summary.json").read_text())
+    head = r.output.split("Newly liquidatable")[0]
+    assert "Older" in head and "Change" in head and f"{round(s1['worst_bad_debt']):,}" in head
+
+
 def test_diff_is_written_into_the_newer_report_by_default(two_nights, tmp_path):
     old, new = two_nights
     folder = _copy(new, tmp_path / "new")
