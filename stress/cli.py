@@ -87,6 +87,17 @@ def _start_devices() -> threading.Thread:
     return thread
 
 
+def _idle_margin_note(snap) -> None:
+    """Say which ``[margin]`` keys the configured model leaves unused (``margin.idle_keys``)."""
+    from . import margin
+
+    idle = margin.idle_keys(snap.margin_config)
+    if idle:
+        model = snap.margin_config.get("model", "standard")
+        err.print(Text(f"note: exchange.toml [margin] {', '.join(idle)}: not used by model = \"{model}\"", style="yellow"),
+                  soft_wrap=True)
+
+
 def _load(snapshot: Optional[Path], scenarios: Optional[Path], accounts: int, mark=lambda stage: None):
     from . import io, scenarios as scen_mod
 
@@ -198,6 +209,7 @@ def run(
         devices = _start_devices() if cluster is None else None
         snap, scen = _load(snapshot, scenarios, accounts, mark)
         limits = _limits(snap, max_bad_debt, max_p_fund_depleted, scen)
+        _idle_margin_note(snap)
     except InputError as exc:
         if devices is not None:  # a process that exits while a thread is inside jaxlib's import can abort
             devices.join()
@@ -444,6 +456,7 @@ def validate(
             msg += f"; {scenarios}: ok — {len(scen):,} scenarios"
     except InputError as exc:
         _fail(exc)
+    _idle_margin_note(snap)
     out.print(msg, highlight=False, soft_wrap=True)  # one line, for scripts that read it
 
 

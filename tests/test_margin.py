@@ -477,3 +477,27 @@ def test_standard_margin_of_a_snapshot_of_new_size_compiles_a_few_executables(tm
         margin.account_margin(snap, "standard")
     compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling ")]
     assert 0 < len(compiled) <= 3, compiled  # the new size compiles, in at most three executables
+
+
+@pytest.mark.parametrize("cfg, idle", [
+    ({"model": "standard", "future_mm_rate": 0.01, "price_range": 0.5, "mm_factor": 0.3}, ["mm_factor", "price_range"]),
+    ({"model": "portfolio", "future_tiers": [[1e6, 0.02, 0.01]], "future_mm_rate": 0.01, "mm_factor": 0.7},
+     ["future_mm_rate", "future_tiers"]),
+    ({"model": "var", "var_history": "h.csv", "future_im_rate": 0.02, "future_mm_rate": 0.01, "mm_factor": 0.8},
+     ["future_mm_rate"]),  # the var floor takes the standard initial rates, not the maintenance ones
+    ({"model": "portfolio", "price_range": 0.2, "haircut_model": "dynamic", "confidence": 0.99}, []),
+])
+def test_keys_the_configured_model_does_not_use_are_named(cfg, idle):
+    assert margin.idle_keys(cfg) == idle
+
+
+def test_run_and_validate_note_margin_keys_that_change_nothing(tmp_path):
+    snap_dir = tmp_path / "s"
+    snapshot(snap_dir, [LIN], [{"account_id": "a", "instrument_id": "LIN", "quantity": 1}],
+             extra="price_range = 0.5\nmm_factor = 0.3\n")
+    r = CliRunner().invoke(app, ["validate", str(snap_dir)])
+    assert r.exit_code == 0
+    assert 'note: exchange.toml [margin] mm_factor, price_range: not used by model = "standard"' in r.stderr
+    clean = tmp_path / "c"
+    snapshot(clean, [LIN], [{"account_id": "a", "instrument_id": "LIN", "quantity": 1}])
+    assert "note:" not in CliRunner().invoke(app, ["validate", str(clean)]).stderr
