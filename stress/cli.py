@@ -450,10 +450,12 @@ def validate(
         snap = io.load_snapshot(snapshot)
         _limits(snap, None, None)
         msg = f"{snapshot}: ok — {snap.n_accounts:,} accounts, {snap.n_positions:,} positions, {len(snap.instrument_ids):,} instruments, {snap.n_assets} assets"
-        if scenarios is not None:
+        if scenarios is None:  # stress run's default set: what it checks against the snapshot too
+            scen = scen_mod.load_scenarios(scen_mod.default_path(), snap, skip_unknown_assets=True)
+        else:
             scen = scen_mod.load_scenarios(scenarios, snap)
-            _limits(snap, None, None, scen)  # what stress run checks of the two together
             msg += f"; {scenarios}: ok — {len(scen):,} scenarios"
+        _limits(snap, None, None, scen)  # what stress run checks of the two together
     except InputError as exc:
         _fail(exc)
     _idle_margin_note(snap)
@@ -629,6 +631,8 @@ class _AssetsNamed:
     written without ``--snapshot`` is checked for all that needs no book: the assets it names
     are only checked against a snapshot when it runs."""
 
+    liquidation_config: dict = {}  # no exchange: no oracle lag to check the paths against
+
     def __init__(self, assets):
         self.assets = tuple(dict.fromkeys(assets))
         self.n_assets = len(self.assets)
@@ -727,6 +731,9 @@ def generate_scenarios(
         if exc.file == tmp.name:  # name the file asked for, not the one it was checked as
             exc = InputError(out_file.name, exc.row, exc.column, exc.message)
         _fail(exc)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-checked file left beside the one asked for
+        raise
     tmp.replace(out_file)
     out.print(f"wrote {out_file}{msg}", highlight=False)
 
@@ -838,9 +845,9 @@ def report_cmd(
         out.print(t)
     elif old is not None:
         d = report_mod.diff(rep, old, top, breaches + recorded)
-        out.print(_report_rich(d["headline"], f"night over night: {d['older_as_of']} -> {d['as_of']}"))
-        if d["setup"]:
+        if d["setup"]:  # above the headline, as in diff.md and diff.html
             out.print(Text(report_mod.SETUP_WARNING.format(", ".join(d["setup"])), style="bold yellow"))
+        out.print(_report_rich(d["headline"], f"night over night: {d['older_as_of']} -> {d['as_of']}"))
         for key in ("new_liquidatable", "movers"):
             out.print(_report_rich(d[key], d[key]["title"], limit=top))
         paths = report_mod.write_diff(d, out_dir or report_dir)

@@ -372,10 +372,11 @@ def hedge(snap: Snapshot, account_id: str, instruments: Sequence[str] | None = N
       A dict: ``account_id``; ``instruments``; ``trade`` ({instrument id: contracts}, signed,
       at the mark; options pay their premium from the settlement asset); ``before`` and
       ``after``, each with ``maintenance_margin``, ``collateral_value``, ``equity`` (now),
-      ``worst_excess`` (min over now and the scenarios of collateral - margin, USD),
-      ``worst_state`` (``"now"`` or the scenario's name), ``shortfall_worst`` (its shortfall,
-      ``max(0, -worst_excess)``), ``pnl_worst`` (over the scenarios) and ``delta`` ({asset:
-      delta}); ``scenarios`` (how many).
+      ``worst_excess`` (min over now and every step of every scenario of collateral -
+      margin, USD), ``worst_state`` (``"now"``, the scenario's name, or a path's with its
+      step), ``shortfall_worst`` (the largest of the shortfall now and, per scenario, at the
+      step that decides it, as ``stress run`` takes it), ``pnl_worst`` (over the scenarios, at
+      that step, before closing costs) and ``delta`` ({asset: delta}); ``scenarios`` (how many).
 
     Raises:
       InputError: an unknown account or instrument id, or no instrument to trade.
@@ -440,6 +441,7 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
         raise InputError("--with", None, None, "an instrument is named twice")
     if scenarios is None:
         scenarios = scen_mod.load_scenarios(scen_mod.default_path(), snap, skip_unknown_assets=True)
+    liquidation.check_lag(liquidation.config(snap.liquidation_config), scenarios.steps)  # a set built in Python
     inst = snap.instruments
     mine = snap.pos_account == acc
     hedge_ix = np.array([ids.index(i) for i in instruments], np.int64)

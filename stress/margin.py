@@ -430,16 +430,17 @@ def var_config(cfg: dict, require_history: bool = False) -> dict:
 
 def idle_keys(cfg: dict) -> list[str]:
     """``[margin]`` keys given that the configured model does not use: the portfolio model's
-    under the standard model, the standard rates and tiers under the portfolio model, the
-    standard maintenance rates under the var model (its floor takes the initial ones). Not an
-    error: one table may hold several models' keys for ``--model``, but a key that changes
-    nothing should be said to."""
+    under the standard model, the standard rates and tiers under the portfolio model,
+    ``future_mm_rate`` under the var model (its floor takes the initial rates; a short
+    option's standard initial margin is at least its maintenance margin, so ``option_mm_rate``
+    counts there). Not an error: one table may hold several models' keys for ``--model``, but
+    a key that changes nothing should be said to."""
     model = cfg.get("model", "standard")
     common = {"model", "confidence"} | set(HAIRCUT_DEFAULTS)  # confidence: backtest's default level too
     standard = set(DEFAULTS) | {TIERS_KEY}
     used = {"standard": standard,
             "portfolio": set(PORTFOLIO_DEFAULTS),
-            "var": (standard - {"future_mm_rate", "option_mm_rate"}) | set(VAR_DEFAULTS) | {"mm_factor"}}[model]
+            "var": (standard - {"future_mm_rate"}) | set(VAR_DEFAULTS) | {"mm_factor"}}[model]
     return sorted(k for k in cfg if k not in used | common)
 
 

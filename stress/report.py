@@ -507,8 +507,10 @@ DETAIL_KEYS = {  # summary keys beyond the headline, and how to show them
     "risk_limit_tiers": ("Risk-limit tiers", yes_no),
     "liquidation_mode": ("Liquidation", text),
     "partial_target": ("Partial close-out target (collateral / MM)", lambda x: "n/a" if x is None else f"{x:g}"),
-    "liquidation_fee_rate": ("Liquidation fee", pct),
+    "liquidation_fee_rate": ("Liquidation fee (of notional)", lambda x: f"{x:.4%}"),
     "price_impact": ("Price impact on", lambda x: ", ".join(x) if x else "none"),
+    "oracle_lag_steps": ("Oracle lag (path steps)", count),
+    "adl": ("Auto-deleveraging", yes_no),
     "dtype": ("Floating point", text),
 }
 # How a run was set up: keys whose difference between two reports is not the market's doing

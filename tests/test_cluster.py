@@ -184,7 +184,7 @@ def _flat(d: dict) -> dict:
     """The summary with nested lists of dicts (``oracle_lags``) spelled out as flat keys."""
     out = {}
     for k, v in d.items():
-        if isinstance(v, list):
+        if isinstance(v, list) and all(isinstance(row, dict) for row in v):
             out.update({f"{k}.{i}.{kk}": vv for i, row in enumerate(v) for kk, vv in row.items()})
         else:
             out[k] = v

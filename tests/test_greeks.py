@@ -521,3 +521,16 @@ def test_hedge_refuses_margin_it_does_not_model(tmp_path, margin_toml, field):
     with pytest.raises(stress.InputError) as info:
         stress.greeks.hedge(snap, "a", ["BTC_USDC-PERPETUAL"])
     assert info.value.column == field and "stress hedge" in info.value.message
+
+
+def test_hedge_refuses_a_lag_of_a_whole_path_on_a_set_built_in_python(tmp_path):
+    import dataclasses
+
+    snap = snapshot(tmp_path, LINEAR_FUTURES, [{"account_id": "a", "asset": "USDC", "amount": 12_000.0}],
+                    [{"account_id": "a", "instrument_id": "LPERP", "quantity": 1.0}])
+    (tmp_path / "h.csv").write_text("date,BTC\n2026-01-01,90000\n2026-01-02,76500\n2026-01-03,90000\n")
+    (tmp_path / "p.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 2\n')
+    scen = stress.load_scenarios(tmp_path / "p.toml", snap)
+    lagged = dataclasses.replace(snap, liquidation_config={"oracle_lag_steps": 2})
+    with pytest.raises(stress.InputError, match="not less than the 2 steps"):
+        stress.greeks.hedge(lagged, "a", ["LPERP"], scen)

@@ -483,8 +483,10 @@ def test_standard_margin_of_a_snapshot_of_new_size_compiles_a_few_executables(tm
     ({"model": "standard", "future_mm_rate": 0.01, "price_range": 0.5, "mm_factor": 0.3}, ["mm_factor", "price_range"]),
     ({"model": "portfolio", "future_tiers": [[1e6, 0.02, 0.01]], "future_mm_rate": 0.01, "mm_factor": 0.7},
      ["future_mm_rate", "future_tiers"]),
-    ({"model": "var", "var_history": "h.csv", "future_im_rate": 0.02, "future_mm_rate": 0.01, "mm_factor": 0.8},
-     ["future_mm_rate"]),  # the var floor takes the standard initial rates, not the maintenance ones
+    # the var floor takes the standard initial rates; a short option's is at least its
+    # maintenance margin, so option_mm_rate counts there and future_mm_rate does not
+    ({"model": "var", "var_history": "h.csv", "future_im_rate": 0.02, "future_mm_rate": 0.01, "option_mm_rate": 0.07,
+      "mm_factor": 0.8}, ["future_mm_rate"]),
     ({"model": "portfolio", "price_range": 0.2, "haircut_model": "dynamic", "confidence": 0.99}, []),
 ])
 def test_keys_the_configured_model_does_not_use_are_named(cfg, idle):

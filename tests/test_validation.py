@@ -835,3 +835,19 @@ def test_rows_whose_rates_keep_initial_above_maintenance_margin_load(tmp_path):
     snap = stress.load_snapshot(build(tmp_path, inputs)[0])
     i = list(snap.instrument_ids).index("BTC-25DEC26-120000-C")
     assert snap.instruments.contract_size[i] == 1.0 and not snap.instruments.inverse[i]
+
+
+def test_validate_without_a_scenario_file_checks_the_snapshot_against_the_default_set(tmp_path):
+    # stress run without --scenarios takes the default set (4-step paths): a lag of 4 steps
+    # fails there, so validate must say so too rather than report ok
+    from typer.testing import CliRunner
+
+    from stress import sample
+    from stress.cli import app
+
+    sample.write(tmp_path / "s", accounts=30)
+    toml = (tmp_path / "s" / "exchange.toml").read_text().replace("[liquidation]\n", "[liquidation]\noracle_lag_steps = 4\n")
+    assert "oracle_lag_steps = 4" in toml
+    (tmp_path / "s" / "exchange.toml").write_text(toml)
+    r = CliRunner().invoke(app, ["validate", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "oracle_lag_steps" in r.output
