@@ -36,10 +36,11 @@ scales, searched in two stages:
    ``sigmoid((bad debt - fund) / tau)`` (``tau`` as ``sensitivities``: 1% of the fund now), the
    largest bad debt a ``tau``-log-sum-exp; quantiles and ES sort (differentiably). The
    relaxation ignores liquidation fees, price impact, the oracle lag and partial close-outs;
-   the exact stage does not. Adam on ``log theta`` minimises total maintenance margin at the snapshot (relative to now) plus an
-   augmented-Lagrangian term ``lam * h + rho / 2 * max(0, h)^2`` of the relative excess
-   ``h = (metric - limit) / max(limit, tau)`` (``ROUNDS`` rounds of ``STEPS`` steps, ``lam``
-   updated and ``rho`` doubled between rounds).
+   the exact stage does not. Adam on ``log theta`` minimises total maintenance margin at the
+   snapshot (relative to now) plus an augmented-Lagrangian term
+   ``lam * h + rho / 2 * max(0, h)^2`` of the relative excess ``h = (metric - limit) /
+   max(limit, tau)`` (``ROUNDS`` rounds of ``STEPS`` steps, ``lam`` updated and ``rho``
+   doubled between rounds).
 2. **Exact check and scale along the ray.** The smooth solution ``theta*`` is run exactly
    (``engine.run``); whatever the verdict, the smallest ``s`` on the ``tolerance`` grid with
    the target met at ``s * theta*`` is found by exact bisection, up when ``theta*`` misses the
@@ -109,7 +110,7 @@ class Lever:
 
 # What each margin model's maintenance margin is made of, as ``--vary`` names it
 LEVERS = {"standard": ("mm_rate",), "portfolio": ("mm_factor", "price_range"), "var": ("mm_factor",)}
-PRICE_RANGE_MAX = 0.99  # [margin] price_range's upper limit (margin._PER_ASSET)
+PRICE_RANGE_MAX = margin._PER_ASSET["price_range"][2]  # [margin] price_range's upper limit, 0.99
 
 
 def default_vary(snap: Any) -> str:
