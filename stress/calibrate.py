@@ -217,8 +217,8 @@ def scaled(snap: Any, factor: Any, levers: tuple[Lever, ...] | None = None) -> A
     None) its margin model's whole maintenance margin by ``factor`` (``default_vary``).
 
     The portfolio and var models' parameters are written into ``[margin]`` too, as the
-    values to set there (the engine resolves those models' parameters from it): ``mm_factor``
-    and a ``price_range`` table naming every asset.
+    values to set there (``margin_keys``): ``mm_factor`` and a ``price_range`` table naming
+    every asset.
 
     Raises:
       ValueError: a scale above a lever's ``top``, which ``[margin]`` would not accept.
@@ -232,13 +232,12 @@ def scaled(snap: Any, factor: Any, levers: tuple[Lever, ...] | None = None) -> A
     cfg = dict(snap.margin_config)
     # min(): a scale at a lever's top can round past [margin]'s limit by an ulp
     if any(lv.field == "pm_mm_factor" for lv in levers):
-        cfg["mm_factor"] = min(float(p.pm_mm_factor), 1.0)
+        p = dataclasses.replace(p, pm_mm_factor=np.float64(min(float(p.pm_mm_factor), 1.0)))
+        cfg["mm_factor"] = float(p.pm_mm_factor)
     if any(lv.field == "pm_price_range" for lv in levers):
-        cfg["price_range"] = {a: min(float(v), PRICE_RANGE_MAX) for a, v in zip(snap.assets, np.asarray(p.pm_price_range))}
-    if cfg == snap.margin_config:
-        return dataclasses.replace(snap, params=p)
-    moved = dataclasses.replace(snap, margin_config=cfg)
-    return dataclasses.replace(moved, params=margin.resolve(moved))
+        p = dataclasses.replace(p, pm_price_range=np.minimum(np.asarray(p.pm_price_range), PRICE_RANGE_MAX))
+        cfg["price_range"] = dict(zip(snap.assets, np.asarray(p.pm_price_range).tolist()))
+    return dataclasses.replace(snap, margin_config=cfg, params=p)
 
 
 def margin_keys(snap: Any, levers: tuple[Lever, ...], scales: Any) -> dict:

@@ -394,7 +394,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
 
     pm = None
     if portfolio_model:  # a risk matrix around every scenario state (and every step of a path)
-        params = margin.resolve(snap)
+        params = snap.params
         extended = margin.grid_moves(params)[2]
         _check_model_table(scen, len(snap.instrument_ids), model, len(extended))
         g = margin.scenario_grids(snap.instruments, snap.market, params, spot, vol, hor, batch=PM_GRID_BATCH)
@@ -434,7 +434,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
                "pnl0": jnp.asarray(np.asarray(g["pnl"])[0][:, None, :], dtype),
                "dp0": jnp.asarray(np.asarray(g["dp"])[0][:, None, :], dtype),
                "im0": jnp.asarray(np.asarray(im)[:, :1], dtype),
-               "floor": jnp.asarray(vc["var_floor"], dtype), "factor": jnp.asarray(margin.resolve(snap).pm_mm_factor, dtype),
+               "floor": jnp.asarray(vc["var_floor"], dtype), "factor": jnp.asarray(snap.params.pm_mm_factor, dtype),
                "tiers": _tiers(snap.params, snap.params.tier_im, dtype)}
         var_tail = _tail_size(windows.shape[0], vc["confidence"])
 

@@ -456,7 +456,9 @@ def mm_above_initial(params: Params, kind: Any) -> np.ndarray:
 
 def resolve(snap: Any) -> Params:
     """The snapshot's ``Params`` with its ``[margin]`` table resolved against its asset names
-    (per-asset tables such as ``price_range = {BTC = 0.16, ETH = 0.20}``)."""
+    (per-asset tables such as ``price_range = {BTC = 0.16, ETH = 0.20}``): what loading does,
+    again, for a snapshot whose table was changed in Python. The engine and ``account_margin``
+    read ``snap.params``, so such a snapshot needs ``params=resolve(it)`` too."""
     p = snap.params
     return params_from_config(snap.margin_config, snap.instruments, p.haircut, (p.im_override, p.mm_override),
                               assets=tuple(snap.assets))
@@ -853,7 +855,7 @@ def account_margin(snap: Any, model: str | None = None) -> dict:
         raise InputError("--model", None, None, f"{model!r} is not one of {', '.join(MODELS)}")
     if model == "var":
         return _var_margin(snap)
-    params = resolve(snap)
+    params = snap.params
     inst, market = snap.instruments, snap.market
     rv = _at_snapshot(inst, market)
     value0 = np.asarray(rv["value"])[:, 0]
@@ -998,7 +1000,7 @@ def _var_margin(snap: Any) -> dict:
     std = account_margin(snap, "standard")
     floor = c["var_floor"] * std["accounts"]["initial_margin"].to_numpy()
     im = np.maximum(es, floor)
-    mm = float(resolve(snap).pm_mm_factor) * im
+    mm = float(snap.params.pm_mm_factor) * im
     accounts = std["accounts"].copy()
     accounts["initial_margin"] = im
     accounts["maintenance_margin"] = mm

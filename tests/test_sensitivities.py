@@ -466,8 +466,8 @@ def test_an_oracle_lag_changes_who_pays_what(tiered, tmp_path):
 
 
 def with_margin(snap, **keys):
-    """The snapshot with ``[margin]`` keys changed and its parameters resolved again (the
-    engine re-resolves the portfolio model's parameters from ``[margin]``)."""
+    """The snapshot with ``[margin]`` keys changed and its parameters resolved again from them
+    (the engine and sensitivities read the parameters, not the table)."""
     moved = dataclasses.replace(snap, margin_config={**snap.margin_config, **keys})
     return dataclasses.replace(moved, params=margin.resolve(moved))
 
