@@ -13,11 +13,12 @@ What is scaled (``--vary``, comma-separated; ``parse_vary``) is what the snapsho
 model's maintenance margin is made of. Standard model: ``mm_rate`` scales every
 maintenance-margin rate (risk-limit tier rates with them), ``mm_rate.<UNDERLYING>`` (e.g.
 ``mm_rate.BTC``) those of the instruments on that underlying (futures, perpetuals and options
-alike). Portfolio model: ``mm_factor`` (MM as a share of IM), ``price_range`` (every
-underlying's risk-matrix price range) or ``price_range.<UNDERLYING>``. Var model:
-``mm_factor``. Scales stay within what ``[margin]`` accepts (``mm_factor <= 1``,
-``price_range <= 0.99``), and the portfolio and var models' result is given as the
-``[margin]`` keys to set.
+alike). Portfolio model: ``mm_factor`` (MM as a share of IM), and the risk matrix's shock
+sizes, each whole (every underlying's) or per underlying: ``price_range`` (the price move),
+``volatility_range_up`` and ``volatility_range_down`` (the relative vol shocks at 30 days to
+expiry), e.g. ``volatility_range_up.BTC``. Var model: ``mm_factor``. Scales stay within what
+``[margin]`` accepts (``mm_factor <= 1``, ``price_range <= 0.99``), and the portfolio and var
+models' result is given as the ``[margin]`` keys to set.
 
 One lever is searched exactly: the smallest scale ``m`` on a grid of ``tolerance`` whose exact
 run meets the target is found by bisection. Bisection assumes the metric does not rise with
@@ -103,14 +104,22 @@ class Lever:
     """One scale ``--vary`` names: which ``Params`` field it multiplies, and where."""
 
     name: str  # as named on the command line, e.g. "price_range.BTC"
-    field: str  # the Params field it multiplies: "mm_rate", "pm_mm_factor" or "pm_price_range"
-    mask: np.ndarray  # [I] instruments (mm_rate), [A] assets (pm_price_range) or [1] (pm_mm_factor), bool
+    field: str  # the Params field it multiplies: "mm_rate", "pm_mm_factor" or a TABLES field
+    mask: np.ndarray  # [I] instruments (mm_rate), [A] assets (TABLES fields) or [1] (pm_mm_factor), bool
     top: float  # the largest scale [margin] accepts: 1 / mm_factor, 0.99 / the largest price range; inf
 
 
+# The portfolio model's per-underlying shock sizes that can be levers: [margin] key -> Params
+# field. Each is a table in [margin] ({BTC = 0.16, ETH = 0.2}), whole or per underlying.
+TABLES = {"price_range": "pm_price_range", "volatility_range_up": "pm_vol_up",
+          "volatility_range_down": "pm_vol_down"}
 # What each margin model's maintenance margin is made of, as ``--vary`` names it
-LEVERS = {"standard": ("mm_rate",), "portfolio": ("mm_factor", "price_range"), "var": ("mm_factor",)}
-PRICE_RANGE_MAX = margin._PER_ASSET["price_range"][2]  # [margin] price_range's upper limit, 0.99
+LEVERS = {"standard": ("mm_rate",), "portfolio": ("mm_factor", *TABLES), "var": ("mm_factor",)}
+
+
+def _limit(key: str) -> float:
+    """The largest value ``[margin]`` accepts for a ``TABLES`` key (0.99 for price_range)."""
+    return margin._PER_ASSET[key][2]
 
 
 def default_vary(snap: Any) -> str:
@@ -124,8 +133,8 @@ def parse_vary(text: str, snap: Any) -> tuple[Lever, ...]:
 
     Under the standard model ``mm_rate`` (every maintenance-margin rate, tier rates included)
     and ``mm_rate.<UNDERLYING>`` (those of the instruments on that underlying); under the
-    portfolio model ``mm_factor`` and ``price_range`` / ``price_range.<UNDERLYING>``; under the
-    var model ``mm_factor``. A lever the snapshot's model does not use would change nothing,
+    portfolio model ``mm_factor`` and each ``TABLES`` key, whole or ``.<UNDERLYING>``
+    (``price_range``, ``volatility_range_up.BTC``); under the var model ``mm_factor``. A lever the snapshot's model does not use would change nothing,
     so it is refused.
 
     Raises:
@@ -141,7 +150,7 @@ def parse_vary(text: str, snap: Any) -> tuple[Lever, ...]:
     p = snap.params
     levers = []
     for name in names:
-        m = re.fullmatch(r"(mm_rate|mm_factor|price_range)(?:\.(.+))?", name)
+        m = re.fullmatch(rf"(mm_rate|mm_factor|{'|'.join(TABLES)})(?:\.(.+))?", name)
         if not m:
             raise InputError("--vary", None, None, f"{name!r}: expected {forms} (the {model} margin model's), "
                              "several comma-separated")
@@ -162,16 +171,17 @@ def parse_vary(text: str, snap: Any) -> tuple[Lever, ...]:
         if family == "mm_rate":
             mask = np.ones(len(under), bool) if asset is None else under == snap.asset_index(asset)
             levers.append(Lever(name, "mm_rate", mask, math.inf))
-        else:  # price_range: per asset as underlying; the whole key moves every underlying's
+        else:  # a TABLES key: per asset as underlying; the whole key moves every underlying's
             mask = np.isin(np.arange(len(snap.assets)), under) if asset is None else \
                 np.arange(len(snap.assets)) == snap.asset_index(asset)
-            current = float(np.max(np.asarray(p.pm_price_range)[mask]))
-            levers.append(Lever(name, "pm_price_range", mask, _top(PRICE_RANGE_MAX, current, name)))
+            field = TABLES[family]
+            current = float(np.max(np.asarray(getattr(p, field))[mask]))
+            levers.append(Lever(name, field, mask, _top(_limit(family), current, name)))
     if len(set(names)) < len(names):
         raise InputError("--vary", None, None, f"{text!r}: a parameter is named twice")
     for field in {lv.field for lv in levers}:
         if sum(lv.mask.astype(int) for lv in levers if lv.field == field).max() > 1:
-            whole = {"mm_rate": "mm_rate", "pm_price_range": "price_range"}[field]
+            whole = {"mm_rate": "mm_rate", **{f: k for k, f in TABLES.items()}}[field]
             raise InputError("--vary", None, None, f"{text!r}: {whole} scales every underlying's; combine it with "
                              f"no {whole}.<UNDERLYING>")
     return tuple(levers)
@@ -205,8 +215,9 @@ def scaled_params(params: Any, theta: Any, levers: tuple[Lever, ...], xp: Any = 
     if "mm_rate" in mult:
         new["mm_rate"] = params.mm_rate * mult["mm_rate"]
         new["tier_mm"] = params.tier_mm * mult["mm_rate"][:, None]
-    if "pm_price_range" in mult:
-        new["pm_price_range"] = params.pm_price_range * mult["pm_price_range"]
+    for field in TABLES.values():
+        if field in mult:
+            new[field] = getattr(params, field) * mult[field]
     if "pm_mm_factor" in mult:
         new["pm_mm_factor"] = params.pm_mm_factor * mult["pm_mm_factor"][0]
     return dataclasses.replace(params, **new)
@@ -217,8 +228,8 @@ def scaled(snap: Any, factor: Any, levers: tuple[Lever, ...] | None = None) -> A
     None) its margin model's whole maintenance margin by ``factor`` (``default_vary``).
 
     The portfolio and var models' parameters are written into ``[margin]`` too, as the
-    values to set there (``margin_keys``): ``mm_factor`` and a ``price_range`` table naming
-    every asset.
+    values to set there (``margin_keys``): ``mm_factor`` and a table naming every asset per
+    ``TABLES`` key varied (``price_range``, ...).
 
     Raises:
       ValueError: a scale above a lever's ``top``, which ``[margin]`` would not accept.
@@ -234,9 +245,10 @@ def scaled(snap: Any, factor: Any, levers: tuple[Lever, ...] | None = None) -> A
     if any(lv.field == "pm_mm_factor" for lv in levers):
         p = dataclasses.replace(p, pm_mm_factor=np.float64(min(float(p.pm_mm_factor), 1.0)))
         cfg["mm_factor"] = float(p.pm_mm_factor)
-    if any(lv.field == "pm_price_range" for lv in levers):
-        p = dataclasses.replace(p, pm_price_range=np.minimum(np.asarray(p.pm_price_range), PRICE_RANGE_MAX))
-        cfg["price_range"] = dict(zip(snap.assets, np.asarray(p.pm_price_range).tolist()))
+    for key, field in TABLES.items():
+        if any(lv.field == field for lv in levers):
+            p = dataclasses.replace(p, **{field: np.minimum(np.asarray(getattr(p, field)), _limit(key))})
+            cfg[key] = dict(zip(snap.assets, np.asarray(getattr(p, field)).tolist()))
     return dataclasses.replace(snap, margin_config=cfg, params=p)
 
 
@@ -247,11 +259,12 @@ def margin_keys(snap: Any, levers: tuple[Lever, ...], scales: Any) -> dict:
     keys = {}
     if any(lv.field == "pm_mm_factor" for lv in levers):
         keys["mm_factor"] = cfg["mm_factor"]
-    if any(lv.field == "pm_price_range" for lv in levers):
-        # every underlying, varied or not: a table replaces the key's whole value, so an
-        # underlying it left out would fall back to the built-in range, not today's
-        keys["price_range"] = {snap.assets[i]: cfg["price_range"][snap.assets[i]]
-                               for i in np.unique(np.asarray(snap.instruments.underlying))}
+    for key, field in TABLES.items():
+        if any(lv.field == field for lv in levers):
+            # every underlying, varied or not: a table replaces the key's whole value, so an
+            # underlying it left out would fall back to the built-in value, not today's
+            keys[key] = {snap.assets[i]: cfg[key][snap.assets[i]]
+                         for i in np.unique(np.asarray(snap.instruments.underlying))}
     return keys
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -276,6 +278,99 @@ def test_portfolio_model_calibrates_to_the_hand_computed_level(tmp_path, lever, 
     run = stress.run(dataclasses.replace(moved, params=margin.resolve(moved)), scen)
     assert run.accounts.maintenance_margin.sum() == pytest.approx(res["after"]["maintenance_margin"], rel=1e-12)
     assert res["tops"] == [pytest.approx(1 / 0.8 if lever == "mm_factor" else 0.99 / 0.16)]
+
+
+def _bs_call(spot, strike, T, vol):
+    """Black-Scholes call per unit of underlying, rate 0 (Hull, ch. 15)."""
+    from scipy.stats import norm
+
+    d1 = (math.log(spot / strike) + 0.5 * vol * vol * T) / (vol * math.sqrt(T))
+    return spot * norm.cdf(d1) - strike * norm.cdf(d1 - vol * math.sqrt(T))
+
+
+def short_call(folder, margin_toml: str, balance: float = 11_700.0):
+    """A short of one USDC-settled at-the-money BTC call (strike 50,000, iv 60%, 40 days to
+    expiry) on ``balance`` USDC facing its buyer on 1,000,000, and one replay path of two daily
+    steps: BTC 50,000 -> 52,000 -> 80,000. Held to the second step the call is worth about
+    30,000."""
+    (folder / "snap").mkdir(parents=True)
+    snap = stress.load_snapshot(write_snapshot(
+        folder / "snap",
+        assets=[{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "BTC", "price": 50_000.0, "haircut": 0.0}],
+        instruments=[{"instrument_id": "C", "kind": "option", "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 1.0, "expiry": "2027-01-02T08:00:00Z", "strike": 50_000.0,
+                      "option_type": "call", "mark_iv": 0.6}],
+        balances=[{"account_id": "short", "asset": "USDC", "amount": balance},
+                  {"account_id": "long", "asset": "USDC", "amount": 1_000_000.0}],
+        positions=[{"account_id": "short", "instrument_id": "C", "quantity": -1},
+                   {"account_id": "long", "instrument_id": "C", "quantity": 1}],
+        exchange_toml=TOML.replace("{ USDC = 20000.0 }", "{ USDC = 0.0 }") + margin_toml))
+    (folder / "path.csv").write_text("date,BTC\n2026-01-01,50000\n2026-01-02,52000\n2026-01-03,80000\n")
+    (folder / "path.toml").write_text('[[replay]]\nname = "squeeze"\nprices = "path.csv"\nhorizon_days = 2\n')
+    return snap, stress.load_scenarios(folder / "path.toml", snap)
+
+
+def test_portfolio_vol_shock_up_calibrates_to_the_black_scholes_level(tmp_path):
+    # At the first step (BTC 52,000, 39 days left) the short's equity is 11,700 less the call,
+    # and its MM is 0.8 x the worst loss of the 9 x 3 risk matrix (no extended table), the vol
+    # shock up scaled by f: iv (1 + 0.5 f (30 / 39) ** 0.13). The short must be closed out there
+    # (equity < MM) to owe nothing at the second step; f solves equity = MM, by Black-Scholes.
+    from scipy.optimize import brentq
+
+    snap, scen = short_call(tmp_path, 'model = "portfolio"\nextended_pnl_fraction = 0.0\n')
+    S1, T1, iv = 52_000.0, 39 / 365, 0.6
+    c1 = _bs_call(S1, 50_000.0, T1, iv)
+
+    def mm(f):
+        vols = (iv * (1 + 0.5 * f * (30 / 39) ** 0.13), iv, iv * (1 - 0.25 * (30 / 39) ** 0.13))
+        return 0.8 * max(_bs_call(S1 * (1 + m / 100), 50_000.0, T1, v) - c1
+                         for m in range(-16, 17, 4) for v in vols)
+
+    f_star = brentq(lambda f: mm(f) - (11_700.0 - c1), 0.5, 3.0)
+    assert 1.2 < f_star < 1.4  # today's shock (f = 1) leaves the short open at the first step
+    res = cal.calibrate(snap, scen, cal.parse_target("worst_bad_debt<=0"), parameter="volatility_range_up")
+    held = _bs_call(80_000.0, 50_000.0, 38 / 365, iv) - 11_700.0  # it owes the call less its 11,700
+    assert res["before"]["value"] == pytest.approx(held, rel=1e-9)
+    assert res["factor"] == pytest.approx(math.ceil(f_star / 1e-3) * 1e-3) and res["after"]["value"] == 0.0
+    assert res["below"]["value"] == pytest.approx(held, rel=1e-9)
+    assert res["tops"] == [64.0] and res["margin"] == {"volatility_range_up": {"BTC": pytest.approx(0.5 * res["factor"])}}
+    # the key, written into exchange.toml, gives the calibrated run
+    moved = dataclasses.replace(snap, margin_config={**snap.margin_config, **res["margin"]})
+    run = stress.run(dataclasses.replace(moved, params=margin.resolve(moved)), scen)
+    assert run.accounts.maintenance_margin.sum() == pytest.approx(res["after"]["maintenance_margin"], rel=1e-12)
+
+
+@pytest.mark.parametrize("lever, key, today", [("volatility_range_up.BTC", "volatility_range_up", 0.5),
+                                               ("volatility_range_down", "volatility_range_down", 0.25)])
+def test_vol_shock_levers_scale_the_key_they_name_and_move_option_margin(tmp_path, lever, key, today):
+    snap, _ = short_call(tmp_path, 'model = "portfolio"\nextended_pnl_fraction = 0.0\n')
+    levers = cal.parse_vary(lever, snap)
+    assert cal.margin_keys(snap, levers, [2.0]) == {key: {"BTC": pytest.approx(2 * today)}}
+    mm = lambda s: margin.account_margin(s, "portfolio")["accounts"].set_index("account_id").maintenance_margin
+    before, after = mm(snap), mm(cal.scaled(snap, [2.0], levers))
+    # the short call's worst point is vol up, the long's vol down: each lever moves one of them
+    moved, still = ("short", "long") if key.endswith("up") else ("long", "short")
+    assert after[moved] > before[moved] and after[still] == before[still]
+
+
+def test_the_relaxation_differentiates_the_vol_shocks_as_the_exact_margin_moves(tmp_path):
+    # The smooth stage's margin at the snapshot, and its gradient in the vol-shock scales,
+    # against the exact margin (margin.account_margin) at scaled snapshots, by central differences.
+    snap, scen = short_call(tmp_path, 'model = "portfolio"\nextended_pnl_fraction = 0.0\n')
+    levers = cal.parse_vary("volatility_range_up,volatility_range_down", snap)
+    b = sens.book(snap, scen)
+    args = (sens._float_params(snap.params), sens.safe_instruments(snap.instruments, snap.market), snap.market,
+            b, jnp.ones(snap.n_accounts), 1.0)
+    statics = dict(levers=levers, metric="bad_debt_mean", n=snap.n_accounts, K=scen.steps, S=len(scen), n_random=1)
+    total = lambda theta: cal.smooth_metric(theta, *args, **statics)[1]
+    exact = lambda theta: margin.account_margin(cal.scaled(snap, theta, levers), "portfolio")[
+        "accounts"].maintenance_margin.sum()
+    theta, h = np.array([1.3, 0.7]), 1e-4
+    assert float(total(jnp.asarray(theta))) == pytest.approx(exact(theta), rel=1e-12)
+    fd = [(exact(theta + h * e) - exact(theta - h * e)) / (2 * h) for e in np.eye(2)]
+    grad = np.asarray(jax.grad(total)(jnp.asarray(theta)))
+    assert (grad > 0).all()  # the short's margin rises with the shock up, the long's with the one down
+    np.testing.assert_allclose(grad, fd, rtol=1e-6)
 
 
 def test_var_model_calibrates_mm_factor_to_the_hand_computed_level(tmp_path):
