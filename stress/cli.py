@@ -555,7 +555,9 @@ def hedge(
         h = find_hedge(snap, account, names, scen)
     except InputError as exc:
         _fail(exc)
-    t = Table(title=f"hedge for {account} — trading {', '.join(h['instruments'])} — {h['scenarios']} scenarios")
+    model = snap.margin_config.get("model", "standard")
+    t = Table(title=f"hedge for {account} — trading {', '.join(h['instruments'])} — {h['scenarios']} scenarios — "
+                    f"{model} margin model")
     t.add_column("instrument")
     t.add_column("trade (contracts)", justify="right")
     for iid, q in h["trade"].items():

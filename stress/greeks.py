@@ -236,11 +236,67 @@ def _path_states(inst: Instruments, snap: Snapshot, scen: Any, value: np.ndarray
     one-step set): the layout of ``liquidation.path_outcome`` after the first column."""
     if scen.steps < 2:
         return value, (value[:, :0], np.zeros((value.shape[0], 0)), np.zeros((snap.n_assets, 0)))
-    step_major = lambda x: np.swapaxes(np.asarray(x), 0, 1).reshape((-1,) + np.shape(x)[2:])  # noqa: E731
-    before, mm, price, before_live = _market_tables(inst, snap.market, snap.params, step_major(scen.path_spot_mult),
-                                                    step_major(scen.path_vol_shift), step_major(scen.path_horizon_days))
+    before, mm, price, before_live = _market_tables(inst, snap.market, snap.params, *_path_steps(scen))
     value, before = pricing.hold_settled_paths(value, live, before, before_live)
     return value, (before, np.asarray(mm), np.asarray(price))
+
+
+def _path_steps(scen: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``spot_mult``, ``vol_shift`` ``[(K-1) * S, A]`` and ``horizon_days`` of the steps before
+    each path's last, step-major."""
+    step_major = lambda x: np.swapaxes(np.asarray(x), 0, 1).reshape((-1,) + np.shape(x)[2:])  # noqa: E731
+    return step_major(scen.path_spot_mult), step_major(scen.path_vol_shift), step_major(scen.path_horizon_days)
+
+
+def _risk_matrices(snap: Snapshot, U: np.ndarray, q0: np.ndarray, traded: np.ndarray, spot: Any, vol: Any,
+                   hor: Any) -> _RiskMatrices:
+    """The portfolio model's ``_RiskMatrices`` of one account holding ``q0 [U]`` contracts of
+    instruments ``U`` and trading ``U[traded]``, around each of the states ``spot``, ``vol``
+    ``[M, A]``, ``hor [M]``."""
+    from . import sensitivities
+
+    inst, p = snap.instruments, snap.params
+    sub = jax.tree_util.tree_map(lambda a: np.asarray(a)[U], inst)
+    g = margin.scenario_grids(sub, snap.market, p, jnp.asarray(spot), jnp.asarray(vol), jnp.asarray(hor))
+    lay = sensitivities.pm_layout(np.zeros(len(U), np.int64), np.asarray(inst.underlying)[U],
+                                  np.asarray(inst.settlement)[U], snap.n_assets)
+    # What the trade does not change, summed once per sub-block: the held contracts of the
+    # instruments not traded. The traded ones follow, per contract.
+    fixed = np.where(np.isin(np.arange(len(U)), traded), 0.0, q0)
+    Ms = lay["sub_block"].shape[0]
+    seg = lambda x: jax.ops.segment_sum(x, lay["pos_sub"], num_segments=Ms)  # noqa: E731
+    moved = lambda x: jnp.moveaxis(x, 0, 1)  # noqa: E731  [M, U, ...] -> [U, M, ...]
+    u = lay["block_underlying"]
+    return _RiskMatrices(
+        pnl=jnp.concatenate([seg(fixed[:, None, None] * moved(g["pnl"])), moved(g["pnl"])[traded]]),
+        delta=jnp.concatenate([seg(fixed[:, None] * g["delta"].T), g["delta"].T[traded]]),
+        roll=jnp.concatenate([seg(np.abs(fixed)[:, None] * g["roll"].T), g["roll"].T[traded]]),
+        pos_sub=np.concatenate([np.arange(Ms), lay["pos_sub"][traded]]).astype(np.int32),
+        sub_block=lay["sub_block"], sub_offset=np.asarray(p.pm_pnl_offset)[lay["sub_settle"]],
+        fraction=np.asarray(p.pm_extended_fraction)[u], max_delta_shock=np.asarray(p.pm_max_delta_shock)[u],
+        threshold=np.asarray(p.pm_delta_threshold)[u], mm_factor=p.pm_mm_factor,
+        extended=np.asarray(margin.grid_moves(p)[2]))
+
+
+@pytree_dataclass
+class _RiskMatrices:
+    """The portfolio model's risk matrices of one account around each of a ``_HedgeBook``'s
+    ``M`` states (``margin.scenario_grids``), over ``P = Ms + K`` rows: the account's holdings
+    that no trade changes, summed per sub-block (underlying, settlement asset), then each traded
+    instrument per contract; and the sub-blocks and blocks (underlying) as
+    ``margin.portfolio_requirements`` takes them."""
+
+    pnl: Any  # [P, M, G] USD P&L at each grid point around each state (a sub-block's: its whole)
+    delta: Any  # [P, M] USD delta
+    roll: Any  # [P, M] USD roll shock
+    pos_sub: Any  # [P] int32 sub-block of each row
+    sub_block: Any  # [Ms] int32 block of each sub-block
+    sub_offset: Any  # [Ms] pnl_offset of the sub-block's settlement asset
+    fraction: Any  # [Kb] extended_pnl_fraction of the block's underlying
+    max_delta_shock: Any  # [Kb]
+    threshold: Any  # [Kb] USD net delta the delta shock spares
+    mm_factor: Any  # [] maintenance margin over initial margin
+    extended: Any  # [G] bool: extended-table grid points
 
 
 @pytree_dataclass
@@ -252,12 +308,13 @@ class _HedgeBook:
     q0: Any  # [U] contracts held now (0 for instruments not held)
     hedge: Any  # [K] int32: which of the U instruments the trade is in
     value: Any  # [U, M] value per contract, settlement-asset units
-    mm: Any  # [U, M] maintenance margin per contract of weight, USD
+    mm: Any  # [U, M] maintenance margin per contract of weight, USD (standard model)
     settle: Any  # [U, A] one-hot settlement asset
     is_opt: Any  # [U] bool
     balance: Any  # [A] the account's balances
     price: Any  # [A, M] asset prices, USD
     haircut: Any  # [A]
+    pm: Any = None  # _RiskMatrices under the portfolio model; None: the standard model
 
 
 def _state(b: _HedgeBook, x: Any, tau: Any = None) -> tuple[Any, Any, Any]:
@@ -270,17 +327,36 @@ def _state(b: _HedgeBook, x: Any, tau: Any = None) -> tuple[Any, Any, Any]:
     q = jnp.asarray(b.q0).at[b.hedge].add(x)
     cash = -(x * b.value[b.hedge, 0]) @ b.settle[b.hedge]  # [A] premium paid at the mark
     if tau is None:
-        absq, pos = jnp.abs(q), lambda e, d: jnp.maximum(e, 0.0)
-    else:
+        absq = jnp.abs(q)
+    else:  # the standard model's margin per contract sizes the smoothing under either model
         eps = tau / jnp.maximum(jnp.max(b.mm, axis=1), 1e-300)  # contracts whose margin is tau
         absq = jnp.sqrt(q * q + eps * eps)
-        pos = lambda e, d: 0.5 * (e + jnp.sqrt(e * e + d * d))
-    w = jnp.where(b.is_opt, 0.5 * (absq - q), absq)  # margin.position_weight, smoothed
     e = b.balance[:, None] + cash[:, None] + b.settle.T @ (q[:, None] * b.value)  # [A, M]
     usd = e * b.price
-    delta_a = (tau if tau is not None else 1.0) / b.price[:, :1]  # asset units worth tau USD
-    coll = jnp.sum(usd - b.haircut[:, None] * pos(e, delta_a) * b.price, axis=0)
+    delta_a = None if tau is None else tau / b.price[:, :1]  # asset units worth tau USD
+    coll = jnp.sum(usd - b.haircut[:, None] * margin.soft_relu(e, delta_a) * b.price, axis=0)
+    if b.pm is not None:
+        return jnp.sum(usd, axis=0), coll, _portfolio_margin(b.pm, q[b.hedge], absq[b.hedge], tau)
+    w = jnp.where(b.is_opt, 0.5 * (absq - q), absq)  # margin.position_weight, smoothed
     return jnp.sum(usd, axis=0), coll, w @ b.mm
+
+
+def _portfolio_margin(t: _RiskMatrices, q: Any, absq: Any, tau: Any) -> Any:
+    """``[M]`` the portfolio model's maintenance margin at each state, USD
+    (``margin.portfolio_requirements`` summed over the account's blocks), holding ``q [K]``
+    contracts of the traded instruments (``absq``: ``|q|``, smoothed as ``_state`` does);
+    ``tau`` smooths the model's kinks."""
+    one_each = jnp.ones(t.pnl.shape[0] - q.shape[0], q.dtype)  # the fixed rows hold their sums
+    q, absq = jnp.concatenate([one_each, q]), jnp.concatenate([one_each, absq])
+
+    def one(pnl, delta, roll):  # one state: [P, G], [P], [P]
+        r = margin.portfolio_requirements(
+            q[:, None] * pnl, q * delta, absq * roll, t.pos_sub, t.sub_block, t.sub_offset, t.fraction,
+            t.max_delta_shock, t.threshold, t.mm_factor, t.extended, tau,
+            n_sub=t.sub_block.shape[0], n_block=t.fraction.shape[0])
+        return jnp.sum(r["maintenance_margin"])
+
+    return jax.vmap(one, in_axes=(1, 1, 1))(t.pnl, t.delta, t.roll)
 
 
 TRADE_COST = 1e-4  # tie-break: 1 bp of the notional traded, so the smallest of equal trades wins
@@ -357,7 +433,9 @@ def hedge(snap: Snapshot, account_id: str, instruments: Sequence[str] | None = N
     positive, minus its margin headroom there otherwise. Reducing it lowers losses in the
     stressed states and counts the margin the hedge itself needs. (Under the standard model
     margin is summed per position, so a trade in another instrument can only add margin; the
-    snapshot's maintenance margin alone goes down only by closing positions.) The trade is
+    snapshot's maintenance margin alone goes down only by closing positions. Under the
+    portfolio model, whose risk matrices net an underlying's positions, it can fall.) The
+    margin is the snapshot's model, standard (untiered) or portfolio. The trade is
     found by damped Newton steps on a smoothed version of that convex, piecewise-linear
     objective (gradient and Hessian with respect to the quantities by ``jax.grad`` /
     ``jax.hessian``), rounded to a lot, then re-evaluated exactly; a trade that does not improve
@@ -379,7 +457,9 @@ def hedge(snap: Snapshot, account_id: str, instruments: Sequence[str] | None = N
       that step, before closing costs) and ``delta`` ({asset: delta}); ``scenarios`` (how many).
 
     Raises:
-      InputError: an unknown account or instrument id, or no instrument to trade.
+      InputError: an unknown account or instrument id, no instrument to trade, or margin it does
+        not model (``margin.require_per_contract``: the var model, tiers under the standard
+        model, dynamic haircuts).
     """
     acc = int(_select(snap, [account_id])[0][0])
     if instruments is None:
@@ -431,7 +511,7 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
     trade variables), under the snapshot and ``scenarios``."""
     from . import scenarios as scen_mod
 
-    margin.require_per_contract(snap, "stress hedge")
+    margin.require_per_contract(snap, "stress hedge", models=("standard", "portfolio"))
 
     ids = list(snap.instrument_ids.astype(str))
     for i in instruments:
@@ -456,11 +536,16 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
     # every step of a path is a state: a hedge that keeps the excess up at each leaves no breach
     value, steps = _path_states(inst, snap, scenarios, value, live)
     value, mm, price = (np.concatenate([a, b], axis=1) for a, b in zip((value, mm, price), steps))
+    pm = None
+    if snap.margin_config.get("model", "standard") == "portfolio":
+        if scenarios.steps > 1:
+            spot, vol, hor = (np.concatenate([a, b]) for a, b in zip((spot, vol, hor), _path_steps(scenarios)))
+        pm = _risk_matrices(snap, U, q0, np.searchsorted(U, hedge_ix), spot, vol, hor)
     b = _HedgeBook(
         inst=U.astype(np.int32), q0=q0, hedge=np.searchsorted(U, hedge_ix).astype(np.int32), value=value[U], mm=mm[U],
         settle=np.eye(A)[np.asarray(inst.settlement)[U]], is_opt=np.asarray(inst.kind)[U] == OPTION,
         balance=np.asarray(snap.balances[acc], np.float64), price=price,
-        haircut=np.asarray(snap.params.haircut, np.float64),
+        haircut=np.asarray(snap.params.haircut, np.float64), pm=pm,
     )
     return b, hedge_ix, scenarios
 

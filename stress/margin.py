@@ -347,17 +347,18 @@ def _haircut_fields(cfg: dict, inst: Instruments, haircut: np.ndarray, assets: t
     }
 
 
-def require_per_contract(snap: Any, command: str) -> None:
+def require_per_contract(snap: Any, command: str, models: tuple[str, ...] = ("standard",)) -> None:
     """Raise ``InputError`` where ``command``, which margins with ``per_contract`` (the standard
-    model, untiered) and static haircuts, would answer for another exchange than ``snap``'s:
-    a portfolio or var model, risk-limit tiers, or dynamic haircuts. An answer for another
-    exchange would be worse than none."""
+    model, untiered; or the other ``models`` it names) and static haircuts, would answer for
+    another exchange than ``snap``'s: another margin model, risk-limit tiers under the standard
+    model, or dynamic haircuts. An answer for another exchange would be worse than none."""
     if snap.params.haircut_dynamic:
         raise _err("haircut_model", f"{command} models static haircuts only; use stress run for dynamic haircuts")
     model = snap.margin_config.get("model", "standard")
-    if model != "standard":
-        raise _err("model", f"{command} models the standard margin model only, not {model!r}; use stress run to test a trade")
-    if np.isfinite(np.asarray(snap.params.tier_bound)).any():
+    if model not in models:
+        raise _err("model", f"{command} models the {' and '.join(models)} margin model{'s' * (len(models) > 1)} "
+                   f"only, not {model!r}; use stress run to test a trade")
+    if model == "standard" and np.isfinite(np.asarray(snap.params.tier_bound)).any():
         raise _err(TIERS_KEY, f"{command} models untiered margin only; use stress run to test a trade under risk-limit tiers")
 
 
@@ -707,13 +708,15 @@ def _each_state(one: Any, states: tuple, batch: int) -> Any:
     return jax.vmap(one)(states)
 
 
-def risk_matrix_margin(pnl: Any, extended: Any, extended_fraction: Any) -> tuple[Any, Any]:
+def risk_matrix_margin(pnl: Any, extended: Any, extended_fraction: Any, tau: Any = None) -> tuple[Any, Any]:
     """Worst loss over a risk matrix.
 
     Args:
       pnl: ``[K, G]`` P&L of each block (account and underlying) at each grid point, USD.
       extended: ``[G]`` True at extended-table points, whose P&L counts at ``extended_fraction``.
       extended_fraction: ``[K]``.
+      tau: None, or a smoothing width, USD: the maximum (0 included) becomes a
+        ``tau``-log-sum-exp, at most ``tau * log(G + 1)`` above it (``greeks.hedge``'s search).
 
     Returns:
       ``(margin [K], worst [K])``: ``max(0, max_g -counted P&L)`` and the grid point that
@@ -721,14 +724,23 @@ def risk_matrix_margin(pnl: Any, extended: Any, extended_fraction: Any) -> tuple
     """
     loss = -jnp.where(extended[None, :], extended_fraction[:, None] * pnl, pnl)
     worst = jnp.argmax(loss, axis=1)
+    if tau is not None:
+        floor = jnp.zeros_like(loss[:, :1])
+        return tau * jax.nn.logsumexp(jnp.concatenate([loss, floor], axis=1) / tau, axis=1), worst
     return jnp.maximum(jnp.max(loss, axis=1), 0.0), worst
+
+
+def soft_relu(x: Any, tau: Any = None) -> Any:
+    """``max(x, 0)``, or with a width ``tau`` (same units as ``x``) the smooth
+    ``(x + sqrt(x^2 + tau^2)) / 2``, within ``tau / 2`` of it."""
+    return jnp.maximum(x, 0.0) if tau is None else 0.5 * (x + jnp.sqrt(x * x + tau * tau))
 
 
 @functools.partial(jax.jit, static_argnames=("n_sub", "n_block"))
 def portfolio_requirements(
     pos_pnl: Any, pos_delta: Any, pos_roll: Any, pos_sub: Any, sub_block: Any, sub_offset: Any,
     block_fraction: Any, block_max_delta_shock: Any, block_threshold: Any, mm_factor: Any,
-    extended: Any, *, n_sub: int, n_block: int,
+    extended: Any, tau: Any = None, *, n_sub: int, n_block: int,
 ) -> dict:
     """Portfolio-margin requirements per block (account and underlying) from position P&L.
 
@@ -744,6 +756,9 @@ def portfolio_requirements(
       sub_offset: ``[M]`` pnl_offset of the sub-block's settlement asset.
       block_fraction, block_max_delta_shock, block_threshold: ``[K]`` parameters of the block's
         underlying. mm_factor: ``[]``. extended: ``[G]`` extended-table mask.
+      tau: None (exact), or a smoothing width, USD, for a search over positions (``greeks``'
+        hedge): every kink (the offset of gains, the worst grid point, the delta shock's
+        threshold) smoothed within about ``tau``. ``worst`` stays the exact one.
       n_sub, n_block: ``M`` and ``K`` (static).
 
     Returns:
@@ -753,13 +768,17 @@ def portfolio_requirements(
       and ``maintenance_margin`` (``mm_factor * initial_margin``).
     """
     sub_pnl = jax.ops.segment_sum(pos_pnl, pos_sub, num_segments=n_sub)
-    counted = jnp.where(sub_pnl > 0, sub_offset[:, None] * sub_pnl, sub_pnl)
+    if tau is None:
+        counted = jnp.where(sub_pnl > 0, sub_offset[:, None] * sub_pnl, sub_pnl)
+    else:  # gains at the offset: pnl - (1 - offset) max(pnl, 0)
+        counted = sub_pnl - (1.0 - sub_offset[:, None]) * soft_relu(sub_pnl, tau)
     block_pnl = jax.ops.segment_sum(counted, sub_block, num_segments=n_block)
-    rm, worst = risk_matrix_margin(block_pnl, extended, block_fraction)
+    rm, worst = risk_matrix_margin(block_pnl, extended, block_fraction, tau)
     pos_block = sub_block[pos_sub]
     roll = jax.ops.segment_sum(pos_roll, pos_block, num_segments=n_block)
     delta = jax.ops.segment_sum(pos_delta, pos_block, num_segments=n_block)
-    delta_shock = block_max_delta_shock * jnp.maximum(jnp.abs(delta) - block_threshold, 0.0)
+    size = jnp.abs(delta) if tau is None else jnp.sqrt(delta * delta + tau * tau)
+    delta_shock = block_max_delta_shock * soft_relu(size - block_threshold, tau)
     im = rm + roll + delta_shock
     return {"risk_matrix": rm, "worst": worst, "roll_shock": roll, "net_delta": delta,
             "delta_shock": delta_shock, "initial_margin": im, "maintenance_margin": mm_factor * im}

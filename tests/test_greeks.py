@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 import stress
+from stress import margin
 from stress.cli import app
 from stress.scenarios import Scenarios
 
@@ -505,12 +506,49 @@ def test_an_option_marked_at_or_below_the_vol_floor_is_valued_at_its_mark_with_f
     assert ref["vega"] > 1.0  # ATM, 32 days: the vega a halving or a floor would have lost
 
 
-@pytest.mark.parametrize("margin_toml, field", [('model = "portfolio"', "model"),
-                                                ("future_tiers = [[1000000, 0.02, 0.01], [5000000, 0.04, 0.02]]", "future_tiers")])
+def test_hedge_under_the_portfolio_model_lowers_margin_now_and_reports_what_the_run_reports(tmp_path):
+    # Three short calls on 40,000 USDC. Under the portfolio model the perpetual bought against
+    # them shares BTC's risk matrix, so margin now falls (the standard model would add 1% of
+    # the perpetual's notional); the default set's worst state, BTC +500%, improves most.
+    pm = EXCHANGE.replace("[margin]", '[margin]\nmodel = "portfolio"')
+    instruments = LINEAR_FUTURES + [linear_option("LC", 95_000.0, "call", 0.6)]
+    balances = [{"account_id": "o", "asset": "USDC", "amount": 40_000.0}]
+    positions = [{"account_id": "o", "instrument_id": "LC", "quantity": -3.0}]
+
+    def load(folder, pos):
+        return stress.load_snapshot(write_snapshot(folder, assets=ASSETS, instruments=instruments, balances=balances,
+                                                   positions=pos, exchange_toml=pm))
+
+    snap = load(tmp_path / "before", positions)
+    scen = _default_scenarios(snap)
+    h = stress.greeks.hedge(snap, "o", ["LPERP"], scen)
+    b, a = h["before"], h["after"]
+    x = h["trade"]["LPERP"]
+    assert x > 0 and a["maintenance_margin"] < b["maintenance_margin"] and a["worst_excess"] > b["worst_excess"]
+    for dx in (-0.05, 0.05):  # the search found the minimum, up to the lot
+        assert stress.greeks.evaluate(snap, "o", {"LPERP": x + dx}, scen)["worst_excess"] <= a["worst_excess"] + 1e-6
+    # before and after are exact: the engine, before and with the trade booked, agrees
+    after = load(tmp_path / "after", positions + [{"account_id": "o", "instrument_id": "LPERP", "quantity": x}])
+    for got, s_ in ((b, snap), (a, after)):
+        res = stress.run(s_, scen).accounts.set_index("account_id").loc["o"]
+        assert got["maintenance_margin"] == pytest.approx(res.maintenance_margin, rel=1e-12)
+        assert got["maintenance_margin"] == pytest.approx(
+            margin.account_margin(s_, "portfolio")["accounts"].set_index("account_id").maintenance_margin["o"],
+            rel=1e-12)
+        assert got["pnl_worst"] == pytest.approx(res.pnl_worst, rel=1e-12)
+        assert got["shortfall_worst"] == pytest.approx(res.shortfall_worst, rel=1e-12)
+
+
+@pytest.mark.parametrize("margin_toml, field", [
+    ('model = "var"\nvar_history = "h.csv"', "model"),
+    ("future_tiers = [[1000000, 0.02, 0.01], [5000000, 0.04, 0.02]]", "future_tiers")])
 def test_hedge_refuses_margin_it_does_not_model(tmp_path, margin_toml, field):
-    """The hedge optimises the standard model's untiered margin per contract: on a book whose
-    margin is tiered (or a portfolio model) its 'exact' before and after were another
-    exchange's numbers (300 against stress margin's 600 on a review's book)."""
+    """The hedge optimises the standard model's untiered margin per contract or the portfolio
+    model's: on a book whose margin is tiered (or the var model) its 'exact' before and after
+    were another exchange's numbers (300 against stress margin's 600 on a review's book)."""
+    days = pd.date_range("2024-01-01", periods=300, freq="D")
+    pd.DataFrame({"date": days.strftime("%Y-%m-%d"), "BTC": S0 * np.exp(np.linspace(0.0, 0.3, 300)),
+                  "USDT": 0.9995}).to_csv(tmp_path / "h.csv", index=False)
     snap = stress.load_snapshot(write_snapshot(
         tmp_path, assets=ASSETS,
         instruments=[{"instrument_id": "BTC_USDC-PERPETUAL", "kind": "perpetual", "underlying": "BTC",
