@@ -590,7 +590,7 @@ def generate_sample(
     seed: int = typer.Option(7, help="Random seed (same seed, same files)."),
     fmt: str = typer.Option("csv", "--format", help="csv or parquet."),
     positions: Optional[int] = typer.Option(None, min=1, help="About how many positions in all: directional traders "
-                                            "hold more (or fewer) instruments each [default: the usual mix, about 1.5 per account]."),
+                                            "hold more (or fewer) instruments each (default: the usual mix, about 1.5 per account)."),
 ) -> None:
     """Write the built-in sample exchange as a snapshot folder."""
     if fmt not in ("csv", "parquet"):
@@ -660,7 +660,7 @@ def _named_assets(table: dict, form: str, folder: Path) -> list[str]:
 def generate_scenarios(
     out_file: Path = typer.Option(..., "--out", "-o", help="Scenario TOML file to write."),
     kind: str = typer.Option("montecarlo", help="montecarlo, grid or replay."),
-    name: Optional[str] = typer.Option(None, help="Scenario name prefix (default: the kind)."),
+    name: Optional[str] = typer.Option(None, help="Scenario name prefix (default: mc, grid or hist, after the kind)."),
     snapshot: Optional[Path] = typer.Option(None, help="Check the written file against this snapshot."),
     paths: int = typer.Option(10_000, min=1, help="montecarlo: number of paths."),
     steps: int = typer.Option(1, min=1, help="montecarlo: steps per path."),
@@ -955,7 +955,7 @@ def bench(
     dtype: str = typer.Option("float64", help="float64 or float32."),
     keep: Optional[Path] = typer.Option(None, help="Folder to keep (and reuse) the synthetic snapshot in."),
     positions: Optional[int] = typer.Option(None, min=1, help="About how many positions in all "
-                                            "[default: the sample's usual mix, about 1.5 per account]."),
+                                            "(default: the sample's usual mix, about 1.5 per account)."),
 ) -> None:
     """Time each stage of a run on a synthetic exchange (load, revalue, holdings layout, compile,
     P&L gather, margin, liquidation, report)."""
@@ -1066,7 +1066,7 @@ def calibrate(
     target: str = typer.Option(..., help='The condition to meet, e.g. "p_fund_depleted<=0.001".'),
     scenarios: Optional[Path] = typer.Option(None, "--scenarios", "-s", help="Scenario TOML with multi-step paths (default: scenarios/default.toml)."),
     vary: Optional[str] = typer.Option(None, help="What to scale. Standard model: mm_rate (every maintenance-margin rate; the default) or mm_rate.BTC (those on one underlying); portfolio model: mm_factor (the default), price_range, volatility_range_up or volatility_range_down, each whole or of one underlying (price_range.BTC); var model: mm_factor. Several comma-separated (mm_rate.BTC,mm_rate.ETH) are a gradient search, then exact."),
-    hi: float = typer.Option(64.0, min=1.0, help="Largest scale tried (less where [margin] accepts less: mm_factor <= 1, price_range <= 0.99)."),
+    hi: float = typer.Option(64.0, min=1.0, help="Largest scale tried (less where \\[margin] accepts less: mm_factor <= 1, price_range <= 0.99)."),
     tolerance: float = typer.Option(1e-3, min=1e-6, help="Resolution of the scale."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write calibration.json and tradeoff.svg here."),
 ) -> None:
