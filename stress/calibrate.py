@@ -67,6 +67,7 @@ import numpy as np
 from . import margin
 from . import sensitivities as sens
 from .errors import InputError
+from .snapshot import OPTION
 
 METRICS = ("p_fund_depleted", "worst_bad_debt", "bad_debt_mean", "bad_debt_q99", "bad_debt_es99")
 BREACH_SOFTNESS = 0.2  # soft first breach: sigmoid width, of the account's maintenance margin now
@@ -139,8 +140,8 @@ def parse_vary(text: str, snap: Any) -> tuple[Lever, ...]:
 
     Raises:
       InputError (``--vary``): an unknown form, a lever of another margin model, an underlying
-        no instrument has, a repeat, overlapping levers (``mm_rate`` with ``mm_rate.BTC``), or
-        a lever whose current value is 0 (no scale moves it).
+        no instrument has, a repeat, overlapping levers (``mm_rate`` with ``mm_rate.BTC``), a
+        vol shock where no option is, or a lever whose current value is 0 (no scale moves it).
     """
     model = snap.margin_config.get("model", "standard")
     allowed = LEVERS[model]
@@ -175,6 +176,10 @@ def parse_vary(text: str, snap: Any) -> tuple[Lever, ...]:
             mask = np.isin(np.arange(len(snap.assets)), under) if asset is None else \
                 np.arange(len(snap.assets)) == snap.asset_index(asset)
             field = TABLES[family]
+            if family.startswith("volatility") and not np.isin(under[np.asarray(snap.instruments.kind) == OPTION],
+                                                             np.flatnonzero(mask)).any():
+                raise InputError("--vary", None, None, f"{name!r}: no option is on {asset or 'any underlying'}, and "
+                                 "a vol shock moves options' margin only")
             current = float(np.max(np.asarray(getattr(p, field))[mask]))
             levers.append(Lever(name, field, mask, _top(_limit(family), current, name)))
     if len(set(names)) < len(names):
@@ -320,7 +325,8 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str | None = N
       A dict: ``factor`` (None when even the top misses the target), ``before`` and ``after``
       (evaluations at 1 and at ``factor``), ``below`` (at ``factor - tolerance``, failing),
       ``curve`` (every evaluation, sorted by margin: the margin-vs-metric trade-off), the
-      ``target``, ``parameters`` (names), ``tops`` (each lever's largest scale tried),
+      ``target``, ``parameters`` (names of the levers searched), ``idle`` (names of the
+      levers left as they are: ``idle_levers``, of several), ``tops`` (each lever's largest scale tried),
       ``scales`` (the recommended scale per lever, None when not met), ``margin`` (the
       ``[margin]`` keys to set, ``margin_keys``; None when not met) and ``above_initial``
       (instruments whose recommended maintenance rate passes their initial rate,
@@ -340,6 +346,12 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str | None = N
     _check(scen, target)
     if not math.isfinite(hi) or hi < 1.0:
         raise InputError("--hi", None, None, f"{hi!r} must be a finite number >= 1")
+    idle: list[str] = []
+    if len(levers) > 1:  # levers with no effect on this book stay as they are, off the ray
+        mask = idle_levers(snap, scen, target, levers)
+        if mask.any() and not mask.all():
+            idle = [lv.name for lv, m in zip(levers, mask) if m]
+            levers = tuple(lv for lv, m in zip(levers, mask) if not m)
     tops = np.array([min(hi, lv.top) for lv in levers])
     for t in tops:  # before any run: a lever whose own range holds no grid point
         _check_grid(1.0 / hi, t, tolerance)
@@ -364,7 +376,7 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str | None = N
         res = _bisect(along(uniform), before, tops[0], tolerance, target, lo=1.0 / hi)
     else:
         res = _calibrate_vector(snap, scen, target, levers, tops, along, before, hi=hi, tolerance=tolerance)
-    res.update(target=target, parameters=tuple(lv.name for lv in levers), tops=[float(t) for t in tops],
+    res.update(target=target, parameters=tuple(lv.name for lv in levers), idle=idle, tops=[float(t) for t in tops],
                scales=None if res["factor"] is None else res["after"]["scales"],
                curve=sorted(seen.values(), key=lambda r: (r["maintenance_margin"], r["factor"])))
     res["margin"] = None if res["scales"] is None else margin_keys(snap, levers, res["scales"])
@@ -497,6 +509,31 @@ def _now(params, inst, market, b, n: int) -> dict:
     return sens.account_states(jnp.zeros(A), jnp.zeros(A), params, jnp.ones(n), inst, market, now, n)
 
 
+def _relaxation(snap: Any, scen: Any, target: Target, levers: tuple[Lever, ...]) -> tuple[tuple, dict]:
+    """``smooth_metric``'s arguments after ``theta`` and its static keywords, for the snapshot."""
+    b = sens.book(snap, scen)
+    n = snap.n_accounts
+    params = sens._float_params(snap.params)
+    inst = sens.safe_instruments(snap.instruments, snap.market)
+    # each account's soft-breach width: a share of its maintenance margin now, current rates
+    mm_scale = BREACH_SOFTNESS * jnp.maximum(_now(params, inst, snap.market, b, n)["maintenance_margin"][:, 0], 1.0)
+    statics = {"levers": levers, "metric": target.metric, "n": n, "K": scen.steps, "S": len(scen),
+               "n_random": int(scen.random.sum())}
+    return (params, inst, snap.market, b, mm_scale, float(b.temperature)), statics
+
+
+def idle_levers(snap: Any, scen: Any, target: Target, levers: tuple[Lever, ...]) -> np.ndarray:
+    """``[G]`` bool: the levers that move neither the smoothed metric nor the total maintenance
+    margin at today's values (both derivatives exactly 0), such as a vol shock down on a book
+    of short options only, whose risk matrices' worst points are all vol up. The exact stage's
+    ray would scale them with the others, to no effect, into a recommendation that means
+    nothing for this book and would bite a later one."""
+    args, statics = _relaxation(snap, scen, target, levers)
+    f = functools.partial(smooth_metric, **statics)
+    jac = jax.jit(jax.jacfwd(lambda theta: jnp.stack(f(theta, *args))))(jnp.ones(len(levers)))
+    return np.all(np.asarray(jac) == 0.0, axis=0)
+
+
 def optimise(snap: Any, scen: Any, target: Target, levers: tuple[Lever, ...], hi: float = 64.0) -> dict:
     """Stage 1: Adam on ``log theta`` of the augmented Lagrangian of the smooth relaxation,
     from ``theta = 1`` (today's values), every scale kept within ``[1 / hi, min(hi, top)]``.
@@ -504,17 +541,8 @@ def optimise(snap: Any, scen: Any, target: Target, levers: tuple[Lever, ...], hi
     Returns ``{"scales": [G], "value": smoothed metric there, "maintenance_margin": USD,
     "history": one entry per round}``.
     """
-    b = sens.book(snap, scen)
-    n, G = snap.n_accounts, len(levers)
-    params = sens._float_params(snap.params)
-    inst = sens.safe_instruments(snap.instruments, snap.market)
-    market = snap.market
-    n_random = int(scen.random.sum())
-    # each account's soft-breach width: a share of its maintenance margin now, current rates
-    mm_scale = BREACH_SOFTNESS * jnp.maximum(_now(params, inst, market, b, n)["maintenance_margin"][:, 0], 1.0)
-    tau = float(b.temperature)
-    statics = {"levers": levers, "metric": target.metric, "n": n, "K": scen.steps, "S": len(scen), "n_random": n_random}
-    args = (params, inst, market, b, mm_scale, tau)
+    args, statics = _relaxation(snap, scen, target, levers)
+    G, tau, n_random = len(levers), args[-1], statics["n_random"]
     f = jax.jit(functools.partial(smooth_metric, **statics))
     mm1 = float(f(jnp.ones(G), *args)[1])
     h_scale = max(target.limit, tau if target.metric != "p_fund_depleted" else 1.0 / max(n_random, 1))

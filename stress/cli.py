@@ -1113,6 +1113,9 @@ def calibrate(
                      f"of its {one_step} one-step scenario(s)")
     t.caption = "; ".join(notes) or None
     out.print(t)
+    if res["idle"]:
+        out.print(Text(f"left as they are: {', '.join(res['idle'])} (no effect on this book's margin or on "
+                       f"{goal.metric} at today's values)", style="yellow"))
     if vector:
         pt = Table(title="recommended parameters (scales of today's values)")
         for c in ("parameter", "smooth solution", "recommended"):
@@ -1151,7 +1154,7 @@ def calibrate(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "tradeoff.svg").write_text(cal.tradeoff_svg(res))
         doc = {k: res[k] for k in ("factor", "before", "after", "below", "curve", "scales", "tops", "margin",
-                                   "above_initial")}
+                                   "above_initial", "idle")}
         doc["target"] = {"metric": goal.metric, "limit": goal.limit}
         doc["parameter"] = vary
         doc["parameters"] = list(res["parameters"])

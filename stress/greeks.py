@@ -37,6 +37,7 @@ See ``docs/greeks.md``.
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from collections.abc import Sequence
@@ -248,6 +249,26 @@ def _path_steps(scen: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return step_major(scen.path_spot_mult), step_major(scen.path_vol_shift), step_major(scen.path_horizon_days)
 
 
+GRID_BATCH = 256  # states revalued at a time for the risk matrices (as engine.PM_GRID_BATCH)
+
+
+@functools.partial(jax.jit, static_argnames=("n_sub",))
+def _account_grids(inst: Instruments, market: Market, params: Any, spot: Any, vol: Any, hor: Any, fixed: Any,
+                   pos_sub: Any, traded: Any, n_sub: int) -> tuple[Any, Any, Any]:
+    """``margin.instrument_grid`` around each state (``spot``, ``vol`` ``[M, A]``, ``hor [M]``),
+    ``GRID_BATCH`` states at a time, each state's reduced at once to ``P = n_sub + K`` rows: the
+    ``fixed [U]`` contracts summed per sub-block, then the ``traded [K]`` instruments per
+    contract. ``(pnl [M, P, G], delta [M, P], roll [M, P])``, USD; memory grows with the
+    states times ``P``, not times the account's instruments."""
+    def one(state):
+        g = margin.instrument_grid(*margin.shifted(inst, market, *state), params)
+        seg = functools.partial(jax.ops.segment_sum, segment_ids=pos_sub, num_segments=n_sub)
+        rows = lambda x, q: jnp.concatenate([seg(q.reshape(q.shape + (1,) * (x.ndim - 1)) * x), x[traded]])  # noqa: E731
+        return rows(g["pnl"], fixed), rows(g["delta"], fixed), rows(g["roll"], jnp.abs(fixed))
+
+    return jax.lax.map(one, (spot, vol, hor), batch_size=GRID_BATCH)
+
+
 def _risk_matrices(snap: Snapshot, U: np.ndarray, q0: np.ndarray, traded: np.ndarray, spot: Any, vol: Any,
                    hor: Any) -> _RiskMatrices:
     """The portfolio model's ``_RiskMatrices`` of one account holding ``q0 [U]`` contracts of
@@ -256,21 +277,18 @@ def _risk_matrices(snap: Snapshot, U: np.ndarray, q0: np.ndarray, traded: np.nda
     from . import sensitivities
 
     inst, p = snap.instruments, snap.params
-    sub = jax.tree_util.tree_map(lambda a: np.asarray(a)[U], inst)
-    g = margin.scenario_grids(sub, snap.market, p, jnp.asarray(spot), jnp.asarray(vol), jnp.asarray(hor))
     lay = sensitivities.pm_layout(np.zeros(len(U), np.int64), np.asarray(inst.underlying)[U],
                                   np.asarray(inst.settlement)[U], snap.n_assets)
-    # What the trade does not change, summed once per sub-block: the held contracts of the
+    # What the trade does not change is summed once per sub-block: the held contracts of the
     # instruments not traded. The traded ones follow, per contract.
     fixed = np.where(np.isin(np.arange(len(U)), traded), 0.0, q0)
     Ms = lay["sub_block"].shape[0]
-    seg = lambda x: jax.ops.segment_sum(x, lay["pos_sub"], num_segments=Ms)  # noqa: E731
-    moved = lambda x: jnp.moveaxis(x, 0, 1)  # noqa: E731  [M, U, ...] -> [U, M, ...]
+    pnl, delta, roll = _account_grids(jax.tree_util.tree_map(lambda a: np.asarray(a)[U], inst), snap.market, p,
+                                      jnp.asarray(spot), jnp.asarray(vol), jnp.asarray(hor), fixed, lay["pos_sub"],
+                                      np.asarray(traded), n_sub=Ms)
     u = lay["block_underlying"]
     return _RiskMatrices(
-        pnl=jnp.concatenate([seg(fixed[:, None, None] * moved(g["pnl"])), moved(g["pnl"])[traded]]),
-        delta=jnp.concatenate([seg(fixed[:, None] * g["delta"].T), g["delta"].T[traded]]),
-        roll=jnp.concatenate([seg(np.abs(fixed)[:, None] * g["roll"].T), g["roll"].T[traded]]),
+        pnl=jnp.moveaxis(pnl, 0, 1), delta=delta.T, roll=roll.T,
         pos_sub=np.concatenate([np.arange(Ms), lay["pos_sub"][traded]]).astype(np.int32),
         sub_block=lay["sub_block"], sub_offset=np.asarray(p.pm_pnl_offset)[lay["sub_settle"]],
         fraction=np.asarray(p.pm_extended_fraction)[u], max_delta_shock=np.asarray(p.pm_max_delta_shock)[u],
@@ -328,8 +346,14 @@ def _state(b: _HedgeBook, x: Any, tau: Any = None) -> tuple[Any, Any, Any]:
     cash = -(x * b.value[b.hedge, 0]) @ b.settle[b.hedge]  # [A] premium paid at the mark
     if tau is None:
         absq = jnp.abs(q)
-    else:  # the standard model's margin per contract sizes the smoothing under either model
-        eps = tau / jnp.maximum(jnp.max(b.mm, axis=1), 1e-300)  # contracts whose margin is tau
+    else:  # |q| within the contracts whose margin is about tau (1 where a contract needs none)
+        if b.pm is None:
+            scale = jnp.max(b.mm, axis=1)
+        else:  # only the traded instruments' |q| enters (their roll shock); the others' is fixed
+            K = b.hedge.shape[0]
+            traded = jnp.max(jnp.abs(b.pm.pnl[-K:]), axis=(1, 2)) + jnp.max(b.pm.roll[-K:], axis=1)
+            scale = jnp.zeros(q.shape[0], q.dtype).at[b.hedge].set(traded)
+        eps = jnp.where(scale > 0, tau / jnp.where(scale > 0, scale, 1.0), 1.0)
         absq = jnp.sqrt(q * q + eps * eps)
     e = b.balance[:, None] + cash[:, None] + b.settle.T @ (q[:, None] * b.value)  # [A, M]
     usd = e * b.price

@@ -288,11 +288,11 @@ def _bs_call(spot, strike, T, vol):
     return spot * norm.cdf(d1) - strike * norm.cdf(d1 - vol * math.sqrt(T))
 
 
-def short_call(folder, margin_toml: str, balance: float = 11_700.0):
+def short_call(folder, margin_toml: str, balance: float = 11_700.0, buyer: bool = True):
     """A short of one USDC-settled at-the-money BTC call (strike 50,000, iv 60%, 40 days to
-    expiry) on ``balance`` USDC facing its buyer on 1,000,000, and one replay path of two daily
-    steps: BTC 50,000 -> 52,000 -> 80,000. Held to the second step the call is worth about
-    30,000."""
+    expiry) on ``balance`` USDC facing its buyer on 1,000,000 (or no one), and one replay path
+    of two daily steps: BTC 50,000 -> 52,000 -> 80,000. Held to the second step the call is
+    worth about 30,000."""
     (folder / "snap").mkdir(parents=True)
     snap = stress.load_snapshot(write_snapshot(
         folder / "snap",
@@ -301,9 +301,9 @@ def short_call(folder, margin_toml: str, balance: float = 11_700.0):
                       "contract_size": 1.0, "expiry": "2027-01-02T08:00:00Z", "strike": 50_000.0,
                       "option_type": "call", "mark_iv": 0.6}],
         balances=[{"account_id": "short", "asset": "USDC", "amount": balance},
-                  {"account_id": "long", "asset": "USDC", "amount": 1_000_000.0}],
+                  {"account_id": "long", "asset": "USDC", "amount": 1_000_000.0}][:1 + buyer],
         positions=[{"account_id": "short", "instrument_id": "C", "quantity": -1},
-                   {"account_id": "long", "instrument_id": "C", "quantity": 1}],
+                   {"account_id": "long", "instrument_id": "C", "quantity": 1}][:1 + buyer],
         exchange_toml=TOML.replace("{ USDC = 20000.0 }", "{ USDC = 0.0 }") + margin_toml))
     (folder / "path.csv").write_text("date,BTC\n2026-01-01,50000\n2026-01-02,52000\n2026-01-03,80000\n")
     (folder / "path.toml").write_text('[[replay]]\nname = "squeeze"\nprices = "path.csv"\nhorizon_days = 2\n')
@@ -329,6 +329,7 @@ def test_portfolio_vol_shock_up_calibrates_to_the_black_scholes_level(tmp_path):
     f_star = brentq(lambda f: mm(f) - (11_700.0 - c1), 0.5, 3.0)
     assert 1.2 < f_star < 1.4  # today's shock (f = 1) leaves the short open at the first step
     res = cal.calibrate(snap, scen, cal.parse_target("worst_bad_debt<=0"), parameter="volatility_range_up")
+    assert res["idle"] == []
     held = _bs_call(80_000.0, 50_000.0, 38 / 365, iv) - 11_700.0  # it owes the call less its 11,700
     assert res["before"]["value"] == pytest.approx(held, rel=1e-9)
     assert res["factor"] == pytest.approx(math.ceil(f_star / 1e-3) * 1e-3) and res["after"]["value"] == 0.0
@@ -371,6 +372,21 @@ def test_the_relaxation_differentiates_the_vol_shocks_as_the_exact_margin_moves(
     grad = np.asarray(jax.grad(total)(jnp.asarray(theta)))
     assert (grad > 0).all()  # the short's margin rises with the shock up, the long's with the one down
     np.testing.assert_allclose(grad, fd, rtol=1e-6)
+
+
+def test_a_lever_with_no_effect_on_the_book_is_left_as_it_is_not_scaled_along_the_ray(tmp_path):
+    # A short call alone: every risk matrix's worst point is vol up, so the vol shock down moves
+    # no margin (nor the target). Searched with the shock up, it would be carried along the
+    # exact stage's ray to a scale that means nothing here and would bite a book long options.
+    snap, scen = short_call(tmp_path, 'model = "portfolio"\nextended_pnl_fraction = 0.0\n', buyer=False)
+    target = cal.parse_target("worst_bad_debt<=0")
+    levers = cal.parse_vary("volatility_range_up,volatility_range_down", snap)
+    assert cal.idle_levers(snap, scen, target, levers).tolist() == [False, True]
+    res = cal.calibrate(snap, scen, target, parameter="volatility_range_up,volatility_range_down")
+    assert res["parameters"] == ("volatility_range_up",) and res["idle"] == ["volatility_range_down"]
+    single = cal.calibrate(snap, scen, target, parameter="volatility_range_up")
+    assert res["factor"] == single["factor"] and "direction" not in res  # the one lever left, bisected exactly
+    assert set(res["margin"]) == {"volatility_range_up"}
 
 
 def test_var_model_calibrates_mm_factor_to_the_hand_computed_level(tmp_path):
@@ -465,6 +481,7 @@ def test_portfolio_vector_calibration_meets_the_target_exactly_within_what_margi
     ("mm_rate", "does not use mm_rate"), ("mm_rate.BTC", "does not use mm_rate"),
     ("mm_factor.BTC", "one number for every underlying"), ("price_range,price_range.BTC", "combine it with no"),
     ("price_range.USDC", "no instrument has the underlying"), ("price_range.BTC,price_range.BTC", "named twice"),
+    ("volatility_range_up.ETH", "no option is on ETH"), ("volatility_range_down", "no option is on any underlying"),
 ])
 def test_levers_of_another_margin_model_or_overlapping_ones_are_usage_errors(pm_books, vary, says):
     _, snap, _ = pm_books

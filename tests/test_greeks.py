@@ -509,8 +509,9 @@ def test_an_option_marked_at_or_below_the_vol_floor_is_valued_at_its_mark_with_f
 def test_hedge_under_the_portfolio_model_lowers_margin_now_and_reports_what_the_run_reports(tmp_path):
     # Three short calls on 40,000 USDC. Under the portfolio model the perpetual bought against
     # them shares BTC's risk matrix, so margin now falls (the standard model would add 1% of
-    # the perpetual's notional); the default set's worst state, BTC +500%, improves most.
-    pm = EXCHANGE.replace("[margin]", '[margin]\nmodel = "portfolio"')
+    # the perpetual's notional); the default set's worst state, BTC +500%, improves most. The
+    # standard model's rates, 0 here, are not the portfolio model's: the search ignores them.
+    pm = EXCHANGE.replace("[margin]", '[margin]\nmodel = "portfolio"\nfuture_im_rate = 0.0\nfuture_mm_rate = 0.0')
     instruments = LINEAR_FUTURES + [linear_option("LC", 95_000.0, "call", 0.6)]
     balances = [{"account_id": "o", "asset": "USDC", "amount": 40_000.0}]
     positions = [{"account_id": "o", "instrument_id": "LC", "quantity": -3.0}]
