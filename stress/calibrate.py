@@ -274,13 +274,13 @@ def margin_keys(snap: Any, levers: tuple[Lever, ...], scales: Any) -> dict:
 
 
 def above_initial(snap: Any, levers: tuple[Lever, ...], scales: Any) -> list[str]:
-    """The instruments whose maintenance rate passes their initial rate at ``scales``
+    """The instruments (ids, sorted) whose maintenance rate passes their initial rate at ``scales``
     (``margin.mm_above_initial``): ``[margin]`` refuses such rates, so their initial rates
     must rise with them. Only ``mm_rate`` levers can (``mm_factor`` stops at 1)."""
     if not any(lv.field == "mm_rate" for lv in levers):
         return []
     over = margin.mm_above_initial(scaled(snap, scales, levers).params, snap.instruments.kind)
-    return [snap.instrument_ids[i] for i in np.flatnonzero(over & ~margin.mm_above_initial(snap.params, snap.instruments.kind))]
+    return sorted(str(snap.instrument_ids[i]) for i in np.flatnonzero(over & ~margin.mm_above_initial(snap.params, snap.instruments.kind)))
 
 
 def evaluate(snap: Any, scen: Any, factor: float, metric: str, chunk_size: int = 128,

@@ -485,7 +485,9 @@ def greeks(
     if out_file is not None:
         out_file.parent.mkdir(parents=True, exist_ok=True)
         g.to_parquet(out_file, index=False) if out_file.suffix == ".parquet" else g.to_csv(out_file, index=False)
-    shown = g if len(g) <= top else g.reindex(g.delta_usd.abs().sort_values(ascending=False).index[:top])
+    # largest |delta_usd| first, ties by account and underlying: a cut inside a tie is by name
+    order = np.lexsort((g.underlying.to_numpy(str), g.account_id.to_numpy(str), -g.delta_usd.abs().to_numpy()))
+    shown = g if len(g) <= top else g.iloc[order[:top]]
     P = dict(zip(snap.assets, np.asarray(snap.market.price, float)))
     title = f"greeks — as of {snap.as_of:%Y-%m-%d %H:%M}Z"
     if account is not None and len(set(account)) == 1:

@@ -432,7 +432,8 @@ def _minimise(b: _HedgeBook, scale: np.ndarray, size: float, steps: int = 30) ->
 def default_hedge_instruments(snap: Snapshot, account: int) -> list[str]:
     """The perpetuals on the account's underlyings: for each asset that some perpetual is on
     and that the account has positions on or a balance in, the perpetual it already trades,
-    else one settled in an asset it holds, else the first listed."""
+    else one settled in an asset it holds, else any; the first by id among several (so the
+    choice does not depend on the instruments table's row order)."""
     inst = snap.instruments
     kind, under, settle = (np.asarray(x) for x in (inst.kind, inst.underlying, inst.settlement))
     mine = snap.pos_instrument[snap.pos_account == account]
@@ -445,7 +446,7 @@ def default_hedge_instruments(snap: Snapshot, account: int) -> list[str]:
             continue
         held = [i for i in perps if i in set(mine)]
         funded = [i for i in perps if settle[i] in held_assets]
-        out.append(str(snap.instrument_ids[(held or funded or list(perps))[0]]))
+        out.append(min(str(snap.instrument_ids[i]) for i in (held or funded or list(perps))))
     return out
 
 

@@ -413,6 +413,19 @@ def test_hedge_takes_every_step_of_a_path_and_reports_what_the_run_reports(tmp_p
     assert a["pnl_worst"] == pytest.approx(res.pnl_worst, rel=1e-12)
 
 
+def test_default_hedge_instruments_do_not_follow_the_instruments_row_order(tmp_path):
+    # Two USDC perpetuals on BTC, neither held, both funded by the account's USDC: the first by
+    # id is chosen, however the instruments table lists them (it took the first row).
+    other = dict(LINEAR_FUTURES[1], instrument_id="APERP")
+    balances = [{"account_id": "f", "asset": "USDC", "amount": 30_000.0}]
+    positions = [{"account_id": "f", "instrument_id": "LFUT", "quantity": 2.0}]
+    picks = []
+    for k, rows in enumerate((LINEAR_FUTURES + [other], [other] + LINEAR_FUTURES[::-1])):
+        snap = snapshot(tmp_path / str(k), rows, balances, positions)
+        picks.append(stress.greeks.default_hedge_instruments(snap, 0))
+    assert picks == [["APERP"], ["APERP"]]
+
+
 def test_hedge_bad_input(tmp_path):
     snap = snapshot(tmp_path, LINEAR_FUTURES, [{"account_id": "u", "asset": "USDC", "amount": 1.0}],
                     [{"account_id": "f", "instrument_id": "LFUT", "quantity": 1.0}])
