@@ -598,7 +598,8 @@ def share_margin(h: Holdings, t: Tables, margin: Any, notional: Any, pmx: tuple 
 
 def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
     """The per-tile outcome of a chunk ``h`` under tables ``t``, as ``outcome(value, mm, price,
-    notional, impact, pmx, hc_base)`` of one tile of each table (``tile_at``): the work the
+    notional, impact, pmx, hc_base, rnd)`` of one tile of each table (``tile_at``; ``rnd``: the
+    tile's ``random`` flags, ``[W]`` or ``[n, W]``, which partial close-outs need): the work the
     sweep (``chunk_kernel``) and the auto-deleveraging pass (``adl_kernel``) share, so both
     charge the same closing costs and liquidate the same accounts."""
     W = t.user.shape[1]
@@ -608,7 +609,7 @@ def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
     charged = t.fee_rate is not None or t.impact is not None
     gather_notional = charged or t.tiers is not None or t.partial_target is not None
 
-    def outcome(value, mm, price, notional, impact, pmx, hc_base, gone=False):
+    def outcome(value, mm, price, notional, impact, pmx, hc_base, rnd=None, gone=False):
         """Per account and scenario: equity at the path's end after closing costs; collateral
         and margin at the step that decides the path; liquidated or not (``gone``: closed out
         in full, which a partial close-out may not be); the fee, the impact paid, the notional
@@ -620,7 +621,7 @@ def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
             pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, hc, *per_contract, tiers=t.tiers)
             m, share = share_margin(h, t, m, notional, pmx)
             r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate,
-                                         imp[0] if imp else None, **share)
+                                         imp[0] if imp else None, **share, once=None if rnd is None else ~rnd)
             return (r["equity"], r["collateral"], r["margin"], r["gone"] if gone else r["liquidated"], r["fee"],
                     r["impact"], r["closed_notional"], r["closed_out"], [], r["closed"])
         m_pm = t.model_margin(h, pmx)
@@ -729,7 +730,8 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
 
     def full_tile(carry, x):
         value, mm, price, notional, impact, pmx, hc_base, rnd, k, top_k = x
-        eq, coll, m, liq, f, cost, closed, closed_out, lagged, at = outcome(value, mm, price, notional, impact, pmx, hc_base)
+        eq, coll, m, liq, f, cost, closed, closed_out, lagged, at = outcome(value, mm, price, notional, impact, pmx, hc_base,
+                                                                           rnd)
         pnl = eq - eq0[:, None] if keep_pnl else None
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
         best, best_tile, gap_max, n_liq, cost_max = carry
@@ -858,7 +860,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
 
     pm_b = None if pm_tiles is None else tuple(at_best(x) for x in pm_tiles)
     eq_b = outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional), at_best(t.impact), pm_b,
-                   at_best(t.haircut_base))[0]
+                   at_best(t.haircut_base), t.random[best_tile])[0]
     masked = jnp.where(t.user[best_tile], eq_b - eq0[:, None], jnp.inf)
     arg = best_tile * W + first_argmin(masked)
     out = {
@@ -902,7 +904,7 @@ def adl_kernel(h: Holdings, t: Tables) -> dict:
     eq0 = t.state0(h)[0]
     n, (T, W) = eq0.shape[0], t.user.shape
     outcome = path_outcome(h, t, fusion(eq0.dtype))
-    tables = (t.value, t.mm, t.price, t.notional, t.impact, t.model_tiles(), t.haircut_base)
+    tables = (t.value, t.mm, t.price, t.notional, t.impact, t.model_tiles(), t.haircut_base, t.random)
 
     def tile(_, k):
         # winners still holding part of their book after a partial close-out can be charged
@@ -981,7 +983,7 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
     row = t.impact_row[h.inst.reshape(n, P * L)]  # rows past n_impact collect the rest
 
     def tile(_, x):
-        value, mm, price, notional, pmx, hc_base = x
+        value, mm, price, notional, pmx, hc_base, rnd = x
         hc = t.haircut_of(hc_base)
         if t.partial_target is None:
             m_pm = t.model_margin(h, pmx)
@@ -991,7 +993,8 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
         else:  # the share of the book closed at each step, before the impact is known
             pos, bal, px, keep, m, g = portfolio.slots(h, value, mm, price, hc, notional, tiers=t.tiers)
             m, share = share_margin(h, t, m, notional, pmx)
-            at = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, **share)["closed"]
+            at = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, **share,
+                                          once=~rnd)["closed"]
         closed = at * h.valid[:, None].astype(dt)
 
         def add(p, acc):
@@ -1002,7 +1005,7 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
         return None, acc[:, : t.n_impact]
 
     pm_tiles = t.model_tiles()
-    return jax.lax.scan(tile, None, (t.value, t.mm, t.price, t.notional, pm_tiles, t.haircut_base))[1]
+    return jax.lax.scan(tile, None, (t.value, t.mm, t.price, t.notional, pm_tiles, t.haircut_base, t.random))[1]
 
 
 def column_max(x: Any) -> Any:

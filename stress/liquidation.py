@@ -260,7 +260,8 @@ def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any, lag: int = 0, 
 
 
 def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notional: Any, target: Any,
-                 fee_rate: Any = None, impact: Any = None, tiers: Any = None, blocks: Any = None) -> dict:
+                 fee_rate: Any = None, impact: Any = None, tiers: Any = None, blocks: Any = None,
+                 once: Any = None) -> dict:
     """Partial liquidation along each path: at every step where collateral < maintenance margin,
     close the same fraction of every position, just enough that collateral is back at
     ``target`` times the margin still required, as Deribit, Binance and Hyperliquid do; the
@@ -291,6 +292,10 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
       tiers: the positions under risk-limit tiers (a ``Tiered``), or None.
       blocks: the books' blocks under the portfolio model (a ``Blocks``; ``mm`` is then the
         whole book's portfolio margin), or None.
+      once: ``[W]`` or ``[n, W]`` bool, or None: scenarios that act at their first step only,
+        the one-off shocks of a set with paths (each a path whose every step is the shock).
+        A close there and its costs can leave an account below ``target``, and the repeated
+        step would close it again, which the same shock in a set without paths never does.
 
     Returns:
       Each ``[n, W]``, USD: ``equity`` (at the path's end, after every cost), ``collateral`` and
@@ -310,7 +315,7 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
     xs = (timed(pos), timed(px), timed(mm), timed(notional), timed(impact) if impact is not None else None,
           timed(keep.base) if dynamic else None,
           None if tiers is None else (timed(tiers.whole), timed(tiers.notional())),
-          None if blocks is None else (timed(blocks.lin), timed(blocks.delta)))
+          None if blocks is None else (timed(blocks.lin), timed(blocks.delta)), jnp.arange(K) == 0)
     ladder = None if tiers is None else (tiers.bound[tiers.inst], tiers.step[tiers.inst])  # [n, Q, K - 1]
     zero = jnp.zeros((n, W), dt)
 
@@ -319,7 +324,8 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
 
     def step(carry, x):
         held, locked, paid, first = carry  # share held [n, W], cash of closes [n, J, W], costs, first-breach state
-        p, q, m, g, c, base, tiered, parts = x
+        p, q, m, g, c, base, tiered, parts, lead = x
+        act = True if once is None else lead | ~once  # a one-off shock acts at its first step only
         e = bal[:, :, None] + held[:, None, :] * p + locked  # net amount per slot
         coll = jnp.sum(counted(e, base) * e * q, axis=1) - paid
         eq = jnp.sum(e * q, axis=1) - paid
@@ -328,7 +334,7 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
             # a book held whole has the margin of the full run; a share of it, the blocks' margin
             # at that share (the delta shocks' thresholds), and the solve only where one breaches
             margin = jnp.where(held < 1.0, blocks.margin(held, lin, delta), m)
-            breach = margin > coll
+            breach = (margin > coll) & act
             kept = jax.lax.cond(jnp.any(breach),
                                 lambda: kept_share_blocks(coll, held, g, blocks, lin, delta, target, fee_rate),
                                 lambda: held)
@@ -336,7 +342,7 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
             share = held - rest
         elif tiers is None:
             margin = held * m
-            breach = margin > coll
+            breach = (margin > coll) & act
             # when the fee on the whole rest exceeds the target margin, no share restores it: close all
             den = target * margin - (0.0 if fee_rate is None else fee_rate) * held * g
             f = jnp.where(den > 0, jnp.clip((target * margin - coll) / jnp.where(den > 0, den, 1.0), 0.0, 1.0), 1.0)
@@ -351,7 +357,7 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
             part = held < 1.0
             margin = jnp.where(part, jax.lax.cond(jnp.any(part), lambda: held * tier_rate(held, m, pn(), ladder),
                                                   lambda: whole), whole)
-            breach = margin > coll
+            breach = (margin > coll) & act
             kept = jax.lax.cond(jnp.any(breach), lambda: kept_share(coll, held, m, g, pn(), ladder, target, fee_rate, breach),
                                 lambda: jnp.ones_like(held))
             # carried as held * kept: held - held * (1 - kept) would round a cut to a tier's

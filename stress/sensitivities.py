@@ -409,7 +409,8 @@ def partial_outcome(st: dict, b: Book, n: int, fee_rate: Any, impact: Any = None
         blocks = dataclasses.replace(blocks, lin=tiles(blocks.lin), delta=tiles(blocks.delta))
     return liquidation.partial_path(S, dense(tiles(value)), dense(balance), dense(tiles(price)), keep,
                                     tiles(mm), tiles(st["notional"]), b.partial_target,
-                                    fee_rate, None if impact is None else tiles(impact), tiers=tiers, blocks=blocks)
+                                    fee_rate, None if impact is None else tiles(impact), tiers=tiers, blocks=blocks,
+                                    once=b.random == 0)
 
 
 def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any, lag: int = 0) -> tuple[Any, ...]:

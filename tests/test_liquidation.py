@@ -1086,3 +1086,45 @@ def test_adl_charges_from_each_parts_candidates_equal_the_whole_exchanges(monkey
     got[r, c] = charge
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
     assert got[:, 4].sum() == pytest.approx(np.where(liq[:, 4], 0, np.maximum(pnl[:, 4], 0)).sum())  # all winners
+
+
+SHOCKS = """[[scenario]]
+name = "btc-down-30"
+moves = { BTC = -0.30, ETH = -0.35, SOL = -0.45 }
+vol_shift = { BTC = 0.20, ETH = 0.25, SOL = 0.30 }
+
+[[scenario]]
+name = "btc-up-20"
+moves = { BTC = 0.20, ETH = 0.22, SOL = 0.30 }
+vol_shift = { BTC = 0.05, ETH = 0.05, SOL = 0.05 }
+"""
+
+
+def test_a_one_off_shock_in_partial_mode_with_impact_does_not_depend_on_the_paths_beside_it(sample_dir, tmp_path):
+    # In a file with paths a one-off shock is a path whose every step is the shock. The impact
+    # charged at its first partial close could leave an account below the target, and the
+    # repeated step closed it again: the shock's row (fees, notional closed, P&L) then
+    # depended on whether the file also held paths. It acts at its first step only.
+    snap_dir = tmp_path / "snap"
+    snap_dir.mkdir()
+    for f in sample_dir.iterdir():
+        (snap_dir / f.name).write_bytes(f.read_bytes())
+    toml = (snap_dir / "exchange.toml").read_text().replace(
+        '[liquidation]\n', '[liquidation]\nmode = "partial"\nfee_rate = 0.002\n[liquidation.impact.BTC]\nspread = 0.001\nk = 0.5\n'
+        'daily_vol = 0.04\ndaily_volume = 2e8\n[liquidation.impact.ETH]\nspread = 0.002\nk = 0.6\ndaily_vol = 0.05\n'
+        'daily_volume = 1e8')
+    assert 'mode = "partial"' in toml
+    (snap_dir / "exchange.toml").write_text(toml)
+    (tmp_path / "alone.toml").write_text(SHOCKS)
+    (tmp_path / "mixed.toml").write_text(SHOCKS + '\n[[montecarlo]]\nname = "mc"\npaths = 8\nsteps = 2\nhorizon_days = 2\n'
+                                         'seed = 1\nvol = { BTC = 0.8, ETH = 1.0, SOL = 1.2 }\n')
+    snap = stress.load_snapshot(snap_dir)
+    alone, mixed = (stress.load_scenarios(tmp_path / f"{k}.toml", snap) for k in ("alone", "mixed"))
+    assert mixed.steps == 2
+    cols = ["liquidated_notional", "impact_cost", "fees", "bad_debt", "pnl_total"]
+    a = stress.run(snap, alone).scenarios.set_index("scenario")[cols]
+    m = stress.run(snap, mixed).scenarios.set_index("scenario").loc[a.index, cols]
+    assert (a.impact_cost > 0).all() and (a.fees > 0).all()  # partial closes that pay impact
+    pd.testing.assert_frame_equal(m, a, check_exact=False, rtol=1e-12, atol=1e-6)
+    pa = stress.pnl_matrix(snap, alone)
+    np.testing.assert_allclose(stress.pnl_matrix(snap, mixed)[pa.columns].to_numpy(), pa.to_numpy(), rtol=0, atol=1e-6)
