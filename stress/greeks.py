@@ -499,7 +499,11 @@ def hedge(snap: Snapshot, account_id: str, instruments: Sequence[str] | None = N
     inverse_fut = np.asarray(inst.inverse)[hedge_ix] & (kind[hedge_ix] != OPTION)
     scale = np.where(inverse_fut, c, c * S0)
     before = _report(snap, b, np.zeros(len(hedge_ix)), scenarios)
-    size = max(before["maintenance_margin"], abs(before["equity"]), abs(before["worst_excess"]), 1.0)
+    # The smoothing's scale: the margin now and how far the worst state's excess falls below
+    # now's, what a hedge moves. Not the equity: an idle balance shifts every state alike, and
+    # as a scale it coarsened the search (407 USD off the optimum on 1e10 USDC).
+    swing = before["collateral_value"] - before["maintenance_margin"] - before["worst_excess"]
+    size = max(before["maintenance_margin"], swing, 1.0)
     x = _minimise(b, scale, size)
     x = np.where(inverse_fut, np.round(x), np.round(x, LOT_DIGITS)) + 0.0
     after = _report(snap, b, x, scenarios)

@@ -368,6 +368,21 @@ def test_hedge_long_future_with_perpetual(tmp_path):
     np.testing.assert_allclose(a["delta"]["BTC"], g.loc["BTC", "delta"], rtol=1e-12)
 
 
+def test_an_idle_balance_does_not_move_the_hedge(tmp_path):
+    # Under paths that move BTC alone, USDC at no haircut adds the same to the excess in every
+    # state, so the best trade is the same; as the smoothing's scale it had coarsened the
+    # search (the trade 1% off on 1e10 USDC).
+    positions = [{"account_id": "f", "instrument_id": "LFUT", "quantity": 20.0}]
+    (tmp_path / "mc.toml").write_text('[[montecarlo]]\nname = "mc"\npaths = 50\nsteps = 2\nhorizon_days = 2\n'
+                                      'seed = 5\nvol = { BTC = 1.5 }\n')
+    trades = []
+    for k, usdc in enumerate((100_000.0, 1e10)):
+        snap = snapshot(tmp_path / str(k), LINEAR_FUTURES, [{"account_id": "f", "asset": "USDC", "amount": usdc}], positions)
+        h = stress.greeks.hedge(snap, "f", ["LPERP"], stress.load_scenarios(tmp_path / "mc.toml", snap))
+        trades.append(h["trade"]["LPERP"])
+    assert trades[0] < -1.0 and trades[1] == pytest.approx(trades[0], abs=2e-3)
+
+
 def test_hedge_with_the_held_perpetual_closes_it(tmp_path):
     # Long 3 of the perpetual, hedged with the same perpetual: the trade nearly closes it, so
     # margin and delta both fall. It ends a little short, not flat: the USDC depeg scenario
