@@ -68,6 +68,20 @@ class Scenarios:
         """``[S]`` bool: the run's random scenarios (Monte Carlo paths or replay windows)."""
         return np.isin(np.array(self.kinds, dtype=object), RANDOM_KINDS)
 
+    @property
+    def one_off(self) -> np.ndarray:
+        """``[S]`` bool: scenarios whose every step is one state, such as a one-off shock in a
+        set with paths (a path whose every step is the shock); every scenario of a one-step set.
+        Partial close-outs act at their first step only (``liquidation.partial_path``)."""
+        if self.path_spot_mult is None:
+            return np.ones(len(self.names), bool)
+
+        def same(before: np.ndarray, last: np.ndarray) -> np.ndarray:  # [S, K-1, ...] against [S, ...]
+            return np.all(before == last[:, None], axis=tuple(range(1, before.ndim)))
+
+        return (same(self.path_spot_mult, self.spot_mult) & same(self.path_vol_shift, self.vol_shift)
+                & same(self.path_horizon_days, self.horizon_days))
+
 
 @dataclasses.dataclass
 class _Block:

@@ -108,6 +108,7 @@ class Book:
     vol_shift: Any  # [1 + K * S, A]
     horizon_days: Any  # [1 + K * S]
     random: Any  # [S] float 1.0 for a random (Monte Carlo / replay) scenario
+    once: Any  # [S] bool: the scenario's steps are one state (Scenarios.one_off)
     temperature: Any  # [] USD, smoothing of p_fund_depleted
     # Risk-limit tiers of maintenance margin (engine._tiers): a position pays, on its whole
     # notional, every rate step whose bound its notional exceeds; None: untiered.
@@ -181,6 +182,7 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
         fund=np.asarray(snap.insurance_fund, np.float64),
         spot_mult=spot, vol_shift=vol, horizon_days=hor,
         random=np.asarray(scen.random, np.float64),
+        once=np.asarray(scen.one_off),
         temperature=np.float64(default_temperature(fund_now) if tau is None else tau),
         tier_bound=None if tiers is None else np.asarray(tiers[0]),
         tier_step=None if tiers is None else np.asarray(tiers[1]),
@@ -410,7 +412,7 @@ def partial_outcome(st: dict, b: Book, n: int, fee_rate: Any, impact: Any = None
     return liquidation.partial_path(S, dense(tiles(value)), dense(balance), dense(tiles(price)), keep,
                                     tiles(mm), tiles(st["notional"]), b.partial_target,
                                     fee_rate, None if impact is None else tiles(impact), tiers=tiers, blocks=blocks,
-                                    once=b.random == 0)
+                                    once=b.once)
 
 
 def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any, lag: int = 0) -> tuple[Any, ...]:

@@ -600,3 +600,17 @@ def test_generate_scenarios_without_a_snapshot_still_refuses_a_file_no_snapshot_
     r = CliRunner().invoke(app, ["generate", "scenarios", "--out", str(out), *args])
     assert r.exit_code == 2 and not out.exists() and not list(tmp_path.iterdir()), r.output
     assert f"x.toml" in r.stderr and f"column {field}:" in r.stderr, r.stderr
+
+
+def test_one_off_flags_the_shocks_of_a_set_with_paths_and_not_its_paths(sample_dir, small_default_path):
+    import dataclasses
+
+    snap = stress.load_snapshot(sample_dir)
+    scen = stress.load_scenarios(small_default_path, snap)
+    assert scen.steps > 1
+    # every step of a shock is the shock; a Monte Carlo path moves
+    np.testing.assert_array_equal(scen.one_off, ~scen.random)
+    # a path built in Python that moves is not one-off, whatever its kind
+    moved = scen.path_spot_mult.copy()
+    moved[0, 0, :] *= 1.01
+    assert not dataclasses.replace(scen, path_spot_mult=moved).one_off[0] and scen.one_off[0]
