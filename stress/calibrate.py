@@ -347,8 +347,9 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str | None = N
     if not math.isfinite(hi) or hi < 1.0:
         raise InputError("--hi", None, None, f"{hi!r} must be a finite number >= 1")
     idle: list[str] = []
-    if len(levers) > 1:  # levers with no effect on this book stay as they are, off the ray
-        mask = idle_levers(snap, scen, target, levers)
+    relaxation = _relaxation(snap, scen, target) if len(levers) > 1 else None  # the vector's, built once
+    if relaxation is not None:  # levers with no effect on this book stay as they are, off the ray
+        mask = idle_levers(snap, scen, target, levers, relaxation)
         if mask.any() and not mask.all():
             idle = [lv.name for lv, m in zip(levers, mask) if m]
             levers = tuple(lv for lv, m in zip(levers, mask) if not m)
@@ -375,7 +376,8 @@ def calibrate(snap: Any, scen: Any, target: Target, *, parameter: str | None = N
     if len(levers) == 1:
         res = _bisect(along(uniform), before, tops[0], tolerance, target, lo=1.0 / hi)
     else:
-        res = _calibrate_vector(snap, scen, target, levers, tops, along, before, hi=hi, tolerance=tolerance)
+        res = _calibrate_vector(snap, scen, target, levers, tops, along, before, hi=hi, tolerance=tolerance,
+                                relaxation=relaxation)
     res.update(target=target, parameters=tuple(lv.name for lv in levers), idle=idle, tops=[float(t) for t in tops],
                scales=None if res["factor"] is None else res["after"]["scales"],
                curve=sorted(seen.values(), key=lambda r: (r["maintenance_margin"], r["factor"])))
@@ -428,11 +430,11 @@ def _check_grid(lo: float, hi: float, tolerance: float) -> None:
                          f"{tolerance:g} puts no scale on its grid within [{lo:g}, {hi:g}]; use a finer tolerance")
 
 
-def _calibrate_vector(snap, scen, target, levers, tops, along, before, *, hi, tolerance) -> dict:
+def _calibrate_vector(snap, scen, target, levers, tops, along, before, *, hi, tolerance, relaxation=None) -> dict:
     """Several levers: gradient descent on the smooth relaxation, then the exact check and the
     exact bisection of the scale along the solution's direction (module docstring). ``along``:
     the exact evaluations along a direction; ``tops [G]``: each lever's largest scale."""
-    smooth = optimise(snap, scen, target, levers, hi)
+    smooth = optimise(snap, scen, target, levers, hi, relaxation=relaxation)
     direction = np.asarray(smooth["scales"], np.float64)
     check = along(direction)(1.0)
     # the ray's scales keep every lever's scale within [1/hi, its top]
@@ -509,39 +511,43 @@ def _now(params, inst, market, b, n: int) -> dict:
     return sens.account_states(jnp.zeros(A), jnp.zeros(A), params, jnp.ones(n), inst, market, now, n)
 
 
-def _relaxation(snap: Any, scen: Any, target: Target, levers: tuple[Lever, ...]) -> tuple[tuple, dict]:
-    """``smooth_metric``'s arguments after ``theta`` and its static keywords, for the snapshot."""
+def _relaxation(snap: Any, scen: Any, target: Target) -> tuple[tuple, dict]:
+    """``smooth_metric``'s arguments after ``theta`` and its static keywords but ``levers``, for
+    the snapshot (the book of every path step, built once per calibration)."""
     b = sens.book(snap, scen)
     n = snap.n_accounts
     params = sens._float_params(snap.params)
     inst = sens.safe_instruments(snap.instruments, snap.market)
     # each account's soft-breach width: a share of its maintenance margin now, current rates
     mm_scale = BREACH_SOFTNESS * jnp.maximum(_now(params, inst, snap.market, b, n)["maintenance_margin"][:, 0], 1.0)
-    statics = {"levers": levers, "metric": target.metric, "n": n, "K": scen.steps, "S": len(scen),
-               "n_random": int(scen.random.sum())}
+    statics = {"metric": target.metric, "n": n, "K": scen.steps, "S": len(scen), "n_random": int(scen.random.sum())}
     return (params, inst, snap.market, b, mm_scale, float(b.temperature)), statics
 
 
-def idle_levers(snap: Any, scen: Any, target: Target, levers: tuple[Lever, ...]) -> np.ndarray:
+def idle_levers(snap: Any, scen: Any, target: Target, levers: tuple[Lever, ...], relaxation: tuple | None = None
+                ) -> np.ndarray:
     """``[G]`` bool: the levers that move neither the smoothed metric nor the total maintenance
     margin at today's values (both derivatives exactly 0), such as a vol shock down on a book
     of short options only, whose risk matrices' worst points are all vol up. The exact stage's
     ray would scale them with the others, to no effect, into a recommendation that means
-    nothing for this book and would bite a later one."""
-    args, statics = _relaxation(snap, scen, target, levers)
-    f = functools.partial(smooth_metric, **statics)
+    nothing for this book and would bite a later one. ``relaxation``: ``_relaxation``'s, when
+    the caller has it."""
+    args, statics = relaxation or _relaxation(snap, scen, target)
+    f = functools.partial(smooth_metric, levers=levers, **statics)
     jac = jax.jit(jax.jacfwd(lambda theta: jnp.stack(f(theta, *args))))(jnp.ones(len(levers)))
     return np.all(np.asarray(jac) == 0.0, axis=0)
 
 
-def optimise(snap: Any, scen: Any, target: Target, levers: tuple[Lever, ...], hi: float = 64.0) -> dict:
+def optimise(snap: Any, scen: Any, target: Target, levers: tuple[Lever, ...], hi: float = 64.0,
+             relaxation: tuple | None = None) -> dict:
     """Stage 1: Adam on ``log theta`` of the augmented Lagrangian of the smooth relaxation,
     from ``theta = 1`` (today's values), every scale kept within ``[1 / hi, min(hi, top)]``.
 
     Returns ``{"scales": [G], "value": smoothed metric there, "maintenance_margin": USD,
-    "history": one entry per round}``.
+    "history": one entry per round}``. ``relaxation``: ``_relaxation``'s, when the caller has it.
     """
-    args, statics = _relaxation(snap, scen, target, levers)
+    args, statics = relaxation or _relaxation(snap, scen, target)
+    statics = {"levers": levers, **statics}
     G, tau, n_random = len(levers), args[-1], statics["n_random"]
     f = jax.jit(functools.partial(smooth_metric, **statics))
     mm1 = float(f(jnp.ones(G), *args)[1])

@@ -49,6 +49,7 @@ import numpy as np
 
 from . import _exported, liquidation, margin, pricing
 from ._tree import pytree_dataclass
+from .engine import PM_GRID_BATCH
 from .errors import InputError
 from .snapshot import OPTION, PERPETUAL, Instruments, Market, Snapshot, account_id_column, names_at
 
@@ -249,14 +250,11 @@ def _path_steps(scen: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return step_major(scen.path_spot_mult), step_major(scen.path_vol_shift), step_major(scen.path_horizon_days)
 
 
-GRID_BATCH = 256  # states revalued at a time for the risk matrices (as engine.PM_GRID_BATCH)
-
-
 @functools.partial(jax.jit, static_argnames=("n_sub",))
 def _account_grids(inst: Instruments, market: Market, params: Any, spot: Any, vol: Any, hor: Any, fixed: Any,
                    pos_sub: Any, traded: Any, n_sub: int) -> tuple[Any, Any, Any]:
     """``margin.instrument_grid`` around each state (``spot``, ``vol`` ``[M, A]``, ``hor [M]``),
-    ``GRID_BATCH`` states at a time, each state's reduced at once to ``P = n_sub + K`` rows: the
+    ``engine.PM_GRID_BATCH`` states at a time (as the run), each state's reduced at once to ``P = n_sub + K`` rows: the
     ``fixed [U]`` contracts summed per sub-block, then the ``traded [K]`` instruments per
     contract. ``(pnl [M, P, G], delta [M, P], roll [M, P])``, USD; memory grows with the
     states times ``P``, not times the account's instruments."""
@@ -266,7 +264,7 @@ def _account_grids(inst: Instruments, market: Market, params: Any, spot: Any, vo
         rows = lambda x, q: jnp.concatenate([seg(q.reshape(q.shape + (1,) * (x.ndim - 1)) * x), x[traded]])  # noqa: E731
         return rows(g["pnl"], fixed), rows(g["delta"], fixed), rows(g["roll"], jnp.abs(fixed))
 
-    return jax.lax.map(one, (spot, vol, hor), batch_size=GRID_BATCH)
+    return margin._each_state(one, (spot, vol, hor), PM_GRID_BATCH)
 
 
 def _risk_matrices(snap: Snapshot, U: np.ndarray, q0: np.ndarray, traded: np.ndarray, spot: Any, vol: Any,

@@ -61,6 +61,16 @@ def small_default_path(tmp_path_factory) -> Path:
     return path
 
 
+def copy_snapshot(src: Path, dest: Path, edit) -> Path:
+    """A copy of the snapshot folder ``src`` at ``dest``, its exchange.toml text passed through
+    ``edit`` (a function of the text)."""
+    dest.mkdir(parents=True)
+    for f in src.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    (dest / "exchange.toml").write_text(edit((src / "exchange.toml").read_text()))
+    return dest
+
+
 def write_snapshot(folder: Path, *, assets, instruments, balances, positions, exchange_toml: str, fmt="csv") -> Path:
     """Write hand-made tables (lists of dicts or DataFrames) and an exchange.toml text."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from stress import margin
 from stress import sensitivities as sens
 from stress.cli import app
 
-from .conftest import write_snapshot
+from .conftest import copy_snapshot, write_snapshot
 
 TOML = """as_of = 2026-11-23T08:00:00Z
 rate = 0.0
@@ -413,12 +413,8 @@ def test_tier_rates_scale_with_mm_rate_in_the_run_and_in_the_relaxation(book, tm
     # Every position's notional (50,000) is past the 40,000 bound: MM = 3% of it, the first
     # tier's 0.5% plus the 2.5% step. Scaling every rate by 2 must give 6%, not 0.5 x 2 + 2.5.
     folder, snap, _ = book
-    toml = (folder / "snap" / "exchange.toml").read_text() + "future_tiers = [[40_000, 0.01, 0.005], [1e15, 0.05, 0.03]]\n"
-    (tmp_path / "snap").mkdir()
-    for f in (folder / "snap").iterdir():
-        (tmp_path / "snap" / f.name).write_bytes(f.read_bytes())
-    (tmp_path / "snap" / "exchange.toml").write_text(toml)
-    tiered = stress.load_snapshot(tmp_path / "snap")
+    tiered = stress.load_snapshot(copy_snapshot(
+        folder / "snap", tmp_path / "snap", lambda t: t + "future_tiers = [[40_000, 0.01, 0.005], [1e15, 0.05, 0.03]]\n"))
     scen = stress.load_scenarios(folder / "mc.toml", tiered)
     mm = lambda s: stress.run(s, scen).accounts.maintenance_margin.to_numpy()
     np.testing.assert_allclose(mm(tiered), 0.03 * 50_000.0, rtol=1e-12)
@@ -442,12 +438,8 @@ def pm_books(two_books, tmp_path_factory):
     margin; 100 paths."""
     folder, snap, _ = two_books
     pm = tmp_path_factory.mktemp("pm")
-    (pm / "snap").mkdir()
-    for f in (folder / "snap").iterdir():
-        (pm / "snap" / f.name).write_bytes(f.read_bytes())
-    (pm / "snap" / "exchange.toml").write_text(
-        TOML + 'model = "portfolio"\nprice_range = { BTC = 0.01, ETH = 0.025 }\nmin_annualised_move = 0.0\n'
-        'extended_pnl_fraction = 0.0\n')
+    copy_snapshot(folder / "snap", pm / "snap", lambda _: TOML + 'model = "portfolio"\nprice_range = { BTC = 0.01, '
+                  'ETH = 0.025 }\nmin_annualised_move = 0.0\nextended_pnl_fraction = 0.0\n')
     (pm / "mc.toml").write_text(PATHS.replace("paths = 400", "paths = 100").replace("vol = { BTC = 1.2 }",
                                                                                    "vol = { BTC = 1.2, ETH = 0.6 }"))
     snap = stress.load_snapshot(pm / "snap")
@@ -586,13 +578,12 @@ def test_printed_margin_keys_paste_into_exchange_toml_and_give_the_calibrated_ru
     lines = r.output.split("in exchange.toml [margin]:\n")[1].splitlines()[:2]
     keys = tomllib.loads("\n".join(lines))  # one key a line, unwrapped at 60 columns
     assert set(keys) == {"mm_factor", "price_range"} and set(keys["price_range"]) == {"BTC", "ETH"}
-    toml = (folder / "snap" / "exchange.toml").read_text()
-    toml = "\n".join(line for line in toml.splitlines() if not line.startswith(("price_range", "mm_factor")))
-    (tmp_path / "snap").mkdir()
-    for f in (folder / "snap").iterdir():
-        (tmp_path / "snap" / f.name).write_bytes(f.read_bytes())
-    (tmp_path / "snap" / "exchange.toml").write_text(toml + "\n" + "\n".join(lines) + "\n")
-    pasted = stress.load_snapshot(tmp_path / "snap")
+
+    def pasted_in(toml: str) -> str:  # the printed lines in place of those keys
+        kept = [line for line in toml.splitlines() if not line.startswith(("price_range", "mm_factor"))]
+        return "\n".join(kept + lines) + "\n"
+
+    pasted = stress.load_snapshot(copy_snapshot(folder / "snap", tmp_path / "snap", pasted_in))
     run = stress.run(pasted, stress.load_scenarios(folder / "mc.toml", pasted))
     assert run.accounts.maintenance_margin.sum() == pytest.approx(doc["after"]["maintenance_margin"], rel=1e-9)
 

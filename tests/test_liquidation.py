@@ -16,7 +16,7 @@ import stress
 from stress import engine, liquidation
 from stress.cli import app
 
-from .conftest import write_snapshot
+from .conftest import copy_snapshot, write_snapshot
 
 ASSETS = [{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "BTC", "price": 50_000.0, "haircut": 0.0}]
 
@@ -1105,16 +1105,11 @@ def test_a_one_off_shock_in_partial_mode_with_impact_does_not_depend_on_the_path
     # charged at its first partial close could leave an account below the target, and the
     # repeated step closed it again: the shock's row (fees, notional closed, P&L) then
     # depended on whether the file also held paths. It acts at its first step only.
-    snap_dir = tmp_path / "snap"
-    snap_dir.mkdir()
-    for f in sample_dir.iterdir():
-        (snap_dir / f.name).write_bytes(f.read_bytes())
-    toml = (snap_dir / "exchange.toml").read_text().replace(
+    snap_dir = copy_snapshot(sample_dir, tmp_path / "snap", lambda toml: toml.replace(
         '[liquidation]\n', '[liquidation]\nmode = "partial"\nfee_rate = 0.002\n[liquidation.impact.BTC]\nspread = 0.001\nk = 0.5\n'
         'daily_vol = 0.04\ndaily_volume = 2e8\n[liquidation.impact.ETH]\nspread = 0.002\nk = 0.6\ndaily_vol = 0.05\n'
-        'daily_volume = 1e8')
-    assert 'mode = "partial"' in toml
-    (snap_dir / "exchange.toml").write_text(toml)
+        'daily_volume = 1e8'))
+    assert 'mode = "partial"' in (snap_dir / "exchange.toml").read_text()
     (tmp_path / "alone.toml").write_text(SHOCKS)
     (tmp_path / "mixed.toml").write_text(SHOCKS + '\n[[montecarlo]]\nname = "mc"\npaths = 8\nsteps = 2\nhorizon_days = 2\n'
                                          'seed = 1\nvol = { BTC = 0.8, ETH = 1.0, SOL = 1.2 }\n')
@@ -1134,12 +1129,8 @@ def test_partial_mode_worst_pnl_is_the_worst_scenarios_where_tiles_are_padded(sa
     # 12 paths in tiles of 16: the 4 padding columns repeat the last path, and take its flags.
     # Treated as one-off shocks (acting at the first step only) they gave accounts a worst P&L
     # no scenario of the set has (a review's 9 of 300 accounts).
-    snap_dir = tmp_path / "snap"
-    snap_dir.mkdir()
-    for f in sample_dir.iterdir():
-        (snap_dir / f.name).write_bytes(f.read_bytes())
-    toml = (snap_dir / "exchange.toml").read_text().replace("[liquidation]\n", '[liquidation]\nmode = "partial"\n')
-    (snap_dir / "exchange.toml").write_text(toml)
+    snap_dir = copy_snapshot(sample_dir, tmp_path / "snap",
+                             lambda toml: toml.replace("[liquidation]\n", '[liquidation]\nmode = "partial"\n'))
     (tmp_path / "mc.toml").write_text('[[montecarlo]]\nname = "mc"\npaths = 12\nsteps = 3\nhorizon_days = 3\nseed = 1\n'
                                       'vol = { BTC = 1.2, ETH = 1.4, SOL = 1.8 }\n')
     snap = stress.load_snapshot(snap_dir)
