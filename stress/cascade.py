@@ -144,18 +144,27 @@ def _market(inst, market, params, spot_mult, vol_shift, horizon):
     return rv, mm, move_notional
 
 
+def _lag(lag: int, length: Any) -> Any:
+    """``[W2]`` the oracle lag of each column: none for a path of length 1, an instantaneous
+    shock (``liquidation.acted``)."""
+    return jnp.where(length > 1, lag, 0)
+
+
 def _breach_chunk(h: Holdings, br: Any, contracts: Any, closed_n: Any, value, mm, price, notional, haircut, tiers,
-                  t, *, K, lag):
+                  t, length, *, K, lag):
     """One chunk at step ``t``: record first breaches (``br`` ``[n, W2]``, ``K`` = none yet) and
     add the contracts of accounts closed out at ``t`` (breached at ``t - lag``) to the step's
     exchange-wide ``contracts [2, I, W2]`` (net signed, closing longs > 0; gross) and count.
-    ``tiers``: the maintenance margin's risk-limit tiers (``engine._tiers``), or None."""
+    ``tiers``: the maintenance margin's risk-limit tiers (``engine._tiers``), or None.
+    ``length``: ``[W2]`` each column's own steps (``Scenarios.length``): past them a path only
+    repeats its last state, where nothing breaches or closes again."""
     if tiers is None:
         _, coll, m = portfolio.state(h, value, mm, price, haircut)
     else:  # a position's tier follows its notional at the step's (moved) prices
         _, coll, m, _ = portfolio.state(h, value, mm, price, haircut, notional, tiers=tiers)
-    br = jnp.where((br == K) & (m > coll), t, br)
-    closed = (br + lag == t) & h.valid[:, None]
+    live = t < length  # [W2]
+    br = jnp.where((br == K) & (m > coll) & live, t, br)
+    closed = (br + _lag(lag, length) == t) & live & h.valid[:, None]
     cf = closed.astype(contracts.dtype)
     n, P, L = h.inst.shape
     qty, inst = h.qty.reshape(n, P * L), h.inst.reshape(n, P * L)
@@ -171,13 +180,17 @@ def _breach_chunk(h: Holdings, br: Any, contracts: Any, closed_n: Any, value, mm
 def _settle_chunk(h: Holdings, br: Any, tab: dict, haircut, fee_rate, *, K, lag, with_fee):
     """One chunk after the last step: each account at the step that decided its path (closed
     out at ``br + lag``, else held to step ``K - 1``), its closing costs and bad debt, from the
-    per-step tables ``tab`` (``[K, X, W2]``). Returns ``[len(SUMS), W2]`` sums over the chunk
-    and ``[n, W2]`` the step of each close-out (-1: none)."""
+    per-step tables ``tab`` (``[K, X, W2]``; ``tab["length"]`` ``[W2]`` each column's own
+    steps: a path not closed out is held to its step ``length - 1``, the state its later
+    steps repeat). Returns ``[len(SUMS), W2]`` sums over the chunk and ``[n, W2]`` the step of
+    each close-out (-1: none)."""
     W2 = br.shape[1]
-    liq = (br + lag < K) & h.valid[:, None]
+    length, tab = tab["length"], {k: v for k, v in tab.items() if k != "length"}
+    acted = br + _lag(lag, length)
+    liq = (acted < length) & h.valid[:, None]
     # [n, W2] the deciding step; flat indices into [K, I, W2] tables in int64 only when needed
     big = K * max(x.shape[1] for x in tab.values()) * W2 >= 2**31
-    d = jnp.minimum(br + lag, K - 1).astype(jnp.int64 if big else jnp.int32)
+    d = jnp.minimum(acted, length - 1).astype(jnp.int64 if big else jnp.int32)
     col = jnp.arange(W2, dtype=d.dtype)[None, :]
 
     def at_step(x):  # [K, X, W2] -> rows(i [n]) = x[d, i, column], [n, W2]
@@ -229,7 +242,8 @@ def _accounts_step(hs, brs, acc, haircut, tiers, t, *, K, lag):
 
     Args:
       hs: tuple of ``Holdings [C_b, chunk, ...]``, one per bucket; brs: their first-breach
-        steps ``[C_b, chunk, W2]`` (``K``: none yet). acc: ``_market_step``'s tables.
+        steps ``[C_b, chunk, W2]`` (``K``: none yet). acc: ``_market_step``'s tables, and
+        ``length`` ``[W2]``, each column's own steps.
 
     Returns the new ``brs`` and, summed over these accounts, ``contracts [2, I, W2]`` (net
     signed, closing longs > 0; gross) and ``closed [W2]`` (accounts closed out at ``t``), in
@@ -244,7 +258,7 @@ def _accounts_step(hs, brs, acc, haircut, tiers, t, *, K, lag):
     for h_b, br_b in zip(hs, brs):  # a handful of holdings shapes, unrolled at trace time
         def body(c, xs):
             br, contracts, closed_n = _breach_chunk(xs[0], xs[1], *c, acc["value"], acc["mm"], acc["price"],
-                                                    acc["notional"], hc, tiers, t, K=K, lag=lag)
+                                                    acc["notional"], hc, tiers, t, acc["length"], K=K, lag=lag)
             return (contracts, closed_n), br
 
         (contracts, closed_n), br_b = jax.lax.scan(body, (contracts, closed_n), (h_b, br_b))
@@ -295,7 +309,7 @@ def _step_record(acc, charge, cost, closed, X, factor, dt) -> dict:
     """What a tile keeps of one step: the tables that settle its accounts (``TABLE_KEYS``)
     and the per-step outputs of ``_tile_out``."""
     return {"charge": charge.astype(dt), "cost": cost.sum(axis=0), "closed": closed, "net_notional": X,
-            "factor": factor, **{k: v for k, v in acc.items() if k != "mm"}}
+            "factor": factor, **{k: v for k, v in acc.items() if k not in ("mm", "length")}}
 
 
 def _tile_out(sums, ys) -> dict:
@@ -304,8 +318,8 @@ def _tile_out(sums, ys) -> dict:
             "closed": ys["closed"].astype("float64"), "net_notional": ys["net_notional"], "factor": ys["factor"][-1]}
 
 
-def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult, vol, hor, fb, *, K, lag, with_fee,
-          with_accounts):
+def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult, vol, hor, fb, length, *, K, lag,
+          with_fee, with_accounts):
     """One tile of ``W2`` columns (paths), every step, every account: the three sides of a
     step (``_market_step``, ``_accounts_step``, ``_exchange_step``) in one ``lax.scan``.
 
@@ -314,6 +328,8 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
       tiers: ``(bound, step)`` ``[I, K_tiers - 1]`` risk-limit tiers of maintenance margin, or None.
       mult, vol: ``[K, W2, A]`` the paths' spot multipliers and vol shifts, time order.
       hor: ``[K, W2]`` horizon days. fb: ``[W2]`` bool: the column's closes move later prices.
+      length: ``[W2]`` int32, each column's own steps (``Scenarios.length``): the steps after
+        them repeat its last state, which nothing moves.
 
     Returns:
       ``sums [len(SUMS), W2]`` (float64), per step ``price [K, A, W2]`` (USD, moved),
@@ -330,9 +346,9 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
         m, v, h, t = x
         acc, notional, move_notional, settled = _market_step(inst, market, params, m * factor, v, h, settled, dt=dt,
                                                              dynamic=dynamic)
-        brs, contracts, closed_n = _accounts_step(hs, brs, acc, haircut, tiers, t, K=K, lag=lag)
+        brs, contracts, closed_n = _accounts_step(hs, brs, {**acc, "length": length}, haircut, tiers, t, K=K, lag=lag)
         cost, charge, X, grown = _exchange_step(contracts.astype(jnp.float64), notional, move_notional, imp,
-                                                inst.underlying, fb, factor)
+                                                inst.underlying, fb & (t + 1 < length), factor)
         return (grown, brs, settled), _step_record(acc, charge, cost, closed_n, X, factor, dt)
 
     brs = tuple(jnp.full(h.valid.shape + (W2,), K, jnp.int32) for h in hs)
@@ -341,7 +357,7 @@ def _tile(hs, inst, market, params, imp: Impact, haircut, fee_rate, tiers, mult,
     # checkpoint: reverse mode through the scan keeps one step's residuals, not K steps' accounts
     (_, brs, _), ys = jax.lax.scan(jax.checkpoint(step), init, xs)
 
-    tab = {k: ys[k] for k in TABLE_KEYS if k in ys}
+    tab = {**{k: ys[k] for k in TABLE_KEYS if k in ys}, "length": length}
     sums, steps = _settle_all(hs, brs, tab, haircut, fee_rate, K=K, lag=lag, with_fee=with_fee,
                               with_accounts=with_accounts)
     out = _tile_out(sums, ys)
@@ -356,13 +372,13 @@ def _kernel(n_devices: int, K: int, lag: int, with_fee: bool, with_accounts: boo
     instrument terms replicated. Compiled once per holdings shapes and tile width."""
     mesh = engine._mesh(n_devices)
 
-    def local(hs, inst, market, params, imp, haircut, fee_rate, tiers, mult, vol, hor, fb):
-        out = _tile(hs, inst, market, params, imp, haircut, fee_rate, tiers, mult[0], vol[0], hor[0], fb[0],
+    def local(hs, inst, market, params, imp, haircut, fee_rate, tiers, mult, vol, hor, fb, length):
+        out = _tile(hs, inst, market, params, imp, haircut, fee_rate, tiers, mult[0], vol[0], hor[0], fb[0], length[0],
                     K=K, lag=lag, with_fee=with_fee, with_accounts=with_accounts)
         return jax.tree_util.tree_map(lambda x: x[None], out)
 
     rep = P()
-    specs = {"mesh": mesh, "in_specs": (rep,) * 8 + (P("d"),) * 4, "out_specs": P("d")}
+    specs = {"mesh": mesh, "in_specs": (rep,) * 8 + (P("d"),) * 5, "out_specs": P("d")}
     try:  # paths are independent: no cross-device values
         mapped = shard_map(local, check_vma=False, **specs)
     except TypeError:  # jax < 0.6 calls it check_rep
@@ -455,8 +471,8 @@ def add_settled(got: list[tuple], index: list[np.ndarray], n_accounts: int,
     return sums, steps
 
 
-def _stepped_tile(parts: Any, inst, market, params, imp: Impact, mult, vol, hor, fb, *, K, lag, fee_rate, dt,
-                  dynamic, with_accounts) -> dict:
+def _stepped_tile(parts: Any, inst, market, params, imp: Impact, mult, vol, hor, fb, length, *, K, lag, fee_rate,
+                  dt, dynamic, with_accounts) -> dict:
     """``_tile`` with the accounts in ``parts``: the same outputs (a leading axis of one tile;
     ``account_steps [1, n, W2]`` in place of ``steps``), driven a step at a time from here."""
     W2, A = mult.shape[1], mult.shape[2]
@@ -467,14 +483,14 @@ def _stepped_tile(parts: Any, inst, market, params, imp: Impact, mult, vol, hor,
     for t in range(K):
         acc, notional, move_notional, settled = _market_step_jit(inst, market, params, mult[t] * factor, vol[t],
                                                                  hor[t], settled, dt=dt, dynamic=dynamic)
-        acc = jax.device_get(acc)
+        acc = {**jax.device_get(acc), "length": length}
         contracts, closed = parts.cascade_step(t, acc)  # summed over the parts, float64
-        cost, charge, X, grown = _exchange_step_jit(contracts, notional, move_notional, imp, inst.underlying, fb,
-                                                    factor)
+        cost, charge, X, grown = _exchange_step_jit(contracts, notional, move_notional, imp, inst.underlying,
+                                                    fb & (t + 1 < length), factor)
         ys.append(jax.device_get(_step_record(acc, charge, cost, closed, X, factor, dt)))
         factor = np.asarray(grown)
     ys = {k: np.stack([y[k] for y in ys]) for k in ys[0]}
-    sums, steps = parts.cascade_settle({k: ys[k] for k in TABLE_KEYS if k in ys}, with_accounts)
+    sums, steps = parts.cascade_settle({**{k: ys[k] for k in TABLE_KEYS if k in ys}, "length": length}, with_accounts)
     out = _tile_out(sums, ys)
     if with_accounts:
         out["account_steps"] = steps
@@ -536,6 +552,7 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
     fee_rate = cfg["fee_rate"]
     mult, vol, hor = time_ordered(scen)
     feedback = np.isin(np.array(scen.kinds, dtype=object), RANDOM_KINDS) & (K > 1)
+    length = scen.length
 
     D = 1 if parts is not None else len(engine.devices())  # parts: one tile at a time, stepped
     W = paths_per_tile or globals()["paths_per_tile"](S, snap.n_accounts, D)
@@ -545,6 +562,7 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
     vol = np.concatenate([vol, np.zeros((pad, K, A))])
     hor = np.concatenate([hor, np.zeros((pad, K))])
     feedback = np.concatenate([feedback, np.zeros(pad, bool)])
+    length = np.concatenate([length, np.ones(pad, np.int32)])
 
     if parts is None:
         kernel, mesh = _kernel(D, K, lag, fee_rate > 0, accounts)
@@ -566,9 +584,10 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
             return np.concatenate([x, x], axis=2)
 
         fb = np.concatenate([feedback[sl].reshape(D, W), np.zeros((D, W), bool)], axis=1)
+        ln = np.tile(length[sl].reshape(D, W), 2)  # [D, 2W]
         if parts is not None:
-            return stepped(cols(mult)[0], cols(vol)[0], cols(hor)[0], fb[0])
-        return kernel(*fixed, cols(mult), cols(vol), cols(hor), fb)
+            return stepped(cols(mult)[0], cols(vol)[0], cols(hor)[0], fb[0], ln[0])
+        return kernel(*fixed, cols(mult), cols(vol), cols(hor), fb, ln)
 
     outs = []
     pending = None

@@ -144,9 +144,10 @@ class Tables:
     # Each table's range over each tile's states (``tile_ranges``), for ``portfolio.calm``; set
     # by a sweep where ``FUSION`` says "calm" and the run allows it (``with_ranges``), else None
     ranges: Any = None
-    # [T, W] bool: scenarios whose steps are one state (``Scenarios.one_off``; padding as the
-    # scenario it repeats), which partial close-outs act on at the first step only
-    once: Any = None
+    # [T, W] int32: each path's own steps before it only repeats its last state
+    # (``Scenarios.length``; padding as the scenario it repeats): where close-outs act
+    # (``liquidation.acted``, ``liquidation.partial_path``)
+    length: Any = None
 
     def state0(self, h: Holdings) -> tuple:
         """``(equity, collateral, maintenance margin, gross notional)`` of a chunk of accounts
@@ -444,7 +445,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     user = np.arange(T * W) < S
     random = np.zeros(T * W, bool)
     random[:S] = scen.random
-    once = np.pad(scen.one_off, (0, T * W - S), mode="edge")  # padding repeats the last scenario
+    length = np.pad(scen.length, (0, T * W - S), mode="edge")  # padding repeats the last scenario
     # instruments whose underlying has [liquidation.impact] parameters, numbered for pass 1
     has_impact = np.isin(np.asarray(snap.instruments.underlying),
                          [snap.assets.index(a) for a in liq_cfg["impact"]])
@@ -459,7 +460,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
         user=jax.device_put(user.reshape(T, W)),
         random=jax.device_put(random.reshape(T, W)),
         random_index=jax.device_put(np.flatnonzero(random).astype(np.int32)),
-        once=jax.device_put(once.reshape(T, W)),
+        length=jax.device_put(length.reshape(T, W)),
         value0=first["value0"],
         mm0=first["mm0"],
         price0=first["price0"],
@@ -603,8 +604,8 @@ def share_margin(h: Holdings, t: Tables, margin: Any, notional: Any, pmx: tuple 
 
 def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
     """The per-tile outcome of a chunk ``h`` under tables ``t``, as ``outcome(value, mm, price,
-    notional, impact, pmx, hc_base, once)`` of one tile of each table (``tile_at``; ``once``:
-    the tile's ``Tables.once`` flags, ``[W]`` or ``[n, W]``, which partial close-outs need): the work the
+    notional, impact, pmx, hc_base, length)`` of one tile of each table (``tile_at``; ``length``:
+    the tile's ``Tables.length``, ``[W]`` or ``[n, W]``, where close-outs act): the work the
     sweep (``chunk_kernel``) and the auto-deleveraging pass (``adl_kernel``) share, so both
     charge the same closing costs and liquidate the same accounts."""
     W = t.user.shape[1]
@@ -614,7 +615,7 @@ def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
     charged = t.fee_rate is not None or t.impact is not None
     gather_notional = charged or t.tiers is not None or t.partial_target is not None
 
-    def outcome(value, mm, price, notional, impact, pmx, hc_base, once=None, gone=False):
+    def outcome(value, mm, price, notional, impact, pmx, hc_base, length=None, gone=False):
         """Per account and scenario: equity at the path's end after closing costs; collateral
         and margin at the step that decides the path; liquidated or not (``gone``: closed out
         in full, which a partial close-out may not be); the fee, the impact paid, the notional
@@ -626,7 +627,7 @@ def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
             pos, bal, px, keep, m, g, *imp = portfolio.slots(h, value, mm, price, hc, *per_contract, tiers=t.tiers)
             m, share = share_margin(h, t, m, notional, pmx)
             r = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate,
-                                         imp[0] if imp else None, **share, once=once)
+                                         imp[0] if imp else None, **share, length=length)
             return (r["equity"], r["collateral"], r["margin"], r["gone"] if gone else r["liquidated"], r["fee"],
                     r["impact"], r["closed_notional"], r["closed_out"], [], r["closed"])
         m_pm = t.model_margin(h, pmx)
@@ -637,8 +638,8 @@ def path_outcome(h: Holdings, t: Tables, fuse: dict) -> Callable:
         eq_end = eq[:, :W]  # as if every position were held to the last step
         # bad debt under other oracle lags, before closing costs (the impact of pass 1 is the
         # configured lag's)
-        lagged = [liquidation.path_outcome(W, eq, coll, m, lag=k)[0] for k in t.lags]
-        eq, coll, m, *g, liq, at = liquidation.path_outcome(W, eq, coll, m, *g, lag=t.lag, at=True)
+        lagged = [liquidation.path_outcome(W, eq, coll, m, lag=k, length=length)[0] for k in t.lags]
+        eq, coll, m, *g, liq, at = liquidation.path_outcome(W, eq, coll, m, *g, lag=t.lag, length=length, at=True)
         closed = jnp.where(liq, g[0], 0.0) if g else None
         cost = jnp.where(liq, g[1], 0.0) if impact is not None else jnp.zeros_like(eq)
         # the impact first, then the fee out of what remains (so a fee never creates bad debt)
@@ -734,9 +735,9 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
         return jax.lax.cond(proved, calm_branch, lambda c: full_tile(c, at(k)), carry)
 
     def full_tile(carry, x):
-        value, mm, price, notional, impact, pmx, hc_base, rnd, once, k, top_k = x
+        value, mm, price, notional, impact, pmx, hc_base, rnd, length, k, top_k = x
         eq, coll, m, liq, f, cost, closed, closed_out, lagged, at = outcome(value, mm, price, notional, impact, pmx, hc_base,
-                                                                           once)
+                                                                           length)
         pnl = eq - eq0[:, None] if keep_pnl else None
         gap = m - coll  # > 0: liquidated (at that step), and the shortfall there
         best, best_tile, gap_max, n_liq, cost_max = carry
@@ -840,7 +841,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
     inf = jnp.full(n, jnp.inf, dt)
     init = (inf, jnp.zeros(n, jnp.int32), -inf, jnp.zeros(n, dt), jnp.zeros(n, dt))
     pm_tiles = t.model_tiles()
-    tables = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.haircut_base, t.random, t.once)
+    tables = (t.value, t.mm, t.price, t.notional, t.impact, pm_tiles, t.haircut_base, t.random, t.length)
     top_k_at = lambda k: None if top is None else top[k]  # noqa: E731
     und_weights = jnp.concatenate([validf[None], underlying_notional(h, t).T * validf])  # [1 + 2C, n]
     tiles = jnp.arange(T, dtype=jnp.int32)
@@ -865,7 +866,7 @@ def chunk_kernel(h: Holdings, t: Tables, n_random: int, with_pnl: bool = False, 
 
     pm_b = None if pm_tiles is None else tuple(at_best(x) for x in pm_tiles)
     eq_b = outcome(at_best(t.value), at_best(t.mm), at_best(t.price), at_best(t.notional), at_best(t.impact), pm_b,
-                   at_best(t.haircut_base), t.once[best_tile])[0]
+                   at_best(t.haircut_base), t.length[best_tile])[0]
     masked = jnp.where(t.user[best_tile], eq_b - eq0[:, None], jnp.inf)
     arg = best_tile * W + first_argmin(masked)
     out = {
@@ -909,7 +910,7 @@ def adl_kernel(h: Holdings, t: Tables) -> dict:
     eq0 = t.state0(h)[0]
     n, (T, W) = eq0.shape[0], t.user.shape
     outcome = path_outcome(h, t, fusion(eq0.dtype))
-    tables = (t.value, t.mm, t.price, t.notional, t.impact, t.model_tiles(), t.haircut_base, t.once)
+    tables = (t.value, t.mm, t.price, t.notional, t.impact, t.model_tiles(), t.haircut_base, t.length)
 
     def tile(_, k):
         # winners still holding part of their book after a partial close-out can be charged
@@ -988,18 +989,18 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
     row = t.impact_row[h.inst.reshape(n, P * L)]  # rows past n_impact collect the rest
 
     def tile(_, x):
-        value, mm, price, notional, pmx, hc_base, once = x
+        value, mm, price, notional, pmx, hc_base, length = x
         hc = t.haircut_of(hc_base)
         if t.partial_target is None:
             m_pm = t.model_margin(h, pmx)
             eq, coll, m, _ = tile_state(h, value, mm, price, hc, notional, tiers=t.tiers, fuse=fusion(dt))
             m = m if m_pm is None else m_pm
-            *_, at = liquidation.path_outcome(W, eq, coll, m, lag=t.lag, at=True)
+            *_, at = liquidation.path_outcome(W, eq, coll, m, lag=t.lag, length=length, at=True)
         else:  # the share of the book closed at each step, before the impact is known
             pos, bal, px, keep, m, g = portfolio.slots(h, value, mm, price, hc, notional, tiers=t.tiers)
             m, share = share_margin(h, t, m, notional, pmx)
             at = liquidation.partial_path(W, pos, bal, px, keep, m, g, t.partial_target, t.fee_rate, **share,
-                                          once=once)["closed"]
+                                          length=length)["closed"]
         closed = at * h.valid[:, None].astype(dt)
 
         def add(p, acc):
@@ -1010,7 +1011,7 @@ def closed_contracts(h: Holdings, t: Tables) -> Any:
         return None, acc[:, : t.n_impact]
 
     pm_tiles = t.model_tiles()
-    return jax.lax.scan(tile, None, (t.value, t.mm, t.price, t.notional, pm_tiles, t.haircut_base, t.once))[1]
+    return jax.lax.scan(tile, None, (t.value, t.mm, t.price, t.notional, pm_tiles, t.haircut_base, t.length))[1]
 
 
 def column_max(x: Any) -> Any:
@@ -1816,7 +1817,7 @@ def _subset(t: Tables, cols: np.ndarray, width: int = 0) -> Tables:
         haircut_base=ys["haircut_base"],
         user=jax.device_put(flat(t.user)), random=jax.device_put(random),
         random_index=jax.device_put(np.flatnonzero(random.reshape(-1)).astype(np.int32)),
-        once=jax.device_put(np.asarray(t.once).reshape(-1)[padded].reshape(T2, W2)),
+        length=jax.device_put(np.asarray(t.length).reshape(-1)[padded].reshape(T2, W2)),
         pm=None if t.pm is None else {**t.pm, **ys["pm"]},
         var=None if t.var is None else {**t.var, **ys["var"]},
     )

@@ -207,13 +207,38 @@ def bad_debt(equity: Any) -> Any:
     return jnp.maximum(-equity, 0.0)
 
 
-def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any, lag: int = 0, at: bool = False) -> tuple[Any, ...]:
+def acted(breach: Any, lag: int = 0, length: Any = None) -> Any:
+    """Where the liquidation engine acts on a breach, ``[n, K, W]`` bool in time order, from
+    ``breach`` (collateral below maintenance margin at each step, the same shape).
+
+    With an oracle ``lag`` of ``k`` steps it sees step ``t - k``'s prices at step ``t``: a
+    breach at step ``t - k`` is acted on at step ``t``; one in a path's last ``k`` steps is not
+    acted on within the path. ``length`` (``[W]`` or ``[n, W]`` int, or None: every path has
+    all ``K`` steps) is each path's own steps before it only repeats its last state
+    (``Scenarios.length``): the lag counts within them, so a short path padded to ``K`` steps
+    acts as it would in a set of its own length, and a path of length 1 (a one-off shock) is
+    an instantaneous shock, which no lag delays. Without a lag nothing changes: a repeated
+    step breaches as the step it repeats, so the first breach is within the path's length.
+    """
+    n, K, W = breach.shape
+    if not lag:
+        return breach
+    seen = jnp.concatenate([jnp.zeros((n, min(lag, K), W), bool), breach[:, : max(K - lag, 0)]], axis=1)
+    if length is None:
+        return seen
+    L = jnp.asarray(length)[..., None, :]  # [1 or n, 1, W]
+    return jnp.where(L > 1, seen & (jnp.arange(K)[:, None] < L), breach)
+
+
+def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any, lag: int = 0, length: Any = None,
+                 at: bool = False) -> tuple[Any, ...]:
     """Each account's state at the step that decides each path: its first breach, else the end.
 
     With an oracle ``lag`` of ``k`` steps the liquidation engine sees step ``t - k``'s prices at
     step ``t``: a breach at step ``t - k`` is acted on at step ``t``, at step ``t``'s prices (later
     and deeper underwater); a breach in the last ``k`` steps is not acted on within the path.
-    A one-step scenario is an instantaneous shock: the lag does not apply to it.
+    A one-step scenario is an instantaneous shock: the lag does not apply to it. ``length``:
+    each path's own steps, ``[W]`` or ``[n, W]`` int (``acted``), or None.
 
     Args:
       W: scenarios per tile.
@@ -240,10 +265,7 @@ def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any, lag: int = 0, 
         return x.reshape(n, K, W)[:, order, :]
 
     c, m = timed(coll), timed(mm)
-    breach = m > c
-    if lag:  # seen lag steps late: step t acts on step t - lag's breach
-        seen = jnp.zeros((n, min(lag, K), W), bool)
-        breach = jnp.concatenate([seen, breach[:, : max(K - lag, 0)]], axis=1)
+    breach = acted(m > c, lag, length)
     liquidated = breach.any(axis=1)
     first = jnp.where(liquidated, jnp.argmax(breach, axis=1), K - 1)[:, None, :]
 
@@ -261,7 +283,7 @@ def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any, lag: int = 0, 
 
 def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notional: Any, target: Any,
                  fee_rate: Any = None, impact: Any = None, tiers: Any = None, blocks: Any = None,
-                 once: Any = None) -> dict:
+                 length: Any = None) -> dict:
     """Partial liquidation along each path: at every step where collateral < maintenance margin,
     close the same fraction of every position, just enough that collateral is back at
     ``target`` times the margin still required, as Deribit, Binance and Hyperliquid do; the
@@ -292,10 +314,11 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
       tiers: the positions under risk-limit tiers (a ``Tiered``), or None.
       blocks: the books' blocks under the portfolio model (a ``Blocks``; ``mm`` is then the
         whole book's portfolio margin), or None.
-      once: ``[W]`` or ``[n, W]`` bool, or None: scenarios that act at their first step only,
-        the one-off shocks of a set with paths (each a path whose every step is the shock).
-        A close there and its costs can leave an account below ``target``, and the repeated
-        step would close it again, which the same shock in a set without paths never does.
+      length: ``[W]`` or ``[n, W]`` int, or None (all ``K``): each path's own steps before it
+        only repeats its last state (``Scenarios.length``: 1 for a one-off shock in a set with
+        paths, less than ``K`` for a short replay window). Closes happen at those steps only:
+        a close and its costs can leave an account below ``target``, and a repeated step
+        would close it again, which the same path in a set of its own length never does.
 
     Returns:
       Each ``[n, W]``, USD: ``equity`` (at the path's end, after every cost), ``collateral`` and
@@ -315,7 +338,7 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
     xs = (timed(pos), timed(px), timed(mm), timed(notional), timed(impact) if impact is not None else None,
           timed(keep.base) if dynamic else None,
           None if tiers is None else (timed(tiers.whole), timed(tiers.notional())),
-          None if blocks is None else (timed(blocks.lin), timed(blocks.delta)), jnp.arange(K) == 0)
+          None if blocks is None else (timed(blocks.lin), timed(blocks.delta)), jnp.arange(K))
     ladder = None if tiers is None else (tiers.bound[tiers.inst], tiers.step[tiers.inst])  # [n, Q, K - 1]
     zero = jnp.zeros((n, W), dt)
 
@@ -324,8 +347,8 @@ def partial_path(W: int, pos: Any, bal: Any, px: Any, keep: Any, mm: Any, notion
 
     def step(carry, x):
         held, locked, paid, first = carry  # share held [n, W], cash of closes [n, J, W], costs, first-breach state
-        p, q, m, g, c, base, tiered, parts, lead = x
-        act = True if once is None else lead | ~once  # a one-off shock acts at its first step only
+        p, q, m, g, c, base, tiered, parts, k = x
+        act = True if length is None else k < length  # a repeated step is the same instant: no second close
         e = bal[:, :, None] + held[:, None, :] * p + locked  # net amount per slot
         coll = jnp.sum(counted(e, base) * e * q, axis=1) - paid
         eq = jnp.sum(e * q, axis=1) - paid

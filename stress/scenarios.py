@@ -69,18 +69,38 @@ class Scenarios:
         return np.isin(np.array(self.kinds, dtype=object), RANDOM_KINDS)
 
     @property
-    def one_off(self) -> np.ndarray:
-        """``[S]`` bool: scenarios whose every step is one state, such as a one-off shock in a
-        set with paths (a path whose every step is the shock); every scenario of a one-step set.
-        Partial close-outs act at their first step only (``liquidation.partial_path``)."""
+    def length(self) -> np.ndarray:
+        """``[S]`` int: the steps of each path before it only repeats its state, ``1 .. K``.
+
+        A path shorter than the set's ``K`` steps is padded with its last state (``_combine``;
+        a replay window over a gap in the history, ``replay.windows``), and a one-off shock in
+        a set with paths is a path whose every step is the shock (length 1). A repeated step
+        (the same prices, vol shifts and horizon) is the same instant, not a later one: the
+        liquidation engine acts at a path's first ``length`` steps only, and an oracle lag
+        counts within them (``liquidation.acted``), so a scenario's results do not depend on
+        the longer paths beside it.
+        """
+        S = len(self.names)
         if self.path_spot_mult is None:
-            return np.ones(len(self.names), bool)
+            return np.ones(S, np.int32)
 
-        def same(before: np.ndarray, last: np.ndarray) -> np.ndarray:  # [S, K-1, ...] against [S, ...]
-            return np.all(before == last[:, None], axis=tuple(range(1, before.ndim)))
+        def same(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # [S, K-1, ...] -> [S, K-1]
+            return np.all(a == b, axis=tuple(range(2, a.ndim)))
 
-        return (same(self.path_spot_mult, self.spot_mult) & same(self.path_vol_shift, self.vol_shift)
-                & same(self.path_horizon_days, self.horizon_days))
+        spot = np.concatenate([self.path_spot_mult, self.spot_mult[:, None]], axis=1)  # [S, K, A] time order
+        vol = np.concatenate([self.path_vol_shift, self.vol_shift[:, None]], axis=1)
+        hor = np.concatenate([self.path_horizon_days, self.horizon_days[:, None]], axis=1)
+        repeat = same(spot[:, 1:], spot[:, :-1]) & same(vol[:, 1:], vol[:, :-1]) & (hor[:, 1:] == hor[:, :-1])
+        # trailing repeats only: the steps after the last one that moves
+        moves = np.concatenate([np.ones((S, 1), bool), ~repeat], axis=1)  # [S, K]
+        K = moves.shape[1]
+        return (K - np.argmax(moves[:, ::-1], axis=1)).astype(np.int32)
+
+    @property
+    def one_off(self) -> np.ndarray:
+        """``[S]`` bool: scenarios whose every step is one state (``length == 1``), such as a
+        one-off shock in a set with paths; every scenario of a one-step set."""
+        return self.length == 1
 
 
 @dataclasses.dataclass

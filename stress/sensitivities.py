@@ -108,7 +108,7 @@ class Book:
     vol_shift: Any  # [1 + K * S, A]
     horizon_days: Any  # [1 + K * S]
     random: Any  # [S] float 1.0 for a random (Monte Carlo / replay) scenario
-    once: Any  # [S] bool: the scenario's steps are one state (Scenarios.one_off)
+    length: Any  # [S] int32: the path's own steps before it only repeats its state (Scenarios.length)
     temperature: Any  # [] USD, smoothing of p_fund_depleted
     # Risk-limit tiers of maintenance margin (engine._tiers): a position pays, on its whole
     # notional, every rate step whose bound its notional exceeds; None: untiered.
@@ -182,7 +182,7 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
         fund=np.asarray(snap.insurance_fund, np.float64),
         spot_mult=spot, vol_shift=vol, horizon_days=hor,
         random=np.asarray(scen.random, np.float64),
-        once=np.asarray(scen.one_off),
+        length=np.asarray(scen.length, np.int32),
         temperature=np.float64(default_temperature(fund_now) if tau is None else tau),
         tier_bound=None if tiers is None else np.asarray(tiers[0]),
         tier_step=None if tiers is None else np.asarray(tiers[1]),
@@ -412,10 +412,10 @@ def partial_outcome(st: dict, b: Book, n: int, fee_rate: Any, impact: Any = None
     return liquidation.partial_path(S, dense(tiles(value)), dense(balance), dense(tiles(price)), keep,
                                     tiles(mm), tiles(st["notional"]), b.partial_target,
                                     fee_rate, None if impact is None else tiles(impact), tiers=tiers, blocks=blocks,
-                                    once=b.once)
+                                    length=b.length)
 
 
-def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any, lag: int = 0) -> tuple[Any, ...]:
+def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any, lag: int = 0, length: Any = None) -> tuple[Any, ...]:
     """Each account's state at the step that decides each path: the first step where its
     collateral is below its maintenance margin (it is closed out there, as
     ``liquidation.path_outcome`` in the engine), else the last step. With an oracle ``lag``
@@ -425,6 +425,7 @@ def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any, lag: int = 0) 
     Args:
       eq, coll, mm: ``[n, 1 + K * S]``: now, then the ``K`` steps of every scenario, step-major.
       S: scenarios. more: further ``[n, 1 + K * S]`` arrays to take at the same step.
+      length: ``[S]`` each path's own steps (``liquidation.acted``), or None.
 
     Returns:
       ``(eq, coll, mm, *more, liquidated)``, each ``[n, 1 + S]``: now, then the deciding step
@@ -438,20 +439,20 @@ def first_breach(eq: Any, coll: Any, mm: Any, S: int, *more: Any, lag: int = 0) 
     if K == 1:
         return (eq, coll, mm, *more, mm > coll)
     timed = lambda x: x[:, 1:].reshape(n, K, S)  # noqa: E731
-    step, hit = _deciding_step(coll, mm, S, lag)
+    step, hit = _deciding_step(coll, mm, S, lag, length)
     pick = lambda x: jnp.concatenate([x[:, :1], jnp.take_along_axis(timed(x), step[:, None, :], axis=1)[:, 0]], axis=1)  # noqa: E731
     return (*(pick(x) for x in (eq, coll, mm, *more)), jnp.concatenate([mm[:, :1] > coll[:, :1], hit], axis=1))
 
 
-def _deciding_step(coll: Any, mm: Any, S: int, lag: int = 0) -> tuple[Any, Any]:
+def _deciding_step(coll: Any, mm: Any, S: int, lag: int = 0, length: Any = None) -> tuple[Any, Any]:
     """``(step, liquidated)``, each ``[n, S]``: the step that decides each account's path (its
     first breach, ``lag`` steps late, else the last) and whether it is closed out there
     (``first_breach``)."""
     n, cols = coll.shape
     K = (cols - 1) // S
     breach = (mm[:, 1:] > coll[:, 1:]).reshape(n, K, S)
-    if lag and K > 1:  # step t acts on step t - lag's breach
-        breach = jnp.concatenate([jnp.zeros((n, min(lag, K), S), bool), breach[:, : max(K - lag, 0)]], axis=1)
+    if K > 1:  # step t acts on step t - lag's breach, within the path's length
+        breach = liquidation.acted(breach, lag, length)
     hit = breach.any(axis=1)
     return jnp.where(hit, jnp.argmax(breach, axis=1), K - 1), hit
 
@@ -469,7 +470,7 @@ def closed_contracts(x: Any, dv: Any, params: Params, inst: Any, market: Any, b:
         closed = partial_outcome(st, b, n, fee_rate)["closed"]  # [n, K * S], tile layout
         at = jnp.concatenate([jnp.zeros((n, 1)), _from_tiles(closed, K, S)], axis=1)
     else:
-        step, hit = _deciding_step(st["collateral"], st["maintenance_margin"], S, b.lag)
+        step, hit = _deciding_step(st["collateral"], st["maintenance_margin"], S, b.lag, b.length)
         at = (jnp.arange(K)[None, :, None] == step[:, None, :]) & hit[:, None, :]  # [n, K, S]
         at = jnp.concatenate([jnp.zeros((n, 1)), at.reshape(n, K * S).astype(jnp.float64)], axis=1)
     q = b.pos_quantity[:, None] * at[b.pos_account]  # [N, 1 + K * S]
@@ -499,7 +500,8 @@ def state_sums(x: Any, dv: Any, params: Params, lam: Any, inst: Any, market: Any
                           first(jnp.sum(jnp.maximum(-now("equity"), 0.0)), jnp.maximum(-r["equity"], 0.0)),
                           first(zero, r["fee"]), first(zero, r["impact"])])
     eq, coll, mm, g, *imp, liq = first_breach(st["equity"], st["collateral"], st["maintenance_margin"], b.random.shape[0],
-                                              st["notional"], *([st["impact"]] if impact is not None else []), lag=b.lag)
+                                              st["notional"], *([st["impact"]] if impact is not None else []), lag=b.lag,
+                                              length=b.length)
     cost = jnp.where(liq, imp[0], 0.0) if impact is not None else jnp.zeros_like(eq)
     fees = liquidation.fee(eq - cost, g, liq, fee_rate)
     return jnp.stack([jnp.sum(mm, axis=0), jnp.sum(jnp.maximum(mm - coll, 0.0), axis=0),

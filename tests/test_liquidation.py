@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 import stress
-from stress import engine, liquidation
+from stress import engine, liquidation, sensitivities
 from stress.cli import app
 
 from .conftest import copy_snapshot, write_snapshot
@@ -1123,6 +1123,48 @@ def test_a_one_off_shock_in_partial_mode_with_impact_does_not_depend_on_the_path
     pd.testing.assert_frame_equal(m, a, check_exact=False, rtol=1e-12, atol=1e-6)
     pa = stress.pnl_matrix(snap, alone)
     np.testing.assert_allclose(stress.pnl_matrix(snap, mixed)[pa.columns].to_numpy(), pa.to_numpy(), rtol=0, atol=1e-6)
+
+
+COSTS = ('fee_rate = 0.002\n[liquidation.impact.BTC]\nspread = 0.001\nk = 0.5\ndaily_vol = 0.04\n'
+         'daily_volume = 2e8\n[liquidation.impact.ETH]\nspread = 0.002\nk = 0.6\ndaily_vol = 0.05\ndaily_volume = 1e8\n')
+
+
+@pytest.mark.parametrize("mode", ['mode = "partial"', "oracle_lag_steps = 1"], ids=["partial", "lag"])
+def test_a_short_replay_window_does_not_depend_on_the_longer_windows_beside_it(sample_dir, tmp_path, mode):
+    # Daily prices without the 5th: the 3-day window from the 3rd holds two rows (the 4th and
+    # the 6th) beside windows of three, so it is padded with its last row. That row is the
+    # same instant again: a partial close there closed again after its fee and impact, and
+    # an oracle lag of 1 acted on the 6th's breach, which the same window in a history of its
+    # own rows (two steps) never does. It acts at its own steps only (Scenarios.length).
+    snap_dir = copy_snapshot(sample_dir, tmp_path / "snap", lambda toml: toml.replace(
+        "[liquidation]\n", f"[liquidation]\n{mode}\n{COSTS}"))
+    snap = stress.load_snapshot(snap_dir)
+    days, btc = [1, 2, 3, 4, 6, 7], [50_000, 48_000, 47_000, 44_000, 41_000, 40_000]
+    for name, keep in (("all", days), ("own", [3, 4, 6])):
+        rows = [f"2024-01-{d:02d},{b},{b / 20},{b / 500}" for d, b in zip(days, btc) if d in keep]
+        (tmp_path / f"{name}.csv").write_text("date,BTC,ETH,SOL\n" + "\n".join(rows) + "\n")
+        (tmp_path / f"{name}.toml").write_text(f'[[replay]]\nname = "h"\nprices = "{name}.csv"\nhorizon_days = 3\n')
+    every, own = (stress.load_scenarios(tmp_path / f"{n}.toml", snap) for n in ("all", "own"))
+    assert (every.steps, own.steps, own.names) == (3, 2, ("h:2024-01-03",))
+    # a window ends at the first row 3 days on or later: from the 2nd, the 3rd, 4th and 6th
+    np.testing.assert_array_equal(every.length, [3, 3, 2, 2])
+    cols = ["liquidated_notional", "impact_cost", "fees", "bad_debt", "shortfall_total", "pnl_total",
+            "accounts_liquidatable"]
+    got = stress.run(snap, every).scenarios.set_index("scenario").loc[["h:2024-01-03"], cols]
+    want = stress.run(snap, own).scenarios.set_index("scenario")[cols]
+    assert (want.fees > 0).all() and (want.impact_cost > 0).all()  # closes that pay both
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-12, atol=1e-6)
+    sens = [sensitivities.sensitivities(snap, s)["scenarios"].set_index("scenario").loc[["h:2024-01-03"]] for s in (every, own)]
+    pd.testing.assert_frame_equal(sens[0][["bad_debt", "shortfall_total"]], sens[1][["bad_debt", "shortfall_total"]],
+                                  check_exact=False, rtol=1e-12, atol=1e-6)
+    if "lag" in mode:  # cascades model full close-out only: with feedback, nothing moves past the 6th either
+        from stress import cascade
+
+        a, b = cascade.run(snap, every), cascade.run(snap, own)
+        for k in ("bad_debt_feedback", "fees_feedback", "accounts_liquidated_feedback", "bad_debt_no_feedback"):
+            np.testing.assert_allclose(a[k][2], b[k][0], rtol=1e-12, err_msg=k)
+        np.testing.assert_allclose(a["price_impact"][2], b["price_impact"][0], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(a["accounts_liquidated_steps"][2], [*b["accounts_liquidated_steps"][0], 0])
 
 
 def test_partial_mode_worst_pnl_is_the_worst_scenarios_where_tiles_are_padded(sample_dir, tmp_path):

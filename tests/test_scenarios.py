@@ -3,6 +3,7 @@ checked against their documented parameters, closed forms and independent librar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 
@@ -614,3 +615,26 @@ def test_one_off_flags_the_shocks_of_a_set_with_paths_and_not_its_paths(sample_d
     moved = scen.path_spot_mult.copy()
     moved[0, 0, :] *= 1.01
     assert not dataclasses.replace(scen, path_spot_mult=moved).one_off[0] and scen.one_off[0]
+
+
+def test_length_counts_a_paths_steps_up_to_the_last_that_moves():
+    # Four 4-step paths of one asset, time order (spot, horizon): a repeated step is the same
+    # prices, vol shifts and horizon as the step before it; only the trailing ones are padding.
+    spot = np.array([[0.9, 0.8, 0.7, 0.6],  # moves every step: 4
+                     [0.9, 0.8, 0.8, 0.8],  # a path of two steps, padded: 2
+                     [0.9, 0.9, 0.8, 0.8],  # a flat step inside the path counts: 3
+                     [0.9, 0.9, 0.9, 0.9]])  # a one-off shock: 1
+    hor = np.tile([1.0, 2.0, 2.0, 2.0], (4, 1))
+    hor[2], hor[3] = [1.0, 1.0, 2.0, 2.0], 2.0  # a one-off shock is one state, its horizon too
+    vol = np.zeros((4, 4, 1))
+    scen = stress.Scenarios(names=tuple("abcd"), kinds=("replay",) * 4, spot_mult=spot[:, -1:], vol_shift=vol[:, -1],
+                            horizon_days=hor[:, -1], path_spot_mult=spot[:, :-1, None], path_vol_shift=vol[:, :-1],
+                            path_horizon_days=hor[:, :-1])
+    np.testing.assert_array_equal(scen.length, [4, 2, 3, 1])
+    np.testing.assert_array_equal(scen.one_off, [False, False, False, True])
+    # time passing is a move: the same prices a day later are a step of their own
+    later = dataclasses.replace(scen, horizon_days=scen.horizon_days + 1.0)
+    np.testing.assert_array_equal(later.length, [4, 4, 4, 4])
+    moved_vol = vol.copy()
+    moved_vol[1, 3, 0] = 0.05
+    np.testing.assert_array_equal(dataclasses.replace(scen, vol_shift=moved_vol[:, -1]).length, [4, 4, 3, 1])
