@@ -601,3 +601,25 @@ def test_hedge_refuses_a_lag_of_a_whole_path_on_a_set_built_in_python(tmp_path):
     lagged = dataclasses.replace(snap, liquidation_config={"oracle_lag_steps": 2})
     with pytest.raises(stress.InputError, match="not less than the 2 steps"):
         stress.greeks.hedge(lagged, "a", ["LPERP"], scen)
+
+
+def test_cli_greeks_top_cuts_a_tie_by_account_name_whatever_the_row_order(tmp_path):
+    # Four accounts long 2 contracts of one perpetual (equal |delta_usd|), one long 5: --top 3
+    # shows the largest, then the tie's first two by name, in any order of the files' rows (the
+    # 100 USDC balances are rows of their own, below the cut).
+    inst = [{"instrument_id": "P", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+             "contract_size": 0.1, "mark_price": S0}]
+    names = ["dd", "bb", "big", "cc", "aa"]
+    outputs = []
+    for order in (names, names[::-1]):
+        folder = write_snapshot(
+            tmp_path / "-".join(order), assets=ASSETS, instruments=inst, exchange_toml=EXCHANGE,
+            balances=[{"account_id": a, "asset": "USDC", "amount": 100.0} for a in order],
+            positions=[{"account_id": a, "instrument_id": "P", "quantity": 5.0 if a == "big" else 2.0} for a in order])
+        res = runner.invoke(app, ["greeks", str(folder), "--top", "3"])
+        assert res.exit_code == 0, res.output
+        shown = [a for a in names if f" {a} " in res.stdout]
+        assert sorted(shown) == ["aa", "bb", "big"], res.stdout
+        assert res.stdout.index(" big ") < res.stdout.index(" aa ") < res.stdout.index(" bb ")
+        outputs.append(res.stdout)
+    assert outputs[0] == outputs[1]
