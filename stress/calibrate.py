@@ -16,7 +16,9 @@ maintenance-margin rate (risk-limit tier rates with them), ``mm_rate.<UNDERLYING
 alike). Portfolio model: ``mm_factor`` (MM as a share of IM), and the risk matrix's shock
 sizes, each whole (every underlying's) or per underlying: ``price_range`` (the price move),
 ``volatility_range_up`` and ``volatility_range_down`` (the relative vol shocks at 30 days to
-expiry), e.g. ``volatility_range_up.BTC``. Var model: ``mm_factor``. Scales stay within what
+expiry), ``max_delta_shock`` (the rate on net delta past its threshold),
+``annualised_move_risk`` and ``min_annualised_move`` (the roll shock and its floor), e.g.
+``volatility_range_up.BTC``. Var model: ``mm_factor``. Scales stay within what
 ``[margin]`` accepts (``mm_factor <= 1``, ``price_range <= 0.99``), and the portfolio and var
 models' result is given as the ``[margin]`` keys to set.
 
@@ -67,7 +69,7 @@ import numpy as np
 from . import margin
 from . import sensitivities as sens
 from .errors import InputError
-from .snapshot import OPTION
+from .snapshot import FUTURE, OPTION, PERPETUAL
 
 METRICS = ("p_fund_depleted", "worst_bad_debt", "bad_debt_mean", "bad_debt_q99", "bad_debt_es99")
 BREACH_SOFTNESS = 0.2  # soft first breach: sigmoid width, of the account's maintenance margin now
@@ -111,9 +113,19 @@ class Lever:
 
 
 # The portfolio model's per-underlying shock sizes that can be levers: [margin] key -> Params
-# field. Each is a table in [margin] ({BTC = 0.16, ETH = 0.2}), whole or per underlying.
+# field. Each is a table in [margin] ({BTC = 0.16, ETH = 0.2}), whole or per underlying, and
+# the margin rises with each: the price move, the vol shocks, the delta shock's rate on net
+# delta past its threshold, and the roll shock's annualised move and its floor.
 TABLES = {"price_range": "pm_price_range", "volatility_range_up": "pm_vol_up",
-          "volatility_range_down": "pm_vol_down"}
+          "volatility_range_down": "pm_vol_down", "max_delta_shock": "pm_max_delta_shock",
+          "annualised_move_risk": "pm_move_risk", "min_annualised_move": "pm_min_move"}
+# The instruments a TABLES key moves the margin of, where not every kind: key -> (kinds, what
+# they are, why); a lever on an underlying none of them is on changes nothing, and is refused
+NEEDS = {"volatility_range_up": ((OPTION,), "option", "a vol shock moves options' margin only"),
+         "volatility_range_down": ((OPTION,), "option", "a vol shock moves options' margin only"),
+         "annualised_move_risk": ((FUTURE,), "dated future", "the roll shock's annualised move is a dated future's"),
+         "min_annualised_move": ((FUTURE, PERPETUAL), "future or perpetual",
+                                 "the roll shock is a future's or a perpetual's")}
 # What each margin model's maintenance margin is made of, as ``--vary`` names it
 LEVERS = {"standard": ("mm_rate",), "portfolio": ("mm_factor", *TABLES), "var": ("mm_factor",)}
 
@@ -141,7 +153,9 @@ def parse_vary(text: str, snap: Any) -> tuple[Lever, ...]:
     Raises:
       InputError (``--vary``): an unknown form, a lever of another margin model, an underlying
         no instrument has, a repeat, overlapping levers (``mm_rate`` with ``mm_rate.BTC``), a
-        vol shock where no option is, or a lever whose current value is 0 (no scale moves it).
+        lever on an underlying with none of the instruments it moves (``NEEDS``: a vol shock
+        where no option is, a roll shock where no future is), or a lever whose current value
+        is 0 (no scale moves it).
     """
     model = snap.margin_config.get("model", "standard")
     allowed = LEVERS[model]
@@ -176,10 +190,11 @@ def parse_vary(text: str, snap: Any) -> tuple[Lever, ...]:
             mask = np.isin(np.arange(len(snap.assets)), under) if asset is None else \
                 np.arange(len(snap.assets)) == snap.asset_index(asset)
             field = TABLES[family]
-            if family.startswith("volatility") and not np.isin(under[np.asarray(snap.instruments.kind) == OPTION],
-                                                             np.flatnonzero(mask)).any():
-                raise InputError("--vary", None, None, f"{name!r}: no option is on {asset or 'any underlying'}, and "
-                                 "a vol shock moves options' margin only")
+            if family in NEEDS:
+                kinds, what, why = NEEDS[family]
+                if not np.isin(under[np.isin(np.asarray(snap.instruments.kind), kinds)], np.flatnonzero(mask)).any():
+                    raise InputError("--vary", None, None, f"{name!r}: no {what} is on {asset or 'any underlying'}, "
+                                     f"and {why}")
             current = float(np.max(np.asarray(getattr(p, field))[mask]))
             levers.append(Lever(name, field, mask, _top(_limit(family), current, name)))
     if len(set(names)) < len(names):

@@ -1067,7 +1067,7 @@ def calibrate(
     snapshot: Path = typer.Argument(..., help="Snapshot folder."),
     target: str = typer.Option(..., help='The condition to meet, e.g. "p_fund_depleted<=0.001".'),
     scenarios: Optional[Path] = typer.Option(None, "--scenarios", "-s", help="Scenario TOML with multi-step paths (default: scenarios/default.toml)."),
-    vary: Optional[str] = typer.Option(None, help="What to scale. Standard model: mm_rate (every maintenance-margin rate; the default) or mm_rate.BTC (those on one underlying); portfolio model: mm_factor (the default), price_range, volatility_range_up or volatility_range_down, each whole or of one underlying (price_range.BTC); var model: mm_factor. Several comma-separated (mm_rate.BTC,mm_rate.ETH) are a gradient search, then exact."),
+    vary: Optional[str] = typer.Option(None, help="What to scale. Standard model: mm_rate (every maintenance-margin rate; the default) or mm_rate.BTC (those on one underlying); portfolio model: mm_factor (the default), price_range, volatility_range_up, volatility_range_down, max_delta_shock, annualised_move_risk or min_annualised_move, each whole or of one underlying (price_range.BTC); var model: mm_factor. Several comma-separated (mm_rate.BTC,mm_rate.ETH) are a gradient search, then exact."),
     hi: float = typer.Option(64.0, min=1.0, help="Largest scale tried (less where \\[margin] accepts less: mm_factor <= 1, price_range <= 0.99)."),
     tolerance: float = typer.Option(1e-3, min=1e-6, help="Resolution of the scale."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Write calibration.json and tradeoff.svg here."),

@@ -354,11 +354,73 @@ def test_vol_shock_levers_scale_the_key_they_name_and_move_option_margin(tmp_pat
     assert after[moved] > before[moved] and after[still] == before[still]
 
 
-def test_the_relaxation_differentiates_the_vol_shocks_as_the_exact_margin_moves(tmp_path):
-    # The smooth stage's margin at the snapshot, and its gradient in the vol-shock scales,
-    # against the exact margin (margin.account_margin) at scaled snapshots, by central differences.
-    snap, scen = short_call(tmp_path, 'model = "portfolio"\nextended_pnl_fraction = 0.0\n')
-    levers = cal.parse_vary("volatility_range_up,volatility_range_down", snap)
+def long_linear(folder, margin_toml: str, kind: str = "perpetual"):
+    """A long of one USDC-settled linear BTC contract of 1 BTC (a perpetual, or a future
+    expiring a year after the snapshot), marked at 50,000, on 10,000 USDC, facing a short on
+    1,000,000; one replay path of two daily steps: BTC 50,000 -> 48,000 -> 30,000. Held to the
+    second step the long owes 10,000."""
+    (folder / "snap").mkdir(parents=True)
+    dated = {"expiry": "2027-11-23T08:00:00Z"} if kind == "future" else {}
+    snap = stress.load_snapshot(write_snapshot(
+        folder / "snap",
+        assets=[{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "BTC", "price": 50_000.0, "haircut": 0.0}],
+        instruments=[{"instrument_id": "L", "kind": kind, "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 1.0, "mark_price": 50_000.0, **dated}],
+        balances=[{"account_id": "long", "asset": "USDC", "amount": 10_000.0},
+                  {"account_id": "short", "asset": "USDC", "amount": 1_000_000.0}],
+        positions=[{"account_id": "long", "instrument_id": "L", "quantity": 1},
+                   {"account_id": "short", "instrument_id": "L", "quantity": -1}],
+        exchange_toml=TOML.replace("{ USDC = 20000.0 }", "{ USDC = 0.0 }") + 'model = "portfolio"\n'
+        "extended_pnl_fraction = 0.0\n" + margin_toml))
+    (folder / "path.csv").write_text("date,BTC\n2026-01-01,50000\n2026-01-02,48000\n2026-01-03,30000\n")
+    (folder / "path.toml").write_text('[[replay]]\nname = "slide"\nprices = "path.csv"\nhorizon_days = 2\n')
+    return snap, stress.load_scenarios(folder / "path.toml", snap)
+
+
+# At the first step (BTC 48,000) the long has 10,000 - 2,000 = 8,000, and its MM is 0.8 x (the
+# risk matrix's worst loss, 16% of 48,000 = 7,680, + the roll shock, notional x max(
+# min_annualised_move, annualised_move_risk x years to expiry), + the delta shock, max_delta_shock
+# x (48,000 - threshold) past the threshold). It must be closed out there (8,000 < MM) to owe
+# nothing at the second step: MM = 8,000, i.e. the add-ons at 10,000 - 7,680 = 2,320, gives the
+# lever's root, today's value times the scale.
+ROLL_AND_DELTA = [
+    # perpetual: the roll is the floor, 48,000 x m (today 0.01: MM 6,528, open)
+    ("min_annualised_move", "perpetual", "", 0.01, 2_320 / 48_000),
+    # the delta shock past 41,000 of net delta, beside the perpetual's roll of 480 (today 0.1:
+    # 700 more, MM 7,088, open)
+    ("max_delta_shock", "perpetual", "delta_shock_threshold = 41000\n", 0.1, (2_320 - 480) / 7_000),
+    # a dated future 364 days from expiry at the first step: 48,000 x r x 364 / 365 (today 0.02:
+    # MM 6,910, open)
+    ("annualised_move_risk", "future", "annualised_move_risk = 0.02\n", 0.02, 2_320 / (48_000 * 364 / 365)),
+]
+
+
+@pytest.mark.parametrize("lever, kind, toml, today, root", ROLL_AND_DELTA, ids=[r[0] for r in ROLL_AND_DELTA])
+def test_roll_and_delta_shock_levers_calibrate_to_the_hand_computed_level(tmp_path, lever, kind, toml, today, root):
+    snap, scen = long_linear(tmp_path, toml, kind)
+    res = cal.calibrate(snap, scen, cal.parse_target("worst_bad_debt<=0"), parameter=lever)
+    assert res["before"]["value"] == pytest.approx(10_000.0, rel=1e-12)  # held to the second step
+    assert res["factor"] == pytest.approx(math.ceil(root / today / 1e-3) * 1e-3) and res["after"]["value"] == 0.0
+    assert res["below"]["value"] == pytest.approx(10_000.0, rel=1e-12)
+    assert res["margin"] == {lever: {"BTC": pytest.approx(today * res["factor"])}}
+    moved = dataclasses.replace(snap, margin_config={**snap.margin_config, **res["margin"]})
+    run = stress.run(dataclasses.replace(moved, params=margin.resolve(moved)), scen)
+    assert run.accounts.maintenance_margin.sum() == pytest.approx(res["after"]["maintenance_margin"], rel=1e-12)
+
+
+def test_roll_shock_levers_need_a_future_to_move(tmp_path):
+    snap, _ = long_linear(tmp_path, "")  # a perpetual: it has a roll shock, its floor, but no expiry
+    cal.parse_vary("min_annualised_move,max_delta_shock.BTC", snap)
+    with pytest.raises(stress.InputError, match="no dated future is on any underlying") as err:
+        cal.parse_vary("annualised_move_risk", snap)
+    assert err.value.file == "--vary"
+
+
+def relaxed_margin_gradient(snap, scen, vary: str, theta: list[float], h: float = 1e-4):
+    """The smooth stage's total maintenance margin at the snapshot, checked equal to the exact
+    margin (margin.account_margin) at scales ``theta`` of the levers ``vary``; returns its
+    gradient there and central differences of the exact margin."""
+    levers = cal.parse_vary(vary, snap)
     b = sens.book(snap, scen)
     args = (sens._float_params(snap.params), sens.safe_instruments(snap.instruments, snap.market), snap.market,
             b, jnp.ones(snap.n_accounts), 1.0)
@@ -366,11 +428,47 @@ def test_the_relaxation_differentiates_the_vol_shocks_as_the_exact_margin_moves(
     total = lambda theta: cal.smooth_metric(theta, *args, **statics)[1]
     exact = lambda theta: margin.account_margin(cal.scaled(snap, theta, levers), "portfolio")[
         "accounts"].maintenance_margin.sum()
-    theta, h = np.array([1.3, 0.7]), 1e-4
+    theta = np.asarray(theta, np.float64)
     assert float(total(jnp.asarray(theta))) == pytest.approx(exact(theta), rel=1e-12)
-    fd = [(exact(theta + h * e) - exact(theta - h * e)) / (2 * h) for e in np.eye(2)]
-    grad = np.asarray(jax.grad(total)(jnp.asarray(theta)))
+    fd = [(exact(theta + h * e) - exact(theta - h * e)) / (2 * h) for e in np.eye(len(theta))]
+    return np.asarray(jax.grad(total)(jnp.asarray(theta))), np.asarray(fd)
+
+
+def test_the_relaxation_differentiates_the_vol_shocks_as_the_exact_margin_moves(tmp_path):
+    # The smooth stage's margin at the snapshot, and its gradient in the vol-shock scales,
+    # against the exact margin (margin.account_margin) at scaled snapshots, by central differences.
+    snap, scen = short_call(tmp_path, 'model = "portfolio"\nextended_pnl_fraction = 0.0\n')
+    grad, fd = relaxed_margin_gradient(snap, scen, "volatility_range_up,volatility_range_down", [1.3, 0.7])
     assert (grad > 0).all()  # the short's margin rises with the shock up, the long's with the one down
+    np.testing.assert_allclose(grad, fd, rtol=1e-6)
+
+
+def test_the_relaxation_differentiates_the_roll_and_delta_shocks_as_the_exact_margin_moves(tmp_path):
+    # A long of a dated future (its roll the annualised move), a long of a perpetual (its roll
+    # the floor) and the short of both, every net delta past a 41,000 threshold: the smooth
+    # stage's margin and its gradient in the three scales against the exact margin, by central
+    # differences, as the vol shocks' above.
+    # long_linear writes the replay path and the [margin] keys this book shares
+    long_linear(tmp_path, "delta_shock_threshold = 41000\nannualised_move_risk = 0.02\n", "future")
+    snap = stress.load_snapshot(write_snapshot(
+        tmp_path / "both",
+        assets=[{"asset": "USDC", "price": 1.0, "haircut": 0.0}, {"asset": "BTC", "price": 50_000.0, "haircut": 0.0}],
+        instruments=[{"instrument_id": "F", "kind": "future", "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 1.0, "mark_price": 50_000.0, "expiry": "2027-11-23T08:00:00Z"},
+                     {"instrument_id": "P", "kind": "perpetual", "underlying": "BTC", "settlement": "USDC",
+                      "contract_size": 1.0, "mark_price": 50_000.0}],
+        balances=[{"account_id": a, "asset": "USDC", "amount": 1e6} for a in ("f", "p", "s")],
+        positions=[{"account_id": "f", "instrument_id": "F", "quantity": 1},
+                   {"account_id": "p", "instrument_id": "P", "quantity": 1},
+                   {"account_id": "s", "instrument_id": "F", "quantity": -1},
+                   {"account_id": "s", "instrument_id": "P", "quantity": -1}],
+        exchange_toml=(tmp_path / "snap" / "exchange.toml").read_text()))
+    scen = stress.load_scenarios(tmp_path / "path.toml", snap)
+    grad, fd = relaxed_margin_gradient(snap, scen, "max_delta_shock,annualised_move_risk,min_annualised_move",
+                                       [1.3, 0.7, 1.1])
+    # 0.8 x 0.1 x (50,000 - 41,000) x 2 + 0.8 x 0.1 x (100,000 - 41,000); 0.8 x 0.02 x 50,000 x 2
+    # (a year to expiry); 0.8 x 0.01 x 50,000 x 2
+    np.testing.assert_allclose(grad, [0.08 * (18_000 + 59_000), 0.016 * 100_000, 0.008 * 100_000], rtol=1e-9)
     np.testing.assert_allclose(grad, fd, rtol=1e-6)
 
 
