@@ -585,7 +585,8 @@ def _report(snap: Snapshot, b: _HedgeBook, x: np.ndarray, scen: Any) -> dict:
     # the shortfall and P&L stress run reports: at the step that decides each path
     lag = liquidation.config(snap.liquidation_config)["oracle_lag_steps"]
     eq_d, coll_d, mm_d, _ = (np.asarray(v)[0] for v in liquidation.path_outcome(
-        len(scen), jnp.asarray(eq[None, 1:]), jnp.asarray(coll[None, 1:]), jnp.asarray(mm[None, 1:]), lag=lag))
+        len(scen), jnp.asarray(eq[None, 1:]), jnp.asarray(coll[None, 1:]), jnp.asarray(mm[None, 1:]), lag=lag,
+        length=jnp.asarray(scen.length)))
     # Delta: balances (less the premium paid) plus each instrument's dE/dm / S.
     g = instrument_greeks(snap.instruments, snap.market)
     U, hedge = np.asarray(b.inst), np.asarray(b.hedge)
