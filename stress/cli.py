@@ -558,8 +558,9 @@ def hedge(
     except InputError as exc:
         _fail(exc)
     model = snap.margin_config.get("model", "standard")
+    tiered = model == "standard" and bool(np.isfinite(np.asarray(snap.params.tier_bound)).any())
     t = Table(title=f"hedge for {account} — trading {', '.join(h['instruments'])} — {h['scenarios']} scenarios — "
-                    f"{model} margin model")
+                    f"{model} margin model{' with risk-limit tiers' * tiered}")
     t.add_column("instrument")
     t.add_column("trade (contracts)", justify="right")
     for iid, q in h["trade"].items():

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _exported, liquidation, margin, pricing
+from . import _exported, engine, liquidation, margin, portfolio, pricing
 from ._tree import pytree_dataclass
 from .engine import PM_GRID_BATCH
 from .errors import InputError
@@ -223,24 +223,26 @@ LOT_DIGITS = 3  # a suggested trade is rounded to 0.001 contract (whole contract
 
 @jax.jit
 def _market_tables(inst: Instruments, market: Market, params: Any, spot: Any, vol: Any, horizon: Any):
-    """Per-contract value, maintenance margin, asset prices and ``live`` flags under ``[S]``
-    market states."""
+    """Per-contract value, maintenance margin (the first risk-limit tier's), asset prices,
+    ``live`` flags and USD notional per contract (what the tiers are of) under ``[S]`` market
+    states."""
     rv = pricing.revalue(inst, market, spot, vol, horizon)
     _, mm = margin.per_contract(inst, params, rv["spot"], rv["option"], rv["live"])
-    return rv["value"], mm, rv["price"], rv["live"]
+    return rv["value"], mm, rv["price"], rv["live"], margin.contract_notional(inst, rv["spot"], rv["live"])
 
 
 def _path_states(inst: Instruments, snap: Snapshot, scen: Any, value: np.ndarray, live: np.ndarray) -> tuple:
     """The states of the steps before each path's last, appended: ``value`` ``[I, 1 + S]`` (now,
     then each scenario's last step) with a contract that settled earlier along a path held at
     what it settled into (``pricing.hold_settled_paths``), as ``stress run`` values it, and
-    ``(value, mm, price)`` of steps ``1 .. K-1``, ``[I or A, (K-1) * S]`` step-major (empty for a
-    one-step set): the layout of ``liquidation.path_outcome`` after the first column."""
+    ``(value, mm, price, notional)`` of steps ``1 .. K-1``, ``[I or A, (K-1) * S]`` step-major
+    (empty for a one-step set): the layout of ``liquidation.path_outcome`` after the first column."""
     if scen.steps < 2:
-        return value, (value[:, :0], np.zeros((value.shape[0], 0)), np.zeros((snap.n_assets, 0)))
-    before, mm, price, before_live = _market_tables(inst, snap.market, snap.params, *_path_steps(scen))
+        none = np.zeros((value.shape[0], 0))
+        return value, (value[:, :0], none, np.zeros((snap.n_assets, 0)), none)
+    before, mm, price, before_live, notional = _market_tables(inst, snap.market, snap.params, *_path_steps(scen))
     value, before = pricing.hold_settled_paths(value, live, before, before_live)
-    return value, (before, np.asarray(mm), np.asarray(price))
+    return value, (before, np.asarray(mm), np.asarray(price), np.asarray(notional))
 
 
 def _path_steps(scen: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -331,6 +333,11 @@ class _HedgeBook:
     price: Any  # [A, M] asset prices, USD
     haircut: Any  # [A]
     pm: Any = None  # _RiskMatrices under the portfolio model; None: the standard model
+    # Risk-limit tiers of maintenance margin (standard model; None: untiered): a position pays,
+    # on its whole notional, every rate step whose bound its notional exceeds in that state
+    notional: Any = None  # [U, M] USD notional per contract (0 where settled)
+    tier_bound: Any = None  # [U, T-1] USD upper bounds of tiers 1 .. T-1 (inf: none)
+    tier_step: Any = None  # [U, T-1] how much the rate rises past each bound
 
 
 def _state(b: _HedgeBook, x: Any, tau: Any = None) -> tuple[Any, Any, Any]:
@@ -360,7 +367,23 @@ def _state(b: _HedgeBook, x: Any, tau: Any = None) -> tuple[Any, Any, Any]:
     if b.pm is not None:
         return jnp.sum(usd, axis=0), coll, _portfolio_margin(b.pm, q[b.hedge], absq[b.hedge], tau)
     w = jnp.where(b.is_opt, 0.5 * (absq - q), absq)  # margin.position_weight, smoothed
-    return jnp.sum(usd, axis=0), coll, w @ b.mm
+    mm = w @ b.mm
+    if b.tier_bound is not None:
+        mm = mm + jnp.sum(_tier_extra(absq[:, None] * b.notional, b.tier_bound, b.tier_step, tau), axis=0)
+    return jnp.sum(usd, axis=0), coll, mm
+
+
+def _tier_extra(pn: Any, bound: Any, step: Any, tau: Any) -> Any:
+    """``[U, M]`` maintenance margin past the first risk-limit tier of positions of notional
+    ``pn [U, M]`` USD (``portfolio.tier_extra``): exact with ``tau`` None; else each step
+    ``1[pn > bound]`` a sigmoid over ``tau / step`` USD of notional, the span over which the
+    step's rate moves the margin by about ``tau`` (a bound of inf never passed)."""
+    if tau is None:
+        return pn * portfolio.rate_steps(pn, bound[:, None, :], step[:, None, :])
+    passed = (jnp.isfinite(bound) & (step > 0))[:, None, :]  # [U, 1, T-1] bounds a notional can pass
+    over = pn[..., None] - jnp.where(passed, bound[:, None, :], 0.0)  # [U, M, T-1]
+    width = tau / jnp.where(step > 0, step, 1.0)[:, None, :]
+    return pn * jnp.sum(jnp.where(passed, step[:, None, :] * jax.nn.sigmoid(over / width), 0.0), axis=-1)
 
 
 def _portfolio_margin(t: _RiskMatrices, q: Any, absq: Any, tau: Any) -> Any:
@@ -406,12 +429,16 @@ def _minimise(b: _HedgeBook, scale: np.ndarray, size: float, steps: int = 30) ->
     """Damped Newton on the smoothed objective, the smoothing shrunk from ``size * 1e-2`` to
     ``size * 1e-7`` USD (a continuation: each stage starts where the last ended). The
     objective is convex (margin is convex in the quantities, collateral concave), so this
-    ends near a minimum of the exact objective, within about the last smoothing."""
+    ends near a minimum of the exact objective, within about the last smoothing; but for
+    risk-limit tiers, whose steps make the margin jump with a position's notional, so that it
+    ends at a local minimum (where the Hessian is not positive, it is shifted until it is, so
+    each step still descends)."""
     y = np.zeros(len(scale))
     for tau in size * 10.0 ** -np.arange(2.0, 8.0):
         for _ in range(steps):
             f, g, H = (np.asarray(v) for v in _newton_parts(y, scale, b, tau))
             mu = 1e-9 * max(np.abs(np.diag(H)).max(), 1e-300)
+            mu = max(mu, mu - 1.01 * float(np.linalg.eigvalsh(0.5 * (H + H.T)).min()))
             step = -np.linalg.solve(H + mu * np.eye(len(y)), g)
             t, decrease = 1.0, float(g @ step)
             if decrease > -1e-12 * max(abs(float(f)), size):
@@ -538,7 +565,7 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
     trade variables), under the snapshot and ``scenarios``."""
     from . import scenarios as scen_mod
 
-    margin.require_per_contract(snap, "stress hedge", models=("standard", "portfolio"))
+    margin.require_per_contract(snap, "stress hedge", models=("standard", "portfolio"), tiers=True)
 
     ids = list(snap.instrument_ids.astype(str))
     for i in instruments:
@@ -559,11 +586,15 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
     spot = np.vstack([np.ones((1, A)), scenarios.spot_mult])
     vol = np.vstack([np.zeros((1, A)), scenarios.vol_shift])
     hor = np.concatenate([[0.0], scenarios.horizon_days])
-    value, mm, price, live = (np.asarray(x) for x in _market_tables(inst, snap.market, snap.params, spot, vol, hor))
+    value, mm, price, live, notional = (np.asarray(x) for x in _market_tables(inst, snap.market, snap.params, spot,
+                                                                              vol, hor))
     # every step of a path is a state: a hedge that keeps the excess up at each leaves no breach
     value, steps = _path_states(inst, snap, scenarios, value, live)
-    value, mm, price = (np.concatenate([a, b], axis=1) for a, b in zip((value, mm, price), steps))
-    pm = None
+    value, mm, price, notional = (np.concatenate([a, b], axis=1) for a, b in zip((value, mm, price, notional), steps))
+    pm, tiers = None, {}
+    ladder = engine._tiers(snap.params, snap.params.tier_mm)  # the run's (bound, step), or None
+    if snap.margin_config.get("model", "standard") == "standard" and ladder is not None:
+        tiers = {"notional": notional[U], "tier_bound": np.asarray(ladder[0])[U], "tier_step": np.asarray(ladder[1])[U]}
     if snap.margin_config.get("model", "standard") == "portfolio":
         if scenarios.steps > 1:
             spot, vol, hor = (np.concatenate([a, b]) for a, b in zip((spot, vol, hor), _path_steps(scenarios)))
@@ -572,7 +603,7 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
         inst=U.astype(np.int32), q0=q0, hedge=np.searchsorted(U, hedge_ix).astype(np.int32), value=value[U], mm=mm[U],
         settle=np.eye(A)[np.asarray(inst.settlement)[U]], is_opt=np.asarray(inst.kind)[U] == OPTION,
         balance=np.asarray(snap.balances[acc], np.float64), price=price,
-        haircut=np.asarray(snap.params.haircut, np.float64), pm=pm,
+        haircut=np.asarray(snap.params.haircut, np.float64), pm=pm, **tiers,
     )
     return b, hedge_ix, scenarios
 

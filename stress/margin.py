@@ -347,18 +347,19 @@ def _haircut_fields(cfg: dict, inst: Instruments, haircut: np.ndarray, assets: t
     }
 
 
-def require_per_contract(snap: Any, command: str, models: tuple[str, ...] = ("standard",)) -> None:
+def require_per_contract(snap: Any, command: str, models: tuple[str, ...] = ("standard",), tiers: bool = False) -> None:
     """Raise ``InputError`` where ``command``, which margins with ``per_contract`` (the standard
-    model, untiered; or the other ``models`` it names) and static haircuts, would answer for
-    another exchange than ``snap``'s: another margin model, risk-limit tiers under the standard
-    model, or dynamic haircuts. An answer for another exchange would be worse than none."""
+    model, untiered unless ``tiers``; or the other ``models`` it names) and static haircuts,
+    would answer for another exchange than ``snap``'s: another margin model, risk-limit tiers
+    under the standard model, or dynamic haircuts. An answer for another exchange would be
+    worse than none."""
     if snap.params.haircut_dynamic:
         raise _err("haircut_model", f"{command} models static haircuts only; use stress run for dynamic haircuts")
     model = snap.margin_config.get("model", "standard")
     if model not in models:
         raise _err("model", f"{command} models the {' and '.join(models)} margin model{'s' * (len(models) > 1)} "
                    f"only, not {model!r}; use stress run to test a trade")
-    if model == "standard" and np.isfinite(np.asarray(snap.params.tier_bound)).any():
+    if model == "standard" and not tiers and np.isfinite(np.asarray(snap.params.tier_bound)).any():
         raise _err(TIERS_KEY, f"{command} models untiered margin only; use stress run to test a trade under risk-limit tiers")
 
 

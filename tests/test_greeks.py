@@ -10,6 +10,8 @@ with ``theta() = dV/dt`` in years, and time to expiry is Actual/365 in both, so 
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
@@ -64,9 +66,9 @@ def linear_option(iid: str, K: float, cp: str, iv: float, size: float = 1.0) -> 
             "expiry": "2026-12-25T08:00:00Z", "strike": K, "option_type": cp, "mark_iv": iv}
 
 
-def snapshot(tmp_path, instruments, balances, positions):
+def snapshot(tmp_path, instruments, balances, positions, exchange=EXCHANGE):
     return stress.load_snapshot(write_snapshot(tmp_path, assets=ASSETS, instruments=instruments, balances=balances,
-                                               positions=positions, exchange_toml=EXCHANGE))
+                                               positions=positions, exchange_toml=exchange))
 
 
 def row(g: pd.DataFrame, account: str, asset: str) -> pd.Series:
@@ -322,7 +324,7 @@ def _default_scenarios(snap):
     return stress.load_scenarios(default_path(), snap, skip_unknown_assets=True)
 
 
-def _engine_after(tmp_path, positions, balances, account, trade, scen):
+def _engine_after(tmp_path, positions, balances, account, trade, scen, exchange=EXCHANGE):
     """The account after the trade, through the engine: a snapshot with the trade booked."""
     pos = pd.DataFrame(positions)
     for iid, q in trade.items():
@@ -332,7 +334,7 @@ def _engine_after(tmp_path, positions, balances, account, trade, scen):
         else:
             pos = pd.concat([pos, pd.DataFrame([{"account_id": account, "instrument_id": iid, "quantity": q}])])
     pos = pos[pos.quantity != 0]
-    snap = snapshot(tmp_path / "after", LINEAR_FUTURES, balances, pos)
+    snap = snapshot(tmp_path / "after", LINEAR_FUTURES, balances, pos, exchange)
     res = stress.run(snap, scen).accounts.set_index("account_id").loc[account]
     g = stress.greeks(snap, accounts=[account]).set_index("underlying")
     return res, g
@@ -366,6 +368,41 @@ def test_hedge_long_future_with_perpetual(tmp_path):
     shortfall_now = max(0.0, res.maintenance_margin - res.collateral_value)
     np.testing.assert_allclose(a["shortfall_worst"], max(res.shortfall_worst, shortfall_now), atol=1e-9)
     np.testing.assert_allclose(a["delta"]["BTC"], g.loc["BTC", "delta"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("tiers, x_best", [
+    # past 100,000 of notional the whole position pays 5%: worth it, the best short is past the bound
+    ("[[100000, 0.02, 0.01], [1000000, 0.1, 0.05]]", -1.709),
+    # it pays 20%: the best short stays at the bound in the state that binds
+    ("[[100000, 0.02, 0.01], [1000000, 0.4, 0.2]]", -1.092)], ids=["past-the-bound", "at-the-bound"])
+def test_hedge_under_risk_limit_tiers_finds_the_best_trade_of_a_brute_force_search(tmp_path, tiers, x_best):
+    # The long future of test_hedge_long_future_with_perpetual on a tiered exchange. A tier's
+    # step makes the margin jump with the perpetual's notional in each state, so the objective
+    # is not convex; the search smooths the steps. Against every trade on the 0.001 lot from
+    # -2.5 to 0 evaluated exactly, it finds the best, and the engine agrees with its numbers.
+    exchange = EXCHANGE.replace("[margin]", f"[margin]\nfuture_tiers = {tiers}")
+    balances = [{"account_id": "f", "asset": "USDC", "amount": 30_000.0}]
+    positions = [{"account_id": "f", "instrument_id": "LFUT", "quantity": 2.0}]
+    snap = snapshot(tmp_path / "before", LINEAR_FUTURES, balances, positions, exchange)
+    scen = _default_scenarios(snap)
+    h = stress.greeks.hedge(snap, "f", ["LPERP"], scen)
+    b, _, _ = stress.greeks._book(snap, 0, ["LPERP"], scen)
+    xs = np.round(np.arange(-2.5, 0.0005, 0.001), 3)
+    _, coll, mm = jax.vmap(lambda x: stress.greeks._state(b, x))(jnp.asarray(xs)[:, None])
+    excess = np.min(np.asarray(coll - mm), axis=1)
+    assert xs[np.argmax(excess)] == x_best and h["trade"] == {"LPERP": x_best}
+    assert h["after"]["worst_excess"] == pytest.approx(excess.max(), rel=1e-12)
+    untiered = stress.greeks.hedge(snapshot(tmp_path / "flat", LINEAR_FUTURES, balances, positions), "f", ["LPERP"], scen)
+    assert untiered["trade"]["LPERP"] != x_best  # the tiers move the answer
+    r = runner.invoke(app, ["hedge", str(tmp_path / "before"), "--account", "f", "--with", "LPERP"])
+    assert r.exit_code == 0, r.output
+    assert "with risk-limit tiers" in " ".join(r.stdout.split()) and f"{x_best:+,.6g}" in r.stdout
+    res, _ = _engine_after(tmp_path, positions, balances, "f", h["trade"], scen, exchange)
+    a = h["after"]
+    np.testing.assert_allclose(a["maintenance_margin"], res.maintenance_margin, rtol=1e-12)
+    np.testing.assert_allclose(a["pnl_worst"], res.pnl_worst, rtol=1e-12)
+    np.testing.assert_allclose(a["shortfall_worst"], max(res.shortfall_worst, res.maintenance_margin - res.collateral_value,
+                                                         0.0), rtol=1e-12)
 
 
 def test_an_idle_balance_does_not_move_the_hedge(tmp_path):
@@ -570,11 +607,12 @@ def test_hedge_under_the_portfolio_model_lowers_margin_now_and_reports_what_the_
 
 @pytest.mark.parametrize("margin_toml, field", [
     ('model = "var"\nvar_history = "h.csv"', "model"),
-    ("future_tiers = [[1000000, 0.02, 0.01], [5000000, 0.04, 0.02]]", "future_tiers")])
+    ('haircut_model = "dynamic"\nhaircut_reference_vol = { BTC = 0.5 }', "haircut_model")])
 def test_hedge_refuses_margin_it_does_not_model(tmp_path, margin_toml, field):
-    """The hedge optimises the standard model's untiered margin per contract or the portfolio
-    model's: on a book whose margin is tiered (or the var model) its 'exact' before and after
-    were another exchange's numbers (300 against stress margin's 600 on a review's book)."""
+    """The hedge optimises the standard model's margin per contract (tiers included) or the
+    portfolio model's, with static haircuts: on a book under the var model or dynamic haircuts
+    its 'exact' before and after would be another exchange's numbers (300 against stress
+    margin's 600 on a review's book, when tiers were not modelled)."""
     days = pd.date_range("2024-01-01", periods=300, freq="D")
     pd.DataFrame({"date": days.strftime("%Y-%m-%d"), "BTC": S0 * np.exp(np.linspace(0.0, 0.3, 300)),
                   "USDT": 0.9995}).to_csv(tmp_path / "h.csv", index=False)
