@@ -547,7 +547,7 @@ def run(snap: Snapshot, scen: Scenarios, *, chunk_size: int | None = None, dtype
     if snap.margin_config.get("model", "standard") in ("portfolio", "var"):
         raise NotImplementedError("cascades are modelled under the standard margin model only ([margin] model)")
     S, K, A = len(scen), scen.steps, snap.n_assets
-    liquidation.check_lag(cfg, K)
+    liquidation.check_lag(cfg, scen)
     lag = cfg["oracle_lag_steps"] if K > 1 else 0  # a one-step set is an instantaneous shock
     fee_rate = cfg["fee_rate"]
     mult, vol, hor = time_ordered(scen)

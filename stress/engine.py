@@ -340,7 +340,7 @@ def tables(snap: Snapshot, scen: Scenarios, dtype: Any = jnp.float64) -> tuple[T
     S = len(scen)
     model = snap.margin_config.get("model", "standard")
     liquidation.check_partial(liq_cfg, model)  # a snapshot or a set built or changed in Python
-    liquidation.check_lag(liq_cfg, scen.steps)
+    liquidation.check_lag(liq_cfg, scen)
     portfolio_model = model == "portfolio"
     # a portfolio-margin tile holds [accounts, underlyings, W, grid] blocks (a var tile [accounts,
     # W, windows]): keep it narrow

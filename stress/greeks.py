@@ -575,7 +575,7 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
         raise InputError("--with", None, None, "an instrument is named twice")
     if scenarios is None:
         scenarios = scen_mod.load_scenarios(scen_mod.default_path(), snap, skip_unknown_assets=True)
-    liquidation.check_lag(liquidation.config(snap.liquidation_config), scenarios.steps)  # a set built in Python
+    liquidation.check_lag(liquidation.config(snap.liquidation_config), scenarios)  # a set built in Python
     inst = snap.instruments
     mine = snap.pos_account == acc
     hedge_ix = np.array([ids.index(i) for i in instruments], np.int64)

@@ -93,19 +93,25 @@ def config(cfg: dict) -> dict:
     return out
 
 
-def check_lag(cfg: dict, steps: int) -> None:
-    """Refuse an oracle lag (``cfg``: ``config``'s) of at least the ``steps`` of a set's paths:
-    no breach within a path would be acted on, and the set's one-off shocks, paths whose every
-    step is the shock, would never liquidate, where one-step scenarios are instantaneous. A
-    set of one-step scenarios only takes any lag (it does not apply)."""
-    if steps < 2:
+def check_lag(cfg: dict, scen: Any) -> None:
+    """Refuse an oracle lag (``cfg``: ``config``'s) of at least the steps of one of the set's
+    paths (``scen``, a ``Scenarios``; each path's own steps, ``Scenarios.length``): no breach
+    within that path would be acted on. One-off shocks (length 1) are instantaneous and take
+    any lag, so does a set of them only; a replay window over a gap in the history is a path of
+    its own rows, so the shortest window bounds the lag."""
+    length = np.asarray(scen.length)
+    paths = np.flatnonzero(length > 1)
+    if not len(paths):
         return
+    short = paths[np.argmin(length[paths])]  # the first of the shortest paths, in file order
+    steps = int(length[short])
     for key, lags in (("oracle_lag_steps", (cfg["oracle_lag_steps"],)), ("oracle_lags", cfg["oracle_lags"])):
         if max(lags, default=0) >= steps:
+            which = "the scenario set's paths" if steps == scen.steps else \
+                f"path {scen.names[short]!r}, the shortest of the set's paths"
             raise InputError("exchange.toml", "[liquidation]", key,
-                             f"a lag of {max(lags)} steps is not less than the {steps} steps of the scenario set's "
-                             "paths: no breach within a path would be acted on, and its one-off shocks would never "
-                             f"liquidate; use at most {steps - 1}, or longer paths")
+                             f"a lag of {max(lags)} steps is not less than the {steps} steps of {which}: no breach "
+                             f"within it would be acted on; use at most {steps - 1}, or longer paths")
 
 
 def check_partial(cfg: dict, model: str) -> None:

@@ -53,6 +53,10 @@ class Scenarios:
     path_spot_mult: np.ndarray | None = None  # [S, K-1, A] at the steps before the last; None if K = 1
     path_vol_shift: np.ndarray | None = None  # [S, K-1, A]
     path_horizon_days: np.ndarray | None = None  # [S, K-1]
+    # [S] int, 1 .. K: each path's own steps, the rest repeating its last state (a replay window
+    # over a gap in the history, a one-off shock beside paths); None: ``length``'s default.
+    # Set by the loader: a set whose paths are changed in Python gives it anew (or None)
+    path_length: np.ndarray | None = None
     source: str = ""
 
     def __len__(self) -> int:
@@ -72,29 +76,28 @@ class Scenarios:
     def length(self) -> np.ndarray:
         """``[S]`` int: the steps of each path before it only repeats its state, ``1 .. K``.
 
-        A path shorter than the set's ``K`` steps is padded with its last state (``_combine``;
-        a replay window over a gap in the history, ``replay.windows``), and a one-off shock in
-        a set with paths is a path whose every step is the shock (length 1). A repeated step
-        (the same prices, vol shifts and horizon) is the same instant, not a later one: the
+        A set's paths share ``K`` steps; a shorter one is padded with its last state: a one-off
+        shock in a set with paths is a path whose every step is the shock (length 1), and a
+        replay window over a gap in the history has fewer rows than the longest (``_replay``,
+        ``replay.windows``). A repeated step is the same instant, not a later one: the
         liquidation engine acts at a path's first ``length`` steps only, and an oracle lag
         counts within them (``liquidation.acted``), so a scenario's results do not depend on
-        the longer paths beside it.
+        the longer paths beside it. ``path_length`` where given (the loader sets it), else 1
+        for a path whose every step is one state and ``K`` for the others (a set built in
+        Python pads its short paths itself, and says so there).
         """
         S = len(self.names)
+        if self.path_length is not None:
+            return np.asarray(self.path_length, np.int32)
         if self.path_spot_mult is None:
             return np.ones(S, np.int32)
 
-        def same(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # [S, K-1, ...] -> [S, K-1]
-            return np.all(a == b, axis=tuple(range(2, a.ndim)))
+        def same(before: np.ndarray, last: np.ndarray) -> np.ndarray:  # [S, K-1, ...] against [S, ...]
+            return np.all(before == last[:, None], axis=tuple(range(1, before.ndim)))
 
-        spot = np.concatenate([self.path_spot_mult, self.spot_mult[:, None]], axis=1)  # [S, K, A] time order
-        vol = np.concatenate([self.path_vol_shift, self.vol_shift[:, None]], axis=1)
-        hor = np.concatenate([self.path_horizon_days, self.horizon_days[:, None]], axis=1)
-        repeat = same(spot[:, 1:], spot[:, :-1]) & same(vol[:, 1:], vol[:, :-1]) & (hor[:, 1:] == hor[:, :-1])
-        # trailing repeats only: the steps after the last one that moves
-        moves = np.concatenate([np.ones((S, 1), bool), ~repeat], axis=1)  # [S, K]
-        K = moves.shape[1]
-        return (K - np.argmax(moves[:, ::-1], axis=1)).astype(np.int32)
+        still = (same(self.path_spot_mult, self.spot_mult) & same(self.path_vol_shift, self.vol_shift)
+                 & same(self.path_horizon_days, self.horizon_days))
+        return np.where(still, 1, self.steps).astype(np.int32)
 
     @property
     def one_off(self) -> np.ndarray:
@@ -112,6 +115,7 @@ class _Block:
     spot: np.ndarray  # [s, K, A]
     vol: np.ndarray  # [s, K, A]
     horizon: np.ndarray  # [s, K]
+    length: np.ndarray | None = None  # [s] each scenario's own steps; None: all K (1 for one-step blocks)
 
 
 def _packaged(name: str) -> Path:
@@ -481,7 +485,9 @@ def _replay(ctx: _Ctx, row: dict) -> _Block:
     elapsed = (times[step] - times[starts][:, None]) / np.timedelta64(1, "D")
     stamps = np.datetime_as_string(times[starts], unit="m")
     labels = [s[:10] if s.endswith("T00:00") else s.replace("T", " ") for s in stamps]
-    return _Block([f"{name}:{lab}" for lab in labels], "replay", spot, vol, elapsed.astype(np.float64))
+    # a window over a gap in the history has fewer rows than the longest, and repeats its last
+    return _Block([f"{name}:{lab}" for lab in labels], "replay", spot, vol, elapsed.astype(np.float64),
+                  (ends[starts] - starts).astype(np.int32))
 
 
 def _montecarlo(ctx: _Ctx, row: dict) -> _Block:
@@ -606,7 +612,7 @@ def load_scenarios(path: str | Path, snap: Snapshot, *, skip_unknown_assets: boo
             ctx = _Ctx(file, label, snap, skip_unknown_assets, path.parent)
             blocks.append(_READERS[key](ctx, row))
     scen = _combine(file, blocks, snap.n_assets, str(path))
-    liquidation.check_lag(liquidation.config(snap.liquidation_config), scen.steps)
+    liquidation.check_lag(liquidation.config(snap.liquidation_config), scen)
     return scen
 
 
@@ -629,6 +635,8 @@ def _combine(file: str, blocks: list[_Block], A: int, source: str) -> Scenarios:
     spot = np.concatenate([pad(b.spot) for b in blocks])
     vol = np.concatenate([pad(b.vol) for b in blocks])
     hor = np.concatenate([pad(b.horizon) for b in blocks])
+    length = np.concatenate([np.full(len(b.names), b.spot.shape[1], np.int32) if b.length is None else b.length
+                             for b in blocks])
     paths = K > 1
     return Scenarios(
         names=tuple(names),
@@ -639,6 +647,7 @@ def _combine(file: str, blocks: list[_Block], A: int, source: str) -> Scenarios:
         path_spot_mult=spot[:, :-1] if paths else None,
         path_vol_shift=vol[:, :-1] if paths else None,
         path_horizon_days=hor[:, :-1] if paths else None,
+        path_length=length if paths else None,
         source=source,
     )
 

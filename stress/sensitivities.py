@@ -158,7 +158,7 @@ def book(snap: Snapshot, scen: Scenarios, tau: float | None = None) -> Book:
     model = snap.margin_config.get("model", "standard")
     tiers = _tiers(snap.params, snap.params.tier_mm) if model == "standard" else None  # the portfolio model's has none
     cfg = liquidation.config(snap.liquidation_config)
-    liquidation.check_lag(cfg, scen.steps)  # a snapshot or a set built or changed in Python
+    liquidation.check_lag(cfg, scen)  # a snapshot or a set built or changed in Python
     partial = {}
     if cfg["mode"] == "partial":  # slots laid out [account, J] for liquidation.partial_path
         first = np.searchsorted(slot_acc, slot_acc)  # slots are sorted by account

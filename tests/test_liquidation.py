@@ -188,9 +188,10 @@ def test_a_close_out_acted_on_after_the_recovery_still_counts_as_a_liquidation(t
 
 
 def test_a_lag_of_a_whole_path_or_more_is_refused_and_a_shorter_one_keeps_one_off_shocks_instantaneous(tmp_path):
-    # Beside 3-step paths a one-off shock is a path whose every step is the shock: a lag of 3
-    # would never act on it (or on any path's breach). BTC -10% alone closes the long out
-    # (49,697 is its breach price) with 2,500,000 of loss on 400,000: bad debt 2,100,000.
+    # A lag of 3 would never act on a breach of the 3-step replay path. Beside it a one-off
+    # shock is a path whose every step is the shock, and acts at once whatever the lag: BTC
+    # -10% alone closes the long out (49,697 is its breach price) with 2,500,000 of loss on
+    # 400,000, bad debt 2,100,000, and so it does beside the path under a lag of 2.
     (tmp_path / "h.csv").write_text("date,BTC\n2024-01-01,50000\n2024-01-02,49000\n2024-01-03,47000\n2024-01-04,50500\n")
     shock = '[[scenario]]\nname = "down"\nmoves = { BTC = -0.1 }\n'
     (tmp_path / "mixed.toml").write_text(shock + '\n[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 3\n')
@@ -1165,6 +1166,21 @@ def test_a_short_replay_window_does_not_depend_on_the_longer_windows_beside_it(s
             np.testing.assert_allclose(a[k][2], b[k][0], rtol=1e-12, err_msg=k)
         np.testing.assert_allclose(a["price_impact"][2], b["price_impact"][0], rtol=1e-12, atol=1e-15)
         np.testing.assert_allclose(a["accounts_liquidated_steps"][2], [*b["accounts_liquidated_steps"][0], 0])
+
+
+def test_a_lag_is_refused_where_it_reaches_past_the_shortest_replay_window(tmp_path):
+    # 3-day windows over daily prices missing the 5th: the window from the 3rd holds two rows,
+    # the others three. A lag of 2 would never act on that window's breaches (nor on the one
+    # from the 4th), as the window alone would refuse it; it is refused, naming the window.
+    rows = [f"2024-01-{d:02d},{50_000 - 1_000 * d}" for d in (1, 2, 3, 4, 6, 7)]
+    (tmp_path / "h.csv").write_text("date,BTC\n" + "\n".join(rows) + "\n")
+    (tmp_path / "h.toml").write_text('[[replay]]\nname = "h"\nprices = "h.csv"\nhorizon_days = 3\n')
+    for text, key in (("oracle_lag_steps = 2", "oracle_lag_steps"), ("oracle_lags = [0, 2]", "oracle_lags")):
+        with pytest.raises(stress.InputError, match="not less than the 2 steps of path 'h:2024-01-03', the shortest") as err:
+            stress.load_scenarios(tmp_path / "h.toml", _book(tmp_path / key, text))
+        assert (err.value.file, err.value.column) == ("exchange.toml", key)
+    scen = stress.load_scenarios(tmp_path / "h.toml", _book(tmp_path / "one", "oracle_lag_steps = 1"))
+    assert scen.steps == 3 and scen.length.tolist() == [3, 3, 2, 2]
 
 
 def test_partial_mode_worst_pnl_is_the_worst_scenarios_where_tiles_are_padded(sample_dir, tmp_path):

@@ -609,32 +609,36 @@ def test_one_off_flags_the_shocks_of_a_set_with_paths_and_not_its_paths(sample_d
     snap = stress.load_snapshot(sample_dir)
     scen = stress.load_scenarios(small_default_path, snap)
     assert scen.steps > 1
-    # every step of a shock is the shock; a Monte Carlo path moves
+    # every step of a shock is the shock; a Monte Carlo path moves, at each of its K steps
     np.testing.assert_array_equal(scen.one_off, ~scen.random)
-    # a path built in Python that moves is not one-off, whatever its kind
+    np.testing.assert_array_equal(scen.length, np.where(scen.random, scen.steps, 1))
+    # a path changed in Python (the loader's lengths dropped) that moves is not one-off, whatever its kind
     moved = scen.path_spot_mult.copy()
     moved[0, 0, :] *= 1.01
-    assert not dataclasses.replace(scen, path_spot_mult=moved).one_off[0] and scen.one_off[0]
+    assert not dataclasses.replace(scen, path_spot_mult=moved, path_length=None).one_off[0] and scen.one_off[0]
 
 
-def test_length_counts_a_paths_steps_up_to_the_last_that_moves():
-    # Four 4-step paths of one asset, time order (spot, horizon): a repeated step is the same
-    # prices, vol shifts and horizon as the step before it; only the trailing ones are padding.
-    spot = np.array([[0.9, 0.8, 0.7, 0.6],  # moves every step: 4
-                     [0.9, 0.8, 0.8, 0.8],  # a path of two steps, padded: 2
-                     [0.9, 0.9, 0.8, 0.8],  # a flat step inside the path counts: 3
-                     [0.9, 0.9, 0.9, 0.9]])  # a one-off shock: 1
-    hor = np.tile([1.0, 2.0, 2.0, 2.0], (4, 1))
-    hor[2], hor[3] = [1.0, 1.0, 2.0, 2.0], 2.0  # a one-off shock is one state, its horizon too
+def test_a_paths_length_is_what_the_set_says_else_one_for_a_constant_path():
+    # Four 4-step paths of one asset, time order (spot, horizon), built in Python: without
+    # path_length a path whose every step is one state is a one-off shock (1) and any other
+    # has all 4 steps, a flat stretch (real, or padding the builder did not declare) included.
+    spot = np.array([[0.9, 0.8, 0.7, 0.6],
+                     [0.9, 0.8, 0.8, 0.8],
+                     [0.9, 0.9, 0.8, 0.8],
+                     [0.9, 0.9, 0.9, 0.9]])
+    hor = np.zeros((4, 4))  # paths of instantaneous shocks
     vol = np.zeros((4, 4, 1))
     scen = stress.Scenarios(names=tuple("abcd"), kinds=("replay",) * 4, spot_mult=spot[:, -1:], vol_shift=vol[:, -1],
                             horizon_days=hor[:, -1], path_spot_mult=spot[:, :-1, None], path_vol_shift=vol[:, :-1],
                             path_horizon_days=hor[:, :-1])
-    np.testing.assert_array_equal(scen.length, [4, 2, 3, 1])
+    np.testing.assert_array_equal(scen.length, [4, 4, 4, 1])
     np.testing.assert_array_equal(scen.one_off, [False, False, False, True])
-    # time passing is a move: the same prices a day later are a step of their own
-    later = dataclasses.replace(scen, horizon_days=scen.horizon_days + 1.0)
-    np.testing.assert_array_equal(later.length, [4, 4, 4, 4])
-    moved_vol = vol.copy()
-    moved_vol[1, 3, 0] = 0.05
-    np.testing.assert_array_equal(dataclasses.replace(scen, vol_shift=moved_vol[:, -1]).length, [4, 4, 3, 1])
+    # a vol shift or a horizon that moves at one step is a path
+    moved = vol.copy()
+    moved[3, 1, 0] = 0.05
+    np.testing.assert_array_equal(dataclasses.replace(scen, path_vol_shift=moved[:, :-1]).length, [4, 4, 4, 4])
+    np.testing.assert_array_equal(dataclasses.replace(scen, horizon_days=hor[:, -1] + 1.0).length, [4, 4, 4, 4])
+    # a builder that padded its short paths says so
+    padded = dataclasses.replace(scen, path_length=np.array([4, 2, 4, 1]))
+    np.testing.assert_array_equal(padded.length, [4, 2, 4, 1])
+    np.testing.assert_array_equal(padded.one_off, [False, False, False, True])
