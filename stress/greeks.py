@@ -38,10 +38,11 @@ See ``docs/greeks.md``.
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import types
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -331,8 +332,13 @@ class _HedgeBook:
     is_opt: Any  # [U] bool
     balance: Any  # [A] the account's balances
     price: Any  # [A, M] asset prices, USD
-    haircut: Any  # [A]
+    haircut: Any  # [A, M] haircut of each asset at each state (dynamic haircuts: vol-scaled)
     pm: Any = None  # _RiskMatrices under the portfolio model; None: the standard model
+    # Dynamic haircuts' concentration add-on (None: static haircuts), margin.haircut_at: the
+    # haircut on e > 0 units held is min(cap, haircut + coef * sqrt(e * share))
+    hc_coef: Any = None  # [A] add-on per sqrt(share of a day's volume held)
+    hc_share: Any = None  # [A] share of a day's volume one unit is (0: no add-on)
+    hc_cap: Any = None  # [] the largest haircut
     # Risk-limit tiers of maintenance margin (standard model; None: untiered): a position pays,
     # on its whole notional, every rate step whose bound its notional exceeds in that state
     notional: Any = None  # [U, M] USD notional per contract (0 where settled)
@@ -345,15 +351,18 @@ def _state(b: _HedgeBook, x: Any, tau: Any = None) -> tuple[Any, Any, Any]:
     contracts at the mark (an option's premium is paid from its settlement asset).
 
     ``tau`` (USD) smooths the kinks for the search — ``|q|`` in margin weights, the haircut's
-    ``max(e, 0)`` — each within about ``tau`` USD; ``None`` is the exact, non-smoothed value.
+    ``max(e, 0)`` and cap — each within about ``tau`` USD; ``None`` is the exact, non-smoothed
+    value.
     """
     q = jnp.asarray(b.q0).at[b.hedge].add(x)
     cash = -(x * b.value[b.hedge, 0]) @ b.settle[b.hedge]  # [A] premium paid at the mark
     if tau is None:
         absq = jnp.abs(q)
     else:  # |q| within the contracts whose margin is about tau (1 where a contract needs none)
-        if b.pm is None:
+        if b.pm is None:  # a contract's margin at its largest rate, tiers' steps included
             scale = jnp.max(b.mm, axis=1)
+            if b.tier_bound is not None:
+                scale = jnp.maximum(scale, jnp.max(b.notional, axis=1) * jnp.sum(b.tier_step, axis=1))
         else:  # only the traded instruments' |q| enters (their roll shock); the others' is fixed
             K = b.hedge.shape[0]
             traded = jnp.max(jnp.abs(b.pm.pnl[-K:]), axis=(1, 2)) + jnp.max(b.pm.roll[-K:], axis=1)
@@ -363,7 +372,8 @@ def _state(b: _HedgeBook, x: Any, tau: Any = None) -> tuple[Any, Any, Any]:
     e = b.balance[:, None] + cash[:, None] + b.settle.T @ (q[:, None] * b.value)  # [A, M]
     usd = e * b.price
     delta_a = None if tau is None else tau / b.price[:, :1]  # asset units worth tau USD
-    coll = jnp.sum(usd - b.haircut[:, None] * margin.soft_relu(e, delta_a) * b.price, axis=0)
+    held = margin.soft_relu(e, delta_a)  # [A, M] units a haircut applies to
+    coll = jnp.sum(usd - _haircut(b, held, tau) * held * b.price, axis=0)
     if b.pm is not None:
         return jnp.sum(usd, axis=0), coll, _portfolio_margin(b.pm, q[b.hedge], absq[b.hedge], tau)
     w = jnp.where(b.is_opt, 0.5 * (absq - q), absq)  # margin.position_weight, smoothed
@@ -371,6 +381,21 @@ def _state(b: _HedgeBook, x: Any, tau: Any = None) -> tuple[Any, Any, Any]:
     if b.tier_bound is not None:
         mm = mm + jnp.sum(_tier_extra(absq[:, None] * b.notional, b.tier_bound, b.tier_step, tau), axis=0)
     return jnp.sum(usd, axis=0), coll, mm
+
+
+def _haircut(b: _HedgeBook, held: Any, tau: Any) -> Any:
+    """``[A, M]`` haircut on ``held`` units (``>= 0``) of each asset at each state: the book's,
+    plus under dynamic haircuts the concentration add-on, capped (``portfolio.keep_share``);
+    with ``tau`` the cap's kink smoothed within about ``tau`` USD of the amount's value."""
+    if b.hc_coef is None:
+        return b.haircut
+    ratio = held * b.hc_share[:, None]
+    some = ratio > 0  # the square root is guarded so that its derivative stays finite at 0
+    h = b.haircut + jnp.where(some, b.hc_coef[:, None] * jnp.sqrt(jnp.where(some, ratio, 1.0)), 0.0)
+    if tau is None:
+        return jnp.minimum(h, b.hc_cap)
+    width = tau / (held * b.price + tau)  # haircut points worth about tau USD on the amount
+    return b.hc_cap - margin.soft_relu(b.hc_cap - h, width)
 
 
 def _tier_extra(pn: Any, bound: Any, step: Any, tau: Any) -> Any:
@@ -439,19 +464,51 @@ def _minimise(b: _HedgeBook, scale: np.ndarray, size: float, steps: int = 30) ->
             f, g, H = (np.asarray(v) for v in _newton_parts(y, scale, b, tau))
             mu = 1e-9 * max(np.abs(np.diag(H)).max(), 1e-300)
             mu = max(mu, mu - 1.01 * float(np.linalg.eigvalsh(0.5 * (H + H.T)).min()))
-            step = -np.linalg.solve(H + mu * np.eye(len(y)), g)
-            t, decrease = 1.0, float(g @ step)
-            if decrease > -1e-12 * max(abs(float(f)), size):
+            newton = -np.linalg.solve(H + mu * np.eye(len(y)), g)
+            if float(g @ newton) > -1e-12 * max(abs(float(f)), size):
                 break  # no descent left at this smoothing
-            while t > 1e-10:  # backtracking (Armijo) line search
-                f_new = float(_smooth_objective(y + t * step, scale, b, tau))
-                if f_new <= f + 1e-4 * t * decrease:
+            # Where the objective is locally linear (between tier bounds, its Hessian about
+            # 1e-17) the Newton step is absurdly long and no backtracking rescues it: then a
+            # steepest-descent step from the scale of the trade and the account.
+            steepest = -g / np.linalg.norm(g) * max(np.abs(y).max(), size)
+            for step in (newton, steepest):
+                t = _backtrack(lambda z: float(_smooth_objective(z, scale, b, tau)), y, f, float(g @ step), step)
+                if t:
                     break
-                t *= 0.5
             else:
                 break
             y = y + t * step
     return y / scale
+
+
+def _best_lot(b: _HedgeBook, x: np.ndarray, lot: np.ndarray) -> np.ndarray:
+    """The trade on the lot grid next to ``x [K]`` (each instrument rounded down or up: every
+    combination for up to 6 instruments, else to the nearest) with the best exact worst excess;
+    ties go to the nearest. Rounding to the nearest can cross a risk-limit tier's bound that the
+    search stopped at, and cost the whole step there."""
+    down = np.floor(x / lot) * lot
+    near = np.round(x / lot) * lot
+    if len(x) > 6:
+        choices = [near]
+    else:
+        choices = [np.array(c) for c in itertools.product(*zip(down, down + lot))]
+    def worst(c):
+        _, coll, mm = _exact_state(b, c)
+        return float(np.min(np.asarray(coll) - np.asarray(mm)))
+    scored = [(-worst(c), float(np.abs(c - x).sum()), k) for k, c in enumerate(choices)]
+    best = choices[min(scored)[2]]
+    return np.where(lot == 1.0, np.round(best), np.round(best, LOT_DIGITS)) + 0.0
+
+
+def _backtrack(f: Callable[[np.ndarray], float], y: np.ndarray, f0: float, decrease: float, step: np.ndarray) -> float:
+    """The largest ``t`` in 1, 1/2, 1/4 ... > 1e-10 with ``f(y + t step)`` down by at least
+    ``1e-4 * t`` of the first-order ``decrease`` (Armijo), or 0 where none is."""
+    t = 1.0
+    while t > 1e-10:
+        if f(y + t * step) <= f0 + 1e-4 * t * decrease:
+            return t
+        t *= 0.5
+    return 0.0
 
 
 def default_hedge_instruments(snap: Snapshot, account: int) -> list[str]:
@@ -529,8 +586,8 @@ def hedge(snap: Snapshot, account_id: str, instruments: Sequence[str] | None = N
     # as a scale it coarsened the search (407 USD off the optimum on 1e10 USDC).
     swing = before["collateral_value"] - before["maintenance_margin"] - before["worst_excess"]
     size = max(before["maintenance_margin"], swing, 1.0)
-    x = _minimise(b, scale, size)
-    x = np.where(inverse_fut, np.round(x), np.round(x, LOT_DIGITS)) + 0.0
+    lot = np.where(inverse_fut, 1.0, 10.0 ** -LOT_DIGITS)
+    x = _best_lot(b, _minimise(b, scale, size), lot)
     after = _report(snap, b, x, scenarios)
     if not after["worst_excess"] > before["worst_excess"]:  # no improvement: suggest nothing
         x, after = np.zeros_like(x), before
@@ -565,7 +622,7 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
     trade variables), under the snapshot and ``scenarios``."""
     from . import scenarios as scen_mod
 
-    margin.require_per_contract(snap, "stress hedge", models=("standard", "portfolio"), tiers=True)
+    margin.require_per_contract(snap, "stress hedge", models=("standard", "portfolio"), tiers=True, dynamic=True)
 
     ids = list(snap.instrument_ids.astype(str))
     for i in instruments:
@@ -595,15 +652,21 @@ def _book(snap: Snapshot, acc: int, instruments: Sequence[str], scenarios: Any):
     ladder = engine._tiers(snap.params, snap.params.tier_mm)  # the run's (bound, step), or None
     if snap.margin_config.get("model", "standard") == "standard" and ladder is not None:
         tiers = {"notional": notional[U], "tier_bound": np.asarray(ladder[0])[U], "tier_step": np.asarray(ladder[1])[U]}
+    if scenarios.steps > 1:  # every state's market, in the tables' order: now, the last steps, the steps before
+        spot, vol, hor = (np.concatenate([a, b]) for a, b in zip((spot, vol, hor), _path_steps(scenarios)))
     if snap.margin_config.get("model", "standard") == "portfolio":
-        if scenarios.steps > 1:
-            spot, vol, hor = (np.concatenate([a, b]) for a, b in zip((spot, vol, hor), _path_steps(scenarios)))
         pm = _risk_matrices(snap, U, q0, np.searchsorted(U, hedge_ix), spot, vol, hor)
+    p = snap.params
+    haircut = {"haircut": np.repeat(np.asarray(p.haircut, np.float64)[:, None], price.shape[1], axis=1)}
+    if p.haircut_dynamic:  # vol-scaled at each state, and the concentration add-on, as the run
+        haircut = {"haircut": np.asarray(margin.scaled_haircut(p, vol), np.float64).T,
+                   "hc_coef": np.asarray(p.haircut_concentration, np.float64),
+                   "hc_share": np.asarray(margin.unit_share(p, np.asarray(snap.market.price)), np.float64),
+                   "hc_cap": np.float64(p.haircut_max)}
     b = _HedgeBook(
         inst=U.astype(np.int32), q0=q0, hedge=np.searchsorted(U, hedge_ix).astype(np.int32), value=value[U], mm=mm[U],
         settle=np.eye(A)[np.asarray(inst.settlement)[U]], is_opt=np.asarray(inst.kind)[U] == OPTION,
-        balance=np.asarray(snap.balances[acc], np.float64), price=price,
-        haircut=np.asarray(snap.params.haircut, np.float64), pm=pm, **tiers,
+        balance=np.asarray(snap.balances[acc], np.float64), price=price, pm=pm, **haircut, **tiers,
     )
     return b, hedge_ix, scenarios
 

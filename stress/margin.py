@@ -347,13 +347,14 @@ def _haircut_fields(cfg: dict, inst: Instruments, haircut: np.ndarray, assets: t
     }
 
 
-def require_per_contract(snap: Any, command: str, models: tuple[str, ...] = ("standard",), tiers: bool = False) -> None:
+def require_per_contract(snap: Any, command: str, models: tuple[str, ...] = ("standard",), tiers: bool = False,
+                         dynamic: bool = False) -> None:
     """Raise ``InputError`` where ``command``, which margins with ``per_contract`` (the standard
-    model, untiered unless ``tiers``; or the other ``models`` it names) and static haircuts,
-    would answer for another exchange than ``snap``'s: another margin model, risk-limit tiers
-    under the standard model, or dynamic haircuts. An answer for another exchange would be
-    worse than none."""
-    if snap.params.haircut_dynamic:
+    model, untiered unless ``tiers``; or the other ``models`` it names) and static haircuts
+    (unless ``dynamic``), would answer for another exchange than ``snap``'s: another margin
+    model, risk-limit tiers under the standard model, or dynamic haircuts. An answer for
+    another exchange would be worse than none."""
+    if snap.params.haircut_dynamic and not dynamic:
         raise _err("haircut_model", f"{command} models static haircuts only; use stress run for dynamic haircuts")
     model = snap.margin_config.get("model", "standard")
     if model not in models:

@@ -258,7 +258,7 @@ def exposure_by_underlying(exposure: pd.DataFrame) -> pd.DataFrame:
         out = total(values)
         if values is None:
             return out
-        return np.where(np.abs(out) <= NET_ZERO * total(np.abs(values)), 0.0, out)
+        return np.where(np.isfinite(out) & (np.abs(out) <= NET_ZERO * total(np.abs(values))), 0.0, out)
 
     col = lambda c: exposure[c].to_numpy(np.float64, na_value=np.nan) if c in exposure else None  # noqa: E731
     delta_usd = col("delta_usd")

@@ -679,6 +679,9 @@ def test_a_matched_book_nets_to_zero_exposure_in_any_row_order():
     tilted.loc[0, "vega"] += 1e-6 * np.abs(book.vega[book.underlying == book.underlying[0]]).sum()
     got = report.exposure_by_underlying(tilted).set_index("underlying")
     assert got.loc[book.underlying[0], "vega"] != 0.0
+    # an overflowed Greek is shown as it is, not netted away (inf <= 1e-9 * inf)
+    tilted.loc[0, "gamma"] = np.inf
+    assert report.exposure_by_underlying(tilted).set_index("underlying").loc[book.underlying[0], "gamma"] == np.inf
 
 
 def test_breached_limits_are_shown_in_red(hostile, tmp_path):
