@@ -231,10 +231,20 @@ def test_bad_haircut_keys_are_input_errors_naming_the_key(tmp_path, keys, column
     assert e.value.column == column and "exchange.toml" in str(e.value)
 
 
-def test_the_hedge_refuses_dynamic_haircuts(tmp_path):
+def test_the_hedge_values_dynamic_haircuts_as_the_run_does(tmp_path):
+    # The hedge's exact numbers before a trade are the run's, with the vol-scaled haircut and
+    # the concentration add-on on 100 BTC in every scenario (up to the cap); its trade cuts the
+    # long's exposure and lifts its worst excess.
     from stress import greeks
 
     snap = _book(tmp_path / "snap")
-    with pytest.raises(InputError, match="static haircuts only") as e:
-        greeks.hedge(snap, "a", ["P"], _scen(tmp_path, snap))
-    assert e.value.column == "haircut_model"
+    scen = _scen(tmp_path, snap)
+    h = greeks.hedge(snap, "a", ["P"], scen)
+    run = stress.run(snap, scen).accounts.set_index("account_id").loc["a"]
+    b = h["before"]
+    assert b["collateral_value"] == pytest.approx(run.collateral_value, rel=1e-12)
+    assert b["maintenance_margin"] == pytest.approx(run.maintenance_margin, rel=1e-12)
+    assert b["pnl_worst"] == pytest.approx(run.pnl_worst, rel=1e-12)
+    assert b["shortfall_worst"] == pytest.approx(max(run.shortfall_worst, run.maintenance_margin - run.collateral_value,
+                                                     0.0), rel=1e-12, abs=1e-9)
+    assert h["trade"]["P"] < 0 and h["after"]["worst_excess"] > b["worst_excess"]
