@@ -455,9 +455,10 @@ def _minimise(b: _HedgeBook, scale: np.ndarray, size: float, steps: int = 30) ->
     ``size * 1e-7`` USD (a continuation: each stage starts where the last ended). The
     objective is convex (margin is convex in the quantities, collateral concave), so this
     ends near a minimum of the exact objective, within about the last smoothing; but for
-    risk-limit tiers, whose steps make the margin jump with a position's notional, so that it
-    ends at a local minimum (where the Hessian is not positive, it is shifted until it is, so
-    each step still descends)."""
+    risk-limit tiers, whose steps make the margin jump with a position's notional, and dynamic
+    haircuts past their cap, where collateral is no longer concave in the amount held: there
+    it ends at a local minimum (where the Hessian is not positive, it is shifted until it is,
+    so each step still descends)."""
     y = np.zeros(len(scale))
     for tau in size * 10.0 ** -np.arange(2.0, 8.0):
         for _ in range(steps):
