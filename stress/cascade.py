@@ -144,12 +144,6 @@ def _market(inst, market, params, spot_mult, vol_shift, horizon):
     return rv, mm, move_notional
 
 
-def _lag(lag: int, length: Any) -> Any:
-    """``[W2]`` the oracle lag of each column: none for a path of length 1, an instantaneous
-    shock (``liquidation.acted``)."""
-    return jnp.where(length > 1, lag, 0)
-
-
 def _breach_chunk(h: Holdings, br: Any, contracts: Any, closed_n: Any, value, mm, price, notional, haircut, tiers,
                   t, length, *, K, lag):
     """One chunk at step ``t``: record first breaches (``br`` ``[n, W2]``, ``K`` = none yet) and
@@ -164,7 +158,7 @@ def _breach_chunk(h: Holdings, br: Any, contracts: Any, closed_n: Any, value, mm
         _, coll, m, _ = portfolio.state(h, value, mm, price, haircut, notional, tiers=tiers)
     live = t < length  # [W2]
     br = jnp.where((br == K) & (m > coll) & live, t, br)
-    closed = (br + _lag(lag, length) == t) & live & h.valid[:, None]
+    closed = (br + liquidation.path_lag(lag, length) == t) & live & h.valid[:, None]
     cf = closed.astype(contracts.dtype)
     n, P, L = h.inst.shape
     qty, inst = h.qty.reshape(n, P * L), h.inst.reshape(n, P * L)
@@ -186,7 +180,7 @@ def _settle_chunk(h: Holdings, br: Any, tab: dict, haircut, fee_rate, *, K, lag,
     each close-out (-1: none)."""
     W2 = br.shape[1]
     length, tab = tab["length"], {k: v for k, v in tab.items() if k != "length"}
-    acted = br + _lag(lag, length)
+    acted = br + liquidation.path_lag(lag, length)
     liq = (acted < length) & h.valid[:, None]
     # [n, W2] the deciding step; flat indices into [K, I, W2] tables in int64 only when needed
     big = K * max(x.shape[1] for x in tab.values()) * W2 >= 2**31

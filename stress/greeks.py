@@ -488,11 +488,11 @@ def _best_lot(b: _HedgeBook, x: np.ndarray, lot: np.ndarray) -> np.ndarray:
     ties go to the nearest. Rounding to the nearest can cross a risk-limit tier's bound that the
     search stopped at, and cost the whole step there."""
     down = np.floor(x / lot) * lot
-    near = np.round(x / lot) * lot
     if len(x) > 6:
-        choices = [near]
+        choices = [np.round(x / lot) * lot]
     else:
         choices = [np.array(c) for c in itertools.product(*zip(down, down + lot))]
+
     def worst(c):
         _, coll, mm = _exact_state(b, c)
         return float(np.min(np.asarray(coll) - np.asarray(mm)))

@@ -213,6 +213,12 @@ def bad_debt(equity: Any) -> Any:
     return jnp.maximum(-equity, 0.0)
 
 
+def path_lag(lag: int, length: Any) -> Any:
+    """The oracle lag of each path of ``length`` steps (``Scenarios.length``, any shape): ``lag``,
+    but none for a path of length 1, an instantaneous shock."""
+    return jnp.where(length > 1, lag, 0)
+
+
 def acted(breach: Any, lag: int = 0, length: Any = None) -> Any:
     """Where the liquidation engine acts on a breach, ``[n, K, W]`` bool in time order, from
     ``breach`` (collateral below maintenance margin at each step, the same shape).
@@ -233,7 +239,7 @@ def acted(breach: Any, lag: int = 0, length: Any = None) -> Any:
     if length is None:
         return seen
     L = jnp.asarray(length)[..., None, :]  # [1 or n, 1, W]
-    return jnp.where(L > 1, seen & (jnp.arange(K)[:, None] < L), breach)
+    return jnp.where(path_lag(lag, L) > 0, seen & (jnp.arange(K)[:, None] < L), breach)
 
 
 def path_outcome(W: int, eq: Any, coll: Any, mm: Any, *more: Any, lag: int = 0, length: Any = None,
